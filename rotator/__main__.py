@@ -1,0 +1,7 @@
+"""``python -m rotator``."""
+
+import sys
+
+from rotator.cli import main
+
+sys.exit(main())

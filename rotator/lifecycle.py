@@ -1,0 +1,228 @@
+"""Every rule that moves a key between states. Pure: no Redis, no clock, no randomness.
+
+Theory of operation
+-------------------
+A key set holds one ``current`` key (it signs), at most one ``next`` key
+(published, not yet signing) and any number of ``retired`` keys (no longer
+signing, still published until ``expires_at``)::
+
+    (minted) --> next --rotate--> current --rotate--> retired --expire--> (gone)
+                  \\                 \\                 \\
+                   +----revoke-------+----revoke--------+---------------> (gone)
+
+Each function here takes a state, the time *now*, the key set's `Policy`
+and a `Mint` (which the caller backs with real key generation and sealing),
+and returns a `Transition`: the next version of the state plus the events
+that explain it. Nothing else may change a key's status, so the invariants
+of the design can be checked by driving these functions alone:
+
+* rotation promotes the pre-published ``next``, so a key signs only after it
+  has sat in the JWKS (bootstrap and ``force_new`` are the stated exceptions);
+* a scheduled rotation waits until ``next`` has been public for at least
+  ``cache_max_age``, so every verifier's cache already holds it;
+* a retired key stays published until ``retired_at + overlap``;
+* `reconcile` is idempotent and driven only by timestamps in the state: it
+  rotates at most once however many intervals were missed, and returns
+  ``None`` when there is nothing to do, so calling it every tick is free.
+
+Versions go up by exactly one per transition; `store` commits each with a
+compare-and-set on the previous version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from rotator.jwk import GeneratedKey
+from rotator.policy import Policy
+from rotator.sealing import SealedKey
+from rotator.state import KeyRecord, KeySetState, Status
+
+__all__ = [
+    "Event",
+    "LifecycleError",
+    "Mint",
+    "RotationTooSoon",
+    "Transition",
+    "UnknownKid",
+    "bootstrap",
+    "reconcile",
+    "revoke",
+    "rotate",
+    "rotation_due_at",
+]
+
+#: Makes a fresh key for the key set and seals it: ``mint() -> (key, sealed)``.
+Mint = Callable[[], tuple[GeneratedKey, SealedKey]]
+
+EventKind = Literal["bootstrap", "rotate", "expire", "revoke", "repair"]
+Reason = Literal["scheduled", "manual", "forced", "revoke"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something a transition did, for logs, metrics and the events channel."""
+
+    kind: EventKind
+    kid: str
+    reason: Reason | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A new state and the events that produced it."""
+
+    state: KeySetState
+    events: tuple[Event, ...]
+
+
+class LifecycleError(Exception):
+    """A requested transition is not allowed; the message says why."""
+
+
+class RotationTooSoon(LifecycleError):
+    """The ``next`` key has not been public long enough to be promoted safely."""
+
+
+class UnknownKid(LifecycleError):
+    """No key with that kid in the key set."""
+
+
+def _minted(mint: Mint, status: Status, now: float) -> KeyRecord:
+    key, sealed = mint()
+    activated = now if status is Status.CURRENT else None
+    return KeyRecord(key.kid, status, now, key.jwk, sealed, activated_at=activated)
+
+
+def _promoted(key: KeyRecord, now: float) -> KeyRecord:
+    return replace(key, status=Status.CURRENT, activated_at=now)
+
+
+def _retired(key: KeyRecord, now: float, policy: Policy) -> KeyRecord:
+    return replace(key, status=Status.RETIRED, retired_at=now, expires_at=now + policy.overlap)
+
+
+def bootstrap(keyset: str, now: float, mint: Mint) -> Transition:
+    """Version 1 of an empty key set: a ``current`` and a ``next`` key, both published now."""
+    current = _minted(mint, Status.CURRENT, now)
+    upcoming = _minted(mint, Status.NEXT, now)
+    state = KeySetState(keyset, 1, now, (current, upcoming))
+    return Transition(state, (Event("bootstrap", current.kid), Event("bootstrap", upcoming.kid)))
+
+
+def rotation_due_at(state: KeySetState, policy: Policy) -> float:
+    """When the scheduled rotation of *state* falls due.
+
+    The schedule counts from the moment the current key was activated, and
+    never earlier than ``next`` having been public for ``cache_max_age``.
+    """
+    activated = state.current.activated_at
+    due = policy.next_rotation_after(activated if activated is not None else state.updated_at)
+    upcoming = state.next
+    if upcoming is not None:
+        due = max(due, upcoming.created_at + policy.cache_max_age)
+    return due
+
+
+def _rotated(
+    state: KeySetState, now: float, policy: Policy, mint: Mint, reason: Reason
+) -> tuple[list[KeyRecord], list[Event]]:
+    upcoming = state.next
+    assert upcoming is not None, "callers mint a next key first"
+    keys = [_retired(state.current, now, policy), _promoted(upcoming, now)]
+    fresh = _minted(mint, Status.NEXT, now)
+    keys += [*state.by_status(Status.RETIRED), fresh]
+    return keys, [Event("rotate", upcoming.kid, reason)]
+
+
+def rotate(
+    state: KeySetState,
+    now: float,
+    policy: Policy,
+    mint: Mint,
+    *,
+    force: bool = False,
+    force_new: bool = False,
+) -> Transition:
+    """Manual rotation: retire ``current``, promote ``next``, publish a fresh ``next``.
+
+    Refuses with `RotationTooSoon` when ``next`` has been public for less
+    than ``cache_max_age`` (verifiers may not hold it yet), unless *force*.
+    With *force_new* the old ``next`` is dropped unused and a fresh key
+    signs at once: for a suspected leak of both keys.
+    """
+    if force_new:
+        current = _minted(mint, Status.CURRENT, now)
+        spare = _minted(mint, Status.NEXT, now)
+        keys = [_retired(state.current, now, policy), current, spare]
+        keys += state.by_status(Status.RETIRED)
+        events = [Event("rotate", current.kid, "forced")]
+        if state.next is not None:
+            events.insert(0, Event("revoke", state.next.kid, "forced"))
+        return Transition(state.with_keys(keys, now), tuple(events))
+    upcoming = state.next
+    if upcoming is None:
+        raise LifecycleError(f"key set {state.keyset} has no next key to promote")
+    age = now - upcoming.created_at
+    if age < policy.cache_max_age and not force:
+        raise RotationTooSoon(
+            f"next key {upcoming.kid} of key set {state.keyset} has been published for "
+            f"{age:.0f}s, less than cache_max_age ({policy.cache_max_age:.0f}s): verifiers may "
+            "not have it yet"
+        )
+    keys, events = _rotated(state, now, policy, mint, "manual")
+    return Transition(state.with_keys(keys, now), tuple(events))
+
+
+def revoke(state: KeySetState, kid: str, now: float, policy: Policy, mint: Mint) -> Transition:
+    """Remove *kid* from the key set at once; tokens it signed stop verifying.
+
+    Revoking ``current`` promotes ``next`` immediately (this is the emergency
+    path) and publishes a fresh ``next``; revoking ``next`` publishes a fresh
+    one, so the set always keeps a key ready.
+    """
+    target = state.find(kid)
+    if target is None:
+        raise UnknownKid(f"key set {state.keyset} has no key {kid}")
+    remaining = [k for k in state.keys if k.kid != kid]
+    events = [Event("revoke", kid, "revoke")]
+    if target.status is Status.CURRENT:
+        promoted = state.next
+        if promoted is None:
+            # Only a hand-edited state lacks a next key; a signer must still exist.
+            promoted = _minted(mint, Status.NEXT, now)
+            remaining.append(promoted)
+        remaining = [_promoted(k, now) if k is promoted else k for k in remaining]
+        remaining.append(_minted(mint, Status.NEXT, now))
+        events.append(Event("rotate", promoted.kid, "revoke"))
+    elif target.status is Status.NEXT:
+        remaining.append(_minted(mint, Status.NEXT, now))
+    return Transition(state.with_keys(remaining, now), tuple(events))
+
+
+def reconcile(state: KeySetState, now: float, policy: Policy, mint: Mint) -> Transition | None:
+    """Bring *state* up to date with *now*; ``None`` when it already is.
+
+    Expires retired keys past ``expires_at``, mints a missing ``next``, and
+    rotates once if the scheduled rotation is due.
+    """
+    events: list[Event] = []
+    keys = list(state.keys)
+    for key in state.by_status(Status.RETIRED):
+        if key.expires_at is not None and key.expires_at <= now:
+            keys.remove(key)
+            events.append(Event("expire", key.kid))
+    working = KeySetState(state.keyset, state.version, state.updated_at, tuple(keys))
+    if working.next is None:
+        fresh = _minted(mint, Status.NEXT, now)
+        working = KeySetState(state.keyset, state.version, state.updated_at, (*keys, fresh))
+        events.append(Event("repair", fresh.kid))
+    elif now >= rotation_due_at(working, policy):
+        rotated, rotation_events = _rotated(working, now, policy, mint, "scheduled")
+        working = KeySetState(state.keyset, state.version, state.updated_at, tuple(rotated))
+        events += rotation_events
+    if not events:
+        return None
+    return Transition(state.with_keys(working.keys, now), tuple(events))

@@ -1,0 +1,243 @@
+"""Applies lifecycle transitions to key sets in Redis: load, decide, compare-and-set, retry.
+
+Both the daemon and the one-shot CLI commands go through `KeyManager`, so the
+same rules guard every write: existing keys must open with the configured
+KEKs before anything new is sealed beside them, a lost race is retried on
+fresh data, and a state document that cannot be read is never overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from rotator import lifecycle
+from rotator.jwk import GeneratedKey, generate_key
+from rotator.lifecycle import Event, Mint, Transition
+from rotator.policy import Policy
+from rotator.sealing import Keyring, SealedKey
+from rotator.state import CorruptState, KeySetState
+from rotator.store import Conflict, Snapshot, Store
+
+__all__ = ["KeyManager", "NoKekError", "Outcome"]
+
+log = logging.getLogger(__name__)
+
+_ATTEMPTS = 8
+_EVENT_PRIORITY = ("revoke", "rotate", "bootstrap", "repair", "expire")
+
+Action = Literal["bootstrap", "commit", "restore", "republish", "unchanged"]
+
+
+class NoKekError(Exception):
+    """A write needs to seal or check a key, and no KEK is configured."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one operation did to a key set."""
+
+    keyset: str
+    action: Action
+    state: KeySetState
+    events: tuple[Event, ...] = ()
+
+
+def _event_name(events: tuple[Event, ...]) -> str:
+    kinds = {e.kind for e in events}
+    return next((k for k in _EVENT_PRIORITY if k in kinds), "commit")
+
+
+class KeyManager:
+    """Key set operations against a `Store`.
+
+    With ``remember=True`` (the daemon) the manager keeps the last state it
+    committed or read for each key set, and writes it back if Redis comes
+    back empty or older: a restarted Redis must not make rotator invent new
+    keys that no verifier has seen.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring | None,
+        policy: Callable[[str], Policy],
+        *,
+        clock: Callable[[], float] = time.time,
+        remember: bool = False,
+    ) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.policy = policy
+        self.clock = clock
+        self.remember = remember
+        self._memory: dict[str, KeySetState] = {}
+        self._opened: set[tuple[str, str, str]] = set()
+
+    def _keyring(self) -> Keyring:
+        if self.keyring is None:
+            raise NoKekError(
+                "no KEK configured: set keys.kek_file or ROTATOR_KEYS__KEKS "
+                "(create one with `rotator kek generate`)"
+            )
+        return self.keyring
+
+    def mint(self, keyset: str) -> Mint:
+        """Key factory for *keyset*: generate, then seal under the first KEK."""
+        keyring = self._keyring()
+
+        def fresh() -> tuple[GeneratedKey, SealedKey]:
+            key = generate_key()
+            return key, keyring.seal(key.private_der, keyset=keyset, kid=key.kid)
+
+        return fresh
+
+    def check_keks(self, state: KeySetState) -> None:
+        """Raise `UnsealError` unless every key of *state* opens with the configured KEKs.
+
+        Each (key set, kid, KEK id) is checked once per process.
+        """
+        keyring = self._keyring()
+        for key in state.keys:
+            mark = (state.keyset, key.kid, key.sealed.kek)
+            if mark not in self._opened:
+                keyring.unseal(key.sealed, keyset=state.keyset, kid=key.kid)
+                self._opened.add(mark)
+
+    def load(self, keyset: str) -> Snapshot:
+        """Read *keyset* from Redis (raises `CorruptState`)."""
+        return self.store.load(keyset)
+
+    def _remember(self, state: KeySetState) -> None:
+        if self.remember:
+            self._memory[state.keyset] = state
+
+    def _apply(
+        self,
+        keyset: str,
+        decide: Callable[[KeySetState | None, float], Transition | None],
+        *,
+        label: str | None = None,
+    ) -> Outcome:
+        """Load, let *decide* pick a transition, commit it; on a lost race, start over."""
+        for _attempt in range(_ATTEMPTS):
+            snapshot = self.store.load(keyset)
+            state = snapshot.state
+            remembered = self._memory.get(keyset)
+            if remembered is not None and snapshot.version < remembered.version:
+                return self._restore(remembered, snapshot)
+            if state is not None:
+                self.check_keks(state)
+            now = self.clock()
+            transition = decide(state, now)
+            if transition is None:
+                assert state is not None
+                if snapshot.jwks != state.jwks():
+                    return self._republish(state)
+                self._remember(state)
+                return Outcome(keyset, "unchanged", state)
+            try:
+                event = label or _event_name(transition.events)
+                self.store.commit(snapshot.version, transition.state, event)
+            except Conflict as exc:
+                log.info("key set %s: lost a race (%s); retrying on fresh data", keyset, exc)
+                continue
+            self._remember(transition.state)
+            action: Action = "bootstrap" if state is None else "commit"
+            return Outcome(keyset, action, transition.state, transition.events)
+        raise Conflict(keyset, -1, -1)
+
+    def _restore(self, remembered: KeySetState, snapshot: Snapshot) -> Outcome:
+        log.warning(
+            "key set %s: Redis holds version %d but this process committed version %d; "
+            "writing it back (Redis lost data)",
+            remembered.keyset,
+            snapshot.version,
+            remembered.version,
+        )
+        self.store.restore(remembered)
+        return Outcome(remembered.keyset, "restore", remembered)
+
+    def _republish(self, state: KeySetState) -> Outcome:
+        log.warning("key set %s: published JWKS was missing or altered; republishing", state.keyset)
+        self.store.republish(state)
+        self._remember(state)
+        return Outcome(state.keyset, "republish", state)
+
+    def reconcile(self, keyset: str) -> Outcome:
+        """Bootstrap an empty key set, or bring an existing one up to date; idempotent."""
+        policy, mint = self.policy(keyset), self.mint(keyset)
+
+        def decide(state: KeySetState | None, now: float) -> Transition | None:
+            if state is None:
+                return lifecycle.bootstrap(keyset, now, mint)
+            return lifecycle.reconcile(state, now, policy, mint)
+
+        return self._apply(keyset, decide)
+
+    def rotate(self, keyset: str, *, force: bool = False, force_new: bool = False) -> Outcome:
+        """Manual rotation (see `lifecycle.rotate`); bootstraps an empty key set instead."""
+        policy, mint = self.policy(keyset), self.mint(keyset)
+
+        def decide(state: KeySetState | None, now: float) -> Transition:
+            if state is None:
+                return lifecycle.bootstrap(keyset, now, mint)
+            return lifecycle.rotate(state, now, policy, mint, force=force, force_new=force_new)
+
+        return self._apply(keyset, decide)
+
+    def revoke(self, keyset: str, kid: str) -> Outcome:
+        """Remove *kid* from *keyset* now (see `lifecycle.revoke`)."""
+        policy, mint = self.policy(keyset), self.mint(keyset)
+
+        def decide(state: KeySetState | None, now: float) -> Transition:
+            if state is None:
+                raise lifecycle.UnknownKid(f"key set {keyset} is empty; no key {kid}")
+            return lifecycle.revoke(state, kid, now, policy, mint)
+
+        return self._apply(keyset, decide)
+
+    def reseal(self, keyset: str) -> Outcome:
+        """Re-encrypt every key of *keyset* under the first KEK."""
+        keyring = self._keyring()
+
+        def decide(state: KeySetState | None, now: float) -> Transition | None:
+            if state is None:
+                raise lifecycle.LifecycleError(f"key set {keyset} is empty; nothing to reseal")
+            stale = [k for k in state.keys if k.sealed.kek != keyring.sealing_id]
+            if not stale:
+                return None
+            keys = [
+                replace(
+                    k,
+                    sealed=keyring.seal(
+                        keyring.unseal(k.sealed, keyset=keyset, kid=k.kid), keyset=keyset, kid=k.kid
+                    ),
+                )
+                if k in stale
+                else k
+                for k in state.keys
+            ]
+            return Transition(state.with_keys(keys, now), ())
+
+        return self._apply(keyset, decide, label="reseal")
+
+    def repair(self, keyset: str) -> tuple[str, Outcome]:
+        """Move an unreadable state document aside and bootstrap fresh keys.
+
+        Refuses (`LifecycleError`) when the stored state is readable.
+        """
+        try:
+            self.store.load(keyset)
+        except CorruptState:
+            moved = self.store.quarantine(keyset)
+            if moved is None:
+                raise lifecycle.LifecycleError(
+                    f"key set {keyset}: state vanished during repair"
+                ) from None
+            log.warning("key set %s: moved unreadable state to %s", keyset, moved)
+            return moved, self.reconcile(keyset)
+        raise lifecycle.LifecycleError(f"key set {keyset}: state is readable; nothing to repair")

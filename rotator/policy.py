@@ -1,0 +1,113 @@
+"""Rotation policy of one key set: when it rotates and how long keys stay published.
+
+A `Policy` is plain data plus the one calculation the lifecycle needs from
+it, `next_rotation_after`. `problems` lists the contradictions that would let
+a verifier meet a token whose key it cannot find; config validation reports
+them with the field named, so a bad policy never reaches a running daemon.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+
+from apscheduler.triggers.cron import CronTrigger
+
+from rotator.durations import format_duration
+
+__all__ = ["Policy", "cron_trigger"]
+
+# Cron gaps are sampled from a fixed instant so validation is deterministic.
+_CRON_SAMPLE_START = datetime(2026, 1, 1, tzinfo=UTC)
+_CRON_SAMPLES = 400
+
+
+def cron_trigger(expression: str) -> CronTrigger:
+    """Parse a five-field crontab expression, evaluated in UTC."""
+    return CronTrigger.from_crontab(expression, timezone=UTC)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Effective rotation policy of one key set, all durations in seconds.
+
+    Exactly one of `interval` and `schedule` (a UTC crontab line) is set.
+    """
+
+    interval: float | None = 86400.0
+    schedule: str | None = None
+    overlap: float = 86400.0
+    max_token_ttl: float = 3600.0
+    clock_skew: float = 300.0
+    cache_max_age: float = 300.0
+
+    @cached_property
+    def _trigger(self) -> CronTrigger | None:
+        return cron_trigger(self.schedule) if self.schedule else None
+
+    def next_rotation_after(self, now: float) -> float:
+        """When the key promoted at *now* should itself be replaced.
+
+        With a cron schedule the first fire time at least `cache_max_age`
+        after *now* is chosen, so a freshly published `next` key has reached
+        every cache before a scheduled rotation promotes it.
+        """
+        trigger = self._trigger
+        if trigger is None:
+            assert self.interval is not None
+            return now + self.interval
+        earliest = datetime.fromtimestamp(now + self.cache_max_age, UTC)
+        fire = trigger.get_next_fire_time(None, earliest)
+        return float(fire.timestamp())
+
+    def shortest_period(self) -> float:
+        """The shortest time between two scheduled rotations."""
+        trigger = self._trigger
+        if trigger is None:
+            assert self.interval is not None
+            return self.interval
+        fires: list[datetime] = []
+        at = _CRON_SAMPLE_START
+        for _ in range(_CRON_SAMPLES):
+            fire = trigger.get_next_fire_time(None, at)
+            fires.append(fire)
+            at = fire + timedelta(microseconds=1)
+        return min((b - a).total_seconds() for a, b in itertools.pairwise(fires))
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Contradictions in this policy as ``(field, message)`` pairs; empty when sound."""
+        found: list[tuple[str, str]] = []
+        if (self.interval is None) == (self.schedule is None):
+            found.append(("interval", "set exactly one of interval and schedule"))
+            return found
+        if self.interval is not None and self.interval < 1:
+            found.append(("interval", "must be at least 1s"))
+            return found
+        if self.max_token_ttl < 1:
+            found.append(("max_token_ttl", "must be at least 1s"))
+        if self.cache_max_age < 1:
+            found.append(("cache_max_age", "must be at least 1s"))
+        period = self.shortest_period()
+        if self.cache_max_age > period / 2:
+            field = "interval" if self.schedule is None else "schedule"
+            found.append(
+                (
+                    "cache_max_age",
+                    f"{format_duration(self.cache_max_age)} must be at most half of {field} "
+                    f"({format_duration(period)}), so every verifier sees the next key "
+                    "before it signs",
+                )
+            )
+        floor = self.max_token_ttl + self.clock_skew + self.cache_max_age
+        if self.overlap < floor:
+            found.append(
+                (
+                    "overlap",
+                    f"{format_duration(self.overlap)} must be >= max_token_ttl + clock_skew + "
+                    f"cache_max_age ({format_duration(floor)}), or tokens outlive their key "
+                    "in the JWKS",
+                )
+            )
+        return found

@@ -1,0 +1,117 @@
+"""Fixtures: a real redis-server per test, keyrings, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from rotator.embedded import EmbeddedRedis
+from rotator.layout import Layout
+from rotator.manager import KeyManager
+from rotator.policy import Policy
+from rotator.sealing import Keyring
+from rotator.store import Store
+from tests.helpers import FakeClock, make_keyring
+
+FAST = Policy(interval=100.0, overlap=60.0, max_token_ttl=30.0, clock_skew=5.0, cache_max_age=20.0)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """A real redis-server on a free port, killed after the test."""
+    server = EmbeddedRedis().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    """A plain client of the test's Redis."""
+    connection = redis.Redis.from_url(redis_server.url)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def keyring() -> Keyring:
+    return make_keyring("k1")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(client: redis.Redis) -> Store:
+    return Store(client, Layout())
+
+
+@pytest.fixture
+def manager(store: Store, keyring: Keyring, clock: FakeClock) -> KeyManager:
+    return KeyManager(store, keyring, lambda _name: FAST, clock=clock, remember=True)
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class Cli:
+    """Runs ``python -m rotator`` as a real subprocess with a given environment."""
+
+    env: dict[str, str]
+    cwd: Path
+
+    def __call__(self, *args: str, timeout: float = 60) -> CliResult:
+        done = subprocess.run(
+            [sys.executable, "-m", "rotator", *args],
+            env=self.env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture
+def kek_file(tmp_path: Path) -> Path:
+    from rotator.sealing import generate_kek_line
+
+    path = tmp_path / "kek"
+    path.write_text(generate_kek_line("k1") + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def cli(tmp_path: Path, redis_server: EmbeddedRedis, kek_file: Path) -> Cli:
+    """CLI bound to the test Redis and KEK, with fast but valid rotation settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
+    env.update(
+        ROTATOR_REDIS__URL=redis_server.url,
+        ROTATOR_KEYS__KEK_FILE=str(kek_file),
+        ROTATOR_ROTATION__INTERVAL="100s",
+        ROTATOR_ROTATION__OVERLAP="60s",
+        ROTATOR_ROTATION__MAX_TOKEN_TTL="30s",
+        ROTATOR_ROTATION__CLOCK_SKEW="5s",
+        ROTATOR_ROTATION__CACHE_MAX_AGE="20s",
+        ROTATOR_DAEMON__HEALTH_PORT="0",
+    )
+    return Cli(env, tmp_path)

@@ -1,0 +1,58 @@
+"""Shared test helpers: waiting on conditions with a deadline, fake clocks and key mints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from rotator.jwk import GeneratedKey, generate_key
+from rotator.sealing import Keyring, SealedKey, generate_kek_line, parse_keks
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T | None], *, timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll *probe* until it returns something truthy; fail the test after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+@dataclass
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    now: float = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_keyring(*ids: str) -> Keyring:
+    """A keyring with fresh KEKs under *ids* (the first seals)."""
+    return parse_keks("\n".join(generate_kek_line(i) for i in ids or ("test",)), source="test")
+
+
+@dataclass
+class RecordingMint:
+    """A real mint (generate + seal) that remembers every private key it made,
+    so tests can look for them where they must never appear."""
+
+    keyring: Keyring
+    keyset: str = "default"
+    made: list[GeneratedKey] = field(default_factory=list)
+
+    def __call__(self) -> tuple[GeneratedKey, SealedKey]:
+        key = generate_key()
+        self.made.append(key)
+        return key, self.keyring.seal(key.private_der, keyset=self.keyset, kid=key.kid)

@@ -1,0 +1,165 @@
+"""The rotator command, run as a real subprocess against a real Redis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import redis
+
+from rotator.embedded import free_port
+from tests.conftest import Cli
+
+
+def test_rotate_status_jwks_and_revoke(cli: Cli, client: redis.Redis) -> None:
+    first = cli("rotate")
+    assert first.code == 0, first.stderr
+    assert "bootstrap" in first.stdout
+    too_soon = cli("rotate")
+    assert too_soon.code == 1
+    assert too_soon.stderr.count("\n") == 1 and "cache_max_age" in too_soon.stderr
+    assert "Traceback" not in too_soon.stderr
+    forced = cli("rotate", "--force")
+    assert forced.code == 0 and "rotate (manual)" in forced.stdout
+
+    status = cli("status", "--json")
+    assert status.code == 0
+    (doc,) = json.loads(status.stdout)
+    assert doc["version"] == 2
+    assert [k["status"] for k in doc["keys"]] == ["current", "next", "retired"]
+    assert doc["next_rotation_at"] > doc["updated_at"]
+    human = cli("status")
+    assert "key set default  version 2" in human.stdout
+    assert "current" in human.stdout and "retired" in human.stdout
+
+    jwks = json.loads(cli("jwks").stdout)
+    assert [k["kid"] for k in jwks["keys"]] == [k["kid"] for k in doc["keys"]]
+    assert json.loads(client.get("rotator:{default}:jwks") or b"") == jwks
+
+    retired = doc["keys"][2]["kid"]
+    revoked = cli("revoke", retired)
+    assert revoked.code == 0, revoked.stderr
+    assert f"revoke (revoke) {retired}" in revoked.stdout, revoked.stdout
+    assert retired not in cli("jwks").stdout
+    unknown = cli("revoke", retired)
+    assert unknown.code == 1 and "has no key" in unknown.stderr
+
+
+def test_force_new_replaces_both_keys(cli: Cli) -> None:
+    cli("rotate")
+    (before,) = json.loads(cli("status", "--json").stdout)
+    result = cli("rotate", "--force-new")
+    assert result.code == 0, result.stderr
+    (after,) = json.loads(cli("status", "--json").stdout)
+    old = {k["kid"] for k in before["keys"]}
+    assert after["keys"][0]["kid"] not in old
+    assert before["keys"][1]["kid"] not in {k["kid"] for k in after["keys"]}
+
+
+def test_bad_config_exits_2_naming_the_field(cli: Cli, tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[rotation]\noverlap = "50s"\n')
+    del cli.env["ROTATOR_ROTATION__OVERLAP"]  # env would override the file
+    result = cli("--config", str(config), "status")
+    assert result.code == 2
+    assert result.stderr.startswith("rotator: rotation.overlap: 50s must be >=")
+    assert "Traceback" not in result.stderr
+    cli.env["ROTATOR_ROTATION__INTERVAL"] = "often"
+    env_result = cli("status")
+    assert env_result.code == 2 and "rotation.interval: invalid duration" in env_result.stderr
+
+
+def test_bad_arguments_exit_2(cli: Cli) -> None:
+    assert cli("rotate", "--keyset", "a:b").code == 2
+    unknown = cli("rotate", "--keyset", "nosuch")
+    assert unknown.code == 2 and "keyset add nosuch" in unknown.stderr
+    assert cli("frobnicate").code == 2
+
+
+def test_unreachable_redis_exits_1(cli: Cli) -> None:
+    cli.env["ROTATOR_REDIS__URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    cli.env["ROTATOR_REDIS__SOCKET_TIMEOUT"] = "1s"
+    result = cli("status")
+    assert result.code == 1
+    assert result.stderr.startswith("rotator: cannot reach Redis")
+    assert "Traceback" not in result.stderr
+
+
+def test_run_refuses_to_start_without_a_kek(cli: Cli) -> None:
+    del cli.env["ROTATOR_KEYS__KEK_FILE"]
+    result = cli("run")
+    assert result.code == 2
+    assert "no KEK configured" in result.stderr
+
+
+def test_keyset_add_list_remove(cli: Cli, client: redis.Redis) -> None:
+    added = cli("keyset", "add", "billing")
+    assert added.code == 0 and "billing: bootstrap" in added.stdout
+    assert client.sismember("rotator:keysets", "billing")
+    assert client.exists("rotator:{billing}:jwks")
+    listing = cli("keyset", "list").stdout.splitlines()
+    assert listing == ["billing\tregistry", "default\tconfig"]
+    assert cli("rotate", "--keyset", "billing", "--force").code == 0
+    refused = cli("keyset", "remove", "billing")
+    assert refused.code == 2 and "--yes" in refused.stderr
+    assert client.exists("rotator:{billing}:jwks")
+    assert cli("keyset", "remove", "billing", "--yes").code == 0
+    assert not client.exists("rotator:{billing}:jwks", "rotator:{billing}:state")
+    assert cli("keyset", "remove", "default", "--yes").code == 2
+    assert cli("keyset", "add", "bad name").code == 2
+
+
+def test_check_config_masks_secrets(cli: Cli, kek_file: Path) -> None:
+    secret_line = kek_file.read_text().strip()
+    cli.env["ROTATOR_REDIS__URL"] = "redis://app:hunter2@localhost:6379/0"
+    result = cli("check-config")
+    assert result.code == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    assert secret_line.split(":")[1] not in result.stdout
+    doc = json.loads(result.stdout)
+    assert doc["redis"]["url"] == "redis://app:***@localhost:6379/0"
+    assert doc["keys"]["kek_ids"] == ["k1"]
+    assert doc["effective_policies"]["default"]["interval"] == "1m40s"
+    del cli.env["ROTATOR_KEYS__KEK_FILE"]
+    cli.env["ROTATOR_KEYS__KEKS"] = secret_line
+    masked = cli("check-config")
+    assert secret_line.split(":")[1] not in masked.stdout
+
+
+def test_kek_generate_prints_a_usable_line(cli: Cli, tmp_path: Path) -> None:
+    line = cli("kek", "generate", "--id", "2026-11").stdout.strip()
+    assert line.startswith("2026-11:")
+    cli.env["ROTATOR_KEYS__KEK_FILE"] = str(tmp_path / "new")
+    (tmp_path / "new").write_text(line)
+    assert cli("check-config").code == 0
+    assert cli("kek", "generate", "--id", "bad id").code == 2
+
+
+def test_reseal_and_wrong_kek(cli: Cli, kek_file: Path, tmp_path: Path) -> None:
+    assert cli("rotate").code == 0
+    rotated = tmp_path / "rotated"
+    new_line = cli("kek", "generate", "--id", "k2").stdout.strip()
+    rotated.write_text(new_line + "\n" + kek_file.read_text())
+    rotated.chmod(0o600)
+    cli.env["ROTATOR_KEYS__KEK_FILE"] = str(rotated)
+    result = cli("reseal")
+    assert result.code == 0 and "default: resealed under KEK k2" in result.stdout
+    only_old = tmp_path / "only-old"
+    only_old.write_text(kek_file.read_text())
+    cli.env["ROTATOR_KEYS__KEK_FILE"] = str(only_old)
+    refused = cli("rotate", "--force")
+    assert refused.code == 1
+    assert "sealed with KEK 'k2', which is not configured" in refused.stderr
+
+
+def test_repair_and_status_of_corrupt_state(cli: Cli, client: redis.Redis) -> None:
+    assert cli("rotate").code == 0
+    client.set("rotator:{default}:state", b'{"format": 1, "version": "x"}')
+    status = cli("status")
+    assert status.code == 1 and "UNREADABLE" in status.stdout
+    assert cli("rotate", "--force").code == 1
+    assert client.get("rotator:{default}:state") == b'{"format": 1, "version": "x"}'
+    repaired = cli("repair", "--keyset", "default")
+    assert repaired.code == 0, repaired.stderr
+    assert "moved to rotator:{default}:state:corrupt:" in repaired.stdout
+    assert cli("status").code == 0

@@ -1,0 +1,172 @@
+"""Configuration: TOML plus env overlay, durations, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rotator.config import ConfigError, load_settings, mask_url
+from rotator.durations import format_duration, parse_duration
+from rotator.layout import validate_keyset_name
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("ROTATOR_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90s", 90),
+        ("15m", 900),
+        ("24h", 86400),
+        ("7d", 604800),
+        ("1h30m", 5400),
+        (45, 45),
+        ("12", 12),
+    ],
+)
+def test_durations(text: str | int, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "5x", "-3s", "1.5h", True, -1, 2.5, "h"])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(bad)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_a_sound_policy() -> None:
+    settings = load_settings()
+    policy = settings.policy("default")
+    assert policy.problems() == []
+    assert policy.interval == 86400
+    assert settings.configured_keysets() == ["default"]
+
+
+def test_toml_then_env_then_keyset_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path,
+        """
+[redis]
+url = "redis://localhost:6380/1"
+prefix = "jwt"
+[rotation]
+interval = "12h"
+overlap = "2d"
+[keysets.billing]
+interval = "6h"
+[keysets.search]
+schedule = "0 3 * * *"
+""",
+    )
+    monkeypatch.setenv("ROTATOR_REDIS__PREFIX", "fromenv")
+    settings = load_settings(path)
+    assert settings.redis.url == "redis://localhost:6380/1"
+    assert settings.redis.prefix == "fromenv"
+    assert settings.policy("other").interval == 12 * 3600
+    assert settings.policy("billing").interval == 6 * 3600
+    assert settings.policy("billing").overlap == 2 * 86400
+    search = settings.policy("search")
+    assert (search.interval, search.schedule) == (None, "0 3 * * *")
+    assert settings.configured_keysets() == ["billing", "search"]
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "fragment"),
+    [
+        ('[rotation]\noverlap = "10m"', "rotation.overlap", "max_token_ttl + clock_skew"),
+        ('[rotation]\ninterval = "5m"', "rotation.cache_max_age", "at most half of interval"),
+        ('[keysets.app]\noverlap = "1m"', "keysets.app.overlap", ">="),
+        ('[rotation]\ninterval = "soon"', "rotation.interval", "invalid duration"),
+        ('[rotation]\nschedule = "not cron"', "rotation.schedule", "invalid cron"),
+        ('[rotation]\nschedule = "* * * * *"', "rotation.cache_max_age", "half of schedule"),
+        ('[rotation]\ninterval = "1h"\nschedule = "0 * * * *"', "rotation", "not both"),
+        ('[redis]\nurl = "http://x"', "redis.url", "scheme"),
+        ('[redis]\nprefix = "a{b}"', "redis.prefix", "braces"),
+        ("[redis]\nport = 5", "redis.port", "unknown field"),
+        ('[keysets."a:b"]\ninterval = "1d"', "keysets", "colons"),
+        ('[daemon]\ntick = "0s"', "daemon.tick", "at least 1s"),
+        ("[daemon]\nhealth_port = 70000", "daemon.health_port", "65535"),
+    ],
+)
+def test_errors_name_the_field(tmp_path: Path, text: str, field: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    message = str(caught.value)
+    assert message.startswith(field), message
+    assert fragment in message
+
+
+def test_env_errors_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROTATOR_ROTATION__OVERLAP", "1s")
+    with pytest.raises(ConfigError, match=r"^rotation\.overlap"):
+        load_settings()
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="line 1"):
+        load_settings(write(tmp_path, "[redis\n"))
+
+
+def test_short_policies_are_allowed_for_tests_and_dev() -> None:
+    settings = load_settings(
+        rotation={
+            "interval": 2,
+            "cache_max_age": 1,
+            "max_token_ttl": 1,
+            "clock_skew": 0,
+            "overlap": 2,
+        }
+    )
+    assert settings.policy("default").interval == 2
+
+
+def test_mask_url_hides_only_the_password() -> None:
+    assert mask_url("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
+    assert mask_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+@pytest.mark.parametrize("name", ["", "a{b", "a:b", "a b", "tab\tname", "x" * 129, "nul\x00"])
+def test_bad_keyset_names(name: str) -> None:
+    with pytest.raises(ValueError, match="key set name"):
+        validate_keyset_name(name)
+
+
+def test_good_keyset_names() -> None:
+    for name in ["default", "app-1", "Tenant.EU_west", "ünïcode", "x" * 128]:
+        assert validate_keyset_name(name) == name
+
+
+def test_example_config_is_valid_and_documents_every_field() -> None:
+    from rotator.config import Settings
+
+    path = Path(__file__).resolve().parent.parent / "config.example.toml"
+    settings, defaults = load_settings(path), load_settings()
+    # The example shows the defaults.
+    assert settings.policy("default") == defaults.policy("default")
+    for section in ("redis", "keys", "daemon", "log", "keysets"):
+        assert getattr(settings, section) == getattr(defaults, section), section
+    text = path.read_text()
+    for section, model in Settings.model_fields.items():
+        assert f"[{section}]" in text or f"[{section}." in text, section
+        annotation = model.annotation
+        for field in getattr(annotation, "model_fields", {}):
+            assert f"{field} =" in text or f"# {field} =" in text, f"{section}.{field}"

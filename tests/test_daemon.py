@@ -1,0 +1,223 @@
+"""`rotator run` as a real process: rotations seen from the published JWKS, shutdown,
+Redis outages, and no key material anywhere."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+import pytest
+import redis
+from cryptography.hazmat.primitives import serialization
+
+from rotator.embedded import EmbeddedRedis, free_port
+from rotator.jwk import b64url, load_private_key
+from rotator.sealing import load_keyring
+from rotator.state import decode_state
+from tests.conftest import Cli
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.slow
+
+INTERVAL, CACHE_MAX_AGE, OVERLAP = 2.0, 1.0, 2.0
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[str]
+    health_port: int
+    log: list[str] = field(default_factory=list)
+
+    def http(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=2):
+                return 200
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+
+class StartDaemon(Protocol):
+    def __call__(self, **env: str) -> Daemon: ...
+
+
+@pytest.fixture
+def start_daemon(cli: Cli) -> Iterator[StartDaemon]:
+    started: list[Daemon] = []
+
+    def start(**env: str) -> Daemon:
+        port = free_port()
+        full = {
+            **cli.env,
+            "ROTATOR_ROTATION__INTERVAL": "2s",
+            "ROTATOR_ROTATION__CACHE_MAX_AGE": "1s",
+            "ROTATOR_ROTATION__MAX_TOKEN_TTL": "1s",
+            "ROTATOR_ROTATION__CLOCK_SKEW": "0s",
+            "ROTATOR_ROTATION__OVERLAP": "2s",
+            "ROTATOR_DAEMON__TICK": "1s",
+            "ROTATOR_DAEMON__HEALTH_PORT": str(port),
+            **env,
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rotator", "run"],
+            env=full,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        daemon = Daemon(process, port)
+        assert process.stderr is not None
+        threading.Thread(target=_collect, args=(process.stderr, daemon.log), daemon=True).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+
+
+def _collect(stream: IO[str], sink: list[str]) -> None:
+    sink.extend(iter(stream.readline, ""))
+
+
+def watch_jwks(client: redis.Redis, until: int) -> list[tuple[float, list[str]]]:
+    """Observe the published JWKS after every event until *until* distinct current kids."""
+    pubsub = client.pubsub()
+    pubsub.subscribe("rotator:events")
+    seen: list[tuple[float, list[str]]] = []
+    deadline = time.monotonic() + 30
+    while len({kids[0] for _, kids in seen}) < until:
+        assert time.monotonic() < deadline, f"saw only {seen}"
+        message = pubsub.get_message(timeout=0.5)
+        raw = client.get("rotator:{default}:jwks")
+        if raw is not None and (message is None or message["type"] == "message"):
+            kids = [k["kid"] for k in json.loads(raw)["keys"]]
+            if not seen or seen[-1][1] != kids:
+                seen.append((time.monotonic(), kids))
+    pubsub.close()
+    return seen
+
+
+def test_three_rotations_seen_from_the_published_jwks(
+    start_daemon: StartDaemon, client: redis.Redis
+) -> None:
+    daemon = start_daemon()
+    timeline = watch_jwks(client, until=5)
+    first_seen: dict[str, float] = {}
+    for at, kids in timeline:
+        for kid in kids:
+            first_seen.setdefault(kid, at)
+    currents = list(dict.fromkeys(kids[0] for _, kids in timeline))
+    assert len(currents) >= 4  # bootstrap plus three rotations
+    became_current = {kids[0]: at for at, kids in reversed(timeline)}
+    # Pre-publication: every promoted key was public well before it signed (one interval, in
+    # fact); lag in observing can only shorten what we measure, never lengthen it.
+    for kid in currents[1:]:
+        assert became_current[kid] - first_seen[kid] >= CACHE_MAX_AGE - 0.25, kid
+    # Overlap: a key stays published at least `overlap` after it stopped being current.
+    for old, new in itertools.pairwise(currents):
+        gone = next(
+            (at for at, kids in timeline if at > became_current[new] and old not in kids), None
+        )
+        if gone is not None:
+            assert gone - became_current[new] >= OVERLAP - 0.25, old
+    # The state's own timestamps say the same, exactly.
+    raw = client.get("rotator:{default}:state")
+    assert raw is not None
+    for key in decode_state(raw, "default").keys:
+        if key.activated_at is not None and key.activated_at > key.created_at:
+            assert key.activated_at - key.created_at >= CACHE_MAX_AGE
+        if key.expires_at is not None:
+            assert key.retired_at is not None
+            assert key.expires_at - key.retired_at == OVERLAP
+    assert daemon.http("/readyz") == 200
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=20) == 0
+    wait_for(lambda: any("daemon stopped" in line for line in daemon.log), what="stop log line")
+
+
+def test_redis_down_at_start_then_up(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    port = free_port()
+    daemon = start_daemon(
+        ROTATOR_REDIS__URL=f"redis://127.0.0.1:{port}/0", ROTATOR_REDIS__RETRIES="1"
+    )
+    wait_for(lambda: daemon.http("/healthz") == 200, what="liveness")
+    assert daemon.http("/readyz") == 503
+    wait_for(lambda: any("unreachable" in line for line in daemon.log), what="outage log line")
+    assert daemon.process.poll() is None
+    with EmbeddedRedis(port) as server:
+        client = redis.Redis.from_url(server.url)
+        wait_for(lambda: client.get("rotator:{default}:jwks"), what="bootstrap after Redis came up")
+        wait_for(lambda: daemon.http("/readyz") == 200, what="readiness")
+        daemon.process.send_signal(signal.SIGINT)
+        assert daemon.process.wait(timeout=20) == 0
+
+
+def test_redis_restarted_empty_gets_the_same_keys_back(
+    start_daemon: StartDaemon, redis_server: EmbeddedRedis, client: redis.Redis
+) -> None:
+    daemon = start_daemon(ROTATOR_ROTATION__INTERVAL="1h", ROTATOR_ROTATION__OVERLAP="2h")
+    before = wait_for(lambda: client.get("rotator:{default}:jwks"), what="bootstrap")
+    redis_server.kill()
+    wait_for(lambda: daemon.http("/readyz") == 503, what="not ready while Redis is down")
+    assert daemon.http("/healthz") == 200
+    redis_server.start()
+    fresh = redis.Redis.from_url(redis_server.url)
+    after = wait_for(lambda: fresh.get("rotator:{default}:jwks"), what="restore")
+    assert after == before  # the same keys, not new ones
+    wait_for(lambda: daemon.http("/readyz") == 200, what="ready again")
+    assert daemon.process.poll() is None
+
+
+def test_no_private_key_material_in_redis_or_logs(
+    start_daemon: StartDaemon, client: redis.Redis, cli: Cli, kek_file: Path
+) -> None:
+    daemon = start_daemon()
+    watch_jwks(client, until=3)
+    cli("revoke", json.loads(client.get("rotator:{default}:jwks") or b"")["keys"][1]["kid"])
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=20) == 0
+    keyring = load_keyring(kek_file, None)
+    assert keyring is not None
+    raw = client.get("rotator:{default}:state")
+    assert raw is not None
+    state = decode_state(raw, "default")
+    needles: list[bytes] = [b"PRIVATE KEY", b'"d"']
+    for key in state.keys:
+        der = keyring.unseal(key.sealed, keyset="default", kid=key.kid)
+        private = load_private_key(der)
+        d = private.private_numbers().private_value.to_bytes(32, "big")
+        pem = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        needles += [der, d, b64url(d).encode(), base64.b64encode(der), pem]
+    haystacks: list[bytes] = ["".join(daemon.log).encode()]
+    for name in client.scan_iter():
+        kind = client.type(name)
+        if kind == b"string":
+            value = client.get(name)
+            assert isinstance(value, bytes)
+            haystacks.append(value)
+        elif kind == b"set":
+            haystacks += list(client.smembers(name))  # type: ignore[arg-type]
+    assert len(haystacks) >= 3
+    for haystack in haystacks:
+        for needle in needles:
+            assert needle not in haystack

@@ -1,0 +1,272 @@
+"""The pure lifecycle: unit cases and a hypothesis state machine over every transition."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from rotator import lifecycle
+from rotator.jwk import PRIVATE_MEMBERS
+from rotator.lifecycle import RotationTooSoon, Transition, UnknownKid
+from rotator.policy import Policy
+from rotator.state import KeySetState, Status, decode_state, encode_state
+from tests.helpers import FakeClock, RecordingMint, make_keyring
+
+POLICY = Policy(
+    interval=100.0, overlap=60.0, max_token_ttl=30.0, clock_skew=5.0, cache_max_age=20.0
+)
+
+
+def fresh() -> tuple[FakeClock, RecordingMint, KeySetState]:
+    clock = FakeClock()
+    mint = RecordingMint(make_keyring("k1"))
+    return clock, mint, lifecycle.bootstrap("default", clock.now, mint).state
+
+
+def statuses(state: KeySetState) -> list[str]:
+    return [k.status.value for k in state.keys]
+
+
+def test_bootstrap_publishes_current_and_next() -> None:
+    clock, _mint, state = fresh()
+    assert state.version == 1
+    assert statuses(state) == ["current", "next"]
+    assert state.current.activated_at == clock.now
+    assert state.next is not None and state.next.activated_at is None
+
+
+def test_scheduled_rotation_promotes_the_prepublished_next() -> None:
+    clock, mint, state = fresh()
+    upcoming = state.next
+    assert upcoming is not None
+    assert lifecycle.reconcile(state, clock.now + 99, POLICY, mint) is None
+    clock.advance(100)
+    transition = lifecycle.reconcile(state, clock.now, POLICY, mint)
+    assert transition is not None
+    rotated = transition.state
+    assert rotated.version == 2
+    assert rotated.current.kid == upcoming.kid
+    assert statuses(rotated) == ["current", "next", "retired"]
+    retired = rotated.by_status(Status.RETIRED)[0]
+    assert retired.kid == state.current.kid
+    assert retired.expires_at == clock.now + POLICY.overlap
+    assert [e.kind for e in transition.events] == ["rotate"]
+
+
+def test_reconcile_is_idempotent_at_the_same_instant() -> None:
+    clock, mint, state = fresh()
+    clock.advance(100)
+    transition = lifecycle.reconcile(state, clock.now, POLICY, mint)
+    assert transition is not None
+    assert lifecycle.reconcile(transition.state, clock.now, POLICY, mint) is None
+
+
+def test_a_daemon_down_for_many_intervals_rotates_once() -> None:
+    clock, mint, state = fresh()
+    clock.advance(POLICY.interval * 3 + 7)  # type: ignore[operator]
+    transition = lifecycle.reconcile(state, clock.now, POLICY, mint)
+    assert transition is not None
+    assert [e.kind for e in transition.events].count("rotate") == 1
+    assert lifecycle.reconcile(transition.state, clock.now, POLICY, mint) is None
+
+
+def test_retired_keys_expire_after_overlap_and_not_before() -> None:
+    clock, mint, state = fresh()
+    clock.advance(100)
+    t = lifecycle.reconcile(state, clock.now, POLICY, mint)
+    assert t is not None
+    retired = t.state.by_status(Status.RETIRED)[0]
+    assert lifecycle.reconcile(t.state, clock.now + 59.9, POLICY, mint) is None
+    expired = lifecycle.reconcile(t.state, clock.now + 60, POLICY, mint)
+    assert expired is not None
+    assert expired.state.find(retired.kid) is None
+    assert [e.kind for e in expired.events] == ["expire"]
+
+
+def test_jwks_order_is_current_next_then_retired_newest_first() -> None:
+    clock, mint, state = fresh()
+    policy = Policy(
+        interval=100.0, overlap=1000.0, max_token_ttl=30.0, clock_skew=5.0, cache_max_age=20.0
+    )
+    retired_order: list[str] = []
+    for _ in range(3):
+        retired_order.insert(0, state.current.kid)
+        clock.advance(100)
+        t = lifecycle.reconcile(state, clock.now, policy, mint)
+        assert t is not None
+        state = t.state
+    kids = [k["kid"] for k in json.loads(state.jwks())["keys"]]
+    assert kids[0] == state.current.kid
+    assert state.next is not None and kids[1] == state.next.kid
+    assert kids[2:] == retired_order
+
+
+def test_manual_rotation_refuses_a_next_key_younger_than_cache_max_age() -> None:
+    clock, mint, state = fresh()
+    clock.advance(19)
+    with pytest.raises(RotationTooSoon, match="cache_max_age"):
+        lifecycle.rotate(state, clock.now, POLICY, mint)
+    forced = lifecycle.rotate(state, clock.now, POLICY, mint, force=True)
+    assert state.next is not None and forced.state.current.kid == state.next.kid
+    clock.advance(1)
+    assert lifecycle.rotate(state, clock.now, POLICY, mint).state.current.kid == state.next.kid
+
+
+def test_scheduled_rotation_waits_for_a_young_next_key() -> None:
+    clock, mint, state = fresh()
+    clock.advance(95)
+    revoked = lifecycle.revoke(state, state.next.kid, clock.now, POLICY, mint)  # type: ignore[union-attr]
+    clock.advance(5)  # interval elapsed, but the new next is only 5 s old
+    assert lifecycle.reconcile(revoked.state, clock.now, POLICY, mint) is None
+    assert lifecycle.rotation_due_at(revoked.state, POLICY) == clock.now + 15
+
+
+def test_force_new_signs_with_a_fresh_key_and_drops_the_old_next() -> None:
+    clock, mint, state = fresh()
+    old_next = state.next
+    assert old_next is not None
+    t = lifecycle.rotate(state, clock.now + 1, POLICY, mint, force_new=True)
+    kids = {k.kid for k in t.state.keys}
+    assert old_next.kid not in kids
+    assert t.state.current.kid not in {k.kid for k in state.keys}
+    assert t.state.find(state.current.kid) is not None  # retired, still verifying
+    assert statuses(t.state) == ["current", "next", "retired"]
+
+
+def test_revoking_current_promotes_next_at_once_and_mints_a_new_next() -> None:
+    clock, mint, state = fresh()
+    old_current, old_next = state.current, state.next
+    assert old_next is not None
+    t = lifecycle.revoke(state, old_current.kid, clock.now + 1, POLICY, mint)
+    assert t.state.find(old_current.kid) is None
+    assert t.state.current.kid == old_next.kid
+    assert t.state.next is not None and t.state.next.kid not in {old_current.kid, old_next.kid}
+    with pytest.raises(UnknownKid):
+        lifecycle.revoke(t.state, old_current.kid, clock.now + 2, POLICY, mint)
+
+
+def test_reconcile_mints_a_missing_next_key() -> None:
+    clock, mint, state = fresh()
+    without_next = KeySetState(state.keyset, state.version, state.updated_at, (state.current,))
+    t = lifecycle.reconcile(without_next, clock.now, POLICY, mint)
+    assert t is not None
+    assert [e.kind for e in t.events] == ["repair"]
+    assert t.state.next is not None
+
+
+def test_cron_schedule_rotates_at_the_fire_time() -> None:
+    policy = Policy(interval=None, schedule="0 * * * *", overlap=7200.0, cache_max_age=300.0)
+    mint = RecordingMint(make_keyring("k1"))
+    start = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+    state = lifecycle.bootstrap("default", start, mint).state
+    due = lifecycle.rotation_due_at(state, policy)
+    assert due == 1_800_003_600.0
+    assert lifecycle.reconcile(state, due - 1, policy, mint) is None
+    assert lifecycle.reconcile(state, due, policy, mint) is not None
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    """Drives every transition with a fake clock and checks the design's invariants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.mint = RecordingMint(make_keyring("k1"))
+        self.state = lifecycle.bootstrap("default", self.clock.now, self.mint).state
+        self.published_at = {k.kid: self.clock.now for k in self.state.keys}
+        self.stopped_signing: dict[str, float] = {}
+        self.revoked: set[str] = set()
+
+    def apply(self, transition: Transition, *, fresh_signer_allowed: bool = False) -> None:
+        before, after, now = self.state, transition.state, self.clock.now
+        # 5. each commit raises the version by one
+        assert after.version == before.version + 1
+        assert after.updated_at == now
+        # 3. a key signs only after it was published (force_new is the stated exception)
+        if after.current.kid != before.current.kid:
+            self.stopped_signing[before.current.kid] = now
+            if not fresh_signer_allowed:
+                assert before.find(after.current.kid) is not None
+                scheduled = any(e.reason == "scheduled" for e in transition.events)
+                if scheduled:
+                    assert now - self.published_at[after.current.kid] >= POLICY.cache_max_age
+        # 4. a retired key stays published for overlap after it stopped signing
+        revoked_now = {e.kid for e in transition.events if e.kind == "revoke"}
+        self.revoked |= revoked_now
+        for key in before.keys:
+            if after.find(key.kid) is None and key.kid not in revoked_now:
+                assert key.status is Status.RETIRED
+                assert now >= self.stopped_signing[key.kid] + POLICY.overlap
+        for key in after.keys:
+            self.published_at.setdefault(key.kid, now)
+            assert key.kid not in self.revoked
+        self.state = after
+
+    @rule(seconds=st.integers(min_value=0, max_value=250))
+    def time_passes(self, seconds: int) -> None:
+        self.clock.advance(seconds)
+
+    @rule()
+    def reconcile(self) -> None:
+        transition = lifecycle.reconcile(self.state, self.clock.now, POLICY, self.mint)
+        if transition is not None:
+            self.apply(transition)
+        assert lifecycle.reconcile(self.state, self.clock.now, POLICY, self.mint) is None
+
+    @rule(force=st.booleans())
+    def rotate(self, force: bool) -> None:
+        upcoming = self.state.next
+        assert upcoming is not None
+        young = self.clock.now - upcoming.created_at < POLICY.cache_max_age
+        try:
+            transition = lifecycle.rotate(
+                self.state, self.clock.now, POLICY, self.mint, force=force
+            )
+        except RotationTooSoon:
+            assert young and not force
+            return
+        assert force or not young
+        self.apply(transition)
+
+    @rule()
+    def rotate_force_new(self) -> None:
+        transition = lifecycle.rotate(self.state, self.clock.now, POLICY, self.mint, force_new=True)
+        self.apply(transition, fresh_signer_allowed=True)
+
+    @rule(data=st.data())
+    def revoke(self, data: st.DataObject) -> None:
+        kid = data.draw(st.sampled_from([k.kid for k in self.state.keys]))
+        self.apply(lifecycle.revoke(self.state, kid, self.clock.now, POLICY, self.mint))
+
+    @invariant()
+    def exactly_one_current_and_one_next(self) -> None:
+        # 2. after bootstrap there is exactly one current
+        assert [k.status for k in self.state.keys].count(Status.CURRENT) == 1
+        assert [k.status for k in self.state.keys].count(Status.NEXT) == 1
+
+    @invariant()
+    def no_private_material_in_jwks_or_state(self) -> None:
+        # 1. no private member in the JWKS, none in plaintext in the stored state
+        for jwk in json.loads(self.state.jwks())["keys"]:
+            assert not PRIVATE_MEMBERS & jwk.keys()
+            assert set(jwk) == {"alg", "crv", "kid", "kty", "use", "x", "y"}
+        stored = encode_state(self.state)
+        made = {k.kid: k.private_der for k in self.mint.made}
+        for key in self.state.keys:
+            der = made[key.kid]
+            assert der not in stored
+            assert base64.b64encode(der) not in stored
+            assert base64.urlsafe_b64encode(der).rstrip(b"=") not in stored
+
+    @invariant()
+    def stored_form_round_trips(self) -> None:
+        assert decode_state(encode_state(self.state), "default") == self.state
+
+
+TestLifecycleMachine = LifecycleMachine.TestCase
+TestLifecycleMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

@@ -1,0 +1,170 @@
+"""KeyManager against a real Redis: healing, KEK checks, reseal, repair, lost races."""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+import pytest
+import redis
+
+from rotator.layout import Layout
+from rotator.lifecycle import LifecycleError, RotationTooSoon
+from rotator.manager import KeyManager, NoKekError
+from rotator.sealing import Keyring, UnsealError, parse_keks
+from rotator.state import KeySetState
+from rotator.store import Store
+from tests.conftest import FAST
+from tests.helpers import FakeClock, make_keyring
+
+
+def kids(state: KeySetState | None) -> list[str]:
+    assert state is not None
+    return [k.kid for k in state.keys]
+
+
+def test_bootstrap_then_unchanged(manager: KeyManager) -> None:
+    first = manager.reconcile("default")
+    assert first.action == "bootstrap"
+    assert manager.reconcile("default").action == "unchanged"
+
+
+def test_flushed_redis_is_healed_from_memory_with_the_same_keys(
+    manager: KeyManager, client: redis.Redis
+) -> None:
+    state = manager.reconcile("default").state
+    client.flushall()
+    healed = manager.reconcile("default")
+    assert healed.action == "restore"
+    assert kids(manager.load("default").state) == kids(state)
+    assert client.get("rotator:{default}:jwks") == state.jwks()
+
+
+def test_redis_rolled_back_to_an_older_version_is_healed(
+    manager: KeyManager, client: redis.Redis, clock: FakeClock
+) -> None:
+    manager.reconcile("default")
+    old_state = client.get("rotator:{default}:state")
+    old_jwks = client.get("rotator:{default}:jwks")
+    assert old_state is not None and old_jwks is not None
+    clock.advance(100)
+    newer = manager.reconcile("default").state
+    client.set("rotator:{default}:state", old_state)
+    client.set("rotator:{default}:jwks", old_jwks)
+    assert manager.reconcile("default").action == "restore"
+    assert kids(manager.load("default").state) == kids(newer)
+
+
+def test_altered_or_deleted_jwks_is_republished(
+    manager: KeyManager, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = manager.reconcile("default").state
+    for damage in (
+        lambda: client.set("rotator:{default}:jwks", b'{"keys":[]}'),
+        lambda: client.delete("rotator:{default}:jwks"),
+    ):
+        damage()
+        with caplog.at_level(logging.WARNING):
+            assert manager.reconcile("default").action == "republish"
+        assert client.get("rotator:{default}:jwks") == state.jwks()
+    assert "republishing" in caplog.text
+
+
+def test_a_lost_race_is_retried_on_fresh_data(
+    store: Store, clock: FakeClock, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    keyring = make_keyring("k1")
+    mine = KeyManager(store, keyring, lambda _n: FAST, clock=clock)
+    rival = KeyManager(Store(client, Layout()), keyring, lambda _n: FAST, clock=clock)
+    mine.reconcile("default")
+    clock.advance(30)
+    real_commit = store.commit
+    calls = 0
+
+    def commit_after_rival(*args: object, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            rival.rotate("default")  # the rival commits between our load and our commit
+        real_commit(*args, **kwargs)  # type: ignore[arg-type]
+
+    store.commit = commit_after_rival  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO):
+        outcome = mine.rotate("default", force=True)
+    assert calls == 2
+    assert outcome.state.version == 3
+    assert "lost a race" in caplog.text
+
+
+def test_wrong_kek_is_named_and_nothing_is_overwritten(
+    store: Store, client: redis.Redis, clock: FakeClock
+) -> None:
+    KeyManager(store, make_keyring("prod"), lambda _n: FAST, clock=clock).reconcile("default")
+    before = client.get("rotator:{default}:state")
+    other = KeyManager(store, make_keyring("prod"), lambda _n: FAST, clock=clock)
+    with pytest.raises(UnsealError, match="KEK 'prod' does not open"):
+        other.rotate("default", force=True)
+    missing = KeyManager(store, make_keyring("staging"), lambda _n: FAST, clock=clock)
+    with pytest.raises(UnsealError, match="sealed with KEK 'prod', which is not configured"):
+        missing.reconcile("default")
+    assert client.get("rotator:{default}:state") == before
+
+
+def test_writes_without_a_kek_are_refused(store: Store) -> None:
+    with pytest.raises(NoKekError, match="no KEK configured"):
+        KeyManager(store, None, lambda _n: FAST).reconcile("default")
+
+
+def test_reseal_moves_every_key_to_the_first_kek(store: Store, clock: FakeClock) -> None:
+    old = make_keyring("old")
+    KeyManager(store, old, lambda _n: FAST, clock=clock).reconcile("default")
+    both = parse_keks(
+        "\n".join(
+            [
+                "new:" + base64.b64encode(b"n" * 32).decode(),
+                "old:" + base64.b64encode(old.keks[0].key).decode(),
+            ]
+        ),
+        source="t",
+    )
+    manager = KeyManager(store, both, lambda _n: FAST, clock=clock)
+    outcome = manager.reseal("default")
+    assert outcome.action == "commit"
+    assert {k.sealed.kek for k in outcome.state.keys} == {"new"}
+    assert manager.reseal("default").action == "unchanged"
+    only_new = parse_keks("new:" + base64.b64encode(b"n" * 32).decode(), source="t")
+    KeyManager(store, only_new, lambda _n: FAST, clock=clock).check_keks(outcome.state)
+
+
+def test_repair_moves_a_corrupt_state_aside(
+    store: Store, client: redis.Redis, keyring: Keyring, clock: FakeClock
+) -> None:
+    cli = KeyManager(store, keyring, lambda _n: FAST, clock=clock)
+    cli.reconcile("default")
+    with pytest.raises(LifecycleError, match="nothing to repair"):
+        cli.repair("default")
+    client.set("rotator:{default}:state", b"garbage")
+    moved, outcome = cli.repair("default")
+    assert client.get(moved) == b"garbage"
+    assert moved.startswith("rotator:{default}:state:corrupt:")
+    assert outcome.action == "bootstrap"
+
+
+def test_a_daemon_restores_its_keys_after_a_repair(
+    manager: KeyManager, client: redis.Redis
+) -> None:
+    """A repaired key set comes back with the keys the daemon knew, not new ones."""
+    state = manager.reconcile("default").state
+    client.set("rotator:{default}:state", b"garbage")
+    _moved, outcome = manager.repair("default")
+    assert outcome.action == "restore"
+    assert kids(outcome.state) == kids(state)
+
+
+def test_manual_rotation_too_soon_is_refused(manager: KeyManager, clock: FakeClock) -> None:
+    manager.reconcile("default")
+    clock.advance(5)
+    with pytest.raises(RotationTooSoon):
+        manager.rotate("default")
+    clock.advance(15)
+    assert manager.rotate("default").state.version == 2

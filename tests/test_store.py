@@ -1,0 +1,155 @@
+"""The Redis layout and compare-and-set commits, against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import redis
+
+from rotator import lifecycle
+from rotator.embedded import EmbeddedRedis
+from rotator.layout import Layout
+from rotator.manager import KeyManager
+from rotator.state import CorruptState, decode_state
+from rotator.store import Conflict, Store
+from tests.conftest import FAST
+from tests.helpers import FakeClock, RecordingMint, make_keyring, wait_for
+
+
+def test_layout_uses_a_hash_tag_per_keyset() -> None:
+    layout = Layout("p")
+    assert layout.state("s") == "p:{s}:state"
+    assert layout.jwks("s") == "p:{s}:jwks"
+    assert layout.keysets == "p:keysets"
+    assert layout.events == "p:events"
+
+
+def test_commit_writes_state_and_jwks_and_announces_it(
+    store: Store, client: redis.Redis, clock: FakeClock
+) -> None:
+    pubsub = client.pubsub()
+    pubsub.subscribe("rotator:events")
+    wait_for(lambda: pubsub.get_message(timeout=0.1), what="subscribe confirmation")
+    mint = RecordingMint(make_keyring("k1"))
+    state = lifecycle.bootstrap("default", clock.now, mint).state
+    store.commit(0, state, "bootstrap")
+    assert client.get("rotator:{default}:jwks") == state.jwks()
+    raw_state = client.get("rotator:{default}:state")
+    assert raw_state is not None
+    assert decode_state(raw_state, "default") == state
+    message = wait_for(lambda: pubsub.get_message(timeout=0.1), what="event")
+    assert json.loads(message["data"]) == {"keyset": "default", "version": 1, "event": "bootstrap"}
+    loaded = store.load("default")
+    assert loaded.state == state and loaded.jwks == state.jwks()
+
+
+def test_commit_is_compare_and_set_on_the_version(store: Store, clock: FakeClock) -> None:
+    mint = RecordingMint(make_keyring("k1"))
+    first = lifecycle.bootstrap("default", clock.now, mint).state
+    store.commit(0, first, "bootstrap")
+    with pytest.raises(Conflict, match="expected version 0, Redis holds version 1"):
+        store.commit(0, lifecycle.bootstrap("default", clock.now, mint).state, "bootstrap")
+    second = lifecycle.rotate(first, clock.now + 50, FAST, mint).state
+    store.commit(1, second, "rotate")
+    stale = lifecycle.rotate(first, clock.now + 60, FAST, mint).state
+    with pytest.raises(Conflict):
+        store.commit(1, stale, "rotate")
+    assert store.load("default").state == second
+
+
+def test_corrupt_state_is_reported_and_never_overwritten(
+    store: Store, client: redis.Redis, clock: FakeClock
+) -> None:
+    client.set("rotator:{default}:state", b"{not json")
+    with pytest.raises(CorruptState, match="key set default"):
+        store.load("default")
+    state = lifecycle.bootstrap("default", clock.now, RecordingMint(make_keyring("k1"))).state
+    with pytest.raises(CorruptState, match="not overwritten"):
+        store.commit(0, state, "bootstrap")
+    with pytest.raises(CorruptState, match="not overwritten"):
+        store.restore(state)
+    with pytest.raises(CorruptState, match="not overwritten"):
+        store.republish(state)
+    assert client.get("rotator:{default}:state") == b"{not json"
+
+
+def test_racing_writers_never_lose_an_update_or_make_two_currents(
+    client: redis.Redis, redis_server: EmbeddedRedis
+) -> None:
+    """Two managers (as two daemons, or a daemon and the CLI would) race rotations."""
+    keyring = make_keyring("k1")
+    clock = FakeClock()
+    events: list[int] = []
+    pubsub = client.pubsub()
+    pubsub.subscribe("rotator:events")
+    wait_for(lambda: pubsub.get_message(timeout=0.1), what="subscription")
+    managers = [
+        KeyManager(
+            Store(redis.Redis.from_url(redis_server.url), Layout()),
+            keyring,
+            lambda _n: FAST,
+            clock=clock,
+        )
+        for _ in range(2)
+    ]
+    managers[0].reconcile("default")
+    rounds = 40
+    barrier = threading.Barrier(2)
+    failures: list[BaseException] = []
+
+    def worker(manager: KeyManager) -> None:
+        try:
+            for _ in range(rounds):
+                barrier.wait()
+                manager.rotate("default", force=True)
+        except BaseException as exc:
+            failures.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(m,)) for m in managers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    final = managers[0].load("default").state
+    assert final is not None
+    assert final.version == 1 + 2 * rounds  # every rotation landed, none overwritten
+    assert [k.status.value for k in final.keys].count("current") == 1
+    while (message := pubsub.get_message(timeout=0.2)) is not None:
+        events.append(json.loads(message["data"])["version"])
+    assert events == list(range(1, final.version + 1))  # one event per commit, no gap, in order
+
+
+def test_reader_sees_state_and_jwks_of_the_same_version(
+    store: Store, redis_server: EmbeddedRedis
+) -> None:
+    """Invariant 6: a reader in a transaction never sees a JWKS from another version."""
+    keyring = make_keyring("k1")
+    clock = FakeClock()
+    writer = KeyManager(store, keyring, lambda _n: FAST, clock=clock)
+    writer.reconcile("default")
+    stop = threading.Event()
+    mismatches: list[int] = []
+    reads = 0
+
+    def read() -> None:
+        nonlocal reads
+        reader = Store(redis.Redis.from_url(redis_server.url), Layout())
+        while not stop.is_set():
+            snapshot = reader.load("default")
+            assert snapshot.state is not None
+            if snapshot.jwks != snapshot.state.jwks():
+                mismatches.append(snapshot.version)
+            reads += 1
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    wait_for(lambda: reads > 0, what="the reader to start")
+    for _ in range(60):
+        writer.rotate("default", force=True)
+    stop.set()
+    thread.join()
+    assert mismatches == []
