@@ -417,11 +417,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, KekError, NoKekError, UsageError) as exc:
         print(f"rotator: {exc}", file=sys.stderr)
         return 2
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        print(f"rotator: Redis refused the credentials or command: {exc}", file=sys.stderr)
+        return 1
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         print(f"rotator: cannot reach Redis: {exc}", file=sys.stderr)
-        return 1
-    except redis.AuthenticationError as exc:
-        print(f"rotator: Redis refused the credentials: {exc}", file=sys.stderr)
         return 1
     except (
         LifecycleError,

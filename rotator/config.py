@@ -58,6 +58,9 @@ class RedisSettings(_Section):
     prefix: str = "rotator"
     socket_timeout: Duration = 5.0
     retries: int = Field(default=5, ge=0)
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     @field_validator("url")
     @classmethod
@@ -71,6 +74,16 @@ class RedisSettings(_Section):
     @classmethod
     def _good_prefix(cls, prefix: str) -> str:
         return validate_prefix(prefix)
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> RedisSettings:
+        if urlsplit(self.url).scheme != "rediss":
+            for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is set but url is not rediss://")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together (client certificate)")
+        return self
 
 
 class KeysSettings(_Section):
