@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -409,9 +410,28 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _COMMANDS[args.command](settings, args)
 
 
+# A kid is 43 base64url characters and one in 64 starts with "-", which argparse
+# would take for an option.
+_DASH_KID = re.compile(r"-[A-Za-z0-9_-]{42}")
+_TAKES_VALUE = {"--config", "--keyset", "--log-level", "--id", "--interval"}
+
+
+def shield_kids(argv: Sequence[str]) -> list[str]:
+    """Move kid arguments that start with ``-`` behind a ``--`` so argparse reads them as
+    positionals (``rotator revoke -Abc...`` works without the user typing ``--``)."""
+    if "--" in argv:
+        return list(argv)
+    kept: list[str] = []
+    kids: list[str] = []
+    for index, token in enumerate(argv):
+        after_option = index > 0 and argv[index - 1] in _TAKES_VALUE
+        (kids if _DASH_KID.fullmatch(token) and not after_option else kept).append(token)
+    return [*kept, "--", *kids] if kids else kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rotator`` console script."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(shield_kids(sys.argv[1:] if argv is None else argv))
     try:
         return _dispatch(args)
     except (ConfigError, KekError, NoKekError, UsageError) as exc:

@@ -163,3 +163,18 @@ def test_repair_and_status_of_corrupt_state(cli: Cli, client: redis.Redis) -> No
     assert repaired.code == 0, repaired.stderr
     assert "moved to rotator:{default}:state:corrupt:" in repaired.stdout
     assert cli("status").code == 0
+
+
+def test_a_kid_starting_with_a_dash_is_an_argument_not_an_option() -> None:
+    from rotator.cli import _parser, shield_kids
+
+    kid = "-" + "A" * 42
+    for argv in (
+        ["revoke", kid],
+        ["revoke", kid, "--keyset", "b"],
+        ["revoke", "--keyset", "b", kid],
+    ):
+        args = _parser().parse_args(shield_kids(argv))
+        assert args.kid == kid
+    assert _parser().parse_args(shield_kids(["revoke", "--", kid])).kid == kid
+    assert shield_kids(["--config", kid, "status"]) == ["--config", kid, "status"]
