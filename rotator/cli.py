@@ -26,10 +26,14 @@ from rotator.connection import connect
 from rotator.daemon import Daemon
 from rotator.durations import format_duration, parse_duration
 from rotator.embedded import EmbeddedRedis, RedisBinaryNotFound, free_port
+from rotator.errors import InvalidToken
 from rotator.layout import Layout, validate_keyset_name
 from rotator.lifecycle import LifecycleError, rotation_due_at
 from rotator.manager import KeyManager, NoKekError, Outcome
-from rotator.sealing import KekError, Keyring, UnsealError, generate_kek_line, load_keyring
+from rotator.reader import JWKSReader
+from rotator.sealing import KekError, UnsealError, generate_kek_line
+from rotator.server import JWKS_PATH, serve
+from rotator.signer import Signer, SigningError
 from rotator.state import CorruptState, KeySetState
 from rotator.store import Conflict, Store
 
@@ -55,15 +59,8 @@ def _iso(moment: float | None) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _keyring(settings: Settings) -> Keyring | None:
-    return load_keyring(
-        settings.keys.kek_file,
-        settings.keys.keks.get_secret_value() if settings.keys.keks else None,
-    )
-
-
 def _manager(settings: Settings, *, one_shot: bool = True, remember: bool = False) -> KeyManager:
-    keyring = _keyring(settings)
+    keyring = settings.keyring()
     client = connect(settings.redis, retries=2 if one_shot else None)
     store = Store(client, Layout(settings.redis.prefix))
     return KeyManager(store, keyring, settings.policy, remember=remember)
@@ -263,6 +260,48 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    overrides = {
+        name: getattr(args, name)
+        for name in ("host", "port", "workers")
+        if getattr(args, name) is not None
+    }
+    if overrides:
+        settings = load_settings(args.config, server={**settings.server.model_dump(), **overrides})
+    log.info(
+        "serving JWKS on http://%s:%d%s", settings.server.host, settings.server.port, JWKS_PATH
+    )
+    serve(settings, args.config)
+    return 0
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    if args.verb == "sign":
+        try:
+            claims = json.loads(args.claims)
+        except ValueError as exc:
+            raise UsageError(f"--claims is not JSON: {exc}") from None
+        if not isinstance(claims, dict):
+            raise UsageError("--claims must be a JSON object")
+        ttl = parse_duration(args.ttl) if args.ttl else None
+        with Signer.from_settings(settings, args.keyset, follow=False) as signer:
+            print(signer.sign(claims, ttl=ttl))
+        return 0
+    client = connect(settings.redis, retries=2)
+    with JWKSReader(client, args.keyset, prefix=settings.redis.prefix, follow=False) as reader:
+        if reader.keys is None:
+            raise Failure(f"key set {args.keyset} has no published JWKS")
+        try:
+            claims = reader.verify(
+                args.token, audience=args.audience, issuer=args.issuer, leeway=args.leeway
+            )
+        except InvalidToken as exc:
+            print(f"invalid token: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(claims, indent=2, sort_keys=True))
+    return 0
+
+
 def cmd_check_config(settings: Settings, _args: argparse.Namespace) -> int:
     doc = settings.model_dump(mode="json")
     doc["redis"]["url"] = mask_url(settings.redis.url)
@@ -275,7 +314,7 @@ def cmd_check_config(settings: Settings, _args: argparse.Namespace) -> int:
         }
         for name in names
     }
-    keyring = _keyring(settings)
+    keyring = settings.keyring()
     doc["keys"]["kek_ids"] = [k.id for k in keyring.keks] if keyring else []
     print(json.dumps(doc, indent=2))
     if keyring is None:
@@ -314,6 +353,29 @@ def cmd_repair(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parsing
+
+
+def _add_service_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    keyset_arg: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    serve_parser = sub.add_parser("serve", help="serve the JWKS over HTTP")
+    serve_parser.add_argument("--host", help="bind address (default: server.host)")
+    serve_parser.add_argument("--port", type=int, help="port (default: server.port)")
+    serve_parser.add_argument("--workers", type=int, help="worker processes (default 1)")
+
+    token = sub.add_parser("token", help="sign or verify a token (to check a deployment)")
+    token_sub = token.add_subparsers(dest="verb", required=True, metavar="ACTION")
+    sign = token_sub.add_parser("sign", help="print a token signed with the current key")
+    keyset_arg(sign)
+    sign.add_argument("--claims", required=True, help='JSON object, e.g. \'{"sub": "me"}\'')
+    sign.add_argument("--ttl", help="lifetime, at most max_token_ttl (default 5m)")
+    check = token_sub.add_parser("verify", help="print a token's claims if it verifies")
+    check.add_argument("token")
+    keyset_arg(check)
+    check.add_argument("--audience", help="required aud (default: not checked)")
+    check.add_argument("--issuer", help="required iss (default: not checked)")
+    check.add_argument("--leeway", type=float, default=0.0, help="seconds of clock leeway")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -364,6 +426,7 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument("--yes", action="store_true", help="confirm deleting its keys")
     keyset_sub.add_parser("list", help="list key sets")
 
+    _add_service_commands(sub, keyset_arg)
     sub.add_parser("check-config", help="validate and print the effective config (secrets masked)")
     kek = sub.add_parser("kek", help="key-encryption keys")
     kek_sub = kek.add_subparsers(dest="kek_command", required=True, metavar="ACTION")
@@ -385,6 +448,8 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "jwks": cmd_jwks,
     "keyset": cmd_keyset,
     "check-config": cmd_check_config,
+    "serve": cmd_serve,
+    "token": cmd_token,
     "reseal": cmd_reseal,
     "repair": cmd_repair,
 }
@@ -450,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Conflict,
         Failure,
         RedisBinaryNotFound,
+        SigningError,
     ) as exc:
         print(f"rotator: {exc}", file=sys.stderr)
         return 1

@@ -35,6 +35,7 @@ from pydantic_settings import (
 from rotator.durations import format_duration, parse_duration
 from rotator.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
 from rotator.policy import Policy, cron_trigger
+from rotator.sealing import Keyring, load_keyring
 
 __all__ = ["ConfigError", "Settings", "load_settings", "mask_url"]
 
@@ -159,6 +160,17 @@ class DaemonSettings(_Section):
         return tick
 
 
+class ServerSettings(_Section):
+    """`rotator serve`: the HTTP JWKS endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1)
+    poll_interval: Duration = 30.0
+    max_stale: Duration = 3600.0
+    max_keysets: int = Field(default=1000, ge=1)
+
+
 class LogSettings(_Section):
     """Logging."""
 
@@ -188,6 +200,7 @@ class Settings(BaseSettings):
     rotation: RotationSettings = RotationSettings()
     keysets: dict[str, KeysetSettings] = Field(default_factory=dict)
     daemon: DaemonSettings = DaemonSettings()
+    server: ServerSettings = ServerSettings()
     log: LogSettings = LogSettings()
 
     @classmethod
@@ -236,6 +249,14 @@ class Settings(BaseSettings):
         override = self.keysets.get(keyset)
         base = self.base_policy()
         return override.overlay(base) if override else base
+
+    def keyring(self) -> Keyring | None:
+        """The KEKs from ``keys.kek_file`` or ``keys.keks``; ``None`` if neither is set.
+
+        Raises `KekError` when they are unusable.
+        """
+        keks = self.keys.keks.get_secret_value() if self.keys.keks else None
+        return load_keyring(self.keys.kek_file, keks)
 
     def configured_keysets(self) -> list[str]:
         """Key sets named in the config; ``default`` when none is."""

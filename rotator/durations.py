@@ -1,4 +1,5 @@
-"""Durations written the way operators write them: ``"90s"``, ``"15m"``, ``"1h30m"``, ``"7d"``.
+"""Durations written the way operators write them: ``"90s"``, ``"15m"``, ``"1h30m"``, ``"7d"``,
+and ``"500ms"`` for tests and demos that rotate faster than once a second.
 
 Config files and CLI flags accept these strings or plain integer seconds; the
 rest of rotator works in float seconds.
@@ -10,16 +11,16 @@ import re
 
 __all__ = ["format_duration", "parse_duration"]
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_PART = re.compile(r"(\d+)([smhd])")
-_WHOLE = re.compile(r"(?:\d+[smhd])+")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_PART = re.compile(r"(\d+)(ms|[smhd])")
+_WHOLE = re.compile(r"(?:\d+(?:ms|[smhd]))+")
 
 
 def parse_duration(value: object) -> float:
     """Return *value* in seconds; raise ``ValueError`` with a readable reason.
 
     Accepts non-negative ints, and strings of one or more ``<digits><unit>``
-    groups with unit in s, m, h, d. Floats and bools are refused: a duration
+    groups with unit in ms, s, m, h, d. Floats and bools are refused: a duration
     of ``True`` is a typo, not one second.
     """
     if isinstance(value, bool):
@@ -44,11 +45,12 @@ def format_duration(seconds: float) -> str:
     if seconds < 0:
         return "-" + format_duration(-seconds)
     whole = int(seconds)
-    if whole == 0:
-        return "0s" if seconds == 0 else f"{seconds:.3g}s"
+    millis = round((seconds - whole) * 1000)
     parts = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         count, whole = divmod(whole, size)
         if count:
             parts.append(f"{count}{unit}")
-    return "".join(parts)
+    if millis:
+        parts.append(f"{millis}ms")
+    return "".join(parts) or "0s"

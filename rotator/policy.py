@@ -82,13 +82,13 @@ class Policy:
         if (self.interval is None) == (self.schedule is None):
             found.append(("interval", "set exactly one of interval and schedule"))
             return found
-        if self.interval is not None and self.interval < 1:
-            found.append(("interval", "must be at least 1s"))
+        if self.interval is not None and self.interval <= 0:
+            found.append(("interval", "must be positive"))
             return found
-        if self.max_token_ttl < 1:
-            found.append(("max_token_ttl", "must be at least 1s"))
-        if self.cache_max_age < 1:
-            found.append(("cache_max_age", "must be at least 1s"))
+        if self.max_token_ttl <= 0:
+            found.append(("max_token_ttl", "must be positive"))
+        if self.cache_max_age <= 0:
+            found.append(("cache_max_age", "must be positive"))
         period = self.shortest_period()
         if self.cache_max_age > period / 2:
             field = "interval" if self.schedule is None else "schedule"

@@ -5,20 +5,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import redis
 
-from rotator.embedded import EmbeddedRedis
+from rotator.embedded import EmbeddedRedis, free_port
 from rotator.layout import Layout
 from rotator.manager import KeyManager
 from rotator.policy import Policy
 from rotator.sealing import Keyring
 from rotator.store import Store
-from tests.helpers import FakeClock, make_keyring
+from tests.helpers import FakeClock, collect_lines, make_keyring
 
 FAST = Policy(interval=100.0, overlap=60.0, max_token_ttl=30.0, clock_skew=5.0, cache_max_age=20.0)
 
@@ -115,3 +119,62 @@ def cli(tmp_path: Path, redis_server: EmbeddedRedis, kek_file: Path) -> Cli:
         ROTATOR_DAEMON__HEALTH_PORT="0",
     )
     return Cli(env, tmp_path)
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[str]
+    health_port: int
+    log: list[str] = field(default_factory=list)
+
+    def http(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=2):
+                return 200
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+
+class StartDaemon(Protocol):
+    def __call__(self, **env: str) -> Daemon: ...
+
+
+@pytest.fixture
+def start_daemon(cli: Cli) -> Iterator[StartDaemon]:
+    started: list[Daemon] = []
+
+    def start(**env: str) -> Daemon:
+        port = free_port()
+        full = {
+            **cli.env,
+            "ROTATOR_ROTATION__INTERVAL": "2s",
+            "ROTATOR_ROTATION__CACHE_MAX_AGE": "1s",
+            "ROTATOR_ROTATION__MAX_TOKEN_TTL": "1s",
+            "ROTATOR_ROTATION__CLOCK_SKEW": "0s",
+            "ROTATOR_ROTATION__OVERLAP": "2s",
+            "ROTATOR_DAEMON__TICK": "1s",
+            "ROTATOR_DAEMON__HEALTH_PORT": str(port),
+            **env,
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rotator", "run"],
+            env=full,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        daemon = Daemon(process, port)
+        assert process.stderr is not None
+        threading.Thread(
+            target=collect_lines, args=(process.stderr, daemon.log), daemon=True
+        ).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()

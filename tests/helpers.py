@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import IO, TypeVar
 
 from rotator.jwk import GeneratedKey, generate_key
 from rotator.sealing import Keyring, SealedKey, generate_kek_line, parse_keks
@@ -23,6 +24,22 @@ def wait_for(probe: Callable[[], T | None], *, timeout: float = 10.0, what: str 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+def collect_lines(stream: IO[str], sink: list[str]) -> None:
+    """Append every line of *stream* to *sink* until it closes (run it in a thread)."""
+    sink.extend(iter(stream.readline, ""))
+
+
+async def async_wait_for(
+    probe: Callable[[], object], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """`wait_for` for coroutines: yields to the event loop between probes."""
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 @dataclass

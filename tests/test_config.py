@@ -30,14 +30,16 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ("1h30m", 5400),
         (45, 45),
         ("12", 12),
+        ("500ms", 0.5),
+        ("1s250ms", 1.25),
     ],
 )
-def test_durations(text: str | int, seconds: int) -> None:
+def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
     assert parse_duration(format_duration(seconds)) == seconds
 
 
-@pytest.mark.parametrize("bad", ["", "5x", "-3s", "1.5h", True, -1, 2.5, "h"])
+@pytest.mark.parametrize("bad", ["", "5x", "-3s", "1.5h", True, -1, 2.5, "h", "5sm"])
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(bad)

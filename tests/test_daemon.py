@@ -7,16 +7,8 @@ import base64
 import itertools
 import json
 import signal
-import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
 
 import pytest
 import redis
@@ -26,73 +18,12 @@ from rotator.embedded import EmbeddedRedis, free_port
 from rotator.jwk import b64url, load_private_key
 from rotator.sealing import load_keyring
 from rotator.state import decode_state
-from tests.conftest import Cli
+from tests.conftest import Cli, StartDaemon
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
 INTERVAL, CACHE_MAX_AGE, OVERLAP = 2.0, 1.0, 2.0
-
-
-@dataclass
-class Daemon:
-    process: subprocess.Popen[str]
-    health_port: int
-    log: list[str] = field(default_factory=list)
-
-    def http(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=2):
-                return 200
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return 0
-
-
-class StartDaemon(Protocol):
-    def __call__(self, **env: str) -> Daemon: ...
-
-
-@pytest.fixture
-def start_daemon(cli: Cli) -> Iterator[StartDaemon]:
-    started: list[Daemon] = []
-
-    def start(**env: str) -> Daemon:
-        port = free_port()
-        full = {
-            **cli.env,
-            "ROTATOR_ROTATION__INTERVAL": "2s",
-            "ROTATOR_ROTATION__CACHE_MAX_AGE": "1s",
-            "ROTATOR_ROTATION__MAX_TOKEN_TTL": "1s",
-            "ROTATOR_ROTATION__CLOCK_SKEW": "0s",
-            "ROTATOR_ROTATION__OVERLAP": "2s",
-            "ROTATOR_DAEMON__TICK": "1s",
-            "ROTATOR_DAEMON__HEALTH_PORT": str(port),
-            **env,
-        }
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rotator", "run"],
-            env=full,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-        )
-        daemon = Daemon(process, port)
-        assert process.stderr is not None
-        threading.Thread(target=_collect, args=(process.stderr, daemon.log), daemon=True).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
-
-
-def _collect(stream: IO[str], sink: list[str]) -> None:
-    sink.extend(iter(stream.readline, ""))
 
 
 def watch_jwks(client: redis.Redis, until: int) -> list[tuple[float, list[str]]]:

@@ -9,18 +9,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import IO
 
 import pytest
 import redis
 
-from tests.helpers import wait_for
+from tests.helpers import collect_lines, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def _collect(stream: IO[str], sink: list[str]) -> None:
-    sink.extend(iter(stream.readline, ""))
 
 
 def test_dev_runs_rotates_and_cleans_up(tmp_path: Path) -> None:
@@ -36,7 +31,7 @@ def test_dev_runs_rotates_and_cleans_up(tmp_path: Path) -> None:
     out: list[str] = []
     err: list[str] = []
     for stream, sink in ((process.stdout, out), (process.stderr, err)):
-        threading.Thread(target=_collect, args=(stream, sink), daemon=True).start()
+        threading.Thread(target=collect_lines, args=(stream, sink), daemon=True).start()
     try:
         banner = wait_for(lambda: re.search(r"Redis at (redis://\S+)", "".join(out)), what="banner")
         kek = re.search(r"KEK in (\S+)", "".join(out))

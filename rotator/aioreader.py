@@ -1,0 +1,320 @@
+"""asyncio readers: `AsyncJWKSCache` holds many key sets (bounded LRU) for `rotator serve`,
+and `AsyncJWKSReader` is the one-key-set twin of `JWKSReader` for async services.
+
+The rules are those of `keycache`; this module only does the I/O: one
+subscription to ``P:events`` for every key set held, a polling backstop that
+reads all of them in one pipeline, and single-flight reads per key set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable
+from types import TracebackType
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from rotator.errors import InvalidToken
+from rotator.follow import keyset_of
+from rotator.jwks_import import JWKSFormatError, VerificationKeys, import_jwks
+from rotator.keycache import ReaderLimits, Slot
+from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
+from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, verify_token
+
+__all__ = ["AsyncJWKSCache", "AsyncJWKSReader", "InvalidToken"]
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF = 5.0
+
+
+def async_client_for(target: aioredis.Redis | str) -> aioredis.Redis:
+    """*target* itself, or an asyncio client for a Redis URL with short timeouts."""
+    if isinstance(target, str):
+        client: aioredis.Redis = aioredis.Redis.from_url(
+            target, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        return client
+    return target
+
+
+class AsyncJWKSCache:
+    """Copies of many key sets, loaded on first use, at most *max_keysets* of them."""
+
+    def __init__(
+        self,
+        target: aioredis.Redis | str,
+        *,
+        prefix: str = "rotator",
+        limits: ReaderLimits | None = None,
+        max_keysets: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = async_client_for(target)
+        self.layout = Layout(prefix)
+        self.limits = limits or ReaderLimits()
+        self.max_keysets = max_keysets
+        self.clock = clock
+        self.subscribed = False
+        self.reads = 0
+        self._slots: OrderedDict[str, Slot] = OrderedDict()
+        self._inflight: dict[str, asyncio.Task[bool]] = {}
+        self._pinned: set[str] = set()
+        # Names found unpublished, kept apart so random names cannot evict real key sets.
+        self._absent: OrderedDict[str, float] = OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+        self._down = False
+
+    async def start(self, preload: Iterable[str] = ()) -> None:
+        """Load *preload* (kept however cold they get) and start following commits."""
+        self._pinned = set(preload)
+        for keyset in self._pinned:
+            await self.slot(keyset)
+        self._task = asyncio.create_task(self._follow(), name="rotator-cache-follower")
+
+    async def close(self) -> None:
+        """Stop following and close the client."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.client.aclose()
+
+    def held(self) -> list[str]:
+        """Key sets in memory, least recently used first."""
+        return list(self._slots)
+
+    async def slot(self, keyset: str) -> Slot:
+        """The slot of *keyset*, read from Redis on first use."""
+        slot = self._slots.get(keyset)
+        if slot is not None:
+            self._slots.move_to_end(keyset)
+            return slot
+        checked = self._absent.get(keyset)
+        if checked is not None and self.clock() - checked < self.limits.unknown_kid_cooldown:
+            return Slot(keyset, fetched_at=checked)
+        slot = self._slots[keyset] = Slot(keyset)
+        self._evict()
+        await self.refresh(keyset)
+        if slot.fetched_at is not None and not slot.published and keyset not in self._pinned:
+            self._slots.pop(keyset, None)
+            self._absent[keyset] = slot.fetched_at
+            self._absent.move_to_end(keyset)
+            while len(self._absent) > self.limits.negative_cache_size:
+                self._absent.popitem(last=False)
+        return slot
+
+    def _evict(self) -> None:
+        while len(self._slots) > self.max_keysets:
+            victim = next((k for k in self._slots if k not in self._pinned), None)
+            if victim is None:
+                return
+            del self._slots[victim]
+
+    async def refresh(self, keyset: str) -> bool:
+        """Read *keyset* now; concurrent callers share one read."""
+        task = self._inflight.get(keyset)
+        if task is None:
+            task = asyncio.create_task(self._read(keyset))
+            self._inflight[keyset] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(keyset, None))
+        return await asyncio.shield(task)
+
+    def _accept(self, keyset: str, raw: bytes | str | None) -> bool:
+        slot = self._slots.get(keyset)
+        if slot is None:
+            return True  # evicted meanwhile
+        try:
+            keys = None if raw is None else import_jwks(raw)
+        except JWKSFormatError as exc:
+            log.error("key set %s: JWKS unusable (%s); keeping the last copy", keyset, exc)
+            return False
+        slot.accept(keys, self.clock())
+        return True
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        if not self._down:
+            log.warning("cannot read Redis (%s); serving the last copies", exc)
+            self._down = True
+
+    async def _read(self, keyset: str) -> bool:
+        try:
+            raw = await self.client.get(self.layout.jwks(keyset))
+        except (redis.RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            return False
+        self.reads += 1
+        self._down = False
+        return self._accept(keyset, raw)
+
+    async def refresh_all(self) -> None:
+        """Read every held key set in one pipelined round trip."""
+        names = list(self._slots)
+        if not names:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.get(self.layout.jwks(name))
+                values = await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            return
+        self.reads += 1
+        self._down = False
+        for name, raw in zip(names, values, strict=True):
+            self._accept(name, raw)
+
+    async def _follow(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.layout.events)
+                self.subscribed = True
+                await self.refresh_all()
+                backoff = 0.1
+                await self._listen(pubsub)
+            except (redis.RedisError, OSError) as exc:
+                self.subscribed = False
+                log.warning("events subscription lost (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+            finally:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
+        next_poll = time.monotonic() + self.limits.poll_interval
+        while True:
+            wait = max(0.0, min(1.0, next_poll - time.monotonic()))
+            message = await pubsub.get_message(timeout=wait)
+            if message is not None and message.get("type") == "message":
+                keyset = keyset_of(message["data"])
+                if keyset is not None:
+                    self._absent.pop(keyset, None)
+                    if keyset in self._slots:
+                        await self.refresh(keyset)
+            if time.monotonic() >= next_poll:
+                await self.refresh_all()
+                next_poll = time.monotonic() + self.limits.poll_interval
+
+    async def usable(self, keyset: str) -> VerificationKeys:
+        """Fresh keys of *keyset*, or `KeySetUnavailable`."""
+        return (await self.slot(keyset)).usable(self.clock(), self.limits)
+
+    async def lookup(self, keyset: str, kid: str) -> ec.EllipticCurvePublicKey | None:
+        """The key for *kid*, with at most one shared read per cooldown for unknown kids."""
+        slot = await self.slot(keyset)
+        now = self.clock()
+        slot.usable(now, self.limits)
+        key = slot.find(kid)
+        if key is None and slot.may_refresh_for(kid, now, self.limits):
+            await self.refresh(keyset)
+            key = slot.find(kid)
+            if key is None:
+                slot.remember_miss(kid, self.limits)
+        return key
+
+    def staleness(self) -> dict[str, float | None]:
+        """Seconds since each held key set was last read."""
+        now = self.clock()
+        return {name: slot.staleness(now) for name, slot in self._slots.items()}
+
+
+class AsyncJWKSReader:
+    """The asyncio twin of `JWKSReader`: ``async with AsyncJWKSReader(url) as r:
+    claims = await r.verify(token, audience=..., issuer=...)``."""
+
+    def __init__(
+        self,
+        target: aioredis.Redis | str,
+        keyset: str = DEFAULT_KEYSET,
+        *,
+        prefix: str = "rotator",
+        poll_interval: float = 30.0,
+        unknown_kid_cooldown: float = 1.0,
+        negative_cache_size: int = 1024,
+        max_stale: float = 3600.0,
+        max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.keyset = validate_keyset_name(keyset)
+        limits = ReaderLimits(max_stale, unknown_kid_cooldown, negative_cache_size, poll_interval)
+        self.cache = AsyncJWKSCache(
+            target, prefix=prefix, limits=limits, max_keysets=1, clock=clock
+        )
+        self.max_token_bytes = max_token_bytes
+        self.wall_clock = wall_clock
+
+    async def __aenter__(self) -> AsyncJWKSReader:
+        await self.cache.start(preload=[self.keyset])
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.cache.close()
+
+    @property
+    def staleness(self) -> float | None:
+        """Seconds since the last successful read (``None``: never read)."""
+        return self.cache.staleness().get(self.keyset)
+
+    async def verify(
+        self,
+        token: str | bytes,
+        *,
+        audience: str | Collection[str] | None,
+        issuer: str | Collection[str] | None,
+        leeway: float = 0.0,
+    ) -> dict[str, Any]:
+        """Return the claims of *token*, or raise an `InvalidToken` subclass."""
+        slot = await self.cache.slot(self.keyset)
+
+        def cached(kid: str) -> ec.EllipticCurvePublicKey:
+            slot.usable(self.cache.clock(), self.cache.limits)
+            found = slot.find(kid)
+            if found is None:
+                raise _NeedsRefresh(kid)  # the awaited path below may read Redis
+            return found
+
+        try:
+            return self._verify(token, cached, audience, issuer, leeway)
+        except _NeedsRefresh as missing:
+            key = await self.cache.lookup(self.keyset, missing.kid)
+        return self._verify(token, lambda _kid: key, audience, issuer, leeway)
+
+    def _verify(
+        self,
+        token: str | bytes,
+        lookup: Callable[[str], ec.EllipticCurvePublicKey | None],
+        audience: str | Collection[str] | None,
+        issuer: str | Collection[str] | None,
+        leeway: float,
+    ) -> dict[str, Any]:
+        return verify_token(
+            token,
+            lookup,
+            audience=audience,
+            issuer=issuer,
+            leeway=leeway,
+            now=self.wall_clock(),
+            max_bytes=self.max_token_bytes,
+        )
+
+
+class _NeedsRefresh(Exception):
+    def __init__(self, kid: str) -> None:
+        self.kid = kid

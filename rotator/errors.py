@@ -1,0 +1,82 @@
+"""Why a token was rejected. `verify` raises only these, whatever the input."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadSignature",
+    "DisallowedAlgorithm",
+    "ExpiredToken",
+    "ForbiddenHeader",
+    "InvalidAudience",
+    "InvalidIssuer",
+    "InvalidToken",
+    "KeySetUnavailable",
+    "MalformedToken",
+    "MissingClaim",
+    "MissingKid",
+    "NotYetValid",
+    "TokenTooLarge",
+    "UnknownKid",
+    "UnsupportedCritical",
+]
+
+
+class InvalidToken(Exception):
+    """Base of every rejection; the message is safe to log (it never holds key material)."""
+
+
+class MalformedToken(InvalidToken):
+    """Not three base64url parts of JSON objects."""
+
+
+class TokenTooLarge(MalformedToken):
+    """Longer than the reader's bound; refused before any parsing."""
+
+
+class DisallowedAlgorithm(InvalidToken):
+    """``alg`` is not ES256 (``none``, HS*, RS*, ES384 ... are all refused)."""
+
+
+class ForbiddenHeader(InvalidToken):
+    """The header names its own key (``jku``, ``x5u``, ``jwk``, ``x5c``); never trusted."""
+
+
+class UnsupportedCritical(InvalidToken):
+    """``crit`` lists extensions this verifier does not implement."""
+
+
+class MissingKid(InvalidToken):
+    """No usable ``kid`` in the header."""
+
+
+class UnknownKid(InvalidToken):
+    """The key set has no key with that ``kid`` (never had, expired, or revoked)."""
+
+
+class BadSignature(InvalidToken):
+    """The signature is not 64 bytes of r||s in range, or does not verify."""
+
+
+class ExpiredToken(InvalidToken):
+    """``exp`` has passed."""
+
+
+class NotYetValid(InvalidToken):
+    """``nbf`` or ``iat`` lies in the future."""
+
+
+class MissingClaim(InvalidToken):
+    """A required claim (``exp``, or ``iss``/``aud`` when checked) is absent or mistyped."""
+
+
+class InvalidIssuer(InvalidToken):
+    """``iss`` is not the expected issuer."""
+
+
+class InvalidAudience(InvalidToken):
+    """``aud`` does not name the expected audience."""
+
+
+class KeySetUnavailable(InvalidToken):
+    """The reader has no key set fresh enough to trust (never loaded, or stale past
+    ``max_stale``): verification fails closed."""

@@ -1,0 +1,132 @@
+"""Strict import of a published JWKS into verification keys.
+
+Every entry is checked the way RFC 7517/7518/7638 and RFC 8725 ask: EC P-256
+only, ``alg`` ES256 or absent, coordinates exactly 32 bytes and on the curve,
+``kid`` equal to the key's thumbprint, kids unique. Entries of other key
+types are skipped, not fatal (RFC 7517 section 5). An entry carrying a
+private member is refused, and the bytes to serve are rebuilt without it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from rotator.jwk import PRIVATE_MEMBERS, b64url, jwks_document, thumbprint
+
+__all__ = ["JWKSFormatError", "VerificationKeys", "b64decode_strict", "import_jwks"]
+
+log = logging.getLogger(__name__)
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+class JWKSFormatError(ValueError):
+    """The document is not a JWK Set at all (not JSON, or no ``keys`` list)."""
+
+
+def b64decode_strict(text: str) -> bytes:
+    """Unpadded base64url only; raise ``ValueError`` on padding or foreign characters."""
+    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error as exc:
+        raise ValueError(f"not base64url: {exc}") from None
+
+
+@dataclass(frozen=True)
+class VerificationKeys:
+    """The usable keys of one JWKS, and the bytes that are safe to serve for it."""
+
+    keys: Mapping[str, ec.EllipticCurvePublicKey]
+    body: bytes
+    etag: str
+    skipped: tuple[str, ...] = field(default=())
+
+
+def _coordinate(jwk: Mapping[str, Any], name: str) -> int:
+    value = jwk.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"{name} is not a string")
+    raw = b64decode_strict(value)
+    if len(raw) != 32:
+        raise ValueError(f"{name} is {len(raw)} bytes, not 32")
+    return int.from_bytes(raw, "big")
+
+
+def _import_entry(jwk: Mapping[str, Any]) -> tuple[str, ec.EllipticCurvePublicKey]:
+    """One key, or ``ValueError`` saying why it is unusable."""
+    if jwk.get("crv") != "P-256":
+        raise ValueError(f"curve {jwk.get('crv')!r} is not P-256")
+    if jwk.get("alg", "ES256") != "ES256":
+        raise ValueError(f"alg {jwk.get('alg')!r} is not ES256")
+    if jwk.get("use", "sig") != "sig":
+        raise ValueError(f"use {jwk.get('use')!r} is not sig")
+    x, y = _coordinate(jwk, "x"), _coordinate(jwk, "y")
+    key = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()  # checks the curve
+    kid = jwk.get("kid")
+    if kid != thumbprint(jwk):
+        raise ValueError(f"kid {kid!r} is not the RFC 7638 thumbprint of the key")
+    assert isinstance(kid, str)
+    return kid, key
+
+
+def import_jwks(raw: bytes | str) -> VerificationKeys:
+    """Parse *raw* strictly; raise `JWKSFormatError` only if it is not a JWK Set at all."""
+    try:
+        document = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise JWKSFormatError(f"JWKS is not JSON: {exc}") from None
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise JWKSFormatError("JWKS has no 'keys' list")
+    keys: dict[str, ec.EllipticCurvePublicKey] = {}
+    public: list[dict[str, str]] = []
+    duplicates: set[str] = set()
+    skipped: list[str] = []
+    leaked = False
+    for entry in entries:
+        if not isinstance(entry, dict):
+            skipped.append("an entry is not an object")
+            continue
+        label = entry.get("kid") if isinstance(entry.get("kid"), str) else "(no kid)"
+        private = PRIVATE_MEMBERS & entry.keys()
+        if private:
+            leaked = True
+            log.error(
+                "JWKS entry %s carries private member(s) %s: refused, and not served",
+                label,
+                ", ".join(sorted(private)),
+            )
+            skipped.append(f"{label}: private member")
+            continue
+        if entry.get("kty") != "EC":
+            skipped.append(f"{label}: key type {entry.get('kty')!r} skipped")
+            continue
+        try:
+            kid, key = _import_entry(entry)
+        except ValueError as exc:
+            skipped.append(f"{label}: {exc}")
+            continue
+        if kid in keys:
+            duplicates.add(kid)
+        keys[kid] = key
+        public.append(entry)
+    for kid in duplicates:
+        skipped.append(f"{kid}: appears twice; both refused")
+        del keys[kid]
+    for reason in skipped:
+        log.warning("JWKS entry skipped: %s", reason)
+    body = jwks_document(public) if leaked else raw if isinstance(raw, bytes) else raw.encode()
+    etag = '"' + b64url(hashlib.sha256(body).digest()[:16]) + '"'
+    return VerificationKeys(keys, body, etag, tuple(skipped))

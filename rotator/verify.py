@@ -1,0 +1,191 @@
+"""ES256 JWT verification with the checks generic libraries leave out.
+
+One pass over the token, cheapest checks first: the length is bounded before
+anything is parsed; the header must say ES256 and name a ``kid``, and may not
+carry its own key (``jku``, ``x5u``, ``jwk``, ``x5c``) or unknown ``crit``
+extensions; the signature must be exactly 64 bytes of r||s with r and s in
+[1, n-1] (RFC 7518 section 3.4, and CVE-2022-21449's r = s = 0); only then
+is the key looked up and the signature checked by ``cryptography``, and the
+claims parsed. JSON with duplicate members, NaN or Infinity is malformed.
+
+ECDSA signatures are malleable: ``(r, n - s)`` verifies too. Never key a
+revocation list or replay cache on the token bytes; use ``jti``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Collection
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from rotator.errors import (
+    BadSignature,
+    DisallowedAlgorithm,
+    ExpiredToken,
+    ForbiddenHeader,
+    InvalidAudience,
+    InvalidIssuer,
+    MalformedToken,
+    MissingClaim,
+    MissingKid,
+    NotYetValid,
+    TokenTooLarge,
+    UnknownKid,
+    UnsupportedCritical,
+)
+from rotator.jwks_import import b64decode_strict
+
+__all__ = ["DEFAULT_MAX_TOKEN_BYTES", "KeyLookup", "verify_token"]
+
+#: Tokens longer than this are refused unparsed.
+DEFAULT_MAX_TOKEN_BYTES = 8192
+
+_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
+_MAX_KID = 256
+_MAX_TIME = 2**53
+_ECDSA = ec.ECDSA(hashes.SHA256())
+
+#: Maps a kid to its key, ``None`` when unknown; may raise `InvalidToken` itself.
+KeyLookup = Callable[[str], ec.EllipticCurvePublicKey | None]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise MalformedToken("duplicate member in JSON")
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise MalformedToken(f"{name} is not a JSON number")
+
+
+def _object(segment: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(
+            b64decode_strict(segment),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+        )
+    except (ValueError, RecursionError) as exc:
+        raise MalformedToken(f"{what} is not base64url JSON") from exc
+    if not isinstance(value, dict):
+        raise MalformedToken(f"{what} is not a JSON object")
+    return value
+
+
+def _time(claims: dict[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MissingClaim(f"{name} is not a number")
+    if isinstance(value, int) and abs(value) > _MAX_TIME:
+        raise MissingClaim(f"{name} is out of range")  # float() of a huge int would overflow
+    if not math.isfinite(value):
+        raise MissingClaim(f"{name} is not a finite number")
+    return float(value)
+
+
+def _check_claims(
+    claims: dict[str, Any],
+    *,
+    audience: str | Collection[str] | None,
+    issuer: str | Collection[str] | None,
+    leeway: float,
+    now: float,
+) -> None:
+    expires = _time(claims, "exp")
+    if expires is None:
+        raise MissingClaim("exp is missing")
+    if now - leeway >= expires:
+        raise ExpiredToken("token has expired")
+    for name in ("nbf", "iat"):
+        moment = _time(claims, name)
+        if moment is not None and moment > now + leeway:
+            raise NotYetValid(f"{name} is in the future")
+    if issuer is not None:
+        iss = claims.get("iss")
+        if not isinstance(iss, str):
+            raise MissingClaim("iss is missing")
+        allowed = {issuer} if isinstance(issuer, str) else set(issuer)
+        if iss not in allowed:
+            raise InvalidIssuer("iss is not the expected issuer")
+    if audience is not None:
+        aud = claims.get("aud")
+        named = [aud] if isinstance(aud, str) else aud
+        if not isinstance(named, list) or not named or not all(isinstance(a, str) for a in named):
+            raise MissingClaim("aud is missing or not a string or list of strings")
+        expected = {audience} if isinstance(audience, str) else set(audience)
+        if expected.isdisjoint(named):
+            raise InvalidAudience("aud does not name the expected audience")
+
+
+def verify_token(
+    token: str | bytes,
+    lookup: KeyLookup,
+    *,
+    audience: str | Collection[str] | None,
+    issuer: str | Collection[str] | None,
+    now: float,
+    leeway: float = 0.0,
+    max_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+) -> dict[str, Any]:
+    """Verify an ES256 compact JWS and return its claims, or raise an `InvalidToken`.
+
+    *audience* and *issuer* are required keywords; ``None`` skips that check
+    on purpose.
+    """
+    if isinstance(token, bytes | bytearray):
+        if len(token) > max_bytes:
+            raise TokenTooLarge(f"token is longer than {max_bytes} bytes")
+        try:
+            token = bytes(token).decode("ascii")
+        except UnicodeDecodeError:
+            raise MalformedToken("token is not ASCII") from None
+    if not isinstance(token, str):
+        raise MalformedToken("token is not a string")
+    if len(token) > max_bytes:
+        raise TokenTooLarge(f"token is longer than {max_bytes} bytes")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise MalformedToken("token is not three dot-separated parts")
+    header_segment, payload_segment, signature_segment = parts
+    header = _object(header_segment, "header")
+    if header.get("alg") != "ES256":
+        raise DisallowedAlgorithm("alg must be ES256")
+    if not _FORBIDDEN_HEADERS.isdisjoint(header):
+        raise ForbiddenHeader("header names its own key (jku, x5u, jwk or x5c)")
+    if "crit" in header:
+        raise UnsupportedCritical("crit extensions are not supported")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid or len(kid) > _MAX_KID:
+        raise MissingKid("header has no usable kid")
+    try:
+        signature = b64decode_strict(signature_segment)
+    except ValueError:
+        raise BadSignature("signature is not base64url") from None
+    if len(signature) != 64:
+        raise BadSignature("signature is not 64 bytes of r||s")
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:], "big")
+    if not (0 < r < _ORDER and 0 < s < _ORDER):
+        raise BadSignature("signature r or s is out of range")
+    key = lookup(kid)
+    if key is None:
+        raise UnknownKid("no key with this kid in the key set")
+    signing_input = f"{header_segment}.{payload_segment}".encode("ascii")
+    try:
+        key.verify(encode_dss_signature(r, s), signing_input, _ECDSA)
+    except InvalidSignature:
+        raise BadSignature("signature does not verify") from None
+    claims = _object(payload_segment, "payload")
+    _check_claims(claims, audience=audience, issuer=issuer, leeway=leeway, now=now)
+    return claims

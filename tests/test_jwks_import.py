@@ -1,0 +1,87 @@
+"""Strict JWKS import: what a reader accepts, skips and refuses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+import pytest
+
+from rotator.jwk import b64url, generate_key, jwks_document
+from rotator.jwks_import import JWKSFormatError, import_jwks
+
+
+def doc(*entries: dict[str, Any]) -> bytes:
+    return json.dumps({"keys": list(entries)}).encode()
+
+
+def test_published_jwks_imports_byte_for_byte() -> None:
+    keys = [generate_key().jwk for _ in range(3)]
+    raw = jwks_document(keys)
+    imported = import_jwks(raw)
+    assert set(imported.keys) == {k["kid"] for k in keys}
+    assert imported.body == raw
+    assert imported.etag.startswith('"') and imported.etag.endswith('"')
+    assert import_jwks(raw).etag == imported.etag
+    assert import_jwks(jwks_document(keys[:2])).etag != imported.etag
+
+
+def test_private_members_are_refused_and_never_served(caplog: pytest.LogCaptureFixture) -> None:
+    good, bad = generate_key().jwk, generate_key().jwk
+    with caplog.at_level(logging.ERROR):
+        imported = import_jwks(doc(good, {**bad, "d": "c2VjcmV0"}))
+    assert list(imported.keys) == [good["kid"]]
+    assert b'"d"' not in imported.body and b"c2VjcmV0" not in imported.body
+    assert json.loads(imported.body) == {"keys": [good]}
+    assert "private member" in caplog.text and "c2VjcmV0" not in caplog.text
+
+
+def _bad(**changes: Any) -> dict[str, Any]:
+    jwk: dict[str, Any] = dict(generate_key().jwk)
+    jwk.update(changes)
+    return {k: v for k, v in jwk.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        ({"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "r"}, "key type 'RSA' skipped"),
+        ({"kty": "OKP", "crv": "Ed25519", "x": "AA", "kid": "o"}, "key type 'OKP' skipped"),
+        (_bad(crv="P-384"), "not P-256"),
+        (_bad(alg="ES384"), "not ES256"),
+        (_bad(use="enc"), "not sig"),
+        (_bad(x=b64url(bytes(31))), "31 bytes"),
+        (_bad(y="AA=="), "base64url"),
+        (
+            _bad(x=b64url((1).to_bytes(32, "big")), y=b64url((1).to_bytes(32, "big"))),
+            "not on the curve|Invalid EC key",
+        ),
+        (_bad(kid="chosen-by-attacker"), "thumbprint"),
+        ("not an object", "not an object"),
+    ],
+)
+def test_unusable_entries_are_skipped_not_fatal(entry: Any, reason: str) -> None:
+    good = generate_key().jwk
+    imported = import_jwks(doc(entry, good))
+    assert list(imported.keys) == [good["kid"]]
+    assert any(re.search(reason, s) for s in imported.skipped), imported.skipped
+
+
+def test_alg_may_be_absent() -> None:
+    jwk = {k: v for k, v in generate_key().jwk.items() if k not in ("alg", "use")}
+    assert list(import_jwks(doc(jwk)).keys) == [jwk["kid"]]
+
+
+def test_duplicate_kids_are_both_refused() -> None:
+    jwk = generate_key().jwk
+    imported = import_jwks(doc(jwk, dict(jwk)))
+    assert imported.keys == {}
+    assert any("twice" in s for s in imported.skipped)
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[]", b'{"keys": 5}', b"{}"])
+def test_not_a_jwks_at_all(raw: bytes) -> None:
+    with pytest.raises(JWKSFormatError):
+        import_jwks(raw)

@@ -1,0 +1,214 @@
+"""JWKSReader and AsyncJWKSReader against a real Redis: push invalidation, single flight,
+unknown-kid floods, outages, revocation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from rotator.aioreader import AsyncJWKSReader
+from rotator.embedded import EmbeddedRedis
+from rotator.errors import KeySetUnavailable, UnknownKid
+from rotator.jwk import generate_key, load_private_key
+from rotator.manager import KeyManager
+from rotator.reader import JWKSReader
+from rotator.sealing import Keyring
+from rotator.signer import Signer
+from tests.helpers import FakeClock, async_wait_for, wait_for
+from tests.tokens import es256
+
+CLAIMS = {"sub": "u", "iss": "iam", "aud": "svc"}
+
+
+def signer_for(redis_server: EmbeddedRedis, keyring: Keyring, **kwargs: Any) -> Signer:
+    return Signer(redis_server.url, keyring, max_token_ttl=3600, **kwargs)
+
+
+def check(reader: JWKSReader, token: str) -> dict[str, Any]:
+    return reader.verify(token, audience="svc", issuer="iam")
+
+
+def test_verifies_signer_tokens_and_follows_rotation_by_push(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock
+) -> None:
+    manager.reconcile("default")
+    with (
+        JWKSReader(redis_server.url, poll_interval=3600) as reader,
+        signer_for(redis_server, keyring, poll_interval=3600) as signer,
+    ):
+        wait_for(lambda: reader.following and signer.current_kid, what="subscriptions")
+        first = signer.sign(CLAIMS, ttl=60)
+        assert check(reader, first)["sub"] == "u"
+        reads = reader.reads
+        clock.advance(30)
+        rotated = manager.rotate("default").state
+        wait_for(lambda: signer.current_kid == rotated.current.kid, what="signer to follow")
+        second = signer.sign(CLAIMS, ttl=60)
+        assert check(reader, second)["sub"] == "u"
+        assert check(reader, first)["sub"] == "u"  # retired key still verifies
+        assert reader.reads > reads  # learned by the event, not a poll
+
+
+def test_a_revoked_key_is_rejected_at_once(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring
+) -> None:
+    manager.reconcile("default")
+    with (
+        JWKSReader(redis_server.url, poll_interval=3600, unknown_kid_cooldown=3600) as reader,
+        signer_for(redis_server, keyring, follow=False) as signer,
+    ):
+        wait_for(lambda: reader.following, what="subscription")
+        token = signer.sign(CLAIMS, ttl=60)
+        assert check(reader, token)
+        manager.revoke("default", signer.current_kid or "")
+        wait_for(
+            lambda: signer.current_kid not in (reader.keys.keys if reader.keys else {}),
+            what="revocation",
+        )
+        with pytest.raises(UnknownKid):
+            check(reader, token)
+
+
+class GatedClient(redis.Redis):
+    """A client whose GET waits for a gate: lets a test hold a read in flight."""
+
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def get(self, name: Any) -> Any:
+        self.entered.set()
+        self.gate.wait(10)
+        return super().get(name)
+
+
+def test_concurrent_refreshes_share_one_read(
+    manager: KeyManager, redis_server: EmbeddedRedis
+) -> None:
+    manager.reconcile("default")
+    client = GatedClient.from_url(redis_server.url)
+    reader = JWKSReader(client, follow=False)
+    threads = [threading.Thread(target=reader.refresh) for _ in range(16)]
+    threads[0].start()
+    wait_for(GatedClient.entered.is_set, what="first read in flight")
+    for thread in threads[1:]:
+        thread.start()
+    wait_for(lambda: sum(t.is_alive() for t in threads) == 16, what="all callers waiting")
+    GatedClient.gate.set()
+    for thread in threads:
+        thread.join()
+    assert reader.reads == 1
+    assert reader.keys is not None
+
+
+def test_random_kids_cost_one_read_per_cooldown_and_lock_nobody_out(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring
+) -> None:
+    manager.reconcile("default")
+    monotonic = FakeClock(1000.0)
+    with (
+        JWKSReader(
+            redis_server.url, follow=False, unknown_kid_cooldown=1.0, clock=monotonic
+        ) as reader,
+        signer_for(redis_server, keyring, follow=False) as signer,
+    ):
+        reads = reader.reads
+        attacker = load_private_key(generate_key().private_der)
+        for index in range(500):
+            forged = es256(
+                attacker, {"alg": "ES256", "kid": f"random-{index}"}, {**CLAIMS, "exp": 9e9}
+            )
+            with pytest.raises(UnknownKid):
+                check(reader, forged)
+        assert reader.reads - reads == 1  # one shared refresh in the cooldown
+        assert check(reader, signer.sign(CLAIMS, ttl=60))["sub"] == "u"  # valid tokens still pass
+        monotonic.advance(1.0)
+        with pytest.raises(UnknownKid):
+            check(
+                reader, es256(attacker, {"alg": "ES256", "kid": "random-0"}, {**CLAIMS, "exp": 9e9})
+            )
+        assert reader.reads - reads == 1  # remembered as missing: no read at all
+        with pytest.raises(UnknownKid):
+            check(reader, es256(attacker, {"alg": "ES256", "kid": "fresh"}, {**CLAIMS, "exp": 9e9}))
+        assert reader.reads - reads == 2  # a new kid after the cooldown: one more read
+
+
+def test_an_unknown_kid_that_becomes_published_is_found(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock
+) -> None:
+    """A verifier that has not heard of a key yet finds it with one refresh."""
+    manager.reconcile("default")
+    with JWKSReader(redis_server.url, follow=False) as reader:
+        clock.advance(30)
+        manager.rotate("default", force_new=True)  # a key published and signing at once
+        with signer_for(redis_server, keyring, follow=False) as signer:
+            assert check(reader, signer.sign(CLAIMS, ttl=60))["sub"] == "u"
+
+
+def test_redis_down_serves_the_last_copy_then_fails_closed(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring
+) -> None:
+    manager.reconcile("default")
+    monotonic = FakeClock(1000.0)
+    with signer_for(redis_server, keyring, follow=False) as signer:
+        token = signer.sign(CLAIMS, ttl=600)
+    reader = JWKSReader(redis_server.url, follow=False, max_stale=600, clock=monotonic).start()
+    redis_server.stop()
+    monotonic.advance(300)
+    assert reader.refresh() is False
+    assert check(reader, token)["sub"] == "u"
+    assert reader.staleness == 300
+    assert (
+        REGISTRY.get_sample_value("rotator_reader_staleness_seconds", {"keyset": "default"}) == 300
+    )
+    monotonic.advance(301)
+    with pytest.raises(KeySetUnavailable, match="stale"):
+        check(reader, token)
+    redis_server.start()
+    manager.reconcile("default")  # the remembering manager writes the keys back
+    assert reader.refresh() is True
+    assert check(reader, token)["sub"] == "u"
+    reader.close()
+
+
+def test_never_loaded_fails_closed(redis_server: EmbeddedRedis) -> None:
+    with JWKSReader(redis_server.url, follow=False) as reader, pytest.raises(KeySetUnavailable):
+        check(
+            reader,
+            es256(load_private_key(generate_key().private_der), {"alg": "ES256", "kid": "k"}, {}),
+        )
+
+
+def test_async_reader_verifies_and_follows(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock
+) -> None:
+    manager.reconcile("default")
+
+    async def scenario() -> None:
+        async with AsyncJWKSReader(redis_server.url, poll_interval=3600) as reader:
+            with signer_for(redis_server, keyring, follow=False) as signer:
+                first = signer.sign(CLAIMS, ttl=60)
+            assert (await reader.verify(first, audience="svc", issuer="iam"))["sub"] == "u"
+            await async_wait_for(lambda: reader.cache.subscribed, what="subscription")
+            reads = reader.cache.reads
+            clock.advance(30)
+            manager.rotate("default")
+            await async_wait_for(
+                lambda: reader.cache.reads > reads, what="read pushed by the event"
+            )
+            with signer_for(redis_server, keyring, follow=False) as signer:
+                second = signer.sign(CLAIMS, ttl=60)
+            assert (await reader.verify(second, audience="svc", issuer="iam"))["sub"] == "u"
+            forged = es256(
+                load_private_key(generate_key().private_der),
+                {"alg": "ES256", "kid": "x"},
+                {**CLAIMS, "exp": 9e9},
+            )
+            with pytest.raises(UnknownKid):
+                await reader.verify(forged, audience="svc", issuer="iam")
+
+    asyncio.run(scenario())

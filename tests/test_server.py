@@ -1,0 +1,218 @@
+"""`rotator serve` through real sockets: headers, caching, key set selection, interop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import jwt
+import pytest
+import redis
+import uvicorn
+from joserfc.jwk import KeySet
+from jwcrypto import jwk as jwcrypto_jwk
+
+from rotator.config import Settings, load_settings
+from rotator.embedded import EmbeddedRedis, free_port
+from rotator.manager import KeyManager
+from rotator.sealing import Keyring
+from rotator.server import JWKSApp
+from rotator.signer import Signer
+from tests.conftest import Cli
+from tests.helpers import FakeClock, wait_for
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def fetch(url: str, *, method: str = "GET", headers: dict[str, str] | None = None) -> Response:
+    request = urllib.request.Request(url, method=method, headers=headers or {})  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:  # noqa: S310
+            return Response(
+                answer.status, {k.lower(): v for k, v in answer.headers.items()}, answer.read()
+            )
+    except urllib.error.HTTPError as error:
+        return Response(error.code, {k.lower(): v for k, v in error.headers.items()}, error.read())
+
+
+@dataclass
+class Running:
+    url: str
+    settings: Settings
+    app: JWKSApp
+
+
+@pytest.fixture
+def served(redis_server: EmbeddedRedis, manager: KeyManager) -> Iterator[Running]:
+    manager.reconcile("default")
+    manager.store.register("billing")
+    manager.reconcile("billing")
+    settings = load_settings(
+        redis={"url": redis_server.url},
+        rotation={
+            "cache_max_age": "20s",
+            "interval": "100s",
+            "overlap": "60s",
+            "max_token_ttl": "30s",
+            "clock_skew": "5s",
+        },
+        server={"port": free_port(), "poll_interval": "1h"},
+    )
+    app = JWKSApp(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=settings.server.port, log_level="warning", lifespan="on"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, what="uvicorn")
+    try:
+        yield Running(f"http://127.0.0.1:{settings.server.port}", settings, app)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_jwks_is_the_stored_bytes_with_caching_headers(
+    served: Running, client: redis.Redis
+) -> None:
+    answer = fetch(served.url + "/.well-known/jwks.json")
+    assert answer.status == 200
+    assert answer.body == client.get("rotator:{default}:jwks")
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["cache-control"] == "public, max-age=20, stale-if-error=3600"
+    etag = answer.headers["etag"]
+    head = fetch(served.url + "/.well-known/jwks.json", method="HEAD")
+    assert head.status == 200 and head.body == b"" and head.headers["etag"] == etag
+    assert head.headers["content-length"] == str(len(answer.body))
+    cached = fetch(served.url + "/.well-known/jwks.json", headers={"If-None-Match": etag})
+    assert cached.status == 304 and cached.body == b""
+    assert (
+        fetch(served.url + "/.well-known/jwks.json", headers={"If-None-Match": '"other"'}).status
+        == 200
+    )
+
+
+def test_keyset_selection(served: Running, client: redis.Redis) -> None:
+    billing = client.get("rotator:{billing}:jwks")
+    default = client.get("rotator:{default}:jwks")
+    assert billing != default
+    assert fetch(served.url + "/.well-known/jwks.json?keyset=billing").body == billing
+    iam = served.url + "/v1/authentication/token/jwks"
+    assert fetch(iam, headers={"X-App-Name": "billing"}).body == billing
+    assert fetch(iam, headers={"X-App-Name": ""}).body == default
+    assert fetch(iam).body == default
+    for name in ("nosuch", "bad:name", "{x}"):
+        missing = fetch(iam, headers={"X-App-Name": name})
+        assert missing.status == 404
+        assert json.loads(missing.body) == {"error": "unknown key set"}
+    assert fetch(served.url + "/other").status == 404
+    post = fetch(served.url + "/.well-known/jwks.json", method="POST")
+    assert post.status == 405 and post.headers["allow"] == "GET, HEAD"
+
+
+def test_requests_are_answered_from_memory(served: Running, client: redis.Redis) -> None:
+    fetch(served.url + "/.well-known/jwks.json")
+    before = client.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+    for _ in range(50):
+        assert fetch(served.url + "/.well-known/jwks.json").status == 200
+    after = client.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
+    assert after == before
+
+
+def test_rotation_is_pushed_to_the_server(
+    served: Running, manager: KeyManager, clock: FakeClock
+) -> None:
+    etag = fetch(served.url + "/.well-known/jwks.json").headers["etag"]
+    wait_for(lambda: served.app.cache.subscribed, what="subscription")
+    clock.advance(30)
+    manager.rotate("default")
+    wait_for(
+        lambda: fetch(served.url + "/.well-known/jwks.json").headers["etag"] != etag,
+        what="new ETag",
+    )
+
+
+def test_a_stored_private_member_is_never_served(served: Running, client: redis.Redis) -> None:
+    raw = json.loads(client.get("rotator:{billing}:jwks") or b"")
+    raw["keys"][0]["d"] = "c2VjcmV0LXNjYWxhcg"
+    client.set("rotator:{billing}:jwks", json.dumps(raw))
+    client.publish("rotator:events", json.dumps({"keyset": "billing", "version": 99, "event": "x"}))
+    wait_for(
+        lambda: (
+            fetch(served.url + "/.well-known/jwks.json?keyset=billing").body.count(b'"kid"') == 1
+        ),
+        what="refresh",
+    )
+    body = fetch(served.url + "/.well-known/jwks.json?keyset=billing").body
+    assert b"c2VjcmV0LXNjYWxhcg" not in body and b'"d"' not in body
+
+
+def test_health_and_outage(served: Running, redis_server: EmbeddedRedis) -> None:
+    assert fetch(served.url + "/healthz").status == 200
+    ready = fetch(served.url + "/readyz")
+    assert ready.status == 200 and json.loads(ready.body)["keysets"] == {"default": True}
+    redis_server.kill()
+    stale = fetch(served.url + "/.well-known/jwks.json")
+    assert stale.status == 200  # the last good copy, within max_stale
+    assert fetch(served.url + "/readyz").status == 200
+
+
+def test_interop_pyjwt_jwcrypto_joserfc(
+    served: Running, redis_server: EmbeddedRedis, keyring: Keyring
+) -> None:
+    with Signer(redis_server.url, keyring, max_token_ttl=300, follow=False) as signer:
+        token = signer.sign({"sub": "interop", "aud": "svc", "iss": "iam"}, ttl=60)
+    for path in ("/.well-known/jwks.json", "/v1/authentication/token/jwks"):
+        client = jwt.PyJWKClient(served.url + path)
+        key = client.get_signing_key_from_jwt(token)
+        claims = jwt.decode(token, key, algorithms=["ES256"], audience="svc", issuer="iam")
+        assert claims["sub"] == "interop"
+    body = fetch(served.url + "/.well-known/jwks.json").body
+    imported = jwcrypto_jwk.JWKSet.from_json(body.decode())
+    assert len(imported["keys"]) == 2
+    assert all(not k.has_private for k in imported["keys"])
+    key_set = KeySet.import_key_set(json.loads(body))
+    assert {k.kid for k in key_set.keys} == {k["kid"] for k in json.loads(body)["keys"]}
+
+
+@pytest.mark.slow
+def test_rotator_serve_command(cli: Cli, client: redis.Redis) -> None:
+    assert cli("rotate").code == 0
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rotator", "serve", "--port", str(port)],
+        env=cli.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
+        answer = wait_for(lambda: _try(url), what="rotator serve")
+        assert answer.body == client.get("rotator:{default}:jwks")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _try(url: str) -> Response | None:
+    try:
+        return fetch(url)
+    except OSError:
+        return None

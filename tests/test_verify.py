@@ -1,0 +1,218 @@
+"""Verification rejects every known attack with a typed InvalidToken, and nothing else."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rotator import errors
+from rotator.errors import InvalidToken
+from rotator.jwk import generate_key, load_private_key
+from rotator.verify import verify_token
+from tests.tokens import ORDER, es256, hs256, segment, with_signature
+
+NOW = 1_900_000_000.0
+KEY = generate_key()
+PRIVATE = load_private_key(KEY.private_der)
+PUBLIC = PRIVATE.public_key()
+PUBLIC_PEM = PUBLIC.public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+)
+DUPLICATE_ALG = b'{"alg":"none","alg":"ES256","kid":"x"}'
+HEADER = {"alg": "ES256", "kid": KEY.kid, "typ": "JWT"}
+CLAIMS = {"sub": "user-1", "iss": "iam", "aud": "svc", "exp": NOW + 60, "iat": NOW}
+
+
+def lookup(kid: str) -> ec.EllipticCurvePublicKey | None:
+    return PUBLIC if kid == KEY.kid else None
+
+
+def verify(token: str | bytes, **kwargs: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {"audience": "svc", "issuer": "iam", "now": NOW}
+    options.update(kwargs)
+    return verify_token(token, lookup, **options)
+
+
+def token(header: dict[str, Any] | None = None, **claims: Any) -> str:
+    merged = {**CLAIMS, **claims}
+    return es256(PRIVATE, header or HEADER, {k: v for k, v in merged.items() if v is not None})
+
+
+def signature_of(value: str) -> bytes:
+    from rotator.jwks_import import b64decode_strict
+
+    return b64decode_strict(value.split(".")[2])
+
+
+def test_a_valid_token_verifies() -> None:
+    assert verify(token()) == CLAIMS
+    assert verify(token().encode()) == CLAIMS
+    assert verify(token(aud=["other", "svc"]), audience=["svc"])["sub"] == "user-1"
+    assert verify(token(), audience=None, issuer=None) == CLAIMS
+
+
+def test_the_malleable_twin_verifies_too() -> None:
+    """(r, n - s) is a valid signature as well: never key anything on token bytes."""
+    original = token()
+    sig = signature_of(original)
+    s = int.from_bytes(sig[32:], "big")
+    twin = with_signature(original, sig[:32] + (ORDER - s).to_bytes(32, "big"))
+    assert twin != original
+    assert verify(twin) == CLAIMS
+
+
+HOSTILE: dict[str, tuple[Callable[[], str | bytes], type[InvalidToken]]] = {
+    "alg none": (
+        lambda: f"{segment({'alg': 'none', 'kid': KEY.kid})}.{segment(CLAIMS)}.",
+        errors.DisallowedAlgorithm,
+    ),
+    "alg None casing": (lambda: token({"alg": "None", "kid": KEY.kid}), errors.DisallowedAlgorithm),
+    "HS256 keyed with the public key": (
+        lambda: hs256(PUBLIC_PEM, {"alg": "HS256", "kid": KEY.kid}, CLAIMS),
+        errors.DisallowedAlgorithm,
+    ),
+    "RS256": (lambda: token({"alg": "RS256", "kid": KEY.kid}), errors.DisallowedAlgorithm),
+    "ES384": (lambda: token({"alg": "ES384", "kid": KEY.kid}), errors.DisallowedAlgorithm),
+    "no alg": (lambda: token({"kid": KEY.kid}), errors.DisallowedAlgorithm),
+    "missing kid": (lambda: token({"alg": "ES256"}), errors.MissingKid),
+    "numeric kid": (lambda: token({"alg": "ES256", "kid": 7}), errors.MissingKid),
+    "empty kid": (lambda: token({"alg": "ES256", "kid": ""}), errors.MissingKid),
+    "unknown kid": (lambda: token({"alg": "ES256", "kid": "nope"}), errors.UnknownKid),
+    "jku": (lambda: token({**HEADER, "jku": "https://evil/jwks"}), errors.ForbiddenHeader),
+    "x5u": (lambda: token({**HEADER, "x5u": "https://evil/cert"}), errors.ForbiddenHeader),
+    "embedded jwk": (lambda: token({**HEADER, "jwk": KEY.jwk}), errors.ForbiddenHeader),
+    "x5c": (lambda: token({**HEADER, "x5c": ["MIIB"]}), errors.ForbiddenHeader),
+    "crit": (lambda: token({**HEADER, "crit": ["exp"]}), errors.UnsupportedCritical),
+    "DER signature": (
+        lambda: with_signature(token(), PRIVATE.sign(b"x", ec.ECDSA(hashes.SHA256()))),
+        errors.BadSignature,
+    ),
+    "r = s = 0 (CVE-2022-21449)": (lambda: with_signature(token(), bytes(64)), errors.BadSignature),
+    "r = n": (lambda: with_signature(token(), ORDER.to_bytes(32, "big") * 2), errors.BadSignature),
+    "63-byte signature": (
+        lambda: with_signature(token(), signature_of(token())[:63]),
+        errors.BadSignature,
+    ),
+    "tampered payload": (
+        lambda: f"{segment(HEADER)}.{segment({**CLAIMS, 'sub': 'admin'})}.{token().split('.')[2]}",
+        errors.BadSignature,
+    ),
+    "signature of another key": (
+        lambda: with_signature(
+            token(), signature_of(es256(ec.generate_private_key(ec.SECP256R1()), HEADER, CLAIMS))
+        ),
+        errors.BadSignature,
+    ),
+    "padded base64": (lambda: token().replace(".", "=.", 1), errors.MalformedToken),
+    "bad base64 character": (lambda: "!" + token(), errors.MalformedToken),
+    "signature not base64": (lambda: token() + "*", errors.BadSignature),
+    "two parts": (lambda: ".".join(token().split(".")[:2]), errors.MalformedToken),
+    "four parts": (lambda: token() + ".abc", errors.MalformedToken),
+    "header not an object": (
+        lambda: f"{segment([1])}.{segment(CLAIMS)}.AAAA",
+        errors.MalformedToken,
+    ),
+    "header not JSON": (
+        lambda: f"{segment(b'{oops')}.{segment(CLAIMS)}.AAAA",
+        errors.MalformedToken,
+    ),
+    "duplicate alg": (
+        lambda: f"{segment(DUPLICATE_ALG)}.{segment(CLAIMS)}.AAAA",
+        errors.MalformedToken,
+    ),
+    "non-ASCII bytes": (lambda: token().encode() + "é".encode(), errors.MalformedToken),
+    "oversized": (lambda: token(pad="x" * 9000), errors.TokenTooLarge),
+    "oversized bytes": (lambda: b"a" * 100_000, errors.TokenTooLarge),
+    "missing exp": (lambda: token(exp=None), errors.MissingClaim),
+    "expired": (lambda: token(exp=NOW - 1), errors.ExpiredToken),
+    "expired exactly now": (lambda: token(exp=NOW), errors.ExpiredToken),
+    "exp as string": (lambda: token(exp=str(NOW + 60)), errors.MissingClaim),
+    "exp as bool": (lambda: token(exp=True), errors.MissingClaim),
+    "exp NaN": (
+        lambda: es256(PRIVATE, HEADER, {**CLAIMS, "exp": float("nan")}),
+        errors.MalformedToken,
+    ),
+    "exp Infinity": (
+        lambda: es256(PRIVATE, HEADER, {**CLAIMS, "exp": float("inf")}),
+        errors.MalformedToken,
+    ),
+    "exp 1e999": (lambda: token(exp=10**400), errors.MissingClaim),
+    "nbf in the future": (lambda: token(nbf=NOW + 30), errors.NotYetValid),
+    "iat in the future": (lambda: token(iat=NOW + 30), errors.NotYetValid),
+    "wrong issuer": (lambda: token(iss="evil"), errors.InvalidIssuer),
+    "missing issuer": (lambda: token(iss=None), errors.MissingClaim),
+    "wrong audience": (lambda: token(aud="other"), errors.InvalidAudience),
+    "audience list without ours": (lambda: token(aud=["a", "b"]), errors.InvalidAudience),
+    "missing audience": (lambda: token(aud=None), errors.MissingClaim),
+    "audience of wrong type": (lambda: token(aud=5), errors.MissingClaim),
+    "payload not an object": (lambda: es256(PRIVATE, HEADER, [1, 2]), errors.MalformedToken),  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_tokens_are_rejected_with_a_typed_error(case: str) -> None:
+    make, expected = HOSTILE[case]
+    with pytest.raises(expected):
+        verify(make())
+
+
+def test_leeway_accepts_slightly_expired_tokens() -> None:
+    assert verify(token(exp=NOW - 5), leeway=10)["sub"] == "user-1"
+
+
+def test_non_string_input() -> None:
+    with pytest.raises(errors.MalformedToken):
+        verify(12345)  # type: ignore[arg-type]
+
+
+def _random_json() -> st.SearchStrategy[Any]:
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    return st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=10,
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=300),
+        st.binary(max_size=300),
+        st.lists(st.text(alphabet="AB-_=.+/ \x00é", max_size=40), min_size=1, max_size=5).map(
+            ".".join
+        ),
+        st.tuples(
+            st.dictionaries(
+                st.sampled_from(["alg", "kid", "crit", "jku", "typ", "jwk"]),
+                _random_json(),
+                max_size=4,
+            ),
+            _random_json(),
+            st.binary(max_size=80),
+        ).map(
+            lambda parts: (
+                f"{segment(parts[0])}.{segment(json.dumps(parts[1], allow_nan=True).encode())}.{segment(parts[2])}"
+            )
+        ),
+        st.dictionaries(
+            st.sampled_from(["exp", "nbf", "iat", "iss", "aud", "sub"]), _random_json()
+        ).map(lambda claims: es256(PRIVATE, HEADER, claims)),
+    )
+)
+def test_garbage_never_raises_anything_but_invalid_token(garbage: str | bytes) -> None:
+    try:
+        claims = verify(garbage)
+    except InvalidToken:
+        return
+    assert isinstance(claims, dict)
+    assert claims["exp"] > NOW and claims["iss"] == "iam"
