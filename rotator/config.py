@@ -166,6 +166,7 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)
+    threads: int = Field(default=32, ge=1)
     poll_interval: Duration = 30.0
     max_stale: Duration = 3600.0
     max_keysets: int = Field(default=1000, ge=1)

@@ -9,7 +9,6 @@ private member is refused, and the bytes to serve are rebuilt without it.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import json
@@ -38,8 +37,10 @@ def b64decode_strict(text: str) -> bytes:
     """Unpadded base64url only; raise ``ValueError`` on padding or foreign characters."""
     if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
         raise ValueError("not unpadded base64url")
+    # The alphabet is checked above; str.replace is the fastest way to the standard one.
+    standard = (text + "=" * (-len(text) % 4)).replace("-", "+").replace("_", "/")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return binascii.a2b_base64(standard)
     except binascii.Error as exc:
         raise ValueError(f"not base64url: {exc}") from None
 
@@ -64,6 +65,25 @@ def _coordinate(jwk: Mapping[str, Any], name: str) -> int:
     return int.from_bytes(raw, "big")
 
 
+# Checking a point is on the curve costs far more than the rest of an import, and a
+# JWKS changes one key per rotation: keys already checked are remembered by their
+# exact coordinates (bounded).
+_checked_points: dict[tuple[str, str], ec.EllipticCurvePublicKey] = {}
+_CHECKED_POINTS_MAX = 4096
+
+
+def _point(jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
+    coordinates = (jwk.get("x"), jwk.get("y"))
+    key = _checked_points.get(coordinates)  # type: ignore[arg-type]
+    if key is None:
+        x, y = _coordinate(jwk, "x"), _coordinate(jwk, "y")
+        key = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()  # checks the curve
+        if len(_checked_points) >= _CHECKED_POINTS_MAX:
+            _checked_points.clear()
+        _checked_points[coordinates] = key  # type: ignore[index]
+    return key
+
+
 def _import_entry(jwk: Mapping[str, Any]) -> tuple[str, ec.EllipticCurvePublicKey]:
     """One key, or ``ValueError`` saying why it is unusable."""
     if jwk.get("crv") != "P-256":
@@ -72,8 +92,7 @@ def _import_entry(jwk: Mapping[str, Any]) -> tuple[str, ec.EllipticCurvePublicKe
         raise ValueError(f"alg {jwk.get('alg')!r} is not ES256")
     if jwk.get("use", "sig") != "sig":
         raise ValueError(f"use {jwk.get('use')!r} is not sig")
-    x, y = _coordinate(jwk, "x"), _coordinate(jwk, "y")
-    key = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()  # checks the curve
+    key = _point(jwk)
     kid = jwk.get("kid")
     if kid != thumbprint(jwk):
         raise ValueError(f"kid {kid!r} is not the RFC 7638 thumbprint of the key")

@@ -1,10 +1,13 @@
-"""`JWKSReader`: verify tokens against a key set published by rotator, from process memory.
+"""Thread-based readers of published key sets.
 
-The reader reads ``P:{S}:jwks`` once, then again only when a commit is
+`JWKSCache` holds copies of many key sets in process memory (a bounded LRU;
+`rotator serve` uses it), and `JWKSReader` verifies tokens of one key set
+through it. A key set is read once, then again only when a commit is
 announced on ``P:events`` (one read however many threads ask: single
-flight), when a backstop poll falls due, or when a token names an unknown
-kid (at most once per cooldown). If Redis goes away it keeps verifying with
-the last good copy for ``max_stale`` and then fails closed.
+flight), when the backstop poll falls due (one pipelined round trip for all
+key sets held), or when a token names an unknown kid (at most once per
+cooldown). If Redis goes away the last good copy is used for ``max_stale``,
+then verification fails closed.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -27,7 +31,7 @@ from rotator.keycache import ReaderLimits, Slot
 from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, verify_token
 
-__all__ = ["STALENESS", "InvalidToken", "JWKSReader"]
+__all__ = ["STALENESS", "InvalidToken", "JWKSCache", "JWKSReader"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,207 @@ def client_for(target: redis.Redis | str) -> redis.Redis:
     if isinstance(target, str):
         return redis.Redis.from_url(target, socket_timeout=2.0, socket_connect_timeout=2.0)
     return target
+
+
+class JWKSCache:
+    """Copies of many key sets, loaded on first use, at most *max_keysets* of them
+    (key sets named in *preload* are never dropped). Thread-safe."""
+
+    def __init__(
+        self,
+        target: redis.Redis | str,
+        *,
+        prefix: str = "rotator",
+        limits: ReaderLimits | None = None,
+        max_keysets: int = 1000,
+        follow: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client_for(target)
+        self.layout = Layout(prefix)
+        self.limits = limits or ReaderLimits()
+        self.max_keysets = max_keysets
+        self.clock = clock
+        self.reads = 0
+        self._slots: OrderedDict[str, Slot] = OrderedDict()
+        # Names found unpublished, kept apart so random names cannot evict real key sets.
+        self._absent: OrderedDict[str, float] = OrderedDict()
+        self._pinned: set[str] = set()
+        self._flights: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._down = False
+        self._follower = (
+            EventFollower(
+                self.client,
+                self.layout.events,
+                on_event=self._on_event,
+                on_poll=self.refresh_all,
+                on_connect=self.refresh_all,
+                poll_interval=self.limits.poll_interval,
+            )
+            if follow
+            else None
+        )
+
+    def start(self, preload: Iterable[str] = ()) -> JWKSCache:
+        """Load *preload* (kept however cold they get) and start following commits."""
+        self._pinned = set(preload)
+        for keyset in self._pinned:
+            self.slot(keyset)
+        if self._follower is not None:
+            self._follower.start()
+        return self
+
+    def close(self) -> None:
+        """Stop following; the copies stay usable until they go stale."""
+        if self._follower is not None:
+            self._follower.stop()
+        for keyset in list(self._slots):
+            STALENESS.remove(keyset)
+
+    @property
+    def following(self) -> bool:
+        """Whether the events subscription is live."""
+        return self._follower is not None and self._follower.subscribed.is_set()
+
+    def held(self, keyset: str) -> Slot | None:
+        """The copy of *keyset* if it is in memory; never reads Redis."""
+        return self._slots.get(keyset)
+
+    def slot(self, keyset: str) -> Slot:
+        """The copy of *keyset*, read from Redis on first use."""
+        slot = self._slots.get(keyset)
+        if slot is not None:
+            if len(self._slots) >= self.max_keysets:
+                with self._lock:  # recency only matters once something must be dropped
+                    if keyset in self._slots:
+                        self._slots.move_to_end(keyset)
+            return slot
+        checked = self._absent.get(keyset)
+        if checked is not None and self.clock() - checked < self.limits.unknown_kid_cooldown:
+            return Slot(keyset, fetched_at=checked)
+        with self._lock:
+            slot = self._slots.get(keyset)
+            if slot is None:
+                slot = self._slots[keyset] = Slot(keyset)
+                STALENESS.labels(keyset).set_function(self._staleness_of(keyset))
+                self._evict()
+        self.refresh(keyset)
+        if slot.fetched_at is not None and not slot.published and keyset not in self._pinned:
+            with self._lock:
+                if self._slots.pop(keyset, None) is not None:
+                    STALENESS.remove(keyset)
+                self._absent[keyset] = slot.fetched_at
+                self._absent.move_to_end(keyset)
+                while len(self._absent) > self.limits.negative_cache_size:
+                    self._absent.popitem(last=False)
+        return slot
+
+    def _staleness_of(self, keyset: str) -> Callable[[], float]:
+        def staleness() -> float:
+            slot = self._slots.get(keyset)
+            age = slot.staleness(self.clock()) if slot else None
+            return float("inf") if age is None else age
+
+        return staleness
+
+    def _evict(self) -> None:
+        while len(self._slots) > self.max_keysets:
+            victim = next((k for k in self._slots if k not in self._pinned), None)
+            if victim is None:
+                return
+            del self._slots[victim]
+            self._flights.pop(victim, None)
+            STALENESS.remove(victim)
+
+    def _on_event(self, keyset: str) -> None:
+        self._absent.pop(keyset, None)
+        if keyset in self._slots:
+            self.refresh(keyset)
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        if not self._down:
+            log.warning("cannot read Redis (%s); using the last copies", exc)
+            self._down = True
+
+    def _accept(self, keyset: str, raw: bytes | str | None) -> bool:
+        slot = self._slots.get(keyset)
+        if slot is None:
+            return True  # dropped meanwhile
+        try:
+            keys = None if raw is None else import_jwks(raw)
+        except JWKSFormatError as exc:
+            log.error("key set %s: JWKS unusable (%s); keeping the last copy", keyset, exc)
+            return False
+        slot.accept(keys, self.clock())
+        return True
+
+    def refresh(self, keyset: str) -> bool:
+        """Read *keyset* now; ``False`` if Redis could not be read.
+
+        Single flight: callers arriving while a read of the same key set is in
+        flight wait for it and share its result.
+        """
+        with self._lock:
+            flight = self._flights.setdefault(keyset, threading.Lock())
+            slot = self._slots.get(keyset)
+            seen = (slot.generation, slot.fetched_at) if slot else None
+        with flight:
+            slot = self._slots.get(keyset)
+            if slot is not None and seen is not None and (slot.generation, slot.fetched_at) != seen:
+                return True  # another caller read while we waited
+            try:
+                raw = self.client.get(self.layout.jwks(keyset))
+            except (redis.RedisError, OSError) as exc:
+                self._redis_failed(exc)
+                return False
+            self.reads += 1
+            self._down = False
+            return self._accept(keyset, raw)
+
+    def refresh_all(self) -> None:
+        """Read every key set held in one pipelined round trip."""
+        names = list(self._slots)
+        if not names:
+            return
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.get(self.layout.jwks(name))
+                values = pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            return
+        self.reads += 1
+        self._down = False
+        for name, raw in zip(names, values, strict=True):
+            self._accept(name, raw)
+
+    def lookup(self, keyset: str, kid: str) -> ec.EllipticCurvePublicKey | None:
+        """The key for *kid*; an unknown kid costs at most one shared read per cooldown.
+
+        Raises `KeySetUnavailable` when the key set is not fresh enough to trust.
+        """
+        slot = self.slot(keyset)
+        now = self.clock()
+        key = slot.usable(now, self.limits).keys.get(kid)
+        if key is not None:
+            return key
+        with self._lock:
+            allowed = slot.may_refresh_for(kid, now, self.limits)
+        if not allowed:
+            return None
+        self.refresh(keyset)
+        key = slot.find(kid)
+        if key is None:
+            with self._lock:
+                slot.remember_miss(kid, self.limits)
+        return key
+
+    def staleness(self) -> dict[str, float | None]:
+        """Seconds since each held key set was last read."""
+        now = self.clock()
+        return {name: slot.staleness(now) for name, slot in list(self._slots.items())}
 
 
 class JWKSReader:
@@ -64,46 +269,22 @@ class JWKSReader:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self.client = client_for(target)
         self.keyset = validate_keyset_name(keyset)
-        self.layout = Layout(prefix)
-        self.limits = ReaderLimits(
-            max_stale, unknown_kid_cooldown, negative_cache_size, poll_interval
+        limits = ReaderLimits(max_stale, unknown_kid_cooldown, negative_cache_size, poll_interval)
+        self.cache = JWKSCache(
+            target, prefix=prefix, limits=limits, max_keysets=1, follow=follow, clock=clock
         )
         self.max_token_bytes = max_token_bytes
-        self.clock, self.wall_clock = clock, wall_clock
-        self.reads = 0
-        self._slot = Slot(keyset)
-        self._lock = threading.Lock()
-        self._refreshing = threading.Lock()
-        self._down = False
-        self._follower = (
-            EventFollower(
-                self.client,
-                self.layout.events,
-                on_event=self._on_event,
-                on_poll=self.refresh,
-                on_connect=self.refresh,
-                poll_interval=poll_interval,
-                name=f"rotator-reader-{keyset}",
-            )
-            if follow
-            else None
-        )
-        STALENESS.labels(keyset).set_function(lambda: self.staleness or float("inf"))
+        self.wall_clock = wall_clock
 
     def start(self) -> JWKSReader:
         """Read the key set once and start following commits."""
-        self.refresh()
-        if self._follower is not None:
-            self._follower.start()
+        self.cache.start(preload=[self.keyset])
         return self
 
     def close(self) -> None:
         """Stop following; the last copy stays usable until it goes stale."""
-        if self._follower is not None:
-            self._follower.stop()
-        STALENESS.remove(self.keyset)
+        self.cache.close()
 
     def __enter__(self) -> JWKSReader:
         return self.start()
@@ -119,66 +300,29 @@ class JWKSReader:
     @property
     def following(self) -> bool:
         """Whether the events subscription is live."""
-        return self._follower is not None and self._follower.subscribed.is_set()
+        return self.cache.following
+
+    @property
+    def reads(self) -> int:
+        """Redis reads so far."""
+        return self.cache.reads
 
     @property
     def staleness(self) -> float | None:
         """Seconds since the last successful read (``None``: never read)."""
-        return self._slot.staleness(self.clock())
+        return self.cache.staleness().get(self.keyset)
 
     @property
     def keys(self) -> VerificationKeys | None:
         """The current copy of the key set (``None`` before the first read)."""
-        return self._slot.keys
-
-    def _on_event(self, keyset: str) -> None:
-        if keyset == self.keyset:
-            self.refresh()
+        return self.cache.slot(self.keyset).keys
 
     def refresh(self) -> bool:
-        """Read the key set from Redis now; ``False`` if Redis could not be read.
-
-        Single flight: callers that arrive while a read is in flight wait for
-        it and share its result instead of reading again.
-        """
-        generation = self._slot.generation, self._slot.fetched_at
-        with self._refreshing:
-            if (self._slot.generation, self._slot.fetched_at) != generation:
-                return True  # another caller read while we waited
-            try:
-                raw = self.client.get(self.layout.jwks(self.keyset))
-            except (redis.RedisError, OSError) as exc:
-                if not self._down:
-                    log.warning("key set %s: cannot read Redis (%s)", self.keyset, exc)
-                    self._down = True
-                return False
-            self.reads += 1
-            self._down = False
-            try:
-                keys = None if raw is None else import_jwks(raw)
-            except JWKSFormatError as exc:
-                log.error("key set %s: JWKS unusable (%s); keeping the last copy", self.keyset, exc)
-                return False
-            with self._lock:
-                self._slot.accept(keys, self.clock())
-            return True
+        """Read the key set from Redis now; ``False`` if Redis could not be read."""
+        return self.cache.refresh(self.keyset)
 
     def _lookup(self, kid: str) -> ec.EllipticCurvePublicKey | None:
-        now = self.clock()
-        self._slot.usable(now, self.limits)
-        key = self._slot.find(kid)
-        if key is not None:
-            return key
-        with self._lock:
-            allowed = self._slot.may_refresh_for(kid, now, self.limits)
-        if not allowed:
-            return None
-        self.refresh()
-        key = self._slot.find(kid)
-        if key is None:
-            with self._lock:
-                self._slot.remember_miss(kid, self.limits)
-        return key
+        return self.cache.lookup(self.keyset, kid)
 
     def verify(
         self,

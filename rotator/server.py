@@ -7,11 +7,15 @@ Routes (GET and HEAD):
   (empty or missing: the default set), as the reference IAM's clients call it;
 * ``/healthz`` (alive) and ``/readyz`` (configured key sets loaded and fresh).
 
-Answers come from an in-memory `AsyncJWKSCache`, never one Redis round trip
-per request. The body is the stored JWKS bytes after the strict import has
+Answers come from an in-memory `JWKSCache`, never one Redis round trip per
+request. The body is the stored JWKS bytes after the strict import has
 checked them (a JWKS carrying a private member is served without it), with
 an ``ETag`` over those bytes, ``If-None-Match`` answered 304, and
 ``Cache-Control: public, max-age=<cache_max_age>, stale-if-error=<max_stale>``.
+
+The application is WSGI served by granian (Rust HTTP, one Python call per
+request): on the benchmark in the README it answers about twice as many
+requests per second as the same logic as ASGI under uvicorn.
 """
 
 from __future__ import annotations
@@ -19,171 +23,47 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-import uvicorn
+from granian import Granian
+from granian.constants import HTTPModes, Interfaces, RuntimeModes
 
-from rotator.aioreader import AsyncJWKSCache
 from rotator.config import Settings, load_settings
 from rotator.errors import KeySetUnavailable
+from rotator.jwks_import import VerificationKeys
 from rotator.keycache import ReaderLimits
 from rotator.layout import DEFAULT_KEYSET, validate_keyset_name
+from rotator.reader import JWKSCache
 
-__all__ = ["JWKSApp", "app_from_env", "serve"]
+__all__ = ["IAM_PATH", "JWKS_PATH", "JWKSApp", "app_from_env", "serve"]
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 JWKS_PATH = "/.well-known/jwks.json"
 IAM_PATH = "/v1/authentication/token/jwks"
-_JSON = (b"content-type", b"application/json")
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+Environ = dict[str, Any]
+
+_STATUS = {
+    200: "200 OK",
+    304: "304 Not Modified",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    503: "503 Service Unavailable",
+}
 
 
-def _json_body(document: dict[str, Any]) -> bytes:
+def _json(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-class JWKSApp:
-    """The ASGI application."""
-
-    def __init__(self, settings: Settings, cache: AsyncJWKSCache | None = None) -> None:
-        self.settings = settings
-        server = settings.server
-        self.cache = cache or AsyncJWKSCache(
-            settings.redis.url,
-            prefix=settings.redis.prefix,
-            limits=ReaderLimits(max_stale=server.max_stale, poll_interval=server.poll_interval),
-            max_keysets=server.max_keysets,
-        )
-        self._cache_control: dict[str, bytes] = {}
-
-    def cache_control(self, keyset: str) -> bytes:
-        """The Cache-Control value for *keyset* (its own ``cache_max_age``)."""
-        value = self._cache_control.get(keyset)
-        if value is None:
-            max_age = int(self.settings.policy(keyset).cache_max_age)
-            stale = int(self.settings.server.max_stale)
-            value = f"public, max-age={max_age}, stale-if-error={stale}".encode()
-            if len(self._cache_control) < self.settings.server.max_keysets:
-                self._cache_control[keyset] = value
-        return value
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-        elif scope["type"] == "http":
-            await self._http(scope, send)
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await self.cache.start(preload=self.settings.configured_keysets())
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.cache.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    async def _http(self, scope: Scope, send: Send) -> None:
-        path, method = scope["path"], scope["method"]
-        if path == JWKS_PATH:
-            keyset = self._query_keyset(scope)
-        elif path == IAM_PATH:
-            keyset = self._header(scope, b"x-app-name") or DEFAULT_KEYSET
-        elif path in ("/healthz", "/readyz"):
-            await self._health(path, send)
-            return
-        else:
-            await self._send(send, 404, _json_body({"error": "not found"}))
-            return
-        if method not in ("GET", "HEAD"):
-            await self._send(
-                send, 405, _json_body({"error": "method not allowed"}), [(b"allow", b"GET, HEAD")]
-            )
-            return
-        await self._jwks(scope, send, keyset, head=method == "HEAD")
-
-    @staticmethod
-    def _header(scope: Scope, name: bytes) -> str:
-        for key, value in scope["headers"]:
-            if key == name:
-                return str(value.decode("latin-1")).strip()
-        return ""
-
-    @staticmethod
-    def _query_keyset(scope: Scope) -> str:
-        query = scope.get("query_string", b"")
-        if not query:
-            return DEFAULT_KEYSET
-        values = parse_qs(query.decode("latin-1")).get("keyset")
-        return values[0] if values else DEFAULT_KEYSET
-
-    async def _jwks(self, scope: Scope, send: Send, keyset: str, *, head: bool) -> None:
-        try:
-            validate_keyset_name(keyset)
-        except ValueError:
-            await self._send(send, 404, _json_body({"error": "unknown key set"}))
-            return
-        slot = await self.cache.slot(keyset)
-        try:
-            keys = slot.usable(self.cache.clock(), self.cache.limits)
-        except KeySetUnavailable as exc:
-            if slot.fetched_at is not None and not slot.published:
-                await self._send(send, 404, _json_body({"error": "unknown key set"}))
-            else:
-                await self._send(send, 503, _json_body({"error": str(exc)}))
-            return
-        etag = keys.etag.encode()
-        headers = [(b"etag", etag), (b"cache-control", self.cache_control(keyset))]
-        if _matches(self._header(scope, b"if-none-match"), keys.etag):
-            await self._send(send, 304, b"", headers)
-            return
-        await self._send(send, 200, keys.body, headers, head=head)
-
-    async def _health(self, path: str, send: Send) -> None:
-        if path == "/healthz":
-            await self._send(send, 200, _json_body({"alive": True}))
-            return
-        staleness = self.cache.staleness()
-        limit = self.settings.server.max_stale
-        expected = self.settings.configured_keysets()
-        fresh = {
-            name: staleness.get(name) is not None and (staleness[name] or 0.0) <= limit
-            for name in expected
-        }
-        ready = all(fresh.values())
-        await self._send(
-            send,
-            200 if ready else 503,
-            _json_body({"ready": ready, "keysets": fresh, "subscribed": self.cache.subscribed}),
-        )
-
-    @staticmethod
-    async def _send(
-        send: Send,
-        status: int,
-        body: bytes,
-        headers: list[tuple[bytes, bytes]] | None = None,
-        *,
-        head: bool = False,
-    ) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [_JSON, (b"content-length", str(len(body)).encode()), *(headers or [])],
-            }
-        )
-        await send({"type": "http.response.body", "body": b"" if head or status == 304 else body})
+_NOT_FOUND = _json({"error": "not found"})
+_UNKNOWN_KEYSET = _json({"error": "unknown key set"})
+_NOT_ALLOWED = _json({"error": "method not allowed"})
 
 
 def _matches(if_none_match: str, etag: str) -> bool:
@@ -192,29 +72,138 @@ def _matches(if_none_match: str, etag: str) -> bool:
     return any(tag in (etag, "*") for tag in tags)
 
 
+class JWKSApp:
+    """The WSGI application."""
+
+    def __init__(self, settings: Settings, cache: JWKSCache | None = None) -> None:
+        self.settings = settings
+        server = settings.server
+        self.cache = cache or JWKSCache(
+            settings.redis.url,
+            prefix=settings.redis.prefix,
+            limits=ReaderLimits(max_stale=server.max_stale, poll_interval=server.poll_interval),
+            max_keysets=server.max_keysets,
+        )
+        # Per key set: the copy the headers were built for, and the headers.
+        self._responses: dict[str, tuple[VerificationKeys, list[tuple[str, str]]]] = {}
+
+    def start(self) -> JWKSApp:
+        """Load the configured key sets and start following commits."""
+        self.cache.start(preload=self.settings.configured_keysets())
+        return self
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == JWKS_PATH:
+            query = environ.get("QUERY_STRING")
+            keyset = (
+                (parse_qs(query).get("keyset") or [DEFAULT_KEYSET])[0] if query else DEFAULT_KEYSET
+            )
+        elif path == IAM_PATH:
+            keyset = environ.get("HTTP_X_APP_NAME", "").strip() or DEFAULT_KEYSET
+        elif path == "/healthz":
+            return self._send(start_response, 200, _json({"alive": True}))
+        elif path == "/readyz":
+            return self._ready(start_response)
+        else:
+            return self._send(start_response, 404, _NOT_FOUND)
+        method = environ.get("REQUEST_METHOD")
+        if method not in ("GET", "HEAD"):
+            return self._send(start_response, 405, _NOT_ALLOWED, [("allow", "GET, HEAD")])
+        return self._jwks(environ, start_response, keyset, head=method == "HEAD")
+
+    def _jwks(
+        self, environ: Environ, start_response: StartResponse, keyset: str, *, head: bool
+    ) -> Iterable[bytes]:
+        slot = self.cache.held(keyset)
+        if slot is None:
+            try:
+                validate_keyset_name(keyset)
+            except ValueError:
+                return self._send(start_response, 404, _UNKNOWN_KEYSET)
+            slot = self.cache.slot(keyset)
+        try:
+            keys = slot.usable(self.cache.clock(), self.cache.limits)
+        except KeySetUnavailable as exc:
+            if slot.fetched_at is not None and not slot.published:
+                return self._send(start_response, 404, _UNKNOWN_KEYSET)
+            return self._send(start_response, 503, _json({"error": str(exc)}))
+        cached = self._responses.get(keyset)
+        if cached is None or cached[0] is not keys:
+            if len(self._responses) >= self.settings.server.max_keysets:
+                self._responses.clear()  # bounded like the cache; rebuilt on demand
+            cached = (keys, self._headers(keyset, keys))
+            self._responses[keyset] = cached
+        headers = cached[1]
+        if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+        if if_none_match and _matches(if_none_match, keys.etag):
+            start_response(_STATUS[304], headers[2:])
+            return []
+        start_response(_STATUS[200], headers)
+        return [] if head else [keys.body]
+
+    def _headers(self, keyset: str, keys: VerificationKeys) -> list[tuple[str, str]]:
+        max_age = int(self.settings.policy(keyset).cache_max_age)
+        stale = int(self.settings.server.max_stale)
+        return [
+            ("content-type", "application/json"),
+            ("content-length", str(len(keys.body))),
+            ("etag", keys.etag),
+            ("cache-control", f"public, max-age={max_age}, stale-if-error={stale}"),
+        ]
+
+    def _ready(self, start_response: StartResponse) -> Iterable[bytes]:
+        staleness = self.cache.staleness()
+        limit = self.settings.server.max_stale
+        fresh = {
+            name: (age := staleness.get(name)) is not None and age <= limit
+            for name in self.settings.configured_keysets()
+        }
+        ready = all(fresh.values())
+        body = _json({"ready": ready, "keysets": fresh, "subscribed": self.cache.following})
+        return self._send(start_response, 200 if ready else 503, body)
+
+    @staticmethod
+    def _send(
+        start_response: StartResponse,
+        status: int,
+        body: bytes,
+        headers: list[tuple[str, str]] | None = None,
+        *,
+        head: bool = False,
+    ) -> Iterable[bytes]:
+        start_response(
+            _STATUS[status],
+            [
+                ("content-type", "application/json"),
+                ("content-length", str(len(body))),
+                *(headers or []),
+            ],
+        )
+        return [] if head else [body]
+
+
 def app_from_env() -> JWKSApp:
-    """uvicorn factory: settings from ``ROTATOR_CONFIG`` and ``ROTATOR_*`` (each worker)."""
+    """granian factory, run in each worker: settings from ``ROTATOR_CONFIG`` and ``ROTATOR_*``."""
     path = os.environ.get("ROTATOR_CONFIG")
-    return JWKSApp(load_settings(Path(path) if path else None))
+    return JWKSApp(load_settings(Path(path) if path else None)).start()
 
 
 def serve(settings: Settings, config_path: Path | None) -> None:
-    """Run uvicorn with `app_from_env` on ``server.host:server.port``."""
+    """Serve `app_from_env` with granian on ``server.host:server.port``."""
     if config_path is not None:
         os.environ["ROTATOR_CONFIG"] = str(config_path)
     server = settings.server
-    # uvicorn re-raises the stop signal once it has shut down cleanly; a no-op handler
-    # underneath turns that into exit code 0, like `rotator run`.
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, lambda _signum, _frame: None)
-    uvicorn.run(
+    Granian(
         "rotator.server:app_from_env",
         factory=True,
-        host=server.host,
+        address=server.host,
         port=server.port,
         workers=server.workers,
-        log_level=settings.log.level.lower(),
-        access_log=False,
-        server_header=False,
-        lifespan="on",
-    )
+        interface=Interfaces.WSGI,
+        http=HTTPModes.http1,
+        websockets=False,
+        runtime_mode=RuntimeModes.st,
+        blocking_threads=server.threads,
+        log_access=False,
+    ).serve()

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "rotator", "tests"],
-        ["ruff", "format", "--check", "rotator", "tests"],
+        ["ruff", "check", "rotator", "tests", "bench"],
+        ["ruff", "format", "--check", "rotator", "tests", "bench"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict"],

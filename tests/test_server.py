@@ -15,18 +15,15 @@ from dataclasses import dataclass
 import jwt
 import pytest
 import redis
-import uvicorn
 from joserfc.jwk import KeySet
 from jwcrypto import jwk as jwcrypto_jwk
 
-from rotator.config import Settings, load_settings
 from rotator.embedded import EmbeddedRedis, free_port
 from rotator.manager import KeyManager
 from rotator.sealing import Keyring
-from rotator.server import JWKSApp
 from rotator.signer import Signer
 from tests.conftest import Cli
-from tests.helpers import FakeClock, wait_for
+from tests.helpers import FakeClock, collect_lines, wait_for
 
 
 @dataclass
@@ -50,40 +47,48 @@ def fetch(url: str, *, method: str = "GET", headers: dict[str, str] | None = Non
 @dataclass
 class Running:
     url: str
-    settings: Settings
-    app: JWKSApp
+    process: subprocess.Popen[str]
+    log: list[str]
+
+    def subscribed(self) -> bool:
+        return bool(json.loads(fetch(self.url + "/readyz").body)["subscribed"])
+
+
+def _try(url: str) -> Response | None:
+    try:
+        return fetch(url)
+    except OSError:
+        return None
 
 
 @pytest.fixture
-def served(redis_server: EmbeddedRedis, manager: KeyManager) -> Iterator[Running]:
+def served(cli: Cli, manager: KeyManager) -> Iterator[Running]:
+    """`rotator serve` as a real process (granian) with key sets default and billing."""
     manager.reconcile("default")
     manager.store.register("billing")
     manager.reconcile("billing")
-    settings = load_settings(
-        redis={"url": redis_server.url},
-        rotation={
-            "cache_max_age": "20s",
-            "interval": "100s",
-            "overlap": "60s",
-            "max_token_ttl": "30s",
-            "clock_skew": "5s",
-        },
-        server={"port": free_port(), "poll_interval": "1h"},
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rotator", "serve", "--port", str(port)],
+        env={**cli.env, "ROTATOR_SERVER__POLL_INTERVAL": "1h"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    app = JWKSApp(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=settings.server.port, log_level="warning", lifespan="on"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, what="uvicorn")
+    log: list[str] = []
+    assert process.stderr is not None
+    threading.Thread(target=collect_lines, args=(process.stderr, log), daemon=True).start()
+    running = Running(f"http://127.0.0.1:{port}", process, log)
     try:
-        yield Running(f"http://127.0.0.1:{settings.server.port}", settings, app)
+        wait_for(lambda: _try(running.url + "/healthz"), what="rotator serve")
+        yield running
     finally:
-        server.should_exit = True
-        thread.join(10)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def test_jwks_is_the_stored_bytes_with_caching_headers(
@@ -137,7 +142,7 @@ def test_rotation_is_pushed_to_the_server(
     served: Running, manager: KeyManager, clock: FakeClock
 ) -> None:
     etag = fetch(served.url + "/.well-known/jwks.json").headers["etag"]
-    wait_for(lambda: served.app.cache.subscribed, what="subscription")
+    wait_for(served.subscribed, what="subscription")
     clock.advance(30)
     manager.rotate("default")
     wait_for(
@@ -189,30 +194,6 @@ def test_interop_pyjwt_jwcrypto_joserfc(
     assert {k.kid for k in key_set.keys} == {k["kid"] for k in json.loads(body)["keys"]}
 
 
-@pytest.mark.slow
-def test_rotator_serve_command(cli: Cli, client: redis.Redis) -> None:
-    assert cli("rotate").code == 0
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rotator", "serve", "--port", str(port)],
-        env=cli.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
-        answer = wait_for(lambda: _try(url), what="rotator serve")
-        assert answer.body == client.get("rotator:{default}:jwks")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(20) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
-def _try(url: str) -> Response | None:
-    try:
-        return fetch(url)
-    except OSError:
-        return None
+def test_sigterm_stops_cleanly(served: Running) -> None:
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(20) == 0
