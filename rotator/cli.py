@@ -62,7 +62,12 @@ def _iso(moment: float | None) -> str:
 def _manager(settings: Settings, *, one_shot: bool = True, remember: bool = False) -> KeyManager:
     keyring = settings.keyring()
     client = connect(settings.redis, retries=2 if one_shot else None)
-    store = Store(client, Layout(settings.redis.prefix))
+    store = Store(
+        client,
+        Layout(settings.redis.prefix),
+        min_replicas_ack=0 if settings.redis.cluster else settings.redis.min_replicas_ack,
+        replica_ack_timeout=settings.redis.replica_ack_timeout,
+    )
     return KeyManager(store, keyring, settings.policy, remember=remember)
 
 

@@ -62,6 +62,20 @@ class RedisSettings(_Section):
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    sentinels: list[str] = Field(default_factory=list)
+    sentinel_master: str = "mymaster"
+    cluster: bool = False
+    min_replicas_ack: int = Field(default=0, ge=0)
+    replica_ack_timeout: Duration = 1.0
+
+    @field_validator("sentinels")
+    @classmethod
+    def _host_ports(cls, sentinels: list[str]) -> list[str]:
+        for entry in sentinels:
+            host, sep, port = entry.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"{entry!r} is not host:port")
+        return sentinels
 
     @field_validator("url")
     @classmethod
@@ -84,6 +98,8 @@ class RedisSettings(_Section):
                     raise ValueError(f"{name} is set but url is not rediss://")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together (client certificate)")
+        if self.sentinels and self.cluster:
+            raise ValueError("sentinels and cluster exclude each other")
         return self
 
 
@@ -149,8 +165,17 @@ class DaemonSettings(_Section):
     """The long-running process."""
 
     tick: Duration = 15.0
+    lease_ttl: Duration = 15.0
+    backup_path: Path | None = None
     health_host: str = "127.0.0.1"
     health_port: int = Field(default=9464, ge=0, le=65535)
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _renewable_lease(cls, ttl: float) -> float:
+        if ttl < 3:
+            raise ValueError("must be at least 3s (it is renewed every third of it)")
+        return ttl
 
     @field_validator("tick")
     @classmethod

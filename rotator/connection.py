@@ -1,14 +1,18 @@
-"""Redis clients built from ``[redis]`` settings, with redis-py's own retry and backoff."""
+"""Redis clients built from ``[redis]`` settings: one server, Sentinel or Cluster, each
+through redis-py's own client, with its retry and backoff."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
+from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from rotator.config import RedisSettings
 
@@ -16,31 +20,51 @@ __all__ = ["connect"]
 
 
 def connect(settings: RedisSettings, *, retries: int | None = None) -> redis.Redis:
-    """A client for ``settings.url`` (``redis://``, ``rediss://`` or ``unix://``, ACL user and
-    password taken from the URL) that retries connection errors with exponential backoff.
+    """A client for the configured Redis that retries connection errors with exponential
+    backoff. One-shot commands pass a small *retries* so an unreachable Redis fails fast.
 
-    With ``rediss://`` the server certificate is verified against the system
-    trust store, or ``tls_ca_file``; ``tls_cert_file``/``tls_key_file`` add a
-    client certificate. One-shot commands pass a small *retries* so an
-    unreachable Redis fails fast.
+    * ``url`` alone: ``redis://``, ``rediss://`` or ``unix://``, ACL user and
+      password from the URL; with ``rediss://`` the server certificate is
+      verified against the system store or ``tls_ca_file``, and
+      ``tls_cert_file``/``tls_key_file`` add a client certificate.
+    * ``sentinels``: the master named ``sentinel_master``, found (and found
+      again after a failover) through redis-py's `Sentinel`.
+    * ``cluster``: redis-py's `RedisCluster`; it offers every command rotator
+      uses, so it is returned under the same type.
     """
     retry = Retry(
         ExponentialBackoff(cap=2.0, base=0.05),
         settings.retries if retries is None else retries,
         supported_errors=(RedisConnectionError, RedisTimeoutError, TimeoutError, OSError),
     )
-    tls: dict[str, Any] = {}
+    options: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.socket_timeout,
+        "retry": retry,
+    }
     if settings.tls_ca_file is not None:
-        tls["ssl_ca_certs"] = str(settings.tls_ca_file)
+        options["ssl_ca_certs"] = str(settings.tls_ca_file)
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        tls["ssl_certfile"] = str(settings.tls_cert_file)
-        tls["ssl_keyfile"] = str(settings.tls_key_file)
-    client: redis.Redis = redis.Redis.from_url(
-        settings.url,
-        socket_timeout=settings.socket_timeout,
-        socket_connect_timeout=settings.socket_timeout,
-        retry=retry,
-        health_check_interval=30,
-        **tls,
-    )
+        options["ssl_certfile"] = str(settings.tls_cert_file)
+        options["ssl_keyfile"] = str(settings.tls_key_file)
+    if settings.sentinels:
+        from_url = parse_url(settings.url)  # type: ignore[no-untyped-call]
+        options.update({k: v for k, v in from_url.items() if k in ("username", "password", "db")})
+        if "connection_class" in from_url:  # rediss://
+            options["ssl"] = True
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            [
+                (host, int(port))
+                for host, _, port in (s.rpartition(":") for s in settings.sentinels)
+            ],
+            sentinel_kwargs={"socket_timeout": settings.socket_timeout},
+            **options,
+        )
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            settings.sentinel_master, **options
+        )
+        return master
+    if settings.cluster:
+        return cast(redis.Redis, RedisCluster.from_url(settings.url, **options))
+    client: redis.Redis = redis.Redis.from_url(settings.url, health_check_interval=30, **options)
     return client

@@ -1,11 +1,14 @@
-"""The long-running process: reconcile every key set on a tick, and wake up exactly when a
-rotation or expiry falls due.
+"""The long-running process: hold or wait for the leader lease, reconcile every key set on a
+tick, and wake up exactly when a rotation or expiry falls due.
 
 All decisions are made by `lifecycle` from timestamps in the state, so the
 scheduler only decides *when to look*: a missed tick, a restart or a clock
-jump costs nothing but a late look, never a double rotation. Jobs run one at
-a time on a single worker thread; SIGTERM/SIGINT let the job in flight finish
-its commit, then the process exits 0.
+jump costs nothing but a late look, never a double rotation. Only the
+replica holding the lease writes; the others read every key set each tick so
+that, should they take over, they hold a copy to restore if Redis lost its
+data. Jobs run one at a time on a single worker thread (the lease has its
+own, so a slow tick cannot let the lease lapse); SIGTERM/SIGINT let the job
+in flight finish its commit, release the lease, and exit 0.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from rotator.backup import Backup
 from rotator.config import Settings, mask_url
 from rotator.health import Health, HealthServer
+from rotator.lease import Lease
 from rotator.lifecycle import rotation_due_at
 from rotator.manager import KeyManager, Outcome
 from rotator.sealing import UnsealError
@@ -53,13 +58,16 @@ class Daemon:
         self.settings = settings
         self.manager = manager
         self.clock = clock
-        self.health = Health(freshness=_FRESHNESS_TICKS * settings.daemon.tick)
+        daemon = settings.daemon
+        self.health = Health(freshness=_FRESHNESS_TICKS * daemon.tick)
+        self.lease = Lease(manager.store.client, manager.store.layout.leader, daemon.lease_ttl)
+        self.backup = Backup(daemon.backup_path) if daemon.backup_path else None
         self.stopping = threading.Event()
         self._registered: set[str] = set()
         self._errors: dict[str, str] = {}
         self._redis_was_down = False
         self._scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(1)},
+            executors={"default": ThreadPoolExecutor(1), "lease": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
@@ -71,26 +79,66 @@ class Daemon:
             self._registered = self.manager.store.registered()
         return sorted(set(self.settings.configured_keysets()) | self._registered)
 
+    def restore_backup(self) -> None:
+        """Seed memory from the backup file, if one is configured."""
+        if self.backup is None:
+            return
+        states = self.backup.load()
+        if states:
+            log.info("backup file %s: %d key set(s) loaded", self.backup.path, len(states))
+            self.manager.seed(states)
+
+    def step_lease(self) -> bool:
+        """Renew or try to take the lease; on taking it, look at every key set at once."""
+        was_leader = self.lease.held
+        leader = self.lease.refresh()
+        self.health.leader = leader
+        if leader and not was_leader and not self.stopping.is_set():
+            self._wake_at(self.clock())
+        return leader
+
     def tick(self) -> None:
-        """Reconcile every key set once, then schedule the next precise wake-up."""
+        """Reconcile (leader) or observe (follower) every key set once, then schedule the
+        next precise wake-up."""
         names = self.keysets()
         self.health.forget(set(names))
+        leader = self.lease.held
         due: list[float] = []
+        committed = False
         for name in names:
             if self.stopping.is_set():
                 return
             try:
+                if not leader:
+                    self.manager.observe(name)
+                    self.health.succeeded(name, self.clock())
+                    continue
                 outcome = self.manager.reconcile(name)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._redis_failed(exc)
                 return
-            except (CorruptState, UnsealError, Conflict, redis.ResponseError) as exc:
+            except (
+                CorruptState,
+                UnsealError,
+                Conflict,
+                redis.ResponseError,
+            ) as exc:
                 self._keyset_failed(name, str(exc))
                 continue
             self._succeeded(outcome)
+            committed = committed or outcome.action in {"bootstrap", "commit", "restore"}
             due.append(self._next_due(outcome))
-        if due:
+        if committed and self.backup is not None:
+            self._save_backup()
+        if due and leader:
             self._wake_at(min(due))
+
+    def _save_backup(self) -> None:
+        assert self.backup is not None
+        try:
+            self.backup.save(self.manager.remembered())
+        except OSError as exc:
+            log.error("cannot write backup file %s: %s", self.backup.path, exc)
 
     def _succeeded(self, outcome: Outcome) -> None:
         if self._redis_was_down:
@@ -148,28 +196,39 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         daemon = self.settings.daemon
+        self.restore_backup()
         server = None
         if daemon.health_port:
             server = HealthServer(daemon.health_host, daemon.health_port, self.health, self.clock)
             server.start()
             log.info("health on http://%s:%d/readyz", daemon.health_host, server.port)
-        tick = daemon.tick
+        lease_every = daemon.lease_ttl / 3
+        now = datetime.now(UTC)
+        self._scheduler.add_job(
+            self.step_lease,
+            IntervalTrigger(seconds=lease_every, jitter=lease_every / 10),
+            id="lease",
+            name="lease",
+            executor="lease",
+            next_run_time=now,
+        )
         self._scheduler.add_job(
             self.tick,
-            IntervalTrigger(seconds=tick, jitter=tick / 10),
+            IntervalTrigger(seconds=daemon.tick, jitter=daemon.tick / 10),
             id="tick",
             name="tick",
-            next_run_time=datetime.now(UTC),
+            next_run_time=now,
         )
         self._scheduler.start()
         log.info(
             "rotator daemon started: key sets %s, tick %gs, Redis %s",
             ", ".join(self.keysets()) or "(none)",
-            tick,
+            daemon.tick,
             mask_url(self.settings.redis.url),
         )
         self.stopping.wait()
         self._scheduler.shutdown(wait=True)
+        self.lease.release()
         if server is not None:
             server.stop()
         log.info("rotator daemon stopped")

@@ -49,9 +49,10 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A redis-server child process bound to 127.0.0.1 with its own data directory.
 
-    ``start()`` waits (with a deadline) until it answers PING; ``stop()``
-    terminates it; ``kill()`` sends SIGKILL, for fault tests. Extra
-    ``redis-server`` arguments go in *args* (``["--appendonly", "yes"]``).
+    ``start()`` waits (with a deadline) until it answers PING (as *username*
+    and *password* when given); ``stop()`` terminates it; ``kill()`` sends
+    SIGKILL, for fault tests. Extra ``redis-server`` arguments go in *args*
+    (``["--appendonly", "yes"]``).
     """
 
     def __init__(
@@ -60,11 +61,14 @@ class EmbeddedRedis:
         *,
         directory: Path | None = None,
         args: list[str] | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self._owned_dir = directory is None
         self.directory = directory or Path(tempfile.mkdtemp(prefix="rotator-redis-"))
         self.args = args or []
+        self.username, self.password = username, password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,7 +98,12 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         log_file.close()
         deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(
+            port=self.port,
+            socket_connect_timeout=0.5,
+            username=self.username,
+            password=self.password,
+        )
         try:
             while True:
                 try:

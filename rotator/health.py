@@ -1,8 +1,10 @@
 """Liveness and readiness of the daemon, and the small HTTP server that reports them.
 
 Readiness is about freshness, never a lifetime error count: a key set is
-healthy when it was reconciled successfully within ``3 x tick``, so one bad
-minute does not make the daemon unready forever.
+healthy when it was reconciled (leader) or read (follower) successfully
+within ``3 x tick``, so one bad minute does not make the daemon unready
+forever. A follower is ready when it could take over: Redis answers and it
+holds a fresh copy of every key set.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Health:
 
     freshness: float
     redis_ok: bool = False
+    leader: bool = False
     _keysets: dict[str, _KeysetHealth] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -67,7 +70,8 @@ class Health:
                 for name, h in sorted(self._keysets.items())
             }
             ready = self.redis_ok and bool(keysets) and all(k["fresh"] for k in keysets.values())
-            return {"ready": ready, "redis": self.redis_ok, "keysets": keysets}
+            role = "leader" if self.leader else "follower"
+            return {"ready": ready, "redis": self.redis_ok, "role": role, "keysets": keysets}
 
 
 class HealthServer:

@@ -67,3 +67,8 @@ class Layout:
     def events(self) -> str:
         """Pub/sub channel announcing every commit."""
         return f"{self.prefix}:events"
+
+    @property
+    def leader(self) -> str:
+        """The leader lease."""
+        return f"{self.prefix}:leader"

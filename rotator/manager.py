@@ -167,6 +167,24 @@ class KeyManager:
         self._remember(state)
         return Outcome(state.keyset, "republish", state)
 
+    def seed(self, states: dict[str, KeySetState]) -> None:
+        """Start from *states* (a backup file) as if this process had committed them."""
+        for name, state in states.items():
+            known = self._memory.get(name)
+            if known is None or known.version < state.version:
+                self._memory[name] = state
+
+    def remembered(self) -> dict[str, KeySetState]:
+        """The last state this process committed or read, per key set."""
+        return dict(self._memory)
+
+    def observe(self, keyset: str) -> KeySetState | None:
+        """Read *keyset* and remember it, writing nothing (what a follower does)."""
+        state = self.store.load(keyset).state
+        if state is not None:
+            self._remember(state)
+        return state
+
     def reconcile(self, keyset: str) -> Outcome:
         """Bootstrap an empty key set, or bring an existing one up to date; idempotent."""
         policy, mint = self.policy(keyset), self.mint(keyset)

@@ -9,6 +9,7 @@ cannot parse: corrupt data is reported, never overwritten.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from rotator.layout import Layout
 from rotator.state import CorruptState, KeySetState, decode_state, encode_state
 
 __all__ = ["Conflict", "Snapshot", "Store"]
+
+log = logging.getLogger(__name__)
 
 # Shared prologue: the stored version, 0 when absent, -1 when unreadable.
 _VERSION_OF = """
@@ -100,9 +103,18 @@ class Snapshot:
 class Store:
     """Reads and compare-and-set writes of key sets under one `Layout`."""
 
-    def __init__(self, client: redis.Redis, layout: Layout) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        layout: Layout,
+        *,
+        min_replicas_ack: int = 0,
+        replica_ack_timeout: float = 1.0,
+    ) -> None:
         self.client = client
         self.layout = layout
+        self.min_replicas_ack = min_replicas_ack
+        self.replica_ack_timeout = replica_ack_timeout
         self._commit = client.register_script(_COMMIT)
         self._restore = client.register_script(_RESTORE)
         self._republish = client.register_script(_REPUBLISH)
@@ -130,6 +142,19 @@ class Store:
             raise CorruptState(f"key set {keyset}: stored state is unreadable; not overwritten")
         if code == 0:
             raise Conflict(keyset, expected, actual)
+        if self.min_replicas_ack:
+            acked = int(
+                self.client.wait(self.min_replicas_ack, int(self.replica_ack_timeout * 1000))
+            )
+            if acked < self.min_replicas_ack:
+                log.warning(
+                    "key set %s: commit reached %d of %d replicas within %gs; a failover now "
+                    "could lose it (the daemon would write it back from memory)",
+                    keyset,
+                    acked,
+                    self.min_replicas_ack,
+                    self.replica_ack_timeout,
+                )
 
     def commit(self, expected_version: int, state: KeySetState, event: str) -> None:
         """Write *state* (version ``expected_version + 1``) if Redis still holds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -126,6 +127,20 @@ class Daemon:
     process: subprocess.Popen[str]
     health_port: int
     log: list[str] = field(default_factory=list)
+
+    def report(self) -> dict[str, object]:
+        """The /readyz document, whatever its status; empty if the daemon does not answer."""
+        url = f"http://127.0.0.1:{self.health_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                return dict(json.loads(answer.read()))
+        except urllib.error.HTTPError as exc:
+            return dict(json.loads(exc.read()))
+        except OSError:
+            return {}
+
+    def role(self) -> object:
+        return self.report().get("role")
 
     def http(self, path: str) -> int:
         try:

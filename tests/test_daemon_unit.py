@@ -28,7 +28,9 @@ def daemon(redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock) -> D
     )  # fmt: skip
     store = Store(redis.Redis.from_url(redis_server.url), Layout())
     manager = KeyManager(store, keyring, settings.policy, clock=clock, remember=True)
-    return Daemon(settings, manager, clock=clock)
+    daemon = Daemon(settings, manager, clock=clock)
+    assert daemon.step_lease()
+    return daemon
 
 
 def test_a_corrupt_keyset_is_skipped_and_the_others_rotate(

@@ -1,0 +1,78 @@
+"""The ACL users in deploy/redis/users.acl, each used for its job against a real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from rotator.embedded import EmbeddedRedis
+from rotator.layout import Layout
+from rotator.lease import Lease
+from rotator.manager import KeyManager
+from rotator.reader import JWKSReader
+from rotator.sealing import Keyring
+from rotator.signer import Signer
+from rotator.store import Store
+from tests.conftest import FAST
+from tests.helpers import FakeClock, wait_for
+
+ACL_FILE = Path(__file__).resolve().parent.parent / "deploy" / "redis" / "users.acl"
+ADMIN = "user admin on >admin ~* &* +@all"
+
+
+@pytest.fixture
+def acl_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    rules = ACL_FILE.read_text().replace(">CHANGE-ME-", ">pw-")
+    acl = tmp_path / "users.acl"
+    acl.write_text(rules + ADMIN + "\n")
+    server = EmbeddedRedis(args=["--aclfile", str(acl)], username="admin", password="admin")
+    try:
+        yield server.start()
+    finally:
+        server.cleanup()
+
+
+def url(server: EmbeddedRedis, role: str) -> str:
+    return f"redis://rotator-{role}:pw-{role}@127.0.0.1:{server.port}/0"
+
+
+def test_each_role_does_its_job_and_no_more(acl_redis: EmbeddedRedis, keyring: Keyring) -> None:
+    daemon_client = redis.Redis.from_url(url(acl_redis, "daemon"))
+    clock = FakeClock()
+    manager = KeyManager(Store(daemon_client, Layout()), keyring, lambda _n: FAST, clock=clock)
+    manager.reconcile("default")
+    manager.store.register("billing")
+    manager.reconcile("billing")
+    clock.advance(30)
+    manager.rotate("default")
+    lease = Lease(daemon_client, "rotator:leader", 5)
+    assert lease.refresh() and lease.refresh()
+    lease.release()
+
+    with (
+        Signer(url(acl_redis, "signer"), keyring, max_token_ttl=60) as signer,
+        JWKSReader(url(acl_redis, "verifier"), poll_interval=3600) as reader,
+    ):
+        wait_for(lambda: reader.following and signer.current_kid, what="subscriptions")
+        token = signer.sign({"aud": "svc", "iss": "iam"}, ttl=30)
+        assert reader.verify(token, audience="svc", issuer="iam")["aud"] == "svc"
+        reads = reader.reads
+        clock.advance(30)
+        manager.rotate("default")  # the verifier hears of it on the events channel
+        wait_for(lambda: reader.reads > reads, what="event-driven refresh")
+
+    signer_client = redis.Redis.from_url(url(acl_redis, "signer"))
+    assert signer_client.get("rotator:{default}:state")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        signer_client.set("rotator:{default}:jwks", "{}")
+    verifier = redis.Redis.from_url(url(acl_redis, "verifier"))
+    assert verifier.get("rotator:{default}:jwks")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        verifier.get("rotator:{default}:state")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        verifier.set("rotator:{default}:jwks", "{}")
+    with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ConnectionError)):
+        redis.Redis(port=acl_redis.port).get("rotator:{default}:jwks")  # default user is off
