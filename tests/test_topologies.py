@@ -1,0 +1,216 @@
+"""Beyond one Redis: a Sentinel failover under a running daemon, and a three-master Cluster."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from rotator.config import load_settings
+from rotator.connection import connect
+from rotator.embedded import EmbeddedRedis, find_redis_server, free_port
+from rotator.layout import Layout
+from rotator.manager import KeyManager
+from rotator.reader import JWKSReader
+from rotator.sealing import Keyring
+from rotator.state import decode_state
+from rotator.store import Store
+from tests.conftest import FAST, StartDaemon
+from tests.helpers import FakeClock, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def kids_in(client: redis.Redis, keyset: str = "default") -> set[str]:
+    raw = client.get(f"rotator:{{{keyset}}}:state")
+    return {k.kid for k in decode_state(raw, keyset).keys} if raw else set()
+
+
+class SentinelGroup:
+    """Three sentinels watching *master* (quorum 2), as child processes."""
+
+    def __init__(self, directory: Path, master_port: int) -> None:
+        self.ports = [free_port() for _ in range(3)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+        for port in self.ports:
+            conf = directory / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                f"sentinel monitor mymaster 127.0.0.1 {master_port} 2\n"
+                "sentinel down-after-milliseconds mymaster 1000\n"
+                "sentinel failover-timeout mymaster 3000\n"
+            )
+            log = (directory / f"sentinel-{port}.log").open("wb")
+            self.processes.append(
+                subprocess.Popen(
+                    [find_redis_server(), str(conf), "--sentinel"], stdout=log, stderr=log
+                )
+            )
+        for port in self.ports:
+            wait_for(lambda p=port: _pings(p), what=f"sentinel {port}")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+def _pings(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def sentinel_setup(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, EmbeddedRedis, SentinelGroup]]:
+    master = EmbeddedRedis().start()
+    replica = EmbeddedRedis(args=["--replicaof", "127.0.0.1", str(master.port)]).start()
+    group = SentinelGroup(tmp_path, master.port)
+    try:
+        yield master, replica, group
+    finally:
+        group.stop()
+        replica.cleanup()
+        master.cleanup()
+
+
+def test_sentinel_failover_loses_no_committed_key(
+    sentinel_setup: tuple[EmbeddedRedis, EmbeddedRedis, SentinelGroup], start_daemon: StartDaemon
+) -> None:
+    master, replica, group = sentinel_setup
+    start_daemon(
+        ROTATOR_REDIS__URL="redis://localhost/0",
+        ROTATOR_REDIS__SENTINELS=json.dumps([f"127.0.0.1:{p}" for p in group.ports]),
+        ROTATOR_REDIS__MIN_REPLICAS_ACK="1",
+        ROTATOR_ROTATION__INTERVAL="3s",
+        ROTATOR_ROTATION__OVERLAP="1h",
+        ROTATOR_DAEMON__LEASE_TTL="3s",
+    )
+    on_master = redis.Redis(port=master.port)
+    wait_for(lambda: len(kids_in(on_master)) >= 4, timeout=20, what="a few rotations on the master")
+    committed = kids_in(on_master)
+    master.kill()
+    promoted = redis.Redis(port=replica.port)
+    wait_for(lambda: promoted.info("replication")["role"] == "master", timeout=30, what="failover")
+    wait_for(
+        lambda: len(kids_in(promoted) - committed) >= 2,
+        timeout=30,
+        what="rotations on the new master",
+    )
+    assert committed <= kids_in(promoted)  # every key committed before the failover survived
+
+
+def _cluster_port() -> int:
+    """A free port below 55535 whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port <= 55535 and _bindable(port + 10000):
+            return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _cluster_nodes(tmp_path: Path) -> list[EmbeddedRedis]:
+    nodes = []
+    for index in range(3):
+        directory = tmp_path / f"node{index}"
+        directory.mkdir()
+        nodes.append(
+            EmbeddedRedis(
+                _cluster_port(),
+                directory=directory,
+                args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ],
+            ).start()
+        )
+    return nodes
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[EmbeddedRedis]]:
+    nodes = _cluster_nodes(tmp_path)
+    try:
+        first = redis.Redis(port=nodes[0].port)
+        for node in nodes[1:]:
+            first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+        bounds = [0, 5461, 10923, 16384]
+        for index, node in enumerate(nodes):
+            redis.Redis(port=node.port).execute_command(
+                "CLUSTER", "ADDSLOTS", *range(bounds[index], bounds[index + 1])
+            )
+        for node in nodes:
+            client = redis.Redis(port=node.port)
+            wait_for(
+                lambda c=client: c.cluster("info")["cluster_state"] == "ok",
+                timeout=30,
+                what="cluster ok",
+            )
+        yield nodes
+    finally:
+        for node in nodes:
+            node.cleanup()
+
+
+def test_cluster_keeps_each_keyset_atomic_in_its_slot(
+    cluster: list[EmbeddedRedis], keyring: Keyring, clock: FakeClock
+) -> None:
+    settings = load_settings(redis={"url": cluster[0].url.replace("/0", ""), "cluster": True})
+    client = connect(settings.redis)
+    manager = KeyManager(Store(client, Layout()), keyring, lambda _n: FAST, clock=clock)
+    names = [f"tenant-{i}" for i in range(24)]
+    for name in names:
+        manager.store.register(name)
+        manager.reconcile(name)
+    clock.advance(30)
+    with JWKSReader(client, "tenant-3", poll_interval=3600) as reader:
+        wait_for(lambda: reader.following, what="cluster subscription")
+        reads = reader.reads
+        for name in names:
+            manager.rotate(name)
+        wait_for(lambda: reader.reads > reads, what="event over the cluster bus")
+    assert isinstance(client, RedisCluster)
+    slots = {client.keyslot(f"rotator:{{{name}}}:state") for name in names}
+    assert len({client.nodes_manager.get_node_from_slot(s).port for s in slots}) == 3  # spread
+    for name in names:
+        assert client.keyslot(f"rotator:{{{name}}}:state") == client.keyslot(
+            f"rotator:{{{name}}}:jwks"
+        )
+        snapshot = manager.load(name)
+        assert snapshot.state is not None and snapshot.state.version == 2
+        assert snapshot.jwks == snapshot.state.jwks()
+    assert manager.store.registered() == set(names)
+
+
+def test_daemon_on_cluster(cluster: list[EmbeddedRedis], start_daemon: StartDaemon) -> None:
+    start_daemon(
+        ROTATOR_REDIS__URL=cluster[0].url.replace("/0", ""),
+        ROTATOR_REDIS__CLUSTER="true",
+        ROTATOR_KEYSETS=json.dumps({f"app{i}": {} for i in range(6)}),
+    )
+    client = RedisCluster(host="127.0.0.1", port=cluster[0].port)
+    for index in range(6):
+        wait_for(
+            lambda i=index: client.get(f"rotator:{{app{i}}}:jwks"), what=f"app{index} published"
+        )
+    first = client.get("rotator:{app0}:jwks")
+    wait_for(lambda: client.get("rotator:{app0}:jwks") != first, timeout=20, what="a rotation")
