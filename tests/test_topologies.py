@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ class SentinelGroup:
                 )
             )
         for port in self.ports:
-            wait_for(lambda p=port: _pings(p), what=f"sentinel {port}")
+            wait_for(partial(_pings, port), what=f"sentinel {port}")
 
     def stop(self) -> None:
         for process in self.processes:
@@ -105,6 +106,10 @@ def test_sentinel_failover_loses_no_committed_key(
         what="rotations on the new master",
     )
     assert committed <= kids_in(promoted)  # every key committed before the failover survived
+
+
+def _cluster_ok(client: redis.Redis) -> bool:
+    return bool(client.cluster("info")["cluster_state"] == "ok")
 
 
 def _cluster_port() -> int:
@@ -160,11 +165,7 @@ def cluster(tmp_path: Path) -> Iterator[list[EmbeddedRedis]]:
             )
         for node in nodes:
             client = redis.Redis(port=node.port)
-            wait_for(
-                lambda c=client: c.cluster("info")["cluster_state"] == "ok",
-                timeout=30,
-                what="cluster ok",
-            )
+            wait_for(partial(_cluster_ok, client), timeout=30, what="cluster ok")
         yield nodes
     finally:
         for node in nodes:
@@ -209,8 +210,6 @@ def test_daemon_on_cluster(cluster: list[EmbeddedRedis], start_daemon: StartDaem
     )
     client = RedisCluster(host="127.0.0.1", port=cluster[0].port)
     for index in range(6):
-        wait_for(
-            lambda i=index: client.get(f"rotator:{{app{i}}}:jwks"), what=f"app{index} published"
-        )
+        wait_for(partial(client.get, f"rotator:{{app{index}}}:jwks"), what=f"app{index} published")
     first = client.get("rotator:{app0}:jwks")
     wait_for(lambda: client.get("rotator:{app0}:jwks") != first, timeout=20, what="a rotation")
