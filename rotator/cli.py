@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from rotator.audit import AuditLog
 from rotator.config import ConfigError, Settings, load_settings, mask_url
 from rotator.connection import connect
 from rotator.daemon import Daemon
@@ -29,6 +30,7 @@ from rotator.embedded import EmbeddedRedis, RedisBinaryNotFound, free_port
 from rotator.errors import InvalidToken
 from rotator.layout import Layout, validate_keyset_name
 from rotator.lifecycle import LifecycleError, rotation_due_at
+from rotator.logs import setup_logging
 from rotator.manager import KeyManager, NoKekError, Outcome
 from rotator.reader import JWKSReader
 from rotator.sealing import KekError, UnsealError, generate_kek_line
@@ -62,13 +64,15 @@ def _iso(moment: float | None) -> str:
 def _manager(settings: Settings, *, one_shot: bool = True, remember: bool = False) -> KeyManager:
     keyring = settings.keyring()
     client = connect(settings.redis, retries=2 if one_shot else None)
+    layout = Layout(settings.redis.prefix)
     store = Store(
         client,
-        Layout(settings.redis.prefix),
+        layout,
         min_replicas_ack=0 if settings.redis.cluster else settings.redis.min_replicas_ack,
         replica_ack_timeout=settings.redis.replica_ack_timeout,
     )
-    return KeyManager(store, keyring, settings.policy, remember=remember)
+    audit = AuditLog(client, layout, max_entries=settings.log.audit_max_entries)
+    return KeyManager(store, keyring, settings.policy, remember=remember, audit=audit)
 
 
 def _known_keysets(settings: Settings, manager: KeyManager) -> list[str]:
@@ -307,6 +311,16 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    manager = _manager(settings)
+    assert manager.audit is not None
+    keyset = _keyset(settings, manager, args.keyset) if args.keyset else None
+    for entry in manager.audit.latest(keyset=keyset, limit=args.limit):
+        event = f"{entry.event} ({entry.reason})" if entry.reason else entry.event
+        print(f"{_iso(entry.at)}  {entry.keyset}  v{entry.version}  {event}  {entry.kid}")
+    return 0
+
+
 def cmd_check_config(settings: Settings, _args: argparse.Namespace) -> int:
     doc = settings.model_dump(mode="json")
     doc["redis"]["url"] = mask_url(settings.redis.url)
@@ -395,6 +409,9 @@ def _parser() -> argparse.ArgumentParser:
         help="TOML config file (default: $ROTATOR_CONFIG); ROTATOR_* env vars override it",
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (overrides log.level)")
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help="log lines as text or JSON (log.format)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("run", help="run the rotation daemon")
@@ -432,6 +449,9 @@ def _parser() -> argparse.ArgumentParser:
     keyset_sub.add_parser("list", help="list key sets")
 
     _add_service_commands(sub, keyset_arg)
+    audit = sub.add_parser("audit", help="show the latest lifecycle events (P:audit)")
+    audit.add_argument("--keyset", help="only this key set")
+    audit.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     sub.add_parser("check-config", help="validate and print the effective config (secrets masked)")
     kek = sub.add_parser("kek", help="key-encryption keys")
     kek_sub = kek.add_subparsers(dest="kek_command", required=True, metavar="ACTION")
@@ -454,29 +474,21 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "keyset": cmd_keyset,
     "check-config": cmd_check_config,
     "serve": cmd_serve,
+    "audit": cmd_audit,
     "token": cmd_token,
     "reseal": cmd_reseal,
     "repair": cmd_repair,
 }
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-
-
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "kek":
         return cmd_kek(None, args)
     if args.command == "dev":
-        _setup_logging(args.log_level or "INFO")
+        setup_logging(args.log_level or "INFO", args.log_format or "text")
         return cmd_dev(args.config, args)
     settings = load_settings(args.config)
-    _setup_logging(args.log_level or settings.log.level)
+    setup_logging(args.log_level or settings.log.level, args.log_format or settings.log.format)
     return _COMMANDS[args.command](settings, args)
 
 

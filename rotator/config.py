@@ -7,11 +7,12 @@ file, TOML syntax, unknown field, bad duration, contradictory policy) into a
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -201,6 +202,8 @@ class LogSettings(_Section):
     """Logging."""
 
     level: str = "INFO"
+    format: Literal["text", "json"] = "text"
+    audit_max_entries: int = Field(default=100_000, ge=100)
 
     @field_validator("level")
     @classmethod
@@ -277,12 +280,18 @@ class Settings(BaseSettings):
         return override.overlay(base) if override else base
 
     def keyring(self) -> Keyring | None:
-        """The KEKs from ``keys.kek_file`` or ``keys.keks``; ``None`` if neither is set.
+        """The KEKs from ``keys.kek_file`` or ``keys.keks``, else from the systemd credential
+        ``kek`` (``$CREDENTIALS_DIRECTORY/kek``); ``None`` if there are none.
 
         Raises `KekError` when they are unusable.
         """
         keks = self.keys.keks.get_secret_value() if self.keys.keks else None
-        return load_keyring(self.keys.kek_file, keks)
+        kek_file = self.keys.kek_file
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if kek_file is None and keks is None and credentials:
+            candidate = Path(credentials) / "kek"  # systemd LoadCredential=kek:...
+            kek_file = candidate if candidate.is_file() else None
+        return load_keyring(kek_file, keks)
 
     def configured_keysets(self) -> list[str]:
         """Key sets named in the config; ``default`` when none is."""

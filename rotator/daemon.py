@@ -34,9 +34,18 @@ from rotator.health import Health, HealthServer
 from rotator.lease import Lease
 from rotator.lifecycle import rotation_due_at
 from rotator.manager import KeyManager, Outcome
+from rotator.metrics import (
+    CURRENT_KEY_AGE,
+    LAST_RECONCILE,
+    LEADER,
+    PUBLISHED_KEYS,
+    REDIS_ERRORS,
+    ROTATIONS,
+)
 from rotator.sealing import UnsealError
-from rotator.state import CorruptState, Status
+from rotator.state import CorruptState, KeySetState, Status
 from rotator.store import Conflict
+from rotator.systemd import notify, watchdog_seconds
 
 __all__ = ["Daemon"]
 
@@ -66,6 +75,10 @@ class Daemon:
         self._registered: set[str] = set()
         self._errors: dict[str, str] = {}
         self._redis_was_down = False
+        self._activated: dict[str, float] = {}
+        self._ready_sent = False
+        self._watchdog = watchdog_seconds()
+        self._audit_seen: str | None = None
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1), "lease": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -93,6 +106,7 @@ class Daemon:
         was_leader = self.lease.held
         leader = self.lease.refresh()
         self.health.leader = leader
+        LEADER.set(1 if leader else 0)
         if leader and not was_leader and not self.stopping.is_set():
             self._wake_at(self.clock())
         return leader
@@ -110,8 +124,9 @@ class Daemon:
                 return
             try:
                 if not leader:
-                    self.manager.observe(name)
-                    self.health.succeeded(name, self.clock())
+                    observed = self.manager.observe(name)
+                    if observed is not None:  # empty until the leader bootstraps it
+                        self._seen(observed)
                     continue
                 outcome = self.manager.reconcile(name)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -130,8 +145,23 @@ class Daemon:
             due.append(self._next_due(outcome))
         if committed and self.backup is not None:
             self._save_backup()
+        self.count_rotations()
         if due and leader:
             self._wake_at(min(due))
+        self._notify(names, leader)
+
+    def _notify(self, names: list[str], leader: bool) -> None:
+        report = self.health.report(self.clock())
+        status = (
+            f"STATUS={'leader' if leader else 'follower'}, {len(names)} key set(s), "
+            f"{'ready' if report['ready'] else 'not ready'}"
+        )
+        if report["ready"] and not self._ready_sent:
+            self._ready_sent = notify("READY=1", status)
+        else:
+            notify(status)
+        if self._watchdog is not None:
+            notify("WATCHDOG=1")
 
     def _save_backup(self) -> None:
         assert self.backup is not None
@@ -146,22 +176,41 @@ class Daemon:
             self._redis_was_down = False
         if self._errors.pop(outcome.keyset, None) is not None:
             log.info("key set %s: healthy again", outcome.keyset)
-        self.health.succeeded(outcome.keyset, self.clock())
-        for event in outcome.events:
-            log.info(
-                "key set %s: %s kid=%s version=%d%s",
-                outcome.keyset,
-                event.kind,
-                event.kid,
-                outcome.state.version,
-                f" reason={event.reason}" if event.reason else "",
-            )
-        if outcome.action in {"restore", "republish"}:
-            log.warning(
-                "key set %s: %s version %d", outcome.keyset, outcome.action, outcome.state.version
-            )
+        self._seen(outcome.state)
+
+    def _seen(self, state: KeySetState) -> None:
+        """*state* was reconciled or read just now: health and metrics."""
+        now = self.clock()
+        self.health.succeeded(state.keyset, now)
+        LAST_RECONCILE.labels(state.keyset).set(now)
+        PUBLISHED_KEYS.labels(state.keyset).set(len(state.keys))
+        activated = state.current.activated_at or state.updated_at
+        if self._activated.get(state.keyset) is None:
+            CURRENT_KEY_AGE.labels(state.keyset).set_function(self._age_of(state.keyset))
+        self._activated[state.keyset] = activated
+
+    def _age_of(self, keyset: str) -> Callable[[], float]:
+        return lambda: self.clock() - self._activated.get(keyset, self.clock())
+
+    def count_rotations(self) -> None:
+        """Count rotations recorded in the audit stream since the last look (every
+        replica counts every rotation, whoever made it: daemon or CLI)."""
+        audit = self.manager.audit
+        if audit is None:
+            return
+        try:
+            if self._audit_seen is None:
+                self._audit_seen = audit.last_id()
+                return
+            for entry in audit.since(self._audit_seen):
+                self._audit_seen = entry.id
+                if entry.event == "rotate":
+                    ROTATIONS.labels(entry.keyset, entry.reason or "scheduled").inc()
+        except (redis.RedisError, OSError):
+            REDIS_ERRORS.inc()
 
     def _redis_failed(self, exc: Exception) -> None:
+        REDIS_ERRORS.inc()
         self.health.redis_down()
         if not self._redis_was_down:
             log.warning("Redis is unreachable (%s); retrying every tick", exc)
@@ -226,7 +275,15 @@ class Daemon:
             daemon.tick,
             mask_url(self.settings.redis.url),
         )
+        if self._watchdog is not None and daemon.tick > self._watchdog / 2:
+            log.warning(
+                "daemon.tick (%gs) is more than half of the systemd watchdog (%gs): "
+                "systemd may kill a healthy daemon",
+                daemon.tick,
+                self._watchdog,
+            )
         self.stopping.wait()
+        notify("STOPPING=1", "STATUS=stopping")
         self._scheduler.shutdown(wait=True)
         self.lease.release()
         if server is not None:

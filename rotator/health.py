@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from rotator.metrics import CONTENT_TYPE, exposition
+
 __all__ = ["Health", "HealthServer"]
 
 
@@ -75,14 +77,22 @@ class Health:
 
 
 class HealthServer:
-    """``GET /healthz`` (the process answers) and ``GET /readyz`` (200 only when ready)."""
+    """``GET /healthz`` (the process answers), ``GET /readyz`` (200 only when ready) and
+    ``GET /metrics`` (Prometheus)."""
 
     def __init__(self, host: str, port: int, health: Health, clock: Callable[[], float]) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path == "/healthz":
+                if self.path == "/metrics":
+                    data = exposition()
+                    self.send_response(200)
+                    self.send_header("Content-Type", CONTENT_TYPE)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                elif self.path == "/healthz":
                     outer._send(self, 200, {"alive": True})
                 elif self.path == "/readyz":
                     report = health.report(clock())

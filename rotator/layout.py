@@ -69,6 +69,11 @@ class Layout:
         return f"{self.prefix}:events"
 
     @property
+    def audit(self) -> str:
+        """Capped stream of lifecycle events."""
+        return f"{self.prefix}:audit"
+
+    @property
     def leader(self) -> str:
         """The leader lease."""
         return f"{self.prefix}:leader"

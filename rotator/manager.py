@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from rotator import lifecycle
+from rotator.audit import AuditLog
 from rotator.jwk import GeneratedKey, generate_key
 from rotator.lifecycle import Event, Mint, Transition
 from rotator.policy import Policy
@@ -68,12 +69,14 @@ class KeyManager:
         *,
         clock: Callable[[], float] = time.time,
         remember: bool = False,
+        audit: AuditLog | None = None,
     ) -> None:
         self.store = store
         self.keyring = keyring
         self.policy = policy
         self.clock = clock
         self.remember = remember
+        self.audit = audit
         self._memory: dict[str, KeySetState] = {}
         self._opened: set[tuple[str, str, str]] = set()
 
@@ -146,9 +149,39 @@ class KeyManager:
                 log.info("key set %s: lost a race (%s); retrying on fresh data", keyset, exc)
                 continue
             self._remember(transition.state)
+            self._record(
+                transition.state, transition.events or ((event, transition.state.current.kid),)
+            )
             action: Action = "bootstrap" if state is None else "commit"
             return Outcome(keyset, action, transition.state, transition.events)
         raise Conflict(keyset, -1, -1)
+
+    def _record(self, state: KeySetState, events: Iterable[Event | tuple[str, str]]) -> None:
+        """Log each committed event once, with its fields, and append it to the audit trail."""
+        events = tuple(events)
+        for event in events:
+            kind, kid, reason = (
+                (event.kind, event.kid, event.reason)
+                if isinstance(event, Event)
+                else (event[0], event[1], None)
+            )
+            log.info(
+                "key set %s: %s kid=%s version=%d%s",
+                state.keyset,
+                kind,
+                kid,
+                state.version,
+                f" reason={reason}" if reason else "",
+                extra={
+                    "keyset": state.keyset,
+                    "kid": kid,
+                    "version": state.version,
+                    "event": kind,
+                    "reason": reason,
+                },
+            )
+        if self.audit is not None:
+            self.audit.append(state.keyset, state.version, events)
 
     def _restore(self, remembered: KeySetState, snapshot: Snapshot) -> Outcome:
         log.warning(
@@ -159,12 +192,14 @@ class KeyManager:
             remembered.version,
         )
         self.store.restore(remembered)
+        self._record(remembered, (("restore", remembered.current.kid),))
         return Outcome(remembered.keyset, "restore", remembered)
 
     def _republish(self, state: KeySetState) -> Outcome:
         log.warning("key set %s: published JWKS was missing or altered; republishing", state.keyset)
         self.store.republish(state)
         self._remember(state)
+        self._record(state, (("republish", state.current.kid),))
         return Outcome(state.keyset, "republish", state)
 
     def seed(self, states: dict[str, KeySetState]) -> None:

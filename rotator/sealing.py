@@ -160,7 +160,8 @@ def parse_keks(text: str, *, source: str) -> Keyring:
 def load_keyring(kek_file: Path | None, keks: str | None) -> Keyring | None:
     """Keyring from ``keys.kek_file`` or ``keys.keks`` (the env var); ``None`` if neither is set.
 
-    A KEK file that group or others may read is used, with a warning.
+    A KEK file that others, or a group other than the process's own, may read
+    is used, with a warning.
     """
     if kek_file is not None and keks is not None:
         raise KekError("keys.kek_file and keys.keks are both set: choose one")
@@ -169,13 +170,15 @@ def load_keyring(kek_file: Path | None, keks: str | None) -> Keyring | None:
     if kek_file is None:
         return None
     try:
-        mode = kek_file.stat().st_mode
+        status = kek_file.stat()
+        mode, file_gid = status.st_mode, status.st_gid
         text = kek_file.read_text(encoding="utf-8")
     except OSError as exc:
         raise KekError(f"keys.kek_file: cannot read {kek_file}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and file_gid != os.getegid()):
+        # A group of one's own is how Kubernetes (fsGroup) and systemd hand over secrets.
         log.warning(
-            "KEK file %s is readable by group or others (mode %o); chmod 600 it",
+            "KEK file %s is readable by others or another group (mode %o); chmod 600 it",
             kek_file,
             stat.S_IMODE(mode),
         )

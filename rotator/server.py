@@ -5,7 +5,8 @@ Routes (GET and HEAD):
 * ``/.well-known/jwks.json`` — the default key set, or ``?keyset=S``;
 * ``/v1/authentication/token/jwks`` — the key set named by ``X-App-Name``
   (empty or missing: the default set), as the reference IAM's clients call it;
-* ``/healthz`` (alive) and ``/readyz`` (configured key sets loaded and fresh).
+* ``/healthz`` (alive), ``/readyz`` (configured key sets loaded and fresh) and
+  ``/metrics`` (Prometheus, including the readers' staleness).
 
 Answers come from an in-memory `JWKSCache`, never one Redis round trip per
 request. The body is the stored JWKS bytes after the strict import has
@@ -36,6 +37,7 @@ from rotator.errors import KeySetUnavailable
 from rotator.jwks_import import VerificationKeys
 from rotator.keycache import ReaderLimits
 from rotator.layout import DEFAULT_KEYSET, validate_keyset_name
+from rotator.metrics import CONTENT_TYPE, exposition
 from rotator.reader import JWKSCache
 
 __all__ = ["IAM_PATH", "JWKS_PATH", "JWKSApp", "app_from_env", "serve"]
@@ -105,6 +107,9 @@ class JWKSApp:
             return self._send(start_response, 200, _json({"alive": True}))
         elif path == "/readyz":
             return self._ready(start_response)
+        elif path == "/metrics":
+            start_response(_STATUS[200], [("content-type", CONTENT_TYPE)])
+            return [exposition()]
         else:
             return self._send(start_response, 404, _NOT_FOUND)
         method = environ.get("REQUEST_METHOD")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import redis
 
 from rotator.layout import Layout
+from rotator.metrics import COMMIT_SECONDS
 from rotator.state import CorruptState, KeySetState, decode_state, encode_state
 
 __all__ = ["Conflict", "Snapshot", "Store"]
@@ -159,17 +160,18 @@ class Store:
     def commit(self, expected_version: int, state: KeySetState, event: str) -> None:
         """Write *state* (version ``expected_version + 1``) if Redis still holds
         ``expected_version``; raise `Conflict` otherwise."""
-        result = self._commit(
-            keys=[self.layout.state(state.keyset), self.layout.jwks(state.keyset)],
-            args=[
-                expected_version,
-                state.version,
-                encode_state(state),
-                state.jwks(),
-                self.layout.events,
-                self._event(state, event),
-            ],
-        )
+        with COMMIT_SECONDS.time():
+            result = self._commit(
+                keys=[self.layout.state(state.keyset), self.layout.jwks(state.keyset)],
+                args=[
+                    expected_version,
+                    state.version,
+                    encode_state(state),
+                    state.jwks(),
+                    self.layout.events,
+                    self._event(state, event),
+                ],
+            )
         self._checked(state.keyset, expected_version, result)
 
     def restore(self, state: KeySetState) -> None:

@@ -8,17 +8,19 @@ import itertools
 import json
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import redis
 from cryptography.hazmat.primitives import serialization
+from prometheus_client.parser import text_string_to_metric_families
 
 from rotator.embedded import EmbeddedRedis, free_port
 from rotator.jwk import b64url, load_private_key
 from rotator.sealing import load_keyring
 from rotator.state import decode_state
-from tests.conftest import Cli, StartDaemon
+from tests.conftest import Cli, Daemon, StartDaemon
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
@@ -152,3 +154,50 @@ def test_no_private_key_material_in_redis_or_logs(
     for haystack in haystacks:
         for needle in needles:
             assert needle not in haystack
+
+
+def test_metrics_json_logs_and_audit(
+    start_daemon: StartDaemon, client: redis.Redis, cli: Cli
+) -> None:
+    daemon = start_daemon(ROTATOR_LOG__FORMAT="json")
+    watch_jwks(client, until=3)
+    assert cli("rotate", "--force").code == 0
+    wait_for(
+        lambda: _sample(daemon, "rotator_rotations_total", reason="manual"),
+        what="manual rotation counted",
+    )
+    assert (_sample(daemon, "rotator_rotations_total", reason="scheduled") or 0) >= 2
+    assert _sample(daemon, "rotator_leader") == 1
+    assert (_sample(daemon, "rotator_published_keys") or 0) >= 2
+    assert (_sample(daemon, "rotator_current_key_age_seconds") or -1) >= 0
+    assert (_sample(daemon, "rotator_last_reconcile_timestamp_seconds") or 0) > 1e9
+    assert (_sample(daemon, "rotator_commit_duration_seconds_count") or 0) >= 3
+    assert _sample(daemon, "rotator_redis_errors_total") == 0
+
+    audit = cli("audit", "--limit", "50")
+    assert audit.code == 0
+    assert "rotate (manual)" in audit.stdout and "rotate (scheduled)" in audit.stdout
+    assert "bootstrap" in audit.stdout
+
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=20) == 0
+    records = [json.loads(line) for line in daemon.log if line.strip()]  # every line is JSON
+    lifecycle = [r for r in records if r.get("event") in {"bootstrap", "rotate", "expire"}]
+    assert {r["event"] for r in lifecycle} >= {"bootstrap", "rotate", "expire"}
+    for record in lifecycle:
+        assert record["keyset"] == "default" and isinstance(record["version"], int)
+        assert len(record["kid"]) == 43
+    rotated = [r["kid"] for r in lifecycle if r["event"] == "rotate"]
+    assert len(rotated) == len(set(rotated))  # each logged once
+    assert any("leader lease" in r["message"] for r in records)
+
+
+def _sample(daemon: Daemon, name: str, **labels: str) -> float | None:
+    url = f"http://127.0.0.1:{daemon.health_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None

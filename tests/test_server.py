@@ -17,6 +17,7 @@ import pytest
 import redis
 from joserfc.jwk import KeySet
 from jwcrypto import jwk as jwcrypto_jwk
+from prometheus_client.parser import text_string_to_metric_families
 
 from rotator.embedded import EmbeddedRedis, free_port
 from rotator.manager import KeyManager
@@ -164,6 +165,17 @@ def test_a_stored_private_member_is_never_served(served: Running, client: redis.
     )
     body = fetch(served.url + "/.well-known/jwks.json?keyset=billing").body
     assert b"c2VjcmV0LXNjYWxhcg" not in body and b'"d"' not in body
+
+
+def test_metrics_include_reader_staleness(served: Running) -> None:
+    fetch(served.url + "/.well-known/jwks.json")
+    text = fetch(served.url + "/metrics").body.decode()
+    samples = {
+        (s.name, s.labels.get("keyset")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert 0 <= samples[("rotator_reader_staleness_seconds", "default")] < 3600
 
 
 def test_health_and_outage(served: Running, redis_server: EmbeddedRedis) -> None:
