@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
 from typing import Any
@@ -23,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.errors import InvalidToken
 from rotator.follow import keyset_of
-from rotator.jwks_import import JWKSFormatError, VerificationKeys, import_jwks
-from rotator.keycache import ReaderLimits, Slot
+from rotator.jwks_import import VerificationKeys
+from rotator.keycache import ReaderLimits, Slot, SlotTable
 from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, verify_token
 
@@ -60,22 +59,18 @@ class AsyncJWKSCache:
         self.client = async_client_for(target)
         self.layout = Layout(prefix)
         self.limits = limits or ReaderLimits()
-        self.max_keysets = max_keysets
         self.clock = clock
         self.subscribed = False
         self.reads = 0
-        self._slots: OrderedDict[str, Slot] = OrderedDict()
+        self._table = SlotTable(self.limits, max_keysets, clock)
         self._inflight: dict[str, asyncio.Task[bool]] = {}
-        self._pinned: set[str] = set()
-        # Names found unpublished, kept apart so random names cannot evict real key sets.
-        self._absent: OrderedDict[str, float] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._down = False
 
     async def start(self, preload: Iterable[str] = ()) -> None:
         """Load *preload* (kept however cold they get) and start following commits."""
-        self._pinned = set(preload)
-        for keyset in self._pinned:
+        self._table.pinned = set(preload)
+        for keyset in self._table.pinned:
             await self.slot(keyset)
         self._task = asyncio.create_task(self._follow(), name="rotator-cache-follower")
 
@@ -87,36 +82,15 @@ class AsyncJWKSCache:
                 await self._task
         await self.client.aclose()
 
-    def held(self) -> list[str]:
-        """Key sets in memory, least recently used first."""
-        return list(self._slots)
-
     async def slot(self, keyset: str) -> Slot:
         """The slot of *keyset*, read from Redis on first use."""
-        slot = self._slots.get(keyset)
+        slot = self._table.get(keyset) or self._table.recently_absent(keyset)
         if slot is not None:
-            self._slots.move_to_end(keyset)
             return slot
-        checked = self._absent.get(keyset)
-        if checked is not None and self.clock() - checked < self.limits.unknown_kid_cooldown:
-            return Slot(keyset, fetched_at=checked)
-        slot = self._slots[keyset] = Slot(keyset)
-        self._evict()
+        slot, _dropped = self._table.add(keyset)
         await self.refresh(keyset)
-        if slot.fetched_at is not None and not slot.published and keyset not in self._pinned:
-            self._slots.pop(keyset, None)
-            self._absent[keyset] = slot.fetched_at
-            self._absent.move_to_end(keyset)
-            while len(self._absent) > self.limits.negative_cache_size:
-                self._absent.popitem(last=False)
+        self._table.settle(slot)
         return slot
-
-    def _evict(self) -> None:
-        while len(self._slots) > self.max_keysets:
-            victim = next((k for k in self._slots if k not in self._pinned), None)
-            if victim is None:
-                return
-            del self._slots[victim]
 
     async def refresh(self, keyset: str) -> bool:
         """Read *keyset* now; concurrent callers share one read."""
@@ -126,18 +100,6 @@ class AsyncJWKSCache:
             self._inflight[keyset] = task
             task.add_done_callback(lambda _t: self._inflight.pop(keyset, None))
         return await asyncio.shield(task)
-
-    def _accept(self, keyset: str, raw: bytes | str | None) -> bool:
-        slot = self._slots.get(keyset)
-        if slot is None:
-            return True  # evicted meanwhile
-        try:
-            keys = None if raw is None else import_jwks(raw)
-        except JWKSFormatError as exc:
-            log.error("key set %s: JWKS unusable (%s); keeping the last copy", keyset, exc)
-            return False
-        slot.accept(keys, self.clock())
-        return True
 
     def _redis_failed(self, exc: BaseException) -> None:
         if not self._down:
@@ -152,11 +114,11 @@ class AsyncJWKSCache:
             return False
         self.reads += 1
         self._down = False
-        return self._accept(keyset, raw)
+        return self._table.accept(keyset, raw)
 
     async def refresh_all(self) -> None:
         """Read every held key set in one pipelined round trip."""
-        names = list(self._slots)
+        names = self._table.names()
         if not names:
             return
         try:
@@ -170,7 +132,7 @@ class AsyncJWKSCache:
         self.reads += 1
         self._down = False
         for name, raw in zip(names, values, strict=True):
-            self._accept(name, raw)
+            self._table.accept(name, raw)
 
     async def _follow(self) -> None:
         backoff = 0.1
@@ -199,8 +161,8 @@ class AsyncJWKSCache:
             if message is not None and message.get("type") == "message":
                 keyset = keyset_of(message["data"])
                 if keyset is not None:
-                    self._absent.pop(keyset, None)
-                    if keyset in self._slots:
+                    self._table.forget_absent(keyset)
+                    if self._table.get(keyset) is not None:
                         await self.refresh(keyset)
             if time.monotonic() >= next_poll:
                 await self.refresh_all()
@@ -225,8 +187,7 @@ class AsyncJWKSCache:
 
     def staleness(self) -> dict[str, float | None]:
         """Seconds since each held key set was last read."""
-        now = self.clock()
-        return {name: slot.staleness(now) for name, slot in self._slots.items()}
+        return self._table.staleness()
 
 
 class AsyncJWKSReader:

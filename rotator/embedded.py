@@ -113,6 +113,7 @@ class EmbeddedRedis:
                     if self.process.poll() is not None:
                         raise RuntimeError(self._failure("exited")) from None
                     if time.monotonic() > deadline:
+                        self.kill()
                         raise RuntimeError(self._failure("did not answer in time")) from None
                     time.sleep(0.02)
         finally:

@@ -1,24 +1,29 @@
-"""What a reader knows about one key set, and when it may ask Redis again. Pure: no I/O.
+"""What a reader knows about its key sets, and when it may ask Redis again. Pure: no I/O.
 
-Both readers (threads and asyncio) keep one `Slot` per key set and let these
-rules decide: a key set is trusted for ``max_stale`` after the last
-successful read and then verification fails closed; an unknown kid may cause
-at most one refresh per ``cooldown``; kids still unknown after that refresh
-go into a small bounded negative cache, which every change of the key set
-empties, so a newly published key is never locked out.
+Both readers (threads and asyncio) keep a `SlotTable` of one `Slot` per key
+set and do only the reading themselves. The rules: a key set is trusted for
+``max_stale`` after the last successful read and then verification fails
+closed; an unknown kid may cause at most one refresh per ``cooldown``; kids
+still unknown after that refresh go into a small bounded negative cache,
+which every change of the key set empties, so a newly published key is never
+locked out.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.errors import KeySetUnavailable
-from rotator.jwks_import import VerificationKeys
+from rotator.jwks_import import JWKSFormatError, VerificationKeys, import_jwks
 
-__all__ = ["ReaderLimits", "Slot"]
+__all__ = ["ReaderLimits", "Slot", "SlotTable"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,3 +91,85 @@ class Slot:
         self.misses.move_to_end(kid)
         while len(self.misses) > limits.negative_cache_size:
             self.misses.popitem(last=False)
+
+
+class SlotTable:
+    """The slots a reader holds: at most *max_keysets* of them, least recently used dropped
+    first (never the *pinned* ones), plus the names recently found unpublished, kept apart
+    so that random names cannot push real key sets out. Not thread-safe by itself."""
+
+    def __init__(self, limits: ReaderLimits, max_keysets: int, clock: Callable[[], float]) -> None:
+        self.limits = limits
+        self.max_keysets = max_keysets
+        self.clock = clock
+        self.pinned: set[str] = set()
+        self._slots: OrderedDict[str, Slot] = OrderedDict()
+        self._absent: OrderedDict[str, float] = OrderedDict()
+
+    def names(self) -> list[str]:
+        """Key sets held, least recently used first."""
+        return list(self._slots)
+
+    def get(self, keyset: str) -> Slot | None:
+        """The slot of *keyset* if held; marks it used when something may have to go."""
+        slot = self._slots.get(keyset)
+        if (
+            slot is not None
+            and len(self._slots) >= self.max_keysets
+            and keyset not in self.pinned  # pinned slots are never dropped: no need to track
+        ):
+            self._slots.move_to_end(keyset)
+        return slot
+
+    def recently_absent(self, keyset: str) -> Slot | None:
+        """A throwaway empty slot if *keyset* was found unpublished within the cooldown."""
+        checked = self._absent.get(keyset)
+        if checked is not None and self.clock() - checked < self.limits.unknown_kid_cooldown:
+            return Slot(keyset, fetched_at=checked)
+        return None
+
+    def add(self, keyset: str) -> tuple[Slot, list[str]]:
+        """Hold a new, empty slot for *keyset*; return it and the names dropped for it."""
+        slot = self._slots.setdefault(keyset, Slot(keyset))
+        dropped: list[str] = []
+        while len(self._slots) > self.max_keysets:
+            victim = next((k for k in self._slots if k not in self.pinned), None)
+            if victim is None:
+                break
+            del self._slots[victim]
+            dropped.append(victim)
+        return slot, dropped
+
+    def settle(self, slot: Slot) -> bool:
+        """After a first read: stop holding an unpublished, unpinned key set; return whether
+        it was let go."""
+        if slot.fetched_at is None or slot.published or slot.keyset in self.pinned:
+            return False
+        self._slots.pop(slot.keyset, None)
+        self._absent[slot.keyset] = slot.fetched_at
+        self._absent.move_to_end(slot.keyset)
+        while len(self._absent) > self.limits.negative_cache_size:
+            self._absent.popitem(last=False)
+        return True
+
+    def forget_absent(self, keyset: str) -> None:
+        """A commit for *keyset* was announced: look again next time."""
+        self._absent.pop(keyset, None)
+
+    def accept(self, keyset: str, raw: bytes | str | None) -> bool:
+        """Take a freshly read JWKS (``None``: none published); ``False`` if it is unusable."""
+        slot = self._slots.get(keyset)
+        if slot is None:
+            return True  # dropped meanwhile
+        try:
+            keys = None if raw is None else import_jwks(raw)
+        except JWKSFormatError as exc:
+            log.error("key set %s: JWKS unusable (%s); keeping the last copy", keyset, exc)
+            return False
+        slot.accept(keys, self.clock())
+        return True
+
+    def staleness(self) -> dict[str, float | None]:
+        """Seconds since each held key set was last read."""
+        now = self.clock()
+        return {name: slot.staleness(now) for name, slot in list(self._slots.items())}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
 from types import TracebackType
 from typing import Any
@@ -26,8 +25,8 @@ from prometheus_client import Gauge
 
 from rotator.errors import InvalidToken
 from rotator.follow import EventFollower
-from rotator.jwks_import import JWKSFormatError, VerificationKeys, import_jwks
-from rotator.keycache import ReaderLimits, Slot
+from rotator.jwks_import import VerificationKeys
+from rotator.keycache import ReaderLimits, Slot, SlotTable
 from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, verify_token
 
@@ -66,13 +65,9 @@ class JWKSCache:
         self.client = client_for(target)
         self.layout = Layout(prefix)
         self.limits = limits or ReaderLimits()
-        self.max_keysets = max_keysets
         self.clock = clock
         self.reads = 0
-        self._slots: OrderedDict[str, Slot] = OrderedDict()
-        # Names found unpublished, kept apart so random names cannot evict real key sets.
-        self._absent: OrderedDict[str, float] = OrderedDict()
-        self._pinned: set[str] = set()
+        self._table = SlotTable(self.limits, max_keysets, clock)
         self._flights: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._down = False
@@ -91,8 +86,8 @@ class JWKSCache:
 
     def start(self, preload: Iterable[str] = ()) -> JWKSCache:
         """Load *preload* (kept however cold they get) and start following commits."""
-        self._pinned = set(preload)
-        for keyset in self._pinned:
+        self._table.pinned = set(preload)
+        for keyset in self._table.pinned:
             self.slot(keyset)
         if self._follower is not None:
             self._follower.start()
@@ -102,7 +97,7 @@ class JWKSCache:
         """Stop following; the copies stay usable until they go stale."""
         if self._follower is not None:
             self._follower.stop()
-        for keyset in list(self._slots):
+        for keyset in self._table.names():
             STALENESS.remove(keyset)
 
     @property
@@ -112,75 +107,41 @@ class JWKSCache:
 
     def held(self, keyset: str) -> Slot | None:
         """The copy of *keyset* if it is in memory; never reads Redis."""
-        return self._slots.get(keyset)
+        return self._table.get(keyset)
 
     def slot(self, keyset: str) -> Slot:
         """The copy of *keyset*, read from Redis on first use."""
-        slot = self._slots.get(keyset)
+        slot = self._table.get(keyset) or self._table.recently_absent(keyset)
         if slot is not None:
-            if len(self._slots) >= self.max_keysets:
-                with self._lock:  # recency only matters once something must be dropped
-                    if keyset in self._slots:
-                        self._slots.move_to_end(keyset)
             return slot
-        checked = self._absent.get(keyset)
-        if checked is not None and self.clock() - checked < self.limits.unknown_kid_cooldown:
-            return Slot(keyset, fetched_at=checked)
         with self._lock:
-            slot = self._slots.get(keyset)
-            if slot is None:
-                slot = self._slots[keyset] = Slot(keyset)
-                STALENESS.labels(keyset).set_function(self._staleness_of(keyset))
-                self._evict()
+            slot, dropped = self._table.add(keyset)
+            STALENESS.labels(keyset).set_function(self._staleness_of(keyset))
+            for name in dropped:
+                self._flights.pop(name, None)
+                STALENESS.remove(name)
         self.refresh(keyset)
-        if slot.fetched_at is not None and not slot.published and keyset not in self._pinned:
-            with self._lock:
-                if self._slots.pop(keyset, None) is not None:
-                    STALENESS.remove(keyset)
-                self._absent[keyset] = slot.fetched_at
-                self._absent.move_to_end(keyset)
-                while len(self._absent) > self.limits.negative_cache_size:
-                    self._absent.popitem(last=False)
+        with self._lock:
+            if self._table.settle(slot):
+                STALENESS.remove(keyset)
         return slot
 
     def _staleness_of(self, keyset: str) -> Callable[[], float]:
         def staleness() -> float:
-            slot = self._slots.get(keyset)
-            age = slot.staleness(self.clock()) if slot else None
+            age = self._table.staleness().get(keyset)
             return float("inf") if age is None else age
 
         return staleness
 
-    def _evict(self) -> None:
-        while len(self._slots) > self.max_keysets:
-            victim = next((k for k in self._slots if k not in self._pinned), None)
-            if victim is None:
-                return
-            del self._slots[victim]
-            self._flights.pop(victim, None)
-            STALENESS.remove(victim)
-
     def _on_event(self, keyset: str) -> None:
-        self._absent.pop(keyset, None)
-        if keyset in self._slots:
+        self._table.forget_absent(keyset)
+        if self._table.get(keyset) is not None:
             self.refresh(keyset)
 
     def _redis_failed(self, exc: BaseException) -> None:
         if not self._down:
             log.warning("cannot read Redis (%s); using the last copies", exc)
             self._down = True
-
-    def _accept(self, keyset: str, raw: bytes | str | None) -> bool:
-        slot = self._slots.get(keyset)
-        if slot is None:
-            return True  # dropped meanwhile
-        try:
-            keys = None if raw is None else import_jwks(raw)
-        except JWKSFormatError as exc:
-            log.error("key set %s: JWKS unusable (%s); keeping the last copy", keyset, exc)
-            return False
-        slot.accept(keys, self.clock())
-        return True
 
     def refresh(self, keyset: str) -> bool:
         """Read *keyset* now; ``False`` if Redis could not be read.
@@ -190,10 +151,10 @@ class JWKSCache:
         """
         with self._lock:
             flight = self._flights.setdefault(keyset, threading.Lock())
-            slot = self._slots.get(keyset)
+            slot = self._table.get(keyset)
             seen = (slot.generation, slot.fetched_at) if slot else None
         with flight:
-            slot = self._slots.get(keyset)
+            slot = self._table.get(keyset)
             if slot is not None and seen is not None and (slot.generation, slot.fetched_at) != seen:
                 return True  # another caller read while we waited
             try:
@@ -203,11 +164,12 @@ class JWKSCache:
                 return False
             self.reads += 1
             self._down = False
-            return self._accept(keyset, raw)
+            with self._lock:
+                return self._table.accept(keyset, raw)
 
     def refresh_all(self) -> None:
         """Read every key set held in one pipelined round trip."""
-        names = list(self._slots)
+        names = self._table.names()
         if not names:
             return
         try:
@@ -220,8 +182,9 @@ class JWKSCache:
             return
         self.reads += 1
         self._down = False
-        for name, raw in zip(names, values, strict=True):
-            self._accept(name, raw)
+        with self._lock:
+            for name, raw in zip(names, values, strict=True):
+                self._table.accept(name, raw)
 
     def lookup(self, keyset: str, kid: str) -> ec.EllipticCurvePublicKey | None:
         """The key for *kid*; an unknown kid costs at most one shared read per cooldown.
@@ -246,8 +209,7 @@ class JWKSCache:
 
     def staleness(self) -> dict[str, float | None]:
         """Seconds since each held key set was last read."""
-        now = self.clock()
-        return {name: slot.staleness(now) for name, slot in list(self._slots.items())}
+        return self._table.staleness()
 
 
 class JWKSReader:
@@ -276,10 +238,14 @@ class JWKSReader:
         )
         self.max_token_bytes = max_token_bytes
         self.wall_clock = wall_clock
+        self._slot: Slot | None = None
+        self._clock, self._limits = clock, limits
 
     def start(self) -> JWKSReader:
         """Read the key set once and start following commits."""
         self.cache.start(preload=[self.keyset])
+        # Pinned, so this slot is never dropped or replaced: verify can go straight to it.
+        self._slot = self.cache.slot(self.keyset)
         return self
 
     def close(self) -> None:
@@ -322,6 +288,11 @@ class JWKSReader:
         return self.cache.refresh(self.keyset)
 
     def _lookup(self, kid: str) -> ec.EllipticCurvePublicKey | None:
+        slot = self._slot
+        if slot is not None:
+            key = slot.usable(self._clock(), self._limits).keys.get(kid)
+            if key is not None:
+                return key
         return self.cache.lookup(self.keyset, kid)
 
     def verify(

@@ -130,7 +130,17 @@ def _bindable(port: int) -> bool:
 
 
 def _cluster_nodes(tmp_path: Path) -> list[EmbeddedRedis]:
-    nodes = []
+    nodes: list[EmbeddedRedis] = []
+    try:
+        _start_nodes(tmp_path, nodes)
+    except BaseException:
+        for node in nodes:
+            node.cleanup()
+        raise
+    return nodes
+
+
+def _start_nodes(tmp_path: Path, nodes: list[EmbeddedRedis]) -> None:
     for index in range(3):
         directory = tmp_path / f"node{index}"
         directory.mkdir()
@@ -148,7 +158,6 @@ def _cluster_nodes(tmp_path: Path) -> list[EmbeddedRedis]:
                 ],
             ).start()
         )
-    return nodes
 
 
 @pytest.fixture
