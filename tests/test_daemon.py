@@ -117,10 +117,11 @@ def test_redis_restarted_empty_gets_the_same_keys_back(
     assert daemon.process.poll() is None
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 def test_no_private_key_material_in_redis_or_logs(
-    start_daemon: StartDaemon, client: redis.Redis, cli: Cli, kek_file: Path
+    start_daemon: StartDaemon, client: redis.Redis, cli: Cli, kek_file: Path, log_format: str
 ) -> None:
-    daemon = start_daemon()
+    daemon = start_daemon(ROTATOR_LOG__FORMAT=log_format)
     watch_jwks(client, until=3)
     cli("revoke", json.loads(client.get("rotator:{default}:jwks") or b"")["keys"][1]["kid"])
     daemon.process.send_signal(signal.SIGTERM)
@@ -141,6 +142,8 @@ def test_no_private_key_material_in_redis_or_logs(
             serialization.NoEncryption(),
         )
         needles += [der, d, b64url(d).encode(), base64.b64encode(der), pem]
+    if log_format == "json":
+        assert all(json.loads(line) for line in daemon.log if line.strip())
     haystacks: list[bytes] = ["".join(daemon.log).encode()]
     for name in client.scan_iter():
         kind = client.type(name)
@@ -150,7 +153,9 @@ def test_no_private_key_material_in_redis_or_logs(
             haystacks.append(value)
         elif kind == b"set":
             haystacks += list(client.smembers(name))  # type: ignore[arg-type]
-    assert len(haystacks) >= 3
+        elif kind == b"stream":
+            haystacks += [repr(entry).encode() for entry in client.xrange(name)]  # type: ignore[union-attr]
+    assert len(haystacks) >= 8  # the log, state, JWKS and the audit entries
     for haystack in haystacks:
         for needle in needles:
             assert needle not in haystack
