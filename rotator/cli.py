@@ -159,11 +159,13 @@ def cmd_dev(settings_path: Path | None, args: argparse.Namespace) -> int:
             daemon={"tick": max(1, int(interval / 6)), "health_port": health_port},
         )
         env = f"ROTATOR_REDIS__URL={server.url} ROTATOR_KEYS__KEK_FILE={kek_file}"
+        program = Path(sys.argv[0])
+        command = str(program) if program.name == "rotator" else f"{sys.executable} -m rotator"
         print(
             f"rotator dev: throwaway Redis at {server.url}, throwaway KEK in {kek_file}\n"
             f"  rotation every {format_duration(interval)}; watch it with:\n"
-            f"    {env} rotator status\n"
-            f"    {env} rotator jwks\n"
+            f"    {env} {command} status\n"
+            f"    {env} {command} jwks\n"
             f"    curl -s http://127.0.0.1:{health_port}/readyz\n"
             "  Ctrl-C stops the daemon and Redis and deletes both.",
             flush=True,
