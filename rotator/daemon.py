@@ -30,6 +30,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from rotator.backup import Backup
 from rotator.config import Settings, mask_url
+from rotator.follow import EventFollower
 from rotator.health import Health, HealthServer
 from rotator.lease import Lease
 from rotator.lifecycle import rotation_due_at
@@ -236,6 +237,20 @@ class Daemon:
             self.tick, DateTrigger(run_at), id="wake", replace_existing=True, name="wake"
         )
 
+    def on_commit(self, keyset: str) -> None:
+        """A commit was announced (by any writer, the CLI included): read it now rather than
+        at the next tick, so that a restore after Redis loses data carries it, a
+        revocation above all."""
+        managed = keyset in self._registered or keyset in self.settings.configured_keysets()
+        if not managed or self.stopping.is_set():
+            return
+        try:
+            state = self.manager.observe(keyset)
+        except (redis.RedisError, CorruptState):
+            return  # the tick will report it
+        if state is not None:
+            self._seen(state)
+
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing the commit in flight", signal.Signals(signum).name)
         self.stopping.set()
@@ -269,6 +284,16 @@ class Daemon:
             next_run_time=now,
         )
         self._scheduler.start()
+        follower = EventFollower(
+            self.manager.store.client,
+            self.manager.store.layout.events,
+            on_event=self.on_commit,
+            on_poll=lambda: None,  # the tick already reads everything
+            on_connect=lambda: None,
+            poll_interval=3600,
+            name="rotator-daemon-events",
+        )
+        follower.start()
         log.info(
             "rotator daemon started: key sets %s, tick %gs, Redis %s",
             ", ".join(self.keysets()) or "(none)",
@@ -284,6 +309,7 @@ class Daemon:
             )
         self.stopping.wait()
         notify("STOPPING=1", "STATUS=stopping")
+        follower.stop()
         self._scheduler.shutdown(wait=True)
         self.lease.release()
         if server is not None:

@@ -116,7 +116,10 @@ class KeyManager:
 
     def _remember(self, state: KeySetState) -> None:
         if self.remember:
-            self._memory[state.keyset] = state
+            known = self._memory.get(state.keyset)
+            # Two threads may report reads out of order; never step back to an older version.
+            if known is None or known.version <= state.version:
+                self._memory[state.keyset] = state
 
     def _apply(
         self,

@@ -206,3 +206,28 @@ def _sample(daemon: Daemon, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
+
+
+def test_a_revocation_by_the_cli_survives_redis_losing_its_data(
+    start_daemon: StartDaemon, client: redis.Redis, cli: Cli
+) -> None:
+    """The daemon reads every announced commit at once, so the copy it writes back after
+    Redis lost its data already lacks a key the CLI revoked a moment before."""
+    daemon = start_daemon(
+        ROTATOR_DAEMON__TICK="10s", ROTATOR_ROTATION__INTERVAL="1h", ROTATOR_ROTATION__OVERLAP="2h"
+    )
+    wait_for(lambda: daemon.http("/readyz") == 200, what="ready")
+
+    def last_read() -> float:
+        keysets = daemon.report().get("keysets")
+        assert isinstance(keysets, dict)
+        return float(keysets["default"]["last_success"])
+
+    before = last_read()
+    kid = json.loads(client.get("rotator:{default}:jwks") or b"")["keys"][1]["kid"]
+    assert cli("revoke", kid).code == 0
+    wait_for(lambda: last_read() > before, timeout=3, what="the daemon to read the revocation")
+    client.flushall()
+    restored = wait_for(lambda: client.get("rotator:{default}:jwks"), timeout=15, what="restore")
+    assert isinstance(restored, bytes)
+    assert kid not in restored.decode()
