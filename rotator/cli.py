@@ -353,10 +353,11 @@ def cmd_reseal(settings: Settings, args: argparse.Namespace) -> int:
     manager = _manager(settings)
     names = _selected(settings, manager, args.keyset)
     for name in names:
-        if manager.load(name).state is None:
+        try:
+            outcome = manager.reseal(name)
+        except LifecycleError:
             print(f"{name}: empty, nothing to reseal")
             continue
-        outcome = manager.reseal(name)
         verb = "resealed" if outcome.action == "commit" else "already sealed"
         assert manager.keyring is not None
         sealing = manager.keyring.sealing_id

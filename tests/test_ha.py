@@ -125,21 +125,30 @@ def test_kill_9_of_the_leader_hands_over_within_the_lease(
     assert time.monotonic() - killed_at < LEASE + TICK + INTERVAL + 5
 
 
-def test_backup_file_brings_keys_back_when_redis_and_memory_are_lost(
-    start_daemon: StartDaemon, client: redis.Redis, tmp_path: Path
-) -> None:
-    backup = tmp_path / "state.json"
-    env = {
+def backup_env(backup: Path) -> dict[str, str]:
+    """A daemon with a backup file and a slow schedule (nothing rotates during the test)."""
+    return {
         "ROTATOR_DAEMON__BACKUP_PATH": str(backup),
         "ROTATOR_ROTATION__INTERVAL": "1h",
         "ROTATOR_ROTATION__OVERLAP": "2h",
     }
+
+
+def stop_cleanly(daemon: Daemon) -> None:
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(20) == 0
+
+
+def test_backup_file_brings_keys_back_when_redis_and_memory_are_lost(
+    start_daemon: StartDaemon, client: redis.Redis, tmp_path: Path
+) -> None:
+    backup = tmp_path / "state.json"
+    env = backup_env(backup)
     daemon = start_daemon(**env)
     jwks = wait_for(lambda: client.get("rotator:{default}:jwks"), what="bootstrap")
     wait_for(backup.exists, what="backup file")
     assert backup.stat().st_mode & 0o777 == 0o600
-    daemon.process.send_signal(signal.SIGTERM)
-    assert daemon.process.wait(20) == 0
+    stop_cleanly(daemon)
     client.flushall()
     start_daemon(**env)
     assert wait_for(lambda: client.get("rotator:{default}:jwks"), what="restore") == jwks
@@ -149,15 +158,10 @@ def test_a_backup_older_than_redis_is_not_used(
     start_daemon: StartDaemon, client: redis.Redis, tmp_path: Path, kek_file: Path
 ) -> None:
     backup = tmp_path / "state.json"
-    env = {
-        "ROTATOR_DAEMON__BACKUP_PATH": str(backup),
-        "ROTATOR_ROTATION__INTERVAL": "1h",
-        "ROTATOR_ROTATION__OVERLAP": "2h",
-    }
+    env = backup_env(backup)
     daemon = start_daemon(**env)
     wait_for(backup.exists, what="backup file")
-    daemon.process.send_signal(signal.SIGTERM)
-    assert daemon.process.wait(20) == 0
+    stop_cleanly(daemon)
     keyring = load_keyring(kek_file, None)
     assert keyring is not None
     manager = KeyManager(Store(client, Layout()), keyring, lambda _n: Policy(cache_max_age=1))
