@@ -60,27 +60,37 @@ class AuditLog:
 
     def append(self, keyset: str, version: int, events: Iterable[Event | tuple[str, str]]) -> None:
         """Record *events* of *keyset* at *version* (lifecycle events, or (name, kid) pairs)."""
+        self.append_many([(keyset, version, events)])
+
+    def append_many(
+        self, commits: Iterable[tuple[str, int, Iterable[Event | tuple[str, str]]]]
+    ) -> None:
+        """Record the events of many commits ``(keyset, version, events)`` in one round trip."""
         now = f"{time.time():.3f}"
+        commits = list(commits)
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for event in events:
-                    kind, kid, reason = (
-                        (event.kind, event.kid, event.reason or "")
-                        if isinstance(event, Event)
-                        else (event[0], event[1], "")
-                    )
-                    fields = {
-                        "at": now,
-                        "keyset": keyset,
-                        "version": str(version),
-                        "event": kind,
-                        "kid": kid,
-                        "reason": reason,
-                    }
-                    pipe.xadd(self.key, fields, maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
+                for keyset, version, events in commits:
+                    for event in events:
+                        kind, kid, reason = (
+                            (event.kind, event.kid, event.reason or "")
+                            if isinstance(event, Event)
+                            else (event[0], event[1], "")
+                        )
+                        fields = {
+                            "at": now,
+                            "keyset": keyset,
+                            "version": str(version),
+                            "event": kind,
+                            "kid": kid,
+                            "reason": reason,
+                        }
+                        pipe.xadd(self.key, fields, maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:
-            log.warning("key set %s: audit append failed (%s); the commit stands", keyset, exc)
+            names = sorted({keyset for keyset, _version, _events in commits})
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            log.warning("key set %s: audit append failed (%s); the commit stands", shown, exc)
 
     def _entry(self, entry_id: bytes | str, fields: Fields) -> AuditEntry:
         data = {_text(k): _text(v) for k, v in fields.items()}

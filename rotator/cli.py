@@ -14,34 +14,47 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 
 from rotator.audit import AuditLog
-from rotator.config import ConfigError, Settings, load_settings, mask_url
+from rotator.config import (
+    ConfigError,
+    KeysetSettings,
+    Settings,
+    describe_error,
+    load_settings,
+    mask_url,
+)
 from rotator.connection import connect
 from rotator.daemon import Daemon
 from rotator.durations import format_duration, parse_duration
 from rotator.embedded import EmbeddedRedis, RedisBinaryNotFound, free_port
 from rotator.errors import InvalidToken
+from rotator.keysets import BadPolicy, KeySets, describe_policy, encode_overrides
 from rotator.layout import Layout, validate_keyset_name
 from rotator.lifecycle import LifecycleError, rotation_due_at
 from rotator.logs import setup_logging
 from rotator.manager import KeyManager, NoKekError, Outcome
+from rotator.policy import Policy
 from rotator.reader import JWKSReader
 from rotator.sealing import KekError, UnsealError, generate_kek_line
 from rotator.server import JWKS_PATH, serve
 from rotator.signer import Signer, SigningError
 from rotator.state import CorruptState, KeySetState
-from rotator.store import Conflict, Store
+from rotator.store import Conflict, Snapshot, Store
 
 __all__ = ["main"]
 
 log = logging.getLogger("rotator")
+
+# Key sets read per pipelined round trip by commands that look at all of them.
+_BATCH = 500
 
 
 class UsageError(Exception):
@@ -61,7 +74,11 @@ def _iso(moment: float | None) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _manager(settings: Settings, *, one_shot: bool = True, remember: bool = False) -> KeyManager:
+def _manager(
+    settings: Settings, *, one_shot: bool = True, remember: bool = False
+) -> tuple[KeyManager, KeySets]:
+    """The manager and the managed key sets; one-shot commands read the registry at once
+    (the daemon does on every tick, so it starts even while Redis is down)."""
     keyring = settings.keyring()
     client = connect(settings.redis, retries=2 if one_shot else None)
     layout = Layout(settings.redis.prefix)
@@ -72,19 +89,19 @@ def _manager(settings: Settings, *, one_shot: bool = True, remember: bool = Fals
         replica_ack_timeout=settings.redis.replica_ack_timeout,
     )
     audit = AuditLog(client, layout, max_entries=settings.log.audit_max_entries)
-    return KeyManager(store, keyring, settings.policy, remember=remember, audit=audit)
+    keysets = KeySets(settings, store)
+    if one_shot:
+        keysets.refresh()
+    manager = KeyManager(store, keyring, keysets.policy, remember=remember, audit=audit)
+    return manager, keysets
 
 
-def _known_keysets(settings: Settings, manager: KeyManager) -> list[str]:
-    return sorted(set(settings.configured_keysets()) | manager.store.registered())
-
-
-def _keyset(settings: Settings, manager: KeyManager, name: str) -> str:
+def _keyset(keysets: KeySets, name: str) -> str:
     try:
         validate_keyset_name(name)
     except ValueError as exc:
         raise UsageError(f"--keyset: {exc}") from None
-    if name not in _known_keysets(settings, manager):
+    if name not in keysets:
         raise UsageError(
             f"key set {name!r} is neither in the config nor registered "
             f"(add it with `rotator keyset add {name}`)"
@@ -92,9 +109,9 @@ def _keyset(settings: Settings, manager: KeyManager, name: str) -> str:
     return name
 
 
-def _selected(settings: Settings, manager: KeyManager, name: str | None) -> list[str]:
+def _selected(keysets: KeySets, name: str | None) -> list[str]:
     """The key set named by ``--keyset``, or all of them."""
-    return [_keyset(settings, manager, name)] if name else _known_keysets(settings, manager)
+    return [_keyset(keysets, name)] if name else keysets.names()
 
 
 def _print_outcome(outcome: Outcome) -> None:
@@ -104,12 +121,12 @@ def _print_outcome(outcome: Outcome) -> None:
     print(f"{outcome.keyset}: version {outcome.state.version}, current {outcome.state.current.kid}")
 
 
-def _status_doc(state: KeySetState, settings: Settings, now: float) -> dict[str, Any]:
+def _status_doc(state: KeySetState, policy: Policy, now: float) -> dict[str, Any]:
     return {
         "keyset": state.keyset,
         "version": state.version,
         "updated_at": state.updated_at,
-        "next_rotation_at": rotation_due_at(state, settings.policy(state.keyset)),
+        "next_rotation_at": rotation_due_at(state, policy),
         "keys": [
             {
                 "kid": k.kid,
@@ -129,13 +146,13 @@ def _status_doc(state: KeySetState, settings: Settings, now: float) -> dict[str,
 
 
 def cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
-    manager = _manager(settings, one_shot=False, remember=True)
+    manager, keysets = _manager(settings, one_shot=False, remember=True)
     if manager.keyring is None:
         raise NoKekError(
             "keys: no KEK configured; set keys.kek_file or ROTATOR_KEYS__KEKS "
             "(`rotator kek generate` makes one). Only `rotator dev` runs without one."
         )
-    return Daemon(settings, manager).run()
+    return Daemon(settings, manager, keysets).run()
 
 
 def cmd_dev(settings_path: Path | None, args: argparse.Namespace) -> int:
@@ -170,36 +187,36 @@ def cmd_dev(settings_path: Path | None, args: argparse.Namespace) -> int:
             "  Ctrl-C stops the daemon and Redis and deletes both.",
             flush=True,
         )
-        manager = _manager(settings, one_shot=False, remember=True)
-        return Daemon(settings, manager).run()
+        manager, keysets = _manager(settings, one_shot=False, remember=True)
+        return Daemon(settings, manager, keysets).run()
 
 
 def cmd_rotate(settings: Settings, args: argparse.Namespace) -> int:
-    manager = _manager(settings)
-    keyset = _keyset(settings, manager, args.keyset)
+    manager, keysets = _manager(settings)
+    keyset = _keyset(keysets, args.keyset)
     _print_outcome(manager.rotate(keyset, force=args.force, force_new=args.force_new))
     return 0
 
 
 def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
-    manager = _manager(settings)
-    keyset = _keyset(settings, manager, args.keyset)
+    manager, keysets = _manager(settings)
+    keyset = _keyset(keysets, args.keyset)
     _print_outcome(manager.revoke(keyset, args.kid))
     return 0
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    manager = _manager(settings)
-    names = _selected(settings, manager, args.keyset)
+    manager, keysets = _manager(settings)
+    names = _selected(keysets, args.keyset)
     now = time.time()
     docs: list[dict[str, Any]] = []
-    for name in names:
-        try:
-            state = manager.load(name).state
-        except CorruptState as exc:
-            docs.append({"keyset": name, "error": str(exc)})
-            continue
-        docs.append(_status_doc(state, settings, now) if state else {"keyset": name, "version": 0})
+    for name, loaded in _load_all(manager, names):
+        if isinstance(loaded, Exception):
+            docs.append({"keyset": name, "error": str(loaded)})
+        elif loaded.state is None:
+            docs.append({"keyset": name, "version": 0})
+        else:
+            docs.append(_status_doc(loaded.state, keysets.policy(name), now))
     if args.json:
         print(json.dumps(docs, indent=2))
     else:
@@ -229,8 +246,8 @@ def _print_status(doc: dict[str, Any], now: float) -> None:
 
 
 def cmd_jwks(settings: Settings, args: argparse.Namespace) -> int:
-    manager = _manager(settings)
-    keyset = _keyset(settings, manager, args.keyset)
+    manager, keysets = _manager(settings)
+    keyset = _keyset(keysets, args.keyset)
     raw = manager.store.client.get(manager.store.layout.jwks(keyset))
     if raw is None:
         raise Failure(f"key set {keyset} has no published JWKS yet")
@@ -238,29 +255,125 @@ def cmd_jwks(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+_POLICY_FLAGS = (
+    "interval",
+    "schedule",
+    "overlap",
+    "max_token_ttl",
+    "clock_skew",
+    "cache_max_age",
+    "jitter",
+)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _stored_policy(settings: Settings, args: argparse.Namespace, stored: Mapping[str, Any]) -> str:
+    """The policy flags given laid over *stored*, checked, as the registry stores them."""
+    given = {f: getattr(args, f) for f in _POLICY_FLAGS if getattr(args, f) is not None}
+    merged = dict(stored)
+    if {"interval", "schedule"} & given.keys():
+        merged.pop("interval", None)
+        merged.pop("schedule", None)
+    merged.update(given)
+    try:
+        overrides = KeysetSettings.model_validate(merged)
+    except ValidationError as exc:
+        lines = [_flagged(describe_error(e)) for e in exc.errors()]
+        raise UsageError("; ".join(lines)) from None
+    problems = overrides.overlay(settings.base_policy()).problems()
+    if problems:
+        raise UsageError("; ".join(f"{_flag(f)}: {m}" for f, m in problems))
+    return encode_overrides(overrides)
+
+
+def _flagged(line: str) -> str:
+    field, sep, message = line.partition(": ")
+    return f"{_flag(field)}: {message}" if sep and field in _POLICY_FLAGS else line
+
+
+def _load_all(
+    manager: KeyManager, names: Sequence[str]
+) -> list[tuple[str, Snapshot | CorruptState]]:
+    """Every key set of *names*, read in pipelined batches."""
+    loaded: list[tuple[str, Snapshot | CorruptState]] = []
+    for start in range(0, len(names), _BATCH):
+        batch = names[start : start + _BATCH]
+        loaded += zip(batch, manager.store.load_many(batch), strict=True)
+    return loaded
+
+
+def _keyset_list(manager: KeyManager, keysets: KeySets, as_json: bool) -> int:
+    entries = {entry.name: entry for entry in keysets.entries()}
+    rows: list[dict[str, Any]] = []
+    for name, loaded in _load_all(manager, list(entries)):
+        entry = entries[name]
+        row: dict[str, Any] = {"keyset": name, "origin": entry.origin, "policy": entry.overrides}
+        if entry.policy is None or isinstance(loaded, Exception):
+            row["error"] = entry.problem if entry.policy is None else str(loaded)
+        elif loaded.state is None:
+            row["version"] = 0
+        else:
+            row["version"] = loaded.state.version
+            row["next_rotation_at"] = rotation_due_at(loaded.state, entry.policy)
+        rows.append(row)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'KEYSET':<24} {'ORIGIN':<8} {'VERSION':>7}  {'NEXT ROTATION':<20}  POLICY")
+        for row in rows:
+            entry = entries[row["keyset"]]
+            policy = describe_policy(entry.policy) if entry.policy else "-"
+            if "error" in row:
+                when, policy = "ERROR", row["error"]
+            elif row["version"] == 0:
+                when = "empty"
+            else:
+                when = _iso(row["next_rotation_at"])
+            print(
+                f"{row['keyset']:<24} {row['origin']:<8} {row.get('version', '-'):>7}  "
+                f"{when:<20}  {policy}"
+            )
+    return 1 if any("error" in row for row in rows) else 0
+
+
 def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
-    manager = _manager(settings)
+    manager, keysets = _manager(settings)
     store = manager.store
     if args.keyset_command == "list":
-        registered = store.registered()
-        for name in sorted(set(settings.configured_keysets()) | registered):
-            origin = "config" if name in settings.configured_keysets() else "registry"
-            print(f"{name}\t{origin}")
-        return 0
+        return _keyset_list(manager, keysets, args.json)
     try:
         name = validate_keyset_name(args.name)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if name in settings.configured_keysets():
+        raise UsageError(f"key set {name} is defined in the config; change it there")
+    registered = store.registry()
     if args.keyset_command == "add":
-        added = store.register(name)
+        policy = _stored_policy(settings, args, {})
+        if name in registered and registered[name] != policy:
+            raise UsageError(
+                f"key set {name} is already registered with policy {registered[name]}; "
+                f"change it with `rotator keyset update {name}`"
+            )
+        added = store.register(name, policy)
+        keysets.refresh()
         _print_outcome(manager.reconcile(name))
         if not added:
             print(f"{name}: was already registered")
         return 0
-    if name in settings.configured_keysets():
-        raise UsageError(f"key set {name} is defined in the config; remove it there")
-    if name not in store.registered():
+    if name not in registered:
         raise UsageError(f"key set {name} is not registered")
+    if args.keyset_command == "update":
+        current = keysets.get(name)
+        stored = current.overrides if current is not None and current.policy else {}
+        policy = _stored_policy(settings, args, stored)
+        store.register(name, policy, replace=True)
+        print(f"{name}: policy {policy}")
+        print(f"{name}: the daemon applies it from its next tick")
+        return 0
     if not args.yes:
         raise UsageError(
             f"removing key set {name} deletes its keys; tokens it signed stop verifying. "
@@ -314,9 +427,9 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
-    manager = _manager(settings)
+    manager, keysets = _manager(settings)
     assert manager.audit is not None
-    keyset = _keyset(settings, manager, args.keyset) if args.keyset else None
+    keyset = _keyset(keysets, args.keyset) if args.keyset else None
     for entry in manager.audit.latest(keyset=keyset, limit=args.limit):
         event = f"{entry.event} ({entry.reason})" if entry.reason else entry.event
         print(f"{_iso(entry.at)}  {entry.keyset}  v{entry.version}  {event}  {entry.kid}")
@@ -350,8 +463,8 @@ def cmd_kek(_settings: Settings | None, args: argparse.Namespace) -> int:
 
 
 def cmd_reseal(settings: Settings, args: argparse.Namespace) -> int:
-    manager = _manager(settings)
-    names = _selected(settings, manager, args.keyset)
+    manager, keysets = _manager(settings)
+    names = _selected(keysets, args.keyset)
     for name in names:
         try:
             outcome = manager.reseal(name)
@@ -366,8 +479,8 @@ def cmd_reseal(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_repair(settings: Settings, args: argparse.Namespace) -> int:
-    manager = _manager(settings)
-    keyset = _keyset(settings, manager, args.keyset)
+    manager, keysets = _manager(settings)
+    keyset = _keyset(keysets, args.keyset)
     moved, outcome = manager.repair(keyset)
     print(f"{keyset}: unreadable state moved to {moved}")
     _print_outcome(outcome)
@@ -445,11 +558,22 @@ def _parser() -> argparse.ArgumentParser:
 
     keyset = sub.add_parser("keyset", help="add, remove or list key sets")
     keyset_sub = keyset.add_subparsers(dest="keyset_command", required=True, metavar="ACTION")
-    keyset_sub.add_parser("add", help="register and bootstrap a key set").add_argument("name")
+    add = keyset_sub.add_parser("add", help="register and bootstrap a key set")
+    update = keyset_sub.add_parser("update", help="change the policy of a registered key set")
+    for parser_ in (add, update):
+        parser_.add_argument("name")
+        for field in _POLICY_FLAGS:
+            parser_.add_argument(
+                _flag(field),
+                dest=field,
+                metavar="CRON" if field == "schedule" else "DURATION",
+                help=f"{field} of this key set (default: [rotation].{field})",
+            )
     remove = keyset_sub.add_parser("remove", help="unregister a key set and delete its keys")
     remove.add_argument("name")
     remove.add_argument("--yes", action="store_true", help="confirm deleting its keys")
-    keyset_sub.add_parser("list", help="list key sets")
+    listing = keyset_sub.add_parser("list", help="list key sets, policies, next rotation")
+    listing.add_argument("--json", action="store_true")
 
     _add_service_commands(sub, keyset_arg)
     audit = sub.add_parser("audit", help="show the latest lifecycle events (P:audit)")
@@ -498,7 +622,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 # A kid is 43 base64url characters and one in 64 starts with "-", which argparse
 # would take for an option.
 _DASH_KID = re.compile(r"-[A-Za-z0-9_-]{42}")
-_TAKES_VALUE = {"--config", "--keyset", "--log-level", "--id", "--interval"}
+_TAKES_VALUE = {"--config", "--keyset", "--log-level", "--id", *map(_flag, _POLICY_FLAGS)}
 
 
 def shield_kids(argv: Sequence[str]) -> list[str]:
@@ -530,6 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (
         LifecycleError,
+        BadPolicy,
         CorruptState,
         UnsealError,
         Conflict,

@@ -38,7 +38,14 @@ from rotator.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
 from rotator.policy import Policy, cron_trigger
 from rotator.sealing import Keyring, load_keyring
 
-__all__ = ["ConfigError", "Settings", "load_settings", "mask_url"]
+__all__ = [
+    "ConfigError",
+    "KeysetSettings",
+    "Settings",
+    "describe_error",
+    "load_settings",
+    "mask_url",
+]
 
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
 
@@ -118,6 +125,7 @@ class _PolicyFields(_Section):
     max_token_ttl: Duration | None = None
     clock_skew: Duration | None = None
     cache_max_age: Duration | None = None
+    jitter: Duration | None = None
 
     @field_validator("schedule")
     @classmethod
@@ -144,10 +152,11 @@ class _PolicyFields(_Section):
             "max_token_ttl": base.max_token_ttl,
             "clock_skew": base.clock_skew,
             "cache_max_age": base.cache_max_age,
+            "jitter": base.jitter,
         }
         if self.interval is not None or self.schedule is not None:
             values["interval"], values["schedule"] = self.interval, self.schedule
-        for name in ("overlap", "max_token_ttl", "clock_skew", "cache_max_age"):
+        for name in ("overlap", "max_token_ttl", "clock_skew", "cache_max_age", "jitter"):
             value = getattr(self, name)
             if value is not None:
                 values[name] = value
@@ -309,7 +318,8 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
-def _describe(error: Mapping[str, Any]) -> str:
+def describe_error(error: Mapping[str, Any]) -> str:
+    """One line naming the field of a pydantic error."""
     location = ".".join(str(part) for part in error["loc"])
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
@@ -333,7 +343,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        lines = [_describe(error) for error in exc.errors()]
+        lines = [describe_error(error) for error in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
     finally:
         _toml_path.reset(token)

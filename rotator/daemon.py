@@ -32,6 +32,7 @@ from rotator.backup import Backup
 from rotator.config import Settings, mask_url
 from rotator.follow import EventFollower
 from rotator.health import Health, HealthServer
+from rotator.keysets import KeySets
 from rotator.lease import Lease
 from rotator.lifecycle import rotation_due_at
 from rotator.manager import KeyManager, Outcome
@@ -43,16 +44,17 @@ from rotator.metrics import (
     REDIS_ERRORS,
     ROTATIONS,
 )
-from rotator.sealing import UnsealError
 from rotator.state import CorruptState, KeySetState, Status
-from rotator.store import Conflict
 from rotator.systemd import notify, watchdog_seconds
 
-__all__ = ["Daemon"]
+__all__ = ["BATCH_SIZE", "Daemon"]
 
 log = logging.getLogger(__name__)
 
 _FRESHNESS_TICKS = 3
+# Key sets per pipelined round trip: large enough that 10,000 key sets cost 20 round
+# trips a tick, small enough that a stop request is honoured between batches.
+BATCH_SIZE = 500
 
 
 class Daemon:
@@ -62,18 +64,19 @@ class Daemon:
         self,
         settings: Settings,
         manager: KeyManager,
+        keysets: KeySets,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.manager = manager
+        self.managed = keysets
         self.clock = clock
         daemon = settings.daemon
         self.health = Health(freshness=_FRESHNESS_TICKS * daemon.tick)
         self.lease = Lease(manager.store.client, manager.store.layout.leader, daemon.lease_ttl)
         self.backup = Backup(daemon.backup_path) if daemon.backup_path else None
         self.stopping = threading.Event()
-        self._registered: set[str] = set()
         self._errors: dict[str, str] = {}
         self._redis_was_down = False
         self._activated: dict[str, float] = {}
@@ -90,8 +93,8 @@ class Daemon:
         """Key sets this daemon manages: the config's plus the registry's."""
         # On a Redis error keep the last known registry; the tick reports Redis as down.
         with contextlib.suppress(redis.RedisError):
-            self._registered = self.manager.store.registered()
-        return sorted(set(self.settings.configured_keysets()) | self._registered)
+            self.managed.refresh()
+        return self.managed.names()
 
     def restore_backup(self) -> None:
         """Seed memory from the backup file, if one is configured."""
@@ -120,30 +123,28 @@ class Daemon:
         leader = self.lease.held
         due: list[float] = []
         committed = False
-        for name in names:
+        for start in range(0, len(names), BATCH_SIZE):
             if self.stopping.is_set():
                 return
+            batch = names[start : start + BATCH_SIZE]
             try:
-                if not leader:
-                    observed = self.manager.observe(name)
-                    if observed is not None:  # empty until the leader bootstraps it
-                        self._seen(observed)
-                    continue
-                outcome = self.manager.reconcile(name)
+                results = (
+                    self.manager.reconcile_many(batch)
+                    if leader
+                    else self.manager.observe_many(batch)
+                )
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._redis_failed(exc)
                 return
-            except (
-                CorruptState,
-                UnsealError,
-                Conflict,
-                redis.ResponseError,
-            ) as exc:
-                self._keyset_failed(name, str(exc))
-                continue
-            self._succeeded(outcome)
-            committed = committed or outcome.action in {"bootstrap", "commit", "restore"}
-            due.append(self._next_due(outcome))
+            for name, result in results.items():
+                if isinstance(result, Exception):
+                    self._keyset_failed(name, str(result))
+                elif isinstance(result, Outcome):
+                    self._succeeded(result.keyset, result.state)
+                    committed = committed or result.action in {"bootstrap", "commit", "restore"}
+                    due.append(self._next_due(result.state))
+                elif result is not None:  # a follower sees an empty set until it is bootstrapped
+                    self._succeeded(name, result)
         if committed and self.backup is not None:
             self._save_backup()
         self.count_rotations()
@@ -171,13 +172,13 @@ class Daemon:
         except OSError as exc:
             log.error("cannot write backup file %s: %s", self.backup.path, exc)
 
-    def _succeeded(self, outcome: Outcome) -> None:
+    def _succeeded(self, name: str, state: KeySetState) -> None:
         if self._redis_was_down:
             log.info("Redis is reachable again")
             self._redis_was_down = False
-        if self._errors.pop(outcome.keyset, None) is not None:
-            log.info("key set %s: healthy again", outcome.keyset)
-        self._seen(outcome.state)
+        if self._errors.pop(name, None) is not None:
+            log.info("key set %s: healthy again", name)
+        self._seen(state)
 
     def _seen(self, state: KeySetState) -> None:
         """*state* was reconciled or read just now: health and metrics."""
@@ -223,8 +224,7 @@ class Daemon:
             log.error("key set %s: skipped: %s", name, message)
             self._errors[name] = message
 
-    def _next_due(self, outcome: Outcome) -> float:
-        state = outcome.state
+    def _next_due(self, state: KeySetState) -> float:
         moments = [rotation_due_at(state, self.manager.policy(state.keyset))]
         moments += [k.expires_at for k in state.by_status(Status.RETIRED) if k.expires_at]
         return min(moments)
@@ -241,8 +241,7 @@ class Daemon:
         """A commit was announced (by any writer, the CLI included): read it now rather than
         at the next tick, so that a restore after Redis loses data carries it, a
         revocation above all."""
-        managed = keyset in self._registered or keyset in self.settings.configured_keysets()
-        if not managed or self.stopping.is_set():
+        if keyset not in self.managed or self.stopping.is_set():
             return
         try:
             state = self.manager.observe(keyset)

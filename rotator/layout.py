@@ -60,7 +60,7 @@ class Layout:
 
     @property
     def keysets(self) -> str:
-        """Set of key set names registered at run time."""
+        """Hash of key sets registered at run time: name -> stored policy overrides (JSON)."""
         return f"{self.prefix}:keysets"
 
     @property

@@ -21,6 +21,10 @@ of the design can be checked by driving these functions alone:
 * a scheduled rotation waits until ``next`` has been public for at least
   ``cache_max_age``, so every verifier's cache already holds it;
 * a retired key stays published until ``retired_at + overlap``;
+* the due time of a scheduled rotation is delayed by a fraction of the
+  policy's jitter window drawn from the current kid (a hash, not a random
+  draw), so key sets created together drift apart instead of rotating in
+  the same second forever, and every replica computes the same moment;
 * `reconcile` is idempotent and driven only by timestamps in the state: it
   rotates at most once however many intervals were missed, and returns
   ``None`` when there is nothing to do, so calling it every tick is free.
@@ -31,6 +35,7 @@ compare-and-set on the previous version.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -112,14 +117,22 @@ def bootstrap(keyset: str, now: float, mint: Mint) -> Transition:
     return Transition(state, (Event("bootstrap", current.kid), Event("bootstrap", upcoming.kid)))
 
 
+def _share(kid: str) -> float:
+    """A fraction in [0, 1) fixed by *kid*."""
+    digest = hashlib.blake2b(kid.encode(), digest_size=8).digest()
+    return int.from_bytes(digest) / 2**64
+
+
 def rotation_due_at(state: KeySetState, policy: Policy) -> float:
     """When the scheduled rotation of *state* falls due.
 
-    The schedule counts from the moment the current key was activated, and
-    never earlier than ``next`` having been public for ``cache_max_age``.
+    The schedule counts from the moment the current key was activated, plus
+    this key's share of the jitter window, and is never earlier than
+    ``next`` having been public for ``cache_max_age``.
     """
-    activated = state.current.activated_at
-    due = policy.next_rotation_after(activated if activated is not None else state.updated_at)
+    current = state.current
+    activated = current.activated_at if current.activated_at is not None else state.updated_at
+    due = policy.next_rotation_after(activated) + policy.jitter_window * _share(current.kid)
     upcoming = state.next
     if upcoming is not None:
         due = max(due, upcoming.created_at + policy.cache_max_age)

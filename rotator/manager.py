@@ -10,25 +10,31 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
+
+import redis
 
 from rotator import lifecycle
 from rotator.audit import AuditLog
 from rotator.jwk import GeneratedKey, generate_key
+from rotator.keysets import BadPolicy
 from rotator.lifecycle import Event, Mint, Transition
 from rotator.policy import Policy
-from rotator.sealing import Keyring, SealedKey
+from rotator.sealing import Keyring, SealedKey, UnsealError
 from rotator.state import CorruptState, KeySetState
 from rotator.store import Conflict, Snapshot, Store
 
-__all__ = ["KeyManager", "NoKekError", "Outcome"]
+__all__ = ["KEYSET_ERRORS", "KeyManager", "NoKekError", "Outcome"]
 
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 8
 _EVENT_PRIORITY = ("revoke", "rotate", "bootstrap", "repair", "expire")
+
+#: What fails one key set and leaves the others alone (Redis being unreachable is not one).
+KEYSET_ERRORS = (CorruptState, UnsealError, BadPolicy, Conflict, redis.ResponseError)
 
 Action = Literal["bootstrap", "commit", "restore", "republish", "unchanged"]
 
@@ -50,6 +56,12 @@ class Outcome:
 def _event_name(events: tuple[Event, ...]) -> str:
     kinds = {e.kind for e in events}
     return next((k for k in _EVENT_PRIORITY if k in kinds), "commit")
+
+
+def _described(transition: Transition, event: str) -> tuple[Event | tuple[str, str], ...]:
+    """The events to log and audit for a commit (a write without lifecycle events, such as
+    a reseal, is recorded under its label)."""
+    return transition.events or ((event, transition.state.current.kid),)
 
 
 class KeyManager:
@@ -121,6 +133,36 @@ class KeyManager:
             if known is None or known.version <= state.version:
                 self._memory[state.keyset] = state
 
+    def _plan(
+        self,
+        snapshot: Snapshot,
+        decide: Callable[[KeySetState | None, float], Transition | None],
+    ) -> Outcome | Transition:
+        """What to do with a key set just read: an `Outcome` when nothing is left to commit
+        (unchanged, or healed on the spot), else the `Transition` to commit."""
+        keyset, state = snapshot.keyset, snapshot.state
+        remembered = self._memory.get(keyset)
+        if remembered is not None and snapshot.version < remembered.version:
+            return self._restore(remembered, snapshot)
+        if state is not None:
+            self.check_keks(state)
+        transition = decide(state, self.clock())
+        if transition is None:
+            assert state is not None
+            if snapshot.jwks != state.jwks():
+                return self._republish(state)
+            self._remember(state)
+            return Outcome(keyset, "unchanged", state)
+        return transition
+
+    def _committed(self, snapshot: Snapshot, transition: Transition, event: str) -> Outcome:
+        """Bookkeeping after *transition* committed over *snapshot*; the audit append is the
+        caller's (one round trip per batch)."""
+        self._remember(transition.state)
+        self._log(transition.state, _described(transition, event))
+        action: Action = "bootstrap" if snapshot.state is None else "commit"
+        return Outcome(snapshot.keyset, action, transition.state, transition.events)
+
     def _apply(
         self,
         keyset: str,
@@ -131,37 +173,81 @@ class KeyManager:
         """Load, let *decide* pick a transition, commit it; on a lost race, start over."""
         for _attempt in range(_ATTEMPTS):
             snapshot = self.store.load(keyset)
-            state = snapshot.state
-            remembered = self._memory.get(keyset)
-            if remembered is not None and snapshot.version < remembered.version:
-                return self._restore(remembered, snapshot)
-            if state is not None:
-                self.check_keks(state)
-            now = self.clock()
-            transition = decide(state, now)
-            if transition is None:
-                assert state is not None
-                if snapshot.jwks != state.jwks():
-                    return self._republish(state)
-                self._remember(state)
-                return Outcome(keyset, "unchanged", state)
+            step = self._plan(snapshot, decide)
+            if isinstance(step, Outcome):
+                return step
+            event = label or _event_name(step.events)
             try:
-                event = label or _event_name(transition.events)
-                self.store.commit(snapshot.version, transition.state, event)
+                self.store.commit(snapshot.version, step.state, event)
             except Conflict as exc:
                 log.info("key set %s: lost a race (%s); retrying on fresh data", keyset, exc)
                 continue
-            self._remember(transition.state)
-            self._record(
-                transition.state, transition.events or ((event, transition.state.current.kid),)
-            )
-            action: Action = "bootstrap" if state is None else "commit"
-            return Outcome(keyset, action, transition.state, transition.events)
+            outcome = self._committed(snapshot, step, event)
+            self._audit([(step.state, _described(step, event))])
+            return outcome
         raise Conflict(keyset, -1, -1)
 
-    def _record(self, state: KeySetState, events: Iterable[Event | tuple[str, str]]) -> None:
-        """Log each committed event once, with its fields, and append it to the audit trail."""
-        events = tuple(events)
+    def reconcile_many(self, keysets: Sequence[str]) -> dict[str, Outcome | Exception]:
+        """`reconcile` for many key sets: one round trip reads them all, one commits every
+        change, one appends the audit trail.
+
+        A key set that cannot be handled (corrupt state, a KEK that does not open
+        it, a bad policy) gets its exception in place of an outcome; one that lost
+        a race is retried alone. Redis being unreachable raises.
+        """
+        results: dict[str, Outcome | Exception] = {}
+        planned: list[tuple[Snapshot, Transition, str]] = []
+        for name, loaded in zip(keysets, self.store.load_many(keysets), strict=True):
+            if isinstance(loaded, Exception):
+                results[name] = loaded
+                continue
+            try:
+                step = self._plan(loaded, self._reconciler(name))
+            except KEYSET_ERRORS as exc:
+                results[name] = exc
+                continue
+            if isinstance(step, Outcome):
+                results[name] = step
+            else:
+                planned.append((loaded, step, _event_name(step.events)))
+        if not planned:
+            return results
+        verdicts = self.store.commit_many(
+            [(snap.version, step.state, event) for snap, step, event in planned]
+        )
+        trail: list[tuple[KeySetState, Iterable[Event | tuple[str, str]]]] = []
+        for (snap, step, event), verdict in zip(planned, verdicts, strict=True):
+            name = snap.keyset
+            if verdict is None:
+                results[name] = self._committed(snap, step, event)
+                trail.append((step.state, _described(step, event)))
+            elif isinstance(verdict, Conflict):
+                log.info("key set %s: lost a race (%s); retrying on fresh data", name, verdict)
+                try:
+                    results[name] = self.reconcile(name)
+                except KEYSET_ERRORS as exc:
+                    results[name] = exc
+            else:
+                results[name] = verdict
+        self._audit(trail)
+        return results
+
+    def observe_many(self, keysets: Sequence[str]) -> dict[str, KeySetState | Exception | None]:
+        """Read many key sets in one round trip and remember them, writing nothing (what a
+        follower does each tick): ``None`` for an empty key set, the exception for a
+        corrupt one."""
+        results: dict[str, KeySetState | Exception | None] = {}
+        for name, loaded in zip(keysets, self.store.load_many(keysets), strict=True):
+            if isinstance(loaded, Exception):
+                results[name] = loaded
+                continue
+            if loaded.state is not None:
+                self._remember(loaded.state)
+            results[name] = loaded.state
+        return results
+
+    def _log(self, state: KeySetState, events: Iterable[Event | tuple[str, str]]) -> None:
+        """Log each committed event once, with its fields."""
         for event in events:
             kind, kid, reason = (
                 (event.kind, event.kid, event.reason)
@@ -183,8 +269,20 @@ class KeyManager:
                     "reason": reason,
                 },
             )
-        if self.audit is not None:
-            self.audit.append(state.keyset, state.version, events)
+
+    def _audit(
+        self, trail: Sequence[tuple[KeySetState, Iterable[Event | tuple[str, str]]]]
+    ) -> None:
+        if self.audit is not None and trail:
+            self.audit.append_many(
+                [(state.keyset, state.version, events) for state, events in trail]
+            )
+
+    def _record(self, state: KeySetState, events: Iterable[Event | tuple[str, str]]) -> None:
+        """Log each event of one write and append it to the audit trail."""
+        events = tuple(events)
+        self._log(state, events)
+        self._audit([(state, events)])
 
     def _restore(self, remembered: KeySetState, snapshot: Snapshot) -> Outcome:
         log.warning(
@@ -223,8 +321,7 @@ class KeyManager:
             self._remember(state)
         return state
 
-    def reconcile(self, keyset: str) -> Outcome:
-        """Bootstrap an empty key set, or bring an existing one up to date; idempotent."""
+    def _reconciler(self, keyset: str) -> Callable[[KeySetState | None, float], Transition | None]:
         policy, mint = self.policy(keyset), self.mint(keyset)
 
         def decide(state: KeySetState | None, now: float) -> Transition | None:
@@ -232,7 +329,11 @@ class KeyManager:
                 return lifecycle.bootstrap(keyset, now, mint)
             return lifecycle.reconcile(state, now, policy, mint)
 
-        return self._apply(keyset, decide)
+        return decide
+
+    def reconcile(self, keyset: str) -> Outcome:
+        """Bootstrap an empty key set, or bring an existing one up to date; idempotent."""
+        return self._apply(keyset, self._reconciler(keyset))
 
     def rotate(self, keyset: str, *, force: bool = False, force_new: bool = False) -> Outcome:
         """Manual rotation (see `lifecycle.rotate`); bootstraps an empty key set instead."""

@@ -1,7 +1,8 @@
 """Rotation policy of one key set: when it rotates and how long keys stay published.
 
-A `Policy` is plain data plus the one calculation the lifecycle needs from
-it, `next_rotation_after`. `problems` lists the contradictions that would let
+A `Policy` is plain data plus the calculations the lifecycle needs from
+it: `next_rotation_after` and the `jitter_window` that spreads rotations.
+`problems` lists the contradictions that would let
 a verifier meet a token whose key it cannot find; config validation reports
 them with the field named, so a bad policy never reaches a running daemon.
 """
@@ -19,6 +20,9 @@ from rotator.durations import format_duration
 
 __all__ = ["Policy", "cron_trigger"]
 
+# Without an explicit jitter, rotations spread over this share of the period, up to an hour.
+_AUTO_JITTER_SHARE = 0.05
+_AUTO_JITTER_CAP = 3600.0
 # Cron gaps are sampled from a fixed instant so validation is deterministic.
 _CRON_SAMPLE_START = datetime(2026, 1, 1, tzinfo=UTC)
 _CRON_SAMPLES = 400
@@ -34,6 +38,8 @@ class Policy:
     """Effective rotation policy of one key set, all durations in seconds.
 
     Exactly one of `interval` and `schedule` (a UTC crontab line) is set.
+    `jitter` is the window after the due time over which rotations of many
+    key sets spread; ``None`` picks 5 % of the period, at most one hour.
     """
 
     interval: float | None = 86400.0
@@ -42,6 +48,7 @@ class Policy:
     max_token_ttl: float = 3600.0
     clock_skew: float = 300.0
     cache_max_age: float = 300.0
+    jitter: float | None = None
 
     @cached_property
     def _trigger(self) -> CronTrigger | None:
@@ -62,6 +69,14 @@ class Policy:
         fire = trigger.get_next_fire_time(None, earliest)
         return float(fire.timestamp())
 
+    @property
+    def jitter_window(self) -> float:
+        """The effective jitter window in seconds."""
+        if self.jitter is not None:
+            return self.jitter
+        return min(_AUTO_JITTER_CAP, self.shortest_period * _AUTO_JITTER_SHARE)
+
+    @cached_property
     def shortest_period(self) -> float:
         """The shortest time between two scheduled rotations."""
         trigger = self._trigger
@@ -89,7 +104,7 @@ class Policy:
             found.append(("max_token_ttl", "must be positive"))
         if self.cache_max_age <= 0:
             found.append(("cache_max_age", "must be positive"))
-        period = self.shortest_period()
+        period = self.shortest_period
         if self.cache_max_age > period / 2:
             field = "interval" if self.schedule is None else "schedule"
             found.append(
@@ -100,6 +115,9 @@ class Policy:
                     "before it signs",
                 )
             )
+        if self.jitter is not None and not 0 <= self.jitter < period:
+            shown = format_duration(period)
+            found.append(("jitter", f"must be at least 0 and less than the period ({shown})"))
         floor = self.max_token_ttl + self.clock_skew + self.cache_max_age
         if self.overlap < floor:
             found.append(

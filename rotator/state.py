@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from rotator.jwk import PRIVATE_MEMBERS, jwks_document, thumbprint
@@ -98,6 +99,10 @@ class KeySetState:
 
     def jwks(self) -> bytes:
         """The public JWKS bytes for this state."""
+        return self._jwks
+
+    @cached_property
+    def _jwks(self) -> bytes:
         return jwks_document(k.jwk for k in self.keys)
 
 

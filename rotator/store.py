@@ -8,9 +8,11 @@ cannot parse: corrupt data is reported, never overwritten.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -20,6 +22,9 @@ from rotator.metrics import COMMIT_SECONDS
 from rotator.state import CorruptState, KeySetState, decode_state, encode_state
 
 __all__ = ["Conflict", "Snapshot", "Store"]
+
+#: What one write of a batch came to: ``None`` when it committed.
+WriteResult = Exception | None
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,29 @@ return {1, actual}
 )
 
 
+# The registry used to be a plain set of names; it is converted in place to the
+# hash (name -> stored policy) the first time it is written.
+_REGISTRY_PROLOGUE = """
+if redis.call('TYPE', KEYS[1]).ok == 'set' then
+  local names = redis.call('SMEMBERS', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  for _, name in ipairs(names) do redis.call('HSET', KEYS[1], name, '{}') end
+end
+"""
+
+# KEYS: registry. ARGV: name, stored policy, "1" to replace an existing entry.
+_REGISTER = (
+    _REGISTRY_PROLOGUE
+    + """
+if ARGV[3] == '1' then return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+"""
+)
+
+# KEYS: registry. ARGV: name.
+_UNREGISTER = _REGISTRY_PROLOGUE + "return redis.call('HDEL', KEYS[1], ARGV[1])"
+
+
 class Conflict(Exception):
     """Another writer committed first; reload and decide again."""
 
@@ -119,60 +147,133 @@ class Store:
         self._commit = client.register_script(_COMMIT)
         self._restore = client.register_script(_RESTORE)
         self._republish = client.register_script(_REPUBLISH)
+        self._register = client.register_script(_REGISTER)
+        self._unregister = client.register_script(_UNREGISTER)
+        # Parsed states by key set and digest of the stored bytes: a daemon reads
+        # every key set each tick, and most have not changed since the last one.
+        self._parsed: dict[str, tuple[bytes, KeySetState]] = {}
 
     def load(self, keyset: str) -> Snapshot:
         """Read state and JWKS together; raise `CorruptState` if the state is unusable."""
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.get(self.layout.state(keyset))
-            pipe.get(self.layout.jwks(keyset))
-            raw_state, raw_jwks = pipe.execute()
+        replies: list[bytes | None] = self.client.mget(  # type: ignore[assignment]
+            self.layout.state(keyset), self.layout.jwks(keyset)
+        )
+        raw_state, raw_jwks = replies
+        return self._snapshot(keyset, raw_state, raw_jwks)
+
+    def load_many(self, keysets: Sequence[str]) -> list[Snapshot | CorruptState]:
+        """`load` for many key sets in one round trip; an unusable state is returned in its
+        place, not raised, so one bad key set does not hide the others."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for keyset in keysets:
+                pipe.mget(self.layout.state(keyset), self.layout.jwks(keyset))
+            replies: list[list[bytes | None]] = pipe.execute()
+        loaded: list[Snapshot | CorruptState] = []
+        for keyset, (raw_state, raw_jwks) in zip(keysets, replies, strict=True):
+            try:
+                loaded.append(self._snapshot(keyset, raw_state, raw_jwks))
+            except CorruptState as exc:
+                loaded.append(exc)
+        return loaded
+
+    def _snapshot(self, keyset: str, raw_state: bytes | None, raw_jwks: bytes | None) -> Snapshot:
+        # One MGET reads both keys atomically; they share a hash slot, so this holds in
+        # Cluster too.
         if raw_state is None:
+            self._parsed.pop(keyset, None)
             return Snapshot(keyset, None, raw_jwks)
+        digest = hashlib.blake2b(raw_state, digest_size=16).digest()
+        known = self._parsed.get(keyset)
+        if known is not None and known[0] == digest:
+            return Snapshot(keyset, known[1], raw_jwks)
         try:
             state = decode_state(raw_state, keyset)
         except CorruptState as exc:
+            self._parsed.pop(keyset, None)
             raise CorruptState(f"key set {keyset}: {exc}") from None
+        self._parsed[keyset] = (digest, state)
         return Snapshot(keyset, state, raw_jwks)
 
     def _event(self, state: KeySetState, event: str) -> str:
         return json.dumps({"keyset": state.keyset, "version": state.version, "event": event})
 
-    def _checked(self, keyset: str, expected: int, result: list[int]) -> None:
+    def _verdict(self, keyset: str, expected: int, result: list[int]) -> None:
         code, actual = int(result[0]), int(result[1])
         if code == -1:
             raise CorruptState(f"key set {keyset}: stored state is unreadable; not overwritten")
         if code == 0:
             raise Conflict(keyset, expected, actual)
+
+    def _checked(self, keyset: str, expected: int, result: list[int]) -> None:
+        self._verdict(keyset, expected, result)
+        self._await_replicas(f"key set {keyset}")
+
+    def _await_replicas(self, what: str) -> None:
         if self.min_replicas_ack:
             acked = int(
                 self.client.wait(self.min_replicas_ack, int(self.replica_ack_timeout * 1000))
             )
             if acked < self.min_replicas_ack:
                 log.warning(
-                    "key set %s: commit reached %d of %d replicas within %gs; a failover now "
+                    "%s: commit reached %d of %d replicas within %gs; a failover now "
                     "could lose it (the daemon would write it back from memory)",
-                    keyset,
+                    what,
                     acked,
                     self.min_replicas_ack,
                     self.replica_ack_timeout,
                 )
 
+    def _commit_call(
+        self, expected: int, state: KeySetState, event: str
+    ) -> tuple[list[str], list[str | int | bytes]]:
+        keys = [self.layout.state(state.keyset), self.layout.jwks(state.keyset)]
+        args: list[str | int | bytes] = [
+            expected,
+            state.version,
+            encode_state(state),
+            state.jwks(),
+            self.layout.events,
+            self._event(state, event),
+        ]
+        return keys, args
+
     def commit(self, expected_version: int, state: KeySetState, event: str) -> None:
         """Write *state* (version ``expected_version + 1``) if Redis still holds
         ``expected_version``; raise `Conflict` otherwise."""
+        keys, args = self._commit_call(expected_version, state, event)
         with COMMIT_SECONDS.time():
-            result = self._commit(
-                keys=[self.layout.state(state.keyset), self.layout.jwks(state.keyset)],
-                args=[
-                    expected_version,
-                    state.version,
-                    encode_state(state),
-                    state.jwks(),
-                    self.layout.events,
-                    self._event(state, event),
-                ],
-            )
+            result = self._commit(keys=keys, args=args)
         self._checked(state.keyset, expected_version, result)
+
+    def commit_many(self, writes: Sequence[tuple[int, KeySetState, str]]) -> list[WriteResult]:
+        """`commit` for many key sets in one round trip: ``(expected_version, state, event)``
+        each; returns per write ``None`` (committed), `Conflict` or `CorruptState` (or the
+        Redis error of that one write)."""
+        calls = [self._commit_call(*write) for write in writes]
+        with COMMIT_SECONDS.time(), self.client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                # EVALSHA without the pipeline's SCRIPT EXISTS round trip; a Redis that does
+                # not know the script yet answers NOSCRIPT and the direct call below loads it.
+                pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+            replies = pipe.execute(raise_on_error=False)
+        results: list[WriteResult] = []
+        for (expected, state, _event), (keys, args), piped in zip(
+            writes, calls, replies, strict=True
+        ):
+            missing = isinstance(piped, redis.exceptions.NoScriptError)
+            reply = self._commit(keys=keys, args=args) if missing else piped
+            if isinstance(reply, Exception):
+                results.append(reply)
+                continue
+            try:
+                self._verdict(state.keyset, expected, reply)
+            except (Conflict, CorruptState) as exc:
+                results.append(exc)
+                continue
+            results.append(None)
+        if any(result is None for result in results):
+            self._await_replicas(f"{len(writes)} key sets")
+        return results
 
     def restore(self, state: KeySetState) -> None:
         """Write back a state this process committed earlier, if Redis lost it (is empty or
@@ -208,16 +309,25 @@ class Store:
             return None  # no such key
         return target if moved else None
 
-    def registered(self) -> set[str]:
-        """Key set names added at run time (``P:keysets``)."""
-        members: set[bytes] = self.client.smembers(self.layout.keysets)  # type: ignore[assignment]
-        return {name.decode() for name in members}
+    def registry(self) -> dict[str, str]:
+        """Key sets added at run time (``P:keysets``): name -> stored policy (JSON)."""
+        try:
+            entries: dict[bytes, bytes] = self.client.hgetall(self.layout.keysets)  # type: ignore[assignment]
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            members: set[bytes] = self.client.smembers(self.layout.keysets)  # type: ignore[assignment]
+            return {name.decode(): "{}" for name in members}
+        return {name.decode(): value.decode() for name, value in entries.items()}
 
-    def register(self, keyset: str) -> bool:
-        """Add *keyset* to the registry; ``False`` if it was there."""
-        return bool(self.client.sadd(self.layout.keysets, keyset))
+    def register(self, keyset: str, policy: str = "{}", *, replace: bool = False) -> bool:
+        """Add *keyset* with its stored *policy* (JSON) to the registry; ``False`` if it was
+        there (its policy then changes only with *replace*)."""
+        added = self._register(keys=[self.layout.keysets], args=[keyset, policy, int(replace)])
+        return bool(added)
 
     def unregister(self, keyset: str) -> None:
         """Remove *keyset* from the registry and delete its state and JWKS."""
-        self.client.srem(self.layout.keysets, keyset)
+        self._unregister(keys=[self.layout.keysets], args=[keyset])
         self.client.delete(self.layout.state(keyset), self.layout.jwks(keyset))
+        self._parsed.pop(keyset, None)

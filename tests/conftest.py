@@ -25,7 +25,9 @@ from rotator.sealing import Keyring
 from rotator.store import Store
 from tests.helpers import FakeClock, collect_lines, make_keyring
 
-FAST = Policy(interval=100.0, overlap=60.0, max_token_ttl=30.0, clock_skew=5.0, cache_max_age=20.0)
+FAST = Policy(
+    interval=100.0, overlap=60.0, max_token_ttl=30.0, clock_skew=5.0, cache_max_age=20.0, jitter=0.0
+)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import redis
 
 from rotator.embedded import free_port
@@ -95,18 +96,117 @@ def test_run_refuses_to_start_without_a_kek(cli: Cli) -> None:
 def test_keyset_add_list_remove(cli: Cli, client: redis.Redis) -> None:
     added = cli("keyset", "add", "billing")
     assert added.code == 0 and "billing: bootstrap" in added.stdout
-    assert client.sismember("rotator:keysets", "billing")
+    assert client.hget("rotator:keysets", "billing") == b"{}"
     assert client.exists("rotator:{billing}:jwks")
-    listing = cli("keyset", "list").stdout.splitlines()
-    assert listing == ["billing\tregistry", "default\tconfig"]
+    listing = cli("keyset", "list", "--json")
+    assert [(r["keyset"], r["origin"], r["version"]) for r in json.loads(listing.stdout)] == [
+        ("billing", "registry", 1),
+        ("default", "config", 0),
+    ]
     assert cli("rotate", "--keyset", "billing", "--force").code == 0
     refused = cli("keyset", "remove", "billing")
     assert refused.code == 2 and "--yes" in refused.stderr
     assert client.exists("rotator:{billing}:jwks")
     assert cli("keyset", "remove", "billing", "--yes").code == 0
     assert not client.exists("rotator:{billing}:jwks", "rotator:{billing}:state")
+    assert not client.hexists("rotator:keysets", "billing")
     assert cli("keyset", "remove", "default", "--yes").code == 2
-    assert cli("keyset", "add", "bad name").code == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("bad name", "spaces"),
+        ("a{b}", "braces"),
+        ("a:b", "colons"),
+        ("tab\there", "control"),
+        ("x" * 129, "longer than 128 bytes"),
+    ],
+)
+def test_keyset_names_are_checked(cli: Cli, client: redis.Redis, name: str, why: str) -> None:
+    result = cli("keyset", "add", name)
+    assert result.code == 2 and why in result.stderr and "Traceback" not in result.stderr
+    assert not client.exists("rotator:keysets")
+
+
+def test_keyset_policy_is_stored_with_the_set_and_drives_its_schedule(
+    cli: Cli, client: redis.Redis
+) -> None:
+    added = cli("keyset", "add", "fast", "--interval", "50s", "--jitter", "0s")
+    assert added.code == 0, added.stderr
+    assert json.loads(client.hget("rotator:keysets", "fast") or b"") == {
+        "interval": "50s",
+        "jitter": "0s",
+    }
+    assert cli("keyset", "add", "slow", "--schedule", "0 3 * * *").code == 0
+    rows = {r["keyset"]: r for r in json.loads(cli("keyset", "list", "--json").stdout)}
+    fast = json.loads(cli("status", "--keyset", "fast", "--json").stdout)[0]
+    created = fast["keys"][0]["created_at"]
+    assert rows["fast"]["next_rotation_at"] == created + 50  # not the config's 100s
+    assert rows["slow"]["policy"] == {"schedule": "0 3 * * *"}
+    assert rows["slow"]["next_rotation_at"] % 86400 >= 3 * 3600  # 03:00 UTC plus jitter
+    text = cli("keyset", "list").stdout
+    assert "every 50s" in text and "'0 3 * * *'" in text
+
+    # the same add again is idempotent; a different policy must go through update
+    assert "already registered" in cli("keyset", "add", "fast", "--interval", "50s",
+                                       "--jitter", "0s").stdout  # fmt: skip
+    clash = cli("keyset", "add", "fast", "--interval", "60s")
+    assert clash.code == 2 and "keyset update fast" in clash.stderr
+    updated = cli("keyset", "update", "fast", "--overlap", "2m")
+    assert updated.code == 0, updated.stderr
+    assert json.loads(client.hget("rotator:keysets", "fast") or b"") == {
+        "interval": "50s",
+        "jitter": "0s",
+        "overlap": "2m",
+    }
+    switched = cli("keyset", "update", "fast", "--schedule", "*/5 * * * *")
+    assert switched.code == 0
+    assert "interval" not in json.loads(client.hget("rotator:keysets", "fast") or b"")
+
+
+def test_keyset_policy_errors_name_the_flag_and_store_nothing(
+    cli: Cli, client: redis.Redis
+) -> None:
+    for args, expected in [
+        (["--interval", "soon"], "--interval"),
+        (["--interval", "30s"], "--cache-max-age"),  # 20s is more than half of 30s
+        (["--overlap", "10s"], "--overlap"),
+        (["--schedule", "not cron"], "--schedule"),
+        (["--jitter", "200s"], "--jitter"),
+    ]:
+        result = cli("keyset", "add", "app", *args)
+        assert result.code == 2, args
+        assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not client.exists("rotator:keysets", "rotator:{app}:state")
+    refused = cli("keyset", "add", "default", "--interval", "1h")
+    assert refused.code == 2 and "defined in the config" in refused.stderr
+
+
+def test_a_broken_stored_policy_fails_that_keyset_alone(cli: Cli, client: redis.Redis) -> None:
+    assert cli("keyset", "add", "good").code == 0
+    client.hset("rotator:keysets", "broken", '{"interval": "often"}')
+    rows = {r["keyset"]: r for r in json.loads(cli("keyset", "list", "--json").stdout)}
+    assert "stored policy: interval" in rows["broken"]["error"]
+    assert rows["good"]["version"] == 1
+    rotate = cli("rotate", "--keyset", "broken")
+    assert rotate.code == 1 and "stored policy" in rotate.stderr
+    assert client.hget("rotator:keysets", "broken") == b'{"interval": "often"}'  # kept
+
+
+def test_a_registry_from_an_older_release_is_converted_on_the_first_write(
+    cli: Cli, client: redis.Redis
+) -> None:
+    client.sadd("rotator:keysets", "legacy-a", "legacy-b")
+    listing = json.loads(cli("keyset", "list", "--json").stdout)
+    assert [r["keyset"] for r in listing] == ["default", "legacy-a", "legacy-b"]
+    assert cli("keyset", "add", "new", "--interval", "1h").code == 0
+    assert client.type("rotator:keysets") == b"hash"
+    assert client.hgetall("rotator:keysets") == {
+        b"legacy-a": b"{}",
+        b"legacy-b": b"{}",
+        b"new": b'{"interval": "1h"}',
+    }
 
 
 def test_check_config_masks_secrets(cli: Cli, kek_file: Path) -> None:

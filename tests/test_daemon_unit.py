@@ -10,6 +10,7 @@ import redis
 from rotator.config import load_settings
 from rotator.daemon import Daemon
 from rotator.embedded import EmbeddedRedis
+from rotator.keysets import KeySets
 from rotator.layout import Layout
 from rotator.manager import KeyManager
 from rotator.sealing import Keyring
@@ -23,12 +24,13 @@ def daemon(redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock) -> D
         redis={"url": redis_server.url},
         keysets={"alpha": {}, "beta": {}},
         rotation={"interval": 100, "overlap": 60, "max_token_ttl": 30, "clock_skew": 5,
-                  "cache_max_age": 20},
+                  "cache_max_age": 20, "jitter": 0},
         daemon={"tick": 10, "health_port": 0},
     )  # fmt: skip
     store = Store(redis.Redis.from_url(redis_server.url), Layout())
-    manager = KeyManager(store, keyring, settings.policy, clock=clock, remember=True)
-    daemon = Daemon(settings, manager, clock=clock)
+    keysets = KeySets(settings, store)
+    manager = KeyManager(store, keyring, keysets.policy, clock=clock, remember=True)
+    daemon = Daemon(settings, manager, keysets, clock=clock)
     assert daemon.step_lease()
     return daemon
 

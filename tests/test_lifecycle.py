@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import settings
@@ -18,8 +19,10 @@ from rotator.state import KeySetState, Status, decode_state, encode_state
 from tests.helpers import FakeClock, RecordingMint, make_keyring
 
 POLICY = Policy(
-    interval=100.0, overlap=60.0, max_token_ttl=30.0, clock_skew=5.0, cache_max_age=20.0
+    interval=100.0, overlap=60.0, max_token_ttl=30.0, clock_skew=5.0, cache_max_age=20.0, jitter=0.0
 )
+# The state machine runs with jitter, so every invariant is checked with rotations spread.
+JITTERED = replace(POLICY, jitter=30.0)
 
 
 def fresh() -> tuple[FakeClock, RecordingMint, KeySetState]:
@@ -90,9 +93,7 @@ def test_retired_keys_expire_after_overlap_and_not_before() -> None:
 
 def test_jwks_order_is_current_next_then_retired_newest_first() -> None:
     clock, mint, state = fresh()
-    policy = Policy(
-        interval=100.0, overlap=1000.0, max_token_ttl=30.0, clock_skew=5.0, cache_max_age=20.0
-    )
+    policy = replace(POLICY, overlap=1000.0)
     retired_order: list[str] = []
     for _ in range(3):
         retired_order.insert(0, state.current.kid)
@@ -160,7 +161,9 @@ def test_reconcile_mints_a_missing_next_key() -> None:
 
 
 def test_cron_schedule_rotates_at_the_fire_time() -> None:
-    policy = Policy(interval=None, schedule="0 * * * *", overlap=7200.0, cache_max_age=300.0)
+    policy = Policy(
+        interval=None, schedule="0 * * * *", overlap=7200.0, cache_max_age=300.0, jitter=0.0
+    )
     mint = RecordingMint(make_keyring("k1"))
     start = 1_800_000_000.0  # 2027-01-15T08:00:00Z
     state = lifecycle.bootstrap("default", start, mint).state
@@ -168,6 +171,33 @@ def test_cron_schedule_rotates_at_the_fire_time() -> None:
     assert due == 1_800_003_600.0
     assert lifecycle.reconcile(state, due - 1, policy, mint) is None
     assert lifecycle.reconcile(state, due, policy, mint) is not None
+
+
+def test_jitter_spreads_keysets_created_together_and_only_delays() -> None:
+    policy = replace(POLICY, jitter=60.0)
+    mint = RecordingMint(make_keyring("k1"))
+    start = 1_800_000_000.0
+    dues = []
+    for index in range(300):
+        state = lifecycle.bootstrap(f"app-{index}", start, mint).state
+        due = lifecycle.rotation_due_at(state, policy)
+        assert start + 100 <= due < start + 160
+        assert lifecycle.rotation_due_at(state, policy) == due  # a function of the state alone
+        assert lifecycle.reconcile(state, due - 0.001, policy, mint) is None
+        assert lifecycle.reconcile(state, due, policy, mint) is not None
+        dues.append(due)
+    # 300 key sets made in the same second fall due across the whole window, not together
+    assert max(dues) - min(dues) > 45
+    assert len({int(d) for d in dues}) > 40
+
+
+def test_default_jitter_is_a_share_of_the_period_capped_at_an_hour() -> None:
+    assert Policy().jitter_window == 3600.0  # 24h interval: 5 % is 72 min, capped
+    assert Policy(interval=1000.0, cache_max_age=10.0).jitter_window == 50.0
+    assert Policy(interval=None, schedule="0 3 * * *").jitter_window == 3600.0
+    assert replace(POLICY, jitter=100.0).problems() == [
+        ("jitter", "must be at least 0 and less than the period (1m40s)")
+    ]
 
 
 class LifecycleMachine(RuleBasedStateMachine):
@@ -194,14 +224,17 @@ class LifecycleMachine(RuleBasedStateMachine):
                 assert before.find(after.current.kid) is not None
                 scheduled = any(e.reason == "scheduled" for e in transition.events)
                 if scheduled:
-                    assert now - self.published_at[after.current.kid] >= POLICY.cache_max_age
+                    assert now - self.published_at[after.current.kid] >= JITTERED.cache_max_age
+                    # jitter only ever delays a scheduled rotation
+                    activated = before.current.activated_at or before.updated_at
+                    assert now >= activated + (JITTERED.interval or 0)
         # 4. a retired key stays published for overlap after it stopped signing
         revoked_now = {e.kid for e in transition.events if e.kind == "revoke"}
         self.revoked |= revoked_now
         for key in before.keys:
             if after.find(key.kid) is None and key.kid not in revoked_now:
                 assert key.status is Status.RETIRED
-                assert now >= self.stopped_signing[key.kid] + POLICY.overlap
+                assert now >= self.stopped_signing[key.kid] + JITTERED.overlap
         for key in after.keys:
             self.published_at.setdefault(key.kid, now)
             assert key.kid not in self.revoked
@@ -213,19 +246,19 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @rule()
     def reconcile(self) -> None:
-        transition = lifecycle.reconcile(self.state, self.clock.now, POLICY, self.mint)
+        transition = lifecycle.reconcile(self.state, self.clock.now, JITTERED, self.mint)
         if transition is not None:
             self.apply(transition)
-        assert lifecycle.reconcile(self.state, self.clock.now, POLICY, self.mint) is None
+        assert lifecycle.reconcile(self.state, self.clock.now, JITTERED, self.mint) is None
 
     @rule(force=st.booleans())
     def rotate(self, force: bool) -> None:
         upcoming = self.state.next
         assert upcoming is not None
-        young = self.clock.now - upcoming.created_at < POLICY.cache_max_age
+        young = self.clock.now - upcoming.created_at < JITTERED.cache_max_age
         try:
             transition = lifecycle.rotate(
-                self.state, self.clock.now, POLICY, self.mint, force=force
+                self.state, self.clock.now, JITTERED, self.mint, force=force
             )
         except RotationTooSoon:
             assert young and not force
@@ -235,13 +268,15 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @rule()
     def rotate_force_new(self) -> None:
-        transition = lifecycle.rotate(self.state, self.clock.now, POLICY, self.mint, force_new=True)
+        transition = lifecycle.rotate(
+            self.state, self.clock.now, JITTERED, self.mint, force_new=True
+        )
         self.apply(transition, fresh_signer_allowed=True)
 
     @rule(data=st.data())
     def revoke(self, data: st.DataObject) -> None:
         kid = data.draw(st.sampled_from([k.kid for k in self.state.keys]))
-        self.apply(lifecycle.revoke(self.state, kid, self.clock.now, POLICY, self.mint))
+        self.apply(lifecycle.revoke(self.state, kid, self.clock.now, JITTERED, self.mint))
 
     @invariant()
     def exactly_one_current_and_one_next(self) -> None:

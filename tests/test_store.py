@@ -153,3 +153,29 @@ def test_reader_sees_state_and_jwks_of_the_same_version(
     stop.set()
     thread.join()
     assert mismatches == []
+
+
+def test_batched_reconcile_isolates_failures_and_survives_a_script_flush(
+    manager: KeyManager, client: redis.Redis, clock: FakeClock
+) -> None:
+    names = ["a", "b", "c", "d"]
+    assert {o.action for o in manager.reconcile_many(names).values()} == {"bootstrap"}  # type: ignore[union-attr]
+    client.set("rotator:{b}:state", b"{not json")
+    client.script_flush()  # the batch's EVALSHA meets NOSCRIPT and must load the script
+    clock.advance(FAST.interval or 0)
+    # c changes behind the batch's back after the read: its commit loses and is retried alone
+    real_load_many = manager.store.load_many
+
+    def load_then_race(keysets: list[str]) -> list[object]:
+        loaded = real_load_many(keysets)
+        KeyManager(manager.store, manager.keyring, manager.policy, clock=clock).rotate("c")
+        return loaded  # type: ignore[return-value]
+
+    manager.store.load_many = load_then_race  # type: ignore[assignment,method-assign]
+    results = manager.reconcile_many(names)
+    assert isinstance(results["b"], CorruptState)
+    assert client.get("rotator:{b}:state") == b"{not json"  # never overwritten
+    actions = {n: getattr(results[n], "action", None) for n in ("a", "c", "d")}
+    # c lost the race, was retried alone on fresh data and found the rotation already made
+    assert actions == {"a": "commit", "c": "unchanged", "d": "commit"}
+    assert [manager.load(n).version for n in ("a", "c", "d")] == [2, 2, 2]

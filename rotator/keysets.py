@@ -1,0 +1,148 @@
+"""Which key sets exist, and the policy each one follows.
+
+Key sets come from two places: ``[keysets.NAME]`` tables in the config, and
+the registry hash ``P:keysets`` that `rotator keyset add` writes, where each
+name maps to its policy overrides as JSON (``{"interval": "6h"}``, ``{}``
+for none). Both overlay ``[rotation]``, so a changed default reaches every
+key set that did not override it. A name in both places follows the config.
+A stored policy that no longer parses or contradicts itself fails that key
+set alone (`BadPolicy`), never the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from rotator.config import KeysetSettings, Settings, describe_error
+from rotator.durations import format_duration
+from rotator.policy import Policy
+from rotator.store import Store
+
+__all__ = [
+    "BadPolicy",
+    "KeySetEntry",
+    "KeySets",
+    "describe_policy",
+    "encode_overrides",
+    "parse_overrides",
+]
+
+Origin = Literal["config", "registry"]
+
+
+class BadPolicy(ValueError):
+    """A key set's policy cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True)
+class KeySetEntry:
+    """One managed key set: where it is defined, its overrides, and its effective policy
+    (``None`` with a `problem` when the stored overrides are unusable)."""
+
+    name: str
+    origin: Origin
+    overrides: Mapping[str, Any]
+    policy: Policy | None
+    problem: str | None = None
+
+
+def encode_overrides(overrides: KeysetSettings) -> str:
+    """The stored form of *overrides*: JSON of the fields set, durations as text."""
+    return json.dumps(overrides.model_dump(mode="json", exclude_none=True), sort_keys=True)
+
+
+@lru_cache(maxsize=4096)
+def parse_overrides(raw: str, base: Policy) -> tuple[KeysetSettings, Policy]:
+    """Parse stored overrides and lay them over *base*; raise `BadPolicy` naming the field."""
+    try:
+        overrides = KeysetSettings.model_validate_json(raw)
+    except ValidationError as exc:
+        raise BadPolicy("; ".join(describe_error(e) for e in exc.errors())) from None
+    policy = overrides.overlay(base)
+    problems = policy.problems()
+    if problems:
+        raise BadPolicy("; ".join(f"{field}: {message}" for field, message in problems))
+    return overrides, policy
+
+
+def describe_policy(policy: Policy) -> str:
+    """One line: the trigger and the overlap."""
+    trigger = (
+        f"schedule {policy.schedule!r}"
+        if policy.schedule
+        else f"every {format_duration(policy.interval or 0)}"
+    )
+    return f"{trigger}, overlap {format_duration(policy.overlap)}"
+
+
+class KeySets:
+    """The managed key sets, from the config and the registry, with their policies.
+
+    `refresh` re-reads the registry (the daemon does it every tick); between
+    refreshes every lookup is a dict access.
+    """
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self._base = settings.base_policy()
+        self._configured = {
+            name: KeySetEntry(
+                name,
+                "config",
+                settings.keysets[name].model_dump(mode="json", exclude_none=True)
+                if name in settings.keysets
+                else {},
+                settings.policy(name),
+            )
+            for name in settings.configured_keysets()
+        }
+        self._entries: dict[str, KeySetEntry] = dict(self._configured)
+
+    def refresh(self) -> None:
+        """Read the registry (raises `redis.RedisError` when Redis is unreachable)."""
+        entries = dict(self._configured)
+        for name, raw in self.store.registry().items():
+            if name in entries:
+                continue
+            entries[name] = self._registered(name, raw)
+        self._entries = entries
+
+    def _registered(self, name: str, raw: str) -> KeySetEntry:
+        try:
+            overrides, policy = parse_overrides(raw, self._base)
+        except BadPolicy as exc:
+            return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}")
+        return KeySetEntry(
+            name, "registry", overrides.model_dump(mode="json", exclude_none=True), policy
+        )
+
+    def names(self) -> list[str]:
+        """Every managed key set, sorted."""
+        return sorted(self._entries)
+
+    def entries(self) -> list[KeySetEntry]:
+        """Every managed key set with its policy, sorted by name."""
+        return [self._entries[name] for name in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> KeySetEntry | None:
+        """The entry of *name*, if it is managed."""
+        return self._entries.get(name)
+
+    def policy(self, name: str) -> Policy:
+        """Effective policy of *name*; raise `BadPolicy` when it is unknown or unusable."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise BadPolicy(f"key set {name} is neither in the config nor registered")
+        if entry.policy is None:
+            raise BadPolicy(f"key set {name}: {entry.problem}")
+        return entry.policy
