@@ -34,7 +34,7 @@ from rotator.follow import EventFollower
 from rotator.health import Health, HealthServer
 from rotator.keysets import KeySets
 from rotator.lease import Lease
-from rotator.lifecycle import rotation_due_at
+from rotator.lifecycle import next_change_at
 from rotator.manager import KeyManager, Outcome
 from rotator.metrics import (
     CURRENT_KEY_AGE,
@@ -44,7 +44,7 @@ from rotator.metrics import (
     REDIS_ERRORS,
     ROTATIONS,
 )
-from rotator.state import CorruptState, KeySetState, Status
+from rotator.state import CorruptState, KeySetState
 from rotator.systemd import notify, watchdog_seconds
 
 __all__ = ["BATCH_SIZE", "Daemon"]
@@ -79,7 +79,10 @@ class Daemon:
         self.stopping = threading.Event()
         self._errors: dict[str, str] = {}
         self._redis_was_down = False
-        self._activated: dict[str, float] = {}
+        # The last state seen per key set and its next change; unchanged states are the
+        # same objects (the store reuses what it parsed), so most ticks skip the work.
+        self._states: dict[str, KeySetState] = {}
+        self._due: dict[str, tuple[KeySetState, float]] = {}
         self._ready_sent = False
         self._watchdog = watchdog_seconds()
         self._audit_seen: str | None = None
@@ -119,7 +122,7 @@ class Daemon:
         """Reconcile (leader) or observe (follower) every key set once, then schedule the
         next precise wake-up."""
         names = self.keysets()
-        self.health.forget(set(names))
+        self._forget(set(names))
         leader = self.lease.held
         due: list[float] = []
         committed = False
@@ -182,17 +185,33 @@ class Daemon:
 
     def _seen(self, state: KeySetState) -> None:
         """*state* was reconciled or read just now: health and metrics."""
-        now = self.clock()
-        self.health.succeeded(state.keyset, now)
-        LAST_RECONCILE.labels(state.keyset).set(now)
-        PUBLISHED_KEYS.labels(state.keyset).set(len(state.keys))
-        activated = state.current.activated_at or state.updated_at
-        if self._activated.get(state.keyset) is None:
-            CURRENT_KEY_AGE.labels(state.keyset).set_function(self._age_of(state.keyset))
-        self._activated[state.keyset] = activated
+        name = state.keyset
+        self.health.succeeded(name, self.clock())
+        if name not in self._states:
+            # Gauges read the last seen state when scraped, not on every tick.
+            LAST_RECONCILE.labels(name).set_function(lambda: self.health.last_success(name) or 0)
+            PUBLISHED_KEYS.labels(name).set_function(lambda: self._published(name))
+            CURRENT_KEY_AGE.labels(name).set_function(lambda: self._age(name))
+        self._states[name] = state
 
-    def _age_of(self, keyset: str) -> Callable[[], float]:
-        return lambda: self.clock() - self._activated.get(keyset, self.clock())
+    def _published(self, name: str) -> float:
+        state = self._states.get(name)
+        return len(state.keys) if state else 0
+
+    def _age(self, name: str) -> float:
+        state = self._states.get(name)
+        if state is None:
+            return 0.0
+        return self.clock() - (state.current.activated_at or state.updated_at)
+
+    def _forget(self, managed: set[str]) -> None:
+        """Drop health, metrics and memory of key sets no longer managed."""
+        self.health.forget(managed)
+        for name in set(self._states) - managed:
+            del self._states[name]
+            self._due.pop(name, None)
+            for gauge in (LAST_RECONCILE, PUBLISHED_KEYS, CURRENT_KEY_AGE):
+                gauge.remove(name)
 
     def count_rotations(self) -> None:
         """Count rotations recorded in the audit stream since the last look (every
@@ -225,9 +244,12 @@ class Daemon:
             self._errors[name] = message
 
     def _next_due(self, state: KeySetState) -> float:
-        moments = [rotation_due_at(state, self.manager.policy(state.keyset))]
-        moments += [k.expires_at for k in state.by_status(Status.RETIRED) if k.expires_at]
-        return min(moments)
+        known = self._due.get(state.keyset)
+        if known is not None and known[0] is state:
+            return known[1]
+        due = next_change_at(state, self.manager.policy(state.keyset))
+        self._due[state.keyset] = (state, due)
+        return due
 
     def _wake_at(self, when: float) -> None:
         if when - self.clock() >= self.settings.daemon.tick:

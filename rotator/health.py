@@ -40,8 +40,17 @@ class Health:
     def succeeded(self, keyset: str, now: float) -> None:
         """*keyset* was reconciled at *now*."""
         with self._lock:
-            self._keysets[keyset] = _KeysetHealth(last_success=now)
+            entry = self._keysets.get(keyset)
+            if entry is None:
+                self._keysets[keyset] = _KeysetHealth(last_success=now)
+            else:
+                entry.last_success, entry.error = now, None
             self.redis_ok = True
+
+    def last_success(self, keyset: str) -> float | None:
+        """When *keyset* was last reconciled, if ever."""
+        entry = self._keysets.get(keyset)
+        return entry.last_success if entry else None
 
     def failed(self, keyset: str, error: str) -> None:
         """*keyset* could not be reconciled; *error* must hold no key material."""

@@ -104,15 +104,20 @@ class KeySets:
             for name in settings.configured_keysets()
         }
         self._entries: dict[str, KeySetEntry] = dict(self._configured)
+        self._stored: dict[str, str] = {}
 
     def refresh(self) -> None:
         """Read the registry (raises `redis.RedisError` when Redis is unreachable)."""
         entries = dict(self._configured)
-        for name, raw in self.store.registry().items():
+        stored = self.store.registry()
+        for name, raw in stored.items():
             if name in entries:
                 continue
-            entries[name] = self._registered(name, raw)
-        self._entries = entries
+            known = self._entries.get(name)
+            if known is None or self._stored.get(name) != raw:
+                known = self._registered(name, raw)
+            entries[name] = known
+        self._entries, self._stored = entries, stored
 
     def _registered(self, name: str, raw: str) -> KeySetEntry:
         try:

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from rotator.jwk import GeneratedKey
@@ -53,6 +54,7 @@ __all__ = [
     "Transition",
     "UnknownKid",
     "bootstrap",
+    "next_change_at",
     "reconcile",
     "revoke",
     "rotate",
@@ -101,12 +103,23 @@ def _minted(mint: Mint, status: Status, now: float) -> KeyRecord:
     return KeyRecord(key.kid, status, now, key.jwk, sealed, activated_at=activated)
 
 
+# Direct constructor calls, not dataclasses.replace: a leader rotating thousands of key
+# sets makes these on its hot path.
 def _promoted(key: KeyRecord, now: float) -> KeyRecord:
-    return replace(key, status=Status.CURRENT, activated_at=now)
+    return KeyRecord(key.kid, Status.CURRENT, key.created_at, key.jwk, key.sealed, now)
 
 
 def _retired(key: KeyRecord, now: float, policy: Policy) -> KeyRecord:
-    return replace(key, status=Status.RETIRED, retired_at=now, expires_at=now + policy.overlap)
+    return KeyRecord(
+        key.kid,
+        Status.RETIRED,
+        key.created_at,
+        key.jwk,
+        key.sealed,
+        key.activated_at,
+        retired_at=now,
+        expires_at=now + policy.overlap,
+    )
 
 
 def bootstrap(keyset: str, now: float, mint: Mint) -> Transition:
@@ -117,6 +130,7 @@ def bootstrap(keyset: str, now: float, mint: Mint) -> Transition:
     return Transition(state, (Event("bootstrap", current.kid), Event("bootstrap", upcoming.kid)))
 
 
+@lru_cache(maxsize=1 << 16)
 def _share(kid: str) -> float:
     """A fraction in [0, 1) fixed by *kid*."""
     digest = hashlib.blake2b(kid.encode(), digest_size=8).digest()
@@ -137,6 +151,15 @@ def rotation_due_at(state: KeySetState, policy: Policy) -> float:
     if upcoming is not None:
         due = max(due, upcoming.created_at + policy.cache_max_age)
     return due
+
+
+def next_change_at(state: KeySetState, policy: Policy) -> float:
+    """The earliest moment `reconcile` has something to do: a rotation falling due, a
+    retired key expiring, or now (``-inf``) when ``next`` is missing."""
+    if state.next is None:
+        return float("-inf")
+    expiries = [k.expires_at for k in state.by_status(Status.RETIRED) if k.expires_at is not None]
+    return min([rotation_due_at(state, policy), *expiries])
 
 
 def _rotated(
@@ -221,21 +244,24 @@ def reconcile(state: KeySetState, now: float, policy: Policy, mint: Mint) -> Tra
     Expires retired keys past ``expires_at``, mints a missing ``next``, and
     rotates once if the scheduled rotation is due.
     """
-    events: list[Event] = []
-    keys = list(state.keys)
-    for key in state.by_status(Status.RETIRED):
-        if key.expires_at is not None and key.expires_at <= now:
-            keys.remove(key)
-            events.append(Event("expire", key.kid))
+    if now < next_change_at(state, policy):
+        return None  # the common case, every tick for every key set: decide without copying
+    expired = [
+        key
+        for key in state.by_status(Status.RETIRED)
+        if key.expires_at is not None and key.expires_at <= now
+    ]
+    events = [Event("expire", key.kid) for key in expired]
+    gone = {key.kid for key in expired}
+    keys = [key for key in state.keys if key.kid not in gone]
     working = KeySetState(state.keyset, state.version, state.updated_at, tuple(keys))
     if working.next is None:
         fresh = _minted(mint, Status.NEXT, now)
-        working = KeySetState(state.keyset, state.version, state.updated_at, (*keys, fresh))
+        keys.append(fresh)
         events.append(Event("repair", fresh.kid))
     elif now >= rotation_due_at(working, policy):
-        rotated, rotation_events = _rotated(working, now, policy, mint, "scheduled")
-        working = KeySetState(state.keyset, state.version, state.updated_at, tuple(rotated))
+        keys, rotation_events = _rotated(working, now, policy, mint, "scheduled")
         events += rotation_events
     if not events:
         return None
-    return Transition(state.with_keys(working.keys, now), tuple(events))
+    return Transition(state.with_keys(keys, now), tuple(events))

@@ -91,6 +91,7 @@ class KeyManager:
         self.audit = audit
         self._memory: dict[str, KeySetState] = {}
         self._opened: set[tuple[str, str, str]] = set()
+        self._checked: dict[str, KeySetState] = {}
 
     def _keyring(self) -> Keyring:
         if self.keyring is None:
@@ -106,7 +107,9 @@ class KeyManager:
 
         def fresh() -> tuple[GeneratedKey, SealedKey]:
             key = generate_key()
-            return key, keyring.seal(key.private_der, keyset=keyset, kid=key.kid)
+            sealed = keyring.seal(key.private_der, keyset=keyset, kid=key.kid)
+            self._opened.add((keyset, key.kid, sealed.kek))  # sealed here: opens by construction
+            return key, sealed
 
         return fresh
 
@@ -115,12 +118,15 @@ class KeyManager:
 
         Each (key set, kid, KEK id) is checked once per process.
         """
+        if self._checked.get(state.keyset) is state:
+            return  # the same parsed state as last time (the store reuses unchanged ones)
         keyring = self._keyring()
         for key in state.keys:
             mark = (state.keyset, key.kid, key.sealed.kek)
             if mark not in self._opened:
                 keyring.unseal(key.sealed, keyset=state.keyset, kid=key.kid)
                 self._opened.add(mark)
+        self._checked[state.keyset] = state
 
     def load(self, keyset: str) -> Snapshot:
         """Read *keyset* from Redis (raises `CorruptState`)."""

@@ -54,8 +54,12 @@ class KeyRecord:
     expires_at: float | None = None
 
 
+_RANK = {Status.CURRENT: 0, Status.NEXT: 1, Status.RETIRED: 2}
+_STATUSES = tuple(Status)  # iterating an Enum class is slow, and this runs per key set per tick
+
+
 def _order(key: KeyRecord) -> tuple[int, float]:
-    rank = {Status.CURRENT: 0, Status.NEXT: 1, Status.RETIRED: 2}[key.status]
+    rank = _RANK[key.status]
     return rank, -(key.retired_at or 0.0)
 
 
@@ -78,19 +82,27 @@ class KeySetState:
         """The next version: these keys, version + 1, stamped *now*."""
         return KeySetState(self.keyset, self.version + 1, now, tuple(keys))
 
+    @cached_property
+    def _groups(self) -> dict[Status, list[KeyRecord]]:
+        # A daemon asks every key set for its current and next keys on every tick.
+        groups: dict[Status, list[KeyRecord]] = {status: [] for status in _STATUSES}
+        for key in self.keys:
+            groups[key.status].append(key)
+        return groups
+
     def by_status(self, status: Status) -> list[KeyRecord]:
         """Keys in *status*, in JWKS order."""
-        return [k for k in self.keys if k.status is status]
+        return list(self._groups[status])
 
     @property
     def current(self) -> KeyRecord:
         """The signing key."""
-        return self.by_status(Status.CURRENT)[0]
+        return self._groups[Status.CURRENT][0]
 
     @property
     def next(self) -> KeyRecord | None:
         """The pre-published key that the next rotation promotes."""
-        found = self.by_status(Status.NEXT)
+        found = self._groups[Status.NEXT]
         return found[0] if found else None
 
     def find(self, kid: str) -> KeyRecord | None:

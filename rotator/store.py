@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
@@ -105,6 +106,10 @@ return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 _UNREGISTER = _REGISTRY_PROLOGUE + "return redis.call('HDEL', KEYS[1], ARGV[1])"
 
 
+def _digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
 class Conflict(Exception):
     """Another writer committed first; reload and decide again."""
 
@@ -148,6 +153,10 @@ class Store:
         self._restore = client.register_script(_RESTORE)
         self._republish = client.register_script(_REPUBLISH)
         self._register = client.register_script(_REGISTER)
+        # redis-py's cluster pipeline refuses MGET and scripts: with Cluster, batches are
+        # sent one key set at a time (each key set's keys share a slot, so each call is
+        # still atomic).
+        self._cluster = isinstance(client, redis.RedisCluster)
         self._unregister = client.register_script(_UNREGISTER)
         # Parsed states by key set and digest of the stored bytes: a daemon reads
         # every key set each tick, and most have not changed since the last one.
@@ -155,26 +164,30 @@ class Store:
 
     def load(self, keyset: str) -> Snapshot:
         """Read state and JWKS together; raise `CorruptState` if the state is unusable."""
-        replies: list[bytes | None] = self.client.mget(  # type: ignore[assignment]
-            self.layout.state(keyset), self.layout.jwks(keyset)
-        )
-        raw_state, raw_jwks = replies
+        raw_state, raw_jwks = self._mget(self.layout.state(keyset), self.layout.jwks(keyset))
         return self._snapshot(keyset, raw_state, raw_jwks)
 
     def load_many(self, keysets: Sequence[str]) -> list[Snapshot | CorruptState]:
         """`load` for many key sets in one round trip; an unusable state is returned in its
         place, not raised, so one bad key set does not hide the others."""
-        with self.client.pipeline(transaction=False) as pipe:
-            for keyset in keysets:
-                pipe.mget(self.layout.state(keyset), self.layout.jwks(keyset))
-            replies: list[list[bytes | None]] = pipe.execute()
+        pairs = [(self.layout.state(keyset), self.layout.jwks(keyset)) for keyset in keysets]
+        keys = [key for pair in pairs for key in pair]
+        if self._cluster:
+            replies = [raw for pair in pairs for raw in self._mget(*pair)]
+        else:
+            # One MGET for the whole batch: one command to build and parse, and one
+            # atomic read of every key set in it.
+            replies = self._mget(*keys)
         loaded: list[Snapshot | CorruptState] = []
-        for keyset, (raw_state, raw_jwks) in zip(keysets, replies, strict=True):
+        for keyset, raw_state, raw_jwks in zip(keysets, replies[::2], replies[1::2], strict=True):
             try:
                 loaded.append(self._snapshot(keyset, raw_state, raw_jwks))
             except CorruptState as exc:
                 loaded.append(exc)
         return loaded
+
+    def _mget(self, *keys: str) -> list[bytes | None]:
+        return cast(list[bytes | None], self.client.mget(keys))
 
     def _snapshot(self, keyset: str, raw_state: bytes | None, raw_jwks: bytes | None) -> Snapshot:
         # One MGET reads both keys atomically; they share a hash slot, so this holds in
@@ -182,7 +195,7 @@ class Store:
         if raw_state is None:
             self._parsed.pop(keyset, None)
             return Snapshot(keyset, None, raw_jwks)
-        digest = hashlib.blake2b(raw_state, digest_size=16).digest()
+        digest = _digest(raw_state)
         known = self._parsed.get(keyset)
         if known is not None and known[0] == digest:
             return Snapshot(keyset, known[1], raw_jwks)
@@ -227,10 +240,13 @@ class Store:
         self, expected: int, state: KeySetState, event: str
     ) -> tuple[list[str], list[str | int | bytes]]:
         keys = [self.layout.state(state.keyset), self.layout.jwks(state.keyset)]
+        encoded = encode_state(state)
+        # Whether or not it commits, the next read of these bytes needs no parsing.
+        self._parsed[state.keyset] = (_digest(encoded), state)
         args: list[str | int | bytes] = [
             expected,
             state.version,
-            encode_state(state),
+            encoded,
             state.jwks(),
             self.layout.events,
             self._event(state, event),
@@ -245,17 +261,29 @@ class Store:
             result = self._commit(keys=keys, args=args)
         self._checked(state.keyset, expected_version, result)
 
+    def _guarded_commit(
+        self, keys: list[str], args: list[str | int | bytes]
+    ) -> list[int] | redis.ResponseError:
+        try:
+            return self._commit(keys=keys, args=args)  # type: ignore[no-any-return]
+        except redis.ResponseError as exc:
+            return exc
+
     def commit_many(self, writes: Sequence[tuple[int, KeySetState, str]]) -> list[WriteResult]:
         """`commit` for many key sets in one round trip: ``(expected_version, state, event)``
         each; returns per write ``None`` (committed), `Conflict` or `CorruptState` (or the
         Redis error of that one write)."""
         calls = [self._commit_call(*write) for write in writes]
-        with COMMIT_SECONDS.time(), self.client.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                # EVALSHA without the pipeline's SCRIPT EXISTS round trip; a Redis that does
-                # not know the script yet answers NOSCRIPT and the direct call below loads it.
-                pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
-            replies = pipe.execute(raise_on_error=False)
+        with COMMIT_SECONDS.time():
+            if self._cluster:
+                replies = [self._guarded_commit(keys, args) for keys, args in calls]
+            else:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for keys, args in calls:
+                        # EVALSHA without the pipeline's SCRIPT EXISTS round trip; a Redis that
+                        # lacks the script answers NOSCRIPT and the direct call below loads it.
+                        pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+                    replies = pipe.execute(raise_on_error=False)
         results: list[WriteResult] = []
         for (expected, state, _event), (keys, args), piped in zip(
             writes, calls, replies, strict=True

@@ -8,7 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, TypeVar
 
-from rotator.jwk import GeneratedKey, generate_key
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from rotator.jwk import GeneratedKey, generate_key, public_jwk
 from rotator.sealing import Keyring, SealedKey, generate_kek_line, parse_keks
 
 T = TypeVar("T")
@@ -63,13 +66,27 @@ def make_keyring(*ids: str) -> Keyring:
 @dataclass
 class RecordingMint:
     """A real mint (generate + seal) that remembers every private key it made,
-    so tests can look for them where they must never appear."""
+    so tests can look for them where they must never appear. With *deterministic*
+    the n-th key is the same in every run (hypothesis replays need kids, and so
+    jitter, to repeat)."""
 
     keyring: Keyring
     keyset: str = "default"
     made: list[GeneratedKey] = field(default_factory=list)
+    deterministic: bool = False
+
+    def _key(self) -> GeneratedKey:
+        if not self.deterministic:
+            return generate_key()
+        private = ec.derive_private_key(len(self.made) + 1, ec.SECP256R1())
+        der = private.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return GeneratedKey(jwk=public_jwk(private.public_key()), private_der=der)
 
     def __call__(self) -> tuple[GeneratedKey, SealedKey]:
-        key = generate_key()
+        key = self._key()
         self.made.append(key)
         return key, self.keyring.seal(key.private_der, keyset=self.keyset, kid=key.kid)

@@ -206,7 +206,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
-        self.mint = RecordingMint(make_keyring("k1"))
+        self.mint = RecordingMint(make_keyring("k1"), deterministic=True)
         self.state = lifecycle.bootstrap("default", self.clock.now, self.mint).state
         self.published_at = {k.kid: self.clock.now for k in self.state.keys}
         self.stopped_signing: dict[str, float] = {}

@@ -132,6 +132,7 @@ def test_keyset_selection(served: Running, client: redis.Redis) -> None:
 
 def test_requests_are_answered_from_memory(served: Running, client: redis.Redis) -> None:
     fetch(served.url + "/.well-known/jwks.json")
+    wait_for(served.subscribed, what="subscription")  # (re)subscribing re-reads every key set
     before = client.info("commandstats").get("cmdstat_get", {}).get("calls", 0)
     for _ in range(50):
         assert fetch(served.url + "/.well-known/jwks.json").status == 200
