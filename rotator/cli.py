@@ -47,7 +47,7 @@ from rotator.sealing import KekError, UnsealError, generate_kek_line
 from rotator.server import JWKS_PATH, serve
 from rotator.signer import Signer, SigningError
 from rotator.state import CorruptState, KeySetState
-from rotator.store import Conflict, Snapshot, Store
+from rotator.store import REMOVED, Conflict, Snapshot, Store
 
 __all__ = ["main"]
 
@@ -350,7 +350,7 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if name in settings.configured_keysets():
         raise UsageError(f"key set {name} is defined in the config; change it there")
-    registered = store.registry()
+    registered = {n: raw for n, raw in store.registry().items() if raw != REMOVED}
     if args.keyset_command == "add":
         policy = _stored_policy(settings, args, {})
         if name in registered and registered[name] != policy:

@@ -34,7 +34,6 @@ from rotator.follow import EventFollower
 from rotator.health import Health, HealthServer
 from rotator.keysets import KeySets
 from rotator.lease import Lease
-from rotator.lifecycle import next_change_at
 from rotator.manager import KeyManager, Outcome
 from rotator.metrics import (
     CURRENT_KEY_AGE,
@@ -79,10 +78,8 @@ class Daemon:
         self.stopping = threading.Event()
         self._errors: dict[str, str] = {}
         self._redis_was_down = False
-        # The last state seen per key set and its next change; unchanged states are the
-        # same objects (the store reuses what it parsed), so most ticks skip the work.
+        # The last state seen per key set (for the gauges).
         self._states: dict[str, KeySetState] = {}
-        self._due: dict[str, tuple[KeySetState, float]] = {}
         self._ready_sent = False
         self._watchdog = watchdog_seconds()
         self._audit_seen: str | None = None
@@ -96,7 +93,12 @@ class Daemon:
         """Key sets this daemon manages: the config's plus the registry's."""
         # On a Redis error keep the last known registry; the tick reports Redis as down.
         with contextlib.suppress(redis.RedisError):
-            self.managed.refresh()
+            lost = self.managed.refresh()
+            if lost and self.lease.held:
+                for name, policy in sorted(lost.items()):
+                    log.warning("key set %s: gone from the registry (Redis lost data); "
+                                "writing it back", name)  # fmt: skip
+                    self.manager.store.register(name, policy)
         return self.managed.names()
 
     def restore_backup(self) -> None:
@@ -145,7 +147,7 @@ class Daemon:
                 elif isinstance(result, Outcome):
                     self._succeeded(result.keyset, result.state)
                     committed = committed or result.action in {"bootstrap", "commit", "restore"}
-                    due.append(self._next_due(result.state))
+                    due.append(self.manager.next_change_at(result.state))
                 elif result is not None:  # a follower sees an empty set until it is bootstrapped
                     self._succeeded(name, result)
         if committed and self.backup is not None:
@@ -156,12 +158,12 @@ class Daemon:
         self._notify(names, leader)
 
     def _notify(self, names: list[str], leader: bool) -> None:
-        report = self.health.report(self.clock())
+        ready = self.health.ready(self.clock())
         status = (
             f"STATUS={'leader' if leader else 'follower'}, {len(names)} key set(s), "
-            f"{'ready' if report['ready'] else 'not ready'}"
+            f"{'ready' if ready else 'not ready'}"
         )
-        if report["ready"] and not self._ready_sent:
+        if ready and not self._ready_sent:
             self._ready_sent = notify("READY=1", status)
         else:
             notify(status)
@@ -207,9 +209,10 @@ class Daemon:
     def _forget(self, managed: set[str]) -> None:
         """Drop health, metrics and memory of key sets no longer managed."""
         self.health.forget(managed)
+        for name in self.managed.removed & self.manager.remembered().keys():
+            self.manager.forget(name)
         for name in set(self._states) - managed:
             del self._states[name]
-            self._due.pop(name, None)
             for gauge in (LAST_RECONCILE, PUBLISHED_KEYS, CURRENT_KEY_AGE):
                 gauge.remove(name)
 
@@ -243,14 +246,6 @@ class Daemon:
             log.error("key set %s: skipped: %s", name, message)
             self._errors[name] = message
 
-    def _next_due(self, state: KeySetState) -> float:
-        known = self._due.get(state.keyset)
-        if known is not None and known[0] is state:
-            return known[1]
-        due = next_change_at(state, self.manager.policy(state.keyset))
-        self._due[state.keyset] = (state, due)
-        return due
-
     def _wake_at(self, when: float) -> None:
         if when - self.clock() >= self.settings.daemon.tick:
             return  # the regular tick comes first
@@ -267,10 +262,14 @@ class Daemon:
             return
         try:
             state = self.manager.observe(keyset)
+            if state is None:  # emptied: removed with `rotator keyset remove`, or data lost
+                self.managed.refresh()
         except (redis.RedisError, CorruptState):
             return  # the tick will report it
         if state is not None:
             self._seen(state)
+        elif keyset not in self.managed:
+            self._forget(set(self.managed.names()))
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing the commit in flight", signal.Signals(signum).name)

@@ -69,6 +69,18 @@ class Health:
             for name in set(self._keysets) - keep:
                 del self._keysets[name]
 
+    def ready(self, now: float) -> bool:
+        """`report`'s verdict alone, without building the per key set details."""
+        with self._lock:
+            return (
+                self.redis_ok
+                and bool(self._keysets)
+                and all(
+                    h.last_success is not None and now - h.last_success <= self.freshness
+                    for h in self._keysets.values()
+                )
+            )
+
     def report(self, now: float) -> dict[str, Any]:
         """Readiness and the reason for it, as a JSON-ready dict."""
         with self._lock:

@@ -7,6 +7,11 @@ for none). Both overlay ``[rotation]``, so a changed default reaches every
 key set that did not override it. A name in both places follows the config.
 A stored policy that no longer parses or contradicts itself fails that key
 set alone (`BadPolicy`), never the daemon.
+
+`rotator keyset remove` leaves a tombstone (`REMOVED`) in place of the
+policy, so a name that disappears from the registry without one was lost
+with Redis's data: `refresh` keeps it managed and reports it as `lost`, and
+the leader writes it back with the policy it last read.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pydantic import ValidationError
 from rotator.config import KeysetSettings, Settings, describe_error
 from rotator.durations import format_duration
 from rotator.policy import Policy
-from rotator.store import Store
+from rotator.store import REMOVED, Store
 
 __all__ = [
     "BadPolicy",
@@ -105,19 +110,30 @@ class KeySets:
         }
         self._entries: dict[str, KeySetEntry] = dict(self._configured)
         self._stored: dict[str, str] = {}
+        self.removed: set[str] = set()
 
-    def refresh(self) -> None:
-        """Read the registry (raises `redis.RedisError` when Redis is unreachable)."""
+    def refresh(self) -> dict[str, str]:
+        """Read the registry; return the entries that vanished without a tombstone (lost with
+        Redis data; still managed) with their last stored policy. Raises
+        `redis.RedisError` when Redis is unreachable."""
         entries = dict(self._configured)
         stored = self.store.registry()
+        lost = {
+            name: raw
+            for name, raw in self._stored.items()
+            if name not in stored and raw != REMOVED and name not in entries
+        }
+        stored.update(lost)
         for name, raw in stored.items():
-            if name in entries:
+            if name in entries or raw == REMOVED:
                 continue
             known = self._entries.get(name)
             if known is None or self._stored.get(name) != raw:
                 known = self._registered(name, raw)
             entries[name] = known
+        self.removed = {name for name, raw in stored.items() if raw == REMOVED} - entries.keys()
         self._entries, self._stored = entries, stored
+        return lost
 
     def _registered(self, name: str, raw: str) -> KeySetEntry:
         try:

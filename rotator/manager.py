@@ -92,6 +92,7 @@ class KeyManager:
         self._memory: dict[str, KeySetState] = {}
         self._opened: set[tuple[str, str, str]] = set()
         self._checked: dict[str, KeySetState] = {}
+        self._changes: dict[str, tuple[KeySetState, Policy, float]] = {}
 
     def _keyring(self) -> Keyring:
         if self.keyring is None:
@@ -320,6 +321,13 @@ class KeyManager:
         """The last state this process committed or read, per key set."""
         return dict(self._memory)
 
+    def forget(self, keyset: str) -> None:
+        """Drop everything remembered of *keyset* (it was removed): a key set added again
+        under the same name starts afresh instead of getting the old keys written back."""
+        for cache in (self._memory, self._checked, self._changes):
+            cache.pop(keyset, None)
+        self.store.forget(keyset)
+
     def observe(self, keyset: str) -> KeySetState | None:
         """Read *keyset* and remember it, writing nothing (what a follower does)."""
         state = self.store.load(keyset).state
@@ -327,12 +335,25 @@ class KeyManager:
             self._remember(state)
         return state
 
+    def next_change_at(self, state: KeySetState) -> float:
+        """`lifecycle.next_change_at` under the key set's policy, remembered per parsed state:
+        a daemon asks it of every key set on every tick, and most have not changed."""
+        policy = self.policy(state.keyset)
+        known = self._changes.get(state.keyset)
+        if known is not None and known[0] is state and known[1] is policy:
+            return known[2]
+        moment = lifecycle.next_change_at(state, policy)
+        self._changes[state.keyset] = (state, policy, moment)
+        return moment
+
     def _reconciler(self, keyset: str) -> Callable[[KeySetState | None, float], Transition | None]:
         policy, mint = self.policy(keyset), self.mint(keyset)
 
         def decide(state: KeySetState | None, now: float) -> Transition | None:
             if state is None:
                 return lifecycle.bootstrap(keyset, now, mint)
+            if now < self.next_change_at(state):
+                return None
             return lifecycle.reconcile(state, now, policy, mint)
 
         return decide

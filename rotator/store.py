@@ -22,7 +22,7 @@ from rotator.layout import Layout
 from rotator.metrics import COMMIT_SECONDS
 from rotator.state import CorruptState, KeySetState, decode_state, encode_state
 
-__all__ = ["Conflict", "Snapshot", "Store"]
+__all__ = ["REMOVED", "Conflict", "Snapshot", "Store"]
 
 #: What one write of a batch came to: ``None`` when it committed.
 WriteResult = Exception | None
@@ -93,17 +93,26 @@ if redis.call('TYPE', KEYS[1]).ok == 'set' then
 end
 """
 
-# KEYS: registry. ARGV: name, stored policy, "1" to replace an existing entry.
+# KEYS: registry. ARGV: name, stored policy, "1" to replace an existing entry, tombstone.
+# Returns 1 when the name was added (or re-added over its tombstone).
 _REGISTER = (
     _REGISTRY_PROLOGUE
     + """
-if ARGV[3] == '1' then return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old == false or old == ARGV[4] or ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+if old == false or old == ARGV[4] then return 1 end
+return 0
 """
 )
 
-# KEYS: registry. ARGV: name.
-_UNREGISTER = _REGISTRY_PROLOGUE + "return redis.call('HDEL', KEYS[1], ARGV[1])"
+# KEYS: registry. ARGV: name, tombstone.
+_UNREGISTER = _REGISTRY_PROLOGUE + "return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])"
+
+#: Registry value of a removed key set. A name that vanishes from the registry
+#: without one was lost with Redis data, and the daemon writes it back.
+REMOVED = "removed"
 
 
 def _digest(raw: bytes) -> bytes:
@@ -338,7 +347,8 @@ class Store:
         return target if moved else None
 
     def registry(self) -> dict[str, str]:
-        """Key sets added at run time (``P:keysets``): name -> stored policy (JSON)."""
+        """Key sets added at run time (``P:keysets``): name -> stored policy (JSON), or
+        `REMOVED` for a removed one."""
         try:
             entries: dict[bytes, bytes] = self.client.hgetall(self.layout.keysets)  # type: ignore[assignment]
         except redis.ResponseError as exc:
@@ -351,11 +361,21 @@ class Store:
     def register(self, keyset: str, policy: str = "{}", *, replace: bool = False) -> bool:
         """Add *keyset* with its stored *policy* (JSON) to the registry; ``False`` if it was
         there (its policy then changes only with *replace*)."""
-        added = self._register(keys=[self.layout.keysets], args=[keyset, policy, int(replace)])
+        added = self._register(
+            keys=[self.layout.keysets], args=[keyset, policy, int(replace), REMOVED]
+        )
         return bool(added)
 
     def unregister(self, keyset: str) -> None:
-        """Remove *keyset* from the registry and delete its state and JWKS."""
-        self._unregister(keys=[self.layout.keysets], args=[keyset])
+        """Mark *keyset* removed in the registry, delete its state and JWKS, and announce it
+        (so daemons drop what they remember of it rather than write it back)."""
+        self._unregister(keys=[self.layout.keysets], args=[keyset, REMOVED])
         self.client.delete(self.layout.state(keyset), self.layout.jwks(keyset))
+        self.client.publish(
+            self.layout.events, json.dumps({"keyset": keyset, "version": 0, "event": "remove"})
+        )
+        self.forget(keyset)
+
+    def forget(self, keyset: str) -> None:
+        """Drop the parsed copy of *keyset* kept between reads."""
         self._parsed.pop(keyset, None)

@@ -109,7 +109,11 @@ def test_keyset_add_list_remove(cli: Cli, client: redis.Redis) -> None:
     assert client.exists("rotator:{billing}:jwks")
     assert cli("keyset", "remove", "billing", "--yes").code == 0
     assert not client.exists("rotator:{billing}:jwks", "rotator:{billing}:state")
-    assert not client.hexists("rotator:keysets", "billing")
+    assert client.hget("rotator:keysets", "billing") == b"removed"  # a tombstone
+    assert "billing" not in cli("keyset", "list").stdout
+    assert cli("keyset", "remove", "billing", "--yes").code == 2  # not registered any more
+    again = cli("keyset", "add", "billing")
+    assert again.code == 0 and "billing: bootstrap" in again.stdout
     assert cli("keyset", "remove", "default", "--yes").code == 2
 
 

@@ -52,7 +52,7 @@ def test_a_corrupt_keyset_is_skipped_and_the_others_rotate(
     clock.advance(daemon.settings.daemon.tick * 3 + 1)
     daemon.tick()
     report = daemon.health.report(clock.now)
-    assert not report["ready"]
+    assert not report["ready"] and not daemon.health.ready(clock.now)
     assert report["keysets"]["alpha"]["fresh"]
     assert not report["keysets"]["beta"]["fresh"]
     assert "state is not a JSON object" in report["keysets"]["beta"]["error"]
@@ -72,6 +72,48 @@ def test_readiness_is_freshness_not_an_error_count(
     redis_server.stop()
     daemon.tick()
     assert not daemon.health.report(clock.now)["ready"]
+    assert not daemon.health.ready(clock.now)
     redis_server.start()
     daemon.tick()
     assert daemon.health.report(clock.now)["ready"]
+    assert daemon.health.ready(clock.now)
+
+
+def test_a_removed_keyset_added_again_starts_afresh(
+    daemon: Daemon, client: redis.Redis, clock: FakeClock
+) -> None:
+    store = daemon.manager.store
+    store.register("gamma")
+    daemon.tick()
+    clock.advance(100)
+    daemon.tick()
+    old = daemon.manager.load("gamma").state
+    assert old is not None and old.version == 2  # newer than what a fresh bootstrap writes
+    store.unregister("gamma")
+    assert client.hget("rotator:keysets", "gamma") == b"removed"  # a tombstone, not a gap
+    daemon.on_commit("gamma")  # the removal is announced on P:events
+    other = KeyManager(Store(redis.Redis.from_url(daemon.settings.redis.url), Layout()),
+                       daemon.manager.keyring, daemon.manager.policy,
+                       clock=daemon.clock)  # fmt: skip
+    assert store.register("gamma")  # added again over its tombstone
+    daemon.managed.refresh()
+    other.reconcile("gamma")
+    daemon.tick()
+    fresh = daemon.manager.load("gamma").state
+    assert fresh is not None and fresh.version == 1
+    assert not {k.kid for k in old.keys} & {k.kid for k in fresh.keys}  # old keys not written back
+
+
+def test_registered_keysets_lost_with_redis_data_are_written_back(
+    daemon: Daemon, client: redis.Redis
+) -> None:
+    store = daemon.manager.store
+    store.register("gamma", '{"interval": "50s"}')
+    daemon.tick()
+    before = daemon.manager.load("gamma").state
+    assert before is not None
+    client.flushall()
+    daemon.tick()
+    assert client.hget("rotator:keysets", "gamma") == b'{"interval": "50s"}'
+    after = daemon.manager.load("gamma").state
+    assert after == before  # the same keys, not new ones
