@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from rotator.audit import AuditLog
 from rotator.embedded import EmbeddedRedis
 from rotator.layout import Layout
 from rotator.lease import Lease
@@ -42,12 +43,19 @@ def url(server: EmbeddedRedis, role: str) -> str:
 def test_each_role_does_its_job_and_no_more(acl_redis: EmbeddedRedis, keyring: Keyring) -> None:
     daemon_client = redis.Redis.from_url(url(acl_redis, "daemon"))
     clock = FakeClock()
-    manager = KeyManager(Store(daemon_client, Layout()), keyring, lambda _n: FAST, clock=clock)
+    audit = AuditLog(daemon_client, Layout())
+    manager = KeyManager(
+        Store(daemon_client, Layout()), keyring, lambda _n: FAST, clock=clock, audit=audit
+    )
     manager.reconcile("default")
-    manager.store.register("billing")
-    manager.reconcile("billing")
+    manager.store.register("billing", '{"interval": "100s"}')
+    assert manager.store.registry() == {"billing": '{"interval": "100s"}'}
+    manager.reconcile_many(["billing", "default"])
     clock.advance(30)
     manager.rotate("default")
+    assert {e.event for e in audit.latest()} == {"bootstrap", "rotate"}  # appended as daemon
+    manager.store.register("gone")
+    manager.store.unregister("gone")
     lease = Lease(daemon_client, "rotator:leader", 5)
     assert lease.refresh() and lease.refresh()
     lease.release()
