@@ -18,7 +18,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from types import FrameType
 
@@ -36,12 +36,11 @@ from rotator.keysets import KeySets
 from rotator.lease import Lease
 from rotator.manager import KeyManager, Outcome
 from rotator.metrics import (
-    CURRENT_KEY_AGE,
-    LAST_RECONCILE,
+    KEYSETS,
     LEADER,
-    PUBLISHED_KEYS,
     REDIS_ERRORS,
     ROTATIONS,
+    KeysetSample,
 )
 from rotator.state import CorruptState, KeySetState
 from rotator.systemd import notify, watchdog_seconds
@@ -78,8 +77,9 @@ class Daemon:
         self.stopping = threading.Event()
         self._errors: dict[str, str] = {}
         self._redis_was_down = False
-        # The last state seen per key set (for the gauges).
+        # The last state seen per key set, read by the gauges when scraped.
         self._states: dict[str, KeySetState] = {}
+        KEYSETS.source = self._samples
         self._ready_sent = False
         self._watchdog = watchdog_seconds()
         self._audit_seen: str | None = None
@@ -187,24 +187,19 @@ class Daemon:
 
     def _seen(self, state: KeySetState) -> None:
         """*state* was reconciled or read just now: health and metrics."""
-        name = state.keyset
-        self.health.succeeded(name, self.clock())
-        if name not in self._states:
-            # Gauges read the last seen state when scraped, not on every tick.
-            LAST_RECONCILE.labels(name).set_function(lambda: self.health.last_success(name) or 0)
-            PUBLISHED_KEYS.labels(name).set_function(lambda: self._published(name))
-            CURRENT_KEY_AGE.labels(name).set_function(lambda: self._age(name))
-        self._states[name] = state
+        self.health.succeeded(state.keyset, self.clock())
+        self._states[state.keyset] = state
 
-    def _published(self, name: str) -> float:
-        state = self._states.get(name)
-        return len(state.keys) if state else 0
-
-    def _age(self, name: str) -> float:
-        state = self._states.get(name)
-        if state is None:
-            return 0.0
-        return self.clock() - (state.current.activated_at or state.updated_at)
+    def _samples(self) -> Iterator[KeysetSample]:
+        """The per key set gauges, computed when /metrics is scraped."""
+        now = self.clock()
+        for name, state in list(self._states.items()):
+            yield KeysetSample(
+                keyset=name,
+                last_reconcile=self.health.last_success(name) or 0.0,
+                current_key_age=now - (state.current.activated_at or state.updated_at),
+                published_keys=len(state.keys),
+            )
 
     def _forget(self, managed: set[str]) -> None:
         """Drop health, metrics and memory of key sets no longer managed."""
@@ -213,8 +208,6 @@ class Daemon:
             self.manager.forget(name)
         for name in set(self._states) - managed:
             del self._states[name]
-            for gauge in (LAST_RECONCILE, PUBLISHED_KEYS, CURRENT_KEY_AGE):
-                gauge.remove(name)
 
     def count_rotations(self) -> None:
         """Count rotations recorded in the audit stream since the last look (every

@@ -3,18 +3,22 @@ daemon's health port and by `rotator serve`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as _generate
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = [
     "COMMIT_SECONDS",
     "CONTENT_TYPE",
-    "CURRENT_KEY_AGE",
-    "LAST_RECONCILE",
+    "KEYSETS",
     "LEADER",
-    "PUBLISHED_KEYS",
     "REDIS_ERRORS",
     "ROTATIONS",
+    "KeysetSample",
     "exposition",
 ]
 
@@ -26,19 +30,65 @@ ROTATIONS = Counter(
     "(scheduled, manual, forced, revoke); every replica counts every rotation",
     ["keyset", "reason"],
 )
-LAST_RECONCILE = Gauge(
-    "rotator_last_reconcile_timestamp_seconds",
-    "When the key set was last reconciled (leader) or read (follower) successfully",
-    ["keyset"],
+
+
+@dataclass(frozen=True)
+class KeysetSample:
+    """What the per key set gauges report for one key set."""
+
+    keyset: str
+    last_reconcile: float
+    current_key_age: float
+    published_keys: int
+
+
+_KEYSET_GAUGES = (
+    (
+        "rotator_last_reconcile_timestamp_seconds",
+        "When the key set was last reconciled (leader) or read (follower) successfully",
+        "last_reconcile",
+    ),
+    (
+        "rotator_current_key_age_seconds",
+        "Seconds since the current signing key was activated",
+        "current_key_age",
+    ),
+    (
+        "rotator_published_keys",
+        "Keys in the published JWKS (current, next, retired)",
+        "published_keys",
+    ),
 )
-CURRENT_KEY_AGE = Gauge(
-    "rotator_current_key_age_seconds",
-    "Seconds since the current signing key was activated",
-    ["keyset"],
-)
-PUBLISHED_KEYS = Gauge(
-    "rotator_published_keys", "Keys in the published JWKS (current, next, retired)", ["keyset"]
-)
+
+
+class _KeysetCollector(Collector):
+    """The per key set gauges, built when scraped from the daemon's own records, so that
+    ten thousand key sets hold no metric objects between scrapes."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[KeysetSample]] | None = None
+
+    def _families(self) -> list[tuple[GaugeMetricFamily, str]]:
+        return [
+            (GaugeMetricFamily(name, doc, labels=["keyset"]), field)
+            for name, doc, field in _KEYSET_GAUGES
+        ]
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return (family for family, _field in self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = self._families()
+        source = self.source
+        for sample in source() if source else ():
+            for family, field in families:
+                family.add_metric([sample.keyset], getattr(sample, field))
+        return (family for family, _field in families)
+
+
+#: Set `KEYSETS.source` to the daemon's sampler; `rotator serve` leaves it unset.
+KEYSETS = _KeysetCollector()
+REGISTRY.register(KEYSETS)
 COMMIT_SECONDS = Histogram(
     "rotator_commit_duration_seconds",
     "Duration of a compare-and-set commit to Redis",
