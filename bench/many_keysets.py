@@ -9,9 +9,10 @@ The leader's work runs on core 0 and redis-server on core 1. Reported:
 * the CPU cost of one idle pass (nothing due), as a share of one core at the
   default 15 s tick;
 * the CPU share of one core a real `rotator run` daemon uses while idle over the
-  same key sets, measured from /proc over --idle-seconds.
+  same key sets, measured from /proc over --idle-seconds, beside the same
+  daemon managing a single key set (its baseline: lease, events, health).
 
-    .venv/bin/python bench/many_keysets.py [--count 10000] [--idle-seconds 60]
+    .venv/bin/python bench/many_keysets.py [--count 10000] [--idle-seconds 120]
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def idle_daemon(server: EmbeddedRedis, kek: Path, seconds: float) -> tuple[float, float]:
-    """CPU share and RSS (MB) of a real `rotator run` idle over the key sets."""
+def idle_daemon(
+    server: EmbeddedRedis, kek: Path, seconds: float, prefix: str = "rotator"
+) -> tuple[float, float]:
+    """CPU share and RSS (MB) of a real `rotator run` idle over the key sets under *prefix*."""
     health = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
     env.update(
@@ -89,6 +92,7 @@ def idle_daemon(server: EmbeddedRedis, kek: Path, seconds: float) -> tuple[float
         ROTATOR_KEYS__KEK_FILE=str(kek),
         ROTATOR_DAEMON__HEALTH_PORT=str(health),
         ROTATOR_LOG__LEVEL="WARNING",
+        ROTATOR_REDIS__PREFIX=prefix,
     )
     rotator = Path(sys.executable).with_name("rotator")
     daemon = subprocess.Popen([str(rotator), "run"], env=env)
@@ -116,83 +120,73 @@ def idle_daemon(server: EmbeddedRedis, kek: Path, seconds: float) -> tuple[float
         daemon.wait(timeout=60)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=10_000)
-    parser.add_argument("--idle-seconds", type=float, default=60.0)
-    args = parser.parse_args()
-    pin(0, 0)
-    kek_line = generate_kek_line("bench")
-    keyring = parse_keks(kek_line, source="bench")
-    # Lifecycle events are logged as a daemon logs them, into the void.
+def log_to_devnull() -> None:
+    """Lifecycle events are logged as a daemon logs them, into the void."""
     setup_logging("INFO", "text")
     devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(devnull)
+
+
+def timed(manager: KeyManager, names: list[str], expected: str) -> tuple[float, float]:
+    """Wall and CPU seconds of one pass in which every key set must end *expected*."""
+    start, cpu = time.perf_counter(), time.process_time()
+    actions = passes(manager, names)
+    assert actions == {expected: len(names)}, actions
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--idle-seconds", type=float, default=120.0)
+    args = parser.parse_args()
+    count = args.count
+    pin(0, 0)
+    kek_line = generate_kek_line("bench")
+    log_to_devnull()
+    print(f"{count} key sets, leader on core 0, redis-server on core 1, batches of {BATCH_SIZE}")
     with EmbeddedRedis() as server:
         pin(server.process.pid, 1)  # type: ignore[union-attr]
         client = redis.Redis.from_url(server.url)
         layout = Layout()
-        store = Store(client, layout)
-        names = [f"app-{i:05d}" for i in range(args.count)]
+        names = [f"app-{i:05d}" for i in range(count)]
         with client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hset(layout.keysets, name, "{}")
             pipe.execute()
         clock = Clock()
+        keyring = parse_keks(kek_line, source="bench")
+        audit = AuditLog(client, layout)
         manager = KeyManager(
-            store,
-            keyring,
-            lambda _n: POLICY,
-            clock=clock,
-            remember=True,
-            audit=AuditLog(client, layout),
-        )
+            Store(client, layout), keyring, lambda _n: POLICY, clock=clock, remember=True,
+            audit=audit,
+        )  # fmt: skip
         reference = keygen_rate()
-
-        start = time.perf_counter()
-        boot = passes(manager, names)
-        boot_seconds = time.perf_counter() - start
-        assert boot == {"bootstrap": args.count}, boot
-
-        start, cpu = time.perf_counter(), time.process_time()
-        idle = passes(manager, names)
-        idle_seconds, idle_cpu = time.perf_counter() - start, time.process_time() - cpu
-        assert idle == {"unchanged": args.count}, idle
-
+        boot, _cpu = timed(manager, names, "bootstrap")
+        print(f"  bootstrap pass:   {boot:6.2f} s  ({count / boot:,.0f} key sets/s)")
+        idle, idle_cpu = timed(manager, names, "unchanged")
+        print(f"  idle pass:        {idle:6.2f} s wall, {idle_cpu:.2f} s CPU "
+              f"= {100 * idle_cpu / TICK:.2f} % of a core at a {TICK:g} s tick")  # fmt: skip
         clock.offset = INTERVAL + POLICY.jitter_window
-        start = time.perf_counter()
-        rotated = passes(manager, names)
-        rotate_seconds = time.perf_counter() - start
-        assert rotated == {"commit": args.count}, rotated
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
+        rotation, _cpu = timed(manager, names, "commit")
+        rate = count / rotation
+        print(f"  rotation pass:    {rotation:6.2f} s  ({rate:,.0f} set-rotations/s)")
+        print(f"  key generation:   {reference:,.0f} keys/s "
+              f"(rotation pass = {rate / reference:.3f} of it)")  # fmt: skip
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"  peak RSS:         {peak:6.1f} MB (the process that ran the passes)", flush=True)
+        if args.idle_seconds <= 0:
+            return
         kek = server.directory / "kek"
         kek.write_text(kek_line + "\n")
         kek.chmod(0o600)
-        daemon_share, daemon_rss = (
-            idle_daemon(server, kek, args.idle_seconds) if args.idle_seconds > 0 else (0.0, 0.0)
-        )
-
-    rate = args.count / rotate_seconds
-    print(
-        f"{args.count} key sets, leader on core 0, redis-server on core 1, batches of {BATCH_SIZE}"
-    )
-    print(
-        f"  bootstrap pass:   {boot_seconds:6.2f} s  ({args.count / boot_seconds:,.0f} key sets/s)"
-    )
-    print(f"  rotation pass:    {rotate_seconds:6.2f} s  ({rate:,.0f} set-rotations/s)")
-    print(
-        f"  key generation:   {reference:,.0f} keys/s "
-        f"(rotation pass = {rate / reference:.3f} of it)"
-    )
-    print(f"  idle pass:        {idle_seconds:6.2f} s wall, {idle_cpu:.2f} s CPU "
-          f"= {100 * idle_cpu / TICK:.2f} % of a core at a {TICK:g} s tick")  # fmt: skip
-    print(f"  peak RSS:         {peak_mb:6.1f} MB (the process that ran the passes)")
-    if args.idle_seconds > 0:
-        print(f"  idle `rotator run`: {100 * daemon_share:.2f} % of a core over "
-              f"{args.idle_seconds:g} s, RSS {daemon_rss:.1f} MB")  # fmt: skip
+        for label, prefix in ((f"{count} key sets", "rotator"), ("one key set", "baseline")):
+            # Under the prefix "baseline" there is no registry: only the key set "default".
+            share, rss = idle_daemon(server, kek, args.idle_seconds, prefix=prefix)
+            print(f"  idle `rotator run`, {label}: {100 * share:.2f} % of a core over "
+                  f"{args.idle_seconds:g} s, RSS {rss:.1f} MB", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
