@@ -83,9 +83,10 @@ class AsyncJWKSCache:
         await self.client.aclose()
 
     async def slot(self, keyset: str) -> Slot:
-        """The slot of *keyset*, read from Redis on first use."""
+        """The slot of *keyset*, read from Redis on first use (a caller arriving while that
+        first read is in flight waits for it)."""
         slot = self._table.get(keyset) or self._table.recently_absent(keyset)
-        if slot is not None:
+        if slot is not None and slot.fetched_at is not None:
             return slot
         slot, _dropped = self._table.add(keyset)
         await self.refresh(keyset)

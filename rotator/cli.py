@@ -371,6 +371,7 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         stored = current.overrides if current is not None and current.policy else {}
         policy = _stored_policy(settings, args, stored)
         store.register(name, policy, replace=True)
+        store.announce(name, "policy")
         print(f"{name}: policy {policy}")
         print(f"{name}: the daemon applies it from its next tick")
         return 0

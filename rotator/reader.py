@@ -110,9 +110,10 @@ class JWKSCache:
         return self._table.get(keyset)
 
     def slot(self, keyset: str) -> Slot:
-        """The copy of *keyset*, read from Redis on first use."""
+        """The copy of *keyset*, read from Redis on first use (a caller arriving while that
+        first read is in flight waits for it)."""
         slot = self._table.get(keyset) or self._table.recently_absent(keyset)
-        if slot is not None:
+        if slot is not None and slot.fetched_at is not None:
             return slot
         with self._lock:
             slot, dropped = self._table.add(keyset)

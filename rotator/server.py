@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import redis
 from granian import Granian
 from granian.constants import HTTPModes, Interfaces, RuntimeModes
 
@@ -36,9 +38,12 @@ from rotator.config import Settings, load_settings
 from rotator.errors import KeySetUnavailable
 from rotator.jwks_import import VerificationKeys
 from rotator.keycache import ReaderLimits
+from rotator.keysets import KeySets
 from rotator.layout import DEFAULT_KEYSET, validate_keyset_name
 from rotator.metrics import CONTENT_TYPE, exposition
+from rotator.policy import Policy
 from rotator.reader import JWKSCache
+from rotator.store import Store
 
 __all__ = ["IAM_PATH", "JWKS_PATH", "JWKSApp", "app_from_env", "serve"]
 
@@ -86,8 +91,14 @@ class JWKSApp:
             limits=ReaderLimits(max_stale=server.max_stale, poll_interval=server.poll_interval),
             max_keysets=server.max_keysets,
         )
-        # Per key set: the copy the headers were built for, and the headers.
-        self._responses: dict[str, tuple[VerificationKeys, list[tuple[str, str]]]] = {}
+        # Cache-Control follows each key set's policy: the config's, or the one stored in the
+        # registry, re-read at most every poll_interval (never on the request path otherwise).
+        self._keysets = KeySets(settings, Store(self.cache.client, self.cache.layout))
+        self._base = settings.base_policy()
+        self._registry_read = float("-inf")
+        self._registry_lock = threading.Lock()
+        # Per key set: the copy and policy the headers were built for, and the headers.
+        self._responses: dict[str, tuple[VerificationKeys, Policy, list[tuple[str, str]]]] = {}
 
     def start(self) -> JWKSApp:
         """Load the configured key sets and start following commits."""
@@ -121,7 +132,7 @@ class JWKSApp:
         self, environ: Environ, start_response: StartResponse, keyset: str, *, head: bool
     ) -> Iterable[bytes]:
         slot = self.cache.held(keyset)
-        if slot is None:
+        if slot is None or slot.fetched_at is None:  # not held, or its first read is in flight
             try:
                 validate_keyset_name(keyset)
             except ValueError:
@@ -133,13 +144,14 @@ class JWKSApp:
             if slot.fetched_at is not None and not slot.published:
                 return self._send(start_response, 404, _UNKNOWN_KEYSET)
             return self._send(start_response, 503, _json({"error": str(exc)}))
+        policy = self._policy(keyset)
         cached = self._responses.get(keyset)
-        if cached is None or cached[0] is not keys:
+        if cached is None or cached[0] is not keys or cached[1] is not policy:
             if len(self._responses) >= self.settings.server.max_keysets:
                 self._responses.clear()  # bounded like the cache; rebuilt on demand
-            cached = (keys, self._headers(keyset, keys))
+            cached = (keys, policy, self._headers(policy, keys))
             self._responses[keyset] = cached
-        headers = cached[1]
+        headers = cached[2]
         if_none_match = environ.get("HTTP_IF_NONE_MATCH")
         if if_none_match and _matches(if_none_match, keys.etag):
             start_response(_STATUS[304], headers[2:])
@@ -147,8 +159,25 @@ class JWKSApp:
         start_response(_STATUS[200], headers)
         return [] if head else [keys.body]
 
-    def _headers(self, keyset: str, keys: VerificationKeys) -> list[tuple[str, str]]:
-        max_age = int(self.settings.policy(keyset).cache_max_age)
+    def _policy(self, keyset: str) -> Policy:
+        """The key set's policy; ``[rotation]`` for one whose stored policy is unknown or
+        unusable."""
+        now = self.cache.clock()
+        if now - self._registry_read >= self.cache.limits.poll_interval and (
+            self._registry_lock.acquire(blocking=False)
+        ):
+            try:
+                self._registry_read = now
+                self._keysets.refresh()
+            except redis.RedisError as exc:
+                log.warning("cannot read the key set registry (%s); keeping the last one", exc)
+            finally:
+                self._registry_lock.release()
+        entry = self._keysets.get(keyset)
+        return entry.policy if entry is not None and entry.policy is not None else self._base
+
+    def _headers(self, policy: Policy, keys: VerificationKeys) -> list[tuple[str, str]]:
+        max_age = int(policy.cache_max_age)
         stale = int(self.settings.server.max_stale)
         return [
             ("content-type", "application/json"),

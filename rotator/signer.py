@@ -25,6 +25,7 @@ from rotator.config import Settings
 from rotator.connection import connect
 from rotator.follow import EventFollower
 from rotator.jwk import load_private_key
+from rotator.keysets import BadPolicy, KeySets
 from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 from rotator.reader import client_for
 from rotator.sealing import Keyring, UnsealError
@@ -52,6 +53,7 @@ class Signer:
         keyset: str = DEFAULT_KEYSET,
         *,
         max_token_ttl: float,
+        max_token_ttl_source: Callable[[], float] | None = None,
         default_ttl: float | None = None,
         prefix: str = "rotator",
         poll_interval: float = 30.0,
@@ -64,7 +66,8 @@ class Signer:
         self.keyring = keyring
         self.keyset = validate_keyset_name(keyset)
         self.max_token_ttl = max_token_ttl
-        self.default_ttl = min(default_ttl or 300.0, max_token_ttl)
+        self._max_token_ttl_source = max_token_ttl_source
+        self._default_ttl = default_ttl or 300.0
         self.max_stale = max_stale
         self.clock, self.monotonic = clock, monotonic
         self.store = Store(self.client, Layout(prefix))
@@ -90,15 +93,28 @@ class Signer:
     def from_settings(
         cls, settings: Settings, keyset: str = DEFAULT_KEYSET, **kwargs: Any
     ) -> Signer:
-        """A signer configured like the daemon: same Redis, KEKs and ``max_token_ttl``."""
+        """A signer configured like the daemon: same Redis, KEKs and ``max_token_ttl`` (the
+        key set's own, read from the registry for a key set added at run time)."""
         keyring = settings.keyring()
         if keyring is None:
             raise SigningError("no KEK configured: the signer cannot unseal keys")
+        client = connect(settings.redis)
+        keysets = KeySets(settings, Store(client, Layout(settings.redis.prefix)))
+
+        def max_token_ttl() -> float:
+            if keyset not in settings.keysets:
+                keysets.refresh()
+            try:
+                return keysets.policy(keyset).max_token_ttl
+            except BadPolicy as exc:
+                raise SigningError(str(exc)) from None
+
         return cls(
-            connect(settings.redis),
+            client,
             keyring,
             keyset,
-            max_token_ttl=settings.policy(keyset).max_token_ttl,
+            max_token_ttl=max_token_ttl(),
+            max_token_ttl_source=max_token_ttl,
             prefix=settings.redis.prefix,
             **kwargs,
         )
@@ -136,11 +152,19 @@ class Signer:
         current = self._current
         return current[0] if current else None
 
+    @property
+    def default_ttl(self) -> float:
+        """The ttl of `sign` when none is given: 5 minutes, or less under max_token_ttl."""
+        return min(self._default_ttl, self.max_token_ttl)
+
     def refresh(self) -> bool:
-        """Reload the current key from Redis; ``False`` if that failed."""
+        """Reload the current key (and the key set's max_token_ttl, when it comes from
+        the registry) from Redis; ``False`` if that failed."""
         try:
             state = self.store.load(self.keyset).state
-        except (redis.RedisError, OSError, CorruptState) as exc:
+            if self._max_token_ttl_source is not None:
+                self.max_token_ttl = self._max_token_ttl_source()
+        except (redis.RedisError, OSError, CorruptState, SigningError) as exc:
             log.warning("key set %s: signer cannot read its state (%s)", self.keyset, exc)
             return False
         with self._lock:

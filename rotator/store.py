@@ -366,14 +366,19 @@ class Store:
         )
         return bool(added)
 
+    def announce(self, keyset: str, event: str) -> None:
+        """Publish *event* for *keyset* on the events channel without a commit (a policy
+        change), so followers re-read it at once."""
+        self.client.publish(
+            self.layout.events, json.dumps({"keyset": keyset, "version": 0, "event": event})
+        )
+
     def unregister(self, keyset: str) -> None:
         """Mark *keyset* removed in the registry, delete its state and JWKS, and announce it
         (so daemons drop what they remember of it rather than write it back)."""
         self._unregister(keys=[self.layout.keysets], args=[keyset, REMOVED])
         self.client.delete(self.layout.state(keyset), self.layout.jwks(keyset))
-        self.client.publish(
-            self.layout.events, json.dumps({"keyset": keyset, "version": 0, "event": "remove"})
-        )
+        self.announce(keyset, "remove")
         self.forget(keyset)
 
     def forget(self, keyset: str) -> None:

@@ -76,8 +76,12 @@ def test_each_role_does_its_job_and_no_more(acl_redis: EmbeddedRedis, keyring: K
     assert signer_client.get("rotator:{default}:state")
     with pytest.raises(redis.exceptions.NoPermissionError):
         signer_client.set("rotator:{default}:jwks", "{}")
+    assert signer_client.hgetall("rotator:keysets")  # a registered key set's max_token_ttl
     verifier = redis.Redis.from_url(url(acl_redis, "verifier"))
     assert verifier.get("rotator:{default}:jwks")
+    assert verifier.hgetall("rotator:keysets")  # its cache_max_age, read-only
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        verifier.hset("rotator:keysets", "evil", "{}")
     with pytest.raises(redis.exceptions.NoPermissionError):
         verifier.get("rotator:{default}:state")
     with pytest.raises(redis.exceptions.NoPermissionError):

@@ -16,7 +16,7 @@ from rotator.embedded import EmbeddedRedis
 from rotator.errors import KeySetUnavailable, UnknownKid
 from rotator.jwk import generate_key, load_private_key
 from rotator.manager import KeyManager
-from rotator.reader import JWKSReader
+from rotator.reader import JWKSCache, JWKSReader
 from rotator.sealing import Keyring
 from rotator.signer import Signer
 from tests.helpers import FakeClock, async_wait_for, wait_for
@@ -106,6 +106,30 @@ def test_concurrent_refreshes_share_one_read(
         thread.join()
     assert reader.reads == 2  # the first load, then one read for sixteen callers
     assert reader.keys is not None
+
+
+def test_a_caller_arriving_during_the_first_read_waits_for_it(
+    manager: KeyManager, redis_server: EmbeddedRedis
+) -> None:
+    manager.reconcile("billing")
+    cache = JWKSCache(GatedClient.from_url(redis_server.url), follow=False)
+    GatedClient.gate.clear()
+    GatedClient.entered.clear()
+    first = threading.Thread(target=cache.slot, args=("billing",))
+    first.start()
+    wait_for(GatedClient.entered.is_set, what="first read in flight")
+    seen: list[object] = []
+
+    def second() -> None:
+        slot = cache.slot("billing")  # must wait for the read in flight, not return it empty
+        seen.append(slot.usable(cache.clock(), cache.limits))
+
+    late = threading.Thread(target=second)
+    late.start()
+    GatedClient.gate.set()
+    first.join()
+    late.join()
+    assert len(seen) == 1 and cache.reads == 1
 
 
 def test_random_kids_cost_one_read_per_cooldown_and_lock_nobody_out(

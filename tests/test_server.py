@@ -130,6 +130,16 @@ def test_keyset_selection(served: Running, client: redis.Redis) -> None:
     assert post.status == 405 and post.headers["allow"] == "GET, HEAD"
 
 
+def test_cache_control_follows_a_registered_keysets_own_policy(
+    served: Running, client: redis.Redis
+) -> None:
+    client.hset("rotator:keysets", "billing", '{"cache_max_age": "7s"}')
+    iam = served.url + "/v1/authentication/token/jwks"
+    assert "max-age=7," in fetch(iam, headers={"X-App-Name": "billing"}).headers["cache-control"]
+    default = fetch(served.url + "/.well-known/jwks.json").headers["cache-control"]
+    assert "max-age=20," in default  # [rotation] of the test config
+
+
 def test_requests_are_answered_from_memory(served: Running, client: redis.Redis) -> None:
     fetch(served.url + "/.well-known/jwks.json")
     wait_for(served.subscribed, what="subscription")  # (re)subscribing re-reads every key set

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jwt
 import pytest
 
+from rotator.config import load_settings
 from rotator.embedded import EmbeddedRedis
 from rotator.manager import KeyManager
 from rotator.sealing import Keyring
@@ -73,3 +76,20 @@ def test_stale_signer_refuses(
         monotonic.advance(31)
         with pytest.raises(SigningError, match="revoked"):
             signer.sign({}, ttl=60)
+
+
+def test_from_settings_takes_a_registered_keysets_own_max_token_ttl(
+    manager: KeyManager, redis_server: EmbeddedRedis, kek_file: Path
+) -> None:
+    manager.store.register("short", '{"max_token_ttl": "45s"}')
+    settings = load_settings(redis={"url": redis_server.url}, keys={"kek_file": str(kek_file)})
+    signer = Signer.from_settings(settings, "short", follow=False)
+    assert signer.max_token_ttl == 45
+    manager.store.register("short", '{"max_token_ttl": "30s"}', replace=True)
+    assert signer.refresh()  # what the `keyset update` announcement triggers
+    assert signer.max_token_ttl == 30
+    with pytest.raises(SigningError, match="max_token_ttl"):
+        signer.sign({}, ttl=45)
+    assert Signer.from_settings(settings, "default", follow=False).max_token_ttl == 3600
+    with pytest.raises(SigningError, match="neither in the config nor registered"):
+        Signer.from_settings(settings, "nosuch", follow=False)
