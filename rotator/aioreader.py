@@ -89,15 +89,16 @@ class AsyncJWKSCache:
         if slot is not None and slot.fetched_at is not None:
             return slot
         slot, _dropped = self._table.add(keyset)
-        await self.refresh(keyset)
+        await self.refresh(keyset, held=slot)
         self._table.settle(slot)
         return slot
 
-    async def refresh(self, keyset: str) -> bool:
-        """Read *keyset* now; concurrent callers share one read."""
+    async def refresh(self, keyset: str, *, held: Slot | None = None) -> bool:
+        """Read *keyset* now; concurrent callers share one read. *held*: the slot a first
+        read is made for, filled even if the LRU dropped it meanwhile."""
         task = self._inflight.get(keyset)
         if task is None:
-            task = asyncio.create_task(self._read(keyset))
+            task = asyncio.create_task(self._read(keyset, held))
             self._inflight[keyset] = task
             task.add_done_callback(lambda _t: self._inflight.pop(keyset, None))
         return await asyncio.shield(task)
@@ -107,7 +108,8 @@ class AsyncJWKSCache:
             log.warning("cannot read Redis (%s); serving the last copies", exc)
             self._down = True
 
-    async def _read(self, keyset: str) -> bool:
+    async def _read(self, keyset: str, held: Slot | None) -> bool:
+        slot = self._table.get(keyset) or held
         try:
             raw = await self.client.get(self.layout.jwks(keyset))
         except (redis.RedisError, OSError) as exc:
@@ -115,7 +117,7 @@ class AsyncJWKSCache:
             return False
         self.reads += 1
         self._down = False
-        return self._table.accept(keyset, raw)
+        return self._table.accept(keyset, raw, held=slot)
 
     async def refresh_all(self) -> None:
         """Read every held key set in one pipelined round trip."""

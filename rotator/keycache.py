@@ -156,11 +156,15 @@ class SlotTable:
         """A commit for *keyset* was announced: look again next time."""
         self._absent.pop(keyset, None)
 
-    def accept(self, keyset: str, raw: bytes | str | None) -> bool:
-        """Take a freshly read JWKS (``None``: none published); ``False`` if it is unusable."""
-        slot = self._slots.get(keyset)
+    def accept(self, keyset: str, raw: bytes | str | None, held: Slot | None = None) -> bool:
+        """Take a freshly read JWKS (``None``: none published); ``False`` if it is unusable.
+
+        *held* is the slot the read was made for: if the table dropped it meanwhile (other
+        key sets pushed it out of the LRU), it is filled all the same, so the request
+        waiting on it gets its answer, and the table stays within its bound."""
+        slot = self._slots.get(keyset) or held
         if slot is None:
-            return True  # dropped meanwhile
+            return True  # dropped meanwhile, and nobody waits on it
         try:
             keys = None if raw is None else import_jwks(raw)
         except JWKSFormatError as exc:

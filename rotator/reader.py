@@ -121,7 +121,7 @@ class JWKSCache:
             for name in dropped:
                 self._flights.pop(name, None)
                 STALENESS.remove(name)
-        self.refresh(keyset)
+        self._refresh(keyset, slot)
         with self._lock:
             if self._table.settle(slot):
                 STALENESS.remove(keyset)
@@ -150,6 +150,9 @@ class JWKSCache:
         Single flight: callers arriving while a read of the same key set is in
         flight wait for it and share its result.
         """
+        return self._refresh(keyset, None)
+
+    def _refresh(self, keyset: str, held: Slot | None) -> bool:
         with self._lock:
             flight = self._flights.setdefault(keyset, threading.Lock())
             slot = self._table.get(keyset)
@@ -166,7 +169,7 @@ class JWKSCache:
             self.reads += 1
             self._down = False
             with self._lock:
-                return self._table.accept(keyset, raw)
+                return self._table.accept(keyset, raw, held=slot or held)
 
     def refresh_all(self) -> None:
         """Read every key set held in one pipelined round trip."""

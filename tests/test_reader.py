@@ -132,6 +132,33 @@ def test_a_caller_arriving_during_the_first_read_waits_for_it(
     assert len(seen) == 1 and cache.reads == 1
 
 
+def test_a_first_read_answers_its_caller_even_if_the_lru_dropped_the_key_set(
+    manager: KeyManager, redis_server: EmbeddedRedis
+) -> None:
+    for name in ("a", "b"):
+        manager.reconcile(name)
+    cache = JWKSCache(GatedClient.from_url(redis_server.url), follow=False, max_keysets=1)
+    GatedClient.gate.clear()
+    GatedClient.entered.clear()
+    answers: list[object] = []
+
+    def ask(name: str) -> None:
+        slot = cache.slot(name)
+        answers.append(slot.usable(cache.clock(), cache.limits))
+
+    first = threading.Thread(target=ask, args=("a",))
+    first.start()
+    wait_for(GatedClient.entered.is_set, what="read of a in flight")
+    second = threading.Thread(target=ask, args=("b",))  # pushes a out of the one-slot LRU
+    second.start()
+    wait_for(lambda: cache.held("a") is None, what="a dropped while its read is in flight")
+    GatedClient.gate.set()
+    first.join()
+    second.join()
+    assert len(answers) == 2  # a's caller got a's keys, not "has not been loaded"
+    assert cache.held("a") is None and cache.held("b") is not None  # the bound holds
+
+
 def test_random_kids_cost_one_read_per_cooldown_and_lock_nobody_out(
     manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring
 ) -> None:
