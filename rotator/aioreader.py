@@ -25,6 +25,7 @@ from rotator.follow import keyset_of
 from rotator.jwks_import import VerificationKeys
 from rotator.keycache import ReaderLimits, Slot, SlotTable
 from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
+from rotator.metrics import READER_STALENESS
 from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, verify_token
 
 __all__ = ["AsyncJWKSCache", "AsyncJWKSReader", "InvalidToken"]
@@ -66,6 +67,7 @@ class AsyncJWKSCache:
         self._inflight: dict[str, asyncio.Task[bool]] = {}
         self._task: asyncio.Task[None] | None = None
         self._down = False
+        READER_STALENESS.caches.add(self)
 
     async def start(self, preload: Iterable[str] = ()) -> None:
         """Load *preload* (kept however cold they get) and start following commits."""
@@ -76,6 +78,7 @@ class AsyncJWKSCache:
 
     async def close(self) -> None:
         """Stop following and close the client."""
+        READER_STALENESS.caches.discard(self)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

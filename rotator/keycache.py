@@ -11,10 +11,11 @@ locked out.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -22,6 +23,12 @@ from rotator.errors import KeySetUnavailable
 from rotator.jwks_import import JWKSFormatError, VerificationKeys, import_jwks
 
 __all__ = ["ReaderLimits", "Slot", "SlotTable"]
+
+
+def _digest(raw: bytes | str) -> bytes:
+    data = raw.encode() if isinstance(raw, str) else raw
+    return hashlib.blake2b(data, digest_size=16).digest()
+
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +52,17 @@ class Slot:
     fetched_at: float | None = None
     published: bool = False
     generation: int = 0
+    source: bytes | None = None  # digest of the stored bytes the copy was imported from
     miss_refresh_at: float = float("-inf")
     misses: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def accept(self, keys: VerificationKeys | None, now: float) -> bool:
         """Record a successful read (``None``: nothing published); return whether it changed."""
         changed = (keys.etag if keys else None) != (self.keys.etag if self.keys else None)
-        self.keys, self.fetched_at, self.published = keys, now, keys is not None
+        self.fetched_at, self.published = now, keys is not None
         if changed:
+            # An unchanged copy keeps its object, so what was built from it stays valid.
+            self.keys = keys
             self.misses.clear()
             self.generation += 1
         return changed
@@ -98,10 +108,20 @@ class SlotTable:
     first (never the *pinned* ones), plus the names recently found unpublished, kept apart
     so that random names cannot push real key sets out. Not thread-safe by itself."""
 
-    def __init__(self, limits: ReaderLimits, max_keysets: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        limits: ReaderLimits,
+        max_keysets: int,
+        clock: Callable[[], float],
+        *,
+        keep_keys: bool = True,
+    ) -> None:
         self.limits = limits
         self.max_keysets = max_keysets
         self.clock = clock
+        # A server that only hands out the bytes drops the parsed public keys after the
+        # strict import (a few kB per key set).
+        self.keep_keys = keep_keys
         self.pinned: set[str] = set()
         self._slots: OrderedDict[str, Slot] = OrderedDict()
         self._absent: OrderedDict[str, float] = OrderedDict()
@@ -165,12 +185,19 @@ class SlotTable:
         slot = self._slots.get(keyset) or held
         if slot is None:
             return True  # dropped meanwhile, and nobody waits on it
+        source = None if raw is None else _digest(raw)
+        if slot.fetched_at is not None and source == slot.source:
+            slot.accept(slot.keys, self.clock())  # the same bytes: no import (polls of many)
+            return True
         try:
             keys = None if raw is None else import_jwks(raw)
         except JWKSFormatError as exc:
             log.error("key set %s: JWKS unusable (%s); keeping the last copy", keyset, exc)
             return False
+        if keys is not None and not self.keep_keys:
+            keys = replace(keys, keys={})
         slot.accept(keys, self.clock())
+        slot.source = source
         return True
 
     def staleness(self) -> dict[str, float | None]:

@@ -3,8 +3,11 @@ daemon's health port and by `rotator serve`."""
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as _generate
@@ -16,6 +19,7 @@ __all__ = [
     "CONTENT_TYPE",
     "KEYSETS",
     "LEADER",
+    "READER_STALENESS",
     "REDIS_ERRORS",
     "ROTATIONS",
     "KeysetSample",
@@ -89,6 +93,44 @@ class _KeysetCollector(Collector):
 #: Set `KEYSETS.source` to the daemon's sampler; `rotator serve` leaves it unset.
 KEYSETS = _KeysetCollector()
 REGISTRY.register(KEYSETS)
+
+
+class _HasStaleness(Protocol):
+    def staleness(self) -> dict[str, float | None]: ...
+
+
+class _StalenessCollector(Collector):
+    """``rotator_reader_staleness_seconds{keyset}`` of every live reader cache, computed
+    once per cache when scraped (infinite for a key set never read)."""
+
+    def __init__(self) -> None:
+        self.caches: weakref.WeakSet[_HasStaleness] = weakref.WeakSet()
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "rotator_reader_staleness_seconds",
+            "Seconds since the reader last read its key set from Redis successfully",
+            labels=["keyset"],
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        worst: dict[str, float] = {}
+        for cache in list(self.caches):
+            for name, age in cache.staleness().items():
+                value = math.inf if age is None else age
+                worst[name] = max(value, worst.get(name, value))
+        family = self._family()
+        for name, value in sorted(worst.items()):
+            family.add_metric([name], value)
+        yield family
+
+
+#: Reader caches (threads and asyncio) add themselves on creation and leave on close.
+READER_STALENESS = _StalenessCollector()
+REGISTRY.register(READER_STALENESS)
 COMMIT_SECONDS = Histogram(
     "rotator_commit_duration_seconds",
     "Duration of a compare-and-set commit to Redis",

@@ -21,24 +21,18 @@ from typing import Any
 
 import redis
 from cryptography.hazmat.primitives.asymmetric import ec
-from prometheus_client import Gauge
 
 from rotator.errors import InvalidToken
 from rotator.follow import EventFollower
 from rotator.jwks_import import VerificationKeys
 from rotator.keycache import ReaderLimits, Slot, SlotTable
 from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
+from rotator.metrics import READER_STALENESS
 from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, verify_token
 
-__all__ = ["STALENESS", "InvalidToken", "JWKSCache", "JWKSReader"]
+__all__ = ["InvalidToken", "JWKSCache", "JWKSReader"]
 
 log = logging.getLogger(__name__)
-
-STALENESS = Gauge(
-    "rotator_reader_staleness_seconds",
-    "Seconds since the reader last read its key set from Redis successfully",
-    ["keyset"],
-)
 
 
 def client_for(target: redis.Redis | str) -> redis.Redis:
@@ -60,6 +54,7 @@ class JWKSCache:
         limits: ReaderLimits | None = None,
         max_keysets: int = 1000,
         follow: bool = True,
+        keep_keys: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client_for(target)
@@ -67,7 +62,7 @@ class JWKSCache:
         self.limits = limits or ReaderLimits()
         self.clock = clock
         self.reads = 0
-        self._table = SlotTable(self.limits, max_keysets, clock)
+        self._table = SlotTable(self.limits, max_keysets, clock, keep_keys=keep_keys)
         self._flights: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._down = False
@@ -83,6 +78,7 @@ class JWKSCache:
             if follow
             else None
         )
+        READER_STALENESS.caches.add(self)
 
     def start(self, preload: Iterable[str] = ()) -> JWKSCache:
         """Load *preload* (kept however cold they get) and start following commits."""
@@ -97,8 +93,7 @@ class JWKSCache:
         """Stop following; the copies stay usable until they go stale."""
         if self._follower is not None:
             self._follower.stop()
-        for keyset in self._table.names():
-            STALENESS.remove(keyset)
+        READER_STALENESS.caches.discard(self)
 
     @property
     def following(self) -> bool:
@@ -117,22 +112,12 @@ class JWKSCache:
             return slot
         with self._lock:
             slot, dropped = self._table.add(keyset)
-            STALENESS.labels(keyset).set_function(self._staleness_of(keyset))
             for name in dropped:
                 self._flights.pop(name, None)
-                STALENESS.remove(name)
         self._refresh(keyset, slot)
         with self._lock:
-            if self._table.settle(slot):
-                STALENESS.remove(keyset)
+            self._table.settle(slot)
         return slot
-
-    def _staleness_of(self, keyset: str) -> Callable[[], float]:
-        def staleness() -> float:
-            age = self._table.staleness().get(keyset)
-            return float("inf") if age is None else age
-
-        return staleness
 
     def _on_event(self, keyset: str) -> None:
         self._table.forget_absent(keyset)

@@ -90,6 +90,7 @@ class JWKSApp:
             prefix=settings.redis.prefix,
             limits=ReaderLimits(max_stale=server.max_stale, poll_interval=server.poll_interval),
             max_keysets=server.max_keysets,
+            keep_keys=False,  # the server hands out bytes; it never verifies
         )
         # Cache-Control follows each key set's policy: the config's, or the one stored in the
         # registry, re-read at most every poll_interval (never on the request path otherwise).

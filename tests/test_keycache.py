@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from rotator import jwks_import, keycache
 from rotator.jwk import generate_key, jwks_document
+from rotator.jwks_import import VerificationKeys
 from rotator.keycache import ReaderLimits, SlotTable
 from tests.helpers import FakeClock
 
@@ -62,3 +66,37 @@ def test_an_unusable_jwks_keeps_the_last_copy() -> None:
     assert slots.accept("k", good)
     assert not slots.accept("k", b"not json")
     assert slot.keys is not None and slot.keys.body == good
+
+
+def test_an_unchanged_reread_keeps_the_copy_and_a_changed_one_replaces_it() -> None:
+    table = SlotTable(ReaderLimits(), 10, FakeClock())
+    slot, _ = table.add("a")
+    body = jwks_document([generate_key().jwk])
+    table.accept("a", body)
+    first = slot.keys
+    table.accept("a", body)  # the backstop poll reads the same bytes again
+    assert slot.keys is first and slot.generation == 1
+    table.accept("a", jwks_document([generate_key().jwk]))
+    assert slot.keys is not first and slot.generation == 2
+
+
+def test_same_bytes_are_not_imported_again_and_a_server_keeps_no_parsed_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    imports: list[bytes | str] = []
+    real = jwks_import.import_jwks
+
+    def counting(raw: bytes | str) -> VerificationKeys:
+        imports.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(keycache, "import_jwks", counting)
+    table = SlotTable(ReaderLimits(), 10, FakeClock(), keep_keys=False)
+    slot, _ = table.add("a")
+    body = jwks_document([generate_key().jwk])
+    for _ in range(3):
+        assert table.accept("a", body)  # the backstop poll of many key sets
+    assert len(imports) == 1 and slot.fetched_at is not None
+    assert slot.keys is not None and slot.keys.body == body and not slot.keys.keys
+    table.accept("a", jwks_document([generate_key().jwk]))
+    assert len(imports) == 2
