@@ -97,9 +97,10 @@ class JWKSApp:
         self._keysets = KeySets(settings, Store(self.cache.client, self.cache.layout))
         self._base = settings.base_policy()
         self._registry_read = float("-inf")
+        self._registry_generation = 0
         self._registry_lock = threading.Lock()
-        # Per key set: the copy and policy the headers were built for, and the headers.
-        self._responses: dict[str, tuple[VerificationKeys, Policy, list[tuple[str, str]]]] = {}
+        # Per key set: the copy and registry read the headers were built for, and the headers.
+        self._responses: dict[str, tuple[VerificationKeys, int, list[tuple[str, str]]]] = {}
 
     def start(self) -> JWKSApp:
         """Load the configured key sets and start following commits."""
@@ -139,18 +140,20 @@ class JWKSApp:
             except ValueError:
                 return self._send(start_response, 404, _UNKNOWN_KEYSET)
             slot = self.cache.slot(keyset)
+        now = self.cache.clock()
         try:
-            keys = slot.usable(self.cache.clock(), self.cache.limits)
+            keys = slot.usable(now, self.cache.limits)
         except KeySetUnavailable as exc:
             if slot.fetched_at is not None and not slot.published:
                 return self._send(start_response, 404, _UNKNOWN_KEYSET)
             return self._send(start_response, 503, _json({"error": str(exc)}))
-        policy = self._policy(keyset)
+        if now - self._registry_read >= self.cache.limits.poll_interval:
+            self._reread_registry(now)
         cached = self._responses.get(keyset)
-        if cached is None or cached[0] is not keys or cached[1] is not policy:
+        if cached is None or cached[0] is not keys or cached[1] != self._registry_generation:
             if len(self._responses) >= self.settings.server.max_keysets:
                 self._responses.clear()  # bounded like the cache; rebuilt on demand
-            cached = (keys, policy, self._headers(policy, keys))
+            cached = (keys, self._registry_generation, self._headers(self._policy(keyset), keys))
             self._responses[keyset] = cached
         headers = cached[2]
         if_none_match = environ.get("HTTP_IF_NONE_MATCH")
@@ -160,20 +163,23 @@ class JWKSApp:
         start_response(_STATUS[200], headers)
         return [] if head else [keys.body]
 
+    def _reread_registry(self, now: float) -> None:
+        """Re-read the registry (one request does, every poll_interval at most); headers
+        built before are rebuilt on their next use."""
+        if not self._registry_lock.acquire(blocking=False):
+            return  # another request is at it
+        try:
+            self._registry_read = now
+            self._keysets.refresh()
+            self._registry_generation += 1
+        except redis.RedisError as exc:
+            log.warning("cannot read the key set registry (%s); keeping the last one", exc)
+        finally:
+            self._registry_lock.release()
+
     def _policy(self, keyset: str) -> Policy:
         """The key set's policy; ``[rotation]`` for one whose stored policy is unknown or
         unusable."""
-        now = self.cache.clock()
-        if now - self._registry_read >= self.cache.limits.poll_interval and (
-            self._registry_lock.acquire(blocking=False)
-        ):
-            try:
-                self._registry_read = now
-                self._keysets.refresh()
-            except redis.RedisError as exc:
-                log.warning("cannot read the key set registry (%s); keeping the last one", exc)
-            finally:
-                self._registry_lock.release()
         entry = self._keysets.get(keyset)
         return entry.policy if entry is not None and entry.policy is not None else self._base
 
