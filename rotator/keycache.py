@@ -179,15 +179,21 @@ class SlotTable:
     def accept(self, keyset: str, raw: bytes | str | None, held: Slot | None = None) -> bool:
         """Take a freshly read JWKS (``None``: none published); ``False`` if it is unusable.
 
-        *held* is the slot the read was made for: if the table dropped it meanwhile (other
-        key sets pushed it out of the LRU), it is filled all the same, so the request
-        waiting on it gets its answer, and the table stays within its bound."""
-        slot = self._slots.get(keyset) or held
-        if slot is None:
+        *held* is the slot the read was made for. If the table dropped it meanwhile (other
+        key sets pushed it out of the LRU), or holds a newer slot for the name, *held* is
+        filled as well: a request waiting on it gets its answer, and the table stays
+        within its bound."""
+        slots = [s for s in (self._slots.get(keyset), held) if s is not None]
+        if len(slots) == 2 and slots[0] is slots[1]:
+            slots.pop()
+        if not slots:
             return True  # dropped meanwhile, and nobody waits on it
-        source = None if raw is None else _digest(raw)
-        if slot.fetched_at is not None and source == slot.source:
-            slot.accept(slot.keys, self.clock())  # the same bytes: no import (polls of many)
+        now, source = self.clock(), None if raw is None else _digest(raw)
+        stale = [slot for slot in slots if slot.fetched_at is None or source != slot.source]
+        for slot in slots:
+            if all(slot is not other for other in stale):
+                slot.accept(slot.keys, now)  # the same bytes: no import (polls of many)
+        if not stale:
             return True
         try:
             keys = None if raw is None else import_jwks(raw)
@@ -196,8 +202,9 @@ class SlotTable:
             return False
         if keys is not None and not self.keep_keys:
             keys = replace(keys, keys={})
-        slot.accept(keys, self.clock())
-        slot.source = source
+        for slot in stale:
+            slot.accept(keys, now)
+            slot.source = source
         return True
 
     def staleness(self) -> dict[str, float | None]:

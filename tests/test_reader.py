@@ -152,11 +152,14 @@ def test_a_first_read_answers_its_caller_even_if_the_lru_dropped_the_key_set(
     second = threading.Thread(target=ask, args=("b",))  # pushes a out of the one-slot LRU
     second.start()
     wait_for(lambda: cache.held("a") is None, what="a dropped while its read is in flight")
+    third = threading.Thread(target=ask, args=("a",))  # a again: a new slot, b pushed out
+    third.start()
+    wait_for(lambda: cache.held("a") is not None, what="a held again, its first read pending")
     GatedClient.gate.set()
-    first.join()
-    second.join()
-    assert len(answers) == 2  # a's caller got a's keys, not "has not been loaded"
-    assert cache.held("a") is None and cache.held("b") is not None  # the bound holds
+    for thread in (first, second, third):
+        thread.join()
+    assert len(answers) == 3  # every caller got keys, none "has not been loaded"
+    assert cache.held("a") is not None and cache.held("b") is None  # the bound holds
 
 
 def test_random_kids_cost_one_read_per_cooldown_and_lock_nobody_out(
