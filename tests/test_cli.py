@@ -120,6 +120,7 @@ def test_keyset_add_list_remove(cli: Cli, client: redis.Redis) -> None:
 @pytest.mark.parametrize(
     ("name", "why"),
     [
+        ("", "empty"),
         ("bad name", "spaces"),
         ("a{b}", "braces"),
         ("a:b", "colons"),

@@ -12,6 +12,7 @@ from rotator import lifecycle
 from rotator.embedded import EmbeddedRedis
 from rotator.layout import Layout
 from rotator.manager import KeyManager
+from rotator.sealing import UnsealError
 from rotator.state import CorruptState, decode_state
 from rotator.store import Conflict, Store
 from tests.conftest import FAST
@@ -179,3 +180,15 @@ def test_batched_reconcile_isolates_failures_and_survives_a_script_flush(
     # c lost the race, was retried alone on fresh data and found the rotation already made
     assert actions == {"a": "commit", "c": "unchanged", "d": "commit"}
     assert [manager.load(n).version for n in ("a", "c", "d")] == [2, 2, 2]
+
+
+def test_batched_reconcile_reports_a_keyset_sealed_under_another_kek(
+    store: Store, clock: FakeClock
+) -> None:
+    stranger = KeyManager(store, make_keyring("other"), lambda _n: FAST, clock=clock)
+    stranger.reconcile("foreign")
+    manager = KeyManager(store, make_keyring("mine"), lambda _n: FAST, clock=clock)
+    results = manager.reconcile_many(["foreign", "native"])
+    assert isinstance(results["foreign"], UnsealError) and "other" in str(results["foreign"])
+    assert getattr(results["native"], "action", None) == "bootstrap"
+    assert store.load("foreign").version == 1  # untouched
