@@ -53,6 +53,9 @@ class Slot:
     published: bool = False
     generation: int = 0
     source: bytes | None = None  # digest of the stored bytes the copy was imported from
+    # What a user of the cache built from the copy (the server's response headers): kept
+    # with the slot, so it goes when the slot goes.
+    derived: object = None
     miss_refresh_at: float = float("-inf")
     misses: OrderedDict[str, None] = field(default_factory=OrderedDict)
 

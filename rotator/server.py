@@ -27,7 +27,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs
 
 import redis
@@ -79,6 +79,14 @@ def _matches(if_none_match: str, etag: str) -> bool:
     return any(tag in (etag, "*") for tag in tags)
 
 
+class _Response(NamedTuple):
+    """Headers built for one copy of a key set under one read of the registry."""
+
+    keys: VerificationKeys
+    registry_read: int
+    headers: list[tuple[str, str]]
+
+
 class JWKSApp:
     """The WSGI application."""
 
@@ -99,8 +107,6 @@ class JWKSApp:
         self._registry_read = float("-inf")
         self._registry_generation = 0
         self._registry_lock = threading.Lock()
-        # Per key set: the copy and registry read the headers were built for, and the headers.
-        self._responses: dict[str, tuple[VerificationKeys, int, list[tuple[str, str]]]] = {}
 
     def start(self) -> JWKSApp:
         """Load the configured key sets and start following commits."""
@@ -149,13 +155,17 @@ class JWKSApp:
             return self._send(start_response, 503, _json({"error": str(exc)}))
         if now - self._registry_read >= self.cache.limits.poll_interval:
             self._reread_registry(now)
-        cached = self._responses.get(keyset)
-        if cached is None or cached[0] is not keys or cached[1] != self._registry_generation:
-            if len(self._responses) >= self.settings.server.max_keysets:
-                self._responses.clear()  # bounded like the cache; rebuilt on demand
-            cached = (keys, self._registry_generation, self._headers(self._policy(keyset), keys))
-            self._responses[keyset] = cached
-        headers = cached[2]
+        cached = slot.derived
+        if (
+            not isinstance(cached, _Response)
+            or cached.keys is not keys
+            or cached.registry_read != self._registry_generation
+        ):
+            cached = _Response(
+                keys, self._registry_generation, self._headers(self._policy(keyset), keys)
+            )
+            slot.derived = cached
+        headers = cached.headers
         if_none_match = environ.get("HTTP_IF_NONE_MATCH")
         if if_none_match and _matches(if_none_match, keys.etag):
             start_response(_STATUS[304], headers[2:])
