@@ -8,6 +8,7 @@ line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -441,20 +442,20 @@ def cmd_check_config(settings: Settings, _args: argparse.Namespace) -> int:
     doc = settings.model_dump(mode="json")
     doc["redis"]["url"] = mask_url(settings.redis.url)
     names = sorted(set(settings.configured_keysets()))
-    doc["effective_policies"] = {
-        name: {
-            k: (format_duration(v) if isinstance(v, float) else v)
-            for k, v in vars(settings.policy(name)).items()
-            if not k.startswith("_")
-        }
-        for name in names
-    }
+    doc["effective_policies"] = {name: _policy_doc(settings.policy(name)) for name in names}
     keyring = settings.keyring()
     doc["keys"]["kek_ids"] = [k.id for k in keyring.keks] if keyring else []
     print(json.dumps(doc, indent=2))
     if keyring is None:
         print("warning: no KEK configured; `rotator run` will refuse to start", file=sys.stderr)
     return 0
+
+
+def _policy_doc(policy: Policy) -> dict[str, Any]:
+    """The policy's fields, durations as text, the jitter window as it applies."""
+    values = {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}
+    values["jitter"] = policy.jitter_window
+    return {k: format_duration(v) if isinstance(v, float) else v for k, v in values.items()}
 
 
 def cmd_kek(_settings: Settings | None, args: argparse.Namespace) -> int:

@@ -225,6 +225,7 @@ def test_check_config_masks_secrets(cli: Cli, kek_file: Path) -> None:
     assert doc["redis"]["url"] == "redis://app:***@localhost:6379/0"
     assert doc["keys"]["kek_ids"] == ["k1"]
     assert doc["effective_policies"]["default"]["interval"] == "1m40s"
+    assert doc["effective_policies"]["default"]["jitter"] == "5s"  # 5 % of 100s, as it applies
     del cli.env["ROTATOR_KEYS__KEK_FILE"]
     cli.env["ROTATOR_KEYS__KEKS"] = secret_line
     masked = cli("check-config")
