@@ -3,8 +3,9 @@ one pass, then time an idle pass and watch a real `rotator run` sit idle over th
 
 The leader's work runs on core 0 and redis-server on core 1. Reported:
 
-* set-rotations per second over the rotation pass, against raw key generation
-  (`generate_key`) measured on the same core in the same run;
+* set-rotations per second over the rotation pass, against key generation
+  (`generate_key`: key, PKCS#8, JWK, thumbprint) and bare
+  `ec.generate_private_key`, both measured on the same core in the same run;
 * the peak RSS of the process that did the passes;
 * the CPU cost of one idle pass (nothing due), as a share of one core at the
   default 15 s tick;
@@ -25,9 +26,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.audit import AuditLog
 from rotator.daemon import BATCH_SIZE
@@ -68,12 +71,16 @@ def passes(manager: KeyManager, names: list[str]) -> dict[str, int]:
     return actions
 
 
-def keygen_rate(seconds: float = 2.0) -> float:
+def keygen_rate(make: Callable[[], object], seconds: float = 2.0) -> float:
     made, start = 0, time.process_time()
     while time.process_time() - start < seconds:
-        generate_key()
+        make()
         made += 1
     return made / (time.process_time() - start)
+
+
+def raw_key() -> object:
+    return ec.generate_private_key(ec.SECP256R1())
 
 
 def cpu_seconds(pid: int) -> float:
@@ -163,7 +170,7 @@ def main() -> None:
             Store(client, layout), keyring, lambda _n: POLICY, clock=clock, remember=True,
             audit=audit,
         )  # fmt: skip
-        reference = keygen_rate()
+        reference, raw = keygen_rate(generate_key), keygen_rate(raw_key)
         boot, _cpu = timed(manager, names, "bootstrap")
         print(f"  bootstrap pass:   {boot:6.2f} s  ({count / boot:,.0f} key sets/s)")
         idle, idle_cpu = timed(manager, names, "unchanged")
@@ -175,6 +182,8 @@ def main() -> None:
         print(f"  rotation pass:    {rotation:6.2f} s  ({rate:,.0f} set-rotations/s)")
         print(f"  key generation:   {reference:,.0f} keys/s "
               f"(rotation pass = {rate / reference:.3f} of it)")  # fmt: skip
+        print(f"  raw EC keygen:    {raw:,.0f} keys/s "
+              f"(rotation pass = {rate / raw:.3f} of it)")  # fmt: skip
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"  peak RSS:         {peak:6.1f} MB (the process that ran the passes)", flush=True)
         if args.idle_seconds <= 0:
