@@ -204,7 +204,7 @@ class Daemon:
     def _forget(self, managed: set[str]) -> None:
         """Drop health, metrics and memory of key sets no longer managed."""
         self.health.forget(managed)
-        for name in self.managed.removed & self.manager.remembered().keys():
+        for name in self.managed.removed:
             self.manager.forget(name)
         for name in set(self._states) - managed:
             del self._states[name]

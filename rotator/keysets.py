@@ -161,7 +161,19 @@ class KeySets:
 
     def policy(self, name: str) -> Policy:
         """Effective policy of *name*; raise `BadPolicy` when it is unknown or unusable."""
-        entry = self._entries.get(name)
+        return self._usable(name, self._entries.get(name))
+
+    def read_policy(self, name: str) -> Policy:
+        """Effective policy of *name*, reading only its own registry entry (for a process
+        that follows one key set); raise `BadPolicy` when it is unknown or unusable."""
+        entry = self._configured.get(name)
+        if entry is None:
+            raw = self.store.registry_entry(name)
+            entry = None if raw is None or raw == REMOVED else self._registered(name, raw)
+        return self._usable(name, entry)
+
+    @staticmethod
+    def _usable(name: str, entry: KeySetEntry | None) -> Policy:
         if entry is None:
             raise BadPolicy(f"key set {name} is neither in the config nor registered")
         if entry.policy is None:

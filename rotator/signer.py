@@ -102,10 +102,8 @@ class Signer:
         keysets = KeySets(settings, Store(client, Layout(settings.redis.prefix)))
 
         def max_token_ttl() -> float:
-            if keyset not in settings.keysets:
-                keysets.refresh()
             try:
-                return keysets.policy(keyset).max_token_ttl
+                return keysets.read_policy(keyset).max_token_ttl
             except BadPolicy as exc:
                 raise SigningError(str(exc)) from None
 

@@ -265,10 +265,9 @@ class Store:
     def commit(self, expected_version: int, state: KeySetState, event: str) -> None:
         """Write *state* (version ``expected_version + 1``) if Redis still holds
         ``expected_version``; raise `Conflict` otherwise."""
-        keys, args = self._commit_call(expected_version, state, event)
-        with COMMIT_SECONDS.time():
-            result = self._commit(keys=keys, args=args)
-        self._checked(state.keyset, expected_version, result)
+        result = self.commit_many([(expected_version, state, event)])[0]
+        if result is not None:
+            raise result
 
     def _guarded_commit(
         self, keys: list[str], args: list[str | int | bytes]
@@ -298,7 +297,7 @@ class Store:
             writes, calls, replies, strict=True
         ):
             missing = isinstance(piped, redis.exceptions.NoScriptError)
-            reply = self._commit(keys=keys, args=args) if missing else piped
+            reply = self._guarded_commit(keys, args) if missing else piped
             if isinstance(reply, Exception):
                 results.append(reply)
                 continue
@@ -309,7 +308,10 @@ class Store:
                 continue
             results.append(None)
         if any(result is None for result in results):
-            self._await_replicas(f"{len(writes)} key sets")
+            one = len(writes) == 1
+            self._await_replicas(
+                f"key set {writes[0][1].keyset}" if one else f"{len(writes)} key sets"
+            )
         return results
 
     def restore(self, state: KeySetState) -> None:
@@ -357,6 +359,17 @@ class Store:
             members: set[bytes] = self.client.smembers(self.layout.keysets)  # type: ignore[assignment]
             return {name.decode(): "{}" for name in members}
         return {name.decode(): value.decode() for name, value in entries.items()}
+
+    def registry_entry(self, keyset: str) -> str | None:
+        """The registry entry of *keyset* alone (one ``HGET``): its stored policy, `REMOVED`,
+        or ``None`` when it is not registered."""
+        try:
+            raw: bytes | None = self.client.hget(self.layout.keysets, keyset)  # type: ignore[assignment]
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            return self.registry().get(keyset)
+        return None if raw is None else raw.decode()
 
     def register(self, keyset: str, policy: str = "{}", *, replace: bool = False) -> bool:
         """Add *keyset* with its stored *policy* (JSON) to the registry; ``False`` if it was
