@@ -33,7 +33,7 @@ from rotator.config import (
     mask_url,
 )
 from rotator.connection import connect
-from rotator.daemon import Daemon
+from rotator.daemon import BATCH_SIZE, Daemon
 from rotator.durations import format_duration, parse_duration
 from rotator.embedded import EmbeddedRedis, RedisBinaryNotFound, free_port
 from rotator.errors import InvalidToken
@@ -54,8 +54,6 @@ __all__ = ["main"]
 
 log = logging.getLogger("rotator")
 
-# Key sets read per pipelined round trip by commands that look at all of them.
-_BATCH = 500
 
 
 class UsageError(Exception):
@@ -300,8 +298,8 @@ def _load_all(
 ) -> list[tuple[str, Snapshot | CorruptState]]:
     """Every key set of *names*, read in pipelined batches."""
     loaded: list[tuple[str, Snapshot | CorruptState]] = []
-    for start in range(0, len(names), _BATCH):
-        batch = names[start : start + _BATCH]
+    for start in range(0, len(names), BATCH_SIZE):
+        batch = names[start : start + BATCH_SIZE]
         loaded += zip(batch, manager.store.load_many(batch), strict=True)
     return loaded
 

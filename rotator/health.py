@@ -72,28 +72,28 @@ class Health:
     def ready(self, now: float) -> bool:
         """`report`'s verdict alone, without building the per key set details."""
         with self._lock:
-            return (
-                self.redis_ok
-                and bool(self._keysets)
-                and all(
-                    h.last_success is not None and now - h.last_success <= self.freshness
-                    for h in self._keysets.values()
-                )
-            )
+            return self._ready(now)
+
+    def _fresh(self, entry: _KeysetHealth, now: float) -> bool:
+        return entry.last_success is not None and now - entry.last_success <= self.freshness
+
+    def _ready(self, now: float) -> bool:
+        keysets = self._keysets.values()
+        return self.redis_ok and bool(keysets) and all(self._fresh(h, now) for h in keysets)
 
     def report(self, now: float) -> dict[str, Any]:
         """Readiness and the reason for it, as a JSON-ready dict."""
         with self._lock:
             keysets = {
                 name: {
-                    "fresh": h.last_success is not None and now - h.last_success <= self.freshness,
+                    "fresh": self._fresh(h, now),
                     "last_success": h.last_success,
                     "error": h.error,
                 }
                 for name, h in sorted(self._keysets.items())
             }
-            ready = self.redis_ok and bool(keysets) and all(k["fresh"] for k in keysets.values())
             role = "leader" if self.leader else "follower"
+            ready = self._ready(now)
             return {"ready": ready, "redis": self.redis_ok, "role": role, "keysets": keysets}
 
 
