@@ -55,7 +55,6 @@ __all__ = ["main"]
 log = logging.getLogger("rotator")
 
 
-
 class UsageError(Exception):
     """Bad arguments (exit 2)."""
 
