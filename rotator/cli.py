@@ -45,7 +45,7 @@ from rotator.manager import KeyManager, NoKekError, Outcome
 from rotator.policy import Policy
 from rotator.reader import JWKSReader
 from rotator.sealing import KekError, UnsealError, generate_kek_line
-from rotator.server import JWKS_PATH, serve
+from rotator.server import serve
 from rotator.signer import Signer, SigningError
 from rotator.state import CorruptState, KeySetState
 from rotator.store import REMOVED, Conflict, Snapshot, Store
@@ -391,11 +391,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     }
     if overrides:
         settings = load_settings(args.config, server={**settings.server.model_dump(), **overrides})
-    log.info(
-        "serving JWKS on http://%s:%d%s", settings.server.host, settings.server.port, JWKS_PATH
-    )
-    serve(settings, args.config)
-    return 0
+    return serve(settings)
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:

@@ -202,9 +202,18 @@ class ServerSettings(_Section):
     port: int = Field(default=8080, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)
     threads: int = Field(default=32, ge=1)
+    head_timeout: Duration = 10.0
+    idle_timeout: Duration = 75.0
     poll_interval: Duration = 30.0
     max_stale: Duration = 3600.0
     max_keysets: int = Field(default=1000, ge=1)
+
+    @field_validator("head_timeout", "idle_timeout")
+    @classmethod
+    def _positive_timeout(cls, timeout: float) -> float:
+        if timeout < 1:
+            raise ValueError("must be at least 1s")
+        return timeout
 
 
 class LogSettings(_Section):

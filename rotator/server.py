@@ -14,28 +14,25 @@ checked them (a JWKS carrying a private member is served without it), with
 an ``ETag`` over those bytes, ``If-None-Match`` answered 304, and
 ``Cache-Control: public, max-age=<cache_max_age>, stale-if-error=<max_stale>``.
 
-The application is WSGI served by granian (Rust HTTP, one Python call per
-request): on the benchmark in the README it answers about twice as many
-requests per second as the same logic as ASGI under uvicorn.
+The HTTP side is `rotator.httpd`: a request whose key set is in memory is
+answered on the event loop from bytes built once per copy of the key set; the
+first request for a key set, and ``/metrics``, run on a thread.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs
 
 import redis
-from granian import Granian
-from granian.constants import HTTPModes, Interfaces, RuntimeModes
 
-from rotator.config import Settings, load_settings
+from rotator import httpd
+from rotator.config import Settings
 from rotator.errors import KeySetUnavailable
+from rotator.httpd import Reply, Request, reply
 from rotator.jwks_import import VerificationKeys
 from rotator.keycache import ReaderLimits
 from rotator.keysets import KeySets
@@ -45,32 +42,25 @@ from rotator.policy import Policy
 from rotator.reader import JWKSCache
 from rotator.store import Store
 
-__all__ = ["IAM_PATH", "JWKS_PATH", "JWKSApp", "app_from_env", "serve"]
+__all__ = ["IAM_PATH", "JWKS_PATH", "JWKSApp", "serve"]
 
 log = logging.getLogger(__name__)
 
 JWKS_PATH = "/.well-known/jwks.json"
 IAM_PATH = "/v1/authentication/token/jwks"
-
-StartResponse = Callable[[str, list[tuple[str, str]]], Any]
-Environ = dict[str, Any]
-
-_STATUS = {
-    200: "200 OK",
-    304: "304 Not Modified",
-    404: "404 Not Found",
-    405: "405 Method Not Allowed",
-    503: "503 Service Unavailable",
-}
+_JWKS_PATH, _IAM_PATH = JWKS_PATH.encode(), IAM_PATH.encode()
 
 
-def _json(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
+def _json_reply(status: int, document: dict[str, Any], *extra: tuple[str, str]) -> Reply:
+    body = json.dumps(document, separators=(",", ":")).encode()
+    headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    return reply(status, [*headers, *extra], body)
 
 
-_NOT_FOUND = _json({"error": "not found"})
-_UNKNOWN_KEYSET = _json({"error": "unknown key set"})
-_NOT_ALLOWED = _json({"error": "method not allowed"})
+_ALIVE = _json_reply(200, {"alive": True})
+_NOT_FOUND = _json_reply(404, {"error": "not found"})
+_UNKNOWN_KEYSET = _json_reply(404, {"error": "unknown key set"})
+_NOT_ALLOWED = _json_reply(405, {"error": "method not allowed"}, ("allow", "GET, HEAD"))
 
 
 def _matches(if_none_match: str, etag: str) -> bool:
@@ -80,15 +70,16 @@ def _matches(if_none_match: str, etag: str) -> bool:
 
 
 class _Response(NamedTuple):
-    """Headers built for one copy of a key set under one read of the registry."""
+    """The answers built for one copy of a key set under one read of the registry."""
 
     keys: VerificationKeys
     registry_read: int
-    headers: list[tuple[str, str]]
+    ok: Reply
+    not_modified: Reply
 
 
 class JWKSApp:
-    """The WSGI application."""
+    """The routes of `rotator serve`, as an `httpd.Handler`."""
 
     def __init__(self, settings: Settings, cache: JWKSCache | None = None) -> None:
         self.settings = settings
@@ -101,7 +92,7 @@ class JWKSApp:
             keep_keys=False,  # the server hands out bytes; it never verifies
         )
         # Cache-Control follows each key set's policy: the config's, or the one stored in the
-        # registry, re-read at most every poll_interval (never on the request path otherwise).
+        # registry, re-read every poll_interval on a thread of its own.
         self._keysets = KeySets(settings, Store(self.cache.client, self.cache.layout))
         self._base = settings.base_policy()
         self._registry_read = float("-inf")
@@ -109,75 +100,98 @@ class JWKSApp:
         self._registry_lock = threading.Lock()
 
     def start(self) -> JWKSApp:
-        """Load the configured key sets and start following commits."""
+        """Load the configured key sets and the registry, and start following commits."""
         self.cache.start(preload=self.settings.configured_keysets())
+        if self._registry_lock.acquire(blocking=False):
+            self._reread_registry(self.cache.clock())
         return self
 
-    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path == JWKS_PATH:
-            query = environ.get("QUERY_STRING")
-            keyset = (
-                (parse_qs(query).get("keyset") or [DEFAULT_KEYSET])[0] if query else DEFAULT_KEYSET
-            )
-        elif path == IAM_PATH:
-            keyset = environ.get("HTTP_X_APP_NAME", "").strip() or DEFAULT_KEYSET
-        elif path == "/healthz":
-            return self._send(start_response, 200, _json({"alive": True}))
-        elif path == "/readyz":
-            return self._ready(start_response)
-        elif path == "/metrics":
-            start_response(_STATUS[200], [("content-type", CONTENT_TYPE)])
-            return [exposition()]
-        else:
-            return self._send(start_response, 404, _NOT_FOUND)
-        method = environ.get("REQUEST_METHOD")
-        if method not in ("GET", "HEAD"):
-            return self._send(start_response, 405, _NOT_ALLOWED, [("allow", "GET, HEAD")])
-        return self._jwks(environ, start_response, keyset, head=method == "HEAD")
+    def close(self) -> None:
+        """Stop following commits."""
+        self.cache.close()
 
-    def _jwks(
-        self, environ: Environ, start_response: StartResponse, keyset: str, *, head: bool
-    ) -> Iterable[bytes]:
+    def fast(self, request: Request) -> Reply | None:
+        """The answer from memory; ``None`` when it takes a read of Redis or ``/metrics``."""
+        return self._route(request, may_block=False)
+
+    def slow(self, request: Request) -> Reply:
+        """The answer, reading Redis if the key set is not in memory yet."""
+        answer = self._route(request, may_block=True)
+        assert answer is not None  # may_block always answers
+        return answer
+
+    def _route(self, request: Request, *, may_block: bool) -> Reply | None:
+        path = request.path
+        if path == _JWKS_PATH:
+            query = request.query
+            keyset = (
+                (parse_qs(query.decode("latin-1")).get("keyset") or [DEFAULT_KEYSET])[0]
+                if query
+                else DEFAULT_KEYSET
+            )
+        elif path == _IAM_PATH:
+            named = request.headers.get(b"x-app-name", b"").strip()
+            keyset = named.decode("latin-1") if named else DEFAULT_KEYSET
+        elif path == b"/healthz":
+            return _ALIVE
+        elif path == b"/readyz":
+            return self._ready()
+        elif path == b"/metrics":
+            if not may_block:
+                return None
+            body = exposition()
+            return reply(
+                200, [("content-type", CONTENT_TYPE), ("content-length", str(len(body)))], body
+            )
+        else:
+            return _NOT_FOUND
+        if request.method not in (b"GET", b"HEAD"):
+            return _NOT_ALLOWED
+        return self._jwks(request, keyset, may_block=may_block)
+
+    def _jwks(self, request: Request, keyset: str, *, may_block: bool) -> Reply | None:
         slot = self.cache.held(keyset)
         if slot is None or slot.fetched_at is None:  # not held, or its first read is in flight
             try:
                 validate_keyset_name(keyset)
             except ValueError:
-                return self._send(start_response, 404, _UNKNOWN_KEYSET)
+                return _UNKNOWN_KEYSET
+            if not may_block:
+                return None
             slot = self.cache.slot(keyset)
         now = self.cache.clock()
         try:
             keys = slot.usable(now, self.cache.limits)
         except KeySetUnavailable as exc:
             if slot.fetched_at is not None and not slot.published:
-                return self._send(start_response, 404, _UNKNOWN_KEYSET)
-            return self._send(start_response, 503, _json({"error": str(exc)}))
+                return _UNKNOWN_KEYSET
+            return _json_reply(503, {"error": str(exc)})
         if now - self._registry_read >= self.cache.limits.poll_interval:
-            self._reread_registry(now)
+            self._reread_registry_soon(now)
         cached = slot.derived
         if (
             not isinstance(cached, _Response)
             or cached.keys is not keys
             or cached.registry_read != self._registry_generation
         ):
-            cached = _Response(
-                keys, self._registry_generation, self._headers(self._policy(keyset), keys)
-            )
+            cached = self._responses(keyset, keys)
             slot.derived = cached
-        headers = cached.headers
-        if_none_match = environ.get("HTTP_IF_NONE_MATCH")
-        if if_none_match and _matches(if_none_match, keys.etag):
-            start_response(_STATUS[304], headers[2:])
-            return []
-        start_response(_STATUS[200], headers)
-        return [] if head else [keys.body]
+        if_none_match = request.headers.get(b"if-none-match")
+        if if_none_match and _matches(if_none_match.decode("latin-1"), keys.etag):
+            return cached.not_modified
+        return cached.ok
+
+    def _reread_registry_soon(self, now: float) -> None:
+        """Re-read the registry on a thread (one at a time); requests go on meanwhile."""
+        if self._registry_lock.acquire(blocking=False):
+            self._registry_read = now
+            threading.Thread(
+                target=self._reread_registry, args=(now,), name="registry", daemon=True
+            ).start()
 
     def _reread_registry(self, now: float) -> None:
-        """Re-read the registry (one request does, every poll_interval at most); headers
-        built before are rebuilt on their next use."""
-        if not self._registry_lock.acquire(blocking=False):
-            return  # another request is at it
+        """Re-read the registry, holding the lock its caller took; answers built before are
+        rebuilt on their next use."""
         try:
             self._registry_read = now
             self._keysets.refresh()
@@ -193,17 +207,22 @@ class JWKSApp:
         entry = self._keysets.get(keyset)
         return entry.policy if entry is not None and entry.policy is not None else self._base
 
-    def _headers(self, policy: Policy, keys: VerificationKeys) -> list[tuple[str, str]]:
-        max_age = int(policy.cache_max_age)
+    def _responses(self, keyset: str, keys: VerificationKeys) -> _Response:
+        max_age = int(self._policy(keyset).cache_max_age)
         stale = int(self.settings.server.max_stale)
-        return [
-            ("content-type", "application/json"),
-            ("content-length", str(len(keys.body))),
+        caching = [
             ("etag", keys.etag),
             ("cache-control", f"public, max-age={max_age}, stale-if-error={stale}"),
         ]
+        length = str(len(keys.body))
+        ok = reply(
+            200,
+            [("content-type", "application/json"), ("content-length", length), *caching],
+            keys.body,
+        )
+        return _Response(keys, self._registry_generation, ok, reply(304, caching))
 
-    def _ready(self, start_response: StartResponse) -> Iterable[bytes]:
+    def _ready(self) -> Reply:
         staleness = self.cache.staleness()
         limit = self.settings.server.max_stale
         fresh = {
@@ -211,50 +230,23 @@ class JWKSApp:
             for name in self.settings.configured_keysets()
         }
         ready = all(fresh.values())
-        body = _json({"ready": ready, "keysets": fresh, "subscribed": self.cache.following})
-        return self._send(start_response, 200 if ready else 503, body)
-
-    @staticmethod
-    def _send(
-        start_response: StartResponse,
-        status: int,
-        body: bytes,
-        headers: list[tuple[str, str]] | None = None,
-        *,
-        head: bool = False,
-    ) -> Iterable[bytes]:
-        start_response(
-            _STATUS[status],
-            [
-                ("content-type", "application/json"),
-                ("content-length", str(len(body))),
-                *(headers or []),
-            ],
+        return _json_reply(
+            200 if ready else 503,
+            {"ready": ready, "keysets": fresh, "subscribed": self.cache.following},
         )
-        return [] if head else [body]
 
 
-def app_from_env() -> JWKSApp:
-    """granian factory, run in each worker: settings from ``ROTATOR_CONFIG`` and ``ROTATOR_*``."""
-    path = os.environ.get("ROTATOR_CONFIG")
-    return JWKSApp(load_settings(Path(path) if path else None)).start()
-
-
-def serve(settings: Settings, config_path: Path | None) -> None:
-    """Serve `app_from_env` with granian on ``server.host:server.port``."""
-    if config_path is not None:
-        os.environ["ROTATOR_CONFIG"] = str(config_path)
+def serve(settings: Settings) -> int:
+    """Serve on ``server.host:server.port`` until SIGTERM or SIGINT; return the exit status.
+    Each worker process builds its own `JWKSApp` from *settings*."""
     server = settings.server
-    Granian(
-        "rotator.server:app_from_env",
-        factory=True,
-        address=server.host,
-        port=server.port,
-        workers=server.workers,
-        interface=Interfaces.WSGI,
-        http=HTTPModes.http1,
-        websockets=False,
-        runtime_mode=RuntimeModes.st,
-        blocking_threads=server.threads,
-        log_access=False,
-    ).serve()
+    try:
+        sock = httpd.listen(server.host, server.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", server.host, server.port, exc.strerror or exc)
+        return 1
+    log.info("serving JWKS on http://%s:%d%s", server.host, server.port, JWKS_PATH)
+    options = httpd.Options(
+        threads=server.threads, head_timeout=server.head_timeout, idle_timeout=server.idle_timeout
+    )
+    return httpd.run(sock, lambda: JWKSApp(settings).start(), options, workers=server.workers)

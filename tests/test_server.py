@@ -64,9 +64,10 @@ def _try(url: str) -> Response | None:
 
 @pytest.fixture
 def served(cli: Cli, manager: KeyManager) -> Iterator[Running]:
-    """`rotator serve` as a real process (granian) with key sets default and billing."""
+    """`rotator serve` as a real process with key sets default and billing (whose stored
+    policy sets its cache_max_age)."""
     manager.reconcile("default")
-    manager.store.register("billing")
+    manager.store.register("billing", '{"cache_max_age": "7s"}')
     manager.reconcile("billing")
     port = free_port()
     process = subprocess.Popen(
@@ -133,7 +134,6 @@ def test_keyset_selection(served: Running, client: redis.Redis) -> None:
 def test_cache_control_follows_a_registered_keysets_own_policy(
     served: Running, client: redis.Redis
 ) -> None:
-    client.hset("rotator:keysets", "billing", '{"cache_max_age": "7s"}')
     iam = served.url + "/v1/authentication/token/jwks"
     assert "max-age=7," in fetch(iam, headers={"X-App-Name": "billing"}).headers["cache-control"]
     default = fetch(served.url + "/.well-known/jwks.json").headers["cache-control"]
