@@ -17,7 +17,8 @@ installed) does the sockets.
 * Limits: the request line and headers together at most `MAX_HEAD` bytes and
   `MAX_HEADERS` fields (431 beyond); a request head must arrive within
   `Options.head_timeout` (else 408), an idle connection is closed after
-  `Options.idle_timeout`. Malformed requests and upgrades get 400 and a close.
+  `Options.idle_timeout`. Malformed requests get 400 and a close; an ``Upgrade``
+  is ignored, and the connection closed after the answer.
 * A client that does not read its answers stops being read (transport flow
   control), so its answers cannot pile up in memory.
 * HTTP/1.0 connections are closed after each answer; 1.1 ones are kept
@@ -53,6 +54,7 @@ __all__ = [
     "listen",
     "reply",
     "run",
+    "serve",
 ]
 
 log = logging.getLogger(__name__)
@@ -235,7 +237,14 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             refused = exc.__context__
             self.final = refused.answer if isinstance(refused, _Refused) else _BAD_REQUEST
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        except httptools.HttpParserUpgrade:
+            # The upgrade is ignored (RFC 9110 section 7.8): the request is answered as
+            # usual, then the connection closed, since what follows it is not HTTP.
+            if self.pending:
+                self.pending[-1] = (self.pending[-1][0], False)
+            else:
+                self._close()
+        except httptools.HttpParserError:
             self.final = _BAD_REQUEST
         except _Refused as exc:
             self.final = exc.answer
@@ -404,11 +413,12 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-async def _serve(sock: socket.socket, handler: Handler, options: Options) -> None:
+async def serve(
+    sock: socket.socket, handler: Handler, options: Options, stop: asyncio.Event
+) -> None:
+    """Serve *sock* on the running loop until *stop* is set, then close every connection
+    (idle ones at once, others after their answer, all within a few seconds)."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     with concurrent.futures.ThreadPoolExecutor(options.threads, thread_name_prefix="serve") as pool:
         state = _Server(handler, loop, pool, options)
         listener = await loop.create_server(lambda: _Connection(state), sock=sock)
@@ -434,11 +444,19 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def _serve_until_signalled(sock: socket.socket, handler: Handler, options: Options) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(sock, handler, options, stop)
+
+
 def _run_one(sock: socket.socket, make_handler: Callable[[], Handler], options: Options) -> None:
     loop = _event_loop()
     handler = make_handler()
     try:
-        loop.run_until_complete(_serve(sock, handler, options))
+        loop.run_until_complete(_serve_until_signalled(sock, handler, options))
     finally:
         handler.close()
         loop.close()

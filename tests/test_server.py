@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import jwt
 import pytest
@@ -62,16 +65,12 @@ def _try(url: str) -> Response | None:
         return None
 
 
-@pytest.fixture
-def served(cli: Cli, manager: KeyManager) -> Iterator[Running]:
-    """`rotator serve` as a real process with key sets default and billing (whose stored
-    policy sets its cache_max_age)."""
-    manager.reconcile("default")
-    manager.store.register("billing", '{"cache_max_age": "7s"}')
-    manager.reconcile("billing")
+@contextlib.contextmanager
+def running_serve(cli: Cli, *args: str) -> Iterator[Running]:
+    """`rotator serve *args` as a real process, stopped with SIGTERM at the end."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "rotator", "serve", "--port", str(port)],
+        [sys.executable, "-m", "rotator", "serve", "--port", str(port), *args],
         env={**cli.env, "ROTATOR_SERVER__POLL_INTERVAL": "1h"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -91,6 +90,17 @@ def served(cli: Cli, manager: KeyManager) -> Iterator[Running]:
                 process.wait(20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@pytest.fixture
+def served(cli: Cli, manager: KeyManager) -> Iterator[Running]:
+    """`rotator serve` with key sets default and billing (whose stored policy sets its
+    cache_max_age)."""
+    manager.reconcile("default")
+    manager.store.register("billing", '{"cache_max_age": "7s"}')
+    manager.reconcile("billing")
+    with running_serve(cli) as running:
+        yield running
 
 
 def test_jwks_is_the_stored_bytes_with_caching_headers(
@@ -220,3 +230,47 @@ def test_interop_pyjwt_jwcrypto_joserfc(
 def test_sigterm_stops_cleanly(served: Running) -> None:
     served.process.send_signal(signal.SIGTERM)
     assert served.process.wait(20) == 0
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _two_workers(pid: int) -> list[int]:
+    def both() -> list[int] | None:
+        children = _children(pid)
+        return children if len(children) == 2 else None
+
+    return wait_for(both, what="two workers")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_workers_share_the_port_and_stop_together(cli: Cli, manager: KeyManager) -> None:
+    manager.reconcile("default")
+    with running_serve(cli, "--workers", "2") as running:
+        workers = _two_workers(running.process.pid)
+        for _ in range(10):
+            assert fetch(running.url + "/.well-known/jwks.json").status == 200
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(20) == 0
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_dead_worker_takes_the_others_down(cli: Cli, manager: KeyManager) -> None:
+    manager.reconcile("default")
+    with running_serve(cli, "--workers", "2") as running:
+        workers = _two_workers(running.process.pid)
+        os.kill(workers[0], signal.SIGKILL)
+        assert running.process.wait(20) == 1  # for systemd or Kubernetes to restart
+        assert any("exited" in line for line in running.log)
+
+
+def test_a_port_in_use_is_a_clear_error(cli: Cli, manager: KeyManager) -> None:
+    with running_serve(cli) as first:
+        port = first.url.rsplit(":", 1)[1]
+        second = cli("serve", "--port", port)
+    assert second.code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
+    assert "Traceback" not in second.stderr

@@ -1,0 +1,301 @@
+"""The HTTP server of `rotator serve`, through real sockets: order, limits, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import pytest
+
+from rotator import httpd
+from rotator.httpd import Reply, Request, reply
+
+
+def _text(status: int, text: str) -> Reply:
+    body = text.encode()
+    return reply(status, [("content-type", "text/plain"), ("content-length", str(len(body)))], body)
+
+
+@dataclass
+class GatedHandler:
+    """``/slow`` waits on *gate* in the thread pool; ``/boom`` raises; the rest echo."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+    seen: list[Request] = field(default_factory=list)
+    closed: bool = False
+
+    def fast(self, request: Request) -> Reply | None:
+        if request.path == b"/slow":
+            return None
+        if request.path == b"/boom":
+            raise RuntimeError("handler bug")
+        self.seen.append(request)
+        return _text(200, request.path.decode())
+
+    def slow(self, request: Request) -> Reply:
+        self.entered.set()
+        assert self.gate.wait(30)
+        return _text(200, "slow")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class Served:
+    port: int
+    handler: GatedHandler
+    loop: asyncio.AbstractEventLoop
+    stop: asyncio.Event
+    thread: threading.Thread
+
+    def connect(self) -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", self.port), timeout=20)
+        return client
+
+
+def _serve(options: httpd.Options, listener: socket.socket) -> Iterator[Served]:
+    handler = GatedHandler()
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(
+        target=loop.run_until_complete,
+        args=(httpd.serve(listener, handler, options, stop),),
+        daemon=True,
+    )
+    thread.start()
+    served = Served(listener.getsockname()[1], handler, loop, stop, thread)
+    try:
+        yield served
+    finally:
+        handler.gate.set()
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        loop.close()
+        listener.close()
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    yield from _serve(httpd.Options(threads=4, head_timeout=1, idle_timeout=1), _listener())
+
+
+def _listener(receive_buffer: int | None = None) -> socket.socket:
+    listener = httpd.listen("127.0.0.1", 0)
+    if receive_buffer is not None:  # inherited by accepted connections
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    return listener
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def read_answer(stream: BinaryIO, *, head_only: bool = False) -> Answer:
+    """One response from *stream*, which may hold more after it."""
+    status_line = stream.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = 0 if head_only else int(headers.get("content-length", "0"))
+    return Answer(int(status_line.split()[1]), headers, stream.read(length))
+
+
+def exchange(served: Served, data: bytes, count: int = 1) -> tuple[list[Answer], bytes]:
+    """Send *data*, read *count* answers, then what follows until the server closes
+    (``b""`` if it does not close within the socket timeout... which fails the test)."""
+    with served.connect() as client:
+        client.sendall(data)
+        stream = client.makefile("rb")
+        answers = [read_answer(stream) for _ in range(count)]
+        return answers, stream.read()
+
+
+GET = b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+def test_pipelined_answers_keep_their_order_behind_a_slow_one(served: Served) -> None:
+    with served.connect() as client:
+        client.sendall(GET % b"/slow" + GET % b"/after" + GET % b"/last")
+        assert served.handler.entered.wait(20)
+        served.handler.gate.set()
+        stream = client.makefile("rb")
+        bodies = [read_answer(stream).body for _ in range(3)]
+    assert bodies == [b"slow", b"/after", b"/last"]
+
+
+def test_other_connections_are_answered_while_one_waits(served: Served) -> None:
+    with served.connect() as waiting:
+        waiting.sendall(GET % b"/slow")
+        assert served.handler.entered.wait(20)
+        answers, _ = exchange(
+            served, GET % b"/other" + b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", 2
+        )
+        assert [a.body for a in answers] == [b"/other", b"/"]
+        served.handler.gate.set()
+        assert read_answer(waiting.makefile("rb")).body == b"slow"
+
+
+def test_request_fields(served: Served) -> None:
+    request = (
+        b"GET /p?a=1&b=2 HTTP/1.1\r\nHost: test\r\nX-App-Name: one\r\nX-APP-NAME: two\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    (answer,), rest = exchange(served, request)
+    assert answer.status == 200 and rest == b""
+    seen = served.handler.seen[-1]
+    assert (seen.method, seen.path, seen.query) == (b"GET", b"/p", b"a=1&b=2")
+    assert seen.headers[b"x-app-name"] == b"one, two"  # RFC 9110 section 5.3
+    assert answer.headers["connection"] == "close"
+    assert answer.headers["date"].endswith(" GMT")
+
+
+def test_absolute_form_targets_are_routed_by_path(served: Served) -> None:
+    (answer,), _ = exchange(
+        served, b"GET http://test/x?y=1 HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.body == b"/x"
+    assert served.handler.seen[-1].query == b"y=1"
+
+
+def test_head_gets_the_headers_without_the_body(served: Served) -> None:
+    with served.connect() as client:
+        client.sendall(b"HEAD /abc HTTP/1.1\r\nHost: test\r\n\r\n" + GET % b"/next")
+        stream = client.makefile("rb")
+        head = read_answer(stream, head_only=True)
+        assert head.headers["content-length"] == "4" and head.body == b""
+        assert read_answer(stream).body == b"/next"  # nothing of the body came in between
+
+
+def test_http_1_0_is_closed_after_the_answer(served: Served) -> None:
+    (answer,), rest = exchange(served, b"GET /old HTTP/1.0\r\n\r\n")
+    assert answer.body == b"/old" and answer.headers["connection"] == "close"
+    assert rest == b""
+
+
+def test_handler_error_is_500_and_the_connection_goes_on(served: Served) -> None:
+    answers, _ = exchange(
+        served, GET % b"/boom" + b"GET /fine HTTP/1.1\r\nConnection: close\r\n\r\n", 2
+    )
+    assert [a.status for a in answers] == [500, 200]
+    assert b"handler bug" not in answers[0].body
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n",
+    ],
+)
+def test_malformed_requests_get_400_and_a_close(served: Served, request_bytes: bytes) -> None:
+    (answer,), rest = exchange(served, request_bytes)
+    assert answer.status == 400 and answer.headers["connection"] == "close"
+    assert rest == b""
+
+
+def test_an_upgrade_is_ignored_and_the_connection_closed(served: Served) -> None:
+    (answer,), rest = exchange(
+        served, b"GET /u HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nxx"
+    )
+    assert answer.status == 200 and answer.body == b"/u"
+    assert rest == b""
+
+
+@pytest.mark.parametrize(
+    "body_header", [b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n"]
+)
+def test_request_bodies_get_413_and_a_close(served: Served, body_header: bytes) -> None:
+    (answer,), rest = exchange(served, b"POST / HTTP/1.1\r\nHost: a\r\n" + body_header + b"\r\n")
+    assert answer.status == 413 and rest == b""
+
+
+def test_answers_before_a_refused_request_are_sent_first(served: Served) -> None:
+    answers, rest = exchange(served, GET % b"/first" + b"GET / HTTP/1.1\r\nBad\r\n\r\n", 2)
+    assert (answers[0].status, answers[0].body) == (200, b"/first")
+    assert answers[1].status == 400 and rest == b""
+
+
+def test_an_oversized_head_gets_431(served: Served) -> None:
+    big = b"GET / HTTP/1.1\r\nX-Big: " + b"a" * (httpd.MAX_HEAD + 1) + b"\r\n\r\n"
+    (answer,), rest = exchange(served, big)
+    assert answer.status == 431 and rest == b""
+
+
+def test_a_head_spread_over_many_reads_is_bounded(served: Served) -> None:
+    """httptools holds an unfinished header itself: the server must count what it feeds."""
+    with served.connect() as client:
+        client.sendall(b"GET / HTTP/1.1\r\nX-Big: ")
+        stream = client.makefile("rb")
+        for _ in range(4 * httpd.MAX_HEAD // 1024):
+            try:
+                client.sendall(b"a" * 1024)
+            except OSError:  # the server answered and closed: enough sent
+                break
+        assert read_answer(stream).status == 431
+
+
+def test_too_many_header_fields_get_431(served: Served) -> None:
+    fields = b"".join(b"X-F%d: v\r\n" % i for i in range(httpd.MAX_HEADERS + 1))
+    (answer,), _ = exchange(served, b"GET / HTTP/1.1\r\n" + fields + b"\r\n")
+    assert answer.status == 431
+
+
+def test_a_slow_head_gets_408_and_a_close(served: Served) -> None:
+    with served.connect() as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n")  # never finished
+        stream = client.makefile("rb")
+        assert read_answer(stream).status == 408
+        assert stream.read() == b""
+
+
+def test_an_idle_connection_is_closed(served: Served) -> None:
+    with served.connect() as client:
+        assert client.recv(1) == b""  # the server closed it; recv would time out otherwise
+
+
+def test_a_client_that_does_not_read_stops_being_read() -> None:
+    """Pipelined requests from a client that reads no answers must not pile up answers in
+    the server: it stops reading, so the client's sending blocks."""
+    for served in _serve(httpd.Options(threads=2), _listener(receive_buffer=65536)):
+        with served.connect() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            client.setblocking(False)
+            chunk = (GET % b"/x") * 1000
+            sent, cap = 0, 64 * 1024 * 1024
+            # Sending until the socket stays unwritable: the server stopped reading.
+            while sent < cap and select.select([], [client], [], 2)[1]:
+                try:
+                    sent += client.send(chunk)
+                except BlockingIOError:
+                    continue
+            assert sent < cap // 4
+
+
+def test_stop_closes_idle_connections_and_closes_the_handler() -> None:
+    for served in _serve(httpd.Options(), _listener()):
+        with served.connect() as client:
+            client.sendall(GET % b"/one")
+            stream = client.makefile("rb")
+            assert read_answer(stream).body == b"/one"
+            served.loop.call_soon_threadsafe(served.stop.set)
+            assert stream.read() == b""
+            served.thread.join(20)
+            assert not served.thread.is_alive()
+
+
+def test_reply_refuses_header_injection() -> None:
+    with pytest.raises(ValueError, match="line break"):
+        reply(200, [("x-name", "a\r\nSet-Cookie: b")])
