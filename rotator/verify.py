@@ -24,7 +24,6 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from rotator.errors import (
     BadSignature,
@@ -48,7 +47,8 @@ __all__ = ["DEFAULT_MAX_TOKEN_BYTES", "KeyLookup", "verify_token"]
 #: Tokens longer than this are refused unparsed.
 DEFAULT_MAX_TOKEN_BYTES = 8192
 
-_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_ORDER = (0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551).to_bytes(32, "big")
+_ZERO = bytes(32)
 _FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 _MAX_KID = 256
 _MAX_TIME = 2**53
@@ -129,6 +129,17 @@ def _checked_kid(header_segment: str) -> str:
     return kid
 
 
+def _der(r: bytes, s: bytes) -> bytes:
+    """The DER ECDSA-Sig-Value of 32-byte r and s (what `cryptography` verifies); the
+    same bytes as ``encode_dss_signature`` of their numbers, built without them."""
+    r, s = r.lstrip(b"\0"), s.lstrip(b"\0")  # neither is empty: both are above zero
+    if r[0] & 0x80:
+        r = b"\0" + r
+    if s[0] & 0x80:
+        s = b"\0" + s
+    return b"".join((bytes((0x30, len(r) + len(s) + 4, 2, len(r))), r, bytes((2, len(s))), s))
+
+
 def _time(claims: dict[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
@@ -164,16 +175,24 @@ def _check_claims(
         iss = claims.get("iss")
         if not isinstance(iss, str):
             raise MissingClaim("iss is missing")
-        allowed = {issuer} if isinstance(issuer, str) else set(issuer)
-        if iss not in allowed:
+        # A str is a collection of its letters: never test membership in it.
+        if iss != issuer if isinstance(issuer, str) else iss not in set(issuer):
             raise InvalidIssuer("iss is not the expected issuer")
     if audience is not None:
         aud = claims.get("aud")
-        named = [aud] if isinstance(aud, str) else aud
-        if not isinstance(named, list) or not named or not all(isinstance(a, str) for a in named):
-            raise MissingClaim("aud is missing or not a string or list of strings")
-        expected = {audience} if isinstance(audience, str) else set(audience)
-        if expected.isdisjoint(named):
+        if type(aud) is str and isinstance(audience, str):
+            named_expected = aud == audience  # the common case, without building sets
+        else:
+            named = [aud] if isinstance(aud, str) else aud
+            if (
+                not isinstance(named, list)
+                or not named
+                or not all(isinstance(a, str) for a in named)
+            ):
+                raise MissingClaim("aud is missing or not a string or list of strings")
+            expected = {audience} if isinstance(audience, str) else set(audience)
+            named_expected = not expected.isdisjoint(named)
+        if not named_expected:
             raise InvalidAudience("aud does not name the expected audience")
 
 
@@ -220,16 +239,16 @@ def verify_token(
         raise BadSignature("signature is not base64url") from None
     if len(signature) != 64:
         raise BadSignature("signature is not 64 bytes of r||s")
-    r = int.from_bytes(signature[:32], "big")
-    s = int.from_bytes(signature[32:], "big")
-    if not (0 < r < _ORDER and 0 < s < _ORDER):
+    r, s = signature[:32], signature[32:]
+    # Big-endian numbers of equal length compare as their bytes do.
+    if not (_ZERO < r < _ORDER and _ZERO < s < _ORDER):
         raise BadSignature("signature r or s is out of range")
     key = lookup(kid)
     if key is None:
         raise UnknownKid("no key with this kid in the key set")
     signing_input = token[: len(header_segment) + len(payload_segment) + 1].encode("ascii")
     try:
-        key.verify(encode_dss_signature(r, s), signing_input, _ECDSA)
+        key.verify(_der(r, s), signing_input, _ECDSA)
     except InvalidSignature:
         raise BadSignature("signature does not verify") from None
     claims = _object(payload_segment, "payload", _CLAIMS_JSON)

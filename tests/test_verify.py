@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rotator import errors
 from rotator.errors import InvalidToken
 from rotator.jwk import generate_key, load_private_key
-from rotator.verify import verify_token
+from rotator.verify import _der, verify_token
 from tests.tokens import ORDER, es256, hs256, segment, with_signature
 
 NOW = 1_900_000_000.0
@@ -216,3 +217,9 @@ def test_garbage_never_raises_anything_but_invalid_token(garbage: str | bytes) -
         return
     assert isinstance(claims, dict)
     assert claims["exp"] > NOW and claims["iss"] == "iam"
+
+
+@given(st.integers(1, ORDER - 1), st.integers(1, ORDER - 1))
+def test_der_signature_matches_cryptography(r: int, s: int) -> None:
+    raw_r, raw_s = r.to_bytes(32, "big"), s.to_bytes(32, "big")
+    assert _der(raw_r, raw_s) == encode_dss_signature(r, s)
