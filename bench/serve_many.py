@@ -64,7 +64,7 @@ def wrk(port: int, script: Path) -> float:
 
 
 def tree_rss_mb(pid: int) -> float:
-    """RSS of *pid* and its descendants (granian runs the app in a child process)."""
+    """RSS of *pid* and its descendants (with --workers, the workers are children)."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
