@@ -203,6 +203,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
         self._head_size = 0
+        self._raw_size = 0
 
     # asyncio.Protocol
 
@@ -225,14 +226,12 @@ class _Connection(asyncio.Protocol):
         try:
             if len(data) <= _PIECE:
                 if self.head_started_at is not None:
-                    self._count(len(data))
+                    self._count_raw(len(data))
                 self.parser.feed_data(data)
             else:
-                # httptools buffers a header until it is complete, so a long head is
-                # counted here, a piece at a time, before the parser holds all of it.
                 for start in range(0, len(data), _PIECE):
                     if self.head_started_at is not None:
-                        self._count(min(_PIECE, len(data) - start))
+                        self._count_raw(min(_PIECE, len(data) - start))
                     self.parser.feed_data(data[start : start + _PIECE])
         except httptools.HttpParserCallbackError as exc:
             refused = exc.__context__
@@ -267,6 +266,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers = {}
         self._head_size = 0
+        self._raw_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -316,8 +316,18 @@ class _Connection(asyncio.Protocol):
     # answering
 
     def _count(self, size: int) -> None:
+        """Count request line and header bytes as the parser delivers them."""
         self._head_size += size
         if self._head_size > MAX_HEAD:
+            raise _Refused(_HEAD_TOO_LARGE)
+
+    def _count_raw(self, size: int) -> None:
+        """Count bytes read while a head is unfinished: httptools holds an incomplete
+        header itself, so without this a client could grow one without bound. Reads are
+        fed a piece at a time; the piece a head starts in is not counted, and one piece
+        after its end may be, hence the margin."""
+        self._raw_size += size
+        if self._raw_size > MAX_HEAD + _PIECE:
             raise _Refused(_HEAD_TOO_LARGE)
 
     def _set_reading(self) -> None:

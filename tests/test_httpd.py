@@ -246,6 +246,17 @@ def test_a_head_spread_over_many_reads_is_bounded(served: Served) -> None:
         assert read_answer(stream).status == 431
 
 
+def test_a_large_head_in_small_reads_is_accepted(served: Served) -> None:
+    """Bytes are counted once, whichever way they arrive."""
+    head = b"GET /big HTTP/1.1\r\nX-Big: " + b"a" * (httpd.MAX_HEAD - 1024) + b"\r\n\r\n"
+    with served.connect() as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = client.makefile("rb")
+        for start in range(0, len(head), 512):
+            client.sendall(head[start : start + 512])
+        assert read_answer(stream).body == b"/big"
+
+
 def test_too_many_header_fields_get_431(served: Served) -> None:
     fields = b"".join(b"X-F%d: v\r\n" % i for i in range(httpd.MAX_HEADERS + 1))
     (answer,), _ = exchange(served, b"GET / HTTP/1.1\r\n" + fields + b"\r\n")
