@@ -76,9 +76,9 @@ class Slot:
 
     def usable(self, now: float, limits: ReaderLimits) -> VerificationKeys:
         """The keys, or `KeySetUnavailable` when there are none fresh enough to trust."""
-        age = self.staleness(now)
-        if age is None:
+        if self.fetched_at is None:
             raise KeySetUnavailable(f"key set {self.keyset} has not been loaded")
+        age = now - self.fetched_at
         if age > limits.max_stale:
             raise KeySetUnavailable(
                 f"key set {self.keyset} is stale ({age:.0f}s since the last successful read)"

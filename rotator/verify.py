@@ -49,6 +49,7 @@ DEFAULT_MAX_TOKEN_BYTES = 8192
 
 _ORDER = (0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551).to_bytes(32, "big")
 _ZERO = bytes(32)
+_SIGNATURE_CHARS = 86  # 64 bytes, unpadded base64url
 _FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 _MAX_KID = 256
 _MAX_TIME = 2**53
@@ -86,6 +87,21 @@ def _decode(text: str, decoder: json.JSONDecoder) -> Any:
     except StopIteration:
         return decoder.decode(text)  # leading whitespace, or the precise error
     return value if end == len(text) else decoder.decode(text)
+
+
+_CLAIMS_SCANNER = _SCANNERS[id(_CLAIMS_JSON)]
+
+
+def _claims(segment: str) -> dict[str, Any]:
+    """`_object` for the payload, with the common case first."""
+    try:
+        text = b64decode_strict(segment).decode("utf-8")
+        value, end = _CLAIMS_SCANNER(text, 0)
+    except (ValueError, RecursionError, StopIteration):
+        return _object(segment, "payload", _CLAIMS_JSON)  # the precise error
+    if type(value) is not dict or end != len(text):
+        return _object(segment, "payload", _CLAIMS_JSON)
+    return value
 
 
 def _object(segment: str, what: str, decoder: json.JSONDecoder) -> dict[str, Any]:
@@ -137,7 +153,7 @@ def _der(r: bytes, s: bytes) -> bytes:
         r = b"\0" + r
     if s[0] & 0x80:
         s = b"\0" + s
-    return b"".join((bytes((0x30, len(r) + len(s) + 4, 2, len(r))), r, bytes((2, len(s))), s))
+    return b"0%c\x02%c%b\x02%c%b" % (len(r) + len(s) + 4, len(r), r, len(s), s)
 
 
 def _time(claims: dict[str, Any], name: str) -> float | None:
@@ -162,13 +178,19 @@ def _check_claims(
     leeway: float,
     now: float,
 ) -> None:
-    expires = _time(claims, "exp")
-    if expires is None:
-        raise MissingClaim("exp is missing")
+    expires = claims.get("exp")
+    if type(expires) is not int or not -_MAX_TIME <= expires <= _MAX_TIME:
+        expires = _time(claims, "exp")  # a float, or the precise error
+        if expires is None:
+            raise MissingClaim("exp is missing")
     if now - leeway >= expires:
         raise ExpiredToken("token has expired")
     for name in ("nbf", "iat"):
-        moment = _time(claims, name)
+        moment = claims.get(name)
+        if moment is None:
+            continue
+        if type(moment) is not int or not -_MAX_TIME <= moment <= _MAX_TIME:
+            moment = _time(claims, name)  # a float, or the precise error
         if moment is not None and moment > now + leeway:
             raise NotYetValid(f"{name} is in the future")
     if issuer is not None:
@@ -232,13 +254,13 @@ def verify_token(
     if len(parts) != 3:
         raise MalformedToken("token is not three dot-separated parts")
     header_segment, payload_segment, signature_segment = parts
-    kid = _checked_kid(header_segment)
+    kid = _accepted_headers.get(header_segment) or _checked_kid(header_segment)
+    if len(signature_segment) != _SIGNATURE_CHARS:
+        raise BadSignature("signature is not 64 bytes of r||s")
     try:
         signature = b64decode_strict(signature_segment)
     except ValueError:
         raise BadSignature("signature is not base64url") from None
-    if len(signature) != 64:
-        raise BadSignature("signature is not 64 bytes of r||s")
     r, s = signature[:32], signature[32:]
     # Big-endian numbers of equal length compare as their bytes do.
     if not (_ZERO < r < _ORDER and _ZERO < s < _ORDER):
@@ -251,6 +273,6 @@ def verify_token(
         key.verify(_der(r, s), signing_input, _ECDSA)
     except InvalidSignature:
         raise BadSignature("signature does not verify") from None
-    claims = _object(payload_segment, "payload", _CLAIMS_JSON)
+    claims = _claims(payload_segment)
     _check_claims(claims, audience=audience, issuer=issuer, leeway=leeway, now=now)
     return claims
