@@ -20,10 +20,14 @@ __all__ = [
     "GeneratedKey",
     "PrivateMemberError",
     "b64url",
+    "canonical_json",
     "generate_key",
+    "json_text",
     "jwks_document",
+    "jwks_of",
     "load_private_key",
     "public_jwk",
+    "publishable_jwk",
     "thumbprint",
 ]
 
@@ -42,10 +46,26 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+#: A Python str as the JSON string `json.dumps` writes for it (quoted, escaped, ASCII).
+json_text = json.encoder.encode_basestring_ascii
+
+
+def canonical_json(value: object) -> str:
+    """Compact JSON with sorted members: the form rotator stores, hashes and serves."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
 def thumbprint(jwk: Mapping[str, str]) -> str:
     """RFC 7638 thumbprint of an EC public JWK: SHA-256 over ``crv kty x y``, sorted, compact."""
-    required = {name: jwk[name] for name in ("crv", "kty", "x", "y")}
-    canonical = json.dumps(required, separators=(",", ":"), sort_keys=True)
+    crv, kty, x, y = (jwk[name] for name in ("crv", "kty", "x", "y"))
+    if type(crv) is type(kty) is type(x) is type(y) is str:
+        # canonical_json of the four members, written out: every rotation computes one.
+        canonical = (
+            f'{{"crv":{json_text(crv)},"kty":{json_text(kty)},"x":{json_text(x)},'
+            f'"y":{json_text(y)}}}'
+        )
+    else:
+        canonical = canonical_json({"crv": crv, "kty": kty, "x": x, "y": y})
     return b64url(hashlib.sha256(canonical.encode("ascii")).digest())
 
 
@@ -96,20 +116,27 @@ def load_private_key(der: bytes) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+def publishable_jwk(jwk: Mapping[str, str]) -> str:
+    """*jwk* as `canonical_json`, or `PrivateMemberError` if it carries a private member."""
+    leaked = PRIVATE_MEMBERS & jwk.keys()
+    if leaked:
+        raise PrivateMemberError(
+            f"refusing to publish key {jwk.get('kid')!r}: private member(s) "
+            f"{', '.join(sorted(leaked))}"
+        )
+    return canonical_json(dict(jwk))
+
+
+def jwks_of(publishable: Iterable[str]) -> bytes:
+    """The JWKS document of JWKs already through `publishable_jwk`."""
+    return ('{"keys":[' + ",".join(publishable) + "]}").encode("ascii")
+
+
 def jwks_document(jwks: Iterable[Mapping[str, str]]) -> bytes:
     """Serialise public JWKs as the JWKS bytes that are stored and served.
 
-    Deterministic (sorted members, compact), so the daemon can tell whether
-    the copy in Redis is intact by comparing bytes. Raises
-    `PrivateMemberError` if any entry carries a private member.
+    Deterministic (sorted members, compact: `canonical_json` of ``{"keys": [...]}``),
+    so the daemon can tell whether the copy in Redis is intact by comparing bytes.
+    Raises `PrivateMemberError` if any entry carries a private member.
     """
-    keys = []
-    for jwk in jwks:
-        leaked = PRIVATE_MEMBERS & jwk.keys()
-        if leaked:
-            raise PrivateMemberError(
-                f"refusing to publish key {jwk.get('kid')!r}: private member(s) "
-                f"{', '.join(sorted(leaked))}"
-            )
-        keys.append(dict(jwk))
-    return json.dumps({"keys": keys}, separators=(",", ":"), sort_keys=True).encode("ascii")
+    return jwks_of(publishable_jwk(jwk) for jwk in jwks)

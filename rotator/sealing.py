@@ -21,6 +21,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from rotator.jwk import json_text
+
 __all__ = [
     "Kek",
     "KekError",
@@ -70,6 +72,14 @@ class SealedKey:
             "nonce": base64.b64encode(self.nonce).decode("ascii"),
             "ct": base64.b64encode(self.ciphertext).decode("ascii"),
         }
+
+    def canonical(self) -> str:
+        """`to_json` as `canonical_json`, written out."""
+        return (
+            f'{{"ct":{json_text(base64.b64encode(self.ciphertext).decode("ascii"))},'
+            f'"kek":{json_text(self.kek)},'
+            f'"nonce":{json_text(base64.b64encode(self.nonce).decode("ascii"))}}}'
+        )
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> SealedKey:

@@ -9,13 +9,20 @@ do not match their thumbprints, or that carries a private JWK member is
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
-from rotator.jwk import PRIVATE_MEMBERS, jwks_document, thumbprint
+from rotator.jwk import (
+    PRIVATE_MEMBERS,
+    json_text,
+    jwks_of,
+    publishable_jwk,
+    thumbprint,
+)
 from rotator.sealing import SealedKey
 
 __all__ = ["CorruptState", "KeyRecord", "KeySetState", "Status", "decode_state", "encode_state"]
@@ -52,6 +59,35 @@ class KeyRecord:
     activated_at: float | None = None
     retired_at: float | None = None
     expires_at: float | None = None
+
+    def publishable(self) -> str:
+        """The JWK as served (`publishable_jwk`)."""
+        return publishable_jwk(self.jwk)
+
+    def canonical(self) -> str:
+        """The record as stored in the state document (`canonical_json` of its entry),
+        written out around the parts already encoded."""
+        return (
+            f'{{"activated_at":{_number(self.activated_at)},'
+            f'"created_at":{_number(self.created_at)},'
+            f'"expires_at":{_number(self.expires_at)},'
+            f'"jwk":{self.publishable()},'
+            f'"kid":{json_text(self.kid)},'
+            f'"retired_at":{_number(self.retired_at)},'
+            f'"sealed":{self.sealed.canonical()},'
+            f'"status":{json_text(self.status.value)}}}'
+        )
+
+
+def _number(value: float | None) -> str:
+    """A number (or ``None``) as `json.dumps` writes it."""
+    if value is None:
+        return "null"
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)
+    if type(value) is int:
+        return int.__repr__(value)
+    return json.dumps(value)
 
 
 _RANK = {Status.CURRENT: 0, Status.NEXT: 1, Status.RETIRED: 2}
@@ -115,31 +151,18 @@ class KeySetState:
 
     @cached_property
     def _jwks(self) -> bytes:
-        return jwks_document(k.jwk for k in self.keys)
+        return jwks_of(k.publishable() for k in self.keys)
 
 
 def encode_state(state: KeySetState) -> bytes:
-    """The stored JSON form: public JWKs and sealed private keys, never plaintext."""
-    doc: dict[str, Any] = {
-        "format": FORMAT,
-        "keyset": state.keyset,
-        "version": state.version,
-        "updated_at": state.updated_at,
-        "keys": [
-            {
-                "kid": k.kid,
-                "status": k.status.value,
-                "created_at": k.created_at,
-                "activated_at": k.activated_at,
-                "retired_at": k.retired_at,
-                "expires_at": k.expires_at,
-                "jwk": dict(k.jwk),
-                "sealed": k.sealed.to_json(),
-            }
-            for k in state.keys
-        ],
-    }
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode("ascii")
+    """The stored JSON form: public JWKs and sealed private keys, never plaintext.
+
+    `canonical_json` of the document, built from the records' own encodings."""
+    keys = ",".join(k.canonical() for k in state.keys)
+    return (
+        f'{{"format":{FORMAT},"keys":[{keys}],"keyset":{json_text(state.keyset)},'
+        f'"updated_at":{_number(state.updated_at)},"version":{_number(state.version)}}}'
+    ).encode("ascii")
 
 
 def _time(entry: Mapping[str, Any], name: str, *, optional: bool) -> float | None:
