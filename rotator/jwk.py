@@ -35,6 +35,7 @@ __all__ = [
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 _COORDINATE_BYTES = 32
+_PUBLIC_MEMBERS = frozenset({"alg", "crv", "kid", "kty", "use", "x", "y"})
 
 
 class PrivateMemberError(ValueError):
@@ -123,6 +124,13 @@ def publishable_jwk(jwk: Mapping[str, str]) -> str:
         raise PrivateMemberError(
             f"refusing to publish key {jwk.get('kid')!r}: private member(s) "
             f"{', '.join(sorted(leaked))}"
+        )
+    if jwk.keys() == _PUBLIC_MEMBERS and all(type(value) is str for value in jwk.values()):
+        # What public_jwk makes, written out (sorted): every commit encodes each key twice.
+        return (
+            f'{{"alg":{json_text(jwk["alg"])},"crv":{json_text(jwk["crv"])},'
+            f'"kid":{json_text(jwk["kid"])},"kty":{json_text(jwk["kty"])},'
+            f'"use":{json_text(jwk["use"])},"x":{json_text(jwk["x"])},"y":{json_text(jwk["y"])}}}'
         )
     return canonical_json(dict(jwk))
 

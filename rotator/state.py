@@ -65,8 +65,8 @@ class KeyRecord:
         return publishable_jwk(self.jwk)
 
     def canonical(self) -> str:
-        """The record as stored in the state document (`canonical_json` of its entry),
-        written out around the parts already encoded."""
+        """The record as stored in the state document: `canonical_json` of its entry,
+        written out."""
         return (
             f'{{"activated_at":{_number(self.activated_at)},'
             f'"created_at":{_number(self.created_at)},'

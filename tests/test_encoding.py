@@ -82,3 +82,13 @@ def test_thumbprint_is_over_canonical_json(crv: str, kty: str, x: str, y: str | 
     canonical = reference({"crv": crv, "kty": kty, "x": x, "y": y}).encode()
     expected = base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=")
     assert thumbprint(jwk) == expected.decode()
+
+
+public_jwks = st.fixed_dictionaries(
+    {name: st.text() for name in ("alg", "crv", "kid", "kty", "use", "x", "y")}
+)
+
+
+@given(st.lists(public_jwks, max_size=4))
+def test_jwks_document_of_public_jwks_is_canonical_json(documents: list[dict[str, str]]) -> None:
+    assert jwks_document(documents) == reference({"keys": documents}).encode()
