@@ -204,6 +204,7 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[bytes, bytes] = {}
         self._head_size = 0
         self._raw_size = 0
+        self._fields = 0
 
     # asyncio.Protocol
 
@@ -267,6 +268,7 @@ class _Connection(asyncio.Protocol):
         self._headers = {}
         self._head_size = 0
         self._raw_size = 0
+        self._fields = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -274,9 +276,10 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value))
-        headers = self._headers
-        if len(headers) >= MAX_HEADERS:
+        self._fields += 1  # repeated names too: joining them costs as much
+        if self._fields > MAX_HEADERS:
             raise _Refused(_HEAD_TOO_LARGE)
+        headers = self._headers
         key = name.lower()
         previous = headers.get(key)
         headers[key] = value if previous is None else previous + b", " + value
@@ -375,6 +378,9 @@ class _Connection(asyncio.Protocol):
         if self.closing or not self.pending:
             return
         request, keep = self.pending.popleft()
+        if future.cancelled():  # the pool is shutting down
+            self._close()
+            return
         exc = future.exception()
         if exc is not None:
             log.error("request %r %r failed", request.method, request.path, exc_info=exc)
