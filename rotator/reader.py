@@ -44,7 +44,9 @@ def client_for(target: redis.Redis | str) -> redis.Redis:
 
 class JWKSCache:
     """Copies of many key sets, loaded on first use, at most *max_keysets* of them
-    (key sets named in *preload* are never dropped). Thread-safe."""
+    (key sets named in *preload* are never dropped). Thread-safe. *on_event* is called
+    with the key set of every announcement on the events channel (a commit, a policy
+    change), on the follower's thread."""
 
     def __init__(
         self,
@@ -56,8 +58,10 @@ class JWKSCache:
         follow: bool = True,
         keep_keys: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[str], object] | None = None,
     ) -> None:
         self.client = client_for(target)
+        self._on_event_hook = on_event
         self.layout = Layout(prefix)
         self.limits = limits or ReaderLimits()
         self.clock = clock
@@ -123,6 +127,8 @@ class JWKSCache:
         self._table.forget_absent(keyset)
         if self._table.get(keyset) is not None:
             self.refresh(keyset)
+        if self._on_event_hook is not None:
+            self._on_event_hook(keyset)
 
     def _redis_failed(self, exc: BaseException) -> None:
         if not self._down:

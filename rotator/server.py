@@ -35,7 +35,7 @@ from rotator.errors import KeySetUnavailable
 from rotator.httpd import Reply, Request, reply
 from rotator.jwks_import import VerificationKeys
 from rotator.keycache import ReaderLimits
-from rotator.keysets import KeySets
+from rotator.keysets import BadPolicy, KeySets
 from rotator.layout import DEFAULT_KEYSET, validate_keyset_name
 from rotator.metrics import CONTENT_TYPE, exposition
 from rotator.policy import Policy
@@ -90,6 +90,7 @@ class JWKSApp:
             limits=ReaderLimits(max_stale=server.max_stale, poll_interval=server.poll_interval),
             max_keysets=server.max_keysets,
             keep_keys=False,  # the server hands out bytes; it never verifies
+            on_event=self._announced,
         )
         # Cache-Control follows each key set's policy: the config's, or the one stored in the
         # registry, re-read every poll_interval on a thread of its own.
@@ -98,6 +99,10 @@ class JWKSApp:
         self._registry_read = float("-inf")
         self._registry_generation = 0
         self._registry_lock = threading.Lock()
+        # Policies read on an announcement, newer than the last registry read (which
+        # drops those it has caught up with): name -> (policy, when read). Each change of
+        # either bumps _registry_generation, which the answers built are stamped with.
+        self._announced_policies: dict[str, tuple[Policy, float]] = {}
 
     def start(self) -> JWKSApp:
         """Load the configured key sets and the registry, and start following commits."""
@@ -181,6 +186,23 @@ class JWKSApp:
             return cached.not_modified
         return cached.ok
 
+    def _announced(self, keyset: str) -> None:
+        """A commit or policy change of *keyset* was announced: read its registry entry (one
+        HGET), so `keyset update` reaches Cache-Control at once, not at the next poll."""
+        if keyset in self.settings.configured_keysets() or self.cache.held(keyset) is None:
+            return  # the config decides; or nothing built for it to rebuild
+        when = self.cache.clock()
+        try:
+            policy = self._keysets.read_policy(keyset)
+        except BadPolicy:  # unusable or gone: `_policy` falls back as after a registry read
+            self._announced_policies.pop(keyset, None)
+        except redis.RedisError as exc:
+            log.warning("key set %s: cannot read its announced policy (%s)", keyset, exc)
+            return
+        else:
+            self._announced_policies[keyset] = (policy, when)
+        self._registry_generation += 1  # answers built before are rebuilt on their next use
+
     def _reread_registry_soon(self, now: float) -> None:
         """Re-read the registry on a thread (one at a time); requests go on meanwhile."""
         if self._registry_lock.acquire(blocking=False):
@@ -195,6 +217,9 @@ class JWKSApp:
         try:
             self._registry_read = now
             self._keysets.refresh()
+            for name, (_policy, when) in list(self._announced_policies.items()):
+                if when < now:
+                    self._announced_policies.pop(name, None)
             self._registry_generation += 1
         except redis.RedisError as exc:
             log.warning("cannot read the key set registry (%s); keeping the last one", exc)
@@ -204,10 +229,14 @@ class JWKSApp:
     def _policy(self, keyset: str) -> Policy:
         """The key set's policy; ``[rotation]`` for one whose stored policy is unknown or
         unusable."""
+        announced = self._announced_policies.get(keyset)
+        if announced is not None:
+            return announced[0]
         entry = self._keysets.get(keyset)
         return entry.policy if entry is not None and entry.policy is not None else self._base
 
     def _responses(self, keyset: str, keys: VerificationKeys) -> _Response:
+        generation = self._registry_generation  # before the policy: a newer one rebuilds
         max_age = int(self._policy(keyset).cache_max_age)
         stale = int(self.settings.server.max_stale)
         caching = [
@@ -220,7 +249,7 @@ class JWKSApp:
             [("content-type", "application/json"), ("content-length", length), *caching],
             keys.body,
         )
-        return _Response(keys, self._registry_generation, ok, reply(304, caching))
+        return _Response(keys, generation, ok, reply(304, caching))
 
     def _ready(self) -> Reply:
         staleness = self.cache.staleness()

@@ -150,6 +150,21 @@ def test_cache_control_follows_a_registered_keysets_own_policy(
     assert "max-age=20," in default  # [rotation] of the test config
 
 
+def test_a_policy_update_reaches_cache_control_when_announced(served: Running, cli: Cli) -> None:
+    """The server re-reads its registry only every hour here: the announcement of
+    `keyset update` must be what brings the new max-age."""
+    iam = served.url + "/v1/authentication/token/jwks"
+    assert "max-age=7," in fetch(iam, headers={"X-App-Name": "billing"}).headers["cache-control"]
+    wait_for(served.subscribed, what="subscription")
+    assert cli("keyset", "update", "billing", "--cache-max-age", "9s").code == 0
+    wait_for(
+        lambda: (
+            "max-age=9," in fetch(iam, headers={"X-App-Name": "billing"}).headers["cache-control"]
+        ),
+        what="the announced policy",
+    )
+
+
 def test_requests_are_answered_from_memory(served: Running, client: redis.Redis) -> None:
     fetch(served.url + "/.well-known/jwks.json")
     wait_for(served.subscribed, what="subscription")  # (re)subscribing re-reads every key set
