@@ -191,7 +191,7 @@ class JWKSApp:
         HGET), so `keyset update` reaches Cache-Control at once, not at the next poll."""
         if keyset in self.settings.configured_keysets() or self.cache.held(keyset) is None:
             return  # the config decides; or nothing built for it to rebuild
-        when = self.cache.clock()
+        when, before = self.cache.clock(), self._policy(keyset)
         try:
             policy = self._keysets.read_policy(keyset)
         except BadPolicy:  # unusable or gone: `_policy` falls back as after a registry read
@@ -201,7 +201,8 @@ class JWKSApp:
             return
         else:
             self._announced_policies[keyset] = (policy, when)
-        self._registry_generation += 1  # answers built before are rebuilt on their next use
+        if self._policy(keyset) != before:  # most announcements are commits, not updates
+            self._registry_generation += 1  # answers built before are rebuilt on next use
 
     def _reread_registry_soon(self, now: float) -> None:
         """Re-read the registry on a thread (one at a time); requests go on meanwhile."""
