@@ -204,6 +204,7 @@ class ServerSettings(_Section):
     threads: int = Field(default=32, ge=1)
     head_timeout: Duration = 10.0
     idle_timeout: Duration = 75.0
+    max_connections: int = Field(default=4096, ge=1)
     poll_interval: Duration = 30.0
     max_stale: Duration = 3600.0
     max_keysets: int = Field(default=1000, ge=1)

@@ -20,7 +20,8 @@ installed) does the sockets.
   `Options.idle_timeout`. Malformed requests get 400 and a close; an ``Upgrade``
   is ignored, and the connection closed after the answer.
 * A client that does not read its answers stops being read (transport flow
-  control), so its answers cannot pile up in memory.
+  control), so its answers cannot pile up in memory. Beyond
+  `Options.max_connections` open connections, a new one gets 503 and a close.
 * HTTP/1.0 connections are closed after each answer; 1.1 ones are kept
   unless the client says ``Connection: close``.
 """
@@ -86,6 +87,7 @@ class Options:
     threads: int = 32  # for answers that wait on I/O
     head_timeout: float = 10.0
     idle_timeout: float = 75.0
+    max_connections: int = 4096
 
 
 class Request(NamedTuple):
@@ -141,6 +143,7 @@ _TOO_LARGE = _error(413, "requests carry no body")
 _HEAD_TOO_LARGE = _error(431, "request head too large")
 _INTERNAL = _error(500, "internal error")
 _TOO_SLOW = _error(408, "request head not received in time")
+_BUSY = _error(503, "too many connections")
 
 
 class _Refused(Exception):
@@ -211,9 +214,12 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but implement it.
         self.transport = cast(asyncio.Transport, transport)
-        self.server.connections.add(self)
         if self.server.stopping:
             self._close()
+        elif len(self.server.connections) >= self.server.options.max_connections:
+            self._send(_BUSY, keep=False, head_only=False)
+        else:
+            self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)

@@ -277,6 +277,9 @@ def serve(settings: Settings) -> int:
         return 1
     log.info("serving JWKS on http://%s:%d%s", server.host, server.port, JWKS_PATH)
     options = httpd.Options(
-        threads=server.threads, head_timeout=server.head_timeout, idle_timeout=server.idle_timeout
+        threads=server.threads,
+        head_timeout=server.head_timeout,
+        idle_timeout=server.idle_timeout,
+        max_connections=server.max_connections,
     )
     return httpd.run(sock, lambda: JWKSApp(settings).start(), options, workers=server.workers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 import threading
@@ -14,6 +15,7 @@ import pytest
 
 from rotator import httpd
 from rotator.httpd import Reply, Request, reply
+from tests.helpers import wait_for
 
 
 def _text(status: int, text: str) -> Reply:
@@ -60,7 +62,9 @@ class Served:
         return client
 
 
-def _serve(options: httpd.Options, listener: socket.socket) -> Iterator[Served]:
+@contextlib.contextmanager
+def serving(options: httpd.Options, listener: socket.socket) -> Iterator[Served]:
+    """`httpd.serve` with a `GatedHandler` on a thread of its own, stopped at the end."""
     handler = GatedHandler()
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -83,7 +87,8 @@ def _serve(options: httpd.Options, listener: socket.socket) -> Iterator[Served]:
 
 @pytest.fixture
 def served() -> Iterator[Served]:
-    yield from _serve(httpd.Options(threads=4, head_timeout=1, idle_timeout=1), _listener())
+    with serving(httpd.Options(threads=4, head_timeout=1, idle_timeout=1), _listener()) as running:
+        yield running
 
 
 def _listener(receive_buffer: int | None = None) -> socket.socket:
@@ -282,32 +287,52 @@ def test_an_idle_connection_is_closed(served: Served) -> None:
 def test_a_client_that_does_not_read_stops_being_read() -> None:
     """Pipelined requests from a client that reads no answers must not pile up answers in
     the server: it stops reading, so the client's sending blocks."""
-    for served in _serve(httpd.Options(threads=2), _listener(receive_buffer=65536)):
-        with served.connect() as client:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-            client.setblocking(False)
-            chunk = (GET % b"/x") * 1000
-            sent, cap = 0, 64 * 1024 * 1024
-            # Sending until the socket stays unwritable: the server stopped reading.
-            while sent < cap and select.select([], [client], [], 2)[1]:
-                try:
-                    sent += client.send(chunk)
-                except BlockingIOError:
-                    continue
-            assert sent < cap // 4
+    listener = _listener(receive_buffer=65536)
+    with serving(httpd.Options(threads=2), listener) as served, served.connect() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        client.setblocking(False)
+        chunk = (GET % b"/x") * 1000
+        sent, cap = 0, 64 * 1024 * 1024
+        # Sending until the socket stays unwritable: the server stopped reading.
+        while sent < cap and select.select([], [client], [], 2)[1]:
+            try:
+                sent += client.send(chunk)
+            except BlockingIOError:
+                continue
+        assert sent < cap // 4
 
 
 def test_stop_closes_idle_connections_and_closes_the_handler() -> None:
-    for served in _serve(httpd.Options(), _listener()):
-        with served.connect() as client:
-            client.sendall(GET % b"/one")
-            stream = client.makefile("rb")
-            assert read_answer(stream).body == b"/one"
-            served.loop.call_soon_threadsafe(served.stop.set)
-            assert stream.read() == b""
-            served.thread.join(20)
-            assert not served.thread.is_alive()
+    with serving(httpd.Options(), _listener()) as served, served.connect() as client:
+        client.sendall(GET % b"/one")
+        stream = client.makefile("rb")
+        assert read_answer(stream).body == b"/one"
+        served.loop.call_soon_threadsafe(served.stop.set)
+        assert stream.read() == b""
+        served.thread.join(20)
+        assert not served.thread.is_alive()
+
+
+def test_connections_beyond_the_limit_get_503() -> None:
+    with serving(httpd.Options(max_connections=2), _listener()) as served:
+        with served.connect() as first, served.connect() as second:
+            for client in (first, second):  # both accepted and answering
+                client.sendall(GET % b"/held")
+                assert read_answer(client.makefile("rb")).body == b"/held"
+            with served.connect() as third:  # answered at once, without a request
+                stream = third.makefile("rb")
+                assert read_answer(stream).status == 503
+                assert stream.read() == b""
+
+        def room() -> bool:  # once those two are gone
+            try:
+                again = b"GET /again HTTP/1.1\r\nConnection: close\r\n\r\n"
+                return exchange(served, again)[0][0].status == 200
+            except OSError:
+                return False
+
+        wait_for(room, what="room for a connection")
 
 
 def test_reply_refuses_header_injection() -> None:
