@@ -183,6 +183,16 @@ def test_head_gets_the_headers_without_the_body(served: Served) -> None:
         assert read_answer(stream).body == b"/next"  # nothing of the body came in between
 
 
+def test_a_slow_head_request_gets_no_body(served: Served) -> None:
+    served.handler.gate.set()
+    with served.connect() as client:
+        client.sendall(b"HEAD /slow HTTP/1.1\r\nHost: test\r\n\r\n" + GET % b"/next")
+        stream = client.makefile("rb")
+        head = read_answer(stream, head_only=True)
+        assert head.headers["content-length"] == "4"
+        assert read_answer(stream).body == b"/next"
+
+
 def test_http_1_0_is_closed_after_the_answer(served: Served) -> None:
     (answer,), rest = exchange(served, b"GET /old HTTP/1.0\r\n\r\n")
     assert answer.body == b"/old" and answer.headers["connection"] == "close"
