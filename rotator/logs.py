@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
 
 _FIELDS = ("keyset", "kid", "version", "event", "reason")
 
@@ -36,13 +37,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``<asctime> <level> <logger>: <message>``, the local time formatted once a second
+    (a leader logs every rotation of thousands of key sets)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._second = -1
+        self._seconds_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._seconds_text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+        # logging.Formatter's default_time_format and default_msec_format:
+        return f"{self._seconds_text},{int(record.msecs):03d}"
+
+
 def setup_logging(level: str, fmt: str = "text") -> None:
     """Configure the root logger on stderr, in *fmt* ``text`` or ``json``."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    # Neither format shows the source line, thread or process of a record: skip gathering
+    # them, as the logging HOWTO ("Optimization") suggests.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
