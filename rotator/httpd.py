@@ -52,6 +52,7 @@ __all__ = [
     "Options",
     "Reply",
     "Request",
+    "json_reply",
     "listen",
     "reply",
     "run",
@@ -131,11 +132,15 @@ class Handler(Protocol):
         """Release what the handler holds; called once the server has stopped."""
 
 
+def json_reply(status: int, document: dict[str, object], *extra: tuple[str, str]) -> Reply:
+    """A `Reply` with *document* as compact JSON, and any *extra* headers."""
+    body = json.dumps(document, separators=(",", ":")).encode()
+    headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    return reply(status, [*headers, *extra], body)
+
+
 def _error(status: int, message: str) -> Reply:
-    body = json.dumps({"error": message}).encode()
-    return reply(
-        status, [("content-type", "application/json"), ("content-length", str(len(body)))], body
-    )
+    return json_reply(status, {"error": message})
 
 
 _BAD_REQUEST = _error(400, "bad request")

@@ -21,10 +21,9 @@ first request for a key set, and ``/metrics``, run on a thread.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from urllib.parse import parse_qs
 
 import redis
@@ -32,7 +31,7 @@ import redis
 from rotator import httpd
 from rotator.config import Settings
 from rotator.errors import KeySetUnavailable
-from rotator.httpd import Reply, Request, reply
+from rotator.httpd import Reply, Request, json_reply, reply
 from rotator.jwks_import import VerificationKeys
 from rotator.keycache import ReaderLimits
 from rotator.keysets import BadPolicy, KeySets
@@ -51,16 +50,10 @@ IAM_PATH = "/v1/authentication/token/jwks"
 _JWKS_PATH, _IAM_PATH = JWKS_PATH.encode(), IAM_PATH.encode()
 
 
-def _json_reply(status: int, document: dict[str, Any], *extra: tuple[str, str]) -> Reply:
-    body = json.dumps(document, separators=(",", ":")).encode()
-    headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
-    return reply(status, [*headers, *extra], body)
-
-
-_ALIVE = _json_reply(200, {"alive": True})
-_NOT_FOUND = _json_reply(404, {"error": "not found"})
-_UNKNOWN_KEYSET = _json_reply(404, {"error": "unknown key set"})
-_NOT_ALLOWED = _json_reply(405, {"error": "method not allowed"}, ("allow", "GET, HEAD"))
+_ALIVE = json_reply(200, {"alive": True})
+_NOT_FOUND = json_reply(404, {"error": "not found"})
+_UNKNOWN_KEYSET = json_reply(404, {"error": "unknown key set"})
+_NOT_ALLOWED = json_reply(405, {"error": "method not allowed"}, ("allow", "GET, HEAD"))
 
 
 def _matches(if_none_match: str, etag: str) -> bool:
@@ -170,7 +163,7 @@ class JWKSApp:
         except KeySetUnavailable as exc:
             if slot.fetched_at is not None and not slot.published:
                 return _UNKNOWN_KEYSET
-            return _json_reply(503, {"error": str(exc)})
+            return json_reply(503, {"error": str(exc)})
         if now - self._registry_read >= self.cache.limits.poll_interval:
             self._reread_registry_soon(now)
         cached = slot.derived
@@ -260,7 +253,7 @@ class JWKSApp:
             for name in self.settings.configured_keysets()
         }
         ready = all(fresh.values())
-        return _json_reply(
+        return json_reply(
             200 if ready else 503,
             {"ready": ready, "keysets": fresh, "subscribed": self.cache.following},
         )
