@@ -21,13 +21,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.jwk import PRIVATE_MEMBERS, b64url, jwks_document, thumbprint
 
-__all__ = ["JWKSFormatError", "VerificationKeys", "b64decode_strict", "import_jwks"]
+__all__ = [
+    "BASE64URL_TO_STANDARD",
+    "JWKSFormatError",
+    "VerificationKeys",
+    "b64decode_ascii",
+    "b64decode_strict",
+    "import_jwks",
+]
 
 log = logging.getLogger(__name__)
 
-# base64url to the standard alphabet; "+", "/" and "=" become "!", which strict mode
-# refuses, so only the url-safe alphabet without padding gets through.
-_TO_STANDARD = bytes.maketrans(b"-_+/=", b"+/!!!")
+#: base64url to the standard alphabet for ``binascii.a2b_base64(..., strict_mode=True)``;
+#: "+", "/" and "=" become "!", which strict mode refuses, so only the url-safe alphabet
+#: without padding gets through (the caller appends the padding).
+BASE64URL_TO_STANDARD = bytes.maketrans(b"-_+/=", b"+/!!!")
 _PADDING = (b"", None, b"==", b"=")
 
 
@@ -37,12 +45,19 @@ class JWKSFormatError(ValueError):
 
 def b64decode_strict(text: str) -> bytes:
     """Unpadded base64url only; raise ``ValueError`` on padding or foreign characters."""
-    padding = _PADDING[len(text) % 4]
-    if padding is None or not text.isascii():
+    if not text.isascii():
+        raise ValueError("not unpadded base64url")
+    return b64decode_ascii(text.encode("ascii"))
+
+
+def b64decode_ascii(segment: bytes) -> bytes:
+    """`b64decode_strict` of text already encoded (any byte outside base64url is refused)."""
+    padding = _PADDING[len(segment) % 4]
+    if padding is None:
         raise ValueError("not unpadded base64url")
     try:
         return binascii.a2b_base64(
-            text.encode("ascii").translate(_TO_STANDARD) + padding, strict_mode=True
+            segment.translate(BASE64URL_TO_STANDARD) + padding, strict_mode=True
         )
     except binascii.Error as exc:
         raise ValueError(f"not base64url: {exc}") from None

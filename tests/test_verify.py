@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from rotator import errors
@@ -129,6 +129,10 @@ HOSTILE: dict[str, tuple[Callable[[], str | bytes], type[InvalidToken]]] = {
         errors.MalformedToken,
     ),
     "non-ASCII bytes": (lambda: token().encode() + "é".encode(), errors.MalformedToken),
+    "non-ASCII text in the payload": (
+        lambda: token().replace(".", ".é", 1),
+        errors.MalformedToken,
+    ),
     "oversized": (lambda: token(pad="x" * 9000), errors.TokenTooLarge),
     "oversized bytes": (lambda: b"a" * 100_000, errors.TokenTooLarge),
     "missing exp": (lambda: token(exp=None), errors.MissingClaim),
@@ -220,6 +224,16 @@ def test_garbage_never_raises_anything_but_invalid_token(garbage: str | bytes) -
 
 
 @given(st.integers(1, ORDER - 1), st.integers(1, ORDER - 1))
+@example(1, ORDER - 1)  # leading zero bytes to strip; a first byte of 0xFF below n
+@example(2**255, 2**255 - 1)  # top bit set, and clear
+@example(2**248 - 1, 2**248)  # a first byte of zero, and the smallest without one
 def test_der_signature_matches_cryptography(r: int, s: int) -> None:
-    raw_r, raw_s = r.to_bytes(32, "big"), s.to_bytes(32, "big")
-    assert _der(raw_r, raw_s) == encode_dss_signature(r, s)
+    assert _der(r.to_bytes(32, "big") + s.to_bytes(32, "big")) == encode_dss_signature(r, s)
+
+
+@pytest.mark.parametrize(
+    ("r", "s"), [(0, 1), (1, 0), (ORDER, 1), (1, ORDER), (2**256 - 1, 1), (1, 2**256 - 1)]
+)
+def test_der_refuses_r_or_s_out_of_range(r: int, s: int) -> None:
+    with pytest.raises(errors.BadSignature):
+        _der(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
