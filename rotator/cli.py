@@ -37,7 +37,17 @@ from rotator.daemon import BATCH_SIZE, Daemon
 from rotator.durations import format_duration, parse_duration
 from rotator.embedded import EmbeddedRedis, RedisBinaryNotFound, free_port
 from rotator.errors import InvalidToken
-from rotator.keysets import BadPolicy, KeySets, describe_policy, encode_overrides
+from rotator.keysets import (
+    BadPolicy,
+    KeySets,
+    describe_policy,
+    encode_entry,
+    encode_overrides,
+    lineage_of,
+    new_lineage,
+    parse_overrides,
+    policy_of,
+)
 from rotator.layout import Layout, validate_keyset_name
 from rotator.lifecycle import LifecycleError, rotation_due_at
 from rotator.logs import setup_logging
@@ -90,7 +100,9 @@ def _manager(
     keysets = KeySets(settings, store)
     if one_shot:
         keysets.refresh()
-    manager = KeyManager(store, keyring, keysets.policy, remember=remember, audit=audit)
+    manager = KeyManager(
+        store, keyring, keysets.policy, remember=remember, audit=audit, lineages=keysets
+    )
     return manager, keysets
 
 
@@ -268,8 +280,10 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _stored_policy(settings: Settings, args: argparse.Namespace, stored: Mapping[str, Any]) -> str:
-    """The policy flags given laid over *stored*, checked, as the registry stores them."""
+def _overrides(
+    settings: Settings, args: argparse.Namespace, stored: Mapping[str, Any]
+) -> KeysetSettings:
+    """The policy flags given laid over *stored*, checked."""
     given = {f: getattr(args, f) for f in _POLICY_FLAGS if getattr(args, f) is not None}
     merged = dict(stored)
     if {"interval", "schedule"} & given.keys():
@@ -284,7 +298,7 @@ def _stored_policy(settings: Settings, args: argparse.Namespace, stored: Mapping
     problems = overrides.overlay(settings.base_policy()).problems()
     if problems:
         raise UsageError("; ".join(f"{_flag(f)}: {m}" for f, m in problems))
-    return encode_overrides(overrides)
+    return overrides
 
 
 def _flagged(line: str) -> str:
@@ -350,13 +364,14 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError(f"key set {name} is defined in the config; change it there")
     registered = {n: raw for n, raw in store.registry().items() if raw != REMOVED}
     if args.keyset_command == "add":
-        policy = _stored_policy(settings, args, {})
-        if name in registered and registered[name] != policy:
+        overrides = _overrides(settings, args, {})
+        policy = encode_overrides(overrides)
+        if name in registered and policy_of(registered[name]) != policy:
             raise UsageError(
-                f"key set {name} is already registered with policy {registered[name]}; "
-                f"change it with `rotator keyset update {name}`"
+                f"key set {name} is already registered with policy "
+                f"{policy_of(registered[name])}; change it with `rotator keyset update {name}`"
             )
-        added = store.register(name, policy)
+        added = store.register(name, encode_entry(overrides, new_lineage()))
         keysets.refresh()
         _print_outcome(manager.reconcile(name))
         if not added:
@@ -365,12 +380,17 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
     if name not in registered:
         raise UsageError(f"key set {name} is not registered")
     if args.keyset_command == "update":
-        current = keysets.get(name)
-        stored = current.overrides if current is not None and current.policy else {}
-        policy = _stored_policy(settings, args, stored)
-        store.register(name, policy, replace=True)
+        raw = registered[name]
+        try:
+            stored, _policy = parse_overrides(raw, settings.base_policy())
+        except BadPolicy:
+            stored = KeysetSettings()  # a broken stored policy is replaced by the flags
+        overrides = _overrides(settings, args, stored.model_dump(mode="json", exclude_none=True))
+        # Compare-and-set: an update racing a removal must not bring the name back.
+        if not store.replace_entry(name, raw, encode_entry(overrides, lineage_of(raw))):
+            raise UsageError(f"key set {name} changed while this ran (updated or removed); retry")
         store.announce(name, "policy")
-        print(f"{name}: policy {policy}")
+        print(f"{name}: policy {encode_overrides(overrides)}")
         print(f"{name}: the daemon applies it from its next tick")
         return 0
     if not args.yes:

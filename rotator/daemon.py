@@ -105,10 +105,11 @@ class Daemon:
         """Seed memory from the backup file, if one is configured."""
         if self.backup is None:
             return
-        states = self.backup.load()
-        if states:
-            log.info("backup file %s: %d key set(s) loaded", self.backup.path, len(states))
-            self.manager.seed(states)
+        contents = self.backup.load()
+        if contents.states:
+            count = len(contents.states)
+            log.info("backup file %s: %d key set(s) loaded", self.backup.path, count)
+            self.manager.seed(contents.states, contents.lineages)
 
     def step_lease(self) -> bool:
         """Renew or try to take the lease; on taking it, look at every key set at once."""
@@ -173,7 +174,7 @@ class Daemon:
     def _save_backup(self) -> None:
         assert self.backup is not None
         try:
-            self.backup.save(self.manager.remembered())
+            self.backup.save(self.manager.remembered(), self.manager.remembered_lineages())
         except OSError as exc:
             log.error("cannot write backup file %s: %s", self.backup.path, exc)
 

@@ -12,11 +12,19 @@ set alone (`BadPolicy`), never the daemon.
 policy, so a name that disappears from the registry without one was lost
 with Redis's data: `refresh` keeps it managed and reports it as `lost`, and
 the leader writes it back with the policy it last read.
+
+A registry entry also names its lineage (``"lineage"``, a random id): given
+when the name is added, kept by `rotator keyset update`, new when a removed
+name is added again. A daemon writes back a key set it remembers only into
+the lineage it remembers it from, so one that missed a removal cannot bring
+the removed keys back under the name added again. Entries written by older
+releases have no lineage and keep none.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,15 +38,23 @@ from rotator.policy import Policy
 from rotator.store import REMOVED, Store
 
 __all__ = [
+    "LINEAGE",
     "BadPolicy",
     "KeySetEntry",
     "KeySets",
     "describe_policy",
+    "encode_entry",
     "encode_overrides",
+    "lineage_of",
+    "new_lineage",
     "parse_overrides",
+    "policy_of",
 ]
 
 Origin = Literal["config", "registry"]
+
+#: The member of a registry entry that names its lineage.
+LINEAGE = "lineage"
 
 
 class BadPolicy(ValueError):
@@ -55,18 +71,62 @@ class KeySetEntry:
     overrides: Mapping[str, Any]
     policy: Policy | None
     problem: str | None = None
+    lineage: str | None = None
 
 
 def encode_overrides(overrides: KeysetSettings) -> str:
-    """The stored form of *overrides*: JSON of the fields set, durations as text."""
+    """*overrides* as JSON: the fields set, durations as text."""
     return json.dumps(overrides.model_dump(mode="json", exclude_none=True), sort_keys=True)
+
+
+def new_lineage() -> str:
+    """A fresh lineage id, for a name being added."""
+    return secrets.token_hex(8)
+
+
+def encode_entry(overrides: KeysetSettings, lineage: str | None) -> str:
+    """A registry entry: *overrides* (as `encode_overrides`) and the *lineage*, if any."""
+    document: dict[str, Any] = overrides.model_dump(mode="json", exclude_none=True)
+    if lineage is not None:
+        document[LINEAGE] = lineage
+    return json.dumps(document, sort_keys=True)
+
+
+def _document(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def lineage_of(raw: str) -> str | None:
+    """The lineage named by a registry entry; ``None`` if it names none."""
+    document = _document(raw)
+    lineage = document.get(LINEAGE) if isinstance(document, dict) else None
+    return lineage if isinstance(lineage, str) else None
+
+
+def policy_of(raw: str) -> str:
+    """The overrides of a registry entry as `encode_overrides` writes them, without the
+    lineage (what `rotator keyset` shows)."""
+    document = _document(raw)
+    if not isinstance(document, dict):
+        return raw
+    document.pop(LINEAGE, None)
+    return json.dumps(document, sort_keys=True)
 
 
 @lru_cache(maxsize=4096)
 def parse_overrides(raw: str, base: Policy) -> tuple[KeysetSettings, Policy]:
-    """Parse stored overrides and lay them over *base*; raise `BadPolicy` naming the field."""
+    """Parse a registry entry's overrides and lay them over *base*; raise `BadPolicy`
+    naming the field."""
+    document = _document(raw)
     try:
-        overrides = KeysetSettings.model_validate_json(raw)
+        if isinstance(document, dict):
+            document.pop(LINEAGE, None)
+            overrides = KeysetSettings.model_validate(document)
+        else:
+            overrides = KeysetSettings.model_validate_json(raw)  # for pydantic's own error
     except ValidationError as exc:
         raise BadPolicy("; ".join(describe_error(e) for e in exc.errors())) from None
     policy = overrides.overlay(base)
@@ -136,13 +196,13 @@ class KeySets:
         return lost
 
     def _registered(self, name: str, raw: str) -> KeySetEntry:
+        lineage = lineage_of(raw)
         try:
             overrides, policy = parse_overrides(raw, self._base)
         except BadPolicy as exc:
-            return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}")
-        return KeySetEntry(
-            name, "registry", overrides.model_dump(mode="json", exclude_none=True), policy
-        )
+            return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}", lineage)
+        dumped = overrides.model_dump(mode="json", exclude_none=True)
+        return KeySetEntry(name, "registry", dumped, policy, None, lineage)
 
     def names(self) -> list[str]:
         """Every managed key set, sorted."""
@@ -162,6 +222,24 @@ class KeySets:
     def policy(self, name: str) -> Policy:
         """Effective policy of *name*; raise `BadPolicy` when it is unknown or unusable."""
         return self._usable(name, self._entries.get(name))
+
+    def lineage(self, name: str) -> str | None:
+        """The lineage of *name* as the registry was last read (``None`` for a key set
+        from the config, or an entry that names none)."""
+        entry = self._entries.get(name)
+        return entry.lineage if entry is not None else None
+
+    def same_lineage(self, name: str, lineage: str | None) -> bool:
+        """Whether *name* is still of *lineage*, reading its registry entry now (one
+        ``HGET``). A key set from the config always is; so is one whose entry vanished
+        without a tombstone (lost with Redis's data: the leader writes it back). A removed
+        one is not."""
+        if name in self._configured:
+            return True
+        raw = self.store.registry_entry(name)
+        if raw is None:
+            return True
+        return raw != REMOVED and lineage_of(raw) == lineage
 
     def read_policy(self, name: str) -> Policy:
         """Effective policy of *name*, reading only its own registry entry (for a process

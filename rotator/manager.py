@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, Protocol
 
 import redis
 
@@ -26,7 +26,7 @@ from rotator.sealing import Keyring, SealedKey, UnsealError
 from rotator.state import CorruptState, KeySetState
 from rotator.store import Conflict, Snapshot, Store
 
-__all__ = ["KEYSET_ERRORS", "KeyManager", "NoKekError", "Outcome"]
+__all__ = ["KEYSET_ERRORS", "KeyManager", "Lineages", "NoKekError", "Outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,18 @@ _EVENT_PRIORITY = ("revoke", "rotate", "bootstrap", "repair", "expire")
 KEYSET_ERRORS = (CorruptState, UnsealError, BadPolicy, Conflict, redis.ResponseError)
 
 Action = Literal["bootstrap", "commit", "restore", "republish", "unchanged"]
+
+
+class Lineages(Protocol):
+    """Where the lineage of a key set's name is read (`rotator.keysets.KeySets`)."""
+
+    def lineage(self, name: str) -> str | None:
+        """The lineage of *name* as last read."""
+        ...
+
+    def same_lineage(self, name: str, lineage: str | None) -> bool:
+        """Whether *name* is still of *lineage*, read now."""
+        ...
 
 
 class NoKekError(Exception):
@@ -70,7 +82,8 @@ class KeyManager:
     With ``remember=True`` (the daemon) the manager keeps the last state it
     committed or read for each key set, and writes it back if Redis comes
     back empty or older: a restarted Redis must not make rotator invent new
-    keys that no verifier has seen.
+    keys that no verifier has seen. With *lineages* it writes back only into
+    the lineage it remembers the key set from (see `rotator.keysets`).
     """
 
     def __init__(
@@ -82,6 +95,7 @@ class KeyManager:
         clock: Callable[[], float] = time.time,
         remember: bool = False,
         audit: AuditLog | None = None,
+        lineages: Lineages | None = None,
     ) -> None:
         self.store = store
         self.keyring = keyring
@@ -89,7 +103,9 @@ class KeyManager:
         self.clock = clock
         self.remember = remember
         self.audit = audit
+        self.lineages = lineages
         self._memory: dict[str, KeySetState] = {}
+        self._lineage: dict[str, str | None] = {}  # of each remembered state's name
         self._opened: set[tuple[str, str, str]] = set()
         self._checked: dict[str, KeySetState] = {}
         self._changes: dict[str, tuple[KeySetState, Policy, float]] = {}
@@ -139,6 +155,8 @@ class KeyManager:
             # Two threads may report reads out of order; never step back to an older version.
             if known is None or known.version <= state.version:
                 self._memory[state.keyset] = state
+                if self.lineages is not None:
+                    self._lineage[state.keyset] = self.lineages.lineage(state.keyset)
 
     def _plan(
         self,
@@ -149,7 +167,11 @@ class KeyManager:
         (unchanged, or healed on the spot), else the `Transition` to commit."""
         keyset, state = snapshot.keyset, snapshot.state
         remembered = self._memory.get(keyset)
-        if remembered is not None and snapshot.version < remembered.version:
+        if (
+            remembered is not None
+            and snapshot.version < remembered.version
+            and self._same_lineage(keyset)
+        ):
             return self._restore(remembered, snapshot)
         if state is not None:
             self.check_keks(state)
@@ -291,6 +313,18 @@ class KeyManager:
         self._log(state, events)
         self._audit([(state, events)])
 
+    def _same_lineage(self, keyset: str) -> bool:
+        """Whether *keyset* is still of the lineage it is remembered from; forget it if not."""
+        if self.lineages is None or self.lineages.same_lineage(keyset, self._lineage.get(keyset)):
+            return True
+        log.warning(
+            "key set %s: removed and added again since this process last read it; "
+            "its earlier keys are not written back",
+            keyset,
+        )
+        self.forget(keyset)
+        return False
+
     def _restore(self, remembered: KeySetState, snapshot: Snapshot) -> Outcome:
         log.warning(
             "key set %s: Redis holds version %d but this process committed version %d; "
@@ -310,21 +344,27 @@ class KeyManager:
         self._record(state, (("republish", state.current.kid),))
         return Outcome(state.keyset, "republish", state)
 
-    def seed(self, states: dict[str, KeySetState]) -> None:
-        """Start from *states* (a backup file) as if this process had committed them."""
+    def seed(self, states: Mapping[str, KeySetState], lineages: Mapping[str, str]) -> None:
+        """Start from *states* of *lineages* (a backup file) as if this process had
+        committed them."""
         for name, state in states.items():
             known = self._memory.get(name)
             if known is None or known.version < state.version:
                 self._memory[name] = state
+                self._lineage[name] = lineages.get(name)
 
     def remembered(self) -> dict[str, KeySetState]:
         """The last state this process committed or read, per key set."""
         return dict(self._memory)
 
+    def remembered_lineages(self) -> dict[str, str]:
+        """The lineage each remembered key set is remembered from, where it has one."""
+        return {name: lineage for name, lineage in self._lineage.items() if lineage is not None}
+
     def forget(self, keyset: str) -> None:
         """Drop everything remembered of *keyset* (it was removed): a key set added again
         under the same name starts afresh instead of getting the old keys written back."""
-        for cache in (self._memory, self._checked, self._changes):
+        for cache in (self._memory, self._lineage, self._checked, self._changes):
             cache.pop(keyset, None)
         self.store.forget(keyset)
 

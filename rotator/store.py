@@ -93,17 +93,27 @@ if redis.call('TYPE', KEYS[1]).ok == 'set' then
 end
 """
 
-# KEYS: registry. ARGV: name, stored policy, "1" to replace an existing entry, tombstone.
-# Returns 1 when the name was added (or re-added over its tombstone).
+# KEYS: registry. ARGV: name, entry, tombstone.
+# Returns 1 when the name was added (or re-added over its tombstone), 0 when it was there.
 _REGISTER = (
     _REGISTRY_PROLOGUE
     + """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old == false or old == ARGV[4] or ARGV[3] == '1' then
+if old == false or old == ARGV[3] then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
 end
-if old == false or old == ARGV[4] then return 1 end
 return 0
+"""
+)
+
+# KEYS: registry. ARGV: name, entry expected, new entry. Returns 1 when replaced.
+_REPLACE_ENTRY = (
+    _REGISTRY_PROLOGUE
+    + """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
 """
 )
 
@@ -162,6 +172,7 @@ class Store:
         self._restore = client.register_script(_RESTORE)
         self._republish = client.register_script(_REPUBLISH)
         self._register = client.register_script(_REGISTER)
+        self._replace_entry = client.register_script(_REPLACE_ENTRY)
         # redis-py's cluster pipeline refuses MGET and scripts: with Cluster, batches are
         # sent one key set at a time (each key set's keys share a slot, so each call is
         # still atomic).
@@ -371,13 +382,17 @@ class Store:
             return self.registry().get(keyset)
         return None if raw is None else raw.decode()
 
-    def register(self, keyset: str, policy: str = "{}", *, replace: bool = False) -> bool:
-        """Add *keyset* with its stored *policy* (JSON) to the registry; ``False`` if it was
-        there (its policy then changes only with *replace*)."""
-        added = self._register(
-            keys=[self.layout.keysets], args=[keyset, policy, int(replace), REMOVED]
-        )
+    def register(self, keyset: str, entry: str = "{}") -> bool:
+        """Add *keyset* to the registry with its *entry* (see `rotator.keysets`); ``False``,
+        and nothing written, if it was there."""
+        added = self._register(keys=[self.layout.keysets], args=[keyset, entry, REMOVED])
         return bool(added)
+
+    def replace_entry(self, keyset: str, expected: str, entry: str) -> bool:
+        """Replace the registry entry of *keyset* if it still is *expected*; ``False`` when
+        it changed meanwhile (updated, or removed)."""
+        replaced = self._replace_entry(keys=[self.layout.keysets], args=[keyset, expected, entry])
+        return bool(replaced)
 
     def announce(self, keyset: str, event: str) -> None:
         """Publish *event* for *keyset* on the events channel without a commit (a policy

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from rotator.embedded import free_port
+from rotator.keysets import lineage_of, policy_of
 from tests.conftest import Cli
 
 
@@ -96,7 +97,8 @@ def test_run_refuses_to_start_without_a_kek(cli: Cli) -> None:
 def test_keyset_add_list_remove(cli: Cli, client: redis.Redis) -> None:
     added = cli("keyset", "add", "billing")
     assert added.code == 0 and "billing: bootstrap" in added.stdout
-    assert client.hget("rotator:keysets", "billing") == b"{}"
+    lineage = lineage_of(entry(client, "billing"))
+    assert lineage is not None and policy_of(entry(client, "billing")) == "{}"
     assert client.exists("rotator:{billing}:jwks")
     listing = cli("keyset", "list", "--json")
     assert [(r["keyset"], r["origin"], r["version"]) for r in json.loads(listing.stdout)] == [
@@ -114,7 +116,14 @@ def test_keyset_add_list_remove(cli: Cli, client: redis.Redis) -> None:
     assert cli("keyset", "remove", "billing", "--yes").code == 2  # not registered any more
     again = cli("keyset", "add", "billing")
     assert again.code == 0 and "billing: bootstrap" in again.stdout
+    assert lineage_of(entry(client, "billing")) not in {None, lineage}  # a lineage of its own
     assert cli("keyset", "remove", "default", "--yes").code == 2
+
+
+def entry(client: redis.Redis, name: str) -> str:
+    raw: bytes | None = client.hget("rotator:keysets", name)  # type: ignore[assignment]
+    assert raw is not None
+    return raw.decode()
 
 
 @pytest.mark.parametrize(
@@ -139,10 +148,8 @@ def test_keyset_policy_is_stored_with_the_set_and_drives_its_schedule(
 ) -> None:
     added = cli("keyset", "add", "fast", "--interval", "50s", "--jitter", "0s")
     assert added.code == 0, added.stderr
-    assert json.loads(client.hget("rotator:keysets", "fast") or b"") == {
-        "interval": "50s",
-        "jitter": "0s",
-    }
+    assert json.loads(policy_of(entry(client, "fast"))) == {"interval": "50s", "jitter": "0s"}
+    lineage = lineage_of(entry(client, "fast"))
     assert cli("keyset", "add", "slow", "--schedule", "0 3 * * *").code == 0
     rows = {r["keyset"]: r for r in json.loads(cli("keyset", "list", "--json").stdout)}
     fast = json.loads(cli("status", "--keyset", "fast", "--json").stdout)[0]
@@ -160,14 +167,18 @@ def test_keyset_policy_is_stored_with_the_set_and_drives_its_schedule(
     assert clash.code == 2 and "keyset update fast" in clash.stderr
     updated = cli("keyset", "update", "fast", "--overlap", "2m")
     assert updated.code == 0, updated.stderr
-    assert json.loads(client.hget("rotator:keysets", "fast") or b"") == {
+    assert json.loads(entry(client, "fast")) == {
         "interval": "50s",
         "jitter": "0s",
         "overlap": "2m",
+        "lineage": lineage,  # an update keeps the lineage
     }
     switched = cli("keyset", "update", "fast", "--schedule", "*/5 * * * *")
     assert switched.code == 0
-    assert "interval" not in json.loads(client.hget("rotator:keysets", "fast") or b"")
+    assert "interval" not in json.loads(entry(client, "fast"))
+    client.hset("rotator:keysets", "legacy", '{"interval": "70s"}')  # an older release's entry
+    assert cli("keyset", "update", "legacy", "--overlap", "2m").code == 0
+    assert entry(client, "legacy") == '{"interval": "1m10s", "overlap": "2m"}'  # still none
 
 
 def test_keyset_policy_errors_name_the_flag_and_store_nothing(
@@ -207,11 +218,10 @@ def test_a_registry_from_an_older_release_is_converted_on_the_first_write(
     assert [r["keyset"] for r in listing] == ["default", "legacy-a", "legacy-b"]
     assert cli("keyset", "add", "new", "--interval", "1h").code == 0
     assert client.type("rotator:keysets") == b"hash"
-    assert client.hgetall("rotator:keysets") == {
-        b"legacy-a": b"{}",
-        b"legacy-b": b"{}",
-        b"new": b'{"interval": "1h"}',
-    }
+    registry: dict[bytes, bytes] = client.hgetall("rotator:keysets")  # type: ignore[assignment]
+    assert registry.keys() == {b"legacy-a", b"legacy-b", b"new"}
+    assert registry[b"legacy-a"] == registry[b"legacy-b"] == b"{}"
+    assert policy_of(registry[b"new"].decode()) == '{"interval": "1h"}'
 
 
 def test_check_config_masks_secrets(cli: Cli, kek_file: Path) -> None:

@@ -3,36 +3,57 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import redis
 
-from rotator.config import load_settings
+from rotator.config import KeysetSettings, load_settings
 from rotator.daemon import Daemon
 from rotator.embedded import EmbeddedRedis
-from rotator.keysets import KeySets
+from rotator.keysets import KeySets, encode_entry, new_lineage
 from rotator.layout import Layout
 from rotator.manager import KeyManager
 from rotator.sealing import Keyring
+from rotator.state import KeySetState
 from rotator.store import Store
 from tests.helpers import FakeClock
 
 
-@pytest.fixture
-def daemon(redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock) -> Daemon:
+def make_daemon(
+    redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock, **daemon_options: object
+) -> Daemon:
+    """A daemon over key sets alpha and beta plus the registry's, holding the lease."""
     settings = load_settings(
         redis={"url": redis_server.url},
         keysets={"alpha": {}, "beta": {}},
         rotation={"interval": 100, "overlap": 60, "max_token_ttl": 30, "clock_skew": 5,
                   "cache_max_age": 20, "jitter": 0},
-        daemon={"tick": 10, "health_port": 0},
+        daemon={"tick": 10, "health_port": 0, **daemon_options},
     )  # fmt: skip
     store = Store(redis.Redis.from_url(redis_server.url), Layout())
     keysets = KeySets(settings, store)
-    manager = KeyManager(store, keyring, keysets.policy, clock=clock, remember=True)
+    manager = KeyManager(
+        store, keyring, keysets.policy, clock=clock, remember=True, lineages=keysets
+    )
     daemon = Daemon(settings, manager, keysets, clock=clock)
     assert daemon.step_lease()
     return daemon
+
+
+@pytest.fixture
+def daemon(redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock) -> Daemon:
+    return make_daemon(redis_server, keyring, clock)
+
+
+def entry(**overrides: object) -> str:
+    """A registry entry as `rotator keyset add` writes it: a lineage of its own."""
+    return encode_entry(KeysetSettings.model_validate(overrides), new_lineage())
+
+
+def kids(state: KeySetState | None) -> set[str]:
+    assert state is not None
+    return {key.kid for key in state.keys}
 
 
 def test_a_corrupt_keyset_is_skipped_and_the_others_rotate(
@@ -104,16 +125,73 @@ def test_a_removed_keyset_added_again_starts_afresh(
     assert not {k.kid for k in old.keys} & {k.kid for k in fresh.keys}  # old keys not written back
 
 
-def test_registered_keysets_lost_with_redis_data_are_written_back(
-    daemon: Daemon, client: redis.Redis
+@pytest.mark.parametrize("bootstrapped_elsewhere", [False, True])
+def test_a_removal_this_daemon_missed_does_not_bring_the_old_keys_back(
+    daemon: Daemon, clock: FakeClock, bootstrapped_elsewhere: bool
 ) -> None:
+    """Removed and added again while this daemon heard nothing (its subscription was
+    down): the name's new lineage keeps the keys it remembers from being written back."""
     store = daemon.manager.store
-    store.register("gamma", '{"interval": "50s"}')
+    store.register("gamma", entry())
+    daemon.tick()
+    clock.advance(100)
+    daemon.tick()
+    old = daemon.manager.load("gamma").state
+    assert old is not None and old.version == 2
+    store.unregister("gamma")  # no on_commit: this daemon missed the announcement
+    assert store.register("gamma", entry())
+    if bootstrapped_elsewhere:
+        other = KeyManager(Store(redis.Redis.from_url(daemon.settings.redis.url), Layout()),
+                           daemon.manager.keyring, daemon.manager.policy,
+                           clock=daemon.clock)  # fmt: skip
+        other.reconcile("gamma")
+    daemon.tick()
+    fresh = daemon.manager.load("gamma").state
+    assert fresh is not None and fresh.version == 1
+    assert not kids(old) & kids(fresh)
+
+
+@pytest.mark.parametrize("stored", ['{"interval": "50s"}', entry(interval="50s")])
+def test_registered_keysets_lost_with_redis_data_are_written_back(
+    daemon: Daemon, client: redis.Redis, stored: str
+) -> None:
+    """With or without a lineage (entries of older releases have none)."""
+    store = daemon.manager.store
+    store.register("gamma", stored)
     daemon.tick()
     before = daemon.manager.load("gamma").state
     assert before is not None
     client.flushall()
     daemon.tick()
-    assert client.hget("rotator:keysets", "gamma") == b'{"interval": "50s"}'
+    assert client.hget("rotator:keysets", "gamma") == stored.encode()
     after = daemon.manager.load("gamma").state
     assert after == before  # the same keys, not new ones
+
+
+@pytest.mark.parametrize("added_again", [False, True])
+def test_a_backup_restores_only_into_the_lineage_it_was_saved_from(
+    redis_server: EmbeddedRedis,
+    keyring: Keyring,
+    clock: FakeClock,
+    tmp_path: Path,
+    added_again: bool,
+) -> None:
+    backup = {"backup_path": str(tmp_path / "state.json")}
+    client = redis.Redis.from_url(redis_server.url)
+    first = make_daemon(redis_server, keyring, clock, **backup)
+    first.manager.store.register("gamma", entry())
+    first.tick()
+    saved = first.manager.load("gamma").state
+    first.lease.release()
+    client.delete("rotator:{gamma}:state", "rotator:{gamma}:jwks")  # Redis lost the keys
+    if added_again:
+        first.manager.store.unregister("gamma")
+        assert first.manager.store.register("gamma", entry())
+    second = make_daemon(redis_server, keyring, clock, **backup)
+    second.restore_backup()
+    second.tick()
+    restored = second.manager.load("gamma").state
+    if added_again:
+        assert not kids(restored) & kids(saved)
+    else:
+        assert restored == saved

@@ -44,7 +44,9 @@ def fleet(redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock) -> It
         store.register(f"app-{index:04d}")
     keysets = KeySets(settings, store)
     audit = AuditLog(client, layout)
-    manager = KeyManager(store, keyring, keysets.policy, clock=clock, remember=True, audit=audit)
+    manager = KeyManager(
+        store, keyring, keysets.policy, clock=clock, remember=True, audit=audit, lineages=keysets
+    )
     daemon = Daemon(settings, manager, keysets, clock=clock)
     assert daemon.step_lease()
     yield daemon

@@ -85,7 +85,9 @@ def test_from_settings_takes_a_registered_keysets_own_max_token_ttl(
     settings = load_settings(redis={"url": redis_server.url}, keys={"kek_file": str(kek_file)})
     signer = Signer.from_settings(settings, "short", follow=False)
     assert signer.max_token_ttl == 45
-    manager.store.register("short", '{"max_token_ttl": "30s"}', replace=True)
+    assert manager.store.replace_entry(
+        "short", '{"max_token_ttl": "45s"}', '{"max_token_ttl": "30s"}'
+    )
     assert signer.refresh()  # what the `keyset update` announcement triggers
     assert signer.max_token_ttl == 30
     with pytest.raises(SigningError, match="max_token_ttl"):

@@ -192,3 +192,16 @@ def test_batched_reconcile_reports_a_keyset_sealed_under_another_kek(
     assert isinstance(results["foreign"], UnsealError) and "other" in str(results["foreign"])
     assert getattr(results["native"], "action", None) == "bootstrap"
     assert store.load("foreign").version == 1  # untouched
+
+
+def test_a_registry_entry_is_replaced_only_if_unchanged(store: Store, client: redis.Redis) -> None:
+    """`keyset update` racing `keyset remove` must not bring the name back."""
+    assert store.register("gamma", '{"lineage": "a"}')
+    assert not store.register("gamma", '{"lineage": "b"}')  # there already: untouched
+    assert store.replace_entry("gamma", '{"lineage": "a"}', '{"lineage": "a", "overlap": "2m"}')
+    assert not store.replace_entry("gamma", '{"lineage": "a"}', '{"lineage": "a"}')
+    store.unregister("gamma")
+    assert not store.replace_entry("gamma", '{"lineage": "a", "overlap": "2m"}', "{}")
+    assert client.hget("rotator:keysets", "gamma") == b"removed"
+    assert store.register("gamma", '{"lineage": "c"}')  # over its tombstone
+    assert client.hget("rotator:keysets", "gamma") == b'{"lineage": "c"}'
