@@ -24,6 +24,10 @@ installed) does the sockets.
   `Options.max_connections` open connections, a new one gets 503 and a close.
 * HTTP/1.0 connections are closed after each answer; 1.1 ones are kept
   unless the client says ``Connection: close``.
+* `run` raises the soft limit on open files to fit `Options.max_connections`
+  (up to the hard limit): service managers start processes at a soft limit
+  of 1024 for the sake of ``select()``, which this server does not use.
+  Beyond the limit the kernel refuses connections without a word.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -45,6 +50,9 @@ from typing import NamedTuple, Protocol, cast
 
 import httptools
 
+if sys.platform != "win32":
+    import resource
+
 __all__ = [
     "MAX_HEAD",
     "MAX_HEADERS",
@@ -52,6 +60,7 @@ __all__ = [
     "Options",
     "Reply",
     "Request",
+    "fit_open_file_limit",
     "json_reply",
     "listen",
     "reply",
@@ -66,6 +75,9 @@ MAX_HEADERS = 100
 _SWEEP_EVERY = 1.0
 _STOP_GRACE = 5.0
 _PIECE = 4096
+# Files a worker holds besides its connections: the listening socket, Redis connections,
+# the event loop's own, logs.
+_SPARE_FILES = 64
 
 _REASONS = {
     200: "OK",
@@ -489,6 +501,28 @@ def _run_one(sock: socket.socket, make_handler: Callable[[], Handler], options: 
         loop.close()
 
 
+def fit_open_file_limit(max_connections: int) -> None:
+    """Raise the soft limit on open files to hold *max_connections* and the files a
+    worker needs besides, as far as the hard limit allows; warn when it does not."""
+    if sys.platform == "win32":
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_connections + _SPARE_FILES
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("open file limit raised from %d to %d", soft, target)
+    if target < needed:
+        log.warning(
+            "server.max_connections is %d but this process may open only %d files (its "
+            "hard limit): beyond about %d connections the kernel refuses new ones without "
+            "an answer; raise LimitNOFILE or lower server.max_connections",
+            max_connections,
+            target,
+            max(target - _SPARE_FILES, 0),
+        )
+
+
 def run(
     sock: socket.socket, make_handler: Callable[[], Handler], options: Options, *, workers: int
 ) -> int:
@@ -498,6 +532,7 @@ def run(
     builds its own handler and accepts on the shared socket. A worker that dies
     takes the others down (exit status 1), for the service manager to restart.
     """
+    fit_open_file_limit(options.max_connections)
     if workers == 1:
         _run_one(sock, make_handler, options)
         return 0

@@ -65,12 +65,25 @@ def _try(url: str) -> Response | None:
         return None
 
 
+# Runs rotator with the open file limits (soft, hard) given first, as a service manager
+# would start it.
+_WITH_FILE_LIMITS = (
+    "import resource, runpy, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "
+    "sys.argv = ['rotator', *sys.argv[3:]]; "
+    "runpy.run_module('rotator', run_name='__main__')"
+)
+
+
 @contextlib.contextmanager
-def running_serve(cli: Cli, *args: str) -> Iterator[Running]:
+def running_serve(
+    cli: Cli, *args: str, open_files: tuple[int, int] | None = None
+) -> Iterator[Running]:
     """`rotator serve *args` as a real process, stopped with SIGTERM at the end."""
     port = free_port()
+    start = ["-c", _WITH_FILE_LIMITS, *map(str, open_files)] if open_files else ["-m", "rotator"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "rotator", "serve", "--port", str(port), *args],
+        [sys.executable, *start, "serve", "--port", str(port), *args],
         env={**cli.env, "ROTATOR_SERVER__POLL_INTERVAL": "1h"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -280,6 +293,32 @@ def test_a_dead_worker_takes_the_others_down(cli: Cli, manager: KeyManager) -> N
         os.kill(workers[0], signal.SIGKILL)
         assert running.process.wait(20) == 1  # for systemd or Kubernetes to restart
         assert any("exited" in line for line in running.log)
+
+
+def open_file_limit(pid: int) -> int:
+    """The soft limit on open files of process *pid*."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open file limit in /proc")
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs Linux /proc")
+def test_serve_raises_its_open_file_limit_to_fit_max_connections(
+    cli: Cli, manager: KeyManager
+) -> None:
+    """A service manager's soft limit (1024 under systemd) would cap connections below
+    server.max_connections, the extra ones dropped by the kernel without an answer."""
+    manager.reconcile("default")
+    cli.env["ROTATOR_SERVER__MAX_CONNECTIONS"] = "1000"
+    with running_serve(cli, open_files=(256, 8192)) as running:
+        assert open_file_limit(running.process.pid) == 1000 + 64
+        assert fetch(running.url + "/.well-known/jwks.json").status == 200
+    with running_serve(cli, open_files=(256, 512)) as running:
+        assert open_file_limit(running.process.pid) == 512  # as far as the hard limit goes
+        wait_for(
+            lambda: any("raise LimitNOFILE" in line for line in running.log), what="warning"
+        )
 
 
 def test_a_port_in_use_is_a_clear_error(cli: Cli, manager: KeyManager) -> None:
