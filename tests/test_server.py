@@ -316,9 +316,7 @@ def test_serve_raises_its_open_file_limit_to_fit_max_connections(
         assert fetch(running.url + "/.well-known/jwks.json").status == 200
     with running_serve(cli, open_files=(256, 512)) as running:
         assert open_file_limit(running.process.pid) == 512  # as far as the hard limit goes
-        wait_for(
-            lambda: any("raise LimitNOFILE" in line for line in running.log), what="warning"
-        )
+        wait_for(lambda: any("raise LimitNOFILE" in line for line in running.log), what="warning")
 
 
 def test_a_port_in_use_is_a_clear_error(cli: Cli, manager: KeyManager) -> None:

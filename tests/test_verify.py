@@ -237,3 +237,92 @@ def test_der_signature_matches_cryptography(r: int, s: int) -> None:
 def test_der_refuses_r_or_s_out_of_range(r: int, s: int) -> None:
     with pytest.raises(errors.BadSignature):
         _der(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+
+
+def _claim_rules(
+    claims: dict[str, Any], audience: Any, issuer: Any, leeway: float
+) -> type[InvalidToken] | None:
+    """The claim rules written plainly, in their order: what `verify` must raise."""
+
+    def moment(name: str) -> float | None:
+        value = claims.get(name)
+        if value is None:
+            return None
+        if type(value) is int and abs(value) <= 2**53:
+            return value
+        if type(value) is float:  # finite: JSON has no others
+            return value
+        raise errors.MissingClaim
+
+    try:
+        expires = moment("exp")
+        if expires is None:
+            return errors.MissingClaim
+        if NOW - leeway >= expires:
+            return errors.ExpiredToken
+        for name in ("nbf", "iat"):
+            value = moment(name)
+            if value is not None and value > NOW + leeway:
+                return errors.NotYetValid
+    except errors.MissingClaim:
+        return errors.MissingClaim
+    if issuer is not None:
+        iss = claims.get("iss")
+        if not isinstance(iss, str):
+            return errors.MissingClaim
+        if iss not in ([issuer] if isinstance(issuer, str) else issuer):
+            return errors.InvalidIssuer
+    if audience is not None:
+        aud = claims.get("aud")
+        named = [aud] if isinstance(aud, str) else aud
+        if not isinstance(named, list) or not named or any(type(a) is not str for a in named):
+            return errors.MissingClaim
+        if not set(named) & ({audience} if isinstance(audience, str) else set(audience)):
+            return errors.InvalidAudience
+    return None
+
+
+def _times() -> st.SearchStrategy[Any]:
+    near = st.integers(int(NOW) - 20, int(NOW) + 20)
+    return st.one_of(
+        near,
+        near.map(float),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.integers(),
+        st.sampled_from([2**53, 2**53 + 1, -(2**53) - 1, True, "1900000060", None, [1]]),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "exp": _times(),
+            "nbf": _times(),
+            "iat": _times(),
+            "iss": st.sampled_from(["iam", "evil", 5, ["iam"], None]),
+            "aud": st.sampled_from(["svc", "other", ["other", "svc"], ["a"], [], [5], 5, None]),
+        },
+    ),
+    st.sampled_from(["svc", ["svc", "x"], ("other",), None]),
+    st.sampled_from(["iam", ["iam", "x"], None]),
+    st.sampled_from([0.0, 10.0]),
+)
+@example({"exp": int(NOW), "iss": "iam", "aud": "svc"}, "svc", "iam", 0.0)
+@example({"exp": int(NOW) - 10, "iss": "iam", "aud": "svc"}, "svc", "iam", 10.0)
+@example({"exp": int(NOW) + 1, "nbf": int(NOW) + 10}, None, None, 10.0)
+@example({"exp": int(NOW) + 1, "nbf": int(NOW) + 11}, None, None, 10.0)
+@example({"exp": int(NOW) + 1, "iat": -(2**53) - 1}, None, None, 0.0)
+@example({"exp": 2**53 + 1}, None, None, 0.0)
+def test_claims_are_judged_by_the_plain_rules(
+    claims: dict[str, Any], audience: Any, issuer: Any, leeway: float
+) -> None:
+    """The fast path of each claim check against the rules written out plainly."""
+    expected = _claim_rules(claims, audience, issuer, leeway)
+    signed = es256(PRIVATE, HEADER, claims)
+    if expected is None:
+        assert verify(signed, audience=audience, issuer=issuer, leeway=leeway) == claims
+    else:
+        with pytest.raises(expected):
+            verify(signed, audience=audience, issuer=issuer, leeway=leeway)
