@@ -60,7 +60,6 @@ __all__ = [
     "Options",
     "Reply",
     "Request",
-    "fit_open_file_limit",
     "json_reply",
     "listen",
     "reply",
@@ -501,7 +500,7 @@ def _run_one(sock: socket.socket, make_handler: Callable[[], Handler], options: 
         loop.close()
 
 
-def fit_open_file_limit(max_connections: int) -> None:
+def _fit_open_file_limit(max_connections: int) -> None:
     """Raise the soft limit on open files to hold *max_connections* and the files a
     worker needs besides, as far as the hard limit allows; warn when it does not."""
     if sys.platform == "win32":
@@ -532,7 +531,7 @@ def run(
     builds its own handler and accepts on the shared socket. A worker that dies
     takes the others down (exit status 1), for the service manager to restart.
     """
-    fit_open_file_limit(options.max_connections)
+    _fit_open_file_limit(options.max_connections)
     if workers == 1:
         _run_one(sock, make_handler, options)
         return 0

@@ -318,7 +318,7 @@ class KeyManager:
         if self.lineages is None or self.lineages.same_lineage(keyset, self._lineage.get(keyset)):
             return True
         log.warning(
-            "key set %s: removed and added again since this process last read it; "
+            "key set %s: removed since this process last read it (and maybe added again); "
             "its earlier keys are not written back",
             keyset,
         )
