@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 _KEK_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _KEK_BYTES = 32
 _NONCE_BYTES = 12
+_TAG_BYTES = 16
+# A sealed PKCS#8 P-256 key is about 140 bytes; anything far larger is not one.
+_MAX_SEALED_BYTES = 1024
 
 
 class KekError(ValueError):
@@ -83,15 +86,27 @@ class SealedKey:
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> SealedKey:
-        """Parse the stored form; raises ``ValueError`` on anything malformed."""
+        """Parse the stored form; raises ``ValueError`` on anything malformed: members
+        that are not strings, a KEK id that `parse_keks` would refuse, base64 that is not
+        strict standard base64, a nonce of other than 12 bytes, or a ciphertext shorter
+        than a GCM tag or longer than any sealed P-256 key."""
         kek, nonce, ct = data.get("kek"), data.get("nonce"), data.get("ct")
         if not (isinstance(kek, str) and isinstance(nonce, str) and isinstance(ct, str)):
             raise ValueError("sealed key needs string members kek, nonce, ct")
+        if not _KEK_ID.fullmatch(kek):
+            raise ValueError("sealed key names a KEK id that is not 1-64 letters, digits, . _ -")
         try:
             raw_nonce = base64.b64decode(nonce, validate=True)
             raw_ct = base64.b64decode(ct, validate=True)
-        except binascii.Error as exc:
+        except (binascii.Error, ValueError) as exc:  # non-ASCII text is a ValueError
             raise ValueError(f"sealed key is not valid base64: {exc}") from None
+        if len(raw_nonce) != _NONCE_BYTES:
+            raise ValueError(f"sealed key nonce is {len(raw_nonce)} bytes, not {_NONCE_BYTES}")
+        if not _TAG_BYTES < len(raw_ct) <= _MAX_SEALED_BYTES:
+            raise ValueError(
+                f"sealed key ciphertext is {len(raw_ct)} bytes, not {_TAG_BYTES + 1} to "
+                f"{_MAX_SEALED_BYTES}"
+            )
         return cls(kek, raw_nonce, raw_ct)
 
 

@@ -1,21 +1,35 @@
 """The state of one key set, and its stored JSON form.
 
 `KeySetState` is what `lifecycle` transforms and `store` commits. Parsing is
-strict: a document that does not hold exactly one ``current`` key, whose kids
-do not match their thumbprints, or that carries a private JWK member is
-`CorruptState`, which the daemon reports and never overwrites.
+strict and total: `decode_state` returns a state or raises `CorruptState`
+(which the daemon reports and never overwrites) for any bytes whatever. It
+refuses what `strictjson` refuses (not UTF-8, not JSON, NaN or Infinity,
+duplicate members, deep nesting), a member of the wrong JSON type at any
+path, a document that does not hold exactly one ``current`` key and at most
+one ``next``, a JWK that is not exactly the public members of an ES256 P-256
+key with its thumbprint as kid, a private JWK member, and a sealed key that
+`SealedKey.from_json` refuses.
+
+Bounds, so that nothing decoded can overflow or go wrong further on (cron,
+dates, the CLI, systemd's watchdog): times are Unix seconds from `MIN_TIME`
+(1970) to `MAX_TIME` (the year 3000; with durations of at most 100 years,
+any due time computed from one stays a valid date), ints or finite floats,
+never bools; versions are integers from 1 to `MAX_VERSION` (2**53, the
+largest a Lua script, which reads versions as doubles, still tells apart).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
+from rotator import strictjson
 from rotator.jwk import (
     PRIVATE_MEMBERS,
     json_text,
@@ -24,10 +38,35 @@ from rotator.jwk import (
     thumbprint,
 )
 from rotator.sealing import SealedKey
+from rotator.strictjson import shown
 
-__all__ = ["CorruptState", "KeyRecord", "KeySetState", "Status", "decode_state", "encode_state"]
+__all__ = [
+    "MAX_TIME",
+    "MAX_VERSION",
+    "MIN_TIME",
+    "CorruptState",
+    "KeyRecord",
+    "KeySetState",
+    "Status",
+    "decode_state",
+    "encode_state",
+    "state_of_document",
+    "valid_time",
+]
 
 FORMAT = 1
+
+#: Times rotator accepts from storage, in Unix seconds: 1970-01-01 to 3000-01-01 UTC.
+MIN_TIME = 0
+MAX_TIME = 32_503_680_000
+#: The largest version a state may carry.
+MAX_VERSION = 2**53
+
+_JWK_FIXED = {"alg": "ES256", "crv": "P-256", "kty": "EC", "use": "sig"}
+_JWK_MEMBERS = frozenset({*_JWK_FIXED, "kid", "x", "y"})
+_JWK_SHAPE = ", ".join(sorted(_JWK_MEMBERS))
+# 32 bytes as unpadded base64url: 42 characters and one whose low two bits are zero.
+_COORDINATE = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
 
 
 class CorruptState(ValueError):
@@ -92,6 +131,7 @@ def _number(value: float | None) -> str:
 
 _RANK = {Status.CURRENT: 0, Status.NEXT: 1, Status.RETIRED: 2}
 _STATUSES = tuple(Status)  # iterating an Enum class is slow, and this runs per key set per tick
+_STATUS_OF = {status.value: status for status in _STATUSES}
 
 
 def _order(key: KeyRecord) -> tuple[int, float]:
@@ -165,33 +205,61 @@ def encode_state(state: KeySetState) -> bytes:
     ).encode("ascii")
 
 
+def valid_time(value: object) -> float | None:
+    """*value* as a time if it is one rotator accepts (a number, not a bool, from
+    `MIN_TIME` to `MAX_TIME`), else ``None``."""
+    # Compared before any conversion: a 401-digit integer must not reach float().
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return float(value) if MIN_TIME <= value <= MAX_TIME else None
+    return None
+
+
 def _time(entry: Mapping[str, Any], name: str, *, optional: bool) -> float | None:
     value = entry.get(name)
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CorruptState(f"key field {name} is not a number")
-    return float(value)
+    moment = valid_time(value)
+    if moment is None:
+        raise CorruptState(
+            f"key field {name} is {shown(value)}, not a time from 1970 to the year 3000"
+        )
+    return moment
 
 
-def _decode_key(entry: Any) -> KeyRecord:
+def _jwk(kid: str, jwk: object) -> Mapping[str, str]:
+    if not isinstance(jwk, dict):
+        raise CorruptState(f"key {shown(kid)}: jwk is not an object")
+    if PRIVATE_MEMBERS & jwk.keys():
+        raise CorruptState(f"key {shown(kid)}: public JWK carries a private member")
+    if jwk.keys() != _JWK_MEMBERS or not all(type(v) is str for v in jwk.values()):
+        raise CorruptState(f"key {shown(kid)}: JWK members must be {_JWK_SHAPE}, all strings")
+    if any(jwk[name] != value for name, value in _JWK_FIXED.items()):
+        raise CorruptState(f"key {shown(kid)}: JWK is not an ES256 P-256 signing key")
+    if not (_COORDINATE.fullmatch(jwk["x"]) and _COORDINATE.fullmatch(jwk["y"])):
+        raise CorruptState(f"key {shown(kid)}: JWK x and y must be 32 bytes of base64url")
+    if jwk["kid"] != kid or thumbprint(jwk) != kid:
+        raise CorruptState(f"key {shown(kid)}: kid is not the thumbprint of its JWK")
+    return jwk
+
+
+def _decode_key(entry: object) -> KeyRecord:
     if not isinstance(entry, dict):
         raise CorruptState("a key entry is not an object")
-    kid, jwk = entry.get("kid"), entry.get("jwk")
-    if not isinstance(kid, str) or not isinstance(jwk, dict):
-        raise CorruptState("a key entry lacks kid or jwk")
-    if PRIVATE_MEMBERS & jwk.keys():
-        raise CorruptState(f"key {kid}: public JWK carries a private member")
-    if not all(isinstance(v, str) for v in jwk.values()):
-        raise CorruptState(f"key {kid}: JWK members must be strings")
+    kid = entry.get("kid")
+    if not isinstance(kid, str):
+        raise CorruptState("a key entry lacks a kid")
+    jwk = _jwk(kid, entry.get("jwk"))
+    given_status = entry.get("status")
+    status = _STATUS_OF.get(given_status) if isinstance(given_status, str) else None
+    if status is None:
+        raise CorruptState(f"key {shown(kid)}: status {shown(entry.get('status'))} is unknown")
+    sealed = entry.get("sealed")
+    if not isinstance(sealed, dict):
+        raise CorruptState(f"key {shown(kid)}: sealed is not an object")
     try:
-        status = Status(str(entry.get("status")))
-        matches = jwk.get("kid") == kid == thumbprint(jwk)
-        sealed = SealedKey.from_json(entry.get("sealed") or {})
-    except (ValueError, KeyError) as exc:
-        raise CorruptState(f"key {kid}: {exc}") from None
-    if not matches:
-        raise CorruptState(f"key {kid}: kid is not the thumbprint of its JWK")
+        sealed_key = SealedKey.from_json(sealed)
+    except ValueError as exc:
+        raise CorruptState(f"key {shown(kid)}: {exc}") from None
     created = _time(entry, "created_at", optional=False)
     assert created is not None
     return KeyRecord(
@@ -199,7 +267,7 @@ def _decode_key(entry: Any) -> KeyRecord:
         status=status,
         created_at=created,
         jwk=jwk,
-        sealed=sealed,
+        sealed=sealed_key,
         activated_at=_time(entry, "activated_at", optional=True),
         retired_at=_time(entry, "retired_at", optional=status is not Status.RETIRED),
         expires_at=_time(entry, "expires_at", optional=status is not Status.RETIRED),
@@ -207,30 +275,39 @@ def _decode_key(entry: Any) -> KeyRecord:
 
 
 def decode_state(raw: bytes | str, keyset: str) -> KeySetState:
-    """Parse and check a stored state document of *keyset*; raise `CorruptState` if unusable."""
+    """Parse and check a stored state document of *keyset*; raise `CorruptState` if unusable
+    (for any bytes whatever: see the module's docstring)."""
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptState(f"state is not JSON: {exc}") from None
+        document = strictjson.loads(raw)
+    except strictjson.JSONError as exc:
+        raise CorruptState(f"state is unreadable: {exc}") from None
+    return state_of_document(document, keyset)
+
+
+def state_of_document(doc: object, keyset: str) -> KeySetState:
+    """`decode_state` of a document already parsed (by `strictjson.loads`)."""
     if not isinstance(doc, dict):
         raise CorruptState("state is not a JSON object")
-    if doc.get("format") != FORMAT:
-        raise CorruptState(f"unknown state format {doc.get('format')!r}")
+    if doc.get("format") != FORMAT or type(doc.get("format")) is not int:
+        raise CorruptState(f"unknown state format {shown(doc.get('format'))}")
     if doc.get("keyset") != keyset:
-        raise CorruptState(f"state names key set {doc.get('keyset')!r}, expected {keyset!r}")
-    version, updated, entries = doc.get("version"), doc.get("updated_at"), doc.get("keys")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CorruptState("version is not a positive integer")
-    if isinstance(updated, bool) or not isinstance(updated, int | float):
-        raise CorruptState("updated_at is not a number")
+        raise CorruptState(f"state names key set {shown(doc.get('keyset'))}, expected {keyset!r}")
+    version, entries = doc.get("version"), doc.get("keys")
+    if type(version) is not int or not 1 <= version <= MAX_VERSION:
+        raise CorruptState(f"version {shown(version)} is not an integer from 1 to 2**53")
+    updated = valid_time(doc.get("updated_at"))
+    if updated is None:
+        raise CorruptState(
+            f"updated_at is {shown(doc.get('updated_at'))}, not a time from 1970 to the year 3000"
+        )
     if not isinstance(entries, list):
         raise CorruptState("keys is not a list")
     keys = tuple(_decode_key(entry) for entry in entries)
     if len({k.kid for k in keys}) != len(keys):
         raise CorruptState("two keys share a kid")
-    counts = {s: sum(k.status is s for k in keys) for s in Status}
+    counts = {s: sum(k.status is s for k in keys) for s in _STATUSES}
     if counts[Status.CURRENT] != 1 or counts[Status.NEXT] > 1:
         raise CorruptState(
             f"state holds {counts[Status.CURRENT]} current and {counts[Status.NEXT]} next keys"
         )
-    return KeySetState(keyset, version, float(updated), keys)
+    return KeySetState(keyset, version, updated, keys)
