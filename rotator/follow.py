@@ -8,7 +8,6 @@ interval, never correctness.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -16,21 +15,32 @@ from collections.abc import Callable
 
 import redis
 
+from rotator import strictjson
+from rotator.layout import validate_keyset_name
+
 __all__ = ["EventFollower", "keyset_of"]
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 5.0
+# A commit message is well under 300 bytes; a larger one is not rotator's.
+_MAX_MESSAGE = 4096
 
 
-def keyset_of(data: bytes | str) -> str | None:
-    """The key set named by an events-channel message, ``None`` if it names none."""
+def keyset_of(data: object) -> str | None:
+    """The key set named by an events-channel message, ``None`` if it names no valid one
+    (whatever the message: anyone who may publish on the channel can send anything)."""
+    if not isinstance(data, bytes | str) or len(data) > _MAX_MESSAGE:
+        return None
     try:
-        message = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        message = strictjson.loads(data)
+    except strictjson.JSONError:
         return None
     keyset = message.get("keyset") if isinstance(message, dict) else None
-    return keyset if isinstance(keyset, str) else None
+    try:
+        return validate_keyset_name(keyset) if isinstance(keyset, str) else None
+    except ValueError:
+        return None
 
 
 class EventFollower:

@@ -5,13 +5,18 @@ only, ``alg`` ES256 or absent, coordinates exactly 32 bytes and on the curve,
 ``kid`` equal to the key's thumbprint, kids unique. Entries of other key
 types are skipped, not fatal (RFC 7517 section 5). An entry carrying a
 private member is refused, and the bytes to serve are rebuilt without it.
+
+`import_jwks` is total: for any bytes it returns `VerificationKeys` (whose
+entries may all have been skipped) or raises `JWKSFormatError` when the
+bytes are not a JWK Set at all: what `strictjson` refuses (not UTF-8, not
+JSON, NaN, duplicate members, deep nesting), or no ``keys`` list. A member
+of the wrong type in an entry skips that entry alone.
 """
 
 from __future__ import annotations
 
 import binascii
 import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +24,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from rotator import strictjson
 from rotator.jwk import PRIVATE_MEMBERS, b64url, jwks_document, thumbprint
+from rotator.strictjson import shown
 
 __all__ = [
     "BASE64URL_TO_STANDARD",
@@ -92,6 +99,9 @@ _CHECKED_POINTS_MAX = 4096
 
 def _point(jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
     coordinates = (jwk.get("x"), jwk.get("y"))
+    if type(coordinates[0]) is not str or type(coordinates[1]) is not str:
+        # Before the cache: a list or an object cannot be looked up (unhashable).
+        raise ValueError("x and y must be strings")
     key = _checked_points.get(coordinates)  # type: ignore[arg-type]
     if key is None:
         x, y = _coordinate(jwk, "x"), _coordinate(jwk, "y")
@@ -105,25 +115,29 @@ def _point(jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
 def _import_entry(jwk: Mapping[str, Any]) -> tuple[str, ec.EllipticCurvePublicKey]:
     """One key, or ``ValueError`` saying why it is unusable."""
     if jwk.get("crv") != "P-256":
-        raise ValueError(f"curve {jwk.get('crv')!r} is not P-256")
+        raise ValueError(f"curve {shown(jwk.get('crv'))} is not P-256")
     if jwk.get("alg", "ES256") != "ES256":
-        raise ValueError(f"alg {jwk.get('alg')!r} is not ES256")
+        raise ValueError(f"alg {shown(jwk.get('alg'))} is not ES256")
     if jwk.get("use", "sig") != "sig":
-        raise ValueError(f"use {jwk.get('use')!r} is not sig")
+        raise ValueError(f"use {shown(jwk.get('use'))} is not sig")
     key = _point(jwk)
     kid = jwk.get("kid")
-    if kid != thumbprint(jwk):
-        raise ValueError(f"kid {kid!r} is not the RFC 7638 thumbprint of the key")
-    assert isinstance(kid, str)
+    if not isinstance(kid, str) or kid != thumbprint(jwk):
+        raise ValueError(f"kid {shown(kid)} is not the RFC 7638 thumbprint of the key")
     return kid, key
 
 
 def import_jwks(raw: bytes | str) -> VerificationKeys:
     """Parse *raw* strictly; raise `JWKSFormatError` only if it is not a JWK Set at all."""
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no bytes to serve
+            raise JWKSFormatError("JWKS is not JSON: not UTF-8") from None
     try:
-        document = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise JWKSFormatError(f"JWKS is not JSON: {exc}") from None
+        document = strictjson.loads(raw)
+    except strictjson.JSONError as exc:
+        raise JWKSFormatError(f"JWKS is unreadable: {exc}") from None
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise JWKSFormatError("JWKS has no 'keys' list")
@@ -136,7 +150,7 @@ def import_jwks(raw: bytes | str) -> VerificationKeys:
         if not isinstance(entry, dict):
             skipped.append("an entry is not an object")
             continue
-        label = entry.get("kid") if isinstance(entry.get("kid"), str) else "(no kid)"
+        label = shown(entry["kid"]) if isinstance(entry.get("kid"), str) else "(no kid)"
         private = PRIVATE_MEMBERS & entry.keys()
         if private:
             leaked = True
@@ -148,7 +162,7 @@ def import_jwks(raw: bytes | str) -> VerificationKeys:
             skipped.append(f"{label}: private member")
             continue
         if entry.get("kty") != "EC":
-            skipped.append(f"{label}: key type {entry.get('kty')!r} skipped")
+            skipped.append(f"{label}: key type {shown(entry.get('kty'))} skipped")
             continue
         try:
             kid, key = _import_entry(entry)
@@ -160,10 +174,10 @@ def import_jwks(raw: bytes | str) -> VerificationKeys:
         keys[kid] = key
         public.append(entry)
     for kid in duplicates:
-        skipped.append(f"{kid}: appears twice; both refused")
+        skipped.append(f"{shown(kid)}: appears twice; both refused")
         del keys[kid]
     for reason in skipped:
         log.warning("JWKS entry skipped: %s", reason)
-    body = jwks_document(public) if leaked else raw if isinstance(raw, bytes) else raw.encode()
+    body = jwks_document(public) if leaked else raw
     etag = '"' + b64url(hashlib.sha256(body).digest()[:16]) + '"'
     return VerificationKeys(keys, body, etag, tuple(skipped))
