@@ -13,6 +13,13 @@ policy, so a name that disappears from the registry without one was lost
 with Redis's data: `refresh` keeps it managed and reports it as `lost`, and
 the leader writes it back with the policy it last read.
 
+Each registry entry is decoded on its own, and decoding is total: whatever
+bytes an entry holds (not UTF-8, not JSON, nested 10,000 deep, a duration
+written as a 400-digit number, a cron line that never fires, a lineage that
+is not a string), it fails that key set alone with `BadPolicy`. So does a
+name that `validate_keyset_name` refuses: it is listed under a label that no
+valid name can take (`invalid_label`), with its problem, and never managed.
+
 A registry entry also names its lineage (``"lineage"``, a random id): given
 when the name is added, kept by `rotator keyset update`, new when a removed
 name is added again. A daemon writes back a key set it remembers only into
@@ -24,6 +31,7 @@ releases have no lineage and keep none.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,10 +40,13 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from rotator import strictjson
 from rotator.config import KeysetSettings, Settings, describe_error
 from rotator.durations import format_duration
+from rotator.layout import validate_keyset_name
 from rotator.policy import Policy
-from rotator.store import REMOVED, Store
+from rotator.store import REMOVED, Store, stored_bytes
+from rotator.strictjson import one_line, shown
 
 __all__ = [
     "LINEAGE",
@@ -45,11 +56,14 @@ __all__ = [
     "describe_policy",
     "encode_entry",
     "encode_overrides",
+    "invalid_label",
     "lineage_of",
     "new_lineage",
     "parse_overrides",
     "policy_of",
 ]
+
+log = logging.getLogger(__name__)
 
 Origin = Literal["config", "registry"]
 
@@ -92,26 +106,33 @@ def encode_entry(overrides: KeysetSettings, lineage: str | None) -> str:
     return json.dumps(document, sort_keys=True)
 
 
-def _document(raw: str) -> Any:
+def _document(raw: str) -> dict[str, Any]:
+    """A registry entry (as `Store.registry` decodes it) as a JSON object, or `BadPolicy`."""
     try:
-        return json.loads(raw)
-    except ValueError:
-        return None
+        document = strictjson.loads(stored_bytes(raw))
+    except strictjson.JSONError as exc:
+        raise BadPolicy(f"unreadable: {exc}") from None
+    if not isinstance(document, dict):
+        raise BadPolicy(f"not a JSON object but {shown(document)}")
+    return document
 
 
 def lineage_of(raw: str) -> str | None:
-    """The lineage named by a registry entry; ``None`` if it names none."""
-    document = _document(raw)
-    lineage = document.get(LINEAGE) if isinstance(document, dict) else None
+    """The lineage named by a registry entry; ``None`` if it names none (or is unreadable)."""
+    try:
+        lineage = _document(raw).get(LINEAGE)
+    except BadPolicy:
+        return None
     return lineage if isinstance(lineage, str) else None
 
 
 def policy_of(raw: str) -> str:
     """The overrides of a registry entry as `encode_overrides` writes them, without the
-    lineage (what `rotator keyset` shows)."""
-    document = _document(raw)
-    if not isinstance(document, dict):
-        return raw
+    lineage (what `rotator keyset` shows); an unreadable entry as `shown` prints it."""
+    try:
+        document = _document(raw)
+    except BadPolicy:
+        return shown(stored_bytes(raw))
     document.pop(LINEAGE, None)
     return json.dumps(document, sort_keys=True)
 
@@ -119,21 +140,29 @@ def policy_of(raw: str) -> str:
 @lru_cache(maxsize=4096)
 def parse_overrides(raw: str, base: Policy) -> tuple[KeysetSettings, Policy]:
     """Parse a registry entry's overrides and lay them over *base*; raise `BadPolicy`
-    naming the field."""
+    naming the field (for any entry whatever)."""
     document = _document(raw)
+    if not isinstance(document.pop(LINEAGE, ""), str):
+        raise BadPolicy(f"{LINEAGE}: not a string")
     try:
-        if isinstance(document, dict):
-            document.pop(LINEAGE, None)
-            overrides = KeysetSettings.model_validate(document)
-        else:
-            overrides = KeysetSettings.model_validate_json(raw)  # for pydantic's own error
+        overrides = KeysetSettings.model_validate(document)
     except ValidationError as exc:
-        raise BadPolicy("; ".join(describe_error(e) for e in exc.errors())) from None
+        raise BadPolicy(one_line("; ".join(describe_error(e) for e in exc.errors()))) from None
     policy = overrides.overlay(base)
     problems = policy.problems()
     if problems:
-        raise BadPolicy("; ".join(f"{field}: {message}" for field, message in problems))
+        raise BadPolicy(one_line("; ".join(f"{field}: {message}" for field, message in problems)))
     return overrides, policy
+
+
+def invalid_label(name: str) -> str:
+    """How a registry name that is not a valid key set name is listed: escaped, and with a
+    space, which no valid name holds, so it never stands for a real key set."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (see `Store.registry`)
+        return f"{shown(stored_bytes(name))} (invalid name)"
+    return f"{shown(name)} (invalid name)"
 
 
 def describe_policy(policy: Policy) -> str:
@@ -190,23 +219,40 @@ class KeySets:
             known = self._entries.get(name)
             if known is None or self._stored.get(name) != raw:
                 known = self._registered(name, raw)
-            entries[name] = known
+            entries[known.name] = known
         self.removed = {name for name, raw in stored.items() if raw == REMOVED} - entries.keys()
         self._entries, self._stored = entries, stored
         return lost
 
     def _registered(self, name: str, raw: str) -> KeySetEntry:
+        try:
+            validate_keyset_name(name)
+        except ValueError as exc:
+            return KeySetEntry(invalid_label(name), "registry", {}, None, f"registry name: {exc}")
         lineage = lineage_of(raw)
         try:
             overrides, policy = parse_overrides(raw, self._base)
         except BadPolicy as exc:
             return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}", lineage)
+        except Exception as exc:  # the last line: one entry never fails the registry
+            log.exception("key set %s: stored policy could not be decoded", name)
+            problem = f"stored policy: unreadable ({type(exc).__name__})"
+            return KeySetEntry(name, "registry", {}, None, problem, lineage)
         dumped = overrides.model_dump(mode="json", exclude_none=True)
         return KeySetEntry(name, "registry", dumped, policy, None, lineage)
 
     def names(self) -> list[str]:
-        """Every managed key set, sorted."""
+        """Every managed key set, sorted (with the labels of invalid registry names)."""
         return sorted(self._entries)
+
+    def problems(self) -> dict[str, str]:
+        """The key sets whose policy is unusable (or whose registry name is invalid), with
+        the problem of each."""
+        return {
+            name: entry.problem
+            for name, entry in self._entries.items()
+            if entry.problem is not None
+        }
 
     def entries(self) -> list[KeySetEntry]:
         """Every managed key set with its policy, sorted by name."""

@@ -10,6 +10,7 @@ them with the field named, so a bad policy never reaches a running daemon.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -67,7 +68,9 @@ class Policy:
             return now + self.interval
         earliest = datetime.fromtimestamp(now + self.cache_max_age, UTC)
         fire = trigger.get_next_fire_time(None, earliest)
-        return float(fire.timestamp())
+        # A schedule `problems` accepts fires at least once every 400 years (the Gregorian
+        # calendar repeats), so only a date near APScheduler's year 9999 gets here.
+        return math.inf if fire is None else float(fire.timestamp())
 
     @property
     def jitter_window(self) -> float:
@@ -77,19 +80,31 @@ class Policy:
         return min(_AUTO_JITTER_CAP, self.shortest_period * _AUTO_JITTER_SHARE)
 
     @cached_property
-    def shortest_period(self) -> float:
-        """The shortest time between two scheduled rotations."""
+    def _fires(self) -> list[datetime]:
+        """Fire times of the schedule from a fixed instant: fewer than the sample when it
+        stops firing before the calendar ends (APScheduler's year 9999), none when it never
+        fires (``0 0 30 2 *``)."""
         trigger = self._trigger
-        if trigger is None:
-            assert self.interval is not None
-            return self.interval
+        assert trigger is not None
         fires: list[datetime] = []
         at = _CRON_SAMPLE_START
         for _ in range(_CRON_SAMPLES):
             fire = trigger.get_next_fire_time(None, at)
+            if fire is None:
+                break
             fires.append(fire)
             at = fire + timedelta(microseconds=1)
-        return min((b - a).total_seconds() for a, b in itertools.pairwise(fires))
+        return fires
+
+    @cached_property
+    def shortest_period(self) -> float:
+        """The shortest time between two scheduled rotations (infinite for a schedule that
+        fires less than twice, which `problems` refuses)."""
+        if self._trigger is None:
+            assert self.interval is not None
+            return self.interval
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(self._fires)]
+        return min(gaps, default=math.inf)
 
     def problems(self) -> list[tuple[str, str]]:
         """Contradictions in this policy as ``(field, message)`` pairs; empty when sound."""
@@ -99,6 +114,9 @@ class Policy:
             return found
         if self.interval is not None and self.interval <= 0:
             found.append(("interval", "must be positive"))
+            return found
+        if self.schedule is not None and len(self._fires) < 2:
+            found.append(("schedule", f"{self.schedule!r} never fires (or fires only once)"))
             return found
         if self.max_token_ttl <= 0:
             found.append(("max_token_ttl", "must be positive"))

@@ -22,7 +22,7 @@ from rotator.layout import Layout
 from rotator.metrics import COMMIT_SECONDS
 from rotator.state import CorruptState, KeySetState, decode_state, encode_state
 
-__all__ = ["REMOVED", "Conflict", "Snapshot", "Store"]
+__all__ = ["REMOVED", "Conflict", "Snapshot", "Store", "stored_bytes"]
 
 #: What one write of a batch came to: ``None`` when it committed.
 WriteResult = Exception | None
@@ -127,6 +127,15 @@ REMOVED = "removed"
 
 def _digest(raw: bytes) -> bytes:
     return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def stored_bytes(text: str) -> bytes:
+    """The bytes of a registry name or entry as `Store.registry` decoded them."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 class Conflict(Exception):
@@ -368,8 +377,8 @@ class Store:
             if "WRONGTYPE" not in str(exc):
                 raise
             members: set[bytes] = self.client.smembers(self.layout.keysets)  # type: ignore[assignment]
-            return {name.decode(): "{}" for name in members}
-        return {name.decode(): value.decode() for name, value in entries.items()}
+            return {_text(name): "{}" for name in members}
+        return {_text(name): _text(value) for name, value in entries.items()}
 
     def registry_entry(self, keyset: str) -> str | None:
         """The registry entry of *keyset* alone (one ``HGET``): its stored policy, `REMOVED`,
@@ -380,19 +389,19 @@ class Store:
             if "WRONGTYPE" not in str(exc):
                 raise
             return self.registry().get(keyset)
-        return None if raw is None else raw.decode()
+        return None if raw is None else _text(raw)
 
     def register(self, keyset: str, entry: str = "{}") -> bool:
         """Add *keyset* to the registry with its *entry* (see `rotator.keysets`); ``False``,
         and nothing written, if it was there."""
-        added = self._register(keys=[self.layout.keysets], args=[keyset, entry, REMOVED])
-        return bool(added)
+        args: list[bytes | str] = [stored_bytes(keyset), stored_bytes(entry), REMOVED]
+        return bool(self._register(keys=[self.layout.keysets], args=args))
 
     def replace_entry(self, keyset: str, expected: str, entry: str) -> bool:
         """Replace the registry entry of *keyset* if it still is *expected*; ``False`` when
         it changed meanwhile (updated, or removed)."""
-        replaced = self._replace_entry(keys=[self.layout.keysets], args=[keyset, expected, entry])
-        return bool(replaced)
+        args = [stored_bytes(keyset), stored_bytes(expected), stored_bytes(entry)]
+        return bool(self._replace_entry(keys=[self.layout.keysets], args=args))
 
     def announce(self, keyset: str, event: str) -> None:
         """Publish *event* for *keyset* on the events channel without a commit (a policy
