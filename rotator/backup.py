@@ -6,6 +6,15 @@ written atomically after each commit (temp file, fsync, rename, fsync of the
 directory), and read once at start: its states seed the daemon's memory, so
 they are written back only where Redis is empty or holds an older version,
 and only into the lineage each was saved from (see `rotator.keysets`).
+
+Reading is total: `Backup.load` never raises. A file that cannot be read or
+is not a backup (not JSON by `strictjson`'s rules, an unknown format) is
+reported and not used; an entry that is unusable (a name `validate_keyset_name`
+refuses, a state `decode_state` refuses, a lineage that is not a string) is
+reported and skipped, and the other entries are used. Each state is saved as
+the string of its stored bytes (format 2), so a state nested too deeply or
+holding a duplicate member fails alone; files of format 1, where states are
+JSON objects, are still read.
 """
 
 from __future__ import annotations
@@ -18,13 +27,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rotator.state import CorruptState, KeySetState, decode_state, encode_state
+from rotator import strictjson
+from rotator.layout import validate_keyset_name
+from rotator.state import CorruptState, KeySetState, decode_state, encode_state, state_of_document
+from rotator.strictjson import shown
 
 __all__ = ["Backup", "BackupContents"]
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 1
+_FORMAT = 2
+_OBJECT_FORMAT = 1  # states as JSON objects rather than strings
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,9 @@ class Backup:
         """Replace the file with *states* and their *lineages*, atomically."""
         document = {
             "format": _FORMAT,
-            "keysets": {name: json.loads(encode_state(state)) for name, state in states.items()},
+            "keysets": {
+                name: encode_state(state).decode("ascii") for name, state in states.items()
+            },
             # Files written before lineages existed lack this member; their key sets are
             # restored as from entries that name no lineage.
             "lineages": {name: lineages[name] for name in states if name in lineages},
@@ -73,23 +88,23 @@ class Backup:
         """The states in the file; empty if there is no file. Unreadable entries are skipped
         with an error in the log; an unreadable file is reported and ignored."""
         try:
-            document = json.loads(self.path.read_bytes())
+            document = strictjson.loads(self.path.read_bytes())
         except FileNotFoundError:
             return BackupContents()
-        except (OSError, ValueError) as exc:
+        except (OSError, strictjson.JSONError) as exc:
             log.error("backup file %s is unreadable (%s); not used", self.path, exc)
             return BackupContents()
-        if not isinstance(document, dict) or document.get("format") != _FORMAT:
+        form = document.get("format") if isinstance(document, dict) else None
+        if form not in (_FORMAT, _OBJECT_FORMAT) or type(form) is not int:
             log.error("backup file %s has an unknown format; not used", self.path)
             return BackupContents()
+        entries, lineages = document.get("keysets"), document.get("lineages")
         states: dict[str, KeySetState] = {}
-        entries = document.get("keysets")
         for name, entry in (entries if isinstance(entries, dict) else {}).items():
             try:
-                states[name] = decode_state(json.dumps(entry), name)
-            except CorruptState as exc:
-                log.error("backup file %s: key set %s unusable (%s)", self.path, name, exc)
-        lineages = document.get("lineages")
+                states[name] = self._state(name, entry, form)
+            except ValueError as exc:  # CorruptState is one
+                log.error("backup file %s: key set %s unusable (%s)", self.path, shown(name), exc)
         return BackupContents(
             states,
             {
@@ -98,3 +113,12 @@ class Backup:
                 if name in states and isinstance(lineage, str)
             },
         )
+
+    @staticmethod
+    def _state(name: str, entry: object, form: int) -> KeySetState:
+        validate_keyset_name(name)
+        if form == _OBJECT_FORMAT:
+            return state_of_document(entry, name)
+        if not isinstance(entry, str):
+            raise CorruptState("the state is not a string")
+        return decode_state(entry, name)
