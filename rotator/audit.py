@@ -5,11 +5,21 @@ right after it, so ``rotator audit`` shows manual rotations and revocations
 beside the scheduled ones. The stream is capped (``XADD MAXLEN ~``); it is a
 trail for people, not the source of truth, so a failed append is logged and
 never undoes or blocks a commit.
+
+Anyone who may write the stream can write anything to it, so reading is
+total: an entry comes back as an `AuditEntry`, or in its place as a
+`BadAuditEntry` saying why it is unusable (a field that is not UTF-8; ``at``
+that is not decimal Unix seconds from 1970 to the year 3000; ``version``
+that is not a decimal integer up to 2**53; a key set name
+`validate_keyset_name` refuses; ``event``, ``kid`` or ``reason`` that is not
+printable text of at most 1,024 characters; a required field missing),
+so one bad entry costs only itself.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,12 +27,22 @@ from typing import cast
 
 import redis
 
-from rotator.layout import Layout
+from rotator.layout import Layout, validate_keyset_name
 from rotator.lifecycle import Event
+from rotator.state import MAX_VERSION, valid_time
+from rotator.strictjson import one_line, shown
 
-__all__ = ["AuditEntry", "AuditLog"]
+__all__ = ["AuditEntry", "AuditLog", "BadAuditEntry", "Record"]
 
 log = logging.getLogger(__name__)
+
+#: What is appended: a lifecycle event, or ``(event, kid)`` or ``(event, kid, reason)``
+#: for a write that is not a lifecycle transition.
+Record = Event | tuple[str, str] | tuple[str, str, str]
+
+_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+_VERSION = re.compile(r"[0-9]{1,16}")
+_TEXT_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -38,6 +58,15 @@ class AuditEntry:
     reason: str
 
 
+class BadAuditEntry(ValueError):
+    """An entry of the stream that cannot be read, in its place (the message says why)."""
+
+    def __init__(self, entry_id: str, keyset: str | None, reason: str) -> None:
+        super().__init__(f"audit entry {entry_id}: {reason}")
+        self.id = entry_id
+        self.keyset = keyset
+
+
 Fields = dict[bytes | str, bytes | str]
 
 
@@ -50,6 +79,33 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _required(data: dict[str, str], name: str) -> str:
+    value = data.get(name)
+    if value is None:
+        raise ValueError(f"{name} is missing")
+    return value
+
+
+def _seconds(value: str | None) -> float:
+    moment = valid_time(float(value)) if value is not None and _SECONDS.fullmatch(value) else None
+    if moment is None:
+        raise ValueError(f"at is {shown(value)}, not Unix seconds from 1970 to the year 3000")
+    return moment
+
+
+def _version(value: str | None) -> int:
+    if value is None or not _VERSION.fullmatch(value) or int(value) > MAX_VERSION:
+        raise ValueError(f"version is {shown(value)}, not an integer from 0 to 2**53")
+    return int(value)
+
+
+def _printable(data: dict[str, str], name: str, *, required: bool) -> str:
+    value = _required(data, name) if required else data.get(name, "")
+    if len(value) > _TEXT_MAX or not value.isprintable():
+        raise ValueError(f"{name} is not printable text of at most {_TEXT_MAX} characters")
+    return value
+
+
 class AuditLog:
     """Appends to and reads ``P:audit``, keeping about *max_entries*."""
 
@@ -58,13 +114,11 @@ class AuditLog:
         self.key = layout.audit
         self.max_entries = max_entries
 
-    def append(self, keyset: str, version: int, events: Iterable[Event | tuple[str, str]]) -> None:
-        """Record *events* of *keyset* at *version* (lifecycle events, or (name, kid) pairs)."""
+    def append(self, keyset: str, version: int, events: Iterable[Record]) -> None:
+        """Record *events* of *keyset* at *version* (see `Record`)."""
         self.append_many([(keyset, version, events)])
 
-    def append_many(
-        self, commits: Iterable[tuple[str, int, Iterable[Event | tuple[str, str]]]]
-    ) -> None:
+    def append_many(self, commits: Iterable[tuple[str, int, Iterable[Record]]]) -> None:
         """Record the events of many commits ``(keyset, version, events)`` in one round trip."""
         now = f"{time.time():.3f}"
         commits = list(commits)
@@ -75,7 +129,7 @@ class AuditLog:
                         kind, kid, reason = (
                             (event.kind, event.kid, event.reason or "")
                             if isinstance(event, Event)
-                            else (event[0], event[1], "")
+                            else (*event, "")[:3]
                         )
                         fields = {
                             "at": now,
@@ -92,21 +146,35 @@ class AuditLog:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             log.warning("key set %s: audit append failed (%s); the commit stands", shown, exc)
 
-    def _entry(self, entry_id: bytes | str, fields: Fields) -> AuditEntry:
-        data = {_text(k): _text(v) for k, v in fields.items()}
-        return AuditEntry(
-            id=_text(entry_id),
-            at=float(data.get("at", 0)),
-            keyset=data.get("keyset", ""),
-            version=int(data.get("version", 0)),
-            event=data.get("event", ""),
-            kid=data.get("kid", ""),
-            reason=data.get("reason", ""),
-        )
+    @staticmethod
+    def _entry(entry_id: bytes | str, fields: Fields) -> AuditEntry | BadAuditEntry:
+        """The entry, or in its place why it cannot be read."""
+        ident = _text(entry_id)
+        try:
+            data = {_text(k): _text(v) for k, v in fields.items()}
+        except UnicodeDecodeError:
+            return BadAuditEntry(ident, None, "a field is not UTF-8")
+        keyset = data.get("keyset")
+        try:
+            return AuditEntry(
+                id=ident,
+                at=_seconds(data.get("at")),
+                keyset=validate_keyset_name(_required(data, "keyset")),
+                version=_version(data.get("version")),
+                event=_printable(data, "event", required=True),
+                kid=_printable(data, "kid", required=True),
+                reason=_printable(data, "reason", required=False),
+            )
+        except ValueError as exc:
+            return BadAuditEntry(ident, keyset, one_line(str(exc)))
 
-    def latest(self, *, keyset: str | None = None, limit: int = 20) -> list[AuditEntry]:
-        """The newest *limit* entries (of *keyset*, if given), oldest first."""
-        entries: list[AuditEntry] = []
+    def latest(
+        self, *, keyset: str | None = None, limit: int = 20
+    ) -> list[AuditEntry | BadAuditEntry]:
+        """The newest *limit* entries (of *keyset*, if given), oldest first; an unreadable
+        one is in its place as a `BadAuditEntry` (with a key set filter: if it names the
+        key set, or names none that can be read)."""
+        entries: list[AuditEntry | BadAuditEntry] = []
         last = "+"
         while len(entries) < limit:
             batch = _stream(self.client.xrevrange(self.key, max=last, count=max(limit * 4, 100)))
@@ -114,7 +182,7 @@ class AuditLog:
                 break
             for entry_id, fields in batch:
                 entry = self._entry(entry_id, fields)
-                if keyset is None or entry.keyset == keyset:
+                if keyset is None or entry.keyset in (keyset, None):
                     entries.append(entry)
             last = "(" + _text(batch[-1][0])
         return list(reversed(entries[:limit]))
@@ -124,7 +192,7 @@ class AuditLog:
         newest = _stream(self.client.xrevrange(self.key, count=1))
         return _text(newest[0][0]) if newest else "0-0"
 
-    def since(self, after: str, *, limit: int = 10_000) -> list[AuditEntry]:
-        """Entries newer than id *after*, oldest first."""
+    def since(self, after: str, *, limit: int = 10_000) -> list[AuditEntry | BadAuditEntry]:
+        """Entries newer than id *after*, oldest first (an unreadable one as in `latest`)."""
         batch = _stream(self.client.xrange(self.key, min=f"({after}", count=limit))
         return [self._entry(entry_id, fields) for entry_id, fields in batch]

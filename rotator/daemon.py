@@ -28,13 +28,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from rotator.audit import BadAuditEntry
 from rotator.backup import Backup
 from rotator.config import Settings, mask_url
 from rotator.follow import EventFollower
 from rotator.health import Health, HealthServer
 from rotator.keysets import KeySets
 from rotator.lease import Lease
-from rotator.manager import KeyManager, Outcome
+from rotator.manager import KEYSET_ERRORS, KeyManager, Outcome
 from rotator.metrics import (
     KEYSETS,
     LEADER,
@@ -43,6 +44,7 @@ from rotator.metrics import (
     KeysetSample,
 )
 from rotator.state import CorruptState, KeySetState
+from rotator.strictjson import one_line
 from rotator.systemd import notify, watchdog_seconds
 
 __all__ = ["BATCH_SIZE", "Daemon"]
@@ -53,6 +55,13 @@ _FRESHNESS_TICKS = 3
 # Key sets per pipelined round trip: large enough that 10,000 key sets cost 20 round
 # trips a tick, small enough that a stop request is honoured between batches.
 BATCH_SIZE = 500
+
+
+def _described(exc: Exception) -> str:
+    """What failed one key set, in one line: an error that is not one of the expected kinds
+    (a bug a key set's data ran into) names its type."""
+    text = str(exc) if isinstance(exc, KEYSET_ERRORS) else f"{type(exc).__name__}: {exc}"
+    return one_line(text)
 
 
 class Daemon:
@@ -83,6 +92,7 @@ class Daemon:
         self._ready_sent = False
         self._watchdog = watchdog_seconds()
         self._audit_seen: str | None = None
+        self._tick_failure: str | None = None
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1), "lease": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -123,9 +133,26 @@ class Daemon:
 
     def tick(self) -> None:
         """Reconcile (leader) or observe (follower) every key set once, then schedule the
-        next precise wake-up."""
+        next precise wake-up. Never raises: a failure that is no one key set's is logged
+        (once while it repeats) and the next tick tries again, with the watchdog fed."""
+        try:
+            self._tick()
+        except Exception as exc:  # the last line: no tick dies of data
+            failure = f"{type(exc).__name__}: {exc}"
+            if failure != self._tick_failure:
+                log.exception("tick failed; the next one tries again")
+                self._tick_failure = failure
+            self._notify(self.managed.names(), self.lease.held)
+        else:
+            self._tick_failure = None
+
+    def _tick(self) -> None:
         names = self.keysets()
         self._forget(set(names))
+        unusable = self.managed.problems()
+        for name, problem in unusable.items():
+            self._keyset_failed(name, problem)
+        names = [name for name in names if name not in unusable]
         leader = self.lease.held
         due: list[float] = []
         committed = False
@@ -144,7 +171,7 @@ class Daemon:
                 return
             for name, result in results.items():
                 if isinstance(result, Exception):
-                    self._keyset_failed(name, str(result))
+                    self._keyset_failed(name, _described(result), result)
                 elif isinstance(result, Outcome):
                     self._succeeded(result.keyset, result.state)
                     committed = committed or result.action in {"bootstrap", "commit", "restore"}
@@ -220,12 +247,23 @@ class Daemon:
             if self._audit_seen is None:
                 self._audit_seen = audit.last_id()
                 return
+            unreadable: list[BadAuditEntry] = []
             for entry in audit.since(self._audit_seen):
                 self._audit_seen = entry.id
-                if entry.event == "rotate":
+                if isinstance(entry, BadAuditEntry):
+                    unreadable.append(entry)
+                elif entry.event == "rotate":
                     ROTATIONS.labels(entry.keyset, entry.reason or "scheduled").inc()
         except (redis.RedisError, OSError):
             REDIS_ERRORS.inc()
+            return
+        if unreadable:
+            log.warning(
+                "audit stream: %d unreadable entr%s not counted (%s)",
+                len(unreadable),
+                "y" if len(unreadable) == 1 else "ies",
+                unreadable[0],
+            )
 
     def _redis_failed(self, exc: Exception) -> None:
         REDIS_ERRORS.inc()
@@ -234,10 +272,13 @@ class Daemon:
             log.warning("Redis is unreachable (%s); retrying every tick", exc)
             self._redis_was_down = True
 
-    def _keyset_failed(self, name: str, message: str) -> None:
+    def _keyset_failed(self, name: str, message: str, error: Exception | None = None) -> None:
         self.health.failed(name, message)
         if self._errors.get(name) != message:
-            log.error("key set %s: skipped: %s", name, message)
+            unexpected = error is not None and not isinstance(error, KEYSET_ERRORS)
+            log.error(
+                "key set %s: skipped: %s", name, message, exc_info=error if unexpected else None
+            )
             self._errors[name] = message
 
     def _wake_at(self, when: float) -> None:
@@ -252,6 +293,12 @@ class Daemon:
         """A commit was announced (by any writer, the CLI included): read it now rather than
         at the next tick, so that a restore after Redis loses data carries it, a
         revocation above all."""
+        try:
+            self._observe(keyset)
+        except Exception:  # the last line: the events thread must not die of data
+            log.exception("key set %s: reading the announced commit failed", keyset)
+
+    def _observe(self, keyset: str) -> None:
         if keyset not in self.managed or self.stopping.is_set():
             return
         try:

@@ -12,7 +12,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from functools import partial
+from typing import Literal, Protocol, TypeVar
 
 import redis
 
@@ -37,6 +38,7 @@ _EVENT_PRIORITY = ("revoke", "rotate", "bootstrap", "repair", "expire")
 KEYSET_ERRORS = (CorruptState, UnsealError, BadPolicy, Conflict, redis.ResponseError)
 
 Action = Literal["bootstrap", "commit", "restore", "republish", "unchanged"]
+T = TypeVar("T")
 
 
 class Lineages(Protocol):
@@ -63,6 +65,20 @@ class Outcome:
     action: Action
     state: KeySetState
     events: tuple[Event, ...] = ()
+
+
+def _isolated(work: Callable[[], T]) -> T | Exception:
+    """What *work* returns, or the exception that fails its key set alone: every exception
+    but Redis being unreachable, which raises. Besides the expected `KEYSET_ERRORS` this
+    is the last line that keeps one key set's data from stopping the others."""
+    try:
+        return work()
+    except KEYSET_ERRORS as exc:
+        return exc
+    except (redis.RedisError, OSError):
+        raise
+    except Exception as exc:
+        return exc
 
 
 def _event_name(events: tuple[Event, ...]) -> str:
@@ -230,12 +246,8 @@ class KeyManager:
             if isinstance(loaded, Exception):
                 results[name] = loaded
                 continue
-            try:
-                step = self._plan(loaded, self._reconciler(name))
-            except KEYSET_ERRORS as exc:
-                results[name] = exc
-                continue
-            if isinstance(step, Outcome):
+            step = _isolated(partial(self._reconcile_step, loaded))
+            if isinstance(step, Exception | Outcome):
                 results[name] = step
             else:
                 planned.append((loaded, step, _event_name(step.events)))
@@ -252,14 +264,14 @@ class KeyManager:
                 trail.append((step.state, _described(step, event)))
             elif isinstance(verdict, Conflict):
                 log.info("key set %s: lost a race (%s); retrying on fresh data", name, verdict)
-                try:
-                    results[name] = self.reconcile(name)
-                except KEYSET_ERRORS as exc:
-                    results[name] = exc
+                results[name] = _isolated(partial(self.reconcile, name))
             else:
                 results[name] = verdict
         self._audit(trail)
         return results
+
+    def _reconcile_step(self, snapshot: Snapshot) -> Outcome | Transition:
+        return self._plan(snapshot, self._reconciler(snapshot.keyset))
 
     def observe_many(self, keysets: Sequence[str]) -> dict[str, KeySetState | Exception | None]:
         """Read many key sets in one round trip and remember them, writing nothing (what a

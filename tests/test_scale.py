@@ -10,7 +10,7 @@ import pytest
 import redis
 from redis.connection import Connection
 
-from rotator.audit import AuditLog
+from rotator.audit import AuditEntry, AuditLog
 from rotator.config import load_settings
 from rotator.daemon import BATCH_SIZE, Daemon
 from rotator.embedded import EmbeddedRedis
@@ -94,7 +94,7 @@ def test_a_thousand_keysets_each_rotate_once_per_due_time(
     audited = Counter(
         entry.keyset
         for entry in AuditLog(client, Layout()).since("0-0", limit=100_000)
-        if entry.event == "rotate"
+        if isinstance(entry, AuditEntry) and entry.event == "rotate"
     )
     assert audited == rotations
 
