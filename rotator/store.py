@@ -4,6 +4,17 @@ Every write is one Lua script, so the state document, the JWKS and the event
 on ``P:events`` change together or not at all, and readers never see a
 half-written key set. The scripts refuse to touch a state document they
 cannot parse: corrupt data is reported, never overwritten.
+
+A commit (or restore) whose reply was lost after Redis ran it, and which
+redis-py then sent again, finds its own bytes in place: the script answers
+that it already holds exactly that state, and the writer counts it as its
+commit rather than a lost race (or it would neither log nor audit it, and
+a manual rotation would rotate twice).
+
+The registry is read entry by entry: names and entries that are not UTF-8
+are decoded with ``surrogateescape`` (`stored_bytes` gives the bytes back),
+so one such entry is reported by `rotator.keysets` as unusable instead of
+failing the whole hash.
 """
 
 from __future__ import annotations
@@ -41,11 +52,16 @@ end
 """
 
 # KEYS: state, jwks. ARGV: expected version, new version, state, jwks, channel, event.
+# Returns {1, actual} when written, {2, actual} when Redis already holds exactly this state
+# (this commit ran before and its reply was lost), {0, actual} on a conflict.
 _COMMIT = (
     _VERSION_OF
     + """
 local actual = version_of(KEYS[1])
 if actual < 0 then return {-1, 0} end
+if actual == tonumber(ARGV[2]) and redis.call('GET', KEYS[1]) == ARGV[3] then
+  return {2, actual}
+end
 if actual ~= tonumber(ARGV[1]) or tonumber(ARGV[2]) ~= actual + 1 then return {0, actual} end
 redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[4])
@@ -61,6 +77,9 @@ _RESTORE = (
     + """
 local actual = version_of(KEYS[1])
 if actual < 0 then return {-1, 0} end
+if actual == tonumber(ARGV[1]) and redis.call('GET', KEYS[1]) == ARGV[2] then
+  return {2, actual}
+end
 if actual >= tonumber(ARGV[1]) then return {0, actual} end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3])
@@ -245,6 +264,8 @@ class Store:
             raise CorruptState(f"key set {keyset}: stored state is unreadable; not overwritten")
         if code == 0:
             raise Conflict(keyset, expected, actual)
+        if code == 2:
+            log.info("key set %s: Redis already held this write (its reply was lost)", keyset)
 
     def _checked(self, keyset: str, expected: int, result: list[int]) -> None:
         self._verdict(keyset, expected, result)
