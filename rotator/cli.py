@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -23,7 +24,8 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from rotator.audit import AuditLog
+from rotator import strictjson
+from rotator.audit import AuditLog, BadAuditEntry
 from rotator.config import (
     ConfigError,
     KeysetSettings,
@@ -37,6 +39,7 @@ from rotator.daemon import BATCH_SIZE, Daemon
 from rotator.durations import format_duration, parse_duration
 from rotator.embedded import EmbeddedRedis, RedisBinaryNotFound, free_port
 from rotator.errors import InvalidToken
+from rotator.jwks_import import JWKSFormatError, import_jwks
 from rotator.keysets import (
     BadPolicy,
     KeySets,
@@ -59,6 +62,7 @@ from rotator.server import serve
 from rotator.signer import Signer, SigningError
 from rotator.state import CorruptState, KeySetState
 from rotator.store import REMOVED, Conflict, Snapshot, Store
+from rotator.strictjson import one_line
 
 __all__ = ["main"]
 
@@ -80,6 +84,12 @@ def _iso(moment: float | None) -> str:
     if moment is None:
         return "-"
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _finite(moment: float) -> float | None:
+    """*moment*, or ``None`` when it is not a finite number (a schedule with no fire time
+    left): JSON output never holds NaN or Infinity."""
+    return moment if math.isfinite(moment) else None
 
 
 def _manager(
@@ -136,7 +146,7 @@ def _status_doc(state: KeySetState, policy: Policy, now: float) -> dict[str, Any
         "keyset": state.keyset,
         "version": state.version,
         "updated_at": state.updated_at,
-        "next_rotation_at": rotation_due_at(state, policy),
+        "next_rotation_at": _finite(rotation_due_at(state, policy)),
         "keys": [
             {
                 "kid": k.kid,
@@ -220,9 +230,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     names = _selected(keysets, args.keyset)
     now = time.time()
     docs: list[dict[str, Any]] = []
-    for name, loaded in _load_all(manager, names):
+    for name, loaded in _load_all(manager, keysets, names):
         if isinstance(loaded, Exception):
-            docs.append({"keyset": name, "error": str(loaded)})
+            docs.append({"keyset": name, "error": one_line(str(loaded))})
         elif loaded.state is None:
             docs.append({"keyset": name, "version": 0})
         else:
@@ -243,9 +253,10 @@ def _print_status(doc: dict[str, Any], now: float) -> None:
         print(f"key set {doc['keyset']}: empty (the daemon bootstraps it on its next tick)")
         return
     due = doc["next_rotation_at"]
+    when = "-" if due is None else f"{_iso(due)} (in {format_duration(max(0, round(due - now)))})"
     print(
         f"key set {doc['keyset']}  version {doc['version']}  updated {_iso(doc['updated_at'])}  "
-        f"next rotation {_iso(due)} (in {format_duration(max(0, round(due - now)))})"
+        f"next rotation {when}"
     )
     print(f"  {'KID':<44} {'STATE':<8} {'AGE':>10}  {'ACTIVATED':<20} {'EXPIRES':<20}")
     for key in doc["keys"]:
@@ -261,7 +272,12 @@ def cmd_jwks(settings: Settings, args: argparse.Namespace) -> int:
     raw = manager.store.client.get(manager.store.layout.jwks(keyset))
     if raw is None:
         raise Failure(f"key set {keyset} has no published JWKS yet")
-    print(json.dumps(json.loads(raw), indent=2))
+    try:
+        imported = import_jwks(raw)
+    except JWKSFormatError as exc:
+        raise Failure(f"key set {keyset}: the published {exc}") from None
+    # What a reader would serve: an entry with a private member is never printed.
+    print(json.dumps(strictjson.loads(imported.body), indent=2))
     return 0
 
 
@@ -307,29 +323,34 @@ def _flagged(line: str) -> str:
 
 
 def _load_all(
-    manager: KeyManager, names: Sequence[str]
-) -> list[tuple[str, Snapshot | CorruptState]]:
-    """Every key set of *names*, read in pipelined batches."""
-    loaded: list[tuple[str, Snapshot | CorruptState]] = []
-    for start in range(0, len(names), BATCH_SIZE):
-        batch = names[start : start + BATCH_SIZE]
-        loaded += zip(batch, manager.store.load_many(batch), strict=True)
-    return loaded
+    manager: KeyManager, keysets: KeySets, names: Sequence[str]
+) -> list[tuple[str, Snapshot | Exception]]:
+    """Every key set of *names*, read in pipelined batches; one whose policy is unusable
+    (or whose registry name is invalid) is not read: its problem is in its place."""
+    unusable = keysets.problems()
+    readable = [name for name in names if name not in unusable]
+    loaded: dict[str, Snapshot | Exception] = {
+        name: BadPolicy(problem) for name, problem in unusable.items()
+    }
+    for start in range(0, len(readable), BATCH_SIZE):
+        batch = readable[start : start + BATCH_SIZE]
+        loaded.update(zip(batch, manager.store.load_many(batch), strict=True))
+    return [(name, loaded[name]) for name in names]
 
 
 def _keyset_list(manager: KeyManager, keysets: KeySets, as_json: bool) -> int:
     entries = {entry.name: entry for entry in keysets.entries()}
     rows: list[dict[str, Any]] = []
-    for name, loaded in _load_all(manager, list(entries)):
+    for name, loaded in _load_all(manager, keysets, list(entries)):
         entry = entries[name]
         row: dict[str, Any] = {"keyset": name, "origin": entry.origin, "policy": entry.overrides}
         if entry.policy is None or isinstance(loaded, Exception):
-            row["error"] = entry.problem if entry.policy is None else str(loaded)
+            row["error"] = one_line(str(loaded))
         elif loaded.state is None:
             row["version"] = 0
         else:
             row["version"] = loaded.state.version
-            row["next_rotation_at"] = rotation_due_at(loaded.state, entry.policy)
+            row["next_rotation_at"] = _finite(rotation_due_at(loaded.state, entry.policy))
         rows.append(row)
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -390,6 +411,7 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         if not store.replace_entry(name, raw, encode_entry(overrides, lineage_of(raw))):
             raise UsageError(f"key set {name} changed while this ran (updated or removed); retry")
         store.announce(name, "policy")
+        _record_change(manager, name, "update", encode_overrides(overrides))
         print(f"{name}: policy {encode_overrides(overrides)}")
         print(f"{name}: the daemon applies it from its next tick")
         return 0
@@ -398,9 +420,35 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
             f"removing key set {name} deletes its keys; tokens it signed stop verifying. "
             "Repeat with --yes to do it"
         )
+    version = _version_of(manager, name)
     store.unregister(name)
+    _record_change(manager, name, "remove", policy_of(registered[name]), version)
     print(f"{name}: removed")
     return 0
+
+
+def _version_of(manager: KeyManager, name: str) -> int:
+    """The stored version of *name*, 0 when it is empty or unreadable."""
+    (loaded,) = manager.store.load_many([name])
+    return 0 if isinstance(loaded, Exception) else loaded.version
+
+
+def _record_change(
+    manager: KeyManager, name: str, event: str, policy: str, version: int | None = None
+) -> None:
+    """Log a change of the registry and append it to the audit trail, as the lifecycle
+    events of a commit are (the policy in the reason field)."""
+    version = _version_of(manager, name) if version is None else version
+    log.info(
+        "key set %s: %s version=%d policy=%s",
+        name,
+        event,
+        version,
+        policy,
+        extra={"keyset": name, "version": version, "event": event, "reason": policy},
+    )
+    assert manager.audit is not None
+    manager.audit.append(name, version, [(event, "", policy)])
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -445,10 +493,15 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     manager, keysets = _manager(settings)
     assert manager.audit is not None
     keyset = _keyset(keysets, args.keyset) if args.keyset else None
+    unreadable = 0
     for entry in manager.audit.latest(keyset=keyset, limit=args.limit):
+        if isinstance(entry, BadAuditEntry):
+            print(f"UNREADABLE: {entry}")
+            unreadable += 1
+            continue
         event = f"{entry.event} ({entry.reason})" if entry.reason else entry.event
         print(f"{_iso(entry.at)}  {entry.keyset}  v{entry.version}  {event}  {entry.kid}")
-    return 0
+    return 1 if unreadable else 0
 
 
 def cmd_check_config(settings: Settings, _args: argparse.Namespace) -> int:
