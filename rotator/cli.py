@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -86,12 +85,6 @@ def _iso(moment: float | None) -> str:
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _finite(moment: float) -> float | None:
-    """*moment*, or ``None`` when it is not a finite number (a schedule with no fire time
-    left): JSON output never holds NaN or Infinity."""
-    return moment if math.isfinite(moment) else None
-
-
 def _manager(
     settings: Settings, *, one_shot: bool = True, remember: bool = False
 ) -> tuple[KeyManager, KeySets]:
@@ -146,7 +139,7 @@ def _status_doc(state: KeySetState, policy: Policy, now: float) -> dict[str, Any
         "keyset": state.keyset,
         "version": state.version,
         "updated_at": state.updated_at,
-        "next_rotation_at": _finite(rotation_due_at(state, policy)),
+        "next_rotation_at": rotation_due_at(state, policy),
         "keys": [
             {
                 "kid": k.kid,
@@ -253,10 +246,9 @@ def _print_status(doc: dict[str, Any], now: float) -> None:
         print(f"key set {doc['keyset']}: empty (the daemon bootstraps it on its next tick)")
         return
     due = doc["next_rotation_at"]
-    when = "-" if due is None else f"{_iso(due)} (in {format_duration(max(0, round(due - now)))})"
     print(
         f"key set {doc['keyset']}  version {doc['version']}  updated {_iso(doc['updated_at'])}  "
-        f"next rotation {when}"
+        f"next rotation {_iso(due)} (in {format_duration(max(0, round(due - now)))})"
     )
     print(f"  {'KID':<44} {'STATE':<8} {'AGE':>10}  {'ACTIVATED':<20} {'EXPIRES':<20}")
     for key in doc["keys"]:
@@ -350,7 +342,7 @@ def _keyset_list(manager: KeyManager, keysets: KeySets, as_json: bool) -> int:
             row["version"] = 0
         else:
             row["version"] = loaded.state.version
-            row["next_rotation_at"] = _finite(rotation_due_at(loaded.state, entry.policy))
+            row["next_rotation_at"] = rotation_due_at(loaded.state, entry.policy)
         rows.append(row)
     if as_json:
         print(json.dumps(rows, indent=2))

@@ -67,10 +67,10 @@ class Policy:
             assert self.interval is not None
             return now + self.interval
         earliest = datetime.fromtimestamp(now + self.cache_max_age, UTC)
+        # A schedule `problems` accepts fires at least once in every 400 years (the
+        # Gregorian calendar repeats), and stored times end at the year 3000.
         fire = trigger.get_next_fire_time(None, earliest)
-        # A schedule `problems` accepts fires at least once every 400 years (the Gregorian
-        # calendar repeats), so only a date near APScheduler's year 9999 gets here.
-        return math.inf if fire is None else float(fire.timestamp())
+        return float(fire.timestamp())
 
     @property
     def jitter_window(self) -> float:
