@@ -1,0 +1,356 @@
+"""Every decoder of stored bytes attacked the way an attacker would: real documents made by
+the code, each value at each JSON path replaced by each hostile value, each member deleted
+and duplicated, whole documents replaced by hostile bytes. Each decoder must return a valid
+object (one that the code after it can use without failing) or raise its documented
+error, and nothing else."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rotator import lifecycle, strictjson
+from rotator.audit import AuditEntry, AuditLog, BadAuditEntry, Fields
+from rotator.backup import Backup
+from rotator.config import KeysetSettings
+from rotator.follow import keyset_of
+from rotator.jwk import GeneratedKey
+from rotator.jwks_import import JWKSFormatError, import_jwks
+from rotator.keysets import BadPolicy, encode_entry, lineage_of, parse_overrides, policy_of
+from rotator.layout import validate_keyset_name
+from rotator.policy import Policy
+from rotator.sealing import SealedKey, UnsealError
+from rotator.state import (
+    MAX_TIME,
+    MIN_TIME,
+    CorruptState,
+    KeySetState,
+    decode_state,
+    encode_state,
+)
+from tests import hostile
+from tests.helpers import RecordingMint, make_keyring
+from tests.hostile import HOSTILE, HOSTILE_BYTES, emit, variants
+
+KEYRING = make_keyring("k1")
+POLICY = Policy(
+    interval=100.0, overlap=60.0, max_token_ttl=30.0, clock_skew=5.0, cache_max_age=20.0
+)
+
+
+def real_state(keyset: str = "default") -> KeySetState:
+    return hostile.real_state(KEYRING, keyset)
+
+
+STATE = real_state()
+ENTRIES = [
+    encode_entry(KeysetSettings.model_validate({"interval": "6h", "overlap": "1d"}), "9f2c01"),
+    encode_entry(KeysetSettings.model_validate({"schedule": "0 3 * * *", "jitter": "5m"}), "77ab"),
+]
+EVENT = json.dumps({"keyset": "billing", "version": 7, "event": "rotate"})
+
+
+def document(raw: bytes | str) -> Any:
+    return json.loads(raw)
+
+
+def attack(raw: bytes | str, check: Callable[[bytes], object]) -> None:
+    """Feed every hostile variant of the document *raw* to *check*; fail naming each variant
+    for which it raised (an undocumented error, or a failed assertion on the result)."""
+    failures = []
+    for label, variant in variants(document(raw)):
+        try:
+            check(variant)
+        except Exception as exc:
+            failures.append(f"{label}: {type(exc).__name__}: {str(exc)[:200]}")
+    assert not failures, "\n".join(failures[:40])
+
+
+_KEY = RecordingMint(KEYRING)()
+
+
+def fixed_mint() -> tuple[GeneratedKey, SealedKey]:
+    return _KEY
+
+
+def in_range(moment: float | None) -> bool:
+    return moment is None or (math.isfinite(moment) and MIN_TIME <= moment <= MAX_TIME)
+
+
+_USABLE: set[bytes] = set()
+
+
+def usable_state(state: KeySetState) -> None:
+    """What the daemon, the CLI and systemd's watchdog do with a decoded state works."""
+    encoded = encode_state(state)
+    if encoded in _USABLE:
+        return
+    assert all(
+        in_range(moment)
+        for key in state.keys
+        for moment in (key.created_at, key.activated_at, key.retired_at, key.expires_at)
+    )
+    assert in_range(state.updated_at) and 1 <= state.version <= 2**53
+    for policy in (POLICY, Policy(interval=None, schedule="0 3 * * *", cache_max_age=20.0)):
+        due = lifecycle.rotation_due_at(state, policy)
+        assert math.isfinite(due)
+        datetime.fromtimestamp(due, UTC)  # what `rotator status` prints
+        change = lifecycle.next_change_at(state, policy)
+        assert change == -math.inf or math.isfinite(change)
+        lifecycle.reconcile(state, max(due, change) + 1, policy, fixed_mint)
+    assert decode_state(encoded, state.keyset) == state
+    published = import_jwks(state.jwks())  # what it publishes, readers take whole
+    assert published.skipped == () and len(published.keys) == len(state.keys)
+    _USABLE.add(encoded)
+    for key in state.keys:
+        with contextlib.suppress(UnsealError):
+            KEYRING.unseal(key.sealed, keyset=state.keyset, kid=key.kid)
+
+
+def check_state(raw: bytes | str, keyset: str = "default") -> KeySetState | None:
+    try:
+        state = decode_state(raw, keyset)
+    except CorruptState as exc:
+        assert str(exc).isprintable()
+        return None
+    usable_state(state)
+    return state
+
+
+def test_state_documents() -> None:
+    assert check_state(encode_state(STATE)) == STATE  # the real one decodes
+    attack(encode_state(STATE), check_state)
+
+
+def check_jwks(raw: bytes | str) -> None:
+    try:
+        imported = import_jwks(raw)
+    except JWKSFormatError:
+        return
+    assert isinstance(imported.body, bytes)
+    strictjson.loads(imported.body)
+    assert all(type(kid) is str for kid in imported.keys)
+    assert all(reason.isprintable() for reason in imported.skipped)
+
+
+def test_jwks_documents() -> None:
+    assert len(import_jwks(STATE.jwks()).keys) == len(STATE.keys)
+    attack(STATE.jwks(), check_jwks)
+
+
+def check_entry(raw: str) -> None:
+    lineage = lineage_of(raw)
+    assert lineage is None or type(lineage) is str
+    shown = policy_of(raw)
+    assert shown.isprintable()
+    if shown.startswith("{"):
+        strictjson.loads(shown)  # what `rotator keyset` prints is JSON, or says it is not
+    try:
+        _overrides, policy = parse_overrides(raw, POLICY)
+    except BadPolicy as exc:
+        assert str(exc).isprintable()
+        return
+    assert policy.problems() == []
+    assert 0 < policy.shortest_period < math.inf
+    assert math.isfinite(policy.jitter_window)
+    assert math.isfinite(policy.next_rotation_after(MAX_TIME))
+    usable_state_under(policy)
+
+
+def usable_state_under(policy: Policy) -> None:
+    due = lifecycle.rotation_due_at(STATE, policy)
+    assert math.isfinite(due)
+    datetime.fromtimestamp(due, UTC)
+
+
+def as_stored(raw: bytes) -> str:
+    """A registry entry as `Store.registry` hands it on."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=["interval", "schedule"])
+def test_registry_entries(entry: str) -> None:
+    parse_overrides(entry, POLICY)  # the real one decodes
+    assert lineage_of(entry) is not None
+    attack(entry, lambda raw: check_entry(as_stored(raw)))
+
+
+def check_event(raw: bytes | str) -> None:
+    keyset = keyset_of(raw)
+    assert keyset is None or validate_keyset_name(keyset) == keyset
+
+
+def test_event_messages() -> None:
+    assert keyset_of(EVENT) == "billing"
+    attack(EVENT, check_event)
+
+
+def check_sealed(data: Any) -> None:
+    try:
+        sealed = SealedKey.from_json(data)
+    except ValueError:
+        return
+    with contextlib.suppress(UnsealError):
+        KEYRING.unseal(sealed, keyset="default", kid=STATE.current.kid)
+
+
+def test_sealed_keys() -> None:
+    def check(raw: bytes) -> None:
+        try:
+            data = strictjson.loads(raw)
+        except strictjson.JSONError:
+            return
+        if isinstance(data, dict):
+            check_sealed(data)
+
+    assert SealedKey.from_json(STATE.current.sealed.to_json()) == STATE.current.sealed
+    attack(json.dumps(STATE.current.sealed.to_json()), check)
+
+
+def backup_file(tmp_path: Path) -> Path:
+    path = tmp_path / "backup.json"
+    Backup(path).save({"alpha": real_state("alpha"), "beta": real_state("beta")}, {"alpha": "a1"})
+    return path
+
+
+def check_backup(path: Path) -> dict[str, KeySetState]:
+    contents = Backup(path).load()
+    for name, state in contents.states.items():
+        assert validate_keyset_name(name) == name == state.keyset
+        usable_state(state)
+    assert contents.lineages.keys() <= contents.states.keys()
+    assert all(type(lineage) is str for lineage in contents.lineages.values())
+    return contents.states
+
+
+def test_backup_files(tmp_path: Path) -> None:
+    path = backup_file(tmp_path)
+    assert check_backup(path).keys() == {"alpha", "beta"}
+
+    def check(variant: bytes) -> None:
+        path.write_bytes(variant)
+        check_backup(path)
+
+    attack(path.read_bytes(), check)
+
+
+def test_a_bad_backup_entry_costs_that_entry_alone(tmp_path: Path) -> None:
+    path = backup_file(tmp_path)
+    saved = document(path.read_bytes())
+
+    def check(state: bytes) -> None:
+        try:
+            text = state.decode()
+        except UnicodeDecodeError:
+            return  # the file holds each state as a JSON string: text only
+        path.write_bytes(emit({**saved, "keysets": {**saved["keysets"], "alpha": text}}))
+        assert "beta" in check_backup(path)
+
+    attack(encode_state(real_state("alpha")), check)
+
+
+def audit_fields() -> Fields:
+    return {
+        b"at": b"1800000000.123",
+        b"keyset": b"billing",
+        b"version": b"7",
+        b"event": b"rotate",
+        b"kid": STATE.current.kid.encode(),
+        b"reason": b"scheduled",
+    }
+
+
+HOSTILE_FIELDS = [
+    *(json.dumps(v).encode() if not hasattr(v, "text") else v.text for v in HOSTILE.values()),
+    b"\xff", b"NaN", b"nan", b"inf", b"-inf", b"1e300", b"9" * 401, b"-1", b"", b" 12",
+    b"1_000", "\u0661\u0662".encode(), b"0x10", b"1.5e3", b"\x1b[2J",
+]  # fmt: skip
+
+
+def audit_cases() -> Iterator[tuple[str, Fields]]:
+    for name in audit_fields():
+        for value in HOSTILE_FIELDS:
+            yield f"{name!r}={value[:20]!r}", {**audit_fields(), name: value}
+        yield f"{name!r} missing", {k: v for k, v in audit_fields().items() if k != name}
+
+
+def check_audit(fields: Fields) -> None:
+    entry = AuditLog._entry(b"1-0", fields)
+    if isinstance(entry, BadAuditEntry):
+        assert str(entry).isprintable()
+        return
+    assert in_range(entry.at) and 0 <= entry.version <= 2**53
+    datetime.fromtimestamp(entry.at, UTC)
+    assert all(text.isprintable() for text in (entry.keyset, entry.event, entry.kid, entry.reason))
+
+
+def test_audit_entries() -> None:
+    failures = []
+    for label, fields in audit_cases():
+        try:
+            check_audit(fields)
+        except Exception as exc:
+            failures.append(f"{label}: {type(exc).__name__}: {exc}")
+    assert not failures, "\n".join(failures)
+    assert isinstance(AuditLog._entry(b"1-0", audit_fields()), AuditEntry)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def json_bytes(values: Any) -> Any:
+    return values.map(lambda v: json.dumps(v).encode())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=200), json_bytes(json_values)))
+def test_random_bytes_and_documents(raw: bytes) -> None:
+    check_state(raw)
+    check_jwks(raw)
+    check_entry(as_stored(raw))
+    check_event(raw)
+
+
+def state_like(values: Any) -> Any:
+    """Documents shaped like a state, with random values where the real ones go."""
+    real = document(encode_state(STATE))
+    return st.fixed_dictionaries(
+        {
+            "format": st.just(1) | values,
+            "keyset": st.just("default") | values,
+            "version": st.integers(0, 2**60) | values,
+            "updated_at": st.floats() | values,
+            "keys": st.lists(
+                st.fixed_dictionaries({**{k: st.just(v) | values for k, v in real["keys"][0].items()}}),
+                max_size=3,
+            ),
+        }
+    )  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_bytes(state_like(json_values)))
+def test_random_state_shaped_documents(raw: bytes) -> None:
+    check_state(raw)
+
+
+def test_the_variants_reach_every_path() -> None:
+    """The attack really tries every path: a count, so that a broken generator shows."""
+    labels = [label for label, _raw in variants(document(encode_state(STATE)))]
+    assert len(labels) > 2000
+    assert any(label.startswith("keys/0/sealed/nonce =") for label in labels)
+    assert any(label == "keys/2/jwk/x twice, another value" for label in labels)
+    assert len(HOSTILE_BYTES) >= 10
