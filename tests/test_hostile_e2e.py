@@ -112,28 +112,46 @@ def test_a_poisoned_state_fails_that_keyset_alone(
     stop(daemon)
 
 
+def last_read(daemon: Daemon) -> object:
+    keysets: dict[str, dict[str, Any]] = daemon.report().get("keysets") or {}  # type: ignore[assignment]
+    return keysets.get("default", {}).get("last_success")
+
+
 @pytest.mark.parametrize("x", [[1], {"a": 1}], ids=["x-as-a-list", "x-as-a-dict"])
-def test_a_poisoned_jwks_does_not_kill_the_readers_thread(
-    start_daemon: StartDaemon, cli: Cli, client: redis.Redis, reader: JWKSReader, x: object
+def test_a_poisoned_jwks_does_not_kill_the_events_threads(
+    start_daemon: StartDaemon,
+    cli: Cli,
+    client: redis.Redis,
+    reader: JWKSReader,
+    *,
+    caplog: pytest.LogCaptureFixture,
+    x: object,
 ) -> None:
     """Before: `import_jwks` raised TypeError on the reader's events thread, which died (no
     commit reached the reader after it), and `verify` raised TypeError too (its contract
     allows only `InvalidToken`)."""
+    # The lease is held elsewhere: the daemon stays a follower and heals nothing, so the
+    # poison stays in place until the commit that follows it.
+    client.set("rotator:leader", "held by the test", px=600_000)
+    assert cli("rotate").code == 0
     daemon = start_daemon(**QUIET)
+    wait_for(lambda: last_read(daemon), what="the daemon to read the key set")
     wait_for(lambda: current_kid(reader), what="the first JWKS")
     published = json.loads(client.get("rotator:{default}:jwks") or b"")
     poisoned = {"keys": [*published["keys"], {**generate_key().jwk, "x": x}]}
     client.set("rotator:{default}:jwks", json.dumps(poisoned))
     client.publish("rotator:events", json.dumps({"keyset": "default", "version": 1}))
-    wait_for(lambda: reader.keys is not None and reader.keys.skipped, what="the poison read")
+    wait_for(lambda: "x and y must be strings" in caplog.text, what="the reader to read it")
     stranger = ec.generate_private_key(ec.SECP256R1())
     with pytest.raises(InvalidToken):
         reader.verify(es256(stranger, {"alg": "ES256", "kid": "unknown"}, CLAIMS),
                       audience="svc", issuer="iam")  # fmt: skip
+    before = last_read(daemon)
     assert cli("rotate", "--force").code == 0  # a commit after the poison
     committed = client.get("rotator:{default}:jwks")
     wait_for(lambda: reader.keys is not None and reader.keys.body == committed,
              what="the reader to follow after the poison")  # fmt: skip
+    wait_for(lambda: last_read(daemon) != before, what="the daemon to follow after the poison")
     assert reader.following
     stop(daemon)
 
@@ -146,13 +164,12 @@ def test_a_poisoned_event_does_not_stop_the_followers(
     daemon = start_daemon(**QUIET)
     wait_for(lambda: daemon.http("/readyz") == 200, what="ready")
     before = current_kid(reader) or wait_for(lambda: current_kid(reader), what="first JWKS")
-    last_read = daemon.report()["keysets"]["default"]["last_success"]  # type: ignore[index]
+    read = last_read(daemon)
     for message in (DEEP.text, emit({"keyset": DEEP}), b"\xff", b'{"keyset": [1]}'):
         client.publish("rotator:events", message)
     assert cli("rotate", "--force").code == 0  # a commit after the poison
     wait_for(lambda: current_kid(reader) not in (None, before), what="the reader to follow")
-    wait_for(lambda: daemon.report()["keysets"]["default"]["last_success"] != last_read,  # type: ignore[index]
-             what="the daemon to read the announced commit")  # fmt: skip
+    wait_for(lambda: last_read(daemon) != read, what="the daemon to read the announced commit")
     assert reader.following
     stop(daemon)
 
