@@ -70,7 +70,7 @@ def serving(options: httpd.Options, listener: socket.socket) -> Iterator[Served]
     stop = asyncio.Event()
     thread = threading.Thread(
         target=loop.run_until_complete,
-        args=(httpd.serve(listener, handler, options, stop),),
+        args=(httpd.serve([(listener, handler)], options, stop),),
         daemon=True,
     )
     thread.start()
@@ -145,7 +145,7 @@ def test_other_connections_are_answered_while_one_waits(served: Served) -> None:
         waiting.sendall(GET % b"/slow")
         assert served.handler.entered.wait(20)
         answers, _ = exchange(
-            served, GET % b"/other" + b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", 2
+            served, GET % b"/other" + b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 2
         )
         assert [a.body for a in answers] == [b"/other", b"/"]
         served.handler.gate.set()
@@ -201,7 +201,7 @@ def test_http_1_0_is_closed_after_the_answer(served: Served) -> None:
 
 def test_handler_error_is_500_and_the_connection_goes_on(served: Served) -> None:
     answers, _ = exchange(
-        served, GET % b"/boom" + b"GET /fine HTTP/1.1\r\nConnection: close\r\n\r\n", 2
+        served, GET % b"/boom" + b"GET /fine HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 2
     )
     assert [a.status for a in answers] == [500, 200]
     assert b"handler bug" not in answers[0].body
@@ -222,7 +222,7 @@ def test_malformed_requests_get_400_and_a_close(served: Served, request_bytes: b
 
 def test_an_upgrade_is_ignored_and_the_connection_closed(served: Served) -> None:
     (answer,), rest = exchange(
-        served, b"GET /u HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nxx"
+        served, b"GET /u HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nxx"
     )
     assert answer.status == 200 and answer.body == b"/u"
     assert rest == b""
@@ -243,7 +243,7 @@ def test_answers_before_a_refused_request_are_sent_first(served: Served) -> None
 
 
 def test_an_oversized_head_gets_431(served: Served) -> None:
-    big = b"GET / HTTP/1.1\r\nX-Big: " + b"a" * (httpd.MAX_HEAD + 1) + b"\r\n\r\n"
+    big = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (httpd.MAX_HEAD + 1) + b"\r\n\r\n"
     (answer,), rest = exchange(served, big)
     assert answer.status == 431 and rest == b""
 
@@ -263,7 +263,7 @@ def test_a_head_spread_over_many_reads_is_bounded(served: Served) -> None:
 
 def test_a_large_head_in_small_reads_is_accepted(served: Served) -> None:
     """Bytes are counted once, whichever way they arrive."""
-    head = b"GET /big HTTP/1.1\r\nX-Big: " + b"a" * (httpd.MAX_HEAD - 1024) + b"\r\n\r\n"
+    head = b"GET /big HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (httpd.MAX_HEAD - 1024) + b"\r\n\r\n"
     with served.connect() as client:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = client.makefile("rb")
@@ -298,7 +298,10 @@ def test_a_client_that_does_not_read_stops_being_read() -> None:
     """Pipelined requests from a client that reads no answers must not pile up answers in
     the server: it stops reading, so the client's sending blocks."""
     listener = _listener(receive_buffer=65536)
-    with serving(httpd.Options(threads=2), listener) as served, served.connect() as client:
+    with (
+        serving(httpd.Options(threads=2, max_requests=10**9), listener) as served,
+        served.connect() as client,
+    ):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
         client.setblocking(False)
@@ -337,7 +340,7 @@ def test_connections_beyond_the_limit_get_503() -> None:
 
         def room() -> bool:  # once those two are gone
             try:
-                again = b"GET /again HTTP/1.1\r\nConnection: close\r\n\r\n"
+                again = b"GET /again HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
                 return exchange(served, again)[0][0].status == 200
             except OSError:
                 return False
