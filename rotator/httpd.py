@@ -33,8 +33,8 @@ does the sockets.
   into one buffer of `_READ_SIZE` bytes shared by the event loop, so what a
   connection holds between reads is bounded too.
 * Refusals (each status above, and a send timeout) are passed to
-  `Options.on_refusal` and logged, one line per `REFUSAL_LOG_EVERY` seconds
-  at most, with the counts by reason.
+  `Options.on_refusal` and logged, one line per `Options.refusal_log_every`
+  seconds at most, with the counts by reason.
 * HTTP/1.0 connections are closed after each answer; 1.1 ones are kept
   unless the client says ``Connection: close``.
 * `run` serves several sockets (each with its own handler) in each worker,
@@ -72,7 +72,6 @@ __all__ = [
     "MAX_HEAD",
     "MAX_HEADERS",
     "MAX_PIPELINED",
-    "REFUSAL_LOG_EVERY",
     "Handler",
     "Options",
     "Reply",
@@ -89,7 +88,6 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
 MAX_PIPELINED = 32
-REFUSAL_LOG_EVERY = 10.0
 _SWEEP_EVERY = 1.0
 _STOP_GRACE = 5.0
 _PIECE = 4096
@@ -131,6 +129,7 @@ class Options:
     max_connections: int = 4096
     max_requests: int = 1000
     on_refusal: Callable[[int | None, str], None] = _no_refusal_hook
+    refusal_log_every: float = 10.0
 
 
 class Request(NamedTuple):
@@ -215,10 +214,11 @@ def _date_line(now: float) -> bytes:
 
 class _Refusals:
     """Refusals counted for the hook at once, and logged as one line of counts by reason
-    per `REFUSAL_LOG_EVERY` seconds at most: a flood of bad clients cannot flood the log."""
+    per *every* seconds at most: a flood of bad clients cannot flood the log."""
 
-    def __init__(self, hook: Callable[[int | None, str], None]) -> None:
+    def __init__(self, hook: Callable[[int | None, str], None], every: float) -> None:
         self.hook = hook
+        self.every = every
         self.counts: Counter[tuple[int | None, str]] = Counter()
         self.logged_at = float("-inf")
 
@@ -230,7 +230,7 @@ class _Refusals:
             log.exception("refusal hook failed")
 
     def flush(self, now: float) -> None:
-        if not self.counts or now - self.logged_at < REFUSAL_LOG_EVERY:
+        if not self.counts or now - self.logged_at < self.every:
             return
         counts = ", ".join(
             f"{reason} ({status or 'cut'}) x{count}"
@@ -255,7 +255,7 @@ class _Server:
         self.pool = pool
         self.connections: set[_Connection] = set()
         self.stopping = False
-        self.refusals = _Refusals(options.on_refusal)
+        self.refusals = _Refusals(options.on_refusal, options.refusal_log_every)
         # One read buffer for every connection: the loop reads into it and hands it to
         # that connection's parser before the next read (`get_buffer`, `buffer_updated`).
         self.buffer = bytearray(_READ_SIZE)
