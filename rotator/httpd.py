@@ -29,7 +29,10 @@ does the sockets.
 * A client that does not read its answers stops being read (transport flow
   control), and at most `MAX_PIPELINED` requests are parsed ahead of their
   answers (plus those within one `_PIECE` of input); one whose answers wait
-  unsent longer than `Options.send_timeout` is cut. Every connection reads
+  unsent longer than `Options.send_timeout` is cut, whether they wait in the
+  transport (paused for writing) or in the kernel (``TCP_USER_TIMEOUT``, set on
+  the listening sockets where the platform has it: data the peer leaves
+  unacknowledged, or a zero window, for that long). Every connection reads
   into one buffer of `_READ_SIZE` bytes shared by the event loop, so what a
   connection holds between reads is bounded too.
 * Refusals (each status above, and a send timeout) are passed to
@@ -50,6 +53,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import email.utils
+import errno
 import functools
 import json
 import logging
@@ -314,6 +318,8 @@ class _Connection(asyncio.BufferedProtocol):
             self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:  # TCP_USER_TIMEOUT
+            self.server.refusals.add(None, "send_timeout")
         self.server.connections.discard(self)
         self.closing = True
         self.pending.clear()
@@ -594,6 +600,8 @@ async def serve(
     close every connection (idle ones at once, others after their answer, all within a
     few seconds)."""
     loop = asyncio.get_running_loop()
+    for sock, _handler in listeners:
+        _set_send_timeout(sock, options.send_timeout)
     with concurrent.futures.ThreadPoolExecutor(options.threads, thread_name_prefix="serve") as pool:
         state = _Server(loop, pool, options)
         servers = [
@@ -613,6 +621,15 @@ async def serve(
         for connection in list(state.connections):
             if connection.transport is not None:
                 connection.transport.abort()
+
+
+def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    """Have the kernel cut a connection accepted on *sock* whose data stays unacknowledged
+    (or unsent behind a zero window) for *seconds*: answers it holds for a client that
+    does not read are not in sight of the transport's flow control."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
 
 
 def listen(host: str, port: int) -> socket.socket:
