@@ -441,25 +441,25 @@ def _rss_kb(pid: int) -> int:
 
 
 def _fill_without_reading(clients: list[socket.socket]) -> None:
-    """Send pipelined requests on every client, reading nothing, until the server takes
-    no more from any of them (or cut them)."""
+    """Send pipelined requests on every client, reading nothing, until the server has
+    taken nothing more from any of them for a second (or cut them)."""
     chunk = b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: a\r\n\r\n" * 1000
-    stuck: set[socket.socket] = set()
+    sending = set(clients)
 
     def full() -> bool:
-        for client in clients:
-            if client in stuck:
-                continue
+        writable = select.select([], list(sending), [], 1.0)[1]
+        sending.intersection_update(writable)  # not writable for a second: full
+        for client in writable:
             try:
-                client.send(chunk)
+                while client.send(chunk):
+                    pass
             except BlockingIOError:
-                if not select.select([], [client], [], 0.05)[1]:
-                    stuck.add(client)
+                continue
             except OSError:
-                stuck.add(client)
-        return len(stuck) == len(clients)
+                sending.discard(client)
+        return not sending
 
-    wait_for(full, timeout=60, what="every client stuck")
+    wait_for(full, timeout=120, what="every client stuck")
 
 
 @pytest.mark.slow
