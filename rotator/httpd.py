@@ -27,14 +27,16 @@ does the sockets.
   at most `Options.max_requests` requests (the last answer says ``connection:
   close``); beyond `Options.max_connections` open ones, a new one gets 503.
 * A client that does not read its answers stops being read (transport flow
-  control), and at most `MAX_PIPELINED` requests are parsed ahead of their
-  answers (plus those within one `_PIECE` of input); one whose answers wait
+  control), and at most one read of `_READ_SIZE` bytes is parsed ahead of the
+  answers; one whose answers wait
   unsent longer than `Options.send_timeout` is cut, whether they wait in the
   transport (paused for writing) or in the kernel (``TCP_USER_TIMEOUT``, set on
   the listening sockets where the platform has it: data the peer leaves
   unacknowledged, or a zero window, for that long). Every connection reads
   into one buffer of `_READ_SIZE` bytes shared by the event loop, so what a
-  connection holds between reads is bounded too.
+  connection holds between reads is bounded too, and its kernel buffers are
+  fixed at `_SOCKET_BUFFER`. A connection that fills a read gives the others
+  their turn before its next one, so a flood on one cannot hold up the rest.
 * Refusals (each status above, and a send timeout) are passed to
   `Options.on_refusal` and logged, one line per `Options.refusal_log_every`
   seconds at most, with the counts by reason.
@@ -75,7 +77,6 @@ if sys.platform != "win32":
 __all__ = [
     "MAX_HEAD",
     "MAX_HEADERS",
-    "MAX_PIPELINED",
     "Handler",
     "Options",
     "Reply",
@@ -91,11 +92,13 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
-MAX_PIPELINED = 32
 _SWEEP_EVERY = 1.0
 _STOP_GRACE = 5.0
-_PIECE = 4096
-_READ_SIZE = 16 * 1024
+_READ_SIZE = 4096
+# Kernel buffers of each connection, fixed rather than autotuned (up to megabytes each):
+# answers and requests here are small, and a client that floods or does not read then
+# holds that much of the kernel's memory at most, and meets flow control soon.
+_SOCKET_BUFFER = 64 * 1024
 # Files a worker holds besides its connections: the listening sockets, Redis connections,
 # the event loop's own, logs.
 _SPARE_FILES = 64
@@ -289,7 +292,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.pending: deque[tuple[Request, bool]] = deque()  # waiting behind a slow answer
-        self.unparsed = b""  # input held back while MAX_PIPELINED requests wait
         self.final: _Refusal | None = None  # sent after the pending answers, then close
         self.busy = False  # a slow answer is being computed
         self.write_paused_at: float | None = None
@@ -323,7 +325,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.server.connections.discard(self)
         self.closing = True
         self.pending.clear()
-        self.unparsed = b""
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.server.view
@@ -334,6 +335,9 @@ class _Connection(asyncio.BufferedProtocol):
         if self.head_started_at is None:  # any byte starts the clock, blank lines too
             self.head_started_at = self.server.now
         self._parse(self.server.view[:nbytes])
+        if nbytes == _READ_SIZE and self.transport is not None and not self.closing:
+            self.transport.pause_reading()  # more is waiting: after the others' turn
+            self.server.loop.call_soon(self._set_reading)
 
     def pause_writing(self) -> None:
         self.write_paused_at = self.server.now
@@ -346,16 +350,16 @@ class _Connection(asyncio.BufferedProtocol):
 
     # parsing
 
-    def _parse(self, data: memoryview | bytes) -> None:
+    def _parse(self, data: memoryview) -> None:
         try:
-            self._feed(data)
+            self._count_raw(len(data))
+            self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             refused = exc.__context__
             self._refuse(refused.refusal if isinstance(refused, _Refused) else _MALFORMED)
         except httptools.HttpParserUpgrade:
             # The upgrade is ignored (RFC 9110 section 7.8): the request is answered as
             # usual, then the connection closed, since what follows it is not HTTP.
-            self.unparsed = b""
             if self.pending:
                 self.pending[-1] = (self.pending[-1][0], False)
             else:
@@ -367,25 +371,8 @@ class _Connection(asyncio.BufferedProtocol):
         if self.final is not None:
             self._answer_pending()
 
-    def _feed(self, data: memoryview | bytes) -> None:
-        """Feed *data* to the parser a piece at a time, holding back what follows once
-        `MAX_PIPELINED` requests wait for their answers."""
-        size = len(data)
-        for start in range(0, size, _PIECE):
-            if len(self.pending) >= MAX_PIPELINED:
-                self.unparsed = bytes(data[start:])
-                self._set_reading()
-                return
-            piece = data[start : start + _PIECE] if size > _PIECE else data
-            if self.head_started_at is not None:
-                self._count_raw(len(piece))
-            self.parser.feed_data(piece)
-            if self.closing or self.final is not None:
-                return
-
     def _refuse(self, refusal: _Refusal) -> None:
         self.final = refusal
-        self.unparsed = b""
         self.server.refusals.add(refusal.status, refusal.reason)
 
     # httptools callbacks
@@ -468,18 +455,18 @@ class _Connection(asyncio.BufferedProtocol):
             raise _Refused(_HEAD_TOO_LARGE)
 
     def _count_raw(self, size: int) -> None:
-        """Count bytes read while a head is unfinished: httptools holds an incomplete
-        header itself, so without this a client could grow one without bound. Reads are
-        fed a piece at a time; the piece a head starts in is not counted, and one piece
-        after its end may be, hence the margin."""
+        """Count bytes read since a head began: httptools holds an incomplete header
+        itself, so without this a client could grow one without bound (blank lines
+        before a request too). The read a head starts in may count the bytes before it,
+        hence the margin."""
         self._raw_size += size
-        if self._raw_size > MAX_HEAD + _PIECE:
+        if self._raw_size > MAX_HEAD + _READ_SIZE:
             raise _Refused(_HEAD_TOO_LARGE)
 
     def _set_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self.busy or self.write_paused_at is not None or self.pending or self.unparsed:
+        if self.busy or self.write_paused_at is not None or self.pending:
             self.transport.pause_reading()
         else:
             if self.head_started_at is not None:  # time spent waiting on us is not the client's
@@ -500,16 +487,11 @@ class _Connection(asyncio.BufferedProtocol):
         future.add_done_callback(self._slow_done)
 
     def _answer_pending(self) -> None:
-        """Answer the queued requests in order, until one must wait; then parse what was
-        held back."""
+        """Answer the queued requests in order, until one must wait."""
         while not self.busy and self.write_paused_at is None and not self.closing:
             if not self.pending:
                 if self.final is not None:
                     self._send(self.final.answer, keep=False, head_only=False)
-                elif self.unparsed:
-                    data, self.unparsed = self.unparsed, b""
-                    self._parse(data)
-                    continue
                 else:
                     self._set_reading()
                 return
@@ -556,7 +538,6 @@ class _Connection(asyncio.BufferedProtocol):
     def _close(self) -> None:
         self.closing = True
         self.pending.clear()
-        self.unparsed = b""
         if self.transport is not None:
             self.transport.close()  # after what is already written
 
@@ -572,7 +553,6 @@ class _Connection(asyncio.BufferedProtocol):
                 self.server.refusals.add(None, "send_timeout")
                 self.closing = True
                 self.pending.clear()
-                self.unparsed = b""
                 transport.abort()  # what it has not taken is dropped
             return
         if self.closing or self.busy or self.pending:
@@ -601,7 +581,7 @@ async def serve(
     few seconds)."""
     loop = asyncio.get_running_loop()
     for sock, _handler in listeners:
-        _set_send_timeout(sock, options.send_timeout)
+        _set_socket_options(sock, options.send_timeout)
     with concurrent.futures.ThreadPoolExecutor(options.threads, thread_name_prefix="serve") as pool:
         state = _Server(loop, pool, options)
         servers = [
@@ -623,13 +603,15 @@ async def serve(
                 connection.transport.abort()
 
 
-def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
-    """Have the kernel cut a connection accepted on *sock* whose data stays unacknowledged
-    (or unsent behind a zero window) for *seconds*: answers it holds for a client that
-    does not read are not in sight of the transport's flow control."""
+def _set_socket_options(sock: socket.socket, send_timeout: float) -> None:
+    """Options the connections accepted on *sock* inherit: fixed buffers, and the kernel
+    cutting one whose data stays unacknowledged (or unsent behind a zero window) for
+    *send_timeout*, since answers it holds are out of the transport's sight."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
     option = getattr(socket, "TCP_USER_TIMEOUT", None)
     if option is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(send_timeout * 1000))
 
 
 def listen(host: str, port: int) -> socket.socket:
