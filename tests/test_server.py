@@ -484,7 +484,6 @@ def test_200_clients_that_never_read_cost_bounded_memory_and_are_cut(
                 client.setblocking(False)
             _fill_without_reading(clients)
             grown_mb = (_rss_kb(running.process.pid) - before) / 1024
-            print(f"RSS grew {grown_mb:.1f} MB")
             assert grown_mb < 40, f"RSS grew {grown_mb:.0f} MB under 200 non-reading clients"
             assert fetch(url).status == 200  # a new client is answered meanwhile
 
