@@ -1,7 +1,9 @@
 """`rotator serve` (one worker) against nginx serving the same JWKS bytes as a static file.
 
 Both servers are pinned to core 0 and loaded in turn by the same wrk process
-pinned to core 1, on loopback; the figure is the ratio of requests/s.
+pinned to core 1, on loopback; the figure is the ratio of requests/s. A third
+figure is rotator's JWKS route while a second wrk (one connection) scrapes
+``/metrics`` on the same port without pause, over the route alone.
 Needs nginx and wrk (Debian: apt-get install nginx wrk).
 
     .venv/bin/python bench/serve.py
@@ -82,6 +84,18 @@ def wrk(url: str) -> float:
     return float(match.group(1))
 
 
+def wrk_while_scraped(url: str, metrics_url: str) -> float:
+    """`wrk` on *url* while another wrk scrapes *metrics_url* over one connection."""
+    scraper = subprocess.Popen(
+        ["taskset", "-c", "1", "wrk", "-t1", "-c1", f"-d{DURATION}", metrics_url],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        return wrk(url)
+    finally:
+        scraper.wait()
+
+
 def main() -> None:
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
@@ -121,7 +135,11 @@ def main() -> None:
                 wait_http(url)
                 with urllib.request.urlopen(url) as answer:  # noqa: S310 (loopback)
                     assert answer.read() == body
-            rounds = [(wrk(nginx_url), wrk(rotator_url)) for _ in range(ROUNDS)]
+            metrics_url = f"http://127.0.0.1:{rotator_port}/metrics"
+            rounds = [
+                (wrk(nginx_url), wrk(rotator_url), wrk_while_scraped(rotator_url, metrics_url))
+                for _ in range(ROUNDS)
+            ]
         finally:
             for process in processes:
                 process.terminate()
@@ -130,7 +148,9 @@ def main() -> None:
     nginx = statistics.median(r[0] for r in rounds)
     ratio = statistics.median(r[1] / r[0] for r in rounds)
     print(f"nginx static file : {nginx:9.0f} requests/s (reference)")
+    scraped = statistics.median(r[2] / r[1] for r in rounds)
     print(f"rotator serve     : {nginx * ratio:9.0f} requests/s  ratio {ratio:.2f}")
+    print(f"  while /metrics is scraped in a loop: {scraped:.2f} of that")
     print(
         f"(wrk -t1 -c{CONNECTIONS} -d{DURATION}, median of {ROUNDS} interleaved rounds; "
         "servers on core 0, wrk on core 1)"

@@ -612,3 +612,11 @@ def test_sigterm_during_start_up_is_a_clean_stop(
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_a_metrics_port_equal_to_the_port_is_a_config_error(cli: Cli) -> None:
+    cli.env["ROTATOR_SERVER__METRICS_PORT"] = "8080"
+    done = cli("serve", "--port", "8080")
+    assert done.code == 2
+    assert "server: metrics_port must differ from port" in done.stderr
+    assert "Traceback" not in done.stderr
