@@ -30,9 +30,11 @@ does the sockets.
   control), and at most one read of `_READ_SIZE` bytes is parsed ahead of the
   answers; one whose answers wait
   unsent longer than `Options.send_timeout` is cut, whether they wait in the
-  transport (paused for writing) or in the kernel (``TCP_USER_TIMEOUT``, set on
-  the listening sockets where the platform has it: data the peer leaves
-  unacknowledged, or a zero window, for that long). Every connection reads
+  transport (paused for writing) or in the kernel: the sweep asks the kernel
+  how much of an idle connection's answers is still unsent (``TIOCOUTQ``), so
+  a slow reader is cut too, and ``TCP_USER_TIMEOUT`` (set on the listening
+  sockets where the platform has it) has the kernel cut one that leaves data
+  unacknowledged, or a zero window, that long. Every connection reads
   into one buffer of `_READ_SIZE` bytes shared by the event loop, so what a
   connection holds between reads is bounded too, and its kernel buffers are
   fixed at `_SOCKET_BUFFER`. A connection that fills a read gives the others
@@ -72,7 +74,9 @@ from typing import NamedTuple, Protocol, cast
 import httptools
 
 if sys.platform != "win32":
+    import fcntl
     import resource
+    import termios
 
 __all__ = [
     "MAX_HEAD",
@@ -550,10 +554,7 @@ class _Connection(asyncio.BufferedProtocol):
         options = self.server.options
         if self.write_paused_at is not None:
             if now - self.write_paused_at > options.send_timeout:
-                self.server.refusals.add(None, "send_timeout")
-                self.closing = True
-                self.pending.clear()
-                transport.abort()  # what it has not taken is dropped
+                self._cut(transport)
             return
         if self.closing or self.busy or self.pending:
             return
@@ -561,8 +562,30 @@ class _Connection(asyncio.BufferedProtocol):
             if now - self.head_started_at > options.head_timeout:
                 self.server.refusals.add(_TOO_SLOW.status, _TOO_SLOW.reason)
                 self._send(_TOO_SLOW.answer, keep=False, head_only=False)
+        elif now - self.active_at > options.send_timeout and _unsent(transport):
+            self._cut(transport)  # its last answers still wait in the kernel, untaken
         elif now - self.active_at > options.idle_timeout or self.server.stopping:
             self._close()
+
+    def _cut(self, transport: asyncio.Transport) -> None:
+        """Drop the connection and what it has not taken."""
+        self.server.refusals.add(None, "send_timeout")
+        self.closing = True
+        self.pending.clear()
+        transport.abort()
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes written to *transport*'s socket that its peer has not acknowledged yet
+    (0 where the platform cannot tell)."""
+    sock = transport.get_extra_info("socket")
+    if sys.platform == "win32" or sock is None:
+        return 0
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(queued, sys.byteorder)
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
