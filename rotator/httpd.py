@@ -28,17 +28,18 @@ does the sockets.
   close``); beyond `Options.max_connections` open ones, a new one gets 503.
 * A client that does not read its answers stops being read (transport flow
   control), and at most one read of `_READ_SIZE` bytes is parsed ahead of the
-  answers; one whose answers wait
-  unsent longer than `Options.send_timeout` is cut, whether they wait in the
-  transport (paused for writing) or in the kernel: the sweep asks the kernel
-  how much of an idle connection's answers is still unsent (``TIOCOUTQ``), so
-  a slow reader is cut too, and ``TCP_USER_TIMEOUT`` (set on the listening
-  sockets where the platform has it) has the kernel cut one that leaves data
-  unacknowledged, or a zero window, that long. Every connection reads
-  into one buffer of `_READ_SIZE` bytes shared by the event loop, so what a
-  connection holds between reads is bounded too, and its kernel buffers are
+  answers. One whose answers wait untaken longer than `Options.send_timeout`
+  is cut, wherever they wait: in the transport (paused for writing), or in
+  the kernel, where the sweep asks how much of an idle connection's answers
+  is still unacknowledged (``TIOCOUTQ``; a slow reader is cut too) and
+  ``TCP_USER_TIMEOUT`` on the listening sockets has the kernel itself cut a
+  connection stuck behind a zero window or unacknowledged data.
+* Memory per connection is bounded: every connection reads into one buffer
+  of `_READ_SIZE` bytes shared by the event loop, and its kernel buffers are
   fixed at `_SOCKET_BUFFER`. A connection that fills a read gives the others
   their turn before its next one, so a flood on one cannot hold up the rest.
+* Signals: SIGTERM and SIGINT are blocked from before the first fork until a
+  process has its handler, so one at any moment of start-up is a clean stop.
 * Refusals (each status above, and a send timeout) are passed to
   `Options.on_refusal` and logged, one line per `Options.refusal_log_every`
   seconds at most, with the counts by reason.
