@@ -1,7 +1,9 @@
 """`rotator serve` (one worker) against nginx serving the same JWKS bytes as a static file.
 
 Both servers are pinned to core 0 and loaded in turn by the same wrk process
-pinned to core 1, on loopback; the figure is the ratio of requests/s.
+pinned to core 1, on loopback; the figure is the ratio of requests/s. A third
+figure is rotator's JWKS route while a second wrk (8 connections) scrapes
+``/metrics`` on the same port without pause, over the route alone.
 Needs nginx and wrk (Debian: apt-get install nginx wrk).
 
     .venv/bin/python bench/serve.py
@@ -9,6 +11,7 @@ Needs nginx and wrk (Debian: apt-get install nginx wrk).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import shutil
@@ -32,6 +35,7 @@ from rotator.store import Store
 DURATION = "5s"
 CONNECTIONS = "32"
 ROUNDS = 3
+SCRAPERS = "8"
 
 NGINX_CONF = """
 worker_processes 1;
@@ -70,9 +74,9 @@ def wait_http(url: str) -> None:
             time.sleep(0.05)
 
 
-def wrk(url: str) -> float:
+def wrk(url: str, connections: str = CONNECTIONS) -> float:
     out = subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}", url],
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{DURATION}", url],
         capture_output=True,
         text=True,
         check=True,
@@ -80,6 +84,14 @@ def wrk(url: str) -> float:
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
     assert match, out
     return float(match.group(1))
+
+
+def wrk_while_scraped(url: str, metrics_url: str) -> tuple[float, float]:
+    """Requests/s of `wrk` on *url*, and of another wrk scraping *metrics_url* over
+    SCRAPERS connections at the same time."""
+    with concurrent.futures.ThreadPoolExecutor(1) as scraper:
+        scrapes = scraper.submit(wrk, metrics_url, SCRAPERS)
+        return wrk(url), scrapes.result()
 
 
 def main() -> None:
@@ -121,7 +133,11 @@ def main() -> None:
                 wait_http(url)
                 with urllib.request.urlopen(url) as answer:  # noqa: S310 (loopback)
                     assert answer.read() == body
-            rounds = [(wrk(nginx_url), wrk(rotator_url)) for _ in range(ROUNDS)]
+            metrics_url = f"http://127.0.0.1:{rotator_port}/metrics"
+            rounds = [
+                (wrk(nginx_url), wrk(rotator_url), wrk_while_scraped(rotator_url, metrics_url))
+                for _ in range(ROUNDS)
+            ]
         finally:
             for process in processes:
                 process.terminate()
@@ -130,7 +146,13 @@ def main() -> None:
     nginx = statistics.median(r[0] for r in rounds)
     ratio = statistics.median(r[1] / r[0] for r in rounds)
     print(f"nginx static file : {nginx:9.0f} requests/s (reference)")
+    scraped = statistics.median(r[2][0] / r[1] for r in rounds)
+    scrapes = statistics.median(r[2][1] for r in rounds)
     print(f"rotator serve     : {nginx * ratio:9.0f} requests/s  ratio {ratio:.2f}")
+    print(
+        f"  while /metrics is scraped in a loop: {scraped:.2f} of that "
+        f"(the scrapes meanwhile: {scrapes:.0f} requests/s)"
+    )
     print(
         f"(wrk -t1 -c{CONNECTIONS} -d{DURATION}, median of {ROUNDS} interleaved rounds; "
         "servers on core 0, wrk on core 1)"

@@ -204,17 +204,29 @@ class ServerSettings(_Section):
     threads: int = Field(default=32, ge=1)
     head_timeout: Duration = 10.0
     idle_timeout: Duration = 75.0
+    send_timeout: Duration = 30.0
     max_connections: int = Field(default=4096, ge=1)
+    max_requests_per_connection: int = Field(default=1000, ge=1)
+    metrics_host: str | None = None
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
     poll_interval: Duration = 30.0
     max_stale: Duration = 3600.0
     max_keysets: int = Field(default=1000, ge=1)
 
-    @field_validator("head_timeout", "idle_timeout")
+    @field_validator("head_timeout", "idle_timeout", "send_timeout")
     @classmethod
     def _positive_timeout(cls, timeout: float) -> float:
         if timeout < 1:
             raise ValueError("must be at least 1s")
         return timeout
+
+    @model_validator(mode="after")
+    def _own_metrics_port(self) -> ServerSettings:
+        if self.metrics_host is not None and self.metrics_port is None:
+            raise ValueError("metrics_host is set but metrics_port is not")
+        if self.metrics_port == self.port and (self.metrics_host or self.host) == self.host:
+            raise ValueError("metrics_port must differ from port")
+        return self
 
 
 class LogSettings(_Section):

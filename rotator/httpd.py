@@ -2,11 +2,13 @@
 
 Theory of operation. `rotator serve` answers a handful of GET routes with
 bytes it holds, so the cost of a request is the server's own. The fastest
-maintained Python servers measured here spend more than the handler does
-(README, "Benchmarks"), so this module keeps only what such a service needs
-on top of two maintained parts: llhttp (through ``httptools``, the parser
-uvicorn uses) reads the requests, and the event loop (``uvloop`` where it is
-installed) does the sockets.
+maintained Python servers measured here spend more than the handler does,
+and granian, the one that came closest, has no send timeout and no way to
+see the requests its parser refuses (docs/design-notes.md has the
+measurements), so this module keeps only what such a service needs on top of
+two maintained parts: llhttp (through ``httptools``, the parser uvicorn uses)
+reads the requests, and the event loop (``uvloop`` where it is installed)
+does the sockets.
 
 * A `Handler` answers in two steps: `Handler.fast` from memory on the event
   loop, or ``None`` when it must wait for I/O; then `Handler.slow` runs on a
@@ -14,17 +16,37 @@ installed) does the sockets.
   their order and no other connection waits.
 * Requests carry no body: any ``Content-Length`` above 0 or a
   ``Transfer-Encoding`` is answered 413, and the connection closed.
-* Limits: the request line and headers together at most `MAX_HEAD` bytes and
-  `MAX_HEADERS` fields (431 beyond); a request head must arrive within
-  `Options.head_timeout` (else 408), an idle connection is closed after
-  `Options.idle_timeout`. Malformed requests get 400 and a close; an ``Upgrade``
-  is ignored, and the connection closed after the answer.
+* Limits, each answered and then closed: the request line and headers
+  together at most `MAX_HEAD` bytes and `MAX_HEADERS` fields (431); a request
+  head must be complete within `Options.head_timeout` of its first byte, blank
+  lines included (408); HTTP/1.1 without ``Host``, or any request with two,
+  400 (RFC 9112 section 3.2); a version other than 1.0 and 1.1, 505; anything
+  malformed, 400. An ``Upgrade`` is ignored, and the connection closed after
+  the answer.
+* Connections: an idle one is closed after `Options.idle_timeout`; one serves
+  at most `Options.max_requests` requests (the last answer says ``connection:
+  close``); beyond `Options.max_connections` open ones, a new one gets 503.
 * A client that does not read its answers stops being read (transport flow
-  control), so its answers cannot pile up in memory. Beyond
-  `Options.max_connections` open connections, a new one gets 503 and a close.
+  control), and at most one read of `_READ_SIZE` bytes is parsed ahead of the
+  answers. One whose answers wait untaken longer than `Options.send_timeout`
+  is cut, wherever they wait: in the transport (paused for writing), or in
+  the kernel, where the sweep asks how much of an idle connection's answers
+  is still unacknowledged (``TIOCOUTQ``; a slow reader is cut too) and
+  ``TCP_USER_TIMEOUT`` on the listening sockets has the kernel itself cut a
+  connection stuck behind a zero window or unacknowledged data.
+* Memory per connection is bounded: every connection reads into one buffer
+  of `_READ_SIZE` bytes shared by the event loop, and its kernel buffers are
+  fixed at `_SOCKET_BUFFER`. A connection that fills a read gives the others
+  their turn before its next one, so a flood on one cannot hold up the rest.
+* Signals: SIGTERM and SIGINT are blocked from before the first fork until a
+  process has its handler, so one at any moment of start-up is a clean stop.
+* Refusals (each status above, and a send timeout) are passed to
+  `Options.on_refusal` and logged, one line per `Options.refusal_log_every`
+  seconds at most, with the counts by reason.
 * HTTP/1.0 connections are closed after each answer; 1.1 ones are kept
   unless the client says ``Connection: close``.
-* `run` raises the soft limit on open files to fit `Options.max_connections`
+* `run` serves several sockets (each with its own handler) in each worker,
+  and raises the soft limit on open files to fit `Options.max_connections`
   (up to the hard limit): service managers start processes at a soft limit
   of 1024 for the sake of ``select()``, which this server does not use.
   Beyond the limit the kernel refuses connections without a word.
@@ -36,6 +58,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import email.utils
+import errno
+import functools
 import json
 import logging
 import os
@@ -43,15 +67,17 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, cast
 
 import httptools
 
 if sys.platform != "win32":
+    import fcntl
     import resource
+    import termios
 
 __all__ = [
     "MAX_HEAD",
@@ -73,10 +99,15 @@ MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
 _SWEEP_EVERY = 1.0
 _STOP_GRACE = 5.0
-_PIECE = 4096
-# Files a worker holds besides its connections: the listening socket, Redis connections,
+_READ_SIZE = 4096
+# Kernel buffers of each connection, fixed rather than autotuned (up to megabytes each):
+# answers and requests here are small, and a client that floods or does not read then
+# holds that much of the kernel's memory at most, and meets flow control soon.
+_SOCKET_BUFFER = 64 * 1024
+# Files a worker holds besides its connections: the listening sockets, Redis connections,
 # the event loop's own, logs.
 _SPARE_FILES = 64
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _REASONS = {
     200: "OK",
@@ -89,17 +120,28 @@ _REASONS = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
+
+
+def _no_refusal_hook(_status: int | None, _reason: str) -> None:
+    """The default `Options.on_refusal`: count nothing."""
 
 
 @dataclass(frozen=True)
 class Options:
-    """How the server treats its clients (seconds, counts)."""
+    """How the server treats its clients (seconds, counts). *on_refusal* is called with
+    the status (``None`` for a connection cut without an answer) and reason of each
+    refusal, on the event loop."""
 
     threads: int = 32  # for answers that wait on I/O
     head_timeout: float = 10.0
     idle_timeout: float = 75.0
+    send_timeout: float = 30.0
     max_connections: int = 4096
+    max_requests: int = 1000
+    on_refusal: Callable[[int | None, str], None] = _no_refusal_hook
+    refusal_log_every: float = 10.0
 
 
 class Request(NamedTuple):
@@ -150,82 +192,126 @@ def json_reply(status: int, document: dict[str, object], *extra: tuple[str, str]
     return reply(status, [*headers, *extra], body)
 
 
-def _error(status: int, message: str) -> Reply:
-    return json_reply(status, {"error": message})
+class _Refusal(NamedTuple):
+    answer: Reply
+    status: int
+    reason: str
 
 
-_BAD_REQUEST = _error(400, "bad request")
-_TOO_LARGE = _error(413, "requests carry no body")
-_HEAD_TOO_LARGE = _error(431, "request head too large")
-_INTERNAL = _error(500, "internal error")
-_TOO_SLOW = _error(408, "request head not received in time")
-_BUSY = _error(503, "too many connections")
+def _refusal(status: int, reason: str, message: str) -> _Refusal:
+    return _Refusal(json_reply(status, {"error": message}), status, reason)
+
+
+_MALFORMED = _refusal(400, "malformed", "bad request")
+_BAD_HOST = _refusal(400, "host", "exactly one Host header is required")
+_TOO_LARGE = _refusal(413, "body", "requests carry no body")
+_HEAD_TOO_LARGE = _refusal(431, "head_too_large", "request head too large")
+_TOO_SLOW = _refusal(408, "head_timeout", "request head not received in time")
+_BUSY = _refusal(503, "connections", "too many connections")
+_VERSION = _refusal(505, "version", "only HTTP/1.0 and HTTP/1.1 are served")
+_INTERNAL = json_reply(500, {"error": "internal error"})
 
 
 class _Refused(Exception):
-    """Raised inside a parser callback: answer *answer* after the requests before, close."""
+    """Raised inside a parser callback: answer *refusal* after the requests before, close."""
 
-    def __init__(self, answer: Reply) -> None:
+    def __init__(self, refusal: _Refusal) -> None:
         super().__init__()
-        self.answer = answer
+        self.refusal = refusal
 
 
 def _date_line(now: float) -> bytes:
     return b"date: %s\r\n" % email.utils.formatdate(now, usegmt=True).encode()
 
 
+class _Refusals:
+    """Refusals counted for the hook at once, and logged as one line of counts by reason
+    per *every* seconds at most: a flood of bad clients cannot flood the log."""
+
+    def __init__(self, hook: Callable[[int | None, str], None], every: float) -> None:
+        self.hook = hook
+        self.every = every
+        self.counts: Counter[tuple[int | None, str]] = Counter()
+        self.logged_at = float("-inf")
+
+    def add(self, status: int | None, reason: str) -> None:
+        self.counts[(status, reason)] += 1
+        try:
+            self.hook(status, reason)
+        except Exception:
+            log.exception("refusal hook failed")
+
+    def flush(self, now: float) -> None:
+        if not self.counts or now - self.logged_at < self.every:
+            return
+        counts = ", ".join(
+            f"{reason} ({status or 'cut'}) x{count}"
+            for (status, reason), count in sorted(self.counts.items(), key=lambda i: i[0][1])
+        )
+        log.warning("refused %d requests or connections: %s", self.counts.total(), counts)
+        self.counts.clear()
+        self.logged_at = now
+
+
 class _Server:
-    """State shared by the connections of one listening socket."""
+    """State shared by the connections of the listening sockets of one worker."""
 
     def __init__(
         self,
-        handler: Handler,
         loop: asyncio.AbstractEventLoop,
         pool: concurrent.futures.Executor,
         options: Options,
     ) -> None:
-        self.handler = handler
         self.options = options
         self.loop = loop
         self.pool = pool
         self.connections: set[_Connection] = set()
         self.stopping = False
+        self.refusals = _Refusals(options.on_refusal, options.refusal_log_every)
+        # One read buffer for every connection: the loop reads into it and hands it to
+        # that connection's parser before the next read (`get_buffer`, `buffer_updated`).
+        self.buffer = bytearray(_READ_SIZE)
+        self.view = memoryview(self.buffer)
         # Both refreshed by `sweep` once a second: reading a clock per request costs more
         # than the rest of a small answer's bookkeeping.
         self.now = loop.time()
         self.date = _date_line(time.time())
 
     def sweep(self) -> None:
-        """Refresh the clocks; close connections idle too long or slow to send a head."""
+        """Refresh the clocks; close connections too slow or idle too long; log refusals."""
         self.now = self.loop.time()
         self.date = _date_line(time.time())
         for connection in list(self.connections):
             connection.expire(self.now)
+        self.refusals.flush(self.now)
         if not self.stopping:
             self.loop.call_later(_SWEEP_EVERY, self.sweep)
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(asyncio.BufferedProtocol):
     """One client connection: parse, answer in order, enforce the limits."""
 
-    def __init__(self, server: _Server) -> None:
+    def __init__(self, server: _Server, handler: Handler) -> None:
         self.server = server
+        self.handler = handler
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.pending: deque[tuple[Request, bool]] = deque()  # waiting behind a slow answer
-        self.final: Reply | None = None  # an error answer, sent after the pending ones
+        self.final: _Refusal | None = None  # sent after the pending answers, then close
         self.busy = False  # a slow answer is being computed
-        self.write_paused = False
+        self.write_paused_at: float | None = None
         self.closing = False
+        self.requests = 0
         self.active_at = server.now
         self.head_started_at: float | None = None
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
+        self._hosts = 0
         self._head_size = 0
         self._raw_size = 0
         self._fields = 0
 
-    # asyncio.Protocol
+    # asyncio.BufferedProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but implement it.
@@ -233,32 +319,49 @@ class _Connection(asyncio.Protocol):
         if self.server.stopping:
             self._close()
         elif len(self.server.connections) >= self.server.options.max_connections:
-            self._send(_BUSY, keep=False, head_only=False)
+            self.server.refusals.add(_BUSY.status, _BUSY.reason)
+            self._send(_BUSY.answer, keep=False, head_only=False)
         else:
             self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:  # TCP_USER_TIMEOUT
+            self.server.refusals.add(None, "send_timeout")
         self.server.connections.discard(self)
         self.closing = True
         self.pending.clear()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.view
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.final is not None or self.closing:
             return
-        self.active_at = self.server.now
+        if self.head_started_at is None:  # any byte starts the clock, blank lines too
+            self.head_started_at = self.server.now
+        self._parse(self.server.view[:nbytes])
+        if nbytes == _READ_SIZE and self.transport is not None and not self.closing:
+            self.transport.pause_reading()  # more is waiting: after the others' turn
+            self.server.loop.call_soon(self._set_reading)
+
+    def pause_writing(self) -> None:
+        self.write_paused_at = self.server.now
+        self._set_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused_at = None
+        self._set_reading()
+        self._answer_pending()
+
+    # parsing
+
+    def _parse(self, data: memoryview) -> None:
         try:
-            if len(data) <= _PIECE:
-                if self.head_started_at is not None:
-                    self._count_raw(len(data))
-                self.parser.feed_data(data)
-            else:
-                for start in range(0, len(data), _PIECE):
-                    if self.head_started_at is not None:
-                        self._count_raw(min(_PIECE, len(data) - start))
-                    self.parser.feed_data(data[start : start + _PIECE])
+            self._count_raw(len(data))
+            self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             refused = exc.__context__
-            self.final = refused.answer if isinstance(refused, _Refused) else _BAD_REQUEST
+            self._refuse(refused.refusal if isinstance(refused, _Refused) else _MALFORMED)
         except httptools.HttpParserUpgrade:
             # The upgrade is ignored (RFC 9110 section 7.8): the request is answered as
             # usual, then the connection closed, since what follows it is not HTTP.
@@ -267,20 +370,15 @@ class _Connection(asyncio.Protocol):
             else:
                 self._close()
         except httptools.HttpParserError:
-            self.final = _BAD_REQUEST
+            self._refuse(_MALFORMED)
         except _Refused as exc:
-            self.final = exc.answer
+            self._refuse(exc.refusal)
         if self.final is not None:
             self._answer_pending()
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        self._set_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self._set_reading()
-        self._answer_pending()
+    def _refuse(self, refusal: _Refusal) -> None:
+        self.final = refusal
+        self.server.refusals.add(refusal.status, refusal.reason)
 
     # httptools callbacks
 
@@ -288,6 +386,7 @@ class _Connection(asyncio.Protocol):
         self.head_started_at = self.server.now
         self._url = b""
         self._headers = {}
+        self._hosts = 0
         self._head_size = 0
         self._raw_size = 0
         self._fields = 0
@@ -303,10 +402,17 @@ class _Connection(asyncio.Protocol):
             raise _Refused(_HEAD_TOO_LARGE)
         headers = self._headers
         key = name.lower()
+        if key == b"host":
+            self._hosts += 1
         previous = headers.get(key)
         headers[key] = value if previous is None else previous + b", " + value
 
     def on_headers_complete(self) -> None:
+        version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":  # noqa: PLR1714 (two compares beat a set)
+            raise _Refused(_VERSION)
+        if self._hosts > 1 or (self._hosts == 0 and version == "1.1"):
+            raise _Refused(_BAD_HOST)
         headers = self._headers
         if b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0":
             raise _Refused(_TOO_LARGE)
@@ -315,6 +421,9 @@ class _Connection(asyncio.Protocol):
         self.head_started_at = None
         if self.closing:
             return
+        self.requests += 1
+        if self.requests > self.server.options.max_requests:
+            return  # past the last one answered: the connection closes after it
         url = self._url
         if url[:1] == b"/" and b"?" not in url:
             path, query = url, b""
@@ -322,12 +431,16 @@ class _Connection(asyncio.Protocol):
             try:
                 parsed = httptools.parse_url(url)
             except httptools.HttpParserInvalidURLError:
-                raise _Refused(_BAD_REQUEST) from None
+                raise _Refused(_MALFORMED) from None
             path, query = parsed.path or b"", parsed.query or b""
         parser = self.parser
         request = Request(parser.get_method(), path, query, self._headers)
-        keep = parser.should_keep_alive() and parser.get_http_version() == "1.1"
-        if self.pending or self.busy or self.write_paused:
+        keep = (
+            parser.should_keep_alive()
+            and parser.get_http_version() == "1.1"
+            and self.requests < self.server.options.max_requests
+        )
+        if self.pending or self.busy or self.write_paused_at is not None:
             self.pending.append((request, keep))
             self._set_reading()
             return
@@ -347,25 +460,27 @@ class _Connection(asyncio.Protocol):
             raise _Refused(_HEAD_TOO_LARGE)
 
     def _count_raw(self, size: int) -> None:
-        """Count bytes read while a head is unfinished: httptools holds an incomplete
-        header itself, so without this a client could grow one without bound. Reads are
-        fed a piece at a time; the piece a head starts in is not counted, and one piece
-        after its end may be, hence the margin."""
+        """Count bytes read since a head began: httptools holds an incomplete header
+        itself, so without this a client could grow one without bound (blank lines
+        before a request too). The read a head starts in may count the bytes before it,
+        hence the margin."""
         self._raw_size += size
-        if self._raw_size > MAX_HEAD + _PIECE:
+        if self._raw_size > MAX_HEAD + _READ_SIZE:
             raise _Refused(_HEAD_TOO_LARGE)
 
     def _set_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self.busy or self.write_paused or self.pending:
+        if self.busy or self.write_paused_at is not None or self.pending:
             self.transport.pause_reading()
         else:
+            if self.head_started_at is not None:  # time spent waiting on us is not the client's
+                self.head_started_at = self.server.now
             self.transport.resume_reading()
 
     def _fast(self, request: Request) -> Reply | None:
         try:
-            return self.server.handler.fast(request)
+            return self.handler.fast(request)
         except Exception:
             log.exception("request %r %r failed", request.method, request.path)
             return _INTERNAL
@@ -373,17 +488,15 @@ class _Connection(asyncio.Protocol):
     def _start_slow(self, request: Request) -> None:
         self.busy = True
         self._set_reading()
-        future = self.server.loop.run_in_executor(
-            self.server.pool, self.server.handler.slow, request
-        )
+        future = self.server.loop.run_in_executor(self.server.pool, self.handler.slow, request)
         future.add_done_callback(self._slow_done)
 
     def _answer_pending(self) -> None:
         """Answer the queued requests in order, until one must wait."""
-        while not self.busy and not self.write_paused and not self.closing:
+        while not self.busy and self.write_paused_at is None and not self.closing:
             if not self.pending:
                 if self.final is not None:
-                    self._send(self.final, keep=False, head_only=False)
+                    self._send(self.final.answer, keep=False, head_only=False)
                 else:
                     self._set_reading()
                 return
@@ -415,6 +528,7 @@ class _Connection(asyncio.Protocol):
     def _send(self, answer: Reply, *, keep: bool, head_only: bool) -> None:
         transport = self.transport
         assert transport is not None
+        self.active_at = self.server.now
         if keep and not self.server.stopping:
             end = b"\r\n"
         else:
@@ -433,14 +547,46 @@ class _Connection(asyncio.Protocol):
             self.transport.close()  # after what is already written
 
     def expire(self, now: float) -> None:
-        """Close the connection if its client is too slow, or idle too long."""
-        if self.transport is None or self.closing or self.busy or self.pending:
+        """Cut the connection if its client does not take its answers; answer 408 and
+        close if it is too slow to send a head; close it if idle too long."""
+        transport = self.transport
+        if transport is None:
+            return
+        options = self.server.options
+        if self.write_paused_at is not None:
+            if now - self.write_paused_at > options.send_timeout:
+                self._cut(transport)
+            return
+        if self.closing or self.busy or self.pending:
             return
         if self.head_started_at is not None:
-            if now - self.head_started_at > self.server.options.head_timeout:
-                self._send(_TOO_SLOW, keep=False, head_only=False)
-        elif now - self.active_at > self.server.options.idle_timeout or self.server.stopping:
+            if now - self.head_started_at > options.head_timeout:
+                self.server.refusals.add(_TOO_SLOW.status, _TOO_SLOW.reason)
+                self._send(_TOO_SLOW.answer, keep=False, head_only=False)
+        elif now - self.active_at > options.send_timeout and _unsent(transport):
+            self._cut(transport)  # its last answers still wait in the kernel, untaken
+        elif now - self.active_at > options.idle_timeout or self.server.stopping:
             self._close()
+
+    def _cut(self, transport: asyncio.Transport) -> None:
+        """Drop the connection and what it has not taken."""
+        self.server.refusals.add(None, "send_timeout")
+        self.closing = True
+        self.pending.clear()
+        transport.abort()
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes written to *transport*'s socket that its peer has not acknowledged yet
+    (0 where the platform cannot tell)."""
+    sock = transport.get_extra_info("socket")
+    if sys.platform == "win32" or sock is None:
+        return 0
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(queued, sys.byteorder)
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
@@ -452,17 +598,24 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 
 
 async def serve(
-    sock: socket.socket, handler: Handler, options: Options, stop: asyncio.Event
+    listeners: Sequence[tuple[socket.socket, Handler]], options: Options, stop: asyncio.Event
 ) -> None:
-    """Serve *sock* on the running loop until *stop* is set, then close every connection
-    (idle ones at once, others after their answer, all within a few seconds)."""
+    """Serve each socket with its handler on the running loop until *stop* is set, then
+    close every connection (idle ones at once, others after their answer, all within a
+    few seconds)."""
     loop = asyncio.get_running_loop()
+    for sock, _handler in listeners:
+        _set_socket_options(sock, options.send_timeout)
     with concurrent.futures.ThreadPoolExecutor(options.threads, thread_name_prefix="serve") as pool:
-        state = _Server(handler, loop, pool, options)
-        listener = await loop.create_server(lambda: _Connection(state), sock=sock)
+        state = _Server(loop, pool, options)
+        servers = [
+            await loop.create_server(functools.partial(_Connection, state, handler), sock=sock)
+            for sock, handler in listeners
+        ]
         loop.call_later(_SWEEP_EVERY, state.sweep)
         await stop.wait()
-        listener.close()
+        for listener in servers:
+            listener.close()
         state.stopping = True
         deadline = loop.time() + _STOP_GRACE
         state.sweep()  # idle connections go now; busy ones after their answer
@@ -474,6 +627,17 @@ async def serve(
                 connection.transport.abort()
 
 
+def _set_socket_options(sock: socket.socket, send_timeout: float) -> None:
+    """Options the connections accepted on *sock* inherit: fixed buffers, and the kernel
+    cutting one whose data stays unacknowledged (or unsent behind a zero window) for
+    *send_timeout*, since answers it holds are out of the transport's sight."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(send_timeout * 1000))
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on *host*:*port* (IPv6 if *host* has a colon)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -482,21 +646,55 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve_until_signalled(sock: socket.socket, handler: Handler, options: Options) -> None:
+class _StopFlag:
+    """Set by SIGTERM or SIGINT from the moment a worker can take them: a signal that
+    comes while the handlers are built stops the worker as soon as it serves."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self.event: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def __call__(self, _signum: int = 0, _frame: object = None) -> None:
+        self.set = True
+        if self.event is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.event.set)
+
+
+async def _serve_until_signalled(
+    listeners: Sequence[tuple[socket.socket, Handler]], options: Options, flag: _StopFlag
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await serve(sock, handler, options, stop)
+    flag.event, flag.loop = stop, loop
+    for signum in _STOP_SIGNALS:
+        loop.add_signal_handler(signum, flag)
+    if flag.set:
+        stop.set()
+    await serve(listeners, options, stop)
 
 
-def _run_one(sock: socket.socket, make_handler: Callable[[], Handler], options: Options) -> None:
+def _run_one(
+    socks: Sequence[socket.socket],
+    make_handlers: Callable[[], Sequence[Handler]],
+    options: Options,
+) -> None:
+    """Serve in this process. Called with SIGTERM and SIGINT blocked: they are taken
+    from here on, and unblocked once there is a handler for them."""
+    flag = _StopFlag()
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, flag)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    handlers = make_handlers()
     loop = _event_loop()
-    handler = make_handler()
     try:
-        loop.run_until_complete(_serve_until_signalled(sock, handler, options))
+        if not flag.set:
+            loop.run_until_complete(
+                _serve_until_signalled(list(zip(socks, handlers, strict=True)), options, flag)
+            )
     finally:
-        handler.close()
+        for handler in handlers:
+            handler.close()
         loop.close()
 
 
@@ -523,17 +721,25 @@ def _fit_open_file_limit(max_connections: int) -> None:
 
 
 def run(
-    sock: socket.socket, make_handler: Callable[[], Handler], options: Options, *, workers: int
+    socks: Sequence[socket.socket],
+    make_handlers: Callable[[], Sequence[Handler]],
+    options: Options,
+    *,
+    workers: int,
 ) -> int:
-    """Serve *sock* until SIGTERM or SIGINT; return the exit status.
+    """Serve *socks* until SIGTERM or SIGINT; return the exit status. *make_handlers*
+    builds one handler per socket, in each worker.
 
     With several *workers*, each worker process, forked before any thread starts,
-    builds its own handler and accepts on the shared socket. A worker that dies
+    builds its own handlers and accepts on the shared sockets. A worker that dies
     takes the others down (exit status 1), for the service manager to restart.
+    SIGTERM and SIGINT are blocked from before the first fork until each process has
+    its handlers, so a signal at any moment of start-up is a clean stop.
     """
     _fit_open_file_limit(options.max_connections)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     if workers == 1:
-        _run_one(sock, make_handler, options)
+        _run_one(socks, make_handlers, options)
         return 0
     children: list[int] = []
     for _ in range(workers):
@@ -541,18 +747,25 @@ def run(
         if pid == 0:
             status = 0
             try:
-                _run_one(sock, make_handler, options)
+                _run_one(socks, make_handlers, options)
             except BaseException:
                 log.exception("worker failed")
                 status = 1
             finally:
                 os._exit(status)
         children.append(pid)
-    sock.close()
+    for sock in socks:
+        sock.close()
     return _supervise(children)
 
 
+_CLEAN_EXITS = (0, -signal.SIGTERM, -signal.SIGINT)
+
+
 def _supervise(children: list[int]) -> int:
+    """Wait for the workers. One that stops cleanly (status 0, or killed by SIGTERM or
+    SIGINT: a service manager signals every process of the service, not only this one)
+    stops the others; one that dies otherwise too, and the status is then 1."""
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -562,17 +775,17 @@ def _supervise(children: list[int]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     status = 0
     alive = set(children)
     while alive:
         pid, code = os.wait()
         alive.discard(pid)
-        if not stopping:
+        if os.waitstatus_to_exitcode(code) not in _CLEAN_EXITS:
             log.error("worker %d exited (%s); stopping the others", pid, code)
             status = 1
+        if not stopping:
             forward(signal.SIGTERM, None)
-        elif os.waitstatus_to_exitcode(code) != 0:
-            status = 1
     return status

@@ -42,6 +42,16 @@ def client_for(target: redis.Redis | str) -> redis.Redis:
     return target
 
 
+class _Flight:
+    """One read of a key set in progress, and how many callers wait on it."""
+
+    __slots__ = ("callers", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.callers = 0
+
+
 class JWKSCache:
     """Copies of many key sets, loaded on first use, at most *max_keysets* of them
     (key sets named in *preload* are never dropped). Thread-safe. *on_event* is called
@@ -67,7 +77,7 @@ class JWKSCache:
         self.clock = clock
         self.reads = 0
         self._table = SlotTable(self.limits, max_keysets, clock, keep_keys=keep_keys)
-        self._flights: dict[str, threading.Lock] = {}
+        self._flights: dict[str, _Flight] = {}  # only key sets being read right now
         self._lock = threading.Lock()
         self._down = False
         self._follower = (
@@ -115,9 +125,7 @@ class JWKSCache:
         if slot is not None and slot.fetched_at is not None:
             return slot
         with self._lock:
-            slot, dropped = self._table.add(keyset)
-            for name in dropped:
-                self._flights.pop(name, None)
+            slot, _dropped = self._table.add(keyset)
         self._refresh(keyset, slot)
         with self._lock:
             self._table.settle(slot)
@@ -145,22 +153,32 @@ class JWKSCache:
 
     def _refresh(self, keyset: str, held: Slot | None) -> bool:
         with self._lock:
-            flight = self._flights.setdefault(keyset, threading.Lock())
+            flight = self._flights.get(keyset)
+            if flight is None:
+                flight = self._flights[keyset] = _Flight()
+            flight.callers += 1
             slot = self._table.get(keyset)
             seen = (slot.generation, slot.fetched_at) if slot else None
-        with flight:
-            slot = self._table.get(keyset)
-            if slot is not None and seen is not None and (slot.generation, slot.fetched_at) != seen:
-                return True  # another caller read while we waited
-            try:
-                raw = self.client.get(self.layout.jwks(keyset))
-            except (redis.RedisError, OSError) as exc:
-                self._redis_failed(exc)
-                return False
-            self.reads += 1
-            self._down = False
+        try:
+            with flight.lock:
+                slot = self._table.get(keyset)
+                now_seen = (slot.generation, slot.fetched_at) if slot else None
+                if now_seen is not None and seen is not None and now_seen != seen:
+                    return True  # another caller read while we waited
+                try:
+                    raw = self.client.get(self.layout.jwks(keyset))
+                except (redis.RedisError, OSError) as exc:
+                    self._redis_failed(exc)
+                    return False
+                self.reads += 1
+                self._down = False
+                with self._lock:
+                    return self._table.accept(keyset, raw, held=slot or held)
+        finally:
             with self._lock:
-                return self._table.accept(keyset, raw, held=slot or held)
+                flight.callers -= 1
+                if not flight.callers:  # the last caller: names never seen leave nothing
+                    del self._flights[keyset]
 
     def refresh_all(self) -> None:
         """Read every key set held in one pipelined round trip."""

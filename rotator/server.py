@@ -6,7 +6,8 @@ Routes (GET and HEAD):
 * ``/v1/authentication/token/jwks`` — the key set named by ``X-App-Name``
   (empty or missing: the default set), as the reference IAM's clients call it;
 * ``/healthz`` (alive), ``/readyz`` (configured key sets loaded and fresh) and
-  ``/metrics`` (Prometheus, including the readers' staleness).
+  ``/metrics`` (Prometheus, including the readers' staleness and the HTTP
+  refusals), which moves to a port of its own with ``server.metrics_port``.
 
 Answers come from an in-memory `JWKSCache`, never one Redis round trip per
 request. The body is the stored JWKS bytes after the strict import has
@@ -16,17 +17,21 @@ an ``ETag`` over those bytes, ``If-None-Match`` answered 304, and
 
 The HTTP side is `rotator.httpd`: a request whose key set is in memory is
 answered on the event loop from bytes built once per copy of the key set; the
-first request for a key set, and ``/metrics``, run on a thread.
+first request for a key set runs on a thread, and so does ``/metrics`` when its
+text is older than `METRICS_MAX_AGE` (scrapes in between get the same bytes,
+so a scrape loop cannot take the worker from the JWKS routes).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import NamedTuple
 from urllib.parse import parse_qs
 
 import redis
+from prometheus_client import Counter
 
 from rotator import httpd
 from rotator.config import Settings
@@ -41,13 +46,21 @@ from rotator.policy import Policy
 from rotator.reader import JWKSCache
 from rotator.store import Store
 
-__all__ = ["IAM_PATH", "JWKS_PATH", "JWKSApp", "serve"]
+__all__ = ["HTTP_REFUSALS", "IAM_PATH", "JWKS_PATH", "METRICS_MAX_AGE", "JWKSApp", "serve"]
 
 log = logging.getLogger(__name__)
 
 JWKS_PATH = "/.well-known/jwks.json"
 IAM_PATH = "/v1/authentication/token/jwks"
 _JWKS_PATH, _IAM_PATH = JWKS_PATH.encode(), IAM_PATH.encode()
+METRICS_MAX_AGE = 1.0
+
+HTTP_REFUSALS = Counter(
+    "rotator_http_refusals",
+    "Requests or connections that rotator serve refused, by status (none: cut without "
+    "an answer) and reason",
+    ["status", "reason"],
+)
 
 
 _ALIVE = json_reply(200, {"alive": True})
@@ -69,6 +82,53 @@ class _Response(NamedTuple):
     registry_read: int
     ok: Reply
     not_modified: Reply
+
+
+_ROUTES = frozenset((_JWKS_PATH, _IAM_PATH, b"/healthz", b"/readyz", b"/metrics"))
+
+
+class MetricsApp:
+    """``/metrics`` as an `httpd.Handler` (for ``server.metrics_port``). The text is
+    rendered at most once per `METRICS_MAX_AGE` seconds of *clock*, on a thread, one
+    rendering at a time; answers in between reuse it from the event loop."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._rendered: tuple[float, Reply] | None = None
+
+    def answer(self, *, may_block: bool) -> Reply | None:
+        """The exposition; ``None`` when it must be rendered and *may_block* is false."""
+        rendered = self._rendered
+        if rendered is not None and self.clock() - rendered[0] < METRICS_MAX_AGE:
+            return rendered[1]
+        if not may_block:
+            return None
+        with self._lock:
+            rendered = self._rendered
+            now = self.clock()
+            if rendered is None or now - rendered[0] >= METRICS_MAX_AGE:
+                body = exposition()
+                headers = [("content-type", CONTENT_TYPE), ("content-length", str(len(body)))]
+                rendered = self._rendered = (now, reply(200, headers, body))
+            return rendered[1]
+
+    def fast(self, request: Request) -> Reply | None:
+        """``/metrics`` from the last rendering, if recent; other paths 404."""
+        if request.path != b"/metrics":
+            return _NOT_FOUND
+        if request.method not in (b"GET", b"HEAD"):
+            return _NOT_ALLOWED
+        return self.answer(may_block=False)
+
+    def slow(self, request: Request) -> Reply:
+        """``/metrics``, rendered now if the last rendering is too old."""
+        answer = self.fast(request) or self.answer(may_block=True)
+        assert answer is not None  # may_block always answers
+        return answer
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class JWKSApp:
@@ -96,6 +156,8 @@ class JWKSApp:
         # drops those it has caught up with): name -> (policy, when read). Each change of
         # either bumps _registry_generation, which the answers built are stamped with.
         self._announced_policies: dict[str, tuple[Policy, float]] = {}
+        self.metrics = MetricsApp(self.cache.clock)
+        self._routes = _ROUTES if server.metrics_port is None else _ROUTES - {b"/metrics"}
 
     def start(self) -> JWKSApp:
         """Load the configured key sets and the registry, and start following commits."""
@@ -120,6 +182,8 @@ class JWKSApp:
 
     def _route(self, request: Request, *, may_block: bool) -> Reply | None:
         path = request.path
+        if request.method not in (b"GET", b"HEAD"):
+            return _NOT_ALLOWED if path in self._routes else _NOT_FOUND
         if path == _JWKS_PATH:
             query = request.query
             keyset = (
@@ -134,17 +198,10 @@ class JWKSApp:
             return _ALIVE
         elif path == b"/readyz":
             return self._ready()
-        elif path == b"/metrics":
-            if not may_block:
-                return None
-            body = exposition()
-            return reply(
-                200, [("content-type", CONTENT_TYPE), ("content-length", str(len(body)))], body
-            )
+        elif path == b"/metrics" and self.settings.server.metrics_port is None:
+            return self.metrics.answer(may_block=may_block)
         else:
             return _NOT_FOUND
-        if request.method not in (b"GET", b"HEAD"):
-            return _NOT_ALLOWED
         return self._jwks(request, keyset, may_block=may_block)
 
     def _jwks(self, request: Request, keyset: str, *, may_block: bool) -> Reply | None:
@@ -259,20 +316,43 @@ class JWKSApp:
         )
 
 
+def _count_refusal(status: int | None, reason: str) -> None:
+    HTTP_REFUSALS.labels("none" if status is None else str(status), reason).inc()
+
+
 def serve(settings: Settings) -> int:
-    """Serve on ``server.host:server.port`` until SIGTERM or SIGINT; return the exit status.
-    Each worker process builds its own `JWKSApp` from *settings*."""
+    """Serve on ``server.host:server.port`` (and ``/metrics`` on ``server.metrics_port``
+    if set) until SIGTERM or SIGINT; return the exit status. Each worker process builds
+    its own `JWKSApp` from *settings*."""
     server = settings.server
-    try:
-        sock = httpd.listen(server.host, server.port)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", server.host, server.port, exc.strerror or exc)
-        return 1
+    addresses = [(server.host, server.port)]
+    if server.metrics_port is not None:
+        addresses.append((server.metrics_host or server.host, server.metrics_port))
+    socks = []
+    for host, port in addresses:
+        try:
+            socks.append(httpd.listen(host, port))
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+            for sock in socks:
+                sock.close()
+            return 1
     log.info("serving JWKS on http://%s:%d%s", server.host, server.port, JWKS_PATH)
+    if server.metrics_port is not None:
+        log.info("serving metrics on http://%s:%d/metrics", *addresses[1])
     options = httpd.Options(
         threads=server.threads,
         head_timeout=server.head_timeout,
         idle_timeout=server.idle_timeout,
+        send_timeout=server.send_timeout,
         max_connections=server.max_connections,
+        max_requests=server.max_requests_per_connection,
+        on_refusal=_count_refusal,
     )
-    return httpd.run(sock, lambda: JWKSApp(settings).start(), options, workers=server.workers)
+
+    def handlers() -> list[httpd.Handler]:
+        app = JWKSApp(settings).start()
+        served: list[httpd.Handler] = [app, app.metrics]
+        return served[: len(socks)]
+
+    return httpd.run(socks, handlers, options, workers=server.workers)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import gc
+import itertools
+import logging
 import select
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -70,7 +75,7 @@ def serving(options: httpd.Options, listener: socket.socket) -> Iterator[Served]
     stop = asyncio.Event()
     thread = threading.Thread(
         target=loop.run_until_complete,
-        args=(httpd.serve(listener, handler, options, stop),),
+        args=(httpd.serve([(listener, handler)], options, stop),),
         daemon=True,
     )
     thread.start()
@@ -145,7 +150,7 @@ def test_other_connections_are_answered_while_one_waits(served: Served) -> None:
         waiting.sendall(GET % b"/slow")
         assert served.handler.entered.wait(20)
         answers, _ = exchange(
-            served, GET % b"/other" + b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", 2
+            served, GET % b"/other" + b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 2
         )
         assert [a.body for a in answers] == [b"/other", b"/"]
         served.handler.gate.set()
@@ -201,7 +206,7 @@ def test_http_1_0_is_closed_after_the_answer(served: Served) -> None:
 
 def test_handler_error_is_500_and_the_connection_goes_on(served: Served) -> None:
     answers, _ = exchange(
-        served, GET % b"/boom" + b"GET /fine HTTP/1.1\r\nConnection: close\r\n\r\n", 2
+        served, GET % b"/boom" + b"GET /fine HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 2
     )
     assert [a.status for a in answers] == [500, 200]
     assert b"handler bug" not in answers[0].body
@@ -222,7 +227,7 @@ def test_malformed_requests_get_400_and_a_close(served: Served, request_bytes: b
 
 def test_an_upgrade_is_ignored_and_the_connection_closed(served: Served) -> None:
     (answer,), rest = exchange(
-        served, b"GET /u HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nxx"
+        served, b"GET /u HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nxx"
     )
     assert answer.status == 200 and answer.body == b"/u"
     assert rest == b""
@@ -243,7 +248,7 @@ def test_answers_before_a_refused_request_are_sent_first(served: Served) -> None
 
 
 def test_an_oversized_head_gets_431(served: Served) -> None:
-    big = b"GET / HTTP/1.1\r\nX-Big: " + b"a" * (httpd.MAX_HEAD + 1) + b"\r\n\r\n"
+    big = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (httpd.MAX_HEAD + 1) + b"\r\n\r\n"
     (answer,), rest = exchange(served, big)
     assert answer.status == 431 and rest == b""
 
@@ -263,7 +268,7 @@ def test_a_head_spread_over_many_reads_is_bounded(served: Served) -> None:
 
 def test_a_large_head_in_small_reads_is_accepted(served: Served) -> None:
     """Bytes are counted once, whichever way they arrive."""
-    head = b"GET /big HTTP/1.1\r\nX-Big: " + b"a" * (httpd.MAX_HEAD - 1024) + b"\r\n\r\n"
+    head = b"GET /big HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (httpd.MAX_HEAD - 1024) + b"\r\n\r\n"
     with served.connect() as client:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stream = client.makefile("rb")
@@ -298,7 +303,10 @@ def test_a_client_that_does_not_read_stops_being_read() -> None:
     """Pipelined requests from a client that reads no answers must not pile up answers in
     the server: it stops reading, so the client's sending blocks."""
     listener = _listener(receive_buffer=65536)
-    with serving(httpd.Options(threads=2), listener) as served, served.connect() as client:
+    with (
+        serving(httpd.Options(threads=2, max_requests=10**9), listener) as served,
+        served.connect() as client,
+    ):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
         client.setblocking(False)
@@ -337,7 +345,7 @@ def test_connections_beyond_the_limit_get_503() -> None:
 
         def room() -> bool:  # once those two are gone
             try:
-                again = b"GET /again HTTP/1.1\r\nConnection: close\r\n\r\n"
+                again = b"GET /again HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
                 return exchange(served, again)[0][0].status == 200
             except OSError:
                 return False
@@ -348,3 +356,146 @@ def test_connections_beyond_the_limit_get_503() -> None:
 def test_reply_refuses_header_injection() -> None:
     with pytest.raises(ValueError, match="line break"):
         reply(200, [("x-name", "a\r\nSet-Cookie: b")])
+
+
+# Hostile clients. Each test below was seen failing with its rule taken out of httpd.
+
+
+def _refusals_recorder() -> tuple[list[tuple[int | None, str]], httpd.Options]:
+    seen: list[tuple[int | None, str]] = []
+    options = httpd.Options(
+        threads=2,
+        head_timeout=1,
+        idle_timeout=30,
+        send_timeout=1,
+        on_refusal=lambda status, reason: seen.append((status, reason)),
+        refusal_log_every=3600,
+    )
+    return seen, options
+
+
+def _flood_without_reading(client: socket.socket, until: Callable[[], bool]) -> bool:
+    """Send pipelined requests on *client*, never reading, until the server cuts it
+    (``True``) or *until* holds (``False``)."""
+    client.setblocking(False)
+    chunk = (GET % b"/x") * 1000
+    while not until():
+        try:
+            if select.select([], [client], [], 0.1)[1]:
+                client.send(chunk)
+        except BlockingIOError:
+            continue
+        except OSError:  # reset or broken pipe: the server cut it
+            return True
+    return False
+
+
+def test_a_client_that_never_reads_is_cut_after_the_send_timeout() -> None:
+    seen, options = _refusals_recorder()
+    options = dataclasses.replace(options, max_requests=10**9)
+    with serving(options, _listener()) as served, served.connect() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        deadline = time.monotonic() + 30
+        assert _flood_without_reading(client, lambda: time.monotonic() > deadline)
+        assert (None, "send_timeout") in seen
+        last = b"GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        (answer,), _ = exchange(served, last)
+        assert answer.body == b"/after"  # others are still served
+
+
+def test_requests_parsed_ahead_of_their_answers_are_bounded(served: Served) -> None:
+    """Behind an answer that waits, a burst of pipelined requests is not parsed in full:
+    at most those within one read wait as objects."""
+    request = GET % b"/x"
+    with served.connect() as client:
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # what fits: more than one read
+            client.send(GET % b"/slow" + request * 2000)
+        assert served.handler.entered.wait(20)
+        gc.collect()
+        parsed = wait_for(
+            lambda: sum(isinstance(o, Request) for o in gc.get_objects()) or None,
+            what="requests parsed",
+        )
+        assert parsed <= 4096 // len(request) + 1
+        served.handler.gate.set()
+
+
+def _drip(client: socket.socket, drops: Iterator[bytes]) -> bytes:
+    """Send one drop of *drops* per 0.2 s until the server answers or closes; what it
+    sent (``b""`` for a close without an answer)."""
+    for drop in drops:
+        if select.select([client], [], [], 0.2)[0]:
+            return client.makefile("rb").read()
+        try:
+            client.sendall(drop)
+        except OSError:
+            return b""
+    raise AssertionError("the server kept a dripping client")
+
+
+@pytest.mark.parametrize(
+    "drops",
+    [
+        pytest.param(lambda: itertools.repeat(b"\r\n", 200), id="crlf"),
+        pytest.param(
+            lambda: (bytes([b]) for b in b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: " + b"a" * 195),
+            id="slowloris",
+        ),
+    ],
+)
+def test_dripping_clients_get_408_and_a_close(drops: Callable[[], Iterator[bytes]]) -> None:
+    seen, options = _refusals_recorder()
+    with serving(options, _listener()) as served, served.connect() as client:
+        answer = _drip(client, drops())
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert (408, "head_timeout") in seen
+
+
+def test_a_keep_alive_connection_serves_a_bounded_number_of_requests() -> None:
+    with serving(httpd.Options(max_requests=3), _listener()) as served:
+        answers, rest = exchange(served, b"".join(GET % b"/%d" % i for i in range(5)), 3)
+    assert [a.body for a in answers] == [b"/0", b"/1", b"/2"]
+    assert [a.headers.get("connection") for a in answers] == [None, None, "close"]
+    assert rest == b""
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+    ],
+    ids=["missing", "repeated", "repeated-1.0"],
+)
+def test_host_missing_or_repeated_gets_400(request_bytes: bytes) -> None:
+    seen, options = _refusals_recorder()
+    with serving(options, _listener()) as served:
+        (answer,), rest = exchange(served, request_bytes)
+    assert answer.status == 400 and answer.headers["connection"] == "close"
+    assert rest == b"" and seen == [(400, "host")]
+
+
+def test_an_unsupported_http_version_gets_505() -> None:
+    seen, options = _refusals_recorder()
+    with serving(options, _listener()) as served:
+        (answer,), rest = exchange(served, b"GET / HTTP/2.0\r\nHost: a\r\n\r\n")
+    assert answer.status == 505 and rest == b""
+    assert seen == [(505, "version")]
+
+
+def test_refusals_are_counted_each_and_logged_together(caplog: pytest.LogCaptureFixture) -> None:
+    seen, options = _refusals_recorder()
+    caplog.set_level(logging.WARNING, logger="rotator.httpd")
+    with serving(options, _listener()) as served:
+        for _ in range(5):
+            exchange(served, b"NOT HTTP\r\n\r\n")
+        exchange(served, b"GET / HTTP/2.0\r\nHost: a\r\n\r\n")
+        assert seen == [(400, "malformed")] * 5 + [(505, "version")]
+
+        def logged() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+
+        (line,) = wait_for(logged, what="the refusals logged")
+    assert "refused 6 " in line and "malformed (400) x5" in line and "version (505) x1" in line

@@ -5,7 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import secrets
+import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,9 +27,13 @@ from joserfc.jwk import KeySet
 from jwcrypto import jwk as jwcrypto_jwk
 from prometheus_client.parser import text_string_to_metric_families
 
+from rotator.config import load_settings
 from rotator.embedded import EmbeddedRedis, free_port
+from rotator.httpd import Request
 from rotator.manager import KeyManager
+from rotator.reader import JWKSCache
 from rotator.sealing import Keyring
+from rotator.server import JWKSApp
 from rotator.signer import Signer
 from tests.conftest import Cli
 from tests.helpers import FakeClock, collect_lines, wait_for
@@ -75,20 +84,29 @@ _WITH_FILE_LIMITS = (
 )
 
 
+def start_serve(
+    cli: Cli, port: int, *args: str, open_files: tuple[int, int] | None = None
+) -> subprocess.Popen[str]:
+    """`rotator serve --port PORT *args` as a process of its own session (so that a test
+    can signal its whole group, as a service manager does)."""
+    start = ["-c", _WITH_FILE_LIMITS, *map(str, open_files)] if open_files else ["-m", "rotator"]
+    return subprocess.Popen(
+        [sys.executable, *start, "serve", "--port", str(port), *args],
+        env={**cli.env, "ROTATOR_SERVER__POLL_INTERVAL": "1h"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @contextlib.contextmanager
 def running_serve(
     cli: Cli, *args: str, open_files: tuple[int, int] | None = None
 ) -> Iterator[Running]:
     """`rotator serve *args` as a real process, stopped with SIGTERM at the end."""
     port = free_port()
-    start = ["-c", _WITH_FILE_LIMITS, *map(str, open_files)] if open_files else ["-m", "rotator"]
-    process = subprocess.Popen(
-        [sys.executable, *start, "serve", "--port", str(port), *args],
-        env={**cli.env, "ROTATOR_SERVER__POLL_INTERVAL": "1h"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_serve(cli, port, *args, open_files=open_files)
     log: list[str] = []
     assert process.stderr is not None
     threading.Thread(target=collect_lines, args=(process.stderr, log), daemon=True).start()
@@ -326,3 +344,292 @@ def test_a_port_in_use_is_a_clear_error(cli: Cli, manager: KeyManager) -> None:
     assert second.code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+# Hostile clients against the real process. Each was seen failing with its rule taken out.
+
+
+def test_health_and_metrics_answer_get_and_head_only(served: Running) -> None:
+    for path in ("/metrics", "/healthz", "/readyz"):
+        for method in ("POST", "PUT", "DELETE"):
+            refused = fetch(served.url + path, method=method)
+            assert refused.status == 405, (method, path)
+            assert refused.headers["allow"] == "GET, HEAD"
+        head = fetch(served.url + path, method="HEAD")
+        assert head.status == 200 and head.body == b""
+    assert fetch(served.url + "/other", method="POST").status == 404
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _raw(url: str, data: bytes) -> bytes:
+    """Send *data* to the server of *url* as is; what it answers until it closes."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(data)
+        return raw.makefile("rb").read()
+
+
+def test_metrics_on_their_own_port_with_the_refusals(cli: Cli, manager: KeyManager) -> None:
+    manager.reconcile("default")
+    metrics_port = free_port()
+    cli.env["ROTATOR_SERVER__METRICS_PORT"] = str(metrics_port)
+    with running_serve(cli) as running:
+        metrics_url = f"http://127.0.0.1:{metrics_port}"
+        assert fetch(running.url + "/metrics").status == 404
+        assert fetch(metrics_url + "/.well-known/jwks.json").status == 404
+        assert fetch(running.url + "/.well-known/jwks.json").status == 200
+        assert _raw(running.url, b"GET / HTTP/2.0\r\nHost: a\r\n\r\n").startswith(b"HTTP/1.1 505")
+        assert _raw(running.url, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
+        refusal = "rotator_http_refusals_total"
+        wanted = {
+            (refusal, (("reason", "version"), ("status", "505"))): 1.0,
+            (refusal, (("reason", "host"), ("status", "400"))): 1.0,
+        }
+
+        def counted() -> bool:  # the text is rendered again a second later
+            samples = _samples(fetch(metrics_url + "/metrics").body.decode())
+            return all(samples.get(key) == value for key, value in wanted.items())
+
+        wait_for(counted, what="refusals in /metrics")
+        wait_for(lambda: any("refused 2 " in line for line in running.log), what="refusal log")
+
+
+def test_metrics_are_rendered_at_most_once_per_second(
+    redis_server: EmbeddedRedis, manager: KeyManager
+) -> None:
+    """What keeps a scrape loop from taking the worker from the JWKS routes."""
+    manager.reconcile("default")
+    clock = FakeClock()
+    settings = load_settings(None, redis={"url": redis_server.url})
+    cache = JWKSCache(redis_server.url, follow=False, keep_keys=False, clock=clock)
+    app = JWKSApp(settings, cache)
+    scrape = Request(b"GET", b"/metrics", b"", {b"host": b"test"})
+    assert app.fast(scrape) is None  # never rendered: a thread must
+    first = app.slow(scrape)
+    assert app.fast(scrape) is first and app.slow(scrape) is first
+    clock.advance(1)
+    assert app.fast(scrape) is None
+    second = app.slow(scrape)
+    assert second is not first and app.fast(scrape) is second
+
+
+def test_unknown_keyset_names_leave_nothing_behind(
+    redis_server: EmbeddedRedis, manager: KeyManager
+) -> None:
+    """Every name never seen used to leave a lock behind (50,000 names: +33 MB)."""
+    manager.reconcile("default")
+    cache = JWKSCache(redis_server.url, follow=False, keep_keys=False)
+    for _ in range(2000):
+        cache.slot("app-" + secrets.token_hex(8))
+    assert cache._flights == {}
+    absent = cache._table._absent
+    assert len(absent) <= cache.limits.negative_cache_size
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc")
+
+
+def _fill_without_reading(clients: list[socket.socket]) -> None:
+    """Send pipelined requests on every client, reading nothing, until the server has
+    taken nothing more from any of them for a second (or cut them)."""
+    chunk = b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: a\r\n\r\n" * 1000
+    sending = set(clients)
+
+    def full() -> bool:
+        writable = select.select([], list(sending), [], 1.0)[1]
+        sending.intersection_update(writable)  # not writable for a second: full
+        for client in writable:
+            try:
+                while client.send(chunk):
+                    pass
+            except BlockingIOError:
+                continue
+            except OSError:
+                sending.discard(client)
+        return not sending
+
+    wait_for(full, timeout=120, what="every client stuck")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_200_clients_that_never_read_cost_bounded_memory_and_are_cut(
+    cli: Cli, manager: KeyManager
+) -> None:
+    """They used to grow the worker by 2.7 MB each, be held forever, and lock others out."""
+    manager.reconcile("default")
+    cli.env["ROTATOR_SERVER__SEND_TIMEOUT"] = "10s"
+    # Or they would be cut by the end of their keep-alive: this is about the send timeout.
+    cli.env["ROTATOR_SERVER__MAX_REQUESTS_PER_CONNECTION"] = str(10**9)
+    with running_serve(cli) as running:
+        url = running.url + "/.well-known/jwks.json"
+        assert fetch(url).status == 200
+        before = _rss_kb(running.process.pid)
+        host, port = running.url.removeprefix("http://").rsplit(":", 1)
+        clients = [socket.create_connection((host, int(port))) for _ in range(200)]
+        try:
+            for client in clients:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client.setblocking(False)
+            _fill_without_reading(clients)
+            grown_mb = (_rss_kb(running.process.pid) - before) / 1024
+            assert grown_mb < 40, f"RSS grew {grown_mb:.0f} MB under 200 non-reading clients"
+            assert fetch(url).status == 200  # a new client is answered meanwhile
+
+            def all_cut() -> bool:
+                return all(_cut(client) for client in clients)
+
+            wait_for(all_cut, timeout=60, what="the non-reading clients cut")
+        finally:
+            for client in clients:
+                client.close()
+        assert fetch(url).status == 200
+
+
+def _cut(client: socket.socket) -> bool:
+    """Whether the server reset *client*, which reads nothing (a reset's error shows on
+    an empty send, while a read would still return the answers received before it)."""
+    try:
+        client.send(b"")
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass
+class Attack:
+    """A running slowhttptest and the lines it printed so far."""
+
+    process: subprocess.Popen[str]
+    lines: list[str]
+
+    def count(self, state: str) -> int:
+        """The last count slowhttptest reported for *state* (connected, closed...)."""
+        counts = [
+            int(found.group(1))
+            for line in list(self.lines)
+            if (found := re.search(rf"{state}:\s*(\d+)", _ANSI.sub("", line)))
+        ]
+        return counts[-1] if counts else 0
+
+
+_SLOWHTTPTEST = ["stdbuf", "-oL", "slowhttptest", "-c", "300", "-r", "150", "-l", "20", "-p", "10"]
+
+
+def _slowhttptest(url: str, *args: str) -> Attack:
+    process = subprocess.Popen(
+        [*_SLOWHTTPTEST, "-u", url, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    assert process.stdout is not None
+    threading.Thread(target=collect_lines, args=(process.stdout, lines), daemon=True).start()
+    return Attack(process, lines)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("slowhttptest") is None, reason="slowhttptest not installed")
+@pytest.mark.parametrize(
+    ("attack", "ending", "refused"),
+    [
+        # serve cuts the slow readers (their answers wait untaken in the kernel), but
+        # slowhttptest does not notice until it reads again, so it runs to its time limit;
+        # the other two it sees cut (head timeout, 413) before that.
+        pytest.param(
+            ("-X", "-k", "10", "-w", "16", "-y", "64", "-n", "2", "-z", "8"),
+            "Hit test time limit",
+            "send_timeout (cut)",
+            id="slow-read",
+        ),
+        pytest.param(
+            ("-H", "-i", "1", "-x", "8"),
+            "No open connections left",
+            "head_timeout (408)",
+            id="slowloris",
+        ),
+        pytest.param(
+            ("-B", "-i", "1", "-s", "8192"),
+            "No open connections left",
+            "body (413)",
+            id="slow-body",
+        ),
+    ],
+)
+def test_serve_answers_during_and_after_slowhttptest(
+    cli: Cli, manager: KeyManager, attack: tuple[str, ...], ending: str, refused: str
+) -> None:
+    manager.reconcile("default")
+    cli.env["ROTATOR_SERVER__SEND_TIMEOUT"] = "2s"
+    with running_serve(cli) as running:
+        url = running.url + "/.well-known/jwks.json"
+        tool = _slowhttptest(url, *attack)
+        try:
+            wait_for(
+                lambda: tool.count("connected") >= 100 or tool.process.poll() is not None,
+                timeout=30,
+                what="the attack under way",
+            )
+            assert fetch(url).status == 200
+            tool.process.wait(120)
+        finally:
+            if tool.process.poll() is None:
+                tool.process.kill()
+        assert fetch(url).status == 200
+        wait_for(lambda: any("Exit status" in line for line in tool.lines), what="its verdict")
+        text = [_ANSI.sub("", line) for line in tool.lines]
+        assert any(ending in line for line in text if "Exit status" in line), text[-3:]
+        verdicts = [line for line in text if "service available" in line]
+        assert verdicts and all("YES" in line for line in verdicts), verdicts
+        wait_for(lambda: any(refused in line for line in running.log), what=refused)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("group", [False, True], ids=["supervisor", "process-group"])
+def test_sigterm_during_start_up_is_a_clean_stop(
+    cli: Cli, manager: KeyManager, group: bool
+) -> None:
+    """SIGTERM as soon as the workers exist, before they serve: to the supervisor (which
+    forwards it) or to every process at once, as systemd does. It used to kill a worker
+    that had no handler yet, and serve exited 1."""
+    manager.reconcile("default")
+    for _ in range(5):
+        process = start_serve(cli, free_port(), "--workers", "2")
+        try:
+            _two_workers(process.pid)
+            if group:
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                process.send_signal(signal.SIGTERM)
+            _, errors = process.communicate(timeout=30)
+            assert process.returncode == 0, errors
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_a_metrics_port_equal_to_the_port_is_a_config_error(cli: Cli) -> None:
+    cli.env["ROTATOR_SERVER__METRICS_PORT"] = "8080"
+    done = cli("serve", "--port", "8080")
+    assert done.code == 2
+    assert "server: metrics_port must differ from port" in done.stderr
+    assert "Traceback" not in done.stderr
