@@ -26,7 +26,7 @@ from rotator.jwks_import import VerificationKeys
 from rotator.keycache import ReaderLimits, Slot, SlotTable
 from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 from rotator.metrics import READER_STALENESS
-from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, verify_token
+from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
 
 __all__ = ["AsyncJWKSCache", "AsyncJWKSReader", "InvalidToken"]
 
@@ -220,6 +220,7 @@ class AsyncJWKSReader:
             target, prefix=prefix, limits=limits, max_keysets=1, clock=clock
         )
         self.max_token_bytes = max_token_bytes
+        self._headers = HeaderCache()
         self.wall_clock = wall_clock
 
     async def __aenter__(self) -> AsyncJWKSReader:
@@ -279,6 +280,7 @@ class AsyncJWKSReader:
             leeway=leeway,
             now=self.wall_clock(),
             max_bytes=self.max_token_bytes,
+            headers=self._headers,
         )
 
 

@@ -11,6 +11,7 @@ __all__ = [
     "InvalidIssuer",
     "InvalidToken",
     "KeySetUnavailable",
+    "MalformedClaim",
     "MalformedToken",
     "MissingClaim",
     "MissingKid",
@@ -66,7 +67,16 @@ class NotYetValid(InvalidToken):
 
 
 class MissingClaim(InvalidToken):
-    """A required claim (``exp``, or ``iss``/``aud`` when checked) is absent or mistyped."""
+    """A required claim (``exp``, or ``iss``/``aud`` when checked) is absent, or
+    present with a value its rule cannot read (then the subclass `MalformedClaim`)."""
+
+
+class MalformedClaim(MissingClaim):
+    """A claim is present but its value is of the wrong type or out of range: ``exp``,
+    ``nbf`` or ``iat`` not an integer within +-2**53 or a finite float (``"x"``,
+    ``true``, ``1e999``), ``iss`` not a string, ``aud`` not a string or a non-empty
+    list of strings. A subclass of `MissingClaim`, which these were raised as before
+    and which a value that cannot be read still counts as."""
 
 
 class InvalidIssuer(InvalidToken):

@@ -28,7 +28,7 @@ from rotator.jwks_import import VerificationKeys
 from rotator.keycache import ReaderLimits, Slot, SlotTable
 from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 from rotator.metrics import READER_STALENESS
-from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, verify_token
+from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
 
 __all__ = ["InvalidToken", "JWKSCache", "JWKSReader"]
 
@@ -250,6 +250,7 @@ class JWKSReader:
             target, prefix=prefix, limits=limits, max_keysets=1, follow=follow, clock=clock
         )
         self.max_token_bytes = max_token_bytes
+        self._headers = HeaderCache()
         self.wall_clock = wall_clock
         self._slot: Slot | None = None
         self._clock, self._limits = clock, limits
@@ -329,4 +330,5 @@ class JWKSReader:
             leeway=leeway,
             now=self.wall_clock(),
             max_bytes=self.max_token_bytes,
+            headers=self._headers,
         )

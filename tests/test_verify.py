@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from rotator import errors
 from rotator.errors import InvalidToken
 from rotator.jwk import generate_key, load_private_key
-from rotator.verify import _der, verify_token
+from rotator.verify import HeaderCache, _der, verify_token
 from tests.tokens import ORDER, es256, hs256, segment, with_signature
 
 NOW = 1_900_000_000.0
@@ -46,6 +46,11 @@ def token(header: dict[str, Any] | None = None, **claims: Any) -> str:
     return es256(PRIVATE, header or HEADER, {k: v for k, v in merged.items() if v is not None})
 
 
+def signed(payload: bytes) -> str:
+    """A correctly signed token around exactly these payload bytes."""
+    return es256(PRIVATE, HEADER, payload)  # type: ignore[arg-type]
+
+
 def signature_of(value: str) -> bytes:
     from rotator.jwks_import import b64decode_strict
 
@@ -67,6 +72,16 @@ def test_the_malleable_twin_verifies_too() -> None:
     twin = with_signature(original, sig[:32] + (ORDER - s).to_bytes(32, "big"))
     assert twin != original
     assert verify(twin) == CLAIMS
+
+
+def _short_s() -> str:
+    """A valid token whose s starts with a zero byte, sent as 63 bytes without it: the
+    same numbers, so only the rule of exactly 64 bytes refuses it."""
+    while True:
+        valid = token()
+        signature = signature_of(valid)
+        if signature[32] == 0:
+            return with_signature(valid, signature[:32] + signature[33:])
 
 
 HOSTILE: dict[str, tuple[Callable[[], str | bytes], type[InvalidToken]]] = {
@@ -105,6 +120,7 @@ HOSTILE: dict[str, tuple[Callable[[], str | bytes], type[InvalidToken]]] = {
         lambda: f"{segment(HEADER)}.{segment({**CLAIMS, 'sub': 'admin'})}.{token().split('.')[2]}",
         errors.BadSignature,
     ),
+    "63-byte signature, s without its leading zero byte": (_short_s, errors.BadSignature),
     "signature of another key": (
         lambda: with_signature(
             token(), signature_of(es256(ec.generate_private_key(ec.SECP256R1()), HEADER, CLAIMS))
@@ -158,6 +174,10 @@ HOSTILE: dict[str, tuple[Callable[[], str | bytes], type[InvalidToken]]] = {
     "missing audience": (lambda: token(aud=None), errors.MissingClaim),
     "audience of wrong type": (lambda: token(aud=5), errors.MissingClaim),
     "payload not an object": (lambda: es256(PRIVATE, HEADER, [1, 2]), errors.MalformedToken),  # type: ignore[arg-type]
+    "payload with data after the object": (
+        lambda: signed(json.dumps(CLAIMS).encode() + b"{}"),
+        errors.MalformedToken,
+    ),
 }
 
 
@@ -166,6 +186,62 @@ def test_hostile_tokens_are_rejected_with_a_typed_error(case: str) -> None:
     make, expected = HOSTILE[case]
     with pytest.raises(expected):
         verify(make())
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_header_cache_changes_no_verdict(case: str) -> None:
+    """Through a cache that holds the good header, every hostile token fails the same
+    way, twice over; of the hostile headers only one that passes every header check
+    (an unknown kid) is kept."""
+    headers = HeaderCache()
+    assert verify(token(), headers=headers) == CLAIMS
+    make, expected = HOSTILE[case]
+    hostile = make()
+    for _ in range(2):
+        with pytest.raises(expected):
+            verify(hostile, headers=headers)
+    assert len(headers) == (2 if case == "unknown kid" else 1)
+
+
+def test_the_header_cache_is_bounded() -> None:
+    headers = HeaderCache(size=3)
+    for n in range(10):
+        assert verify(token({**HEADER, "n": n}), headers=headers) == CLAIMS
+        assert 1 <= len(headers) <= 3
+    assert verify(token(), headers=headers) == CLAIMS
+
+
+# Present, but not a value the claim's rule can read: MalformedClaim, a MissingClaim.
+MALFORMED_CLAIMS: dict[str, str | bytes] = {
+    "exp as string": token(exp="x"),
+    "exp as bool": token(exp=True),
+    "exp as list": token(exp=[NOW + 60]),
+    "exp beyond 2**53": token(exp=2**53 + 1),
+    "exp 1e999 (a float that overflows)": signed(b'{"exp":1e999,"iss":"iam","aud":"svc"}'),
+    "nbf as string": token(nbf="x"),
+    "iat below -2**53": token(iat=-(2**53) - 1),
+    "iss not a string": token(iss=5),
+    "aud not a string": token(aud=5),
+    "aud an empty list": token(aud=[]),
+    "aud a list with a number": token(aud=["svc", 5]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_CLAIMS))
+def test_a_present_but_unreadable_claim_is_malformed(case: str) -> None:
+    with pytest.raises(errors.MalformedClaim):
+        verify(MALFORMED_CLAIMS[case])
+
+
+@pytest.mark.parametrize("absent", ["exp", "iss", "aud"])
+def test_an_absent_claim_is_missing_not_malformed(absent: str) -> None:
+    with pytest.raises(errors.MissingClaim) as raised:
+        verify(token(**{absent: None}))
+    assert type(raised.value) is errors.MissingClaim
+
+
+def test_whitespace_around_the_payload_object_is_json_too() -> None:
+    assert verify(signed(b" " + json.dumps(CLAIMS).encode() + b"\n")) == CLAIMS
 
 
 def test_leeway_accepts_slightly_expired_tokens() -> None:
@@ -263,7 +339,7 @@ def _claim_rules(
             return value
         if type(value) is float:  # finite: JSON has no others
             return value
-        raise errors.MissingClaim
+        raise errors.MalformedClaim
 
     try:
         expires = moment("exp")
@@ -275,19 +351,23 @@ def _claim_rules(
             value = moment(name)
             if value is not None and value > NOW + leeway:
                 return errors.NotYetValid
-    except errors.MissingClaim:
-        return errors.MissingClaim
+    except errors.MalformedClaim:
+        return errors.MalformedClaim
     if issuer is not None:
         iss = claims.get("iss")
-        if not isinstance(iss, str):
+        if iss is None:
             return errors.MissingClaim
+        if not isinstance(iss, str):
+            return errors.MalformedClaim
         if iss not in ([issuer] if isinstance(issuer, str) else issuer):
             return errors.InvalidIssuer
     if audience is not None:
         aud = claims.get("aud")
+        if aud is None:
+            return errors.MissingClaim
         named = [aud] if isinstance(aud, str) else aud
         if not isinstance(named, list) or not named or any(type(a) is not str for a in named):
-            return errors.MissingClaim
+            return errors.MalformedClaim
         if not set(named) & ({audience} if isinstance(audience, str) else set(audience)):
             return errors.InvalidAudience
     return None
@@ -326,14 +406,21 @@ def _times() -> st.SearchStrategy[Any]:
 @example({"exp": int(NOW) + 1, "nbf": int(NOW) + 11}, None, None, 10.0)
 @example({"exp": int(NOW) + 1, "iat": -(2**53) - 1}, None, None, 0.0)
 @example({"exp": 2**53 + 1}, None, None, 0.0)
+# The usual shape (int times, one string each) at each edge of the fast path.
+@example({"exp": 2**53}, None, None, 0.0)
+@example({"exp": int(NOW) + 1, "nbf": -(2**53) - 1}, None, None, 0.0)
+@example({"exp": int(NOW) + 1, "nbf": int(NOW) + 1, "iat": int(NOW)}, None, None, 0.0)
+@example({"exp": int(NOW) + 1, "iss": "evil", "aud": "svc"}, "svc", "iam", 0.0)
+@example({"exp": int(NOW) + 1, "iss": "iam", "aud": "other"}, "svc", "iam", 0.0)
 def test_claims_are_judged_by_the_plain_rules(
     claims: dict[str, Any], audience: Any, issuer: Any, leeway: float
 ) -> None:
-    """The fast path of each claim check against the rules written out plainly."""
+    """Each claim check against the rules written out plainly, down to the exact error."""
     expected = _claim_rules(claims, audience, issuer, leeway)
     signed = es256(PRIVATE, HEADER, claims)
     if expected is None:
         assert verify(signed, audience=audience, issuer=issuer, leeway=leeway) == claims
     else:
-        with pytest.raises(expected):
+        with pytest.raises(expected) as raised:
             verify(signed, audience=audience, issuer=issuer, leeway=leeway)
+        assert type(raised.value) is expected
