@@ -1,10 +1,21 @@
-"""rotator: rotates ES256 JWT signing keys and publishes the public JWKS to Redis."""
+"""rotator: rotates ES256 JWT signing keys and publishes the public JWKS to Redis.
 
-from rotator.config import ConfigError, Settings, load_settings
-from rotator.lifecycle import Event, Transition
-from rotator.manager import KeyManager, Outcome
-from rotator.policy import Policy
-from rotator.state import KeyRecord, KeySetState, Status
+The names below are imported on first use, so that services embedding only the reader
+(`rotator.reader`, `rotator.aioreader`, `rotator.verify`) load neither the daemon's
+configuration (pydantic-settings) nor its scheduler (APScheduler).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rotator.config import ConfigError, Settings, load_settings
+    from rotator.lifecycle import Event, Transition
+    from rotator.manager import KeyManager, Outcome
+    from rotator.policy import Policy
+    from rotator.state import KeyRecord, KeySetState, Status
 
 __all__ = [
     "ConfigError",
@@ -21,3 +32,24 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_HOMES = {
+    "ConfigError": "rotator.config",
+    "Settings": "rotator.config",
+    "load_settings": "rotator.config",
+    "Event": "rotator.lifecycle",
+    "Transition": "rotator.lifecycle",
+    "KeyManager": "rotator.manager",
+    "Outcome": "rotator.manager",
+    "Policy": "rotator.policy",
+    "KeyRecord": "rotator.state",
+    "KeySetState": "rotator.state",
+    "Status": "rotator.state",
+}
+
+
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'rotator' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)

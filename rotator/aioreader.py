@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -21,9 +21,23 @@ import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.errors import InvalidToken
-from rotator.follow import keyset_of
+from rotator.follow import (
+    REPLY_TIMEOUT,
+    CallbackFailures,
+    PingWatch,
+    SilentSubscription,
+    keyset_of,
+    unwatch_connection,
+    watch_connection,
+)
 from rotator.jwks_import import VerificationKeys
-from rotator.keycache import ReaderLimits, Slot, SlotTable
+from rotator.keycache import (
+    ReaderLimits,
+    Slot,
+    SlotTable,
+    removed_among,
+    removed_if_unreadable,
+)
 from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 from rotator.metrics import READER_STALENESS
 from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
@@ -43,6 +57,15 @@ def async_client_for(target: aioredis.Redis | str) -> aioredis.Redis:
         )
         return client
     return target
+
+
+def _check_cancelled() -> None:
+    """Raise the cancellation of the running task if a read swallowed it: redis-py's read
+    with a timeout can return ``None`` for a cancel that met its timeout (``asyncio.timeout``
+    on Python 3.11), and the follower would then never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class AsyncJWKSCache:
@@ -67,6 +90,7 @@ class AsyncJWKSCache:
         self._inflight: dict[str, asyncio.Task[bool]] = {}
         self._task: asyncio.Task[None] | None = None
         self._down = False
+        self._callbacks = CallbackFailures()
         READER_STALENESS.caches.add(self)
 
     async def start(self, preload: Iterable[str] = ()) -> None:
@@ -84,6 +108,10 @@ class AsyncJWKSCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.client.aclose()
+
+    def held(self, keyset: str) -> Slot | None:
+        """The copy of *keyset* if it is in memory; never reads Redis."""
+        return self._table.get(keyset)
 
     async def slot(self, keyset: str) -> Slot:
         """The slot of *keyset*, read from Redis on first use (a caller arriving while that
@@ -115,15 +143,29 @@ class AsyncJWKSCache:
         slot = self._table.get(keyset) or held
         try:
             raw = await self.client.get(self.layout.jwks(keyset))
+            removed = (
+                await self._removed([keyset])
+                if self._table.needs_removal_check(keyset, raw, slot)
+                else set()
+            )
         except (redis.RedisError, OSError) as exc:
             self._redis_failed(exc)
             return False
         self.reads += 1
         self._down = False
-        return self._table.accept(keyset, raw, held=slot)
+        return self._table.accept(keyset, raw, held=slot, removed=bool(removed))
+
+    async def _removed(self, names: list[str]) -> set[str]:
+        """Which of *names* the registry says were removed (one ``HMGET``)."""
+        try:
+            entries = await self.client.hmget(self.layout.keysets, names)
+        except redis.ResponseError as exc:
+            return removed_if_unreadable(names, str(exc))
+        return removed_among(names, entries)
 
     async def refresh_all(self) -> None:
-        """Read every held key set in one pipelined round trip."""
+        """Read every held key set in one pipelined round trip (and the registry entries of
+        those whose JWKS is gone in a second one)."""
         names = self._table.names()
         if not names:
             return
@@ -132,22 +174,31 @@ class AsyncJWKSCache:
                 for name in names:
                     pipe.get(self.layout.jwks(name))
                 values = await pipe.execute()
+            gone = [
+                name
+                for name, raw in zip(names, values, strict=True)
+                if self._table.needs_removal_check(name, raw)
+            ]
+            removed = await self._removed(gone) if gone else set()
         except (redis.RedisError, OSError) as exc:
             self._redis_failed(exc)
             return
         self.reads += 1
         self._down = False
         for name, raw in zip(names, values, strict=True):
-            self._table.accept(name, raw)
+            self._table.accept(name, raw, removed=name in removed)
 
     async def _follow(self) -> None:
         backoff = 0.1
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.client.pubsub()
+            interval: int | float = 0
             try:
                 await pubsub.subscribe(self.layout.events)
+                interval = watch_connection(pubsub)
+                await self._confirm(pubsub)
                 self.subscribed = True
-                await self.refresh_all()
+                await self._call("on_connect", self.refresh_all())
                 backoff = 0.1
                 await self._listen(pubsub)
             except (redis.RedisError, OSError) as exc:
@@ -155,24 +206,66 @@ class AsyncJWKSCache:
                 log.warning("events subscription lost (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
+            except Exception as exc:
+                # Whatever redis-py or a message does, the follower must not die.
+                self.subscribed = False
+                log.error(
+                    "events follower: unexpected %s (%s); resubscribing in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
             finally:
+                self.subscribed = False
+                unwatch_connection(pubsub, interval)
                 with contextlib.suppress(redis.RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    @staticmethod
+    async def _confirm(pubsub: aioredis.client.PubSub) -> None:
+        """Wait for Redis to confirm the SUBSCRIBE (sent, not yet answered)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REPLY_TIMEOUT
+        while (left := deadline - loop.time()) > 0:
+            message = await pubsub.get_message(timeout=min(left, 1.0))
+            _check_cancelled()
+            if message is not None and message.get("type") == "subscribe":
+                return
+        raise SilentSubscription(f"no answer to SUBSCRIBE within {REPLY_TIMEOUT:g}s")
+
     async def _listen(self, pubsub: aioredis.client.PubSub) -> None:
-        next_poll = time.monotonic() + self.limits.poll_interval
+        loop = asyncio.get_running_loop()
+        connection: Any = pubsub.connection
+        pings = PingWatch()
+        next_poll = loop.time() + self.limits.poll_interval
         while True:
-            wait = max(0.0, min(1.0, next_poll - time.monotonic()))
-            message = await pubsub.get_message(timeout=wait)
-            if message is not None and message.get("type") == "message":
+            started = loop.time()
+            due = connection.next_health_check
+            message = await pubsub.get_message(timeout=max(0.0, min(1.0, next_poll - started)))
+            _check_cancelled()
+            pings.saw(started, due, connection.next_health_check, loop.time())
+            kind = message.get("type") if message is not None else None
+            if kind == "message":
                 keyset = keyset_of(message["data"])
                 if keyset is not None:
                     self._table.forget_absent(keyset)
                     if self._table.get(keyset) is not None:
-                        await self.refresh(keyset)
-            if time.monotonic() >= next_poll:
-                await self.refresh_all()
-                next_poll = time.monotonic() + self.limits.poll_interval
+                        await self._call("on_event", self.refresh(keyset))
+            elif kind == "subscribe":  # redis-py reconnected and resubscribed by itself
+                await self._call("on_connect", self.refresh_all())
+            if loop.time() >= next_poll:
+                await self._call("on_poll", self.refresh_all())
+                next_poll = loop.time() + self.limits.poll_interval
+
+    async def _call(self, what: str, work: Awaitable[object]) -> None:
+        try:
+            await work
+        except Exception as exc:
+            self._callbacks.failed(what, exc)
+        else:
+            self._callbacks.succeeded()
 
     async def usable(self, keyset: str) -> VerificationKeys:
         """Fresh keys of *keyset*, or `KeySetUnavailable`."""
@@ -192,8 +285,17 @@ class AsyncJWKSCache:
         return key
 
     def staleness(self) -> dict[str, float | None]:
-        """Seconds since each held key set was last read."""
+        """Seconds since a read last confirmed the copy of each key set held."""
         return self._table.staleness()
+
+    def troubles(self, limit: int | None = None) -> dict[str, str]:
+        """What is wrong with each key set held, if anything (`SlotTable.troubles`)."""
+        return self._table.troubles(limit)
+
+    @property
+    def following(self) -> bool:
+        """Whether the events subscription is live (confirmed, and answering its PINGs)."""
+        return self.subscribed
 
 
 class AsyncJWKSReader:
@@ -237,8 +339,18 @@ class AsyncJWKSReader:
 
     @property
     def staleness(self) -> float | None:
-        """Seconds since the last successful read (``None``: never read)."""
+        """Seconds since a read last confirmed the copy (``None``: never read)."""
         return self.cache.staleness().get(self.keyset)
+
+    @property
+    def trouble(self) -> str | None:
+        """What is wrong with the copy, if anything (see `JWKSReader.trouble`)."""
+        return self.cache.troubles().get(self.keyset)
+
+    @property
+    def following(self) -> bool:
+        """Whether the events subscription is live."""
+        return self.cache.following
 
     async def verify(
         self,

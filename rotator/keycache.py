@@ -1,12 +1,20 @@
 """What a reader knows about its key sets, and when it may ask Redis again. Pure: no I/O.
 
 Both readers (threads and asyncio) keep a `SlotTable` of one `Slot` per key
-set and do only the reading themselves. The rules: a key set is trusted for
-``max_stale`` after the last successful read and then verification fails
-closed; an unknown kid may cause at most one refresh per ``cooldown``; kids
-still unknown after that refresh go into a small bounded negative cache,
-which every change of the key set empties, so a newly published key is never
-locked out.
+set and do only the reading themselves. The rules:
+
+* A copy is trusted for ``max_stale`` after a read last confirmed it; then
+  verification fails closed.
+* A read that finds something worse than the copy held does not replace it:
+  a stored JWKS that is not a JWK Set or whose every entry is refused, or no
+  JWKS at all when the key set was not removed (no `REMOVED` tombstone in the
+  registry: Redis lost data, and the daemon writes it back). The copy stays,
+  ageing towards ``max_stale``, and the slot says why (`Slot.problem`). A
+  key set removed with `rotator keyset remove` is dropped at once.
+* An unknown kid may cause at most one refresh per ``cooldown``; kids still
+  unknown after that refresh go into a small bounded negative cache, which
+  every change of the key set empties, so a newly published key is never
+  locked out.
 """
 
 from __future__ import annotations
@@ -14,15 +22,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.errors import KeySetUnavailable
 from rotator.jwks_import import JWKSFormatError, VerificationKeys, import_jwks
+from rotator.store import REMOVED
 
-__all__ = ["ReaderLimits", "Slot", "SlotTable"]
+__all__ = ["ReaderLimits", "Slot", "SlotTable", "removed_among", "removed_if_unreadable"]
 
 
 def _digest(raw: bytes | str) -> bytes:
@@ -31,6 +40,27 @@ def _digest(raw: bytes | str) -> bytes:
 
 
 log = logging.getLogger(__name__)
+
+_GONE = "its JWKS is gone from Redis without a removal (lost data?)"
+_REFUSED = "every entry of its stored JWKS is refused"
+_REMOVED_BYTES = REMOVED.encode()
+
+
+def removed_among(names: Sequence[str], entries: Sequence[object]) -> set[str]:
+    """The *names* whose registry entry (``HMGET P:keysets *names*``, in order) is the
+    tombstone that `rotator keyset remove` leaves."""
+    return {
+        name
+        for name, entry in zip(names, entries, strict=True)
+        if entry in (REMOVED, _REMOVED_BYTES)
+    }
+
+
+def removed_if_unreadable(names: Sequence[str], error: str) -> set[str]:
+    """The *names* to treat as removed when reading the registry failed with *error*:
+    none for a registry an older release left as a set of names (it has no tombstones);
+    all of them otherwise (an ACL that denies it: no copy is kept on a guess)."""
+    return set() if "WRONGTYPE" in error else set(names)
 
 
 @dataclass(frozen=True)
@@ -49,10 +79,14 @@ class Slot:
 
     keyset: str
     keys: VerificationKeys | None = None
+    # When a read last confirmed `keys`; for a slot holding none, when it was last read.
     fetched_at: float | None = None
-    published: bool = False
+    published: bool = False  # Redis held a JWKS for it, or the copy is kept for it
     generation: int = 0
     source: bytes | None = None  # digest of the stored bytes the copy was imported from
+    # Digest of the stored bytes last refused, and why: the same bytes are not imported again.
+    refused: tuple[bytes, str] | None = None
+    problem: str | None = None  # why what Redis holds was not taken, while it is not
     # What a user of the cache built from the copy (the server's response headers): kept
     # with the slot, so it goes when the slot goes.
     derived: object = None
@@ -60,9 +94,10 @@ class Slot:
     misses: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def accept(self, keys: VerificationKeys | None, now: float) -> bool:
-        """Record a successful read (``None``: nothing published); return whether it changed."""
+        """Record a read that confirmed *keys* (``None``: nothing published); return whether
+        the copy changed."""
         changed = (keys.etag if keys else None) != (self.keys.etag if self.keys else None)
-        self.fetched_at, self.published = now, keys is not None
+        self.fetched_at, self.published, self.problem = now, keys is not None, None
         if changed:
             # An unchanged copy keeps its object, so what was built from it stays valid.
             self.keys = keys
@@ -70,22 +105,54 @@ class Slot:
             self.generation += 1
         return changed
 
+    def keep(self, problem: str, now: float) -> None:
+        """Record a read whose result was not taken, for *problem*: the copy held stays as
+        it is and ages; a slot holding none counts as read."""
+        if self.keys is None:
+            self.fetched_at, self.published = now, True
+        self.problem = problem
+
     def staleness(self, now: float) -> float | None:
-        """Seconds since the last successful read; ``None`` if there never was one."""
+        """Seconds since a read last confirmed the copy; ``None`` if there never was one."""
         return None if self.fetched_at is None else now - self.fetched_at
 
     def usable(self, now: float, limits: ReaderLimits) -> VerificationKeys:
         """The keys, or `KeySetUnavailable` when there are none fresh enough to trust."""
         if self.fetched_at is None:
             raise KeySetUnavailable(f"key set {self.keyset} has not been loaded")
+        if self.keys is None:
+            raise KeySetUnavailable(
+                f"key set {self.keyset}: {self.problem}"
+                if self.problem
+                else f"key set {self.keyset} has no published JWKS"
+            )
         age = now - self.fetched_at
         if age > limits.max_stale:
+            since = f": {self.problem}" if self.problem else ""
             raise KeySetUnavailable(
-                f"key set {self.keyset} is stale ({age:.0f}s since the last successful read)"
+                f"key set {self.keyset} is stale ({age:.0f}s since a read last confirmed "
+                f"its copy{since})"
             )
-        if self.keys is None:
-            raise KeySetUnavailable(f"key set {self.keyset} has no published JWKS")
         return self.keys
+
+    def serves(self, now: float, limits: ReaderLimits) -> bool:
+        """Whether `usable` hands out keys now."""
+        try:
+            self.usable(now, limits)
+        except KeySetUnavailable:
+            return False
+        return True
+
+    def trouble(self, now: float, limits: ReaderLimits) -> str | None:
+        """What is wrong with this copy (``None``: nothing): unusable, or usable but no
+        longer what Redis holds."""
+        try:
+            self.usable(now, limits)
+        except KeySetUnavailable as exc:
+            return str(exc)
+        if self.problem is None:
+            return None
+        return f"{self.problem}; serving the copy confirmed {self.staleness(now) or 0:.0f}s ago"
 
     def find(self, kid: str) -> ec.EllipticCurvePublicKey | None:
         """The key for *kid* in the current copy."""
@@ -179,38 +246,133 @@ class SlotTable:
         """A commit for *keyset* was announced: look again next time."""
         self._absent.pop(keyset, None)
 
-    def accept(self, keyset: str, raw: bytes | str | None, held: Slot | None = None) -> bool:
-        """Take a freshly read JWKS (``None``: none published); ``False`` if it is unusable.
+    def _slots_for(self, keyset: str, held: Slot | None) -> list[Slot]:
+        slots = [s for s in (self._slots.get(keyset), held) if s is not None]
+        if len(slots) == 2 and slots[0] is slots[1]:
+            slots.pop()
+        return slots
+
+    def needs_removal_check(
+        self, keyset: str, raw: bytes | str | None, held: Slot | None = None
+    ) -> bool:
+        """Whether `accept` of *raw* needs to know if *keyset* was removed: no JWKS is
+        stored, and a copy is held (which stays, unless the registry holds a tombstone)."""
+        return raw is None and any(s.keys is not None for s in self._slots_for(keyset, held))
+
+    def accept(
+        self,
+        keyset: str,
+        raw: bytes | str | None,
+        held: Slot | None = None,
+        *,
+        removed: bool = False,
+    ) -> bool:
+        """Take a freshly read JWKS (``None``: none stored; *removed*: the registry holds
+        the key set's tombstone). Return ``False`` when what Redis holds was not taken and a
+        copy held stays instead (the module's rules).
 
         *held* is the slot the read was made for. If the table dropped it meanwhile (other
         key sets pushed it out of the LRU), or holds a newer slot for the name, *held* is
         filled as well: a request waiting on it gets its answer, and the table stays
         within its bound."""
-        slots = [s for s in (self._slots.get(keyset), held) if s is not None]
-        if len(slots) == 2 and slots[0] is slots[1]:
-            slots.pop()
+        slots = self._slots_for(keyset, held)
         if not slots:
             return True  # dropped meanwhile, and nobody waits on it
-        now, source = self.clock(), None if raw is None else _digest(raw)
-        stale = [slot for slot in slots if slot.fetched_at is None or source != slot.source]
+        before = [slot.problem for slot in slots]
+        taken = self._take(slots, raw, removed)
+        self._report(keyset, before, slots)
+        return taken
+
+    def _take(self, slots: list[Slot], raw: bytes | str | None, removed: bool) -> bool:
+        now = self.clock()
+        if raw is None:
+            kept = False
+            for slot in slots:
+                if slot.keys is not None and not removed:
+                    slot.keep(_GONE, now)  # data lost, not removed: the daemon writes it back
+                    kept = True
+                else:
+                    slot.accept(None, now)
+            return not kept
+        source = _digest(raw)
+        pending: list[Slot] = []
         for slot in slots:
-            if all(slot is not other for other in stale):
+            if slot.fetched_at is not None and source == slot.source:
                 slot.accept(slot.keys, now)  # the same bytes: no import (polls of many)
-        if not stale:
-            return True
+            elif slot.refused is not None and source == slot.refused[0]:
+                slot.keep(slot.refused[1], now)  # refused before: not imported again
+            else:
+                pending.append(slot)
+        if not pending:
+            return all(slot.problem is None for slot in slots)
         try:
-            keys = None if raw is None else import_jwks(raw)
+            keys = import_jwks(raw)
         except JWKSFormatError as exc:
-            log.error("key set %s: JWKS unusable (%s); keeping the last copy", keyset, exc)
-            return False
-        if keys is not None and not self.keep_keys:
+            return self._refuse(pending, source, f"its stored JWKS is unusable ({exc})", now)
+        if not keys.keys:
+            count = len(keys.skipped)
+            return self._refuse(pending, source, f"{_REFUSED} ({count} entries)", now)
+        if not self.keep_keys:
             keys = replace(keys, keys={})
-        for slot in stale:
+        for slot in pending:
             slot.accept(keys, now)
-            slot.source = source
+            slot.source, slot.refused = source, None
         return True
 
+    @staticmethod
+    def _refuse(slots: list[Slot], source: bytes, problem: str, now: float) -> bool:
+        for slot in slots:
+            slot.keep(problem, now)
+            slot.refused = (source, problem)
+        return False
+
+    @staticmethod
+    def _report(keyset: str, before: list[str | None], slots: list[Slot]) -> None:
+        """Log a change of the key set's problem once, however many slots it touched."""
+        for old, slot in zip(before, slots, strict=True):
+            if slot.problem == old:
+                continue
+            if slot.problem is None:
+                log.info("key set %s: Redis holds a usable JWKS again", keyset)
+            elif slot.keys is None:
+                log.error("key set %s: %s; nothing to serve for it", keyset, slot.problem)
+            else:
+                log.error(
+                    "key set %s: %s; keeping the last good copy until max_stale",
+                    keyset,
+                    slot.problem,
+                )
+            return
+
+    def serving(self, names: Iterable[str]) -> dict[str, bool]:
+        """Whether each of *names* is held with a copy to serve: usable, and confirmed by a
+        read within ``max_stale``."""
+        now = self.clock()
+        found: dict[str, bool] = {}
+        for name in names:
+            slot = self._slots.get(name)
+            found[name] = slot is not None and slot.serves(now, self.limits)
+        return found
+
+    def troubles(self, limit: int | None = None) -> dict[str, str]:
+        """What is wrong with each key set held that Redis publishes, or that is pinned:
+        served from an older copy, stale, or unusable (see `Slot.trouble`); at most
+        *limit* of them, pinned ones first. Key sets found unpublished or removed are not
+        listed: that is no fault."""
+        now = self.clock()
+        found: dict[str, str] = {}
+        names = sorted(self._slots, key=lambda name: name not in self.pinned)
+        for name in names:
+            if limit is not None and len(found) >= limit:
+                break
+            slot = self._slots.get(name)
+            if slot is not None and (slot.published or name in self.pinned):
+                trouble = slot.trouble(now, self.limits)
+                if trouble is not None:
+                    found[name] = trouble
+        return found
+
     def staleness(self) -> dict[str, float | None]:
-        """Seconds since each held key set was last read."""
+        """Seconds since a read last confirmed the copy of each key set held."""
         now = self.clock()
         return {name: slot.staleness(now) for name, slot in list(self._slots.items())}

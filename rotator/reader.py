@@ -6,8 +6,12 @@ through it. A key set is read once, then again only when a commit is
 announced on ``P:events`` (one read however many threads ask: single
 flight), when the backstop poll falls due (one pipelined round trip for all
 key sets held), or when a token names an unknown kid (at most once per
-cooldown). If Redis goes away the last good copy is used for ``max_stale``,
-then verification fails closed.
+cooldown). If Redis goes away, or its JWKS does without a removal (lost
+data), or every entry of it is refused, the last good copy is used for
+``max_stale``, then verification fails closed; a key set removed with
+`rotator keyset remove` is dropped at once (the rules are in `keycache`).
+The events subscription is health-checked, so ``following`` turns false
+within seconds of a silent partition (`rotator.follow`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from rotator.errors import InvalidToken
 from rotator.follow import EventFollower
 from rotator.jwks_import import VerificationKeys
-from rotator.keycache import ReaderLimits, Slot, SlotTable
+from rotator.keycache import (
+    ReaderLimits,
+    Slot,
+    SlotTable,
+    removed_among,
+    removed_if_unreadable,
+)
 from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 from rotator.metrics import READER_STALENESS
 from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
@@ -144,7 +154,8 @@ class JWKSCache:
             self._down = True
 
     def refresh(self, keyset: str) -> bool:
-        """Read *keyset* now; ``False`` if Redis could not be read.
+        """Read *keyset* now; ``False`` if Redis could not be read, or what it holds was not
+        taken (the last good copy stays: see `rotator.keycache`).
 
         Single flight: callers arriving while a read of the same key set is in
         flight wait for it and share its result.
@@ -167,21 +178,35 @@ class JWKSCache:
                     return True  # another caller read while we waited
                 try:
                     raw = self.client.get(self.layout.jwks(keyset))
+                    removed = (
+                        self._removed([keyset])
+                        if self._table.needs_removal_check(keyset, raw, slot or held)
+                        else set()
+                    )
                 except (redis.RedisError, OSError) as exc:
                     self._redis_failed(exc)
                     return False
                 self.reads += 1
                 self._down = False
                 with self._lock:
-                    return self._table.accept(keyset, raw, held=slot or held)
+                    return self._table.accept(keyset, raw, held=slot or held, removed=bool(removed))
         finally:
             with self._lock:
                 flight.callers -= 1
                 if not flight.callers:  # the last caller: names never seen leave nothing
                     del self._flights[keyset]
 
+    def _removed(self, names: list[str]) -> set[str]:
+        """Which of *names* the registry says were removed (one ``HMGET``)."""
+        try:
+            entries = self.client.hmget(self.layout.keysets, names)
+        except redis.ResponseError as exc:
+            return removed_if_unreadable(names, str(exc))
+        return removed_among(names, entries)
+
     def refresh_all(self) -> None:
-        """Read every key set held in one pipelined round trip."""
+        """Read every key set held in one pipelined round trip (and the registry entries of
+        those whose JWKS is gone in a second one)."""
         names = self._table.names()
         if not names:
             return
@@ -190,6 +215,12 @@ class JWKSCache:
                 for name in names:
                     pipe.get(self.layout.jwks(name))
                 values = pipe.execute()
+            gone = [
+                name
+                for name, raw in zip(names, values, strict=True)
+                if self._table.needs_removal_check(name, raw)
+            ]
+            removed = self._removed(gone) if gone else set()
         except (redis.RedisError, OSError) as exc:
             self._redis_failed(exc)
             return
@@ -197,7 +228,7 @@ class JWKSCache:
         self._down = False
         with self._lock:
             for name, raw in zip(names, values, strict=True):
-                self._table.accept(name, raw)
+                self._table.accept(name, raw, removed=name in removed)
 
     def lookup(self, keyset: str, kid: str) -> ec.EllipticCurvePublicKey | None:
         """The key for *kid*; an unknown kid costs at most one shared read per cooldown.
@@ -221,8 +252,18 @@ class JWKSCache:
         return key
 
     def staleness(self) -> dict[str, float | None]:
-        """Seconds since each held key set was last read."""
+        """Seconds since a read last confirmed the copy of each key set held."""
         return self._table.staleness()
+
+    def troubles(self, limit: int | None = None) -> dict[str, str]:
+        """What is wrong with each key set held, if anything (`SlotTable.troubles`)."""
+        with self._lock:
+            return self._table.troubles(limit)
+
+    def serving(self, names: Iterable[str]) -> dict[str, bool]:
+        """Whether each of *names* has a copy to serve now (`SlotTable.serving`)."""
+        with self._lock:
+            return self._table.serving(names)
 
 
 class JWKSReader:
@@ -289,8 +330,14 @@ class JWKSReader:
 
     @property
     def staleness(self) -> float | None:
-        """Seconds since the last successful read (``None``: never read)."""
+        """Seconds since a read last confirmed the copy (``None``: never read)."""
         return self.cache.staleness().get(self.keyset)
+
+    @property
+    def trouble(self) -> str | None:
+        """What is wrong with the copy, if anything: gone from Redis or refused there (the
+        last good copy is used until ``max_stale``), stale, or never loaded."""
+        return self.cache.troubles().get(self.keyset)
 
     @property
     def keys(self) -> VerificationKeys | None:
@@ -298,7 +345,8 @@ class JWKSReader:
         return self.cache.slot(self.keyset).keys
 
     def refresh(self) -> bool:
-        """Read the key set from Redis now; ``False`` if Redis could not be read."""
+        """Read the key set from Redis now; ``False`` if Redis could not be read, or what it
+        holds was not taken (the last good copy stays)."""
         return self.cache.refresh(self.keyset)
 
     def _lookup(self, kid: str) -> ec.EllipticCurvePublicKey | None:

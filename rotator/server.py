@@ -67,6 +67,9 @@ _ALIVE = json_reply(200, {"alive": True})
 _NOT_FOUND = json_reply(404, {"error": "not found"})
 _UNKNOWN_KEYSET = json_reply(404, {"error": "unknown key set"})
 _NOT_ALLOWED = json_reply(405, {"error": "method not allowed"}, ("allow", "GET, HEAD"))
+# Key sets named in /readyz's "troubles" at most (10,000 stale ones would make every probe
+# build a megabyte).
+_TROUBLES_SHOWN = 100
 
 
 def _matches(if_none_match: str, etag: str) -> bool:
@@ -303,16 +306,18 @@ class JWKSApp:
         return _Response(keys, generation, ok, reply(304, caching))
 
     def _ready(self) -> Reply:
-        staleness = self.cache.staleness()
-        limit = self.settings.server.max_stale
-        fresh = {
-            name: (age := staleness.get(name)) is not None and age <= limit
-            for name in self.settings.configured_keysets()
-        }
-        ready = all(fresh.values())
+        # Ready while every configured key set has a copy to serve: the last good one counts
+        # until max_stale (Redis down, its JWKS lost or refused); "troubles" says where so.
+        serving = self.cache.serving(self.settings.configured_keysets())
+        ready = all(serving.values())
         return json_reply(
             200 if ready else 503,
-            {"ready": ready, "keysets": fresh, "subscribed": self.cache.following},
+            {
+                "ready": ready,
+                "keysets": serving,
+                "subscribed": self.cache.following,
+                "troubles": self.cache.troubles(limit=_TROUBLES_SHOWN),
+            },
         )
 
 

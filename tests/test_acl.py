@@ -83,6 +83,7 @@ def test_each_role_does_its_job_and_no_more(acl_redis: EmbeddedRedis, keyring: K
     verifier = redis.Redis.from_url(url(acl_redis, "verifier"))
     assert verifier.get("rotator:{default}:jwks")
     assert verifier.hgetall("rotator:keysets")  # its cache_max_age, read-only
+    assert verifier.hmget("rotator:keysets", ["gone"]) == [b"removed"]  # a removal's tombstone
     with pytest.raises(redis.exceptions.NoPermissionError):
         verifier.hset("rotator:keysets", "evil", "{}")
     with pytest.raises(redis.exceptions.NoPermissionError):

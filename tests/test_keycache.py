@@ -1,13 +1,16 @@
-"""The pure bookkeeping of readers: LRU bound, pinned key sets, names found absent."""
+"""The pure bookkeeping of readers: LRU bound, pinned key sets, names found absent, and the\nlast good copy kept through a JWKS lost or refused."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from rotator import jwks_import, keycache
+from rotator.errors import KeySetUnavailable
 from rotator.jwk import generate_key, jwks_document
 from rotator.jwks_import import VerificationKeys
-from rotator.keycache import ReaderLimits, SlotTable
+from rotator.keycache import ReaderLimits, Slot, SlotTable, removed_among, removed_if_unreadable
 from tests.helpers import FakeClock
 
 
@@ -100,3 +103,99 @@ def test_same_bytes_are_not_imported_again_and_a_server_keeps_no_parsed_keys(
     assert slot.keys is not None and slot.keys.body == body and not slot.keys.keys
     table.accept("a", jwks_document([generate_key().jwk]))
     assert len(imports) == 2
+
+
+def private_jwks(count: int = 2) -> bytes:
+    """A JWKS whose every entry carries a private member (``d``)."""
+    return json.dumps(
+        {"keys": [{**generate_key().jwk, "d": "c2VjcmV0LXNjYWxhcg"} for _ in range(count)]}
+    ).encode()
+
+
+def oct_jwks() -> bytes:
+    """A JWKS of symmetric keys only."""
+    return json.dumps({"keys": [{"kty": "oct", "kid": "h", "k": "c2VjcmV0"}]}).encode()
+
+
+def held(limits: ReaderLimits | None = None) -> tuple[SlotTable, Slot, FakeClock, bytes]:
+    clock = FakeClock(100.0)
+    slots = SlotTable(limits or ReaderLimits(max_stale=600.0), 10, clock)
+    slot, _ = slots.add("k")
+    good = jwks_document([generate_key().jwk])
+    assert slots.accept("k", good)
+    return slots, slot, clock, good
+
+
+def test_a_jwks_gone_without_a_removal_keeps_the_copy_until_max_stale() -> None:
+    slots, slot, clock, good = held()
+    copy = slot.keys
+    assert slots.needs_removal_check("k", None)
+    clock.advance(300)
+    assert not slots.accept("k", None, removed=False)
+    assert slot.keys is copy and slot.published
+    assert slot.usable(clock(), slots.limits) is copy
+    assert slot.staleness(clock()) == 300  # not confirmed by the read that found nothing
+    trouble = slots.troubles()["k"]
+    assert "gone from Redis without a removal" in trouble and "300s ago" in trouble
+    assert slots.serving(["k"]) == {"k": True}
+    clock.advance(301)
+    with pytest.raises(KeySetUnavailable, match="stale"):
+        slot.usable(clock(), slots.limits)
+    assert slots.serving(["k"]) == {"k": False}
+    assert slots.accept("k", good)  # the daemon wrote the same keys back
+    assert slot.keys is copy and slot.problem is None and slot.staleness(clock()) == 0
+    assert slots.troubles() == {}
+
+
+def test_a_removed_keyset_is_dropped_at_once() -> None:
+    slots, slot, clock, _good = held()
+    assert slots.needs_removal_check("k", None)
+    assert slots.accept("k", None, removed=True)
+    with pytest.raises(KeySetUnavailable, match="no published JWKS"):
+        slot.usable(clock(), slots.limits)
+    assert not slot.published and slots.troubles() == {}  # removed is no fault
+    assert not slots.needs_removal_check("k", None)  # nothing held: nothing to keep
+
+
+@pytest.mark.parametrize("stored", [private_jwks(), oct_jwks(), b'{"keys": []}', b"[1"])
+def test_a_jwks_with_no_usable_entry_keeps_the_copy(
+    stored: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slots, slot, clock, _good = held()
+    copy = slot.keys
+    clock.advance(10)
+    assert not slots.accept("k", stored)
+    assert slot.keys is copy and slot.usable(clock(), slots.limits) is copy
+    assert slot.staleness(clock()) == 10
+    assert "stored JWKS" in slots.troubles()["k"]
+    imports: list[object] = []
+    monkeypatch.setattr(keycache, "import_jwks", imports.append)
+    assert not slots.accept("k", stored)  # the same refused bytes: not imported again
+    assert imports == [] and "stored JWKS" in (slot.problem or "")
+
+
+def test_a_first_read_with_no_usable_entry_serves_nothing_and_says_why() -> None:
+    slots, _clock = table(max_keysets=10)
+    slot, _ = slots.add("k")
+    assert not slots.accept("k", private_jwks())
+    assert not slots.settle(slot)  # held: requests are answered from memory, not Redis
+    with pytest.raises(KeySetUnavailable, match="every entry of its stored JWKS is refused"):
+        slot.usable(slots.clock(), slots.limits)
+    assert slots.serving(["k"]) == {"k": False}
+    assert "refused" in slots.troubles()["k"]
+
+
+def test_a_pinned_keyset_never_published_is_not_served() -> None:
+    slots, _clock = table()
+    slots.pinned = {"config"}
+    slots.add("config")
+    assert slots.accept("config", None)
+    assert slots.serving(["config", "other"]) == {"config": False, "other": False}
+    assert "no published JWKS" in slots.troubles()["config"]
+
+
+def test_tombstones_are_read_from_the_registry_entries() -> None:
+    names = ["a", "b", "c", "d"]
+    assert removed_among(names, [b"removed", None, b"{}", "removed"]) == {"a", "d"}
+    assert removed_if_unreadable(names, "WRONGTYPE Operation against a key") == set()
+    assert removed_if_unreadable(names, "NOPERM this user has no permissions") == set(names)
