@@ -19,9 +19,13 @@ from rotator.config import RedisSettings
 __all__ = ["connect"]
 
 
-def connect(settings: RedisSettings, *, retries: int | None = None) -> redis.Redis:
+def connect(
+    settings: RedisSettings, *, retries: int | None = None, socket_timeout: float | None = None
+) -> redis.Redis:
     """A client for the configured Redis that retries connection errors with exponential
-    backoff. One-shot commands pass a small *retries* so an unreachable Redis fails fast.
+    backoff. One-shot commands pass a small *retries* so an unreachable Redis fails fast;
+    the leader lease passes both *retries* and a shorter *socket_timeout* (for connecting
+    too), so that no call of its own outlasts a fraction of the lease.
 
     * ``url`` alone: ``redis://``, ``rediss://`` or ``unix://``, ACL user and
       password from the URL; with ``rediss://`` the server certificate is
@@ -37,9 +41,10 @@ def connect(settings: RedisSettings, *, retries: int | None = None) -> redis.Red
         settings.retries if retries is None else retries,
         supported_errors=(RedisConnectionError, RedisTimeoutError, TimeoutError, OSError),
     )
+    timeout = settings.socket_timeout if socket_timeout is None else socket_timeout
     options: dict[str, Any] = {
-        "socket_timeout": settings.socket_timeout,
-        "socket_connect_timeout": settings.socket_timeout,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
         "retry": retry,
     }
     if settings.tls_ca_file is not None:
@@ -57,7 +62,7 @@ def connect(settings: RedisSettings, *, retries: int | None = None) -> redis.Red
                 (host, int(port))
                 for host, _, port in (s.rpartition(":") for s in settings.sentinels)
             ],
-            sentinel_kwargs={"socket_timeout": settings.socket_timeout},
+            sentinel_kwargs={"socket_timeout": timeout},
             **options,
         )
         master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]

@@ -31,10 +31,11 @@ from apscheduler.triggers.interval import IntervalTrigger
 from rotator.audit import BadAuditEntry
 from rotator.backup import Backup
 from rotator.config import Settings, mask_url
+from rotator.connection import connect
 from rotator.follow import EventFollower
 from rotator.health import Health, HealthServer
 from rotator.keysets import KeySets
-from rotator.lease import Lease
+from rotator.lease import LEASE_RETRIES, Lease, SlowTicks, Verdict, call_timeout
 from rotator.manager import KEYSET_ERRORS, KeyManager, Outcome
 from rotator.metrics import (
     KEYSETS,
@@ -64,6 +65,14 @@ def _described(exc: Exception) -> str:
     return one_line(text)
 
 
+def lease_client(settings: Settings) -> redis.Redis:
+    """A client for the lease alone: its calls are bounded well under ``daemon.lease_ttl``
+    (`rotator.lease`), whatever ``redis.socket_timeout`` and ``redis.retries`` allow the
+    others."""
+    timeout = call_timeout(settings.daemon.lease_ttl, settings.redis.socket_timeout)
+    return connect(settings.redis, retries=LEASE_RETRIES, socket_timeout=timeout)
+
+
 class Daemon:
     """Keeps the configured and registered key sets rotated."""
 
@@ -81,7 +90,9 @@ class Daemon:
         self.clock = clock
         daemon = settings.daemon
         self.health = Health(freshness=_FRESHNESS_TICKS * daemon.tick)
-        self.lease = Lease(manager.store.client, manager.store.layout.leader, daemon.lease_ttl)
+        self.lease = Lease(lease_client(settings), manager.store.layout.leader, daemon.lease_ttl)
+        self._slow_ticks = SlowTicks(daemon.tick)
+        self._outage = threading.Lock()
         self.backup = Backup(daemon.backup_path) if daemon.backup_path else None
         self.stopping = threading.Event()
         self._errors: dict[str, str] = {}
@@ -122,14 +133,48 @@ class Daemon:
             self.manager.seed(contents.states, contents.lineages)
 
     def step_lease(self) -> bool:
-        """Renew or try to take the lease; on taking it, look at every key set at once."""
+        """Renew or try to take the lease; on taking it, look at every key set at once. The
+        lease's calls are bounded, so this is also where an unreachable Redis is noticed
+        first, while a tick may still wait on its own calls."""
         was_leader = self.lease.held
         leader = self.lease.refresh()
+        if self.lease.unreachable is not None:
+            self._redis_failed(self.lease.unreachable)
         self.health.leader = leader
         LEADER.set(1 if leader else 0)
         if leader and not was_leader and not self.stopping.is_set():
             self._wake_at(self.clock())
         return leader
+
+    def timed_tick(self) -> None:
+        """`tick`, timed: a leader whose ticks keep taking longer than ``daemon.tick`` steps
+        down once, or says why it keeps the lease (`rotator.lease.SlowTicks`)."""
+        leader = self.lease.held
+        started = time.monotonic()
+        self.tick()
+        took = time.monotonic() - started
+        verdict = self._slow_ticks.finished(took, leader=leader and self.lease.held)
+        if verdict is Verdict.STEP_DOWN:
+            ttl = self.settings.daemon.lease_ttl
+            log.warning(
+                "ticks take longer than daemon.tick (%d in a row, the last %.1fs > %gs): "
+                "stepping down for %gs so that a replica with a faster path to Redis leads",
+                self._slow_ticks.needed,
+                took,
+                self.settings.daemon.tick,
+                ttl,
+            )
+            self.lease.step_down(ttl)
+            self.health.leader = False
+            LEADER.set(0)
+        elif verdict is Verdict.STAY:
+            log.warning(
+                "ticks still take longer than daemon.tick (the last %.1fs > %gs), and the "
+                "lease came back to this replica after it stepped down: no other replica "
+                "leads faster, so it keeps the lease until the ticks are fast again",
+                took,
+                self.settings.daemon.tick,
+            )
 
     def tick(self) -> None:
         """Reconcile (leader) or observe (follower) every key set once, then schedule the
@@ -268,9 +313,10 @@ class Daemon:
     def _redis_failed(self, exc: Exception) -> None:
         REDIS_ERRORS.inc()
         self.health.redis_down()
-        if not self._redis_was_down:
-            log.warning("Redis is unreachable (%s); retrying every tick", exc)
-            self._redis_was_down = True
+        with self._outage:  # the lease's thread and the tick's both report
+            if not self._redis_was_down:
+                log.warning("Redis is unreachable (%s); retrying every tick", exc)
+                self._redis_was_down = True
 
     def _keyset_failed(self, name: str, message: str, error: Exception | None = None) -> None:
         self.health.failed(name, message)
@@ -286,7 +332,7 @@ class Daemon:
             return  # the regular tick comes first
         run_at = datetime.fromtimestamp(max(when, self.clock()), UTC)
         self._scheduler.add_job(
-            self.tick, DateTrigger(run_at), id="wake", replace_existing=True, name="wake"
+            self.timed_tick, DateTrigger(run_at), id="wake", replace_existing=True, name="wake"
         )
 
     def on_commit(self, keyset: str) -> None:
@@ -338,7 +384,7 @@ class Daemon:
             next_run_time=now,
         )
         self._scheduler.add_job(
-            self.tick,
+            self.timed_tick,
             IntervalTrigger(seconds=daemon.tick, jitter=daemon.tick / 10),
             id="tick",
             name="tick",
