@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import redis
 
-from rotator.aioreader import AsyncJWKSReader
+from rotator.aioreader import AsyncJWKSCache, AsyncJWKSReader
 from rotator.embedded import EmbeddedRedis
 from rotator.errors import KeySetUnavailable
 from rotator.manager import KeyManager
-from rotator.reader import JWKSReader
+from rotator.reader import JWKSCache, JWKSReader
 from rotator.sealing import Keyring
 from rotator.signer import Signer
 from tests.conftest import Cli
@@ -157,6 +157,36 @@ def test_a_removed_keyset_stops_verifying_at_once_in_both_readers(
                     for _ in range(1000):  # until the removal is heard (10 s at most)
                         await aio.verify(token, audience="svc", issuer="iam")
                         await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+
+
+def test_the_backstop_poll_tells_a_removal_from_lost_data(
+    manager: KeyManager, redis_server: EmbeddedRedis, client: redis.Redis
+) -> None:
+    """What readers that missed the events learn from one pipelined poll of everything they
+    hold: the removed key set goes, the one whose JWKS Redis lost stays."""
+    names = ("billing", "shop")
+    for name in names:
+        manager.store.register(name)
+        manager.reconcile(name)
+
+    async def scenario() -> None:
+        threads, aio = JWKSCache(redis_server.url, follow=False), AsyncJWKSCache(redis_server.url)
+        for name in names:
+            threads.slot(name)
+            await aio.slot(name)
+        manager.store.unregister("billing")
+        client.delete(JWKS % "shop")
+        threads.refresh_all()
+        await aio.refresh_all()
+        for cache in (threads, aio):
+            shop, billing = cache.held("shop"), cache.held("billing")
+            assert shop is not None and billing is not None
+            assert shop.usable(cache.clock(), cache.limits).keys
+            with pytest.raises(KeySetUnavailable, match="no published JWKS"):
+                billing.usable(cache.clock(), cache.limits)
+        await aio.close()
 
     asyncio.run(scenario())
 

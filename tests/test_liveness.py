@@ -14,9 +14,14 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 
 from rotator.aioreader import AsyncJWKSCache, AsyncJWKSReader
+from rotator.config import RedisSettings
+from rotator.connection import connect
 from rotator.embedded import EmbeddedRedis
 from rotator.follow import EventFollower, PingWatch, SilentSubscription
 from rotator.lease import Lease, SlowTicks, Verdict, call_timeout
@@ -142,7 +147,7 @@ def test_a_lease_cut_off_from_redis_is_lost_and_says_why(proxy: Proxy) -> None:
 
 
 def test_the_follower_notices_a_silent_partition_and_resubscribes(
-    proxy: Proxy, client: redis.Redis
+    proxy: Proxy, client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     events: list[str] = []
     connects: list[int] = []
@@ -153,10 +158,90 @@ def test_the_follower_notices_a_silent_partition_and_resubscribes(
     ) as follower:
         proxy.blackhole()
         wait_for(lambda: not follower.subscribed.is_set(), what="the partition noticed")
+        lost = len(caplog.records)
+        claimed: list[bool] = []
+
+        def retried() -> bool:
+            claimed.append(follower.subscribed.is_set())
+            return sum("subscription lost" in r.message for r in caplog.records[lost:]) >= 2
+
+        wait_for(retried, timeout=30, what="two more tries to subscribe")
+        assert not any(claimed)  # a SUBSCRIBE sent is not a subscription: no answer came
         proxy.restore()
         wait_for(follower.subscribed.is_set, what="resubscription")
         assert len(connects) >= 2  # each subscription reads everything again
         wait_for(lambda: announce(client) or events, what="events after the partition")
+
+
+def test_a_resubscription_by_redis_py_itself_reads_everything_again(
+    redis_server: EmbeddedRedis, client: redis.Redis
+) -> None:
+    """A client with retries (as `connect` builds) reconnects and resubscribes inside
+    redis-py, without an error reaching the follower; what was published meanwhile is lost,
+    so the follower must catch up as after any subscription."""
+    connects: list[int] = []
+    with following(
+        connect(RedisSettings(url=redis_server.url)),
+        on_event=print,
+        on_connect=lambda: connects.append(1),
+    ) as follower:
+        client.client_kill_filter(_type="pubsub")
+        wait_for(lambda: len(connects) >= 2, what="the catch-up read")
+        assert follower.subscribed.is_set()
+
+    async def scenario() -> None:
+        retrying = aioredis.Redis.from_url(
+            redis_server.url,
+            retry=AsyncRetry(ExponentialBackoff(), 5),
+            retry_on_error=[redis.ConnectionError],
+        )
+        cache = AsyncJWKSCache(retrying)
+        await cache.start(["default"])
+        try:
+            await async_wait_for(lambda: cache.subscribed, what="subscription")
+            reads = cache.reads
+            client.client_kill_filter(_type="pubsub")
+            await async_wait_for(lambda: cache.reads > reads, what="the async catch-up read")
+        finally:
+            await cache.close()
+
+    asyncio.run(scenario())
+
+
+def pings(client: redis.Redis) -> int:
+    """PINGs the server has answered so far."""
+    stats: dict[str, Any] = client.info("commandstats")
+    return int(stats.get("cmdstat_ping", {}).get("calls", 0))
+
+
+def test_a_healthy_idle_subscription_is_pinged_and_stays(
+    redis_server: EmbeddedRedis, client: redis.Redis, manager: KeyManager
+) -> None:
+    """The health check must not take a quiet subscription for a dead one: through several
+    PING rounds, neither follower resubscribes."""
+    manager.reconcile("default")
+    connects: list[int] = []
+    with following(
+        redis.Redis.from_url(redis_server.url),
+        on_event=print,
+        on_connect=lambda: connects.append(1),
+    ) as follower:
+        before = pings(client)
+        wait_for(lambda: pings(client) >= before + 5, what="health-check PINGs")
+        assert follower.subscribed.is_set() and connects == [1]
+
+    async def scenario() -> None:
+        cache = AsyncJWKSCache(redis_server.url)
+        await cache.start(["default"])
+        try:
+            await async_wait_for(lambda: cache.subscribed, what="subscription")
+            reads, before = cache.reads, pings(client)
+            await async_wait_for(lambda: pings(client) >= before + 5, what="async PINGs")
+            assert cache.subscribed and cache.reads == reads  # no resubscription read
+        finally:
+            await cache.close()
+
+    asyncio.run(scenario())
 
 
 def test_the_thread_reader_stops_following_through_a_silent_partition(
@@ -261,12 +346,15 @@ def test_an_unexpected_error_inside_redis_py_resubscribes(
 
 
 def test_the_async_follower_survives_a_refresh_that_raises(
-    manager: KeyManager, redis_server: EmbeddedRedis, client: redis.Redis
+    manager: KeyManager,
+    redis_server: EmbeddedRedis,
+    client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     manager.reconcile("default")
 
     async def scenario() -> None:
-        cache = AsyncJWKSCache(redis_server.url, limits=None)
+        cache = AsyncJWKSCache(redis_server.url)
         await cache.start(["default"])
         try:
             await async_wait_for(lambda: cache.subscribed, what="subscription")
@@ -290,6 +378,44 @@ def test_the_async_follower_survives_a_refresh_that_raises(
             await cache.close()
 
     asyncio.run(scenario())
+    messages = [r.message for r in caplog.records]
+    assert any("on_event failed (TypeError" in m for m in messages)
+    assert not any("unexpected" in m or "subscription lost" in m for m in messages)  # kept
+
+
+def test_an_unexpected_error_inside_redis_py_resubscribes_the_async_follower(
+    manager: KeyManager,
+    redis_server: EmbeddedRedis,
+    client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manager.reconcile("default")
+    real = aioredis.client.PubSub.get_message
+    armed = threading.Event()
+
+    async def flaky(self: aioredis.client.PubSub, *args: Any, **kwargs: Any) -> Any:
+        if armed.is_set():
+            armed.clear()
+            raise RuntimeError("something redis-py never meant to raise")
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(aioredis.client.PubSub, "get_message", flaky)
+
+    async def scenario() -> None:
+        cache = AsyncJWKSCache(redis_server.url)
+        await cache.start(["default"])
+        try:
+            await async_wait_for(lambda: cache.subscribed, what="subscription")
+            reads = cache.reads
+            armed.set()
+            await async_wait_for(lambda: cache.reads > reads, what="the resubscription read")
+            await async_wait_for(lambda: cache.subscribed, what="subscribed again")
+        finally:
+            await cache.close()
+
+    asyncio.run(scenario())
+    assert any("unexpected RuntimeError" in r.message for r in caplog.records)
 
 
 def test_an_async_cache_closes_even_when_a_read_swallows_the_cancellation(
