@@ -31,7 +31,7 @@ from rotator.errors import KeySetUnavailable
 from rotator.jwks_import import JWKSFormatError, VerificationKeys, import_jwks
 from rotator.store import REMOVED
 
-__all__ = ["ReaderLimits", "Slot", "SlotTable", "removed_among", "removed_if_unreadable"]
+__all__ = ["ReaderLimits", "Slot", "SlotTable", "removed_among"]
 
 
 def _digest(raw: bytes | str) -> bytes:
@@ -54,13 +54,6 @@ def removed_among(names: Sequence[str], entries: Sequence[object]) -> set[str]:
         for name, entry in zip(names, entries, strict=True)
         if entry in (REMOVED, _REMOVED_BYTES)
     }
-
-
-def removed_if_unreadable(names: Sequence[str], error: str) -> set[str]:
-    """The *names* to treat as removed when reading the registry failed with *error*:
-    none for a registry an older release left as a set of names (it has no tombstones);
-    all of them otherwise (an ACL that denies it: no copy is kept on a guess)."""
-    return set() if "WRONGTYPE" in error else set(names)
 
 
 @dataclass(frozen=True)

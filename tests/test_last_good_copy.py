@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from rotator.aioreader import AsyncJWKSCache, AsyncJWKSReader
 from rotator.embedded import EmbeddedRedis
@@ -135,6 +136,7 @@ def test_the_async_copy_fails_closed_after_max_stale(
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_a_removed_keyset_stops_verifying_at_once_in_both_readers(
     manager: KeyManager, redis_server: EmbeddedRedis, cli: Cli, keyring: Keyring
 ) -> None:
@@ -191,6 +193,46 @@ def test_the_backstop_poll_tells_a_removal_from_lost_data(
     asyncio.run(scenario())
 
 
+class NoRegistryAccess(redis.Redis):
+    """A client under an ACL that denies HMGET of the registry."""
+
+    def hmget(self, *args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.NoPermissionError("this user has no permissions to run 'hmget'")
+
+
+class AsyncNoRegistryAccess(aioredis.Redis):
+    """The asyncio twin of `NoRegistryAccess`."""
+
+    async def hmget(self, *args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.NoPermissionError("this user has no permissions to run 'hmget'")
+
+
+def test_a_registry_it_cannot_read_makes_the_reader_drop_the_copy(
+    manager: KeyManager, redis_server: EmbeddedRedis, client: redis.Redis
+) -> None:
+    """Removed or lost cannot be told: no copy is kept on a guess (as before)."""
+    manager.reconcile("default")
+    cache = JWKSCache(NoRegistryAccess.from_url(redis_server.url), follow=False)
+    slot = cache.slot("default")
+    client.delete(JWKS % "default")
+    assert cache.refresh("default")
+    with pytest.raises(KeySetUnavailable, match="no published JWKS"):
+        slot.usable(cache.clock(), cache.limits)
+
+    async def scenario() -> None:
+        manager.reconcile("default")
+        aio = AsyncJWKSCache(AsyncNoRegistryAccess.from_url(redis_server.url))
+        held = await aio.slot("default")
+        client.delete(JWKS % "default")
+        assert await aio.refresh("default")
+        with pytest.raises(KeySetUnavailable, match="no published JWKS"):
+            held.usable(aio.clock(), aio.limits)
+        await aio.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
 def test_the_reader_library_loads_no_daemon_dependency() -> None:
     """The tombstone check is one HMGET in the reader, not `rotator.keysets` (which needs
     the daemon's configuration and so pydantic-settings)."""
