@@ -187,9 +187,11 @@ class Daemon:
             if failure != self._tick_failure:
                 log.exception("tick failed; the next one tries again")
                 self._tick_failure = failure
-            self._notify(self.managed.names(), self.lease.held)
         else:
             self._tick_failure = None
+        # Whatever the tick came to, Redis unreachable included: the process is alive and
+        # retrying, and a restart by systemd's watchdog would change nothing.
+        self._notify(self.managed.names(), self.lease.held)
 
     def _tick(self) -> None:
         names = self.keysets()
@@ -228,7 +230,6 @@ class Daemon:
         self.count_rotations()
         if due and leader:
             self._wake_at(min(due))
-        self._notify(names, leader)
 
     def _notify(self, names: list[str], leader: bool) -> None:
         ready = self.health.ready(self.clock())

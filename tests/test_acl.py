@@ -84,6 +84,7 @@ def test_each_role_does_its_job_and_no_more(acl_redis: EmbeddedRedis, keyring: K
     assert verifier.get("rotator:{default}:jwks")
     assert verifier.hgetall("rotator:keysets")  # its cache_max_age, read-only
     assert verifier.hmget("rotator:keysets", ["gone"]) == [b"removed"]  # a removal's tombstone
+    assert verifier.hget("rotator:keysets", "gone") == b"removed"  # an announced policy
     with pytest.raises(redis.exceptions.NoPermissionError):
         verifier.hset("rotator:keysets", "evil", "{}")
     with pytest.raises(redis.exceptions.NoPermissionError):

@@ -246,6 +246,21 @@ def test_the_shipped_role_configs_run_as_their_acl_users(kind: str, tmp_path: Pa
         )
         status_output = roles.cli("status")
         assert status_output.returncode == 0, status_output.stderr
+        # A policy change reaches serve's Cache-Control through the announcement, which
+        # serve reads as the verifier (one HGET of the registry entry).
+        added = roles.cli("keyset", "add", "shop", "--cache-max-age", "10s")
+        assert added.returncode == 0, added.stderr
+        assert roles.serve.get("/.well-known/jwks.json?keyset=shop")[0] == 200
+        updated = roles.cli("keyset", "update", "shop", "--cache-max-age", "9s")
+        assert updated.returncode == 0, updated.stderr
+        wait_for(
+            lambda: (
+                "max-age=9,"
+                in roles.serve.get("/.well-known/jwks.json?keyset=shop")[1]["cache-control"]
+            ),
+            what="the announced policy in serve's Cache-Control",
+        )
+        assert not [line for line in roles.serve.log if "WARNING" in line], roles.serve.log
 
 
 def test_dashboard_and_rules_name_only_scraped_metrics(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ Redis. One bad item affects that item alone; everything else goes on."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import socket
@@ -267,6 +268,29 @@ def test_a_nan_due_time_does_not_stop_the_watchdog(
     received = [systemd.recv(4096) for _ in range(2)]
     assert b"WATCHDOG=1" in received
     assert versions(daemon, "alpha") == {"alpha": 2}
+
+
+def test_the_watchdog_is_fed_while_redis_is_unreachable(
+    redis_server: EmbeddedRedis, keyring: Keyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a tick that found Redis down returned before `_notify`, so systemd's watchdog
+    (WatchdogSec=60 in the shipped unit) restarted a daemon that was only waiting for Redis."""
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "60000000")
+    daemon = make_daemon(redis_server, keyring, FakeClock())
+    daemon.tick()
+    redis_server.stop()
+    systemd.settimeout(0.01)
+    with contextlib.suppress(TimeoutError):
+        while True:  # drain what the first tick sent
+            systemd.recv(4096)
+    systemd.settimeout(30)
+    daemon.tick()
+    assert daemon.health.report(0)["redis"] is False
+    received = [systemd.recv(4096) for _ in range(2)]
+    assert b"WATCHDOG=1" in received
 
 
 # ------------------------------------------------------------ Follower threads die
