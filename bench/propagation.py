@@ -12,13 +12,13 @@ import time
 
 import redis
 
+from rotator.core.envelope import generate_kek_line, parse_keks
+from rotator.core.policy import Policy
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.layout import Layout
-from rotator.manager import KeyManager
-from rotator.policy import Policy
-from rotator.reader import JWKSReader
-from rotator.sealing import generate_kek_line, parse_keks
-from rotator.store import Store
+from rotator.library.reader import JWKSReader
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
 
 ROTATIONS = 300
 

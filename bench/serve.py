@@ -25,12 +25,12 @@ from pathlib import Path
 
 import redis
 
+from rotator.core.envelope import generate_kek_line, parse_keks
+from rotator.core.policy import Policy
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis, free_port
-from rotator.layout import Layout
-from rotator.manager import KeyManager
-from rotator.policy import Policy
-from rotator.sealing import generate_kek_line, parse_keks
-from rotator.store import Store
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
 
 DURATION = "5s"
 CONNECTIONS = "32"

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import redis
 
-from rotator.daemon import BATCH_SIZE
+from rotator.core.envelope import generate_kek_line, parse_keks
+from rotator.core.policy import Policy
+from rotator.daemon.manager import KeyManager
+from rotator.daemon.scheduler import BATCH_SIZE
 from rotator.embedded import EmbeddedRedis, free_port
-from rotator.layout import Layout
-from rotator.manager import KeyManager
-from rotator.policy import Policy
-from rotator.sealing import generate_kek_line, parse_keks
-from rotator.server import IAM_PATH
-from rotator.store import Store
+from rotator.serve.app import IAM_PATH
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
 
 DURATION = "5s"
 CONNECTIONS = "32"

@@ -17,15 +17,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from rotator.core.envelope import generate_kek_line, parse_keks
+from rotator.core.policy import Policy
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.jwks_import import b64decode_strict
-from rotator.layout import Layout
-from rotator.manager import KeyManager
-from rotator.policy import Policy
-from rotator.reader import JWKSReader
-from rotator.sealing import generate_kek_line, parse_keks
-from rotator.signer import Signer
-from rotator.store import Store
+from rotator.library.jwks_import import b64decode_strict
+from rotator.library.reader import JWKSReader
+from rotator.library.signer import Signer
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
 
 TOKENS = 2000
 ROUNDS = 15

@@ -1,7 +1,7 @@
 """rotator: rotates ES256 JWT signing keys and publishes the public JWKS to Redis.
 
 The names below are imported on first use, so that services embedding only the reader
-(`rotator.reader`, `rotator.aioreader`, `rotator.verify`) load neither the daemon's
+(`rotator.reader`, `rotator.aioreader`, `rotator.signer`) load neither the daemon's
 configuration (pydantic-settings) nor its scheduler (APScheduler).
 """
 
@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rotator.config import ConfigError, Settings, load_settings
-    from rotator.lifecycle import Event, Transition
-    from rotator.manager import KeyManager, Outcome
-    from rotator.policy import Policy
-    from rotator.state import KeyRecord, KeySetState, Status
+    from rotator.core.lifecycle import Event, Transition
+    from rotator.core.policy import Policy
+    from rotator.core.state import KeyRecord, KeySetState, Status
+    from rotator.daemon.manager import KeyManager, Outcome
 
 __all__ = [
     "ConfigError",
@@ -37,14 +37,14 @@ _HOMES = {
     "ConfigError": "rotator.config",
     "Settings": "rotator.config",
     "load_settings": "rotator.config",
-    "Event": "rotator.lifecycle",
-    "Transition": "rotator.lifecycle",
-    "KeyManager": "rotator.manager",
-    "Outcome": "rotator.manager",
-    "Policy": "rotator.policy",
-    "KeyRecord": "rotator.state",
-    "KeySetState": "rotator.state",
-    "Status": "rotator.state",
+    "Event": "rotator.core.lifecycle",
+    "Transition": "rotator.core.lifecycle",
+    "KeyManager": "rotator.daemon.manager",
+    "Outcome": "rotator.daemon.manager",
+    "Policy": "rotator.core.policy",
+    "KeyRecord": "rotator.core.state",
+    "KeySetState": "rotator.core.state",
+    "Status": "rotator.core.state",
 }
 
 

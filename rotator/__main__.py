@@ -2,6 +2,6 @@
 
 import sys
 
-from rotator.cli import main
+from rotator.cli.main import main
 
 sys.exit(main())

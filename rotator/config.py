@@ -33,10 +33,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from rotator.durations import format_duration, parse_duration
-from rotator.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
-from rotator.policy import Policy, cron_trigger
-from rotator.sealing import Keyring, load_keyring
+from rotator.core.durations import format_duration, parse_duration
+from rotator.core.envelope import Keyring, load_keyring
+from rotator.core.policy import Policy, cron_trigger
+from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
 
 __all__ = [
     "ConfigError",

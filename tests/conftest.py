@@ -17,12 +17,12 @@ from typing import Protocol
 import pytest
 import redis
 
+from rotator.core.envelope import Keyring
+from rotator.core.policy import Policy
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis, free_port
-from rotator.layout import Layout
-from rotator.manager import KeyManager
-from rotator.policy import Policy
-from rotator.sealing import Keyring
-from rotator.store import Store
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
 from tests.helpers import FakeClock, collect_lines, make_keyring
 
 FAST = Policy(
@@ -99,7 +99,7 @@ class Cli:
 
 @pytest.fixture
 def kek_file(tmp_path: Path) -> Path:
-    from rotator.sealing import generate_kek_line
+    from rotator.core.envelope import generate_kek_line
 
     path = tmp_path / "kek"
     path.write_text(generate_kek_line("k1") + "\n")

@@ -17,7 +17,7 @@ import promql_parser
 import pytest
 import yaml
 
-from rotator.sealing import generate_kek_line
+from rotator.core.envelope import generate_kek_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

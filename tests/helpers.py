@@ -11,8 +11,8 @@ from typing import IO, TypeVar
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from rotator.jwk import GeneratedKey, generate_key, public_jwk
-from rotator.sealing import Keyring, SealedKey, generate_kek_line, parse_keks
+from rotator.core.envelope import Keyring, SealedKey, generate_kek_line, parse_keks
+from rotator.core.jwk import GeneratedKey, generate_key, public_jwk
 
 T = TypeVar("T")
 

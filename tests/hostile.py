@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from rotator import lifecycle
-from rotator.policy import Policy
-from rotator.sealing import Keyring
-from rotator.state import KeySetState, Status
+from rotator.core import lifecycle
+from rotator.core.envelope import Keyring
+from rotator.core.policy import Policy
+from rotator.core.state import KeySetState, Status
 from tests.helpers import RecordingMint
 
 Path = tuple[str | int, ...]

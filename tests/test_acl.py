@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from rotator.audit import AuditLog
+from rotator.core.envelope import Keyring
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.layout import Layout
-from rotator.lease import Lease
-from rotator.manager import KeyManager
-from rotator.reader import JWKSReader
-from rotator.sealing import Keyring
-from rotator.signer import Signer
-from rotator.store import Store
+from rotator.library.reader import JWKSReader
+from rotator.library.signer import Signer
+from rotator.storage.audit import AuditLog
+from rotator.storage.layout import Layout
+from rotator.storage.lease import Lease
+from rotator.storage.store import Store
 from tests.conftest import FAST
 from tests.helpers import FakeClock, wait_for
 

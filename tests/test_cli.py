@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from rotator.embedded import free_port
-from rotator.keysets import lineage_of, policy_of
+from rotator.storage.registry import lineage_of, policy_of
 from tests.conftest import Cli
 
 
@@ -282,7 +282,7 @@ def test_repair_and_status_of_corrupt_state(cli: Cli, client: redis.Redis) -> No
 
 
 def test_a_kid_starting_with_a_dash_is_an_argument_not_an_option() -> None:
-    from rotator.cli import _parser, shield_kids
+    from rotator.cli.main import _parser, shield_kids
 
     kid = "-" + "A" * 42
     for argv in (

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from rotator.config import ConfigError, load_settings, mask_url
-from rotator.durations import format_duration, parse_duration
-from rotator.layout import validate_keyset_name
+from rotator.core.durations import format_duration, parse_duration
+from rotator.storage.layout import validate_keyset_name
 
 
 @pytest.fixture(autouse=True)

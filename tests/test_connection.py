@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from rotator.config import ConfigError, load_settings
-from rotator.connection import connect
 from rotator.embedded import EmbeddedRedis, free_port
+from rotator.wiring import connect
 from tests.conftest import Cli
 
 

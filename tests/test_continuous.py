@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from rotator.core.envelope import load_keyring
 from rotator.embedded import EmbeddedRedis
-from rotator.errors import InvalidToken
-from rotator.reader import JWKSReader
-from rotator.sealing import load_keyring
-from rotator.signer import Signer
+from rotator.library.errors import InvalidToken
+from rotator.library.reader import JWKSReader
+from rotator.library.signer import Signer
 from tests.conftest import StartDaemon
 from tests.helpers import wait_for
 

@@ -16,10 +16,10 @@ import redis
 from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
+from rotator.core.envelope import load_keyring
+from rotator.core.jwk import b64url, load_private_key
+from rotator.core.state import decode_state
 from rotator.embedded import EmbeddedRedis, free_port
-from rotator.jwk import b64url, load_private_key
-from rotator.sealing import load_keyring
-from rotator.state import decode_state
 from tests.conftest import Cli, Daemon, StartDaemon
 from tests.helpers import wait_for
 

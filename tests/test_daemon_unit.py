@@ -9,14 +9,14 @@ import pytest
 import redis
 
 from rotator.config import KeysetSettings, load_settings
-from rotator.daemon import Daemon
+from rotator.core.envelope import Keyring
+from rotator.core.state import KeySetState
+from rotator.daemon.manager import KeyManager
+from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis
-from rotator.keysets import KeySets, encode_entry, new_lineage
-from rotator.layout import Layout
-from rotator.manager import KeyManager
-from rotator.sealing import Keyring
-from rotator.state import KeySetState
-from rotator.store import Store
+from rotator.storage.layout import Layout
+from rotator.storage.registry import KeySets, encode_entry, new_lineage
+from rotator.storage.store import Store
 from tests.helpers import FakeClock
 
 

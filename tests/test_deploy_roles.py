@@ -22,8 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from rotator.core.envelope import generate_kek_line
 from rotator.embedded import EmbeddedRedis, free_port
-from rotator.sealing import generate_kek_line
 from tests.deploying import (
     ACL_FILE,
     DEPLOY,

@@ -11,9 +11,9 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rotator.jwk import PRIVATE_MEMBERS, jwks_document, thumbprint
-from rotator.sealing import SealedKey
-from rotator.state import KeyRecord, KeySetState, Status, encode_state
+from rotator.core.envelope import SealedKey
+from rotator.core.jwk import PRIVATE_MEMBERS, jwks_document, thumbprint
+from rotator.core.state import KeyRecord, KeySetState, Status, encode_state
 
 
 def reference(value: Any) -> str:

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import redis
 
+from rotator.core.envelope import load_keyring
+from rotator.core.lifecycle import UnknownKid
+from rotator.core.policy import Policy
+from rotator.core.state import Status, decode_state
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.layout import Layout
-from rotator.lifecycle import UnknownKid
-from rotator.manager import KeyManager
-from rotator.policy import Policy
-from rotator.sealing import load_keyring
-from rotator.state import Status, decode_state
-from rotator.store import Store
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
 from tests.conftest import Daemon, StartDaemon
 from tests.helpers import wait_for
 

@@ -11,9 +11,9 @@ import urllib.request
 
 import redis
 
-from rotator import strictjson
+from rotator.core import strictjson
+from rotator.core.jwk import generate_key
 from rotator.embedded import free_port
-from rotator.jwk import generate_key
 from tests.conftest import Cli, CliResult
 from tests.helpers import wait_for
 from tests.hostile import BAD_ENTRIES, Raw, emit

@@ -16,22 +16,22 @@ from typing import Any
 import pytest
 import redis
 
-from rotator.audit import AuditLog, BadAuditEntry
-from rotator.backup import Backup
 from rotator.config import load_settings
-from rotator.daemon import Daemon
+from rotator.core.envelope import Keyring, SealedKey
+from rotator.core.jwk import generate_key
+from rotator.core.policy import Policy
+from rotator.core.state import CorruptState, decode_state, encode_state
+from rotator.daemon.backup import Backup
+from rotator.daemon.manager import KeyManager
+from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis
-from rotator.follow import EventFollower, keyset_of
-from rotator.jwk import generate_key
-from rotator.jwks_import import import_jwks
-from rotator.keysets import BadPolicy, KeySets, parse_overrides
-from rotator.layout import Layout
-from rotator.manager import KeyManager
+from rotator.library.jwks_import import import_jwks
 from rotator.metrics import ROTATIONS
-from rotator.policy import Policy
-from rotator.sealing import Keyring, SealedKey
-from rotator.state import CorruptState, decode_state, encode_state
-from rotator.store import Store
+from rotator.storage.audit import AuditLog, BadAuditEntry
+from rotator.storage.events import EventFollower, keyset_of
+from rotator.storage.layout import Layout
+from rotator.storage.registry import BadPolicy, KeySets, parse_overrides
+from rotator.storage.store import Store
 from tests.conftest import FAST
 from tests.helpers import FakeClock, make_keyring, wait_for
 from tests.hostile import BAD_ENTRIES, DEEP, Raw, emit, real_state

@@ -18,18 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rotator import lifecycle, strictjson
-from rotator.audit import AuditEntry, AuditLog, BadAuditEntry, Fields
-from rotator.backup import Backup
 from rotator.config import KeysetSettings
-from rotator.follow import keyset_of
-from rotator.jwk import GeneratedKey
-from rotator.jwks_import import JWKSFormatError, import_jwks
-from rotator.keysets import BadPolicy, encode_entry, lineage_of, parse_overrides, policy_of
-from rotator.layout import validate_keyset_name
-from rotator.policy import Policy
-from rotator.sealing import SealedKey, UnsealError
-from rotator.state import (
+from rotator.core import lifecycle, strictjson
+from rotator.core.envelope import SealedKey, UnsealError
+from rotator.core.jwk import GeneratedKey
+from rotator.core.policy import Policy
+from rotator.core.state import (
     MAX_TIME,
     MIN_TIME,
     CorruptState,
@@ -37,6 +31,12 @@ from rotator.state import (
     decode_state,
     encode_state,
 )
+from rotator.daemon.backup import Backup
+from rotator.library.jwks_import import JWKSFormatError, import_jwks
+from rotator.storage.audit import AuditEntry, AuditLog, BadAuditEntry, Fields
+from rotator.storage.events import keyset_of
+from rotator.storage.layout import validate_keyset_name
+from rotator.storage.registry import BadPolicy, encode_entry, lineage_of, parse_overrides, policy_of
 from tests import hostile
 from tests.helpers import RecordingMint, make_keyring
 from tests.hostile import HOSTILE, HOSTILE_BYTES, emit, variants

@@ -15,10 +15,10 @@ import pytest
 import redis
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from rotator.errors import InvalidToken
-from rotator.jwk import generate_key
-from rotator.reader import JWKSReader
-from rotator.state import decode_state
+from rotator.core.jwk import generate_key
+from rotator.core.state import decode_state
+from rotator.library.errors import InvalidToken
+from rotator.library.reader import JWKSReader
 from tests.conftest import Cli, Daemon, StartDaemon
 from tests.helpers import wait_for
 from tests.hostile import BAD_ENTRIES, DEEP, emit

@@ -18,8 +18,8 @@ from typing import BinaryIO
 
 import pytest
 
-from rotator import httpd
-from rotator.httpd import Reply, Request, reply
+from rotator.serve import httpd
+from rotator.serve.httpd import Reply, Request, reply
 from tests.helpers import wait_for
 
 
@@ -487,7 +487,7 @@ def test_an_unsupported_http_version_gets_505() -> None:
 
 def test_refusals_are_counted_each_and_logged_together(caplog: pytest.LogCaptureFixture) -> None:
     seen, options = _refusals_recorder()
-    caplog.set_level(logging.WARNING, logger="rotator.httpd")
+    caplog.set_level(logging.WARNING, logger="rotator.serve.httpd")
     with serving(options, _listener()) as served:
         for _ in range(5):
             exchange(served, b"NOT HTTP\r\n\r\n")

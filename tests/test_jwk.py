@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc.jwk import ECKey
 
-from rotator.jwk import (
+from rotator.core.jwk import (
     PrivateMemberError,
     generate_key,
     jwks_document,

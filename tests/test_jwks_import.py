@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from rotator.jwk import b64url, generate_key, jwks_document
-from rotator.jwks_import import JWKSFormatError, import_jwks
+from rotator.core.jwk import b64url, generate_key, jwks_document
+from rotator.library.jwks_import import JWKSFormatError, import_jwks
 
 
 def doc(*entries: dict[str, Any]) -> bytes:

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from rotator import jwks_import, keycache
-from rotator.errors import KeySetUnavailable
-from rotator.jwk import generate_key, jwks_document
-from rotator.jwks_import import VerificationKeys
-from rotator.keycache import ReaderLimits, Slot, SlotTable, removed_among
+from rotator.core.jwk import generate_key, jwks_document
+from rotator.library import jwks_import, keycache
+from rotator.library.errors import KeySetUnavailable
+from rotator.library.jwks_import import VerificationKeys
+from rotator.library.keycache import ReaderLimits, Slot, SlotTable, removed_among
 from tests.helpers import FakeClock
 
 

@@ -14,13 +14,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from rotator.aioreader import AsyncJWKSCache, AsyncJWKSReader
+from rotator.core.envelope import Keyring
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.errors import KeySetUnavailable
-from rotator.manager import KeyManager
-from rotator.reader import JWKSCache, JWKSReader
-from rotator.sealing import Keyring
-from rotator.signer import Signer
+from rotator.library.aioreader import AsyncJWKSCache, AsyncJWKSReader
+from rotator.library.errors import KeySetUnavailable
+from rotator.library.reader import JWKSCache, JWKSReader
+from rotator.library.signer import Signer
 from tests.conftest import Cli
 from tests.helpers import FakeClock, async_wait_for, wait_for
 from tests.test_keycache import oct_jwks, private_jwks
@@ -234,12 +234,12 @@ def test_a_registry_it_cannot_read_makes_the_reader_drop_the_copy(
 
 @pytest.mark.slow
 def test_the_reader_library_loads_no_daemon_dependency() -> None:
-    """The tombstone check is one HMGET in the reader, not `rotator.keysets` (which needs
+    """The tombstone check is one HMGET in the reader, not `rotator.storage.registry` (which needs
     the daemon's configuration and so pydantic-settings)."""
     code = (
-        "import sys, rotator.reader, rotator.aioreader, rotator.verify; "
+        "import sys, rotator.reader, rotator.aioreader, rotator.library.verify; "
         "heavy = [m for m in ('pydantic_settings', 'apscheduler', 'rotator.config', "
-        "'rotator.keysets') if m in sys.modules]; "
+        "'rotator.storage.registry') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

@@ -11,11 +11,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from rotator import lifecycle
-from rotator.jwk import PRIVATE_MEMBERS
-from rotator.lifecycle import RotationTooSoon, Transition, UnknownKid
-from rotator.policy import Policy
-from rotator.state import KeySetState, Status, decode_state, encode_state
+from rotator.core import lifecycle
+from rotator.core.jwk import PRIVATE_MEMBERS
+from rotator.core.lifecycle import RotationTooSoon, Transition, UnknownKid
+from rotator.core.policy import Policy
+from rotator.core.state import KeySetState, Status, decode_state, encode_state
 from tests.helpers import FakeClock, RecordingMint, make_keyring
 
 POLICY = Policy(

@@ -19,14 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 
-from rotator.aioreader import AsyncJWKSCache, AsyncJWKSReader
 from rotator.config import RedisSettings
-from rotator.connection import connect
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.follow import EventFollower, PingWatch, SilentSubscription
-from rotator.lease import Lease, SlowTicks, Verdict, call_timeout
-from rotator.manager import KeyManager
-from rotator.reader import JWKSReader
+from rotator.library.aioreader import AsyncJWKSCache, AsyncJWKSReader
+from rotator.library.reader import JWKSReader
+from rotator.storage.events import EventFollower, PingWatch, SilentSubscription
+from rotator.storage.lease import Lease, SlowTicks, Verdict, call_timeout
+from rotator.wiring import connect
 from tests.conftest import Cli, Daemon, StartDaemon
 from tests.faults import Proxy
 from tests.helpers import FakeClock, async_wait_for, wait_for

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import pytest
 import redis
 
-from rotator.audit import AuditEntry, AuditLog
 from rotator.config import RedisSettings
-from rotator.connection import connect
+from rotator.core.envelope import Keyring
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.layout import Layout
-from rotator.manager import KeyManager
-from rotator.sealing import Keyring
-from rotator.store import Store
+from rotator.storage.audit import AuditEntry, AuditLog
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
+from rotator.wiring import connect
 from tests.conftest import FAST
 from tests.helpers import FakeClock
 

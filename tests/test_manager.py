@@ -8,12 +8,12 @@ import logging
 import pytest
 import redis
 
-from rotator.layout import Layout
-from rotator.lifecycle import LifecycleError, RotationTooSoon
-from rotator.manager import KeyManager, NoKekError
-from rotator.sealing import Keyring, UnsealError, parse_keks
-from rotator.state import KeySetState
-from rotator.store import Store
+from rotator.core.envelope import Keyring, UnsealError, parse_keks
+from rotator.core.lifecycle import LifecycleError, RotationTooSoon
+from rotator.core.state import KeySetState
+from rotator.daemon.manager import KeyManager, NoKekError
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
 from tests.conftest import FAST
 from tests.helpers import FakeClock, make_keyring
 

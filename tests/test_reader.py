@@ -11,14 +11,14 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from rotator.aioreader import AsyncJWKSReader
+from rotator.core.envelope import Keyring
+from rotator.core.jwk import generate_key, load_private_key
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.errors import KeySetUnavailable, UnknownKid
-from rotator.jwk import generate_key, load_private_key
-from rotator.manager import KeyManager
-from rotator.reader import JWKSCache, JWKSReader
-from rotator.sealing import Keyring
-from rotator.signer import Signer
+from rotator.library.aioreader import AsyncJWKSReader
+from rotator.library.errors import KeySetUnavailable, UnknownKid
+from rotator.library.reader import JWKSCache, JWKSReader
+from rotator.library.signer import Signer
 from tests.helpers import FakeClock, async_wait_for, wait_for
 from tests.tokens import es256
 

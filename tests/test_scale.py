@@ -10,17 +10,17 @@ import pytest
 import redis
 from redis.connection import Connection
 
-from rotator.audit import AuditEntry, AuditLog
 from rotator.config import load_settings
-from rotator.daemon import BATCH_SIZE, Daemon
+from rotator.core.envelope import Keyring
+from rotator.core.lifecycle import rotation_due_at
+from rotator.core.state import KeySetState
+from rotator.daemon.manager import KeyManager
+from rotator.daemon.scheduler import BATCH_SIZE, Daemon
 from rotator.embedded import EmbeddedRedis
-from rotator.keysets import KeySets
-from rotator.layout import Layout
-from rotator.lifecycle import rotation_due_at
-from rotator.manager import KeyManager
-from rotator.sealing import Keyring
-from rotator.state import KeySetState
-from rotator.store import Store
+from rotator.storage.audit import AuditEntry, AuditLog
+from rotator.storage.layout import Layout
+from rotator.storage.registry import KeySets
+from rotator.storage.store import Store
 from tests.helpers import FakeClock
 
 COUNT = 1000

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rotator.sealing import (
+from rotator.core.envelope import (
     KekError,
     SealedKey,
     UnsealError,

@@ -28,13 +28,13 @@ from jwcrypto import jwk as jwcrypto_jwk
 from prometheus_client.parser import text_string_to_metric_families
 
 from rotator.config import load_settings
+from rotator.core.envelope import Keyring
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis, free_port
-from rotator.httpd import Request
-from rotator.manager import KeyManager
-from rotator.reader import JWKSCache
-from rotator.sealing import Keyring
-from rotator.server import JWKSApp
-from rotator.signer import Signer
+from rotator.library.reader import JWKSCache
+from rotator.library.signer import Signer
+from rotator.serve.app import JWKSApp
+from rotator.serve.httpd import Request
 from tests.conftest import Cli
 from tests.helpers import FakeClock, collect_lines, wait_for
 

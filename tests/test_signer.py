@@ -8,10 +8,10 @@ import jwt
 import pytest
 
 from rotator.config import load_settings
+from rotator.core.envelope import Keyring
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.manager import KeyManager
-from rotator.sealing import Keyring
-from rotator.signer import Signer, SigningError
+from rotator.library.signer import Signer, SigningError
 from tests.helpers import FakeClock, make_keyring
 
 

@@ -8,13 +8,13 @@ import threading
 import pytest
 import redis
 
-from rotator import lifecycle
+from rotator.core import lifecycle
+from rotator.core.envelope import UnsealError
+from rotator.core.state import CorruptState, decode_state
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.layout import Layout
-from rotator.manager import KeyManager
-from rotator.sealing import UnsealError
-from rotator.state import CorruptState, decode_state
-from rotator.store import Conflict, Store
+from rotator.storage.layout import Layout
+from rotator.storage.store import Conflict, Store
 from tests.conftest import FAST
 from tests.helpers import FakeClock, RecordingMint, make_keyring, wait_for
 

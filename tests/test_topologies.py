@@ -14,14 +14,14 @@ import redis
 from redis.cluster import RedisCluster
 
 from rotator.config import load_settings
-from rotator.connection import connect
+from rotator.core.envelope import Keyring
+from rotator.core.state import decode_state
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis, find_redis_server, free_port
-from rotator.layout import Layout
-from rotator.manager import KeyManager
-from rotator.reader import JWKSReader
-from rotator.sealing import Keyring
-from rotator.state import decode_state
-from rotator.store import Store
+from rotator.library.reader import JWKSReader
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
+from rotator.wiring import connect
 from tests.conftest import FAST, StartDaemon
 from tests.helpers import FakeClock, wait_for
 

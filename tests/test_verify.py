@@ -13,10 +13,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from rotator import errors
-from rotator.errors import InvalidToken
-from rotator.jwk import generate_key, load_private_key
-from rotator.verify import HeaderCache, _der, verify_token
+from rotator.core.jwk import generate_key, load_private_key
+from rotator.library import errors
+from rotator.library.errors import InvalidToken
+from rotator.library.verify import HeaderCache, _der, verify_token
 from tests.tokens import ORDER, es256, hs256, segment, with_signature
 
 NOW = 1_900_000_000.0
@@ -52,7 +52,7 @@ def signed(payload: bytes) -> str:
 
 
 def signature_of(value: str) -> bytes:
-    from rotator.jwks_import import b64decode_strict
+    from rotator.library.jwks_import import b64decode_strict
 
     return b64decode_strict(value.split(".")[2])
 

@@ -23,8 +23,6 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from rotator import strictjson
-from rotator.audit import AuditLog, BadAuditEntry
 from rotator.config import (
     ConfigError,
     KeysetSettings,
@@ -33,13 +31,25 @@ from rotator.config import (
     load_settings,
     mask_url,
 )
-from rotator.connection import connect
-from rotator.daemon import BATCH_SIZE, Daemon
-from rotator.durations import format_duration, parse_duration
+from rotator.core import strictjson
+from rotator.core.durations import format_duration, parse_duration
+from rotator.core.envelope import KekError, UnsealError, generate_kek_line
+from rotator.core.lifecycle import LifecycleError, rotation_due_at
+from rotator.core.policy import Policy
+from rotator.core.state import CorruptState, KeySetState
+from rotator.core.strictjson import one_line
+from rotator.daemon.manager import KeyManager, NoKekError, Outcome
+from rotator.daemon.scheduler import BATCH_SIZE, Daemon
 from rotator.embedded import EmbeddedRedis, RedisBinaryNotFound, free_port
-from rotator.errors import InvalidToken
-from rotator.jwks_import import JWKSFormatError, import_jwks
-from rotator.keysets import (
+from rotator.library.errors import InvalidToken
+from rotator.library.jwks_import import JWKSFormatError, import_jwks
+from rotator.library.reader import JWKSReader
+from rotator.library.signer import Signer, SigningError
+from rotator.logs import setup_logging
+from rotator.serve.app import serve
+from rotator.storage.audit import AuditLog, BadAuditEntry
+from rotator.storage.layout import Layout, validate_keyset_name
+from rotator.storage.registry import (
     BadPolicy,
     KeySets,
     describe_policy,
@@ -50,18 +60,8 @@ from rotator.keysets import (
     parse_overrides,
     policy_of,
 )
-from rotator.layout import Layout, validate_keyset_name
-from rotator.lifecycle import LifecycleError, rotation_due_at
-from rotator.logs import setup_logging
-from rotator.manager import KeyManager, NoKekError, Outcome
-from rotator.policy import Policy
-from rotator.reader import JWKSReader
-from rotator.sealing import KekError, UnsealError, generate_kek_line
-from rotator.server import serve
-from rotator.signer import Signer, SigningError
-from rotator.state import CorruptState, KeySetState
-from rotator.store import REMOVED, Conflict, Snapshot, Store
-from rotator.strictjson import one_line
+from rotator.storage.store import REMOVED, Conflict, Snapshot, Store
+from rotator.wiring import connect
 
 __all__ = ["main"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from rotator.jwk import json_text
+from rotator.core.jwk import json_text
 
 __all__ = [
     "Kek",

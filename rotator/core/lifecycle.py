@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from rotator.jwk import GeneratedKey
-from rotator.policy import Policy
-from rotator.sealing import SealedKey
-from rotator.state import KeyRecord, KeySetState, Status
+from rotator.core.envelope import SealedKey
+from rotator.core.jwk import GeneratedKey
+from rotator.core.policy import Policy
+from rotator.core.state import KeyRecord, KeySetState, Status
 
 __all__ = [
     "Event",

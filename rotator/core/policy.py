@@ -17,7 +17,7 @@ from functools import cached_property
 
 from apscheduler.triggers.cron import CronTrigger
 
-from rotator.durations import format_duration
+from rotator.core.durations import format_duration
 
 __all__ = ["Policy", "cron_trigger"]
 

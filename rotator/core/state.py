@@ -29,16 +29,16 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
-from rotator import strictjson
-from rotator.jwk import (
+from rotator.core import strictjson
+from rotator.core.envelope import SealedKey
+from rotator.core.jwk import (
     PRIVATE_MEMBERS,
     json_text,
     jwks_of,
     publishable_jwk,
     thumbprint,
 )
-from rotator.sealing import SealedKey
-from rotator.strictjson import shown
+from rotator.core.strictjson import shown
 
 __all__ = [
     "MAX_TIME",

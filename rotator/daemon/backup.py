@@ -5,7 +5,7 @@ second, for the day both Redis and the daemon's memory are gone. It is
 written atomically after each commit (temp file, fsync, rename, fsync of the
 directory), and read once at start: its states seed the daemon's memory, so
 they are written back only where Redis is empty or holds an older version,
-and only into the lineage each was saved from (see `rotator.keysets`).
+and only into the lineage each was saved from (see `rotator.storage.registry`).
 
 Reading is total: `Backup.load` never raises. A file that cannot be read or
 is not a backup (not JSON by `strictjson`'s rules, an unknown format) is
@@ -27,10 +27,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rotator import strictjson
-from rotator.layout import validate_keyset_name
-from rotator.state import CorruptState, KeySetState, decode_state, encode_state, state_of_document
-from rotator.strictjson import shown
+from rotator.core import strictjson
+from rotator.core.state import (
+    CorruptState,
+    KeySetState,
+    decode_state,
+    encode_state,
+    state_of_document,
+)
+from rotator.core.strictjson import shown
+from rotator.storage.layout import validate_keyset_name
 
 __all__ = ["Backup", "BackupContents"]
 

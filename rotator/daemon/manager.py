@@ -17,15 +17,15 @@ from typing import Literal, Protocol, TypeVar
 
 import redis
 
-from rotator import lifecycle
-from rotator.audit import AuditLog
-from rotator.jwk import GeneratedKey, generate_key
-from rotator.keysets import BadPolicy
-from rotator.lifecycle import Event, Mint, Transition
-from rotator.policy import Policy
-from rotator.sealing import Keyring, SealedKey, UnsealError
-from rotator.state import CorruptState, KeySetState
-from rotator.store import Conflict, Snapshot, Store
+from rotator.core import lifecycle
+from rotator.core.envelope import Keyring, SealedKey, UnsealError
+from rotator.core.jwk import GeneratedKey, generate_key
+from rotator.core.lifecycle import Event, Mint, Transition
+from rotator.core.policy import Policy
+from rotator.core.state import CorruptState, KeySetState
+from rotator.storage.audit import AuditLog
+from rotator.storage.registry import BadPolicy
+from rotator.storage.store import Conflict, Snapshot, Store
 
 __all__ = ["KEYSET_ERRORS", "KeyManager", "Lineages", "NoKekError", "Outcome"]
 
@@ -99,7 +99,7 @@ class KeyManager:
     committed or read for each key set, and writes it back if Redis comes
     back empty or older: a restarted Redis must not make rotator invent new
     keys that no verifier has seen. With *lineages* it writes back only into
-    the lineage it remembers the key set from (see `rotator.keysets`).
+    the lineage it remembers the key set from (see `rotator.storage.registry`).
     """
 
     def __init__(

@@ -28,15 +28,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from rotator.audit import BadAuditEntry
-from rotator.backup import Backup
 from rotator.config import Settings, mask_url
-from rotator.connection import connect
-from rotator.follow import EventFollower
-from rotator.health import Health, HealthServer
-from rotator.keysets import KeySets
-from rotator.lease import LEASE_RETRIES, Lease, SlowTicks, Verdict, call_timeout
-from rotator.manager import KEYSET_ERRORS, KeyManager, Outcome
+from rotator.core.state import CorruptState, KeySetState
+from rotator.core.strictjson import one_line
+from rotator.daemon.backup import Backup
+from rotator.daemon.health import Health, HealthServer
+from rotator.daemon.manager import KEYSET_ERRORS, KeyManager, Outcome
+from rotator.daemon.systemd import notify, watchdog_seconds
 from rotator.metrics import (
     KEYSETS,
     LEADER,
@@ -44,9 +42,11 @@ from rotator.metrics import (
     ROTATIONS,
     KeysetSample,
 )
-from rotator.state import CorruptState, KeySetState
-from rotator.strictjson import one_line
-from rotator.systemd import notify, watchdog_seconds
+from rotator.storage.audit import BadAuditEntry
+from rotator.storage.events import EventFollower
+from rotator.storage.lease import LEASE_RETRIES, Lease, SlowTicks, Verdict, call_timeout
+from rotator.storage.registry import KeySets
+from rotator.wiring import connect
 
 __all__ = ["BATCH_SIZE", "Daemon"]
 
@@ -67,7 +67,7 @@ def _described(exc: Exception) -> str:
 
 def lease_client(settings: Settings) -> redis.Redis:
     """A client for the lease alone: its calls are bounded well under ``daemon.lease_ttl``
-    (`rotator.lease`), whatever ``redis.socket_timeout`` and ``redis.retries`` allow the
+    (`rotator.storage.lease`), whatever ``redis.socket_timeout`` and ``redis.retries`` allow the
     others."""
     timeout = call_timeout(settings.daemon.lease_ttl, settings.redis.socket_timeout)
     return connect(settings.redis, retries=LEASE_RETRIES, socket_timeout=timeout)

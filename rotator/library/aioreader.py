@@ -20,8 +20,17 @@ import redis
 import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from rotator.errors import InvalidToken
-from rotator.follow import (
+from rotator.library.errors import InvalidToken
+from rotator.library.jwks_import import VerificationKeys
+from rotator.library.keycache import (
+    ReaderLimits,
+    Slot,
+    SlotTable,
+    removed_among,
+)
+from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
+from rotator.metrics import READER_STALENESS
+from rotator.storage.events import (
     REPLY_TIMEOUT,
     CallbackFailures,
     PingWatch,
@@ -30,16 +39,7 @@ from rotator.follow import (
     unwatch_connection,
     watch_connection,
 )
-from rotator.jwks_import import VerificationKeys
-from rotator.keycache import (
-    ReaderLimits,
-    Slot,
-    SlotTable,
-    removed_among,
-)
-from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
-from rotator.metrics import READER_STALENESS
-from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
+from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 
 __all__ = ["AsyncJWKSCache", "AsyncJWKSReader", "InvalidToken"]
 

@@ -24,9 +24,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from rotator import strictjson
-from rotator.jwk import PRIVATE_MEMBERS, b64url, jwks_document, thumbprint
-from rotator.strictjson import shown
+from rotator.core import strictjson
+from rotator.core.jwk import PRIVATE_MEMBERS, b64url, jwks_document, thumbprint
+from rotator.core.strictjson import shown
 
 __all__ = [
     "BASE64URL_TO_STANDARD",

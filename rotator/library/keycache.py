@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from rotator.errors import KeySetUnavailable
-from rotator.jwks_import import JWKSFormatError, VerificationKeys, import_jwks
-from rotator.store import REMOVED
+from rotator.library.errors import KeySetUnavailable
+from rotator.library.jwks_import import JWKSFormatError, VerificationKeys, import_jwks
+from rotator.storage.store import REMOVED
 
 __all__ = ["ReaderLimits", "Slot", "SlotTable", "removed_among"]
 

@@ -11,7 +11,7 @@ data), or every entry of it is refused, the last good copy is used for
 ``max_stale``, then verification fails closed; a key set removed with
 `rotator keyset remove` is dropped at once (the rules are in `keycache`).
 The events subscription is health-checked, so ``following`` turns false
-within seconds of a silent partition (`rotator.follow`).
+within seconds of a silent partition (`rotator.storage.events`).
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ from typing import Any
 import redis
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from rotator.errors import InvalidToken
-from rotator.follow import EventFollower
-from rotator.jwks_import import VerificationKeys
-from rotator.keycache import (
+from rotator.library.errors import InvalidToken
+from rotator.library.jwks_import import VerificationKeys
+from rotator.library.keycache import (
     ReaderLimits,
     Slot,
     SlotTable,
     removed_among,
 )
-from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
+from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
 from rotator.metrics import READER_STALENESS
-from rotator.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
+from rotator.storage.events import EventFollower
+from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 
 __all__ = ["InvalidToken", "JWKSCache", "JWKSReader"]
 
@@ -154,7 +154,7 @@ class JWKSCache:
 
     def refresh(self, keyset: str) -> bool:
         """Read *keyset* now; ``False`` if Redis could not be read, or what it holds was not
-        taken (the last good copy stays: see `rotator.keycache`).
+        taken (the last good copy stays: see `rotator.library.keycache`).
 
         Single flight: callers arriving while a read of the same key set is in
         flight wait for it and share its result.

@@ -22,15 +22,15 @@ import redis
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.config import Settings
-from rotator.connection import connect
-from rotator.follow import EventFollower
-from rotator.jwk import load_private_key
-from rotator.keysets import BadPolicy, KeySets
-from rotator.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
-from rotator.reader import client_for
-from rotator.sealing import Keyring, UnsealError
-from rotator.state import CorruptState
-from rotator.store import Store
+from rotator.core.envelope import Keyring, UnsealError
+from rotator.core.jwk import load_private_key
+from rotator.core.state import CorruptState
+from rotator.library.reader import client_for
+from rotator.storage.events import EventFollower
+from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
+from rotator.storage.registry import BadPolicy, KeySets
+from rotator.storage.store import Store
+from rotator.wiring import connect
 
 __all__ = ["Signer", "SigningError"]
 

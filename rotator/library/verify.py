@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from rotator.errors import (
+from rotator.library.errors import (
     BadSignature,
     DisallowedAlgorithm,
     ExpiredToken,
@@ -48,7 +48,7 @@ from rotator.errors import (
     UnknownKid,
     UnsupportedCritical,
 )
-from rotator.jwks_import import b64decode_ascii
+from rotator.library.jwks_import import b64decode_ascii
 
 __all__ = ["DEFAULT_MAX_TOKEN_BYTES", "HeaderCache", "KeyLookup", "verify_token"]
 

@@ -15,7 +15,7 @@ checked them (a JWKS carrying a private member is served without it), with
 an ``ETag`` over those bytes, ``If-None-Match`` answered 304, and
 ``Cache-Control: public, max-age=<cache_max_age>, stale-if-error=<max_stale>``.
 
-The HTTP side is `rotator.httpd`: a request whose key set is in memory is
+The HTTP side is `rotator.serve.httpd`: a request whose key set is in memory is
 answered on the event loop from bytes built once per copy of the key set; the
 first request for a key set runs on a thread, and so does ``/metrics`` when its
 text is older than `METRICS_MAX_AGE` (scrapes in between get the same bytes,
@@ -33,18 +33,18 @@ from urllib.parse import parse_qs
 import redis
 from prometheus_client import Counter
 
-from rotator import httpd
 from rotator.config import Settings
-from rotator.errors import KeySetUnavailable
-from rotator.httpd import Reply, Request, json_reply, reply
-from rotator.jwks_import import VerificationKeys
-from rotator.keycache import ReaderLimits
-from rotator.keysets import BadPolicy, KeySets
-from rotator.layout import DEFAULT_KEYSET, validate_keyset_name
+from rotator.core.policy import Policy
+from rotator.library.errors import KeySetUnavailable
+from rotator.library.jwks_import import VerificationKeys
+from rotator.library.keycache import ReaderLimits
+from rotator.library.reader import JWKSCache
 from rotator.metrics import CONTENT_TYPE, exposition
-from rotator.policy import Policy
-from rotator.reader import JWKSCache
-from rotator.store import Store
+from rotator.serve import httpd
+from rotator.serve.httpd import Reply, Request, json_reply, reply
+from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name
+from rotator.storage.registry import BadPolicy, KeySets
+from rotator.storage.store import Store
 
 __all__ = ["HTTP_REFUSALS", "IAM_PATH", "JWKS_PATH", "METRICS_MAX_AGE", "JWKSApp", "serve"]
 

@@ -27,10 +27,10 @@ from typing import cast
 
 import redis
 
-from rotator.layout import Layout, validate_keyset_name
-from rotator.lifecycle import Event
-from rotator.state import MAX_VERSION, valid_time
-from rotator.strictjson import one_line, shown
+from rotator.core.lifecycle import Event
+from rotator.core.state import MAX_VERSION, valid_time
+from rotator.core.strictjson import one_line, shown
+from rotator.storage.layout import Layout, validate_keyset_name
 
 __all__ = ["AuditEntry", "AuditLog", "BadAuditEntry", "Record"]
 

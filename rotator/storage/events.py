@@ -27,8 +27,8 @@ from typing import Any
 
 import redis
 
-from rotator import strictjson
-from rotator.layout import validate_keyset_name
+from rotator.core import strictjson
+from rotator.storage.layout import validate_keyset_name
 
 __all__ = [
     "HEALTH_CHECK_INTERVAL",

@@ -40,13 +40,13 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from rotator import strictjson
 from rotator.config import KeysetSettings, Settings, describe_error
-from rotator.durations import format_duration
-from rotator.layout import validate_keyset_name
-from rotator.policy import Policy
-from rotator.store import REMOVED, Store, stored_bytes
-from rotator.strictjson import one_line, shown
+from rotator.core import strictjson
+from rotator.core.durations import format_duration
+from rotator.core.policy import Policy
+from rotator.core.strictjson import one_line, shown
+from rotator.storage.layout import validate_keyset_name
+from rotator.storage.store import REMOVED, Store, stored_bytes
 
 __all__ = [
     "LINEAGE",

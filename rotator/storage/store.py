@@ -13,7 +13,7 @@ a manual rotation would rotate twice).
 
 The registry is read entry by entry: names and entries that are not UTF-8
 are decoded with ``surrogateescape`` (`stored_bytes` gives the bytes back),
-so one such entry is reported by `rotator.keysets` as unusable instead of
+so one such entry is reported by `rotator.storage.registry` as unusable instead of
 failing the whole hash.
 """
 
@@ -29,9 +29,9 @@ from typing import cast
 
 import redis
 
-from rotator.layout import Layout
+from rotator.core.state import CorruptState, KeySetState, decode_state, encode_state
 from rotator.metrics import COMMIT_SECONDS
-from rotator.state import CorruptState, KeySetState, decode_state, encode_state
+from rotator.storage.layout import Layout
 
 __all__ = ["REMOVED", "Conflict", "Snapshot", "Store", "stored_bytes"]
 
@@ -413,8 +413,8 @@ class Store:
         return None if raw is None else _text(raw)
 
     def register(self, keyset: str, entry: str = "{}") -> bool:
-        """Add *keyset* to the registry with its *entry* (see `rotator.keysets`); ``False``,
-        and nothing written, if it was there."""
+        """Add *keyset* to the registry with its *entry* (see `rotator.storage.registry`);
+        ``False``, and nothing written, if it was there."""
         args: list[bytes | str] = [stored_bytes(keyset), stored_bytes(entry), REMOVED]
         return bool(self._register(keys=[self.layout.keysets], args=args))
 

@@ -1,0 +1,7 @@
+"""The pure core: durations, policy, the key lifecycle, the state document, JWK and
+the canonical encodings, and the envelope crypto that seals a private key.
+
+Nothing here does I/O or keeps a clock: every function takes ``now`` and values and
+returns values. It may import the standard library and ``cryptography`` only, and no
+other part of rotator.
+"""

@@ -1,0 +1,7 @@
+"""The daemon: the key manager that applies the lifecycle to stored state, the
+scheduler that ticks it under the leader lease, health and metrics endpoints, the
+local backup and the systemd notifications.
+
+It may import `rotator.wiring`, `rotator.config`, the library, storage and core, and
+the leaf modules; never `rotator.serve` or the CLI.
+"""

@@ -1,0 +1,66 @@
+"""The package layout: layers checked by import-linter, documented imports, a light library."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_layers_hold() -> None:
+    """`.importlinter` holds: no arrow runs up a layer, the leaves import nothing of
+    rotator, and the library loads none of the daemon's or serve's dependencies."""
+    linter = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert linter is not None, "import-linter is a test dependency"
+    done = subprocess.run([linter], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_documented_imports_work() -> None:
+    from rotator.aioreader import AsyncJWKSReader
+    from rotator.config import load_settings
+    from rotator.errors import InvalidToken, KeySetUnavailable, UnknownKid
+    from rotator.library.aioreader import AsyncJWKSReader as AsyncHome
+    from rotator.library.errors import InvalidToken as ErrorHome
+    from rotator.library.reader import JWKSReader as ReaderHome
+    from rotator.library.signer import Signer as SignerHome
+    from rotator.reader import JWKSReader
+    from rotator.signer import Signer
+
+    assert (JWKSReader, AsyncJWKSReader, Signer, InvalidToken) == (
+        ReaderHome,
+        AsyncHome,
+        SignerHome,
+        ErrorHome,
+    )
+    assert issubclass(KeySetUnavailable, InvalidToken)
+    assert issubclass(UnknownKid, InvalidToken)
+    assert callable(load_settings)
+
+
+HEAVY = ("pydantic_settings", "apscheduler", "httptools", "uvloop")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 13: the signer still imports the configuration, and the metrics "
+    "register themselves in the default registry at import",
+)
+def test_the_library_is_light() -> None:
+    """A service that imports the readers and the signer loads none of the daemon's or
+    serve's dependencies and finds nothing of rotator in its Prometheus registry."""
+    code = (
+        "import sys, rotator.reader, rotator.aioreader, rotator.signer, rotator.errors\n"
+        "from prometheus_client import REGISTRY\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "ours = [n for n in REGISTRY._names_to_collectors if n.startswith('rotator')]\n"
+        "print(heavy, ours)\n"
+        "sys.exit(1 if heavy or ours else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
