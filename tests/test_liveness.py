@@ -214,6 +214,25 @@ def pings(client: redis.Redis) -> int:
     return int(stats.get("cmdstat_ping", {}).get("calls", 0))
 
 
+def quiet_window(pinged: Callable[[], int], resubscribed: Callable[[], int]) -> Callable[[], bool]:
+    """A probe that is true once five PINGs were answered in a row with no resubscription.
+
+    A machine so loaded that one answer is read more than the reply timeout late may
+    resubscribe once: that is the rule working, and the window starts again. The test fails
+    only if the window never completes, as it does when quiet is taken for dead (every
+    few seconds, on any machine)."""
+    start = [pinged(), resubscribed()]
+
+    def probe() -> bool:
+        now = [pinged(), resubscribed()]
+        if now[1] != start[1]:
+            start[:] = now
+            return False
+        return now[0] >= start[0] + 5
+
+    return probe
+
+
 def test_a_healthy_idle_subscription_is_pinged_and_stays(
     redis_server: EmbeddedRedis, client: redis.Redis, manager: KeyManager
 ) -> None:
@@ -226,18 +245,24 @@ def test_a_healthy_idle_subscription_is_pinged_and_stays(
         on_event=print,
         on_connect=lambda: connects.append(1),
     ) as follower:
-        before = pings(client)
-        wait_for(lambda: pings(client) >= before + 5, what="health-check PINGs")
-        assert follower.subscribed.is_set() and connects == [1]
+        wait_for(
+            quiet_window(lambda: pings(client), lambda: len(connects)),
+            timeout=60,
+            what="five health-check PINGs in a row without a resubscription",
+        )
+        assert follower.subscribed.is_set()
 
     async def scenario() -> None:
         cache = AsyncJWKSCache(redis_server.url)
         await cache.start(["default"])
         try:
             await async_wait_for(lambda: cache.subscribed, what="subscription")
-            reads, before = cache.reads, pings(client)
-            await async_wait_for(lambda: pings(client) >= before + 5, what="async PINGs")
-            assert cache.subscribed and cache.reads == reads  # no resubscription read
+            await async_wait_for(
+                quiet_window(lambda: pings(client), lambda: cache.reads),
+                timeout=60,
+                what="five async PINGs in a row without a resubscription read",
+            )
+            assert cache.subscribed
         finally:
             await cache.close()
 
