@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.core.envelope import Keyring, SealedKey, generate_kek_line, parse_keks
-from rotator.core.jwk import GeneratedKey, generate_key, public_jwk
+from rotator.core.jwk import GeneratedKey, b64url, generate_key, load_private_key, public_jwk
 
 T = TypeVar("T")
 
@@ -90,3 +91,16 @@ class RecordingMint:
         key = self._key()
         self.made.append(key)
         return key, self.keyring.seal(key.private_der, keyset=self.keyset, kid=key.kid)
+
+
+def private_key_forms(der: bytes) -> list[bytes]:
+    """The forms in which the private key of PKCS#8 *der* could leak: the DER, its raw
+    scalar ``d`` (bytes and base64url), the DER in base64, and PEM."""
+    private = load_private_key(der)
+    d = private.private_numbers().private_value.to_bytes(32, "big")
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return [der, d, b64url(d).encode(), base64.b64encode(der), pem]

@@ -3,7 +3,6 @@ Redis outages, and no key material anywhere."""
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import signal
@@ -13,15 +12,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
 from rotator.core.envelope import load_keyring
-from rotator.core.jwk import b64url, load_private_key
 from rotator.core.state import decode_state
 from rotator.embedded import EmbeddedRedis, free_port
 from tests.conftest import Cli, Daemon, StartDaemon
-from tests.helpers import wait_for
+from tests.helpers import private_key_forms, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -133,15 +130,7 @@ def test_no_private_key_material_in_redis_or_logs(
     state = decode_state(raw, "default")
     needles: list[bytes] = [b"PRIVATE KEY", b'"d"']
     for key in state.keys:
-        der = keyring.unseal(key.sealed, keyset="default", kid=key.kid)
-        private = load_private_key(der)
-        d = private.private_numbers().private_value.to_bytes(32, "big")
-        pem = private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        needles += [der, d, b64url(d).encode(), base64.b64encode(der), pem]
+        needles += private_key_forms(keyring.unseal(key.sealed, keyset="default", kid=key.kid))
     if log_format == "json":
         assert all(json.loads(line) for line in daemon.log if line.strip())
     haystacks: list[bytes] = ["".join(daemon.log).encode()]
