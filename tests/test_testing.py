@@ -8,7 +8,7 @@ import logging
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
@@ -44,7 +44,7 @@ from rotator.testing import (
     fake_redis,
     publish,
 )
-from tests.helpers import async_wait_for, private_key_forms, wait_for
+from tests.helpers import FakeClock, async_wait_for, private_key_forms, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,18 +67,13 @@ class Backend:
 
 
 @pytest.fixture(params=["redis-server", "fakeredis"])
-def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+def backend(request: pytest.FixtureRequest) -> Backend:
     if request.param == "redis-server":
-        server = EmbeddedRedis().start()
-        client = redis.Redis.from_url(server.url)
-        try:
-            yield Backend("redis-server", client, lambda: server.url)
-        finally:
-            client.close()
-            server.cleanup()
-    else:
-        fake = fakeredis.FakeServer()
-        yield Backend("fakeredis", fake_redis(fake), lambda: fake_async_redis(fake))
+        server: EmbeddedRedis = request.getfixturevalue("redis_server")
+        client: redis.Redis = request.getfixturevalue("client")
+        return Backend("redis-server", client, lambda: server.url)
+    fake = fakeredis.FakeServer()
+    return Backend("fakeredis", fake_redis(fake), lambda: fake_async_redis(fake))
 
 
 def test_the_key_set_is_what_the_daemon_writes(backend: Backend) -> None:
@@ -225,6 +220,21 @@ def test_a_removed_key_set_is_unavailable_at_once(backend: Backend) -> None:
         wait_for(lambda: reader.trouble is not None, what="the removal followed")
         with pytest.raises(KeySetUnavailable):
             reader.verify(token, **CHECKS)
+
+
+def test_the_prefix_and_the_clock_are_the_issuers(backend: Backend) -> None:
+    clock = FakeClock()
+    keys = publish(backend.client, "billing", prefix="svc", clock=clock, audience="billing-api")
+    assert backend.client.get("svc:{billing}:jwks") == keys.jwks
+    assert backend.client.get("rotator:{billing}:jwks") is None
+    assert keys.state.updated_at == clock.now
+    token = keys.token()
+    with JWKSReader(backend.client, "billing", prefix="svc", wall_clock=clock) as reader:
+        claims = reader.verify(token, audience="billing-api", issuer=DEFAULT_ISSUER)
+        assert claims["iat"] == clock.now
+        clock.advance(301)
+        with pytest.raises(ExpiredToken):
+            reader.verify(token, audience="billing-api", issuer=DEFAULT_ISSUER)
 
 
 def test_publishing_over_a_key_set_is_refused(backend: Backend) -> None:

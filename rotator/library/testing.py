@@ -33,7 +33,7 @@ from rotator.core.envelope import Kek, Keyring, SealedKey
 from rotator.core.jwk import GeneratedKey, generate_key, load_private_key
 from rotator.core.policy import Policy
 from rotator.core.state import KeySetState, Status
-from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
+from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name, validate_prefix
 from rotator.storage.store import Store
 
 if TYPE_CHECKING:
@@ -53,9 +53,9 @@ __all__ = [
 DEFAULT_ISSUER = "https://issuer.test"
 DEFAULT_AUDIENCE = "service.test"
 
-#: How far in the past an expired token's ``exp`` lies, and in the future a not yet valid
-#: token's ``nbf``: an hour, beyond any leeway a verifier allows for clock skew.
-FAR = 3600
+# How far in the past an expired token's ``exp`` lies, and in the future a not yet valid
+# token's ``nbf``: an hour, beyond any leeway a verifier allows for clock skew.
+_FAR = 3600
 
 
 def _throwaway_keyring() -> Keyring:
@@ -94,7 +94,7 @@ class Issuer:
         self.clock = clock
         #: The throwaway KEK the keys are sealed under (a `Signer` given it can sign too).
         self.keyring = _throwaway_keyring()
-        self.store = Store(client, Layout(prefix))
+        self.store = Store(client, Layout(validate_prefix(prefix)))
         self._state: KeySetState | None = None
         self._private: dict[str, ec.EllipticCurvePrivateKey] = {}
         self._revoked: list[str] = []
@@ -210,11 +210,11 @@ class Issuer:
     def expired_token(self, **claims: Any) -> str:
         """A token of the current key whose ``exp`` passed an hour ago."""
         now = int(self.clock())
-        return self.token(**{"iat": now - 2 * FAR, "exp": now - FAR, **claims})
+        return self.token(**{"iat": now - 2 * _FAR, "exp": now - _FAR, **claims})
 
     def not_yet_valid_token(self, **claims: Any) -> str:
         """A token of the current key whose ``nbf`` is an hour from now."""
-        return self.token(**{"nbf": int(self.clock()) + FAR, **claims})
+        return self.token(**{"nbf": int(self.clock()) + _FAR, **claims})
 
     def wrong_audience_token(self, **claims: Any) -> str:
         """A token of the current key for another audience."""
