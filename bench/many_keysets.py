@@ -38,12 +38,11 @@ from rotator.core.envelope import generate_kek_line, parse_keks
 from rotator.core.jwk import generate_key
 from rotator.core.policy import Policy
 from rotator.daemon.manager import KeyManager
-from rotator.daemon.scheduler import BATCH_SIZE
 from rotator.embedded import EmbeddedRedis, free_port
 from rotator.logs import setup_logging
 from rotator.storage.audit import AuditLog
 from rotator.storage.layout import Layout
-from rotator.storage.store import Store
+from rotator.storage.store import BATCH_SIZE, Store
 
 INTERVAL = 86400
 POLICY = Policy(interval=INTERVAL)  # the defaults: 24h, jitter 1h

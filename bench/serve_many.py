@@ -29,11 +29,10 @@ import redis
 from rotator.core.envelope import generate_kek_line, parse_keks
 from rotator.core.policy import Policy
 from rotator.daemon.manager import KeyManager
-from rotator.daemon.scheduler import BATCH_SIZE
 from rotator.embedded import EmbeddedRedis, free_port
 from rotator.serve.app import IAM_PATH
 from rotator.storage.layout import Layout
-from rotator.storage.store import Store
+from rotator.storage.store import BATCH_SIZE, Store
 
 DURATION = "5s"
 CONNECTIONS = "32"

@@ -15,12 +15,12 @@ from rotator.core.envelope import Keyring
 from rotator.core.lifecycle import rotation_due_at
 from rotator.core.state import KeySetState
 from rotator.daemon.manager import KeyManager
-from rotator.daemon.scheduler import BATCH_SIZE, Daemon
+from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis
 from rotator.storage.audit import AuditEntry, AuditLog
 from rotator.storage.layout import Layout
 from rotator.storage.registry import KeySets
-from rotator.storage.store import Store
+from rotator.storage.store import BATCH_SIZE, Store
 from tests.helpers import FakeClock
 
 COUNT = 1000

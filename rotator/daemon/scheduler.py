@@ -46,16 +46,14 @@ from rotator.storage.audit import BadAuditEntry
 from rotator.storage.events import EventFollower
 from rotator.storage.lease import LEASE_RETRIES, Lease, SlowTicks, Verdict, call_timeout
 from rotator.storage.registry import KeySets
+from rotator.storage.store import BATCH_SIZE
 from rotator.wiring import connect
 
-__all__ = ["BATCH_SIZE", "Daemon"]
+__all__ = ["Daemon"]
 
 log = logging.getLogger(__name__)
 
 _FRESHNESS_TICKS = 3
-# Key sets per pipelined round trip: large enough that 10,000 key sets cost 20 round
-# trips a tick, small enough that a stop request is honoured between batches.
-BATCH_SIZE = 500
 
 
 def _described(exc: Exception) -> str:

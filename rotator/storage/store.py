@@ -33,12 +33,18 @@ from rotator.core.state import CorruptState, KeySetState, decode_state, encode_s
 from rotator.metrics import COMMIT_SECONDS
 from rotator.storage.layout import Layout
 
-__all__ = ["REMOVED", "Conflict", "Snapshot", "Store", "stored_bytes"]
+__all__ = ["BATCH_SIZE", "REMOVED", "Conflict", "Snapshot", "Store", "stored_bytes"]
 
 #: What one write of a batch came to: ``None`` when it committed.
 WriteResult = Exception | None
 
 log = logging.getLogger(__name__)
+
+#: Key sets per pipelined round trip for callers that read or write many (the daemon's
+#: tick, `rotator status`, `rotator keyset list`): large enough that 10,000 key sets
+#: cost 20 round trips a tick, small enough that a stop request is honoured between
+#: batches.
+BATCH_SIZE = 500
 
 # Shared prologue: the stored version, 0 when absent, -1 when unreadable.
 _VERSION_OF = """

@@ -1,0 +1,169 @@
+"""The argparse tree of the ``rotator`` command, and `shield_kids`, which lets a kid that
+starts with ``-`` be given without ``--``."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rotator.cli.keyset import POLICY_FLAGS, flag
+
+__all__ = ["build_parser", "shield_kids", "subparsers"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command, its arguments and their help."""
+    parser = argparse.ArgumentParser(
+        prog="rotator",
+        description="Rotate ES256 JWT signing keys and publish the JWKS to Redis.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("ROTATOR_CONFIG"),
+        help="TOML config file (default: $ROTATOR_CONFIG); ROTATOR_* env vars override it",
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (overrides log.level)")
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help="log lines as text or JSON (log.format)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", help="run the rotation daemon")
+    dev = sub.add_parser("dev", help="run the daemon on a throwaway embedded Redis")
+    dev.add_argument("--interval", default="30s", help="rotation interval (default 30s)")
+
+    def keyset_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--keyset", default="default", help="key set name (default: default)")
+
+    rotate = sub.add_parser("rotate", help="promote the next key now")
+    keyset_arg(rotate)
+    rotate.add_argument(
+        "--force", action="store_true", help="rotate even if next is younger than cache_max_age"
+    )
+    rotate.add_argument(
+        "--force-new",
+        action="store_true",
+        help="drop next too and sign with a brand-new key at once (suspected leak of both)",
+    )
+    revoke = sub.add_parser("revoke", help="remove a key from the JWKS now")
+    revoke.add_argument("kid")
+    keyset_arg(revoke)
+    status = sub.add_parser("status", help="show keys, states and the next rotation")
+    status.add_argument("--keyset", help="one key set (default: all)")
+    status.add_argument("--json", action="store_true")
+    jwks = sub.add_parser("jwks", help="print the published JWKS")
+    keyset_arg(jwks)
+
+    _add_keyset_commands(sub)
+    _add_service_commands(sub, keyset_arg)
+    audit = sub.add_parser("audit", help="show the latest lifecycle events (P:audit)")
+    audit.add_argument("--keyset", help="only this key set")
+    audit.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    sub.add_parser("check-config", help="validate and print the effective config (secrets masked)")
+    kek = sub.add_parser("kek", help="key-encryption keys")
+    kek_sub = kek.add_subparsers(dest="kek_command", required=True, metavar="ACTION")
+    kek_sub.add_parser("generate", help="print a new KEK line ID:BASE64").add_argument(
+        "--id", help="KEK id (default kek-YYYYMMDD)"
+    )
+    reseal = sub.add_parser("reseal", help="re-encrypt stored keys under the first KEK")
+    reseal.add_argument("--keyset", help="one key set (default: all)")
+    repair = sub.add_parser("repair", help="move an unreadable state aside and start afresh")
+    repair.add_argument("--keyset", required=True)
+    return parser
+
+
+def _add_keyset_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keyset = sub.add_parser("keyset", help="add, remove or list key sets")
+    keyset_sub = keyset.add_subparsers(dest="keyset_command", required=True, metavar="ACTION")
+    add = keyset_sub.add_parser("add", help="register and bootstrap a key set")
+    update = keyset_sub.add_parser("update", help="change the policy of a registered key set")
+    for parser_ in (add, update):
+        parser_.add_argument("name")
+        for field in POLICY_FLAGS:
+            parser_.add_argument(
+                flag(field),
+                dest=field,
+                metavar="CRON" if field == "schedule" else "DURATION",
+                help=f"{field} of this key set (default: [rotation].{field})",
+            )
+    remove = keyset_sub.add_parser("remove", help="unregister a key set and delete its keys")
+    remove.add_argument("name")
+    remove.add_argument("--yes", action="store_true", help="confirm deleting its keys")
+    listing = keyset_sub.add_parser("list", help="list key sets, policies, next rotation")
+    listing.add_argument("--json", action="store_true")
+
+
+def _add_service_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    keyset_arg: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    serve_parser = sub.add_parser("serve", help="serve the JWKS over HTTP")
+    serve_parser.add_argument("--host", help="bind address (default: server.host)")
+    serve_parser.add_argument("--port", type=int, help="port (default: server.port)")
+    serve_parser.add_argument("--workers", type=int, help="worker processes (default 1)")
+
+    token = sub.add_parser("token", help="sign or verify a token (to check a deployment)")
+    token_sub = token.add_subparsers(dest="verb", required=True, metavar="ACTION")
+    sign = token_sub.add_parser("sign", help="print a token signed with the current key")
+    keyset_arg(sign)
+    sign.add_argument("--claims", required=True, help='JSON object, e.g. \'{"sub": "me"}\'')
+    sign.add_argument("--ttl", help="lifetime, at most max_token_ttl (default 5m)")
+    check = token_sub.add_parser("verify", help="print a token's claims if it verifies")
+    check.add_argument("token")
+    keyset_arg(check)
+    check.add_argument("--audience", help="required aud (default: not checked)")
+    check.add_argument("--issuer", help="required iss (default: not checked)")
+    check.add_argument("--leeway", type=float, default=0.0, help="seconds of clock leeway")
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The commands directly below *parser*, by name (empty for a leaf)."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found.update(action.choices)
+    return found
+
+
+def _options_with_values(parser: argparse.ArgumentParser) -> frozenset[str]:
+    """Every option string, anywhere in the tree below *parser*, that takes a value."""
+    here = {
+        option
+        for action in parser._actions
+        if action.nargs != 0
+        for option in action.option_strings
+    }
+    for child in subparsers(parser).values():
+        here |= _options_with_values(child)
+    return frozenset(here)
+
+
+# A kid is 43 base64url characters and one in 64 starts with "-", which argparse
+# would take for an option.
+_DASH_KID = re.compile(r"-[A-Za-z0-9_-]{42}")
+
+
+@functools.cache
+def _takes_value() -> frozenset[str]:
+    # Derived from the tree, so a new option that takes a value is never missed; built
+    # once, as the tree does not change while the process runs.
+    return _options_with_values(build_parser())
+
+
+def shield_kids(argv: Sequence[str]) -> list[str]:
+    """Move kid arguments that start with ``-`` behind a ``--`` so argparse reads them as
+    positionals (``rotator revoke -Abc...`` works without the user typing ``--``)."""
+    if "--" in argv:
+        return list(argv)
+    takes_value = _takes_value()
+    kept: list[str] = []
+    kids: list[str] = []
+    for index, token in enumerate(argv):
+        after_option = index > 0 and argv[index - 1] in takes_value
+        (kids if _DASH_KID.fullmatch(token) and not after_option else kept).append(token)
+    return [*kept, "--", *kids] if kids else kept

@@ -1,0 +1,46 @@
+"""``rotator token sign`` and ``token verify``: mint or check a token, to try a deployment
+end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rotator.cli.common import Failure, UsageError
+from rotator.config import Settings
+from rotator.core.durations import parse_duration
+from rotator.library.errors import InvalidToken
+from rotator.library.reader import JWKSReader
+from rotator.library.signer import Signer
+from rotator.wiring import connect
+
+__all__ = ["cmd_token"]
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    """Print a token signed with the current key, or the claims of a token that verifies."""
+    if args.verb == "sign":
+        try:
+            claims = json.loads(args.claims)
+        except ValueError as exc:
+            raise UsageError(f"--claims is not JSON: {exc}") from None
+        if not isinstance(claims, dict):
+            raise UsageError("--claims must be a JSON object")
+        ttl = parse_duration(args.ttl) if args.ttl else None
+        with Signer.from_settings(settings, args.keyset, follow=False) as signer:
+            print(signer.sign(claims, ttl=ttl))
+        return 0
+    client = connect(settings.redis, retries=2)
+    with JWKSReader(client, args.keyset, prefix=settings.redis.prefix, follow=False) as reader:
+        if reader.keys is None:
+            raise Failure(f"key set {args.keyset} has no published JWKS")
+        try:
+            claims = reader.verify(
+                args.token, audience=args.audience, issuer=args.issuer, leeway=args.leeway
+            )
+        except InvalidToken as exc:
+            print(f"invalid token: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(claims, indent=2, sort_keys=True))
+    return 0
