@@ -9,6 +9,7 @@ fresh data, and a state document that cannot be read is never overwritten.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from typing import Literal, Protocol, TypeVar
 import redis
 
 from rotator.core import lifecycle
+from rotator.core.durations import format_duration
 from rotator.core.envelope import Keyring, SealedKey, UnsealError
 from rotator.core.jwk import GeneratedKey, generate_key
 from rotator.core.lifecycle import Event, Mint, Transition
@@ -464,11 +466,22 @@ class KeyManager:
     def repair(self, keyset: str) -> tuple[str, Outcome]:
         """Move an unreadable state document aside and bootstrap fresh keys.
 
-        Refuses (`LifecycleError`) when the stored state is readable.
+        Refuses (`LifecycleError`) when the stored state is readable, and while a daemon
+        holds the leader lease: it writes the keys it remembers back over the fresh ones
+        (`_restore`), so the repair would be undone a tick later after signers had started
+        using keys that then vanish.
         """
         try:
             self.store.load(keyset)
         except CorruptState:
+            left = self.store.leader_lease_left()
+            if left is not None:
+                raise lifecycle.LifecycleError(
+                    f"key set {keyset}: not repaired: a daemon holds the leader lease "
+                    f"({self.store.layout.leader}) and would write the keys it remembers back "
+                    "over fresh ones; stop every `rotator run`, then repair (the lease lapses "
+                    f"at most {format_duration(math.ceil(left))} after the leader stops)"
+                ) from None
             moved = self.store.quarantine(keyset)
             if moved is None:
                 raise lifecycle.LifecycleError(

@@ -395,6 +395,12 @@ class Store:
             return None  # no such key
         return target if moved else None
 
+    def leader_lease_left(self) -> float | None:
+        """Seconds left on the leader lease (`rotator.storage.lease`), or ``None`` when no
+        daemon holds it."""
+        left: int = self.client.pttl(self.layout.leader)
+        return left / 1000 if left >= 0 else None
+
     def registry(self) -> dict[str, str]:
         """Key sets added at run time (``P:keysets``): name -> stored policy (JSON), or
         `REMOVED` for a removed one."""
