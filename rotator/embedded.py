@@ -95,7 +95,12 @@ class EmbeddedRedis:
             *self.args,
         ]
         log_file = (self.directory / "redis.log").open("ab")
-        self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        # A session of its own: Ctrl-C in a terminal signals the whole foreground process
+        # group, and the server must outlive the daemon's shutdown (`rotator dev` stops it
+        # after the daemon), not die with it and leave the daemon failing against it.
+        self.process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log_file.close()
         deadline = time.monotonic() + timeout
         client = redis.Redis(
