@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,32 @@ def test_rotate_status_jwks_and_revoke(cli: Cli, client: redis.Redis) -> None:
     assert retired not in cli("jwks").stdout
     unknown = cli("revoke", retired)
     assert unknown.code == 1 and "has no key" in unknown.stderr
+
+
+def _numbers(value: object) -> list[object]:
+    """Every number in a JSON document, at any depth."""
+    if isinstance(value, dict):
+        return [n for item in value.values() for n in _numbers(item)]
+    if isinstance(value, list):
+        return [n for item in value for n in _numbers(item)]
+    return [value] if isinstance(value, int | float) and not isinstance(value, bool) else []
+
+
+def test_json_times_are_rfc3339_with_whole_epoch_seconds_beside(cli: Cli) -> None:
+    assert cli("rotate").code == 0
+    assert cli("rotate", "--force").code == 0
+    (doc,) = json.loads(cli("status", "--json").stdout)
+    retired = doc["keys"][2]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", retired["retired_at"])
+    assert datetime.fromisoformat(retired["retired_at"]).timestamp() == retired["retired_at_epoch"]
+    assert doc["next_rotation_at"] > doc["updated_at"] and doc["overdue"] is False
+    assert doc["keys"][1]["activated_at"] is None  # next has not signed yet
+    (row,) = json.loads(cli("keyset", "list", "--json").stdout)
+    assert row["next_rotation_at"] == doc["next_rotation_at"]
+    for document in (doc, row):
+        assert all(isinstance(n, int) for n in _numbers(document)), document  # no floats
+    table = cli("status", "--table").stdout
+    assert "RETIRED" in table and retired["retired_at"] in table
 
 
 def test_force_new_replaces_both_keys(cli: Cli) -> None:
@@ -153,10 +181,10 @@ def test_keyset_policy_is_stored_with_the_set_and_drives_its_schedule(
     assert cli("keyset", "add", "slow", "--schedule", "0 3 * * *").code == 0
     rows = {r["keyset"]: r for r in json.loads(cli("keyset", "list", "--json").stdout)}
     fast = json.loads(cli("status", "--keyset", "fast", "--json").stdout)[0]
-    created = fast["keys"][0]["created_at"]
-    assert rows["fast"]["next_rotation_at"] == created + 50  # not the config's 100s
+    created = fast["keys"][0]["created_at_epoch"]
+    assert rows["fast"]["next_rotation_at_epoch"] == created + 50  # not the config's 100s
     assert rows["slow"]["policy"] == {"schedule": "0 3 * * *"}
-    assert rows["slow"]["next_rotation_at"] % 86400 >= 3 * 3600  # 03:00 UTC plus jitter
+    assert rows["slow"]["next_rotation_at_epoch"] % 86400 >= 3 * 3600  # 03:00 UTC plus jitter
     text = cli("keyset", "list").stdout
     assert "every 50s" in text and "'0 3 * * *'" in text
 
@@ -236,6 +264,8 @@ def test_check_config_masks_secrets(cli: Cli, kek_file: Path) -> None:
     assert doc["keys"]["kek_ids"] == ["k1"]
     assert doc["effective_policies"]["default"]["interval"] == "1m40s"
     assert doc["effective_policies"]["default"]["jitter"] == "5s"  # 5 % of 100s, as it applies
+    assert doc["rotation"]["interval"] == "1m40s" and doc["rotation"]["jitter"] == "5s"
+    assert None not in doc["rotation"].values()  # effective values, not what was left unset
     del cli.env["ROTATOR_KEYS__KEK_FILE"]
     cli.env["ROTATOR_KEYS__KEKS"] = secret_line
     masked = cli("check-config")

@@ -12,8 +12,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from rotator.cli.common import UsageError, load_all, manager_for
-from rotator.cli.output import iso, print_outcome
+from rotator.cli.output import print_outcome
 from rotator.config import KeysetSettings, Settings, describe_error
+from rotator.core.instants import stamped
 from rotator.core.lifecycle import rotation_due_at
 from rotator.core.strictjson import one_line
 from rotator.daemon.manager import KeyManager
@@ -121,10 +122,10 @@ def _keyset_list(manager: KeyManager, keysets: KeySets, as_json: bool) -> int:
             row["version"] = 0
         else:
             row["version"] = loaded.state.version
-            row["next_rotation_at"] = rotation_due_at(loaded.state, entry.policy)
+            row.update(stamped("next_rotation_at", rotation_due_at(loaded.state, entry.policy)))
         rows.append(row)
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, allow_nan=False))
     else:
         print(f"{'KEYSET':<24} {'ORIGIN':<8} {'VERSION':>7}  {'NEXT ROTATION':<20}  POLICY")
         for row in rows:
@@ -135,7 +136,7 @@ def _keyset_list(manager: KeyManager, keysets: KeySets, as_json: bool) -> int:
             elif row["version"] == 0:
                 when = "empty"
             else:
-                when = iso(row["next_rotation_at"])
+                when = row["next_rotation_at"]
             print(
                 f"{row['keyset']:<24} {row['origin']:<8} {row.get('version', '-'):>7}  "
                 f"{when:<20}  {policy}"

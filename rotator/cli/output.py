@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
+from rotator.core.instants import rfc3339
 from rotator.daemon.manager import Outcome
 
 __all__ = ["iso", "print_outcome"]
@@ -11,9 +10,7 @@ __all__ = ["iso", "print_outcome"]
 
 def iso(moment: float | None) -> str:
     """*moment* (epoch seconds) as an RFC 3339 UTC time to the second, ``-`` for none."""
-    if moment is None:
-        return "-"
-    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "-" if moment is None else rfc3339(moment)
 
 
 def print_outcome(outcome: Outcome) -> None:

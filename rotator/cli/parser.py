@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     keyset_arg(revoke)
     status = sub.add_parser("status", help="show keys, states and the next rotation")
     status.add_argument("--keyset", help="one key set (default: all)")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="as JSON (times RFC 3339)")
+    status.add_argument("--table", action="store_true", help="a table instead of the timeline")
     jwks = sub.add_parser("jwks", help="print the published JWKS")
     keyset_arg(jwks)
 

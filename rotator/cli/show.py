@@ -5,85 +5,110 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from typing import Any
 
+from rotator.cli import timeline
 from rotator.cli.common import Failure, checked_keyset, load_all, manager_for, selected
 from rotator.cli.output import iso
 from rotator.config import Settings, mask_url
 from rotator.core import strictjson
 from rotator.core.durations import format_duration
+from rotator.core.instants import stamped
 from rotator.core.lifecycle import rotation_due_at
 from rotator.core.policy import Policy
 from rotator.core.state import KeySetState
 from rotator.core.strictjson import one_line
 from rotator.library.jwks_import import JWKSFormatError, import_jwks
 from rotator.storage.audit import BadAuditEntry
+from rotator.storage.registry import KeySets
+from rotator.storage.store import Snapshot
 
 __all__ = ["cmd_audit", "cmd_check_config", "cmd_jwks", "cmd_status"]
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    """Each key set's keys, their states and the next rotation, as text or JSON."""
+    """Each key set's keys on a timeline (or a table), or as JSON; exit 1 if one is
+    unreadable."""
     manager, keysets = manager_for(settings)
     names = selected(keysets, args.keyset)
     now = time.time()
-    docs: list[dict[str, Any]] = []
-    for name, loaded in load_all(manager, keysets, names):
-        if isinstance(loaded, Exception):
-            docs.append({"keyset": name, "error": one_line(str(loaded))})
-        elif loaded.state is None:
-            docs.append({"keyset": name, "version": 0})
-        else:
-            docs.append(_status_doc(loaded.state, keysets.policy(name), now))
+    loaded = load_all(manager, keysets, names)
     if args.json:
-        print(json.dumps(docs, indent=2))
+        docs = [_status_doc(name, found, keysets, now) for name, found in loaded]
+        print(json.dumps(docs, indent=2, allow_nan=False))
     else:
-        for doc in docs:
-            _print_status(doc, now)
-    return 1 if any("error" in doc for doc in docs) else 0
+        width = None if args.table else shutil.get_terminal_size().columns
+        texts = [_status_text(name, found, keysets, now, width) for name, found in loaded]
+        print("\n".join(texts), end="")
+    return 1 if any(isinstance(found, Exception) for _, found in loaded) else 0
 
 
-def _status_doc(state: KeySetState, policy: Policy, now: float) -> dict[str, Any]:
+def _status_doc(
+    name: str, found: Snapshot | Exception, keysets: KeySets, now: float
+) -> dict[str, Any]:
+    if isinstance(found, Exception):
+        return {"keyset": name, "error": one_line(str(found))}
+    state = found.state
+    if state is None:
+        return {"keyset": name, "version": 0}
+    due = rotation_due_at(state, keysets.policy(name))
     return {
         "keyset": state.keyset,
         "version": state.version,
-        "updated_at": state.updated_at,
-        "next_rotation_at": rotation_due_at(state, policy),
+        **stamped("updated_at", state.updated_at),
+        **stamped("next_rotation_at", due),
+        "overdue": due <= now,
         "keys": [
             {
                 "kid": k.kid,
                 "status": k.status.value,
-                "age": now - k.created_at,
-                "created_at": k.created_at,
-                "activated_at": k.activated_at,
-                "retired_at": k.retired_at,
-                "expires_at": k.expires_at,
+                "age": round(now - k.created_at),
+                **stamped("created_at", k.created_at),
+                **stamped("activated_at", k.activated_at),
+                **stamped("retired_at", k.retired_at),
+                **stamped("expires_at", k.expires_at),
             }
             for k in state.keys
         ],
     }
 
 
-def _print_status(doc: dict[str, Any], now: float) -> None:
-    if "error" in doc:
-        print(f"key set {doc['keyset']}: UNREADABLE: {doc['error']}")
-        return
-    if not doc["version"]:
-        print(f"key set {doc['keyset']}: empty (the daemon bootstraps it on its next tick)")
-        return
-    due = doc["next_rotation_at"]
-    print(
-        f"key set {doc['keyset']}  version {doc['version']}  updated {iso(doc['updated_at'])}  "
-        f"next rotation {iso(due)} (in {format_duration(max(0, round(due - now)))})"
+def _status_text(
+    name: str, found: Snapshot | Exception, keysets: KeySets, now: float, width: int | None
+) -> str:
+    """The timeline *width* columns wide, or the table when *width* is ``None``."""
+    if isinstance(found, Exception):
+        return f"key set {name}: UNREADABLE: {one_line(str(found))}\n"
+    state = found.state
+    if state is None:
+        return f"key set {name}: empty (the daemon bootstraps it on its next tick)\n"
+    policy = keysets.policy(name)
+    if width is None:
+        return _table(state, policy, now)
+    return timeline.render(state, policy, now, width)
+
+
+def _table(state: KeySetState, policy: Policy, now: float) -> str:
+    due = rotation_due_at(state, policy)
+    when = (
+        f"OVERDUE by {format_duration(round(now - due))}"
+        if due <= now
+        else f"in {format_duration(round(due - now))}"
     )
-    print(f"  {'KID':<44} {'STATE':<8} {'AGE':>10}  {'ACTIVATED':<20} {'EXPIRES':<20}")
-    for key in doc["keys"]:
-        print(
-            f"  {key['kid']:<44} {key['status']:<8} {format_duration(round(key['age'])):>10}  "
-            f"{iso(key['activated_at']):<20} {iso(key['expires_at']):<20}"
-        )
+    lines = [
+        f"key set {state.keyset}  version {state.version}  updated {iso(state.updated_at)}  "
+        f"next rotation {iso(due)} ({when})",
+        f"  {'KID':<44} {'STATE':<8} {'AGE':>10}  {'ACTIVATED':<20} {'RETIRED':<20} EXPIRES",
+    ]
+    lines += [
+        f"  {k.kid:<44} {k.status.value:<8} {format_duration(round(now - k.created_at)):>10}  "
+        f"{iso(k.activated_at):<20} {iso(k.retired_at):<20} {iso(k.expires_at)}"
+        for k in state.keys
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def cmd_jwks(settings: Settings, args: argparse.Namespace) -> int:
@@ -122,11 +147,14 @@ def cmd_check_config(settings: Settings, _args: argparse.Namespace) -> int:
     """The effective config as JSON, secrets masked, with each key set's policy."""
     doc = settings.model_dump(mode="json")
     doc["redis"]["url"] = mask_url(settings.redis.url)
+    # The values in force, defaults included, rather than null for each field not set.
+    rotation = _policy_doc(settings.base_policy())
+    doc["rotation"] = {field: value for field, value in rotation.items() if value is not None}
     names = sorted(set(settings.configured_keysets()))
     doc["effective_policies"] = {name: _policy_doc(settings.policy(name)) for name in names}
     keyring = settings.keyring()
     doc["keys"]["kek_ids"] = [k.id for k in keyring.keks] if keyring else []
-    print(json.dumps(doc, indent=2))
+    print(json.dumps(doc, indent=2, allow_nan=False))
     if keyring is None:
         print("warning: no KEK configured; `rotator run` will refuse to start", file=sys.stderr)
     return 0
