@@ -7,7 +7,9 @@ file, TOML syntax, unknown field, bad duration, contradictory policy) into a
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -45,6 +47,7 @@ __all__ = [
     "describe_error",
     "load_settings",
     "mask_url",
+    "settings_toml",
 ]
 
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
@@ -338,6 +341,43 @@ def mask_url(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    # A JSON string is a TOML basic string but for DEL, which TOML wants escaped.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _toml_table(path: list[str], table: Mapping[str, Any], out: list[str]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    if path and (scalars or not table):
+        out.append("[" + ".".join(map(_toml_key, path)) + "]")
+    out.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars.items())
+    for name, value in table.items():
+        if isinstance(value, dict):
+            _toml_table([*path, name], value, out)
+
+
+def settings_toml(settings: Settings) -> str:
+    """*settings* as a TOML config file that `load_settings` reads back to the same
+    settings (what `rotator dev` writes for the commands it prints). ``keys.keks`` is
+    left out: a secret does not go into a file here (``keys.kek_file`` does).
+    """
+    document = settings.model_dump(mode="json", exclude_none=True)
+    document["keys"].pop("keks", None)
+    lines: list[str] = []
+    _toml_table([], document, lines)
+    return "\n".join(lines) + "\n"
 
 
 def describe_error(error: Mapping[str, Any]) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rotator.config import ConfigError, load_settings, mask_url
+from rotator.config import ConfigError, load_settings, mask_url, settings_toml
 from rotator.core.durations import format_duration, parse_duration
 from rotator.storage.layout import validate_keyset_name
 
@@ -172,3 +172,28 @@ def test_example_config_is_valid_and_documents_every_field() -> None:
         annotation = model.annotation
         for field in getattr(annotation, "model_fields", {}):
             assert f"{field} =" in text or f"# {field} =" in text, f"{section}.{field}"
+
+
+def test_settings_written_as_toml_read_back_the_same(tmp_path: Path) -> None:
+    """What `rotator dev` writes for the commands it prints: every field, nested key set
+    tables with names TOML must quote, strings TOML must escape; never the KEKs."""
+    settings = load_settings(
+        redis={"url": "redis://127.0.0.1:6390/0", "sentinels": ["a:1", "b:2"]},
+        keys={"kek_file": "/tmp/with space/k\u00e9k", "keks": "k1:" + "A" * 43 + "="},
+        rotation={
+            "interval": 30,
+            "cache_max_age": 7,
+            "max_token_ttl": 15,
+            "clock_skew": 1,
+            "overlap": 30,
+        },
+        keysets={'shop.eu"\U0001f600': {"schedule": "0 3 * * *"}, "plain": {}},
+        daemon={"tick": 5, "health_port": 1234},
+        server={"host": 'a\x7fb"\\\n', "poll_interval": "1s500ms"},
+    )
+    path = tmp_path / "dev.toml"
+    path.write_text(settings_toml(settings), encoding="utf-8")
+    assert "keks" not in path.read_text(encoding="utf-8")
+    assert load_settings(path) == settings.model_copy(
+        update={"keys": settings.keys.model_copy(update={"keks": None})}
+    )

@@ -8,11 +8,16 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
+from http.client import HTTPResponse
 from pathlib import Path
 
 import pytest
 import redis
 
+from rotator.cli.daemon import DEV_MIN_INTERVAL, dev_rotation
+from rotator.config import ConfigError, load_settings
+from rotator.embedded import free_port
 from tests.helpers import collect_lines, wait_for
 
 pytestmark = pytest.mark.slow
@@ -81,3 +86,83 @@ def test_ctrl_c_reaches_the_daemon_and_not_redis(tmp_path: Path) -> None:
     assert "Traceback" not in log
     with pytest.raises(redis.ConnectionError):
         client.ping()  # and it was stopped after the daemon
+
+
+def test_the_printed_commands_see_what_the_daemon_sees(tmp_path: Path) -> None:
+    """Each command `rotator dev` prints, pasted as it is into a shell elsewhere with no
+    ROTATOR_* variable, runs with dev's config: its interval and policy, its cache_max_age
+    (a rotation is not refused for the default 300s), its max_token_ttl (4s here)."""
+    process, out, _err = start_dev(tmp_path, "--interval", "8s")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
+
+    def shell(line: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-c", line], cwd=elsewhere, env=env, capture_output=True, text=True, check=False
+        )
+
+    try:
+        wait_for(lambda: "Ctrl-C" in "".join(out), what="banner")
+        commands = {
+            line.split(" rotator ", 1)[1].split(" ")[0]: line.strip()
+            for line in "".join(out).splitlines()
+            if line.strip().startswith("ROTATOR_CONFIG=/")
+        }
+        assert commands.keys() == {"status", "jwks", "rotate", "keyset", "token", "serve"}
+        wait_for(lambda: shell(commands["jwks"]).returncode == 0, what="a published JWKS")
+        status = shell(commands["status"])
+        assert status.returncode == 0, status.stderr
+        assert "every 8s, overlap 8s" in status.stdout, status.stdout
+        assert "every 8s, overlap 8s" in shell(commands["keyset"]).stdout
+        # next is older than dev's cache_max_age (2s) for most of each 8s interval
+        wait_for(lambda: shell(commands["rotate"]).returncode == 0, timeout=20, what="rotate")
+        signed = shell(commands["token"])
+        assert signed.returncode == 0 and signed.stdout.count(".") == 2, signed.stderr
+        too_long = shell(commands["token"] + " --ttl 30m")
+        assert too_long.returncode == 1 and "max_token_ttl=4s" in too_long.stderr
+        port = free_port()
+        server = subprocess.Popen(
+            ["sh", "-c", f"{commands['serve']} --port {port}"],
+            cwd=elsewhere,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            answer = wait_for(
+                lambda: _get(f"http://127.0.0.1:{port}/.well-known/jwks.json"), what="serve"
+            )
+            assert "max-age=2," in answer.headers["Cache-Control"]
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=20)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=20)
+
+
+def _get(url: str) -> HTTPResponse | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310
+            response: HTTPResponse = answer
+            return response
+    except OSError:
+        return None
+
+
+def test_dev_names_the_smallest_interval_it_accepts(tmp_path: Path) -> None:
+    process, _out, err = start_dev(tmp_path, "--interval", "1s")
+    assert process.wait(timeout=20) == 2
+    wait_for(lambda: "".join(err), what="the error")
+    assert "".join(err).count("\n") == 1 and "smallest it accepts is 3s" in "".join(err)
+    assert "cache_max_age: 1s must be at most half" not in "".join(err)
+
+
+def test_dev_min_interval_is_the_smallest_sound_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("ROTATOR_")]:
+        monkeypatch.delenv(name)
+    load_settings(rotation=dev_rotation(DEV_MIN_INTERVAL))
+    with pytest.raises(ConfigError):
+        load_settings(rotation=dev_rotation(DEV_MIN_INTERVAL - 1))
