@@ -212,7 +212,7 @@ def test_a_revocation_by_the_cli_survives_redis_losing_its_data(
     def last_read() -> float:
         keysets = daemon.report().get("keysets")
         assert isinstance(keysets, dict)
-        return float(keysets["default"]["last_success"])
+        return float(keysets["default"]["last_success_epoch"])
 
     before = last_read()
     kid = json.loads(client.get("rotator:{default}:jwks") or b"")["keys"][1]["kid"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import redis
 from rotator.config import KeysetSettings, load_settings
 from rotator.core.envelope import Keyring
 from rotator.core.state import KeySetState
+from rotator.daemon.health import Health
 from rotator.daemon.manager import KeyManager
 from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis
@@ -195,3 +197,13 @@ def test_a_backup_restores_only_into_the_lineage_it_was_saved_from(
         assert not kids(restored) & kids(saved)
     else:
         assert restored == saved
+
+
+def test_readyz_gives_times_as_rfc3339_with_the_epoch_beside() -> None:
+    health = Health(freshness=30)
+    health.succeeded("alpha", 1_800_000_000.123456)
+    health.failed("beta", "state is not a JSON object")
+    report = json.loads(json.dumps(health.report(1_800_000_001.0)))
+    assert report["keysets"]["alpha"]["last_success"] == "2027-01-15T08:00:00Z"
+    assert report["keysets"]["alpha"]["last_success_epoch"] == 1_800_000_000.123
+    assert report["keysets"]["beta"]["last_success"] is None

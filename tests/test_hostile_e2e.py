@@ -114,7 +114,7 @@ def test_a_poisoned_state_fails_that_keyset_alone(
 
 def last_read(daemon: Daemon) -> object:
     keysets: dict[str, dict[str, Any]] = daemon.report().get("keysets") or {}  # type: ignore[assignment]
-    return keysets.get("default", {}).get("last_success")
+    return keysets.get("default", {}).get("last_success_epoch")
 
 
 @pytest.mark.parametrize("x", [[1], {"a": 1}], ids=["x-as-a-list", "x-as-a-dict"])

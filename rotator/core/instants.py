@@ -17,8 +17,13 @@ def rfc3339(moment: float) -> str:
     return datetime.fromtimestamp(round(moment), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def stamped(name: str, moment: float | None) -> dict[str, str | int | None]:
-    """``{name: RFC 3339, name_epoch: whole Unix seconds}`` (both ``None`` when *moment* is)."""
+def stamped(name: str, moment: float | None, *, digits: int = 0) -> dict[str, str | float | None]:
+    """``{name: RFC 3339, name_epoch: Unix seconds}`` (both ``None`` when *moment* is), the
+    epoch a whole number or rounded to *digits* decimals (for moments that a poll must
+    tell apart within a second)."""
     if moment is None:
         return {name: None, f"{name}_epoch": None}
-    return {name: rfc3339(moment), f"{name}_epoch": round(moment)}
+    return {
+        name: rfc3339(moment),
+        f"{name}_epoch": round(moment, digits) if digits else round(moment),
+    }

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from rotator.core.instants import stamped
 from rotator.metrics import CONTENT_TYPE, exposition
 
 __all__ = ["Health", "HealthServer"]
@@ -87,7 +88,7 @@ class Health:
             keysets = {
                 name: {
                     "fresh": self._fresh(h, now),
-                    "last_success": h.last_success,
+                    **stamped("last_success", h.last_success, digits=3),
                     "error": h.error,
                 }
                 for name, h in sorted(self._keysets.items())
@@ -132,7 +133,7 @@ class HealthServer:
 
     @staticmethod
     def _send(handler: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
+        data = json.dumps(body, allow_nan=False).encode()
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(data)))
