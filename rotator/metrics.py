@@ -44,6 +44,7 @@ class KeysetSample:
     last_reconcile: float
     current_key_age: float
     published_keys: int
+    rotation_interval: float
 
 
 _KEYSET_GAUGES = (
@@ -61,6 +62,12 @@ _KEYSET_GAUGES = (
         "rotator_published_keys",
         "Keys in the published JWKS (current, next, retired)",
         "published_keys",
+    ),
+    (
+        "rotator_rotation_interval_seconds",
+        "The key set's rotation interval; for a cron schedule, the gap between the fire time "
+        "that replaces the current key and the one before it",
+        "rotation_interval",
     ),
 )
 

@@ -188,6 +188,28 @@ def test_metrics_json_logs_and_audit(
     assert any("leader lease" in r["message"] for r in records)
 
 
+def test_each_keysets_rotation_interval_is_a_gauge(
+    start_daemon: StartDaemon, client: redis.Redis, cli: Cli
+) -> None:
+    """``rotator_rotation_interval_seconds`` carries each key set's own policy (the default,
+    an override in the config, a cron schedule, a registered key set), for the alert
+    rules and the dashboard to compare the key age with."""
+    daemon = start_daemon(
+        ROTATOR_KEYSETS=json.dumps(
+            {"default": {}, "shop": {"interval": "3s"}, "weekly": {"schedule": "0 0 * * mon"}}
+        )
+    )
+    wait_for(lambda: daemon.http("/readyz") == 200, what="ready")
+    assert cli("keyset", "add", "billing", "--interval", "1h").code == 0
+    expected = {"default": INTERVAL, "shop": 3.0, "weekly": 7 * 86400.0, "billing": 3600.0}
+    wait_for(
+        lambda: _sample(daemon, "rotator_rotation_interval_seconds", keyset="billing"),
+        what="the registered key set's gauge",
+    )
+    for keyset, interval in expected.items():
+        assert _sample(daemon, "rotator_rotation_interval_seconds", keyset=keyset) == interval
+
+
 def _sample(daemon: Daemon, name: str, **labels: str) -> float | None:
     url = f"http://127.0.0.1:{daemon.health_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as answer:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -198,6 +199,47 @@ def test_default_jitter_is_a_share_of_the_period_capped_at_an_hour() -> None:
     assert replace(POLICY, jitter=100.0).problems() == [
         ("jitter", "must be at least 0 and less than the period (1m40s)")
     ]
+
+
+WEEKDAYS = Policy(interval=None, schedule="0 0 * * mon-fri", overlap=7200.0)
+THURSDAY = datetime(2027, 1, 14, tzinfo=UTC).timestamp()  # 00:00, a fire time
+DAY = 86400.0
+
+
+def test_the_rotation_period_of_an_interval_is_the_interval() -> None:
+    assert POLICY.rotation_period(1_800_000_000.0) == 100.0
+    assert Policy().rotation_period(0.0) == DAY
+
+
+@pytest.mark.parametrize(
+    ("activated", "period"),
+    [
+        (THURSDAY + 30, DAY),  # rotated on schedule (and jitter): replaced on Friday
+        (THURSDAY + DAY + 30, 3 * DAY),  # Friday's key signs over the weekend
+        (THURSDAY + 15 * 3600, DAY),  # rotated by hand on Thursday afternoon: the gap, not 9h
+        (THURSDAY + DAY - 120, 3 * DAY),  # too close to Friday's fire (cache_max_age 5m)
+    ],
+)
+def test_the_rotation_period_of_a_schedule_is_the_gap_its_rotation_closes(
+    activated: float, period: float
+) -> None:
+    assert WEEKDAYS.rotation_period(activated) == period
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["0 0 * * mon-fri", "0 */6 * * *", "30 2 1 * *", "0 0,1 * * *", "*/5 * * * *"]),
+    st.floats(min_value=1_800_000_000.0, max_value=1_900_000_000.0),
+)
+def test_no_key_outlives_one_and_a_half_rotation_periods(schedule: str, activated: float) -> None:
+    """What the key age alert relies on: under the default jitter a key is replaced before
+    it is 1.5 rotation periods old, whenever it was activated (on schedule or by hand) and
+    whatever its kid's share of the jitter window."""
+    policy = Policy(interval=None, schedule=schedule, overlap=7200.0, cache_max_age=60.0)
+    state = lifecycle.bootstrap("default", activated, RecordingMint(make_keyring("k1"))).state
+    latest = policy.next_rotation_after(activated) + policy.jitter_window
+    assert lifecycle.rotation_due_at(state, policy) <= latest
+    assert latest - activated <= 1.5 * policy.rotation_period(activated)
 
 
 class LifecycleMachine(RuleBasedStateMachine):

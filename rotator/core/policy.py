@@ -34,6 +34,34 @@ def cron_trigger(expression: str) -> CronTrigger:
     return CronTrigger.from_crontab(expression, timezone=UTC)
 
 
+def _first_fire(trigger: CronTrigger, at: float) -> float:
+    """The first fire time of *trigger* at or after *at*."""
+    fire = trigger.get_next_fire_time(None, datetime.fromtimestamp(at, UTC))
+    assert fire is not None, "callers ask only before a known fire time"
+    return float(fire.timestamp())
+
+
+def _fire_before(trigger: CronTrigger, fire: float, gap: float) -> float:
+    """The fire time of *trigger* before its fire time *fire*, searched back from *gap*
+    before it. Some forty calls to the trigger, whatever the schedule: walking the fire
+    times forward from far enough back would take thousands for a schedule that fires
+    every minute on weekdays. A five-field schedule fires in every 400 years (the
+    Gregorian calendar repeats), so the window stops growing."""
+    low = fire - gap
+    while _first_fire(trigger, low) >= fire:
+        low = fire - 2 * (fire - low)
+    high = fire
+    # The first fire from low is before *fire*, the first from high is not; fire times are
+    # whole seconds, so within a second of each other low is at most a second before it.
+    while high - low > 1:
+        middle = (low + high) / 2
+        if _first_fire(trigger, middle) < fire:
+            low = middle
+        else:
+            high = middle
+    return _first_fire(trigger, low)
+
+
 @dataclass(frozen=True)
 class Policy:
     """Effective rotation policy of one key set, all durations in seconds.
@@ -71,6 +99,19 @@ class Policy:
         # Gregorian calendar repeats), and stored times end at the year 3000.
         fire = trigger.get_next_fire_time(None, earliest)
         return float(fire.timestamp())
+
+    def rotation_period(self, activated: float) -> float:
+        """The rotation interval that applies to the key activated at *activated*: the
+        interval; for a cron schedule, the gap between the fire time that replaces that key
+        and the fire time before it. A key promoted off schedule (a manual rotation) gets
+        the schedule's gap, not the shorter time it has until the next fire time, so that a
+        key age alert at 1.5 times this value never fires while the key waits for its
+        rotation and its jitter (at most 5 % of the shortest gap by default)."""
+        if self._trigger is None:
+            assert self.interval is not None
+            return self.interval
+        due = self.next_rotation_after(activated)
+        return due - _fire_before(self._trigger, due, self.shortest_period)
 
     @property
     def jitter_window(self) -> float:

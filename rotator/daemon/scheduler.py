@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
 
@@ -29,6 +30,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from rotator.config import Settings, mask_url
+from rotator.core.policy import Policy
 from rotator.core.state import CorruptState, KeySetState
 from rotator.core.strictjson import one_line
 from rotator.daemon.backup import Backup
@@ -63,6 +65,21 @@ def _described(exc: Exception) -> str:
     return one_line(text)
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """A key set's last seen state, the policy it was seen under and that policy's rotation
+    period for its current key."""
+
+    state: KeySetState
+    policy: Policy
+    period: float
+
+
+def _activated(state: KeySetState) -> float:
+    """When the current key of *state* started signing."""
+    return state.current.activated_at or state.updated_at
+
+
 def lease_client(settings: Settings) -> redis.Redis:
     """A client for the lease alone: its calls are bounded well under ``daemon.lease_ttl``
     (`rotator.storage.lease`), whatever ``redis.socket_timeout`` and ``redis.retries`` allow the
@@ -95,8 +112,9 @@ class Daemon:
         self.stopping = threading.Event()
         self._errors: dict[str, str] = {}
         self._redis_was_down = False
-        # The last state seen per key set, read by the gauges when scraped.
-        self._states: dict[str, KeySetState] = {}
+        # The last state seen per key set, with the policy it was seen under and its
+        # rotation period, read by the gauges when scraped.
+        self._states: dict[str, _Seen] = {}
         KEYSETS.source = self._samples
         self._ready_sent = False
         self._watchdog = watchdog_seconds()
@@ -260,17 +278,25 @@ class Daemon:
     def _seen(self, state: KeySetState) -> None:
         """*state* was reconciled or read just now: health and metrics."""
         self.health.succeeded(state.keyset, self.clock())
-        self._states[state.keyset] = state
+        entry = self.managed.get(state.keyset)
+        if entry is None or entry.policy is None:
+            return  # an announced commit under an unusable policy: the tick reports it
+        known = self._states.get(state.keyset)
+        if known is None or known.state is not state or known.policy is not entry.policy:
+            # Once per new state: a cron schedule's period costs some forty trigger calls.
+            period = entry.policy.rotation_period(_activated(state))
+            self._states[state.keyset] = _Seen(state, entry.policy, period)
 
     def _samples(self) -> Iterator[KeysetSample]:
         """The per key set gauges, computed when /metrics is scraped."""
         now = self.clock()
-        for name, state in list(self._states.items()):
+        for name, seen in list(self._states.items()):
             yield KeysetSample(
                 keyset=name,
                 last_reconcile=self.health.last_success(name) or 0.0,
-                current_key_age=now - (state.current.activated_at or state.updated_at),
-                published_keys=len(state.keys),
+                current_key_age=now - _activated(seen.state),
+                published_keys=len(seen.state.keys),
+                rotation_interval=seen.period,
             )
 
     def _forget(self, managed: set[str]) -> None:
