@@ -29,8 +29,6 @@ OVERLAY_REDIS_URLS = {
     "daemon": "redis://rotator-daemon:pw-daemon@redis.data.svc:6379/0",
     "serve": "redis://rotator-verifier:pw-verifier@redis.data.svc:6379/0",
 }
-#: Written by the operator (overlays/example shows how), read by the shipped rules.
-OPERATOR_RECORDED = {"rotator:keyset_interval_seconds:configured"}
 #: The Deployment of each role.
 DEPLOYMENTS = {"daemon": "rotator", "serve": "rotator-serve"}
 

@@ -29,7 +29,6 @@ from tests.deploying import (
     DEPLOY,
     DEPLOYMENTS,
     KUBERNETES,
-    OPERATOR_RECORDED,
     Obj,
     dashboard_queries,
     dashboard_variable_metrics,
@@ -288,7 +287,7 @@ def test_dashboard_and_rules_name_only_scraped_metrics(tmp_path: Path) -> None:
     for group in groups:
         for rule in group["rules"]:
             for name in selectors(rule["expr"]):
-                assert name in scraped or name in recorded | OPERATOR_RECORDED, name
+                assert name in scraped or name in recorded, name
     for expr in dashboard_queries():
         for name in selectors(expr):
             assert name in scraped or name in recorded, f"{expr}: {name} does not exist"
