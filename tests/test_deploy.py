@@ -73,6 +73,14 @@ CRDS = ROOT / "tests" / "data" / "prometheus-operator"
 PROMTOOL_TESTS = ROOT / "tests" / "data" / "promtool"
 #: The ACL user of deploy/redis/users.acl each role logs in as.
 ROLE_USERS = {"daemon": "rotator-daemon", "serve": "rotator-verifier"}
+#: Who may scrape /metrics in Kubernetes: Prometheus's pods, as the Prometheus Operator
+#: labels them, in namespace monitoring.
+PROMETHEUS_PEERS = [
+    {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+]
 
 
 def unit(name: str) -> configparser.ConfigParser:
@@ -146,6 +154,27 @@ def test_each_unit_runs_its_own_role_config(role: str, name: str, tmp_path: Path
     url = urlsplit(variables["ROTATOR_REDIS__URL"])
     assert url.username == ROLE_USERS[role]
     assert url.password == acl_passwords()[ROLE_USERS[role]]  # one placeholder to replace
+
+
+def metrics_port(config: str, role: str) -> int:
+    """The port the role's config serves /metrics on: the daemon's health port, serve's
+    metrics port (the shipped serve configs keep /metrics off the public port)."""
+    parsed = tomllib.loads(config)
+    if role == "daemon":
+        return int(parsed["daemon"]["health_port"])
+    server = parsed["server"]
+    assert server.get("metrics_port") not in {None, server["port"]}, "/metrics on the JWKS port"
+    return int(server["metrics_port"])
+
+
+def test_systemd_serve_keeps_metrics_off_the_public_port(tmp_path: Path) -> None:
+    """serve answers /metrics on loopback only and on a port of its own: not the JWKS port,
+    which every client reaches, nor the daemon's health port on the same host."""
+    (tmp_path / "serve.toml").write_text((DEPLOY / "systemd" / "serve.toml").read_text())
+    server = load_settings(tmp_path / "serve.toml").server
+    daemon = tomllib.loads((DEPLOY / "systemd" / "daemon.toml").read_text())["daemon"]
+    assert server.metrics_host == daemon["health_host"] == "127.0.0.1"
+    assert server.metrics_port not in {None, server.port, daemon["health_port"]}
 
 
 def test_systemd_role_configs_share_the_policy() -> None:
@@ -368,8 +397,9 @@ def test_probes_point_at_real_endpoints(base: list[Obj], tmp_path: Path) -> None
 
 @pytest.mark.parametrize("role", ["daemon", "serve"])
 def test_a_network_policy_fences_each_role(base: list[Obj], overlay: list[Obj], role: str) -> None:
-    """Ingress to the role's own ports only; egress to Redis (port 6379 in the Redis
-    namespace, which the overlay moves) and DNS only."""
+    """Ingress to the role's own ports only: its metrics port from Prometheus alone, serve's
+    JWKS port from everyone (the kubelet's probes need no rule); egress to Redis (port
+    6379 in the Redis namespace, which the overlay moves) and DNS only."""
     for objects, redis_namespace in ((base, "redis"), (overlay, "data")):
         labels = pod(objects, role)["metadata"]["labels"]
         (policy,) = (
@@ -379,10 +409,15 @@ def test_a_network_policy_fences_each_role(base: list[Obj], overlay: list[Obj], 
         )
         spec = policy["spec"]
         assert spec["policyTypes"] == ["Ingress", "Egress"]
-        (ingress,) = spec["ingress"]
-        assert "from" not in ingress  # probes, scrapes and (serve) every JWKS client
+        peers = {p["port"]: rule.get("from") for rule in spec["ingress"] for p in rule["ports"]}
         ports = {p["containerPort"] for p in container(objects, role)["ports"]}
-        assert {p["port"] for p in ingress["ports"]} == ports
+        assert set(peers) == ports
+        scraped = metrics_port(role_config(objects, role), role)
+        assert peers.pop(scraped) == PROMETHEUS_PEERS
+        if role == "serve":
+            assert peers == {tomllib.loads(role_config(objects, role))["server"]["port"]: None}
+        else:
+            assert not peers
         to_redis, to_dns = spec["egress"]
         assert to_redis["to"] == [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": redis_namespace}}}
@@ -407,13 +442,7 @@ def test_the_pod_monitor_scrapes_both_roles(base: list[Obj], overlay: list[Obj])
     monitor = one(overlay, "PodMonitor", "rotator")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     endpoints = {e["port"]: e for e in monitor["spec"]["podMetricsEndpoints"]}
-    settings = {
-        role: tomllib.loads(role_config(base, role)) for role in DEPLOYMENTS
-    }  # fmt: skip
-    metrics_ports = {
-        "daemon": settings["daemon"]["daemon"]["health_port"],
-        "serve": settings["serve"]["server"]["port"],
-    }
+    metrics_ports = {role: metrics_port(role_config(base, role), role) for role in DEPLOYMENTS}
     for role in DEPLOYMENTS:
         assert selects(
             monitor["spec"]["selector"]["matchLabels"], pod(overlay, role)["metadata"]["labels"]
@@ -422,6 +451,11 @@ def test_the_pod_monitor_scrapes_both_roles(base: list[Obj], overlay: list[Obj])
         (scraped,) = set(ports) & set(endpoints)
         assert ports[scraped] == metrics_ports[role]
         assert endpoints[scraped]["path"] == "/metrics"
+        annotations = pod(overlay, role)["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(metrics_ports[role])
+    # The Service carries the JWKS only; /metrics is reached pod by pod.
+    (service,) = find(overlay, "Service")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
 
 
 def test_the_prometheus_rule_is_alerts_yaml(base: list[Obj], overlay: list[Obj]) -> None:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -49,11 +50,13 @@ ADMIN = "user admin on >admin ~* &* +@all"
 class Process:
     process: subprocess.Popen[str]
     url: str
+    #: Where /metrics is, when not on *url* (serve's ``server.metrics_port``).
+    metrics_url: str | None = None
     log: list[str] = field(default_factory=list)
 
-    def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+    def get(self, path: str, url: str | None = None) -> tuple[int, dict[str, str], bytes]:
         try:
-            with urllib.request.urlopen(self.url + path, timeout=5) as answer:  # noqa: S310
+            with urllib.request.urlopen((url or self.url) + path, timeout=5) as answer:  # noqa: S310
                 return answer.status, lower(answer.headers.items()), answer.read()
         except urllib.error.HTTPError as error:
             return error.code, lower(error.headers.items()), error.read()
@@ -62,7 +65,7 @@ class Process:
 
     def samples(self) -> dict[str, list[Sample]]:
         """Sample name to its samples, scraped from /metrics."""
-        status, _headers, body = self.get("/metrics")
+        status, _headers, body = self.get("/metrics", self.metrics_url)
         assert status == 200, self.log
         found: dict[str, list[Sample]] = {}
         for family in text_string_to_metric_families(body.decode()):
@@ -151,6 +154,14 @@ def on_port(url: str, port: int) -> str:
     return url.replace("CHANGE-ME-", "pw-").replace("@HOST/", f"@127.0.0.1:{port}/")
 
 
+def own_metrics_port(config: str, port: int) -> dict[str, str]:
+    """The environment that moves serve's metrics port to *port* (a free one), if the
+    shipped *config* gives /metrics a port of its own."""
+    if "metrics_port" not in tomllib.loads(config).get("server", {}):
+        return {}
+    return {"ROTATOR_SERVER__METRICS_PORT": str(port)}
+
+
 def start(command: str, config: Path, env: dict[str, str], ready: str, port: int) -> Process:
     process = subprocess.Popen(
         [sys.executable, "-m", "rotator", "--config", str(config), command],
@@ -187,7 +198,8 @@ def running_roles(kind: str, workdir: Path, **daemon_env: str) -> Iterator[Roles
         for role, text in shipped.configs.items():
             (workdir / f"{role}.toml").write_text(text)
             env[role] = {**clean, **shipped.env, "ROTATOR_REDIS__URL": shipped.urls[role]}
-        health, http = free_port(), free_port()
+        health, http, metrics = free_port(), free_port(), free_port()
+        serve_metrics = own_metrics_port(shipped.configs["serve"], metrics)
         daemon = start(
             "run",
             workdir / "daemon.toml",
@@ -208,10 +220,13 @@ def running_roles(kind: str, workdir: Path, **daemon_env: str) -> Iterator[Roles
                 **env["serve"],
                 "ROTATOR_SERVER__HOST": "127.0.0.1",
                 "ROTATOR_SERVER__PORT": str(http),
+                **serve_metrics,
             },
             "/healthz",
             http,
         )
+        if serve_metrics:
+            serve.metrics_url = f"http://127.0.0.1:{metrics}"
         processes.append(serve)
         yield Roles(daemon, serve, env["daemon"], workdir / "daemon.toml")
     finally:
@@ -239,6 +254,10 @@ def test_the_shipped_role_configs_run_as_their_acl_users(kind: str, tmp_path: Pa
         assert status == 200, roles.serve.log
         assert len(json.loads(body)["keys"]) >= 2  # current and next
         assert headers["cache-control"].startswith("public, max-age=300,")  # cache_max_age 5m
+        # /metrics is on serve's metrics port (on loopback, as the systemd config has it),
+        # not beside the JWKS on the public one.
+        assert roles.serve.get("/metrics")[0] == 404
+        assert "rotator_reader_staleness_seconds" in roles.serve.samples()
         wait_for(
             lambda: json.loads(roles.serve.get("/readyz")[2]).get("subscribed"),
             what="serve's subscription to the events channel",
