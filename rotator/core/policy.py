@@ -43,7 +43,7 @@ def _first_fire(trigger: CronTrigger, at: float) -> float:
 
 def _fire_before(trigger: CronTrigger, fire: float, gap: float) -> float:
     """The fire time of *trigger* before its fire time *fire*, searched back from *gap*
-    before it. Some forty calls to the trigger, whatever the schedule: walking the fire
+    before it. A few dozen calls to the trigger, whatever the schedule: walking the fire
     times forward from far enough back would take thousands for a schedule that fires
     every minute on weekdays. A five-field schedule fires in every 400 years (the
     Gregorian calendar repeats), so the window stops growing."""
@@ -51,8 +51,9 @@ def _fire_before(trigger: CronTrigger, fire: float, gap: float) -> float:
     while _first_fire(trigger, low) >= fire:
         low = fire - 2 * (fire - low)
     high = fire
-    # The first fire from low is before *fire*, the first from high is not; fire times are
-    # whole seconds, so within a second of each other low is at most a second before it.
+    # The fire sought is in [low, high): the first fire from low is before *fire*, the
+    # first from high is not. Fire times are whole minutes apart, so once the two are
+    # within a second the first fire from low is that one.
     while high - low > 1:
         middle = (low + high) / 2
         if _first_fire(trigger, middle) < fire:
