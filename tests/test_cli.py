@@ -43,7 +43,7 @@ def test_rotate_status_jwks_and_revoke(cli: Cli, client: redis.Redis) -> None:
     retired = doc["keys"][2]["kid"]
     revoked = cli("revoke", retired)
     assert revoked.code == 0, revoked.stderr
-    assert f"revoke (revoke) {retired}" in revoked.stdout, revoked.stdout
+    assert f"default: revoke {retired}\n" in revoked.stdout, revoked.stdout
     assert retired not in cli("jwks").stdout
     unknown = cli("revoke", retired)
     assert unknown.code == 1 and "has no key" in unknown.stderr

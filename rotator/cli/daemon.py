@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rotator.cli.common import UsageError, manager_for
 from rotator.config import Settings, load_settings, settings_toml
-from rotator.core.durations import format_duration, parse_duration
+from rotator.core.durations import format_duration
 from rotator.core.envelope import generate_kek_line
 from rotator.daemon.manager import NoKekError
 from rotator.daemon.scheduler import Daemon
@@ -68,10 +68,10 @@ def cmd_dev(settings_path: Path | None, args: argparse.Namespace) -> int:
     """Run the daemon on an embedded Redis with a throwaway KEK and a fast policy derived
     from ``--interval``, after writing that config to a file and printing the commands
     that use it (so each sees what the daemon sees)."""
-    interval = parse_duration(args.interval)
+    interval: float = args.interval
     if interval < DEV_MIN_INTERVAL:
         raise UsageError(
-            f"--interval: {args.interval} is too short for `rotator dev`; the smallest it "
+            f"--interval: {format_duration(interval)} is too short for `rotator dev`; the smallest it "
             f"accepts is {DEV_MIN_INTERVAL}s (it derives cache_max_age, max_token_ttl and "
             "overlap from it, in whole seconds)"
         )

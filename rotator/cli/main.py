@@ -9,6 +9,8 @@ line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -53,6 +55,12 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
 }
 
 
+# The commands that run until stopped log as configured; the others say what they did
+# on stdout and what failed in one line on stderr, so their log lines (repeating one or
+# the other) are shown only with --verbose.
+_LONG_RUNNING = frozenset({"run", "dev", "serve"})
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "kek":
         return cmd_kek(None, args)
@@ -61,12 +69,35 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_dev(args.config, args)
     settings = load_settings(args.config)
     setup_logging(args.log_level or settings.log.level, args.log_format or settings.log.format)
+    if args.command not in _LONG_RUNNING and not args.verbose:
+        logging.getLogger().handlers[:] = [logging.NullHandler()]
     return _COMMANDS[args.command](settings, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rotator`` console script."""
     args = _parser().parse_args(shield_kids(sys.argv[1:] if argv is None else argv))
+    try:
+        code = _run(args)
+        # Flushed here: at exit, Python reports a closed pipe with an "Exception ignored"
+        # message of several lines.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`rotator status | head -1`): nothing is left to say to it,
+        # and stderr is not the place for it. Later writes, the interpreter's final flush
+        # included, go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        # Ctrl-C during a one-shot command (the daemons stop on SIGINT themselves): the
+        # shell's code for it, without the traceback.
+        return 130
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; an error is one line on stderr and exit 2 (bad configuration or
+    arguments) or 1 (the operation failed)."""
     try:
         return _dispatch(args)
     except (ConfigError, KekError, NoKekError, UsageError) as exc:

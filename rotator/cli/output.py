@@ -1,11 +1,11 @@
-"""Text the commands print alike: timestamps and the events of a commit."""
+"""Text the commands print alike: timestamps and lifecycle events."""
 
 from __future__ import annotations
 
 from rotator.core.instants import rfc3339
 from rotator.daemon.manager import Outcome
 
-__all__ = ["iso", "print_outcome"]
+__all__ = ["event_text", "iso", "print_outcome"]
 
 
 def iso(moment: float | None) -> str:
@@ -13,9 +13,14 @@ def iso(moment: float | None) -> str:
     return "-" if moment is None else rfc3339(moment)
 
 
+def event_text(kind: str, reason: str | None) -> str:
+    """A lifecycle event with its reason, ``rotate (manual)``; a reason that only repeats
+    the event (a revocation's own ``revoke``) is left out."""
+    return f"{kind} ({reason})" if reason and reason != kind else kind
+
+
 def print_outcome(outcome: Outcome) -> None:
     """The lifecycle events of *outcome*, one line each, then the version it left."""
     for event in outcome.events:
-        reason = f" ({event.reason})" if event.reason else ""
-        print(f"{outcome.keyset}: {event.kind}{reason} {event.kid}")
+        print(f"{outcome.keyset}: {event_text(event.kind, event.reason)} {event.kid}")
     print(f"{outcome.keyset}: version {outcome.state.version}, current {outcome.state.current.kid}")

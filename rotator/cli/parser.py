@@ -5,19 +5,68 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from rotator.cli.keyset import POLICY_FLAGS, flag
+from rotator.core.durations import parse_duration
+from rotator.core.strictjson import one_line
 
 __all__ = ["build_parser", "shield_kids", "subparsers"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit 2, like every other
+    error of the command (argparse's own start with the usage, several lines long)."""
+
+    def error(self, message: str) -> NoReturn:
+        # one_line: argparse quotes some arguments as given, a newline included.
+        self.exit(2, one_line(f"{self.prog}: {message} (see `{self.prog} --help`)") + "\n")
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number of at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number of seconds >= 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every command, its arguments and their help."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rotator",
         description="Rotate ES256 JWT signing keys and publish the JWKS to Redis.",
     )
@@ -27,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("ROTATOR_CONFIG"),
         help="TOML config file (default: $ROTATOR_CONFIG); ROTATOR_* env vars override it",
     )
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (overrides log.level)")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="DEBUG, INFO, WARNING or ERROR (overrides log.level)",
+    )
     parser.add_argument(
         "--log-format", choices=["text", "json"], help="log lines as text or JSON (log.format)"
     )
@@ -35,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", help="run the rotation daemon")
     dev = sub.add_parser("dev", help="run the daemon on a throwaway embedded Redis")
-    dev.add_argument("--interval", default="30s", help="rotation interval (default 30s)")
+    dev.add_argument(
+        "--interval", type=_duration, default="30s", help="rotation interval (default 30s)"
+    )
 
     def keyset_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--keyset", default="default", help="key set name (default: default)")
@@ -64,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service_commands(sub, keyset_arg)
     audit = sub.add_parser("audit", help="show the latest lifecycle events (P:audit)")
     audit.add_argument("--keyset", help="only this key set")
-    audit.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    audit.add_argument("--limit", type=_count, default=20, help="how many (default 20)")
     sub.add_parser("check-config", help="validate and print the effective config (secrets masked)")
     kek = sub.add_parser("kek", help="key-encryption keys")
     kek_sub = kek.add_subparsers(dest="kek_command", required=True, metavar="ACTION")
@@ -75,10 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     reseal.add_argument("--keyset", help="one key set (default: all)")
     repair = sub.add_parser("repair", help="move an unreadable state aside and start afresh")
     repair.add_argument("--keyset", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE)
+    for command in _leaves(parser):
+        # Also after the command (`rotator rotate -v`); SUPPRESS keeps an absent flag
+        # from resetting one given before it.
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE
+        )
     return parser
 
 
-def _add_keyset_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+_VERBOSE = "also print log lines (one-shot commands print none by default)"
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    children = subparsers(parser).values()
+    return [leaf for child in children for leaf in _leaves(child)] if children else [parser]
+
+
+def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     keyset = sub.add_parser("keyset", help="add, remove or list key sets")
     keyset_sub = keyset.add_subparsers(dest="keyset_command", required=True, metavar="ACTION")
     add = keyset_sub.add_parser("add", help="register and bootstrap a key set")
@@ -100,26 +171,26 @@ def _add_keyset_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _add_service_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    sub: argparse._SubParsersAction[_Parser],
     keyset_arg: Callable[[argparse.ArgumentParser], None],
 ) -> None:
     serve_parser = sub.add_parser("serve", help="serve the JWKS over HTTP")
     serve_parser.add_argument("--host", help="bind address (default: server.host)")
-    serve_parser.add_argument("--port", type=int, help="port (default: server.port)")
-    serve_parser.add_argument("--workers", type=int, help="worker processes (default 1)")
+    serve_parser.add_argument("--port", type=_port, help="port (default: server.port)")
+    serve_parser.add_argument("--workers", type=_count, help="worker processes (default 1)")
 
     token = sub.add_parser("token", help="sign or verify a token (to check a deployment)")
     token_sub = token.add_subparsers(dest="verb", required=True, metavar="ACTION")
     sign = token_sub.add_parser("sign", help="print a token signed with the current key")
     keyset_arg(sign)
     sign.add_argument("--claims", required=True, help='JSON object, e.g. \'{"sub": "me"}\'')
-    sign.add_argument("--ttl", help="lifetime, at most max_token_ttl (default 5m)")
+    sign.add_argument("--ttl", type=_duration, help="lifetime, at most max_token_ttl (default 5m)")
     check = token_sub.add_parser("verify", help="print a token's claims if it verifies")
     check.add_argument("token")
     keyset_arg(check)
     check.add_argument("--audience", help="required aud (default: not checked)")
     check.add_argument("--issuer", help="required iss (default: not checked)")
-    check.add_argument("--leeway", type=float, default=0.0, help="seconds of clock leeway")
+    check.add_argument("--leeway", type=_seconds, default=0.0, help="seconds of clock leeway")
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from rotator.cli import timeline
 from rotator.cli.common import Failure, checked_keyset, load_all, manager_for, selected
-from rotator.cli.output import iso
+from rotator.cli.output import event_text, iso
 from rotator.config import Settings, mask_url
 from rotator.core import strictjson
 from rotator.core.durations import format_duration
@@ -138,7 +138,7 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
             print(f"UNREADABLE: {entry}")
             unreadable += 1
             continue
-        event = f"{entry.event} ({entry.reason})" if entry.reason else entry.event
+        event = event_text(entry.event, entry.reason)
         print(f"{iso(entry.at)}  {entry.keyset}  v{entry.version}  {event}  {entry.kid}")
     return 1 if unreadable else 0
 

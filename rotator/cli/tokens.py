@@ -7,19 +7,22 @@ import argparse
 import json
 import sys
 
-from rotator.cli.common import Failure, UsageError
+from rotator.cli.common import Failure, UsageError, checked_keyset, manager_for
 from rotator.config import Settings
-from rotator.core.durations import parse_duration
 from rotator.library.errors import InvalidToken
 from rotator.library.reader import JWKSReader
 from rotator.library.signer import Signer
-from rotator.wiring import connect
 
 __all__ = ["cmd_token"]
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     """Print a token signed with the current key, or the claims of a token that verifies."""
+    # The registry first, as every command that names a key set: an unknown name is a
+    # bad argument and an unreachable Redis says so, before a signer or reader would
+    # only find no key.
+    manager, keysets = manager_for(settings)
+    keyset = checked_keyset(keysets, args.keyset)
     if args.verb == "sign":
         try:
             claims = json.loads(args.claims)
@@ -27,14 +30,13 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
             raise UsageError(f"--claims is not JSON: {exc}") from None
         if not isinstance(claims, dict):
             raise UsageError("--claims must be a JSON object")
-        ttl = parse_duration(args.ttl) if args.ttl else None
-        with Signer.from_settings(settings, args.keyset, follow=False) as signer:
-            print(signer.sign(claims, ttl=ttl))
+        with Signer.from_settings(settings, keyset, follow=False) as signer:
+            print(signer.sign(claims, ttl=args.ttl))
         return 0
-    client = connect(settings.redis, retries=2)
-    with JWKSReader(client, args.keyset, prefix=settings.redis.prefix, follow=False) as reader:
+    client = manager.store.client
+    with JWKSReader(client, keyset, prefix=settings.redis.prefix, follow=False) as reader:
         if reader.keys is None:
-            raise Failure(f"key set {args.keyset} has no published JWKS")
+            raise Failure(f"key set {keyset} has no published JWKS")
         try:
             claims = reader.verify(
                 args.token, audience=args.audience, issuer=args.issuer, leeway=args.leeway

@@ -395,7 +395,19 @@ class Daemon:
         self.restore_backup()
         server = None
         if daemon.health_port:
-            server = HealthServer(daemon.health_host, daemon.health_port, self.health, self.clock)
+            try:
+                server = HealthServer(
+                    daemon.health_host, daemon.health_port, self.health, self.clock
+                )
+            except OSError as exc:
+                # As `rotator serve` does for its port: one line naming it, exit 1.
+                log.error(
+                    "cannot listen on %s:%d (daemon.health_port): %s",
+                    daemon.health_host,
+                    daemon.health_port,
+                    exc.strerror or exc,
+                )
+                return 1
             server.start()
             log.info("health on http://%s:%d/readyz", daemon.health_host, server.port)
         lease_every = daemon.lease_ttl / 3

@@ -1,0 +1,347 @@
+"""Every command of the parser, driven to fail: bad arguments, Redis down, a busy port, a
+closed stdout. Each failure is one line on stderr, exit 2 (bad usage or config) or 1 (the
+operation failed), never a traceback. The commands are read from the parser, so a new one
+is covered (or this file says which value its arguments need).
+
+In-process where no process boundary matters (argument errors, Redis down, what a
+one-shot command prints); subprocesses for a closed pipe and a busy port."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rotator.cli.main import main
+from rotator.cli.parser import build_parser, shield_kids, subparsers
+from rotator.embedded import EmbeddedRedis, free_port
+from tests.conftest import Cli, CliResult
+
+Command = tuple[str, ...]
+
+# A kid that starts with "-", as one in 64 does: it also checks `shield_kids`.
+KID = "-" + "A" * 42
+# A value for each argument that some command requires, by its dest.
+VALUES = {
+    "kid": KID,
+    "name": "shop",
+    "token": "a.b.c",
+    "claims": '{"sub": "me"}',
+    "keyset": "default",
+}
+# Run until stopped: they wait for Redis (run, serve) or bring their own (dev).
+LONG_RUNNING: set[Command] = {("run",), ("serve",), ("dev",)}
+# What each command that binds a port reads it from.
+PORT_SETTING: dict[Command, str] = {
+    ("run",): "ROTATOR_DAEMON__HEALTH_PORT",
+    ("serve",): "ROTATOR_SERVER__PORT",
+}
+# Work without Redis.
+OFFLINE: set[Command] = {("kek", "generate"), ("check-config",)}
+
+
+def _walk(path: Command, parser: argparse.ArgumentParser) -> Iterator[tuple[Command, list[str]]]:
+    children = subparsers(parser)
+    if not children:
+        yield path, [*path, *_required(path, parser)]
+    for name, child in children.items():
+        yield from _walk((*path, name), child)
+
+
+def _required(path: Command, parser: argparse.ArgumentParser) -> list[str]:
+    argv: list[str] = []
+    for action in parser._actions:
+        if action.option_strings and not action.required:
+            continue
+        assert action.dest in VALUES, f"{' '.join(path)}: add a value for {action.dest}"
+        given = VALUES[action.dest]
+        argv += [action.option_strings[-1], given] if action.option_strings else [given]
+    return argv
+
+
+COMMANDS = dict(_walk((), build_parser()))
+
+
+def _options(command: Command) -> list[tuple[str, argparse.Action, bool]]:
+    """Every option on the way to *command*: its last spelling, its action, and whether
+    it is a global one (given before the command)."""
+    parsers = [build_parser()]
+    for name in command:
+        parsers.append(subparsers(parsers[-1])[name])
+    return [
+        (action.option_strings[-1], action, parser is parsers[0])
+        for parser in parsers
+        for action in parser._actions
+        if action.option_strings
+    ]
+
+
+def _checked_options(command: Command) -> list[tuple[str, bool]]:
+    """The options whose values the parser checks, and whether each is global."""
+    return [
+        (option, is_global)
+        for option, action, is_global in _options(command)
+        if action.nargs != 0 and (action.choices or action.type not in (None, str, Path))
+    ]
+
+
+def _with(argv: list[str], option: str, value: str, is_global: bool) -> list[str]:
+    return [option, value, *argv] if is_global else [*argv, option, value]
+
+
+BAD_ARGUMENTS = [
+    pytest.param(command, [*argv, "--no-such-option"], "--no-such-option", id=f"{name} unknown")
+    for command, argv in COMMANDS.items()
+    for name in [" ".join(command)]
+] + [
+    pytest.param(
+        command,
+        _with(argv, option, bad, is_global),
+        option,
+        id=f"{' '.join(command)} {option} {bad}",
+    )
+    for command, argv in COMMANDS.items()
+    for option, is_global in _checked_options(command)
+    for bad in ("abc", "-1")
+]
+
+
+def one_line(result: CliResult) -> bool:
+    return result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch, kek_file: Path) -> pytest.MonkeyPatch:
+    """The process environment of an in-process run: a KEK, Redis where nothing listens
+    (a test that wants one sets its URL), and the root logger put back afterwards."""
+    for name in [name for name in os.environ if name.startswith("ROTATOR_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ROTATOR_KEYS__KEK_FILE", str(kek_file))
+    monkeypatch.setenv("ROTATOR_REDIS__URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("ROTATOR_REDIS__SOCKET_TIMEOUT", "1s")
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    return monkeypatch
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> CliResult:
+    """``rotator ARGV`` in this process, as the console script runs it."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's own exit
+        assert isinstance(exc.code, int)
+        code = exc.code
+    out, err = capsys.readouterr()
+    return CliResult(code, out, err)
+
+
+def test_the_commands_are_read_from_the_parser() -> None:
+    assert {("keyset", "add"), ("token", "verify"), ("kek", "generate"), ("run",)} < set(COMMANDS)
+    assert len(COMMANDS) == 18
+    assert LONG_RUNNING | OFFLINE | set(PORT_SETTING) <= set(COMMANDS)
+
+
+@pytest.mark.parametrize(("command", "argv", "named"), BAD_ARGUMENTS)
+def test_bad_arguments_are_one_line_and_exit_2(
+    environment: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: Command,
+    argv: list[str],
+    named: str,
+) -> None:
+    """Before: `dev --interval abc` and `--log-level abc` were tracebacks (exit 1),
+    `audit --limit -1` was accepted, and argparse's errors began with the usage."""
+    result = run(capsys, *argv)
+    assert result.code == 2, result
+    assert one_line(result) and named in result.stderr, result.stderr
+
+
+def test_the_errors_the_issue_names(
+    environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dev = run(capsys, "dev", "--interval", "abc")
+    assert dev.code == 2 and one_line(dev) and "invalid duration 'abc'" in dev.stderr
+    audit = run(capsys, "audit", "--limit", "-1")
+    assert audit.code == 2 and one_line(audit) and "at least 1" in audit.stderr
+    hostile = run(capsys, "status", "--x\nsecond line")
+    assert hostile.code == 2 and one_line(hostile), hostile.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        pytest.param(c, argv, id=" ".join(c))
+        for c, argv in COMMANDS.items()
+        if c not in LONG_RUNNING
+    ],
+)
+def test_redis_down_is_one_line_and_exit_1(
+    environment: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: Command,
+    argv: list[str],
+) -> None:
+    """Before: `token verify` logged "using the last copies" (there were none) and then
+    said the key set "has no published JWKS"; `token sign` said "no key loaded yet"."""
+    result = run(capsys, *argv)
+    if command in OFFLINE:
+        assert result.code == 0 and result.stderr == "", result
+        return
+    assert result.code == 1, result
+    assert one_line(result) and result.stderr.startswith("rotator: cannot reach Redis"), result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(PORT_SETTING), ids=" ".join)
+def test_a_busy_port_is_one_line_and_exit_1(cli: Cli, command: Command) -> None:
+    """Before: `rotator run` with its health port in use was an `OSError` traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cli.env[PORT_SETTING[command]] = str(port)
+        result = cli(*COMMANDS[command])
+    assert result.code == 1, result
+    assert one_line(result) and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result
+
+
+# Without --yes, `keyset remove` refuses (exit 2) before it has anything to print.
+CONFIRMED: dict[Command, list[str]] = {("keyset", "remove"): ["--yes"]}
+
+
+def closed_stdout(cli: Cli, *argv: str) -> CliResult:
+    """Run with stdout a pipe whose reader has gone, as `rotator status | head -1` ends."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "rotator", *argv],
+            env=cli.env,
+            cwd=cli.cwd,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+    return CliResult(done.returncode, "", done.stderr)
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_is_exit_1_without_a_traceback(cli: Cli) -> None:
+    """Before: `status`, `audit` and `keyset list` into `head -1` ended in
+    `BrokenPipeError`. A command that prints its result then exits 1 and says nothing;
+    one that fails first says why in one line."""
+    assert cli("rotate").code == 0
+    printing = {("status",), ("audit",), ("keyset", "list"), ("jwks",), ("check-config",)}
+    printing |= {("kek", "generate"), ("token", "sign"), ("dev",), ("keyset", "add")}
+    printing |= {("keyset", "update"), ("keyset", "remove")}
+    failures = []
+    for command, argv in COMMANDS.items():
+        if command in {("run",), ("serve",)}:
+            continue  # they print nothing on stdout, and run until stopped
+        result = closed_stdout(cli, *argv, *CONFIRMED.get(command, []))
+        quiet = result.stderr == "" if command in printing else result.stderr.count("\n") <= 1
+        if result.code != 1 or not quiet or "Traceback" in result.stderr:
+            failures.append((command, result))
+    assert not failures
+
+
+@pytest.fixture
+def live(environment: pytest.MonkeyPatch, redis_server: EmbeddedRedis) -> pytest.MonkeyPatch:
+    """The in-process environment with a real Redis."""
+    environment.setenv("ROTATOR_REDIS__URL", redis_server.url)
+    return environment
+
+
+def retired_kid(capsys: pytest.CaptureFixture[str], keyset: str) -> str:
+    status = run(capsys, "status", "--keyset", keyset, "--json")
+    (doc,) = json.loads(status.stdout)
+    return next(str(key["kid"]) for key in doc["keys"] if key["status"] == "retired")
+
+
+def test_one_shot_commands_print_no_log_lines_unless_verbose(
+    live: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: `keyset add`, `rotate` and `revoke` logged INFO lines repeating their
+    stdout."""
+    added = run(capsys, "keyset", "add", "shop")
+    assert added.code == 0 and added.stderr == "" and "shop: bootstrap" in added.stdout
+    rotated = run(capsys, "rotate", "--keyset", "shop", "--force")
+    assert rotated.code == 0 and rotated.stderr == "" and "rotate (manual)" in rotated.stdout
+    revoked = run(capsys, "revoke", retired_kid(capsys, "shop"), "--keyset", "shop")
+    assert revoked.code == 0 and revoked.stderr == "" and "revoke" in revoked.stdout, revoked
+    after = run(capsys, "rotate", "--keyset", "shop", "--force", "--verbose")
+    assert after.code == 0 and " INFO " in after.stderr, after
+    before = run(capsys, "--verbose", "rotate", "--keyset", "shop", "--force")
+    assert before.code == 0 and " INFO " in before.stderr, before
+
+
+def test_revoke_says_revoke_once(
+    live: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: `shop: revoke (revoke) KID`, in `revoke` and in `audit`."""
+    assert run(capsys, "keyset", "add", "shop").code == 0
+    assert run(capsys, "rotate", "--keyset", "shop", "--force").code == 0
+    kid = retired_kid(capsys, "shop")
+    revoked = run(capsys, "revoke", kid, "--keyset", "shop")
+    assert revoked.code == 0 and f"shop: revoke {kid}\n" in revoked.stdout, revoked.stdout
+    audit = run(capsys, "audit", "--keyset", "shop")
+    assert f"  revoke  {kid}" in audit.stdout and "(revoke)" not in audit.stdout, audit.stdout
+    assert "  rotate (manual)  " in audit.stdout
+
+
+def test_an_unknown_key_set_is_exit_2_for_every_command(
+    live: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: `token verify --keyset nosuch` exited 1, `jwks --keyset nosuch` 2."""
+    results = {
+        command: run(capsys, *COMMANDS[command], "--keyset", "nosuch")
+        for command in sorted(COMMANDS)
+        if command not in LONG_RUNNING and "--keyset" in {o for o, _, _ in _options(command)}
+    }
+    assert {("jwks",), ("token", "sign"), ("token", "verify"), ("audit",)} < set(results)
+    for result in results.values():
+        assert result.code == 2 and one_line(result), result
+        assert "'nosuch' is neither in the config nor registered" in result.stderr, result
+
+
+def test_a_wrong_kek_is_said_once(
+    live: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Before: `token sign` with a KEK that does not open the key logged the error and
+    then printed it again."""
+    assert run(capsys, "rotate").code == 0
+    other = tmp_path / "other-kek"
+    other.write_text(run(capsys, "kek", "generate", "--id", "k1").stdout)
+    other.chmod(0o600)
+    live.setenv("ROTATOR_KEYS__KEK_FILE", str(other))
+    signed = run(capsys, "token", "sign", "--claims", "{}")
+    assert signed.code == 1 and one_line(signed) and "does not open key" in signed.stderr
+
+
+def test_shield_kids_leaves_the_value_of_every_option_in_place() -> None:
+    """The options that take a value come from the parser: the hand-kept list missed
+    --audience, --host, --claims, --ttl and more, and moved a value given to one of them
+    behind ``--`` as if it were a kid."""
+    options = {
+        option
+        for command in COMMANDS
+        for option, action, _ in _options(command)
+        if action.nargs != 0
+    }
+    assert {"--audience", "--host", "--claims", "--ttl", "--limit", "--log-format"} <= options
+    for option in options:
+        assert shield_kids(["status", option, KID]) == ["status", option, KID], option
+    assert shield_kids(["revoke", KID, "--keyset", "x"]) == ["revoke", "--keyset", "x", "--", KID]
