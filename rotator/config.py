@@ -41,6 +41,7 @@ from rotator.core.policy import Policy, cron_trigger
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
 
 __all__ = [
+    "LOG_LEVELS",
     "ConfigError",
     "KeysetSettings",
     "Settings",
@@ -232,6 +233,10 @@ class ServerSettings(_Section):
         return self
 
 
+#: The levels ``log.level`` (and ``--log-level``) accept.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 class LogSettings(_Section):
     """Logging."""
 
@@ -243,7 +248,7 @@ class LogSettings(_Section):
     @classmethod
     def _known_level(cls, level: str) -> str:
         level = level.upper()
-        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        if level not in LOG_LEVELS:
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return level
 

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from rotator.cli.keyset import POLICY_FLAGS, flag
+from rotator.config import LOG_LEVELS
 from rotator.core.durations import parse_duration
 from rotator.core.strictjson import one_line
 
 __all__ = ["build_parser", "shield_kids", "subparsers"]
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class _Parser(argparse.ArgumentParser):
