@@ -71,9 +71,9 @@ def cmd_dev(settings_path: Path | None, args: argparse.Namespace) -> int:
     interval: float = args.interval
     if interval < DEV_MIN_INTERVAL:
         raise UsageError(
-            f"--interval: {format_duration(interval)} is too short for `rotator dev`; the smallest it "
-            f"accepts is {DEV_MIN_INTERVAL}s (it derives cache_max_age, max_token_ttl and "
-            "overlap from it, in whole seconds)"
+            f"--interval: {format_duration(interval)} is too short for `rotator dev`; the "
+            f"smallest it accepts is {DEV_MIN_INTERVAL}s (it derives cache_max_age, "
+            "max_token_ttl and overlap from it, in whole seconds)"
         )
     rotation = dev_rotation(interval)
     with EmbeddedRedis() as server:
