@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from rotator.config import KeysetSettings
 from rotator.core import lifecycle, strictjson
+from rotator.core.encoding import encode_sealed
 from rotator.core.envelope import SealedKey, UnsealError
 from rotator.core.jwk import GeneratedKey
 from rotator.core.policy import Policy
@@ -212,8 +213,9 @@ def test_sealed_keys() -> None:
         if isinstance(data, dict):
             check_sealed(data)
 
-    assert SealedKey.from_json(STATE.current.sealed.to_json()) == STATE.current.sealed
-    attack(json.dumps(STATE.current.sealed.to_json()), check)
+    stored = encode_sealed(STATE.current.sealed)
+    assert SealedKey.from_json(json.loads(stored)) == STATE.current.sealed
+    attack(stored, check)
 
 
 def backup_file(tmp_path: Path) -> Path:

@@ -21,8 +21,6 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from rotator.core.jwk import json_text
-
 __all__ = [
     "Kek",
     "KekError",
@@ -68,28 +66,12 @@ class SealedKey:
     nonce: bytes
     ciphertext: bytes = field(repr=False)
 
-    def to_json(self) -> dict[str, str]:
-        """JSON form stored in the state document."""
-        return {
-            "kek": self.kek,
-            "nonce": base64.b64encode(self.nonce).decode("ascii"),
-            "ct": base64.b64encode(self.ciphertext).decode("ascii"),
-        }
-
-    def canonical(self) -> str:
-        """`to_json` as `canonical_json`, written out."""
-        return (
-            f'{{"ct":{json_text(base64.b64encode(self.ciphertext).decode("ascii"))},'
-            f'"kek":{json_text(self.kek)},'
-            f'"nonce":{json_text(base64.b64encode(self.nonce).decode("ascii"))}}}'
-        )
-
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> SealedKey:
-        """Parse the stored form; raises ``ValueError`` on anything malformed: members
-        that are not strings, a KEK id that `parse_keks` would refuse, base64 that is not
-        strict standard base64, a nonce of other than 12 bytes, or a ciphertext shorter
-        than a GCM tag or longer than any sealed P-256 key."""
+        """Parse the stored form (`encoding.encode_sealed` writes it); raises ``ValueError``
+        on anything malformed: members that are not strings, a KEK id that `parse_keks`
+        would refuse, base64 that is not strict standard base64, a nonce of other than 12
+        bytes, or a ciphertext shorter than a GCM tag or longer than any sealed P-256 key."""
         kek, nonce, ct = data.get("kek"), data.get("nonce"), data.get("ct")
         if not (isinstance(kek, str) and isinstance(nonce, str) and isinstance(ct, str)):
             raise ValueError("sealed key needs string members kek, nonce, ct")

@@ -1,6 +1,8 @@
 """The state of one key set, and its stored JSON form.
 
-`KeySetState` is what `lifecycle` transforms and `store` commits. Parsing is
+`KeySetState` is what `lifecycle` transforms and `store` commits. Its bytes are
+written by `rotator.core.encoding` (`encode_state`, offered here beside its
+decoder) and read back by `decode_state` here. Parsing is
 strict and total: `decode_state` returns a state or raises `CorruptState`
 (which the daemon reports and never overwrites) for any bytes whatever. It
 refuses what `strictjson` refuses (not UTF-8, not JSON, NaN or Infinity,
@@ -20,8 +22,6 @@ largest a Lua script, which reads versions as doubles, still tells apart).
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,14 +30,9 @@ from functools import cached_property
 from typing import Any
 
 from rotator.core import strictjson
+from rotator.core.encoding import STATE_FORMAT, encode_jwks, encode_state
 from rotator.core.envelope import SealedKey
-from rotator.core.jwk import (
-    PRIVATE_MEMBERS,
-    json_text,
-    jwks_of,
-    publishable_jwk,
-    thumbprint,
-)
+from rotator.core.jwk import PRIVATE_MEMBERS, publishable_jwk, thumbprint
 from rotator.core.strictjson import shown
 
 __all__ = [
@@ -53,8 +48,6 @@ __all__ = [
     "state_of_document",
     "valid_time",
 ]
-
-FORMAT = 1
 
 #: Times rotator accepts from storage, in Unix seconds: 1970-01-01 to 3000-01-01 UTC.
 MIN_TIME = 0
@@ -102,31 +95,6 @@ class KeyRecord:
     def publishable(self) -> str:
         """The JWK as served (`publishable_jwk`)."""
         return publishable_jwk(self.jwk)
-
-    def canonical(self) -> str:
-        """The record as stored in the state document: `canonical_json` of its entry,
-        written out."""
-        return (
-            f'{{"activated_at":{_number(self.activated_at)},'
-            f'"created_at":{_number(self.created_at)},'
-            f'"expires_at":{_number(self.expires_at)},'
-            f'"jwk":{self.publishable()},'
-            f'"kid":{json_text(self.kid)},'
-            f'"retired_at":{_number(self.retired_at)},'
-            f'"sealed":{self.sealed.canonical()},'
-            f'"status":{json_text(self.status.value)}}}'
-        )
-
-
-def _number(value: float | None) -> str:
-    """A number (or ``None``) as `json.dumps` writes it."""
-    if value is None:
-        return "null"
-    if type(value) is float and math.isfinite(value):
-        return float.__repr__(value)
-    if type(value) is int:
-        return int.__repr__(value)
-    return json.dumps(value)
 
 
 _RANK = {Status.CURRENT: 0, Status.NEXT: 1, Status.RETIRED: 2}
@@ -191,18 +159,7 @@ class KeySetState:
 
     @cached_property
     def _jwks(self) -> bytes:
-        return jwks_of(k.publishable() for k in self.keys)
-
-
-def encode_state(state: KeySetState) -> bytes:
-    """The stored JSON form: public JWKs and sealed private keys, never plaintext.
-
-    `canonical_json` of the document, built from the records' own encodings."""
-    keys = ",".join(k.canonical() for k in state.keys)
-    return (
-        f'{{"format":{FORMAT},"keys":[{keys}],"keyset":{json_text(state.keyset)},'
-        f'"updated_at":{_number(state.updated_at)},"version":{_number(state.version)}}}'
-    ).encode("ascii")
+        return encode_jwks(k.publishable() for k in self.keys)
 
 
 def valid_time(value: object) -> float | None:
@@ -288,7 +245,7 @@ def state_of_document(doc: object, keyset: str) -> KeySetState:
     """`decode_state` of a document already parsed (by `strictjson.loads`)."""
     if not isinstance(doc, dict):
         raise CorruptState("state is not a JSON object")
-    if doc.get("format") != FORMAT or type(doc.get("format")) is not int:
+    if doc.get("format") != STATE_FORMAT or type(doc.get("format")) is not int:
         raise CorruptState(f"unknown state format {shown(doc.get('format'))}")
     if doc.get("keyset") != keyset:
         raise CorruptState(f"state names key set {shown(doc.get('keyset'))}, expected {keyset!r}")
