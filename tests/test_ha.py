@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from rotator.core.envelope import load_keyring
-from rotator.core.lifecycle import UnknownKid
+from rotator.core.lifecycle import NoSuchKey
 from rotator.core.policy import Policy
 from rotator.core.state import Status, decode_state
 from rotator.daemon.manager import KeyManager
@@ -183,7 +183,7 @@ def operate(operator: KeyManager, rng: random.Random, revoked: set[str]) -> None
     kid = rng.choice([k.kid for k in state.keys])
     try:
         operator.revoke("default", kid)
-    except UnknownKid:
+    except NoSuchKey:
         return  # a daemon expired it between our read and our revoke
     revoked.add(kid)
 

@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from rotator.core import lifecycle
 from rotator.core.jwk import PRIVATE_MEMBERS
-from rotator.core.lifecycle import RotationTooSoon, Transition, UnknownKid
+from rotator.core.lifecycle import NoSuchKey, RotationTooSoon, Transition
 from rotator.core.policy import Policy
 from rotator.core.state import KeySetState, Status, decode_state, encode_state
 from tests.helpers import FakeClock, RecordingMint, make_keyring
@@ -148,7 +148,7 @@ def test_revoking_current_promotes_next_at_once_and_mints_a_new_next() -> None:
     assert t.state.find(old_current.kid) is None
     assert t.state.current.kid == old_next.kid
     assert t.state.next is not None and t.state.next.kid not in {old_current.kid, old_next.kid}
-    with pytest.raises(UnknownKid):
+    with pytest.raises(NoSuchKey):
         lifecycle.revoke(t.state, old_current.kid, clock.now + 2, POLICY, mint)
 
 

@@ -50,9 +50,9 @@ __all__ = [
     "Event",
     "LifecycleError",
     "Mint",
+    "NoSuchKey",
     "RotationTooSoon",
     "Transition",
-    "UnknownKid",
     "bootstrap",
     "next_change_at",
     "reconcile",
@@ -93,8 +93,9 @@ class RotationTooSoon(LifecycleError):
     """The ``next`` key has not been public long enough to be promoted safely."""
 
 
-class UnknownKid(LifecycleError):
-    """No key with that kid in the key set."""
+class NoSuchKey(LifecycleError):
+    """No key with that kid in the key set, for an operator's request (revoke); a token
+    naming an unknown kid is `rotator.errors.UnknownKid`, a verification error."""
 
 
 def _minted(mint: Mint, status: Status, now: float) -> KeyRecord:
@@ -221,7 +222,7 @@ def revoke(state: KeySetState, kid: str, now: float, policy: Policy, mint: Mint)
     """
     target = state.find(kid)
     if target is None:
-        raise UnknownKid(f"key set {state.keyset} has no key {kid}")
+        raise NoSuchKey(f"key set {state.keyset} has no key {kid}")
     remaining = [k for k in state.keys if k.kid != kid]
     events = [Event("revoke", kid, "revoke")]
     if target.status is Status.CURRENT:

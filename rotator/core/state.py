@@ -171,7 +171,7 @@ def valid_time(value: object) -> float | None:
     return None
 
 
-def _time(entry: Mapping[str, Any], name: str, *, optional: bool) -> float | None:
+def _time_field_of(entry: Mapping[str, Any], name: str, *, optional: bool) -> float | None:
     value = entry.get(name)
     if value is None and optional:
         return None
@@ -217,7 +217,7 @@ def _decode_key(entry: object) -> KeyRecord:
         sealed_key = SealedKey.from_json(sealed)
     except ValueError as exc:
         raise CorruptState(f"key {shown(kid)}: {exc}") from None
-    created = _time(entry, "created_at", optional=False)
+    created = _time_field_of(entry, "created_at", optional=False)
     assert created is not None
     return KeyRecord(
         kid=kid,
@@ -225,9 +225,9 @@ def _decode_key(entry: object) -> KeyRecord:
         created_at=created,
         jwk=jwk,
         sealed=sealed_key,
-        activated_at=_time(entry, "activated_at", optional=True),
-        retired_at=_time(entry, "retired_at", optional=status is not Status.RETIRED),
-        expires_at=_time(entry, "expires_at", optional=status is not Status.RETIRED),
+        activated_at=_time_field_of(entry, "activated_at", optional=True),
+        retired_at=_time_field_of(entry, "retired_at", optional=status is not Status.RETIRED),
+        expires_at=_time_field_of(entry, "expires_at", optional=status is not Status.RETIRED),
     )
 
 

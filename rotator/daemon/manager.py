@@ -433,7 +433,7 @@ class KeyManager:
 
         def decide(state: KeySetState | None, now: float) -> Transition:
             if state is None:
-                raise lifecycle.UnknownKid(f"key set {keyset} is empty; no key {kid}")
+                raise lifecycle.NoSuchKey(f"key set {keyset} is empty; no key {kid}")
             return lifecycle.revoke(state, kid, now, policy, mint)
 
         return self._apply(keyset, decide)
