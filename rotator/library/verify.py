@@ -10,10 +10,12 @@ claims parsed and checked: ``exp``, ``nbf``, ``iat``, ``iss``, ``aud``, in
 that order. NaN and Infinity are malformed JSON; so is a header with
 duplicate members.
 
-The code reads as those rules do. The few fast paths beside them are kept
-because ``bench/verify.py`` measured each (the comment beside each says by
-how much); none of them rejects anything: what a fast path does not accept
-goes on to the plain rule, which alone raises.
+The code reads as those rules do. The four fast paths beside them (`HeaderCache`,
+`_der`'s table, `_claims_of`'s scanner, `_usual_claims_pass`) are kept because
+``bench/verify.py`` measured each paying beyond its noise: the comment beside
+each names what it pays in the benchmark's ratio to raw ``cryptography``. None
+of them rejects anything: what a fast path does not accept goes on to the plain
+rule, which alone raises.
 
 ECDSA signatures are malleable: ``(r, n - s)`` verifies too. Never key a
 revocation list or replay cache on the token bytes; use ``jti``.
@@ -98,11 +100,11 @@ def _object(segment: bytes, what: str, decoder: json.JSONDecoder) -> dict[str, A
 
 def _claims_of(payload_segment: bytes) -> dict[str, Any]:
     """`_object` of the payload, by the C scanner alone when it takes the text whole."""
-    # Fast path, bench/verify.py +0.013 to +0.015 (medians of three sets of paired
-    # runs, docs/design-notes.md): compact JSON, which every signer emits, needs no
-    # more than the scanner; decode() adds two regular expression matches around it.
-    # Anything else (whitespace around the object, an error) goes to _object, which
-    # also says what is wrong.
+    # Fast path, measured by bench/verify.py: it pays +0.013 to +0.015 in the ratio to
+    # raw `cryptography` (medians of three sets of paired runs, docs/design-notes.md).
+    # Compact JSON, which every signer emits, needs no more than the scanner; decode()
+    # adds two regular expression matches around it. Anything else (whitespace around
+    # the object, an error) goes to _object, which also says what is wrong.
     try:
         text = b64decode_ascii(payload_segment).decode("utf-8")
         value, end = _CLAIMS_SCAN(text, 0)
@@ -132,8 +134,9 @@ class HeaderCache:
     """The kids of headers that passed every header check, by their exact bytes.
 
     Every token of one key shares its header, so a reader that holds one of
-    these checks each header once (bench/verify.py: 0.05 slower without it, in
-    each of sixteen paired runs). A header that fails a check is never kept.
+    these checks each header once: a fast path, measured by bench/verify.py, that
+    pays +0.05 in the ratio to raw `cryptography` (in each of sixteen paired runs,
+    docs/design-notes.md). A header that fails a check is never kept.
     Bounded: once *size* headers are held, the next new one empties the cache
     first, which costs a flood of distinct headers nothing more than the checks
     it pays anyway. Safe to share between threads: an entry is a pure function
@@ -187,11 +190,12 @@ def _der(signature: bytes) -> bytes:
     in [1, n-1]."""
     r0, s0 = signature[0], signature[32]
     if 0 < r0 < 0xFF and 0 < s0 < 0xFF:
-        # Fast path, bench/verify.py +0.008 to +0.016 (medians of three sets of paired
-        # runs, docs/design-notes.md): a first byte in 1..0xFE, as 254 in 256 have,
-        # puts a number above zero, below n (whose first byte is 0xFF) and without a
-        # zero byte to strip, so the DER is the bytes themselves behind a head that
-        # depends on the two top bits alone.
+        # Fast path, measured by bench/verify.py: it pays +0.008 to +0.016 in the ratio
+        # to raw `cryptography` (medians of three sets of paired runs,
+        # docs/design-notes.md). A first byte in 1..0xFE, as 254 in 256 have, puts a
+        # number above zero, below n (whose first byte is 0xFF) and without a zero byte
+        # to strip, so the DER is the bytes themselves behind a head that depends on the
+        # two top bits alone.
         head, middle = _DER_HEADS[r0 >> 7 << 1 | s0 >> 7]
         return head + signature[:32] + middle + signature[32:]
     r = int.from_bytes(signature[:32], "big")
@@ -278,9 +282,9 @@ def _usual_claims_pass(
     after *earliest*, ``nbf`` and ``iat`` absent or ints up to *latest*, ``iss`` and
     ``aud`` the very string expected. False says nothing: it leaves the claims to
     `_check_claims`, which alone rejects them, with every rule and error."""
-    # Fast path, bench/verify.py +0.007 to +0.025 (medians of three sets of paired
-    # runs, docs/design-notes.md): one test per claim instead of the checks' calls,
-    # sets and lists.
+    # Fast path, measured by bench/verify.py: it pays +0.007 to +0.025 in the ratio to
+    # raw `cryptography` (medians of three sets of paired runs, docs/design-notes.md).
+    # One test per claim instead of the checks' calls, sets and lists.
     expires, not_before, issued = claims.get("exp"), claims.get("nbf"), claims.get("iat")
     return (
         type(expires) is int
