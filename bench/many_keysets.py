@@ -3,8 +3,9 @@ one pass, then time an idle pass and watch a real `rotator run` sit idle over th
 
 The leader's work runs on core 0 and redis-server on core 1. Reported:
 
-* set-rotations per second over the rotation pass, against key generation
-  (`generate_key`: key, PKCS#8, JWK, thumbprint) and bare
+* set-rotations per second over the rotation pass (and the CPU seconds of the
+  process that ran it, steadier than wall time on a shared machine), against
+  key generation (`generate_key`: key, PKCS#8, JWK, thumbprint) and bare
   `ec.generate_private_key`, both measured on the same core in the same run;
   then over a second pass, the steady state, in which each rotation also
   expires the key the first one retired;
@@ -178,18 +179,20 @@ def main() -> None:
         print(f"  idle pass:        {idle:6.2f} s wall, {idle_cpu:.2f} s CPU "
               f"= {100 * idle_cpu / TICK:.2f} % of a core at a {TICK:g} s tick")  # fmt: skip
         clock.offset = INTERVAL + POLICY.jitter_window
-        rotation, _cpu = timed(manager, names, "commit")
+        rotation, rotation_cpu = timed(manager, names, "commit")
         rate = count / rotation
-        print(f"  rotation pass:    {rotation:6.2f} s  ({rate:,.0f} set-rotations/s)")
+        print(f"  rotation pass:    {rotation:6.2f} s  ({rate:,.0f} set-rotations/s, "
+              f"{rotation_cpu:.2f} s CPU)")  # fmt: skip
         print(f"  key generation:   {reference:,.0f} keys/s "
               f"(rotation pass = {rate / reference:.3f} of it)")  # fmt: skip
         print(f"  raw EC keygen:    {raw:,.0f} keys/s "
               f"(rotation pass = {rate / raw:.3f} of it)")  # fmt: skip
         # The steady state: every state now holds a retired key, which this pass expires.
         clock.offset = 2 * (INTERVAL + POLICY.jitter_window)
-        steady, _cpu = timed(manager, names, "commit")
+        steady, steady_cpu = timed(manager, names, "commit")
         print(f"  second pass:      {steady:6.2f} s  ({count / steady:,.0f} set-rotations/s, "
-              f"{count / steady / raw:.3f} of raw keygen; each also expires a key)")  # fmt: skip
+              f"{count / steady / raw:.3f} of raw keygen, {steady_cpu:.2f} s CPU; each also "
+              "expires a key)")  # fmt: skip
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"  peak RSS:         {peak:6.1f} MB (the process that ran the passes)", flush=True)
         if args.idle_seconds <= 0:

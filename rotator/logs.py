@@ -38,8 +38,12 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``<asctime> <level> <logger>: <message>``, the local time formatted once a second
-    (a leader logs every rotation of thousands of key sets)."""
+    """``<asctime> <level> <logger>: <message>``, the local time formatted once a second.
+
+    `logging.Formatter` writes the same text but formats the time anew for each record.
+    A leader logs every rotation of thousands of key sets: this, with the record fields
+    `setup_logging` leaves ungathered, made the steady rotation pass of
+    `bench/many_keysets.py` 5 to 7 % faster when it came in (README, "Benchmarks")."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")

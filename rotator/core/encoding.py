@@ -5,11 +5,11 @@ sort_keys=True)``. The shapes rotator writes (the RFC 7638 thumbprint input, a p
 JWK, a sealed key, a key record, the state document and the JWKS document) are written
 out here member by member, in sorted order, around `json_text` (the C string escaper
 `json.dumps` itself uses) and `json_number` (``float.__repr__``); a value of any other
-shape goes through `canonical_json`. Whole-document `json.dumps` was a fifth of a
-rotation's cost, and writing the forms out made the rotation pass of
-`bench/many_keysets.py` 8 to 10 % faster (docs/design-notes.md, "The JWKS is canonical
-bytes"). tests/test_encoding.py holds every form byte-equal to `json.dumps` over
-arbitrary text and numbers, and pins the exact bytes of fixed inputs.
+shape goes through `canonical_json`. This is a fast path, measured by
+`bench/many_keysets.py`: with `json.dumps` of whole documents instead, its rotation pass
+took 6 % and 19 % more CPU (medians of two sets of six paired runs; docs/design-notes.md,
+"The JWKS is canonical bytes"). tests/test_encoding.py holds every form byte-equal to
+`json.dumps` over arbitrary text and numbers, and pins the exact bytes of fixed inputs.
 
 A new `KeyRecord` field is one member in `encode_record`, in its sorted place, and one
 in `rotator.core.state`'s decoder. The decoders stay beside their types

@@ -104,8 +104,9 @@ def _minted(mint: Mint, status: Status, now: float) -> KeyRecord:
     return KeyRecord(key.kid, status, now, key.jwk, sealed, activated_at=activated)
 
 
-# Direct constructor calls, not dataclasses.replace: a leader rotating thousands of key
-# sets makes these on its hot path.
+# Each record is built whole rather than by dataclasses.replace, so that none of the old
+# status's times carries over: a promoted key has no retired_at or expires_at, whatever a
+# hand-edited next key held.
 def _promoted(key: KeyRecord, now: float) -> KeyRecord:
     return KeyRecord(key.kid, Status.CURRENT, key.created_at, key.jwk, key.sealed, now)
 

@@ -98,8 +98,7 @@ class KeyRecord:
 
 
 _RANK = {Status.CURRENT: 0, Status.NEXT: 1, Status.RETIRED: 2}
-_STATUSES = tuple(Status)  # iterating an Enum class is slow, and this runs per key set per tick
-_STATUS_OF = {status.value: status for status in _STATUSES}
+_STATUS_OF = {status.value: status for status in Status}
 
 
 def _order(key: KeyRecord) -> tuple[int, float]:
@@ -126,27 +125,19 @@ class KeySetState:
         """The next version: these keys, version + 1, stamped *now*."""
         return KeySetState(self.keyset, self.version + 1, now, tuple(keys))
 
-    @cached_property
-    def _groups(self) -> dict[Status, list[KeyRecord]]:
-        # A daemon asks every key set for its current and next keys on every tick.
-        groups: dict[Status, list[KeyRecord]] = {status: [] for status in _STATUSES}
-        for key in self.keys:
-            groups[key.status].append(key)
-        return groups
-
     def by_status(self, status: Status) -> list[KeyRecord]:
         """Keys in *status*, in JWKS order."""
-        return list(self._groups[status])
+        return [key for key in self.keys if key.status is status]
 
     @property
     def current(self) -> KeyRecord:
         """The signing key."""
-        return self._groups[Status.CURRENT][0]
+        return self.by_status(Status.CURRENT)[0]
 
     @property
     def next(self) -> KeyRecord | None:
         """The pre-published key that the next rotation promotes."""
-        found = self._groups[Status.NEXT]
+        found = self.by_status(Status.NEXT)
         return found[0] if found else None
 
     def find(self, kid: str) -> KeyRecord | None:
@@ -262,7 +253,7 @@ def state_of_document(doc: object, keyset: str) -> KeySetState:
     keys = tuple(_decode_key(entry) for entry in entries)
     if len({k.kid for k in keys}) != len(keys):
         raise CorruptState("two keys share a kid")
-    counts = {s: sum(k.status is s for k in keys) for s in _STATUSES}
+    counts = {s: sum(k.status is s for k in keys) for s in Status}
     if counts[Status.CURRENT] != 1 or counts[Status.NEXT] > 1:
         raise CorruptState(
             f"state holds {counts[Status.CURRENT]} current and {counts[Status.NEXT]} next keys"

@@ -391,7 +391,9 @@ class KeyManager:
 
     def next_change_at(self, state: KeySetState) -> float:
         """`lifecycle.next_change_at` under the key set's policy, remembered per parsed state:
-        a daemon asks it of every key set on every tick, and most have not changed."""
+        a daemon asks it of every key set on every tick, and most have not changed. Measured
+        by `bench/many_keysets.py`: without the memory its idle pass took 12 % more CPU
+        (median of six paired runs, each slower; docs/design-notes.md)."""
         policy = self.policy(state.keyset)
         known = self._changes.get(state.keyset)
         if known is not None and known[0] is state and known[1] is policy:
