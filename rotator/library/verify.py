@@ -80,7 +80,7 @@ def _no_constants(name: str) -> Any:
 
 # The header is small and decides which checks apply, so duplicate members are
 # refused there; claims use the lexically last duplicate, as RFC 7519 section 4
-# allows, and need no object_pairs_hook (a Python call per object).
+# allows.
 _HEADER_JSON = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
 _CLAIMS_JSON = json.JSONDecoder(parse_constant=_no_constants)
 # typeshed types make_scanner's argument as the scanner class itself; it takes a decoder.
