@@ -1,5 +1,5 @@
-"""`rotator serve`: the JWKS routes (`app`) over an HTTP/1.1 transport and its worker
-processes (`httpd`).
+"""`rotator serve`: the JWKS routes (`app`) over an HTTP/1.1 transport (`httpd`), run by
+its worker processes (`workers`).
 
 It may import `rotator.wiring`, `rotator.config`, the library, storage and core, and
 the leaf modules; never `rotator.daemon` or the CLI.

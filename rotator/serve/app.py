@@ -40,7 +40,7 @@ from rotator.library.jwks_import import VerificationKeys
 from rotator.library.keycache import ReaderLimits
 from rotator.library.reader import JWKSCache
 from rotator.metrics import CONTENT_TYPE, exposition
-from rotator.serve import httpd
+from rotator.serve import httpd, workers
 from rotator.serve.httpd import Reply, Request, json_reply, reply
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name
 from rotator.storage.registry import BadPolicy, KeySets
@@ -360,4 +360,4 @@ def serve(settings: Settings) -> int:
         served: list[httpd.Handler] = [app, app.metrics]
         return served[: len(socks)]
 
-    return httpd.run(socks, handlers, options, workers=server.workers)
+    return workers.run(socks, handlers, options, workers=server.workers)

@@ -38,32 +38,25 @@ does the sockets.
   of `_READ_SIZE` bytes shared by the event loop, and its kernel buffers are
   fixed at `_SOCKET_BUFFER`. A connection that fills a read gives the others
   their turn before its next one, so a flood on one cannot hold up the rest.
-* Signals: SIGTERM and SIGINT are blocked from before the first fork until a
-  process has its handler, so one at any moment of start-up is a clean stop.
 * Refusals (each status above, and a send timeout) are passed to
   `Options.on_refusal` and logged, one line per `Options.refusal_log_every`
   seconds at most, with the counts by reason.
 * HTTP/1.0 connections are closed after each answer; 1.1 ones are kept
   unless the client says ``Connection: close``.
-* `run` serves several sockets (each with its own handler) in each worker,
-  and raises the soft limit on open files to fit `Options.max_connections`
-  (up to the hard limit): service managers start processes at a soft limit
-  of 1024 for the sake of ``select()``, which this server does not use.
-  Beyond the limit the kernel refuses connections without a word.
+* `serve` serves several sockets, each with its own handler, on the running
+  event loop; the processes that run it, their signals and open file limit
+  are `rotator.serve.workers`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import email.utils
 import errno
 import functools
 import json
 import logging
-import os
-import signal
 import socket
 import sys
 import time
@@ -76,7 +69,6 @@ import httptools
 
 if sys.platform != "win32":
     import fcntl
-    import resource
     import termios
 
 __all__ = [
@@ -89,7 +81,6 @@ __all__ = [
     "json_reply",
     "listen",
     "reply",
-    "run",
     "serve",
 ]
 
@@ -104,10 +95,6 @@ _READ_SIZE = 4096
 # answers and requests here are small, and a client that floods or does not read then
 # holds that much of the kernel's memory at most, and meets flow control soon.
 _SOCKET_BUFFER = 64 * 1024
-# Files a worker holds besides its connections: the listening sockets, Redis connections,
-# the event loop's own, logs.
-_SPARE_FILES = 64
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _REASONS = {
     200: "OK",
@@ -589,14 +576,6 @@ def _unsent(transport: asyncio.Transport) -> int:
     return int.from_bytes(queued, sys.byteorder)
 
 
-def _event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop  # noqa: PLC0415 (optional: not built for every platform)
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 async def serve(
     listeners: Sequence[tuple[socket.socket, Handler]], options: Options, stop: asyncio.Event
 ) -> None:
@@ -644,148 +623,3 @@ def listen(host: str, port: int) -> socket.socket:
     sock = socket.create_server((host, port), family=family, backlog=1024)
     sock.setblocking(False)
     return sock
-
-
-class _StopFlag:
-    """Set by SIGTERM or SIGINT from the moment a worker can take them: a signal that
-    comes while the handlers are built stops the worker as soon as it serves."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self.event: asyncio.Event | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def __call__(self, _signum: int = 0, _frame: object = None) -> None:
-        self.set = True
-        if self.event is not None and self.loop is not None:
-            self.loop.call_soon_threadsafe(self.event.set)
-
-
-async def _serve_until_signalled(
-    listeners: Sequence[tuple[socket.socket, Handler]], options: Options, flag: _StopFlag
-) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    flag.event, flag.loop = stop, loop
-    for signum in _STOP_SIGNALS:
-        loop.add_signal_handler(signum, flag)
-    if flag.set:
-        stop.set()
-    await serve(listeners, options, stop)
-
-
-def _run_one(
-    socks: Sequence[socket.socket],
-    make_handlers: Callable[[], Sequence[Handler]],
-    options: Options,
-) -> None:
-    """Serve in this process. Called with SIGTERM and SIGINT blocked: they are taken
-    from here on, and unblocked once there is a handler for them."""
-    flag = _StopFlag()
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, flag)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    handlers = make_handlers()
-    loop = _event_loop()
-    try:
-        if not flag.set:
-            loop.run_until_complete(
-                _serve_until_signalled(list(zip(socks, handlers, strict=True)), options, flag)
-            )
-    finally:
-        for handler in handlers:
-            handler.close()
-        loop.close()
-
-
-def _fit_open_file_limit(max_connections: int) -> None:
-    """Raise the soft limit on open files to hold *max_connections* and the files a
-    worker needs besides, as far as the hard limit allows; warn when it does not."""
-    if sys.platform == "win32":
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = max_connections + _SPARE_FILES
-    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        log.info("open file limit raised from %d to %d", soft, target)
-    if target < needed:
-        log.warning(
-            "server.max_connections is %d but this process may open only %d files (its "
-            "hard limit): beyond about %d connections the kernel refuses new ones without "
-            "an answer; raise LimitNOFILE or lower server.max_connections",
-            max_connections,
-            target,
-            max(target - _SPARE_FILES, 0),
-        )
-
-
-def run(
-    socks: Sequence[socket.socket],
-    make_handlers: Callable[[], Sequence[Handler]],
-    options: Options,
-    *,
-    workers: int,
-) -> int:
-    """Serve *socks* until SIGTERM or SIGINT; return the exit status. *make_handlers*
-    builds one handler per socket, in each worker.
-
-    With several *workers*, each worker process, forked before any thread starts,
-    builds its own handlers and accepts on the shared sockets. A worker that dies
-    takes the others down (exit status 1), for the service manager to restart.
-    SIGTERM and SIGINT are blocked from before the first fork until each process has
-    its handlers, so a signal at any moment of start-up is a clean stop.
-    """
-    _fit_open_file_limit(options.max_connections)
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    if workers == 1:
-        _run_one(socks, make_handlers, options)
-        return 0
-    children: list[int] = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            status = 0
-            try:
-                _run_one(socks, make_handlers, options)
-            except BaseException:
-                log.exception("worker failed")
-                status = 1
-            finally:
-                os._exit(status)
-        children.append(pid)
-    for sock in socks:
-        sock.close()
-    return _supervise(children)
-
-
-_CLEAN_EXITS = (0, -signal.SIGTERM, -signal.SIGINT)
-
-
-def _supervise(children: list[int]) -> int:
-    """Wait for the workers. One that stops cleanly (status 0, or killed by SIGTERM or
-    SIGINT: a service manager signals every process of the service, not only this one)
-    stops the others; one that dies otherwise too, and the status is then 1."""
-    stopping = False
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    status = 0
-    alive = set(children)
-    while alive:
-        pid, code = os.wait()
-        alive.discard(pid)
-        if os.waitstatus_to_exitcode(code) not in _CLEAN_EXITS:
-            log.error("worker %d exited (%s); stopping the others", pid, code)
-            status = 1
-        if not stopping:
-            forward(signal.SIGTERM, None)
-    return status

@@ -1,0 +1,194 @@
+"""The processes of `rotator serve`: workers, their signals, their open file limit.
+
+`run` serves the listening sockets with `rotator.serve.httpd.serve`, in this
+process or in several forked workers, each of which builds its own handlers
+(one per socket) and accepts on the shared sockets.
+
+* Signals: SIGTERM and SIGINT are blocked from before the first fork until a
+  process has its handler, so one at any moment of start-up is a clean stop.
+* A worker that exits 0 or dies of SIGTERM or SIGINT is a clean stop (a
+  service manager signals every process of the service); any other end takes
+  the others down with exit status 1, for the service manager to restart.
+* `run` raises the soft limit on open files to fit `Options.max_connections`
+  (up to the hard limit): service managers start processes at a soft limit
+  of 1024 for the sake of ``select()``, which this server does not use.
+  Beyond the limit the kernel refuses connections without a word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+
+from rotator.serve.httpd import Handler, Options, serve
+
+if sys.platform != "win32":
+    import resource
+
+__all__ = ["run"]
+
+log = logging.getLogger(__name__)
+
+# Files a worker holds besides its connections: the listening sockets, Redis connections,
+# the event loop's own, logs.
+_SPARE_FILES = 64
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop  # noqa: PLC0415 (optional: not built for every platform)
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class _StopFlag:
+    """Set by SIGTERM or SIGINT from the moment a worker can take them: a signal that
+    comes while the handlers are built stops the worker as soon as it serves."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self.event: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def __call__(self, _signum: int = 0, _frame: object = None) -> None:
+        self.set = True
+        if self.event is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.event.set)
+
+
+async def _serve_until_signalled(
+    listeners: Sequence[tuple[socket.socket, Handler]], options: Options, flag: _StopFlag
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    flag.event, flag.loop = stop, loop
+    for signum in _STOP_SIGNALS:
+        loop.add_signal_handler(signum, flag)
+    if flag.set:
+        stop.set()
+    await serve(listeners, options, stop)
+
+
+def _run_one(
+    socks: Sequence[socket.socket],
+    make_handlers: Callable[[], Sequence[Handler]],
+    options: Options,
+) -> None:
+    """Serve in this process. Called with SIGTERM and SIGINT blocked: they are taken
+    from here on, and unblocked once there is a handler for them."""
+    flag = _StopFlag()
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, flag)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    handlers = make_handlers()
+    loop = _event_loop()
+    try:
+        if not flag.set:
+            loop.run_until_complete(
+                _serve_until_signalled(list(zip(socks, handlers, strict=True)), options, flag)
+            )
+    finally:
+        for handler in handlers:
+            handler.close()
+        loop.close()
+
+
+def _fit_open_file_limit(max_connections: int) -> None:
+    """Raise the soft limit on open files to hold *max_connections* and the files a
+    worker needs besides, as far as the hard limit allows; warn when it does not."""
+    if sys.platform == "win32":
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_connections + _SPARE_FILES
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("open file limit raised from %d to %d", soft, target)
+    if target < needed:
+        log.warning(
+            "server.max_connections is %d but this process may open only %d files (its "
+            "hard limit): beyond about %d connections the kernel refuses new ones without "
+            "an answer; raise LimitNOFILE or lower server.max_connections",
+            max_connections,
+            target,
+            max(target - _SPARE_FILES, 0),
+        )
+
+
+def run(
+    socks: Sequence[socket.socket],
+    make_handlers: Callable[[], Sequence[Handler]],
+    options: Options,
+    *,
+    workers: int,
+) -> int:
+    """Serve *socks* until SIGTERM or SIGINT; return the exit status. *make_handlers*
+    builds one handler per socket, in each worker.
+
+    With several *workers*, each worker process, forked before any thread starts,
+    builds its own handlers and accepts on the shared sockets. A worker that dies
+    takes the others down (exit status 1), for the service manager to restart.
+    SIGTERM and SIGINT are blocked from before the first fork until each process has
+    its handlers, so a signal at any moment of start-up is a clean stop.
+    """
+    _fit_open_file_limit(options.max_connections)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    if workers == 1:
+        _run_one(socks, make_handlers, options)
+        return 0
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                _run_one(socks, make_handlers, options)
+            except BaseException:
+                log.exception("worker failed")
+                status = 1
+            finally:
+                os._exit(status)
+        children.append(pid)
+    for sock in socks:
+        sock.close()
+    return _supervise(children)
+
+
+_CLEAN_EXITS = (0, -signal.SIGTERM, -signal.SIGINT)
+
+
+def _supervise(children: list[int]) -> int:
+    """Wait for the workers. One that stops cleanly (status 0, or killed by SIGTERM or
+    SIGINT: a service manager signals every process of the service, not only this one)
+    stops the others; one that dies otherwise too, and the status is then 1."""
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    status = 0
+    alive = set(children)
+    while alive:
+        pid, code = os.wait()
+        alive.discard(pid)
+        if os.waitstatus_to_exitcode(code) not in _CLEAN_EXITS:
+            log.error("worker %d exited (%s); stopping the others", pid, code)
+            status = 1
+        if not stopping:
+            forward(signal.SIGTERM, None)
+    return status
