@@ -30,11 +30,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 from urllib.parse import parse_qs
 
-import redis
 from prometheus_client import Counter
 
 from rotator.config import Settings
-from rotator.core.policy import Policy
 from rotator.library.errors import KeySetUnavailable
 from rotator.library.jwks_import import VerificationKeys
 from rotator.library.keycache import ReaderLimits
@@ -42,8 +40,9 @@ from rotator.library.reader import JWKSCache
 from rotator.metrics import CONTENT_TYPE, exposition
 from rotator.serve import httpd, workers
 from rotator.serve.httpd import Reply, Request, json_reply, reply
+from rotator.serve.policies import Policies
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name
-from rotator.storage.registry import BadPolicy, KeySets
+from rotator.storage.registry import KeySets
 from rotator.storage.store import Store
 
 __all__ = ["HTTP_REFUSALS", "IAM_PATH", "JWKS_PATH", "METRICS_MAX_AGE", "JWKSApp", "serve"]
@@ -148,25 +147,20 @@ class JWKSApp:
             keep_keys=False,  # the server hands out bytes; it never verifies
             on_event=self._announced,
         )
-        # Cache-Control follows each key set's policy: the config's, or the one stored in the
-        # registry, re-read every poll_interval on a thread of its own.
-        self._keysets = KeySets(settings, Store(self.cache.client, self.cache.layout))
-        self._base = settings.base_policy()
-        self._registry_read = float("-inf")
-        self._registry_generation = 0
-        self._registry_lock = threading.Lock()
-        # Policies read on an announcement, newer than the last registry read (which
-        # drops those it has caught up with): name -> (policy, when read). Each change of
-        # either bumps _registry_generation, which the answers built are stamped with.
-        self._announced_policies: dict[str, tuple[Policy, float]] = {}
+        # Cache-Control follows each key set's policy (`rotator.serve.policies`).
+        self.policies = Policies(
+            settings,
+            KeySets(settings, Store(self.cache.client, self.cache.layout)),
+            clock=self.cache.clock,
+            poll_interval=self.cache.limits.poll_interval,
+        )
         self.metrics = MetricsApp(self.cache.clock)
         self._routes = _ROUTES if server.metrics_port is None else _ROUTES - {b"/metrics"}
 
     def start(self) -> JWKSApp:
         """Load the configured key sets and the registry, and start following commits."""
         self.cache.start(preload=self.settings.configured_keysets())
-        if self._registry_lock.acquire(blocking=False):
-            self._reread_registry(self.cache.clock())
+        self.policies.start()
         return self
 
     def close(self) -> None:
@@ -224,13 +218,12 @@ class JWKSApp:
             if slot.fetched_at is not None and not slot.published:
                 return _UNKNOWN_KEYSET
             return json_reply(503, {"error": str(exc)})
-        if now - self._registry_read >= self.cache.limits.poll_interval:
-            self._reread_registry_soon(now)
+        self.policies.reread_soon(now)
         cached = slot.derived
         if (
             not isinstance(cached, _Response)
             or cached.keys is not keys
-            or cached.registry_read != self._registry_generation
+            or cached.registry_read != self.policies.generation
         ):
             cached = self._responses(keyset, keys)
             slot.derived = cached
@@ -242,56 +235,12 @@ class JWKSApp:
     def _announced(self, keyset: str) -> None:
         """A commit or policy change of *keyset* was announced: read its registry entry (one
         HGET), so `keyset update` reaches Cache-Control at once, not at the next poll."""
-        if keyset in self.settings.configured_keysets() or self.cache.held(keyset) is None:
-            return  # the config decides; or nothing built for it to rebuild
-        when, before = self.cache.clock(), self._policy(keyset)
-        try:
-            policy = self._keysets.read_policy(keyset)
-        except BadPolicy:  # unusable or gone: `_policy` falls back as after a registry read
-            self._announced_policies.pop(keyset, None)
-        except redis.RedisError as exc:
-            log.warning("key set %s: cannot read its announced policy (%s)", keyset, exc)
-            return
-        else:
-            self._announced_policies[keyset] = (policy, when)
-        if self._policy(keyset) != before:  # most announcements are commits, not updates
-            self._registry_generation += 1  # answers built before are rebuilt on next use
-
-    def _reread_registry_soon(self, now: float) -> None:
-        """Re-read the registry on a thread (one at a time); requests go on meanwhile."""
-        if self._registry_lock.acquire(blocking=False):
-            self._registry_read = now
-            threading.Thread(
-                target=self._reread_registry, args=(now,), name="registry", daemon=True
-            ).start()
-
-    def _reread_registry(self, now: float) -> None:
-        """Re-read the registry, holding the lock its caller took; answers built before are
-        rebuilt on their next use."""
-        try:
-            self._registry_read = now
-            self._keysets.refresh()
-            for name, (_policy, when) in list(self._announced_policies.items()):
-                if when < now:
-                    self._announced_policies.pop(name, None)
-            self._registry_generation += 1
-        except redis.RedisError as exc:
-            log.warning("cannot read the key set registry (%s); keeping the last one", exc)
-        finally:
-            self._registry_lock.release()
-
-    def _policy(self, keyset: str) -> Policy:
-        """The key set's policy; ``[rotation]`` for one whose stored policy is unknown or
-        unusable."""
-        announced = self._announced_policies.get(keyset)
-        if announced is not None:
-            return announced[0]
-        entry = self._keysets.get(keyset)
-        return entry.policy if entry is not None and entry.policy is not None else self._base
+        if self.cache.held(keyset) is not None:  # else nothing built for it to rebuild
+            self.policies.learn(keyset)
 
     def _responses(self, keyset: str, keys: VerificationKeys) -> _Response:
-        generation = self._registry_generation  # before the policy: a newer one rebuilds
-        max_age = int(self._policy(keyset).cache_max_age)
+        generation, policy = self.policies.stamped(keyset)
+        max_age = int(policy.cache_max_age)
         stale = int(self.settings.server.max_stale)
         caching = [
             ("etag", keys.etag),

@@ -1,0 +1,73 @@
+"""`rotator.serve.policies`: what serve knows of each key set's policy, against a real
+Redis."""
+
+from __future__ import annotations
+
+import threading
+
+from rotator.config import Settings, load_settings
+from rotator.core.policy import Policy
+from rotator.embedded import EmbeddedRedis
+from rotator.serve.policies import Policies
+from rotator.storage.registry import KeySets
+from rotator.storage.store import Store
+from tests.helpers import FakeClock
+
+
+class FirstReadLate(KeySets):
+    """Its first `read_policy` returns what it read only once the test says so."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        super().__init__(settings, store)
+        self.first_read = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def read_policy(self, name: str) -> Policy:
+        self.calls += 1
+        policy = super().read_policy(name)
+        if self.calls == 1:
+            self.first_read.set()
+            assert self.release.wait(30)
+        return policy
+
+
+def test_an_earlier_read_of_an_entry_never_replaces_a_later_one(
+    redis_server: EmbeddedRedis, store: Store, clock: FakeClock
+) -> None:
+    """An announcement's read that returns last must not put back the policy it read
+    before a later read (on another thread) saw the update."""
+    settings = load_settings(None, redis={"url": redis_server.url})
+    store.register("shop", '{"cache_max_age": "10s"}')
+    keysets = FirstReadLate(settings, store)
+    policies = Policies(settings, keysets, clock=clock, poll_interval=30)
+    early = threading.Thread(target=policies.learn, args=("shop",))
+    early.start()
+    assert keysets.first_read.wait(30)  # it has read 10s, and waits
+    clock.advance(1)
+    assert store.replace_entry("shop", '{"cache_max_age": "10s"}', '{"cache_max_age": "9s"}')
+    policies.learn("shop")
+    assert policies.policy("shop").cache_max_age == 9
+    generation = policies.generation
+    keysets.release.set()
+    early.join(30)
+    assert policies.policy("shop").cache_max_age == 9
+    assert policies.generation == generation  # nothing changed: answers built stay
+
+
+def test_a_change_read_bumps_the_generation_with_it(
+    redis_server: EmbeddedRedis, store: Store, clock: FakeClock
+) -> None:
+    settings = load_settings(None, redis={"url": redis_server.url})
+    store.register("shop", '{"cache_max_age": "10s"}')
+    policies = Policies(settings, KeySets(settings, store), clock=clock, poll_interval=30)
+    policies.start()
+    generation, policy = policies.stamped("shop")
+    assert policy.cache_max_age == 10
+    clock.advance(1)
+    policies.learn("shop")  # a commit announced: same policy
+    assert policies.stamped("shop") == (generation, policy)
+    assert store.replace_entry("shop", '{"cache_max_age": "10s"}', '{"cache_max_age": "9s"}')
+    policies.learn("shop")
+    newer, policy = policies.stamped("shop")
+    assert newer > generation and policy.cache_max_age == 9
