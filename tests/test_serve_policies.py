@@ -1,5 +1,5 @@
-"""`rotator.serve.policies`: what serve knows of each key set's policy, against a real
-Redis."""
+"""`rotator.serve.policies` and `rotator.serve.answers`: what serve knows of each key set's
+policy, and the answers it keeps, against a real Redis."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import threading
 from rotator.config import Settings, load_settings
 from rotator.core.policy import Policy
 from rotator.embedded import EmbeddedRedis
+from rotator.serve.answers import AnswerCache, Answers
+from rotator.serve.httpd import reply
 from rotator.serve.policies import Policies
 from rotator.storage.registry import KeySets
 from rotator.storage.store import Store
@@ -71,3 +73,16 @@ def test_a_change_read_bumps_the_generation_with_it(
     policies.learn("shop")
     newer, policy = policies.stamped("shop")
     assert newer > generation and policy.cache_max_age == 9
+
+
+def test_answers_are_kept_per_copy_and_generation_within_their_bound() -> None:
+    answers = AnswerCache(2)
+    built = {name: Answers("e1", 0, reply(200, []), reply(304, [])) for name in "abc"}
+    answers.put("a", built["a"])
+    assert answers.get("a", "e1", 0) is built["a"]
+    assert answers.get("a", "e2", 0) is None  # another copy
+    assert answers.get("a", "e1", 1) is None  # another generation of the policies
+    answers.put("b", built["b"])
+    answers.put("c", built["c"])
+    assert len(answers) == 2 and answers.get("a", "e1", 0) is None  # the oldest built went
+    assert answers.get("c", "e1", 0) is built["c"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import NamedTuple
 from urllib.parse import parse_qs
 
 from prometheus_client import Counter
@@ -39,6 +38,7 @@ from rotator.library.keycache import ReaderLimits
 from rotator.library.reader import JWKSCache
 from rotator.metrics import CONTENT_TYPE, exposition
 from rotator.serve import httpd, workers
+from rotator.serve.answers import AnswerCache, Answers
 from rotator.serve.httpd import Reply, Request, json_reply, reply
 from rotator.serve.policies import Policies
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name
@@ -75,15 +75,6 @@ def _matches(if_none_match: str, etag: str) -> bool:
     """RFC 9110 weak comparison of an If-None-Match list against *etag*."""
     tags = (tag.strip().removeprefix("W/") for tag in if_none_match.split(","))
     return any(tag in (etag, "*") for tag in tags)
-
-
-class _Response(NamedTuple):
-    """The answers built for one copy of a key set under one read of the registry."""
-
-    keys: VerificationKeys
-    registry_read: int
-    ok: Reply
-    not_modified: Reply
 
 
 _ROUTES = frozenset((_JWKS_PATH, _IAM_PATH, b"/healthz", b"/readyz", b"/metrics"))
@@ -144,7 +135,6 @@ class JWKSApp:
             prefix=settings.redis.prefix,
             limits=ReaderLimits(max_stale=server.max_stale, poll_interval=server.poll_interval),
             max_keysets=server.max_keysets,
-            keep_keys=False,  # the server hands out bytes; it never verifies
             on_event=self._announced,
         )
         # Cache-Control follows each key set's policy (`rotator.serve.policies`).
@@ -154,6 +144,7 @@ class JWKSApp:
             clock=self.cache.clock,
             poll_interval=self.cache.limits.poll_interval,
         )
+        self.answers = AnswerCache(max(server.max_keysets, len(settings.configured_keysets())))
         self.metrics = MetricsApp(self.cache.clock)
         self._routes = _ROUTES if server.metrics_port is None else _ROUTES - {b"/metrics"}
 
@@ -219,14 +210,10 @@ class JWKSApp:
                 return _UNKNOWN_KEYSET
             return json_reply(503, {"error": str(exc)})
         self.policies.reread_soon(now)
-        cached = slot.derived
-        if (
-            not isinstance(cached, _Response)
-            or cached.keys is not keys
-            or cached.registry_read != self.policies.generation
-        ):
-            cached = self._responses(keyset, keys)
-            slot.derived = cached
+        cached = self.answers.get(keyset, keys.etag, self.policies.generation)
+        if cached is None:
+            cached = self._answers(keyset, keys)
+            self.answers.put(keyset, cached)
         if_none_match = request.headers.get(b"if-none-match")
         if if_none_match and _matches(if_none_match.decode("latin-1"), keys.etag):
             return cached.not_modified
@@ -238,7 +225,7 @@ class JWKSApp:
         if self.cache.held(keyset) is not None:  # else nothing built for it to rebuild
             self.policies.learn(keyset)
 
-    def _responses(self, keyset: str, keys: VerificationKeys) -> _Response:
+    def _answers(self, keyset: str, keys: VerificationKeys) -> Answers:
         generation, policy = self.policies.stamped(keyset)
         max_age = int(policy.cache_max_age)
         stale = int(self.settings.server.max_stale)
@@ -252,7 +239,7 @@ class JWKSApp:
             [("content-type", "application/json"), ("content-length", length), *caching],
             keys.body,
         )
-        return _Response(keys, generation, ok, reply(304, caching))
+        return Answers(keys.etag, generation, ok, reply(304, caching))
 
     def _ready(self) -> Reply:
         # Ready while every configured key set has a copy to serve: the last good one counts
