@@ -83,9 +83,7 @@ def test_an_unchanged_reread_keeps_the_copy_and_a_changed_one_replaces_it() -> N
     assert slot.keys is not first and slot.generation == 2
 
 
-def test_same_bytes_are_not_imported_again_and_a_server_keeps_no_parsed_keys(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_same_bytes_are_not_imported_again(monkeypatch: pytest.MonkeyPatch) -> None:
     imports: list[bytes | str] = []
     real = jwks_import.import_jwks
 
@@ -94,13 +92,13 @@ def test_same_bytes_are_not_imported_again_and_a_server_keeps_no_parsed_keys(
         return real(raw)
 
     monkeypatch.setattr(keycache, "import_jwks", counting)
-    table = SlotTable(ReaderLimits(), 10, FakeClock(), keep_keys=False)
+    table = SlotTable(ReaderLimits(), 10, FakeClock())
     slot, _ = table.add("a")
     body = jwks_document([generate_key().jwk])
     for _ in range(3):
         assert table.accept("a", body)  # the backstop poll of many key sets
     assert len(imports) == 1 and slot.fetched_at is not None
-    assert slot.keys is not None and slot.keys.body == body and not slot.keys.keys
+    assert slot.keys is not None and slot.keys.body == body
     table.accept("a", jwks_document([generate_key().jwk]))
     assert len(imports) == 2
 

@@ -408,7 +408,7 @@ def test_metrics_are_rendered_at_most_once_per_second(
     manager.reconcile("default")
     clock = FakeClock()
     settings = load_settings(None, redis={"url": redis_server.url})
-    cache = JWKSCache(redis_server.url, follow=False, keep_keys=False, clock=clock)
+    cache = JWKSCache(redis_server.url, follow=False, clock=clock)
     app = JWKSApp(settings, cache)
     scrape = Request(b"GET", b"/metrics", b"", {b"host": b"test"})
     assert app.fast(scrape) is None  # never rendered: a thread must
@@ -425,7 +425,7 @@ def test_unknown_keyset_names_leave_nothing_behind(
 ) -> None:
     """Every name never seen used to leave a lock behind (50,000 names: +33 MB)."""
     manager.reconcile("default")
-    cache = JWKSCache(redis_server.url, follow=False, keep_keys=False)
+    cache = JWKSCache(redis_server.url, follow=False)
     for _ in range(2000):
         cache.slot("app-" + secrets.token_hex(8))
     assert cache._flights == {}

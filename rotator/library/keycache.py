@@ -23,7 +23,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -80,9 +80,6 @@ class Slot:
     # Digest of the stored bytes last refused, and why: the same bytes are not imported again.
     refused: tuple[bytes, str] | None = None
     problem: str | None = None  # why what Redis holds was not taken, while it is not
-    # What a user of the cache built from the copy (the server's response headers): kept
-    # with the slot, so it goes when the slot goes.
-    derived: object = None
     miss_refresh_at: float = float("-inf")
     misses: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
@@ -176,15 +173,10 @@ class SlotTable:
         limits: ReaderLimits,
         max_keysets: int,
         clock: Callable[[], float],
-        *,
-        keep_keys: bool = True,
     ) -> None:
         self.limits = limits
         self.max_keysets = max_keysets
         self.clock = clock
-        # A server that only hands out the bytes drops the parsed public keys after the
-        # strict import (a few kB per key set).
-        self.keep_keys = keep_keys
         self.pinned: set[str] = set()
         self._slots: OrderedDict[str, Slot] = OrderedDict()
         self._absent: OrderedDict[str, float] = OrderedDict()
@@ -305,8 +297,6 @@ class SlotTable:
         if not keys.keys:
             count = len(keys.skipped)
             return self._refuse(pending, source, f"{_REFUSED} ({count} entries)", now)
-        if not self.keep_keys:
-            keys = replace(keys, keys={})
         for slot in pending:
             slot.accept(keys, now)
             slot.source, slot.refused = source, None

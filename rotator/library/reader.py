@@ -75,7 +75,6 @@ class JWKSCache:
         limits: ReaderLimits | None = None,
         max_keysets: int = 1000,
         follow: bool = True,
-        keep_keys: bool = True,
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str], object] | None = None,
     ) -> None:
@@ -85,7 +84,7 @@ class JWKSCache:
         self.limits = limits or ReaderLimits()
         self.clock = clock
         self.reads = 0
-        self._table = SlotTable(self.limits, max_keysets, clock, keep_keys=keep_keys)
+        self._table = SlotTable(self.limits, max_keysets, clock)
         self._flights: dict[str, _Flight] = {}  # only key sets being read right now
         self._lock = threading.Lock()
         self._down = False
