@@ -63,7 +63,7 @@ def test_a_change_read_bumps_the_generation_with_it(
     settings = load_settings(None, redis={"url": redis_server.url})
     store.register("shop", '{"cache_max_age": "10s"}')
     policies = Policies(settings, KeySets(settings, store), clock=clock, poll_interval=30)
-    policies.start()
+    policies.read_registry()
     generation, policy = policies.stamped("shop")
     assert policy.cache_max_age == 10
     clock.advance(1)
@@ -86,3 +86,23 @@ def test_answers_are_kept_per_copy_and_generation_within_their_bound() -> None:
     answers.put("c", built["c"])
     assert len(answers) == 2 and answers.get("a", "e1", 0) is None  # the oldest built went
     assert answers.get("c", "e1", 0) is built["c"]
+
+
+def test_a_keyset_not_registered_or_not_readable_is_known_until_the_next_read(
+    redis_server: EmbeddedRedis, store: Store, clock: FakeClock
+) -> None:
+    """So that its requests do not each wait on Redis for its entry."""
+    settings = load_settings(
+        None, redis={"url": redis_server.url}, rotation={"cache_max_age": "20s"}
+    )
+    policies = Policies(settings, KeySets(settings, store), clock=clock, poll_interval=30)
+    policies.read_registry()
+    assert not policies.known("ghost")
+    policies.learn("ghost")
+    assert policies.known("ghost") and policies.policy("ghost").cache_max_age == 20
+    clock.advance(1)
+    policies.read_registry()  # caught up: asked again before its next answer
+    assert not policies.known("ghost")
+    redis_server.stop()
+    policies.learn("ghost")
+    assert policies.known("ghost") and policies.policy("ghost").cache_max_age == 20

@@ -196,6 +196,23 @@ def test_a_policy_update_reaches_cache_control_when_announced(served: Running, c
     )
 
 
+def test_a_keyset_added_while_serving_is_first_answered_with_its_own_policy(
+    served: Running, cli: Cli
+) -> None:
+    """Issue 14: serve re-reads its registry only every hour here, and the key set is not
+    in it yet: its first answer must not carry [rotation]'s max-age (20s), the unsafe
+    direction, until the next read."""
+    wait_for(served.subscribed, what="subscription")
+    assert cli("keyset", "add", "shop", "--cache-max-age", "10s").code == 0
+    iam = served.url + "/v1/authentication/token/jwks"
+    first = fetch(iam, headers={"X-App-Name": "shop"})
+    assert first.status == 200 and "max-age=10," in first.headers["cache-control"]
+    assert (
+        "max-age=10,"
+        in fetch(served.url + "/.well-known/jwks.json?keyset=shop").headers["cache-control"]
+    )
+
+
 def test_requests_are_answered_from_memory(served: Running, client: redis.Redis) -> None:
     fetch(served.url + "/.well-known/jwks.json")
     wait_for(served.subscribed, what="subscription")  # (re)subscribing re-reads every key set

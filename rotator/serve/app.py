@@ -151,7 +151,7 @@ class JWKSApp:
     def start(self) -> JWKSApp:
         """Load the configured key sets and the registry, and start following commits."""
         self.cache.start(preload=self.settings.configured_keysets())
-        self.policies.start()
+        self.policies.read_registry()
         return self
 
     def close(self) -> None:
@@ -212,6 +212,10 @@ class JWKSApp:
         self.policies.reread_soon(now)
         cached = self.answers.get(keyset, keys.etag, self.policies.generation)
         if cached is None:
+            if not self.policies.known(keyset):  # added since the registry was read
+                if not may_block:
+                    return None
+                self.policies.learn(keyset)
             cached = self._answers(keyset, keys)
             self.answers.put(keyset, cached)
         if_none_match = request.headers.get(b"if-none-match")

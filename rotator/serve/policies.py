@@ -4,21 +4,23 @@ A key set named in the config follows the config. Any other follows its
 registry entry, as serve last read it: the whole registry, read at start and
 every ``poll_interval`` after on a thread of its own (`Policies.reread_soon`),
 or its own entry (one ``HGET``, `Policies.learn`), read when a commit or
-policy change of it is announced. A key set that is neither configured
+policy change of it is announced and before its first answer, so that a key
+set added while serve runs is never answered with ``[rotation]``'s
+``cache_max_age`` instead of its own. A key set that is neither configured
 nor registered (or whose stored policy is unusable) follows ``[rotation]``.
 
 Every change of what serve knows bumps `Policies.generation`; answers built
 before carry the older generation and are rebuilt on their next use.
 
-Concurrency: the event loop and the request threads read (`policy`,
-`generation`) without a lock; the events thread (`learn` on announcements)
-and the registry thread (`reread`) write, each under ``_lock``, which guards
-`generation` and the entries read one by one: an entry is replaced only by
-one read later, and the generation is bumped in the same critical section
-(``generation += 1`` from two threads at once could lose a bump, and answers
-built under the older policy would then stay). No Redis read is made under
-it. One registry read runs at a time (``_rereading``, taken without
-waiting).
+Concurrency: the event loop and the request threads read (`policy`, `known`,
+`generation`) without a lock; the events thread (`learn` on announcements),
+the request threads (`learn` before a first answer) and the registry thread
+(`read_registry`, `reread_soon`) write, each under ``_lock``, which guards `generation` and the
+entries read one by one: an entry is replaced only by one read later, and
+the generation is bumped in the same critical section (``generation += 1``
+from two threads at once could lose a bump, and answers built under the
+older policy would then stay). No Redis read is made under it. One registry
+read runs at a time (``_rereading``, taken without waiting).
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ class Policies:
         # caught up with.
         self._read: dict[str, tuple[Policy, float]] = {}
 
-    def start(self) -> None:
-        """Read the registry now, before the first answer."""
+    def read_registry(self) -> None:
+        """Read the registry now, on this thread (at start: before the first answer);
+        nothing if a read is under way."""
         if self._rereading.acquire(blocking=False):
-            self.reread(self.clock())
+            self._reread(self.clock())
 
     def policy(self, keyset: str) -> Policy:
         """The key set's policy; ``[rotation]`` for one whose stored policy is unknown or
@@ -83,9 +86,21 @@ class Policies:
         with self._lock:
             return self.generation, self.policy(keyset)
 
+    def known(self, keyset: str) -> bool:
+        """Whether *keyset*'s policy is known: configured, registered as the registry was
+        last read, or its own entry read since. An answer for a key set whose policy is
+        not known waits for `learn`."""
+        return (
+            keyset in self._configured
+            or keyset in self._read
+            or self.keysets.get(keyset) is not None
+        )
+
     def learn(self, keyset: str) -> None:
         """Read *keyset*'s own registry entry (one ``HGET``; blocks). A key set the config
-        names is not read."""
+        names is not read. One whose policy was not known is known afterwards, until the
+        next registry read: as ``[rotation]`` when it is unregistered, or unusable, or
+        Redis cannot be read (so that its requests do not each wait on Redis)."""
         if keyset in self._configured:
             return
         when = self.clock()
@@ -95,16 +110,18 @@ class Policies:
             policy = None
         except redis.RedisError as exc:
             log.warning("key set %s: cannot read its registry entry (%s)", keyset, exc)
-            return
+            if self.known(keyset):
+                return
+            policy = None
         with self._lock:
             read = self._read.get(keyset)
             if read is not None and read[1] > when:
                 return  # a later read got there first
             before = self.policy(keyset)
-            if policy is None:
+            if policy is None and self.keysets.get(keyset) is not None:
                 self._read.pop(keyset, None)
             else:
-                self._read[keyset] = (policy, when)
+                self._read[keyset] = (policy or self._base, when)
             if self.policy(keyset) != before:  # most announcements are commits, not updates
                 self.generation += 1
 
@@ -115,9 +132,9 @@ class Policies:
             return
         if self._rereading.acquire(blocking=False):
             self._read_at = now
-            threading.Thread(target=self.reread, args=(now,), name="registry", daemon=True).start()
+            threading.Thread(target=self._reread, args=(now,), name="registry", daemon=True).start()
 
-    def reread(self, now: float) -> None:
+    def _reread(self, now: float) -> None:
         """Re-read the registry, holding ``_rereading`` (which its caller took)."""
         try:
             self._read_at = now
