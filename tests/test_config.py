@@ -146,14 +146,16 @@ def test_mask_url_hides_only_the_password() -> None:
     assert mask_url("redis://host:6379/0") == "redis://host:6379/0"
 
 
-@pytest.mark.parametrize("name", ["", "a{b", "a:b", "a b", "tab\tname", "x" * 129, "nul\x00"])
+@pytest.mark.parametrize(
+    "name", ["", "a{b", "a:b", "a b", "tab\tname", "x" * 129, "nul\x00", "ünïcode"]
+)
 def test_bad_keyset_names(name: str) -> None:
     with pytest.raises(ValueError, match="key set name"):
         validate_keyset_name(name)
 
 
 def test_good_keyset_names() -> None:
-    for name in ["default", "app-1", "Tenant.EU_west", "ünïcode", "x" * 128]:
+    for name in ["default", "app-1", "Tenant.EU_west", "x" * 128]:
         assert validate_keyset_name(name) == name
 
 

@@ -101,7 +101,7 @@ def test_the_registry_is_decoded_entry_by_entry(store: Store, client: redis.Redi
         keysets.policy("bad")
 
 
-@pytest.mark.parametrize("name", ["a:b", "with space", "{tag}", "x" * 200])
+@pytest.mark.parametrize("name", ["a:b", "with space", "{tag}", "x" * 200, "café"])
 def test_an_invalid_registry_name_is_reported_and_never_managed(
     daemon: Daemon, client: redis.Redis, clock: FakeClock, name: str
 ) -> None:

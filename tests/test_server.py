@@ -172,6 +172,26 @@ def test_keyset_selection(served: Running, client: redis.Redis) -> None:
     assert post.status == 405 and post.headers["allow"] == "GET, HEAD"
 
 
+def test_non_ascii_keyset_names_are_unknown_on_both_routes(
+    served: Running, client: redis.Redis
+) -> None:
+    """Issue 14: a JWKS stored under a non-ASCII name (before the rule, or by hand) is not
+    served: through ?keyset= it was, yet X-App-Name, whose bytes serve takes as latin-1,
+    reached another name (the UTF-8 bytes of "café" read as "cafÃ©")."""
+    body = client.get("rotator:{billing}:jwks")
+    assert body is not None
+    for name in ("café", "cafÃ©"):
+        client.set(f"rotator:{{{name}}}:jwks", body)
+    iam = served.url + "/v1/authentication/token/jwks"
+    for answer in (
+        fetch(served.url + "/.well-known/jwks.json?keyset=caf%C3%A9"),
+        fetch(served.url + "/.well-known/jwks.json?keyset=caf%C3%83%C2%A9"),
+        fetch(iam, headers={"X-App-Name": "café".encode().decode("latin-1")}),
+    ):
+        assert answer.status == 404
+        assert json.loads(answer.body) == {"error": "unknown key set"}
+
+
 def test_cache_control_follows_a_registered_keysets_own_policy(
     served: Running, client: redis.Redis
 ) -> None:

@@ -16,11 +16,17 @@ _FORBIDDEN = set("{}:")
 
 
 def validate_keyset_name(name: str) -> str:
-    """Return *name* if it is safe in a Redis key and an HTTP header; else raise ``ValueError``."""
+    """Return *name* if it is safe in a Redis key and an HTTP header (ASCII, at most 128
+    bytes, printable, no braces, colons or spaces); else raise ``ValueError``."""
     if not name:
         raise ValueError("key set name is empty")
     if len(name.encode()) > _MAX_NAME_BYTES:
         raise ValueError(f"key set name is longer than {_MAX_NAME_BYTES} bytes")
+    if not name.isascii():
+        # HTTP carries the name in X-App-Name, whose bytes are not UTF-8 by rule (RFC 9110
+        # section 5.5): a non-ASCII name could be stored but never asked for there.
+        shown = ", ".join(repr(c) for c in sorted({c for c in name if not c.isascii()}))
+        raise ValueError(f"key set name {name!r} contains {shown}: key set names are ASCII")
     bad = sorted({c for c in name if c in _FORBIDDEN or not c.isprintable() or c.isspace()})
     if bad:
         shown = ", ".join(repr(c) for c in bad)
