@@ -42,7 +42,7 @@ def test_an_earlier_read_of_an_entry_never_replaces_a_later_one(
     settings = load_settings(None, redis={"url": redis_server.url})
     store.register("shop", '{"cache_max_age": "10s"}')
     keysets = FirstReadLate(settings, store)
-    policies = Policies(settings, keysets, clock=clock, poll_interval=30)
+    policies = Policies(settings, keysets, clock=clock, poll_interval=30, size=10)
     early = threading.Thread(target=policies.learn, args=("shop",))
     early.start()
     assert keysets.first_read.wait(30)  # it has read 10s, and waits
@@ -62,7 +62,7 @@ def test_a_change_read_bumps_the_generation_with_it(
 ) -> None:
     settings = load_settings(None, redis={"url": redis_server.url})
     store.register("shop", '{"cache_max_age": "10s"}')
-    policies = Policies(settings, KeySets(settings, store), clock=clock, poll_interval=30)
+    policies = Policies(settings, KeySets(settings, store), clock=clock, poll_interval=30, size=10)
     policies.read_registry()
     generation, policy = policies.stamped("shop")
     assert policy.cache_max_age == 10
@@ -88,21 +88,29 @@ def test_answers_are_kept_per_copy_and_generation_within_their_bound() -> None:
     assert answers.get("c", "e1", 0) is built["c"]
 
 
-def test_a_keyset_not_registered_or_not_readable_is_known_until_the_next_read(
+def test_a_keyset_not_registered_or_not_readable_follows_rotation_and_stays_known(
     redis_server: EmbeddedRedis, store: Store, clock: FakeClock
 ) -> None:
-    """So that its requests do not each wait on Redis for its entry."""
+    """So that its requests do not each wait on Redis for its entry, registry read or not;
+    until the registry names it."""
     settings = load_settings(
         None, redis={"url": redis_server.url}, rotation={"cache_max_age": "20s"}
     )
-    policies = Policies(settings, KeySets(settings, store), clock=clock, poll_interval=30)
+    policies = Policies(settings, KeySets(settings, store), clock=clock, poll_interval=30, size=2)
     policies.read_registry()
     assert not policies.known("ghost")
     policies.learn("ghost")
     assert policies.known("ghost") and policies.policy("ghost").cache_max_age == 20
     clock.advance(1)
-    policies.read_registry()  # caught up: asked again before its next answer
-    assert not policies.known("ghost")
-    redis_server.stop()
-    policies.learn("ghost")
+    policies.read_registry()
     assert policies.known("ghost") and policies.policy("ghost").cache_max_age == 20
+    store.register("ghost", '{"cache_max_age": "10s"}')
+    clock.advance(1)
+    policies.read_registry()
+    assert policies.known("ghost") and policies.policy("ghost").cache_max_age == 10
+    redis_server.stop()
+    policies.learn("other")
+    assert policies.known("other") and policies.policy("other").cache_max_age == 20
+    policies.learn("third")
+    policies.learn("fourth")  # beyond size=2: the oldest read goes
+    assert not policies.known("other") and policies.known("fourth")

@@ -137,14 +137,16 @@ class JWKSApp:
             max_keysets=server.max_keysets,
             on_event=self._announced,
         )
+        held = max(server.max_keysets, len(settings.configured_keysets()))
         # Cache-Control follows each key set's policy (`rotator.serve.policies`).
         self.policies = Policies(
             settings,
             KeySets(settings, Store(self.cache.client, self.cache.layout)),
             clock=self.cache.clock,
             poll_interval=self.cache.limits.poll_interval,
+            size=held,
         )
-        self.answers = AnswerCache(max(server.max_keysets, len(settings.configured_keysets())))
+        self.answers = AnswerCache(held)
         self.metrics = MetricsApp(self.cache.clock)
         self._routes = _ROUTES if server.metrics_port is None else _ROUTES - {b"/metrics"}
 

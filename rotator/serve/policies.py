@@ -50,19 +50,23 @@ class Policies:
         *,
         clock: Callable[[], float],
         poll_interval: float,
+        size: int,
     ) -> None:
         self.keysets = keysets
         self.clock = clock
         self.poll_interval = poll_interval
+        self.size = max(size, 1)
         self._configured = frozenset(settings.configured_keysets())
         self._base = settings.base_policy()
         self.generation = 0
         self._read_at = float("-inf")  # when the last registry read started
         self._lock = threading.Lock()
         self._rereading = threading.Lock()
-        # Entries read one by one since the last registry read: name -> (policy, when read).
-        # Only key sets with a copy held get one, and each registry read drops those it has
-        # caught up with.
+        # Entries read one by one: name -> (policy, when read), at most `size` (the key sets
+        # held), the oldest read dropped first: its key set then follows the registry as
+        # last read, at most poll_interval old. Only key sets with a copy to serve get one.
+        # A registry read drops those it names and has caught up with; one it does not name
+        # follows [rotation] from then on and stays known, so its answers need no read.
         self._read: dict[str, tuple[Policy, float]] = {}
 
     def read_registry(self) -> None:
@@ -88,8 +92,8 @@ class Policies:
 
     def known(self, keyset: str) -> bool:
         """Whether *keyset*'s policy is known: configured, registered as the registry was
-        last read, or its own entry read since. An answer for a key set whose policy is
-        not known waits for `learn`."""
+        last read, or its own entry read (`learn`). An answer for a key set whose policy
+        is not known waits for `learn`."""
         return (
             keyset in self._configured
             or keyset in self._read
@@ -98,9 +102,9 @@ class Policies:
 
     def learn(self, keyset: str) -> None:
         """Read *keyset*'s own registry entry (one ``HGET``; blocks). A key set the config
-        names is not read. One whose policy was not known is known afterwards, until the
-        next registry read: as ``[rotation]`` when it is unregistered, or unusable, or
-        Redis cannot be read (so that its requests do not each wait on Redis)."""
+        names is not read. One whose policy was not known is known afterwards: as
+        ``[rotation]`` when it is unregistered, or unusable, or Redis cannot be read (until
+        a registry read names it), so that its requests do not each wait on Redis."""
         if keyset in self._configured:
             return
         when = self.clock()
@@ -118,10 +122,11 @@ class Policies:
             if read is not None and read[1] > when:
                 return  # a later read got there first
             before = self.policy(keyset)
-            if policy is None and self.keysets.get(keyset) is not None:
-                self._read.pop(keyset, None)
-            else:
+            self._read.pop(keyset, None)
+            if policy is not None or self.keysets.get(keyset) is None:
                 self._read[keyset] = (policy or self._base, when)
+                while len(self._read) > self.size:
+                    del self._read[next(iter(self._read))]
             if self.policy(keyset) != before:  # most announcements are commits, not updates
                 self.generation += 1
 
@@ -144,8 +149,12 @@ class Policies:
         else:
             with self._lock:
                 for name, (_policy, when) in list(self._read.items()):
-                    if when < now:
+                    if when >= now:
+                        continue  # read after this registry read began: newer
+                    if self.keysets.get(name) is not None:
                         del self._read[name]
+                    else:  # not registered (any more): [rotation]
+                        self._read[name] = (self._base, when)
                 self.generation += 1
         finally:
             self._rereading.release()
