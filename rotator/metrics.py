@@ -1,9 +1,21 @@
-"""Prometheus metrics (prometheus-client's default registry), served on ``/metrics`` by the
-daemon's health port and by `rotator serve`."""
+"""Prometheus metrics, registered by the process that exposes them, never at import.
+
+Importing this module (or any of rotator) registers nothing in any registry: a service
+that embeds a reader finds nothing of rotator in its own ``/metrics`` unless it opts in
+with `register_reader_metrics`. The daemon's health port and `rotator serve` call
+`register_process_metrics` when they start, which registers every family below in the
+registry they render (prometheus-client's default one).
+
+The counters, the histogram and the gauge are process-wide counts (the metric objects
+of prometheus-client), built unregistered here so that code anywhere may count; the
+per key set gauges are a `KeysetCollector` the daemon owns, and the readers' staleness
+a `ReaderMetrics` the service or `rotator serve` owns.
+"""
 
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -12,18 +24,21 @@ from typing import Protocol
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as _generate
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 __all__ = [
     "COMMIT_SECONDS",
     "CONTENT_TYPE",
-    "KEYSETS",
+    "HTTP_REFUSALS",
     "LEADER",
-    "READER_STALENESS",
     "REDIS_ERRORS",
     "ROTATIONS",
+    "KeysetCollector",
     "KeysetSample",
+    "ReaderMetrics",
     "exposition",
+    "register_process_metrics",
+    "register_reader_metrics",
 ]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -33,6 +48,24 @@ ROTATIONS = Counter(
     "Rotations seen in the audit stream, by key set and reason "
     "(scheduled, manual, forced, revoke); every replica counts every rotation",
     ["keyset", "reason"],
+    registry=None,
+)
+COMMIT_SECONDS = Histogram(
+    "rotator_commit_duration_seconds",
+    "Duration of a compare-and-set commit to Redis",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    registry=None,
+)
+REDIS_ERRORS = Counter(
+    "rotator_redis_errors", "Redis commands that failed after retries", registry=None
+)
+LEADER = Gauge("rotator_leader", "1 while this replica holds the leader lease", registry=None)
+HTTP_REFUSALS = Counter(
+    "rotator_http_refusals",
+    "Requests or connections that rotator serve refused, by status (none: cut without "
+    "an answer) and reason",
+    ["status", "reason"],
+    registry=None,
 )
 
 
@@ -72,12 +105,14 @@ _KEYSET_GAUGES = (
 )
 
 
-class _KeysetCollector(Collector):
-    """The per key set gauges, built when scraped from the daemon's own records, so that
-    ten thousand key sets hold no metric objects between scrapes."""
+class KeysetCollector(Collector):
+    """The per key set gauges, built when scraped from *source* (the daemon's own records),
+    so that ten thousand key sets hold no metric objects between scrapes. Without a
+    source (`rotator serve`) the families are exposed empty. Immutable once built: the
+    scrape's thread calls *source*, which guards its own data."""
 
-    def __init__(self) -> None:
-        self.source: Callable[[], Iterable[KeysetSample]] | None = None
+    def __init__(self, source: Callable[[], Iterable[KeysetSample]] | None = None) -> None:
+        self._source = source
 
     def _families(self) -> list[tuple[GaugeMetricFamily, str]]:
         return [
@@ -90,28 +125,36 @@ class _KeysetCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         families = self._families()
-        source = self.source
-        for sample in source() if source else ():
+        for sample in self._source() if self._source else ():
             for family, field in families:
                 family.add_metric([sample.keyset], getattr(sample, field))
         return (family for family, _field in families)
-
-
-#: Set `KEYSETS.source` to the daemon's sampler; `rotator serve` leaves it unset.
-KEYSETS = _KeysetCollector()
-REGISTRY.register(KEYSETS)
 
 
 class _HasStaleness(Protocol):
     def staleness(self) -> dict[str, float | None]: ...
 
 
-class _StalenessCollector(Collector):
-    """``rotator_reader_staleness_seconds{keyset}`` of every live reader cache, computed
-    once per cache when scraped (infinite for a key set never read)."""
+class ReaderMetrics(Collector):
+    """``rotator_reader_staleness_seconds{keyset}`` of the reader caches watched, computed
+    once per cache when scraped (infinite for a key set never read; the worst of the
+    caches holding a key set). Caches are held weakly, so one dropped without `forget`
+    leaves when it is collected. Thread-safe: the set of caches is guarded by a lock,
+    as caches come and go on any thread while a scrape runs on another."""
 
     def __init__(self) -> None:
-        self.caches: weakref.WeakSet[_HasStaleness] = weakref.WeakSet()
+        self._caches: weakref.WeakSet[_HasStaleness] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def watch(self, cache: _HasStaleness) -> None:
+        """Report the staleness of *cache* from now on."""
+        with self._lock:
+            self._caches.add(cache)
+
+    def forget(self, cache: _HasStaleness) -> None:
+        """Stop reporting *cache* (it was closed)."""
+        with self._lock:
+            self._caches.discard(cache)
 
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily(
@@ -124,8 +167,10 @@ class _StalenessCollector(Collector):
         yield self._family()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            caches = list(self._caches)
         worst: dict[str, float] = {}
-        for cache in list(self.caches):
+        for cache in caches:
             for name, age in cache.staleness().items():
                 value = math.inf if age is None else age
                 worst[name] = max(value, worst.get(name, value))
@@ -135,18 +180,31 @@ class _StalenessCollector(Collector):
         yield family
 
 
-#: Reader caches (threads and asyncio) add themselves on creation and leave on close.
-READER_STALENESS = _StalenessCollector()
-REGISTRY.register(READER_STALENESS)
-COMMIT_SECONDS = Histogram(
-    "rotator_commit_duration_seconds",
-    "Duration of a compare-and-set commit to Redis",
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-)
-REDIS_ERRORS = Counter("rotator_redis_errors", "Redis commands that failed after retries")
-LEADER = Gauge("rotator_leader", "1 while this replica holds the leader lease")
+def register_reader_metrics(registry: CollectorRegistry = REGISTRY) -> ReaderMetrics:
+    """Opt in to ``rotator_reader_staleness_seconds`` in *registry*: pass the result to
+    the readers (``JWKSReader(..., metrics=...)``). Call it once per registry (a second
+    registration of the same name is refused by prometheus-client)."""
+    readers = ReaderMetrics()
+    registry.register(readers)
+    return readers
 
 
-def exposition() -> bytes:
-    """The text exposition of every metric of this process."""
-    return _generate(REGISTRY)
+def register_process_metrics(
+    registry: CollectorRegistry = REGISTRY, keysets: KeysetCollector | None = None
+) -> ReaderMetrics:
+    """Register every family the daemon and `rotator serve` expose on ``/metrics`` in
+    *registry*: the process-wide counts, the per key set gauges of *keysets* (empty
+    without one) and the readers' staleness, whose collector is returned for the
+    process's reader caches. Call it once per process, when it starts."""
+    registry.register(ROTATIONS)
+    registry.register(keysets or KeysetCollector())
+    readers = register_reader_metrics(registry)
+    later: tuple[Collector, ...] = (COMMIT_SECONDS, REDIS_ERRORS, LEADER, HTTP_REFUSALS)
+    for collector in later:  # in this order, so that /metrics reads as it always has
+        registry.register(collector)
+    return readers
+
+
+def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """The text exposition of every metric of *registry* (the process's by default)."""
+    return _generate(registry)

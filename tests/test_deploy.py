@@ -25,6 +25,7 @@ import kubernetes_validate
 import pytest
 import redis
 import yaml
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from rotator import metrics
@@ -470,9 +471,12 @@ def test_the_prometheus_rule_is_alerts_yaml(base: list[Obj], overlay: list[Obj])
 
 
 def exposed_names() -> set[str]:
-    """Sample names this process's registry can expose (each family with its suffixes)."""
+    """Sample names the daemon and `rotator serve` expose (each family with its suffixes):
+    what they register when they start."""
+    registry = CollectorRegistry()
+    metrics.register_process_metrics(registry)
     names = set()
-    for family in text_string_to_metric_families(metrics.exposition().decode()):
+    for family in text_string_to_metric_families(metrics.exposition(registry).decode()):
         suffixes = {
             "counter": ["_total"],
             "histogram": ["_bucket", "_sum", "_count"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -87,9 +88,9 @@ def test_same_bytes_are_not_imported_again(monkeypatch: pytest.MonkeyPatch) -> N
     imports: list[bytes | str] = []
     real = jwks_import.import_jwks
 
-    def counting(raw: bytes | str) -> VerificationKeys:
+    def counting(raw: bytes | str, *rest: Any) -> VerificationKeys:
         imports.append(raw)
-        return real(raw)
+        return real(raw, *rest)
 
     monkeypatch.setattr(keycache, "import_jwks", counting)
     table = SlotTable(ReaderLimits(), 10, FakeClock())

@@ -4,12 +4,14 @@ unknown-kid floods, outages, revocation."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import redis
-from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
 
 from rotator.core.envelope import Keyring
 from rotator.core.jwk import generate_key, load_private_key
@@ -17,30 +19,120 @@ from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
 from rotator.library.aioreader import AsyncJWKSReader
 from rotator.library.errors import KeySetUnavailable, UnknownKid
+from rotator.library.jwks_import import VerificationKeys
 from rotator.library.reader import JWKSCache, JWKSReader
 from rotator.library.signer import Signer
+from rotator.metrics import register_reader_metrics
 from tests.helpers import FakeClock, async_wait_for, wait_for
 from tests.tokens import es256
 
 CLAIMS = {"sub": "u", "iss": "iam", "aud": "svc"}
+T = TypeVar("T")
 
 
 def signer_for(redis_server: EmbeddedRedis, keyring: Keyring, **kwargs: Any) -> Signer:
     return Signer(redis_server.url, keyring, max_token_ttl=3600, **kwargs)
 
 
-def check(reader: JWKSReader, token: str) -> dict[str, Any]:
+class Reader(Protocol):
+    """What these tests ask of a reader, thread-based or asyncio alike."""
+
+    @property
+    def following(self) -> bool: ...
+    @property
+    def reads(self) -> int: ...
+    @property
+    def staleness(self) -> float | None: ...
+    @property
+    def keys(self) -> VerificationKeys | None: ...
+    def refresh(self) -> bool: ...
+    def verify(self, token: str, *, audience: str | None, issuer: str | None) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+class InLoop:
+    """An `AsyncJWKSReader` driven from a test's thread: entered and called on an event
+    loop of its own, on a thread of its own."""
+
+    def __init__(self, reader: AsyncJWKSReader) -> None:
+        self.reader = reader
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.run(reader.__aenter__())
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout=30)
+
+    @property
+    def following(self) -> bool:
+        return self.reader.following
+
+    @property
+    def reads(self) -> int:
+        return self.reader.cache.reads
+
+    @property
+    def staleness(self) -> float | None:
+        return self.reader.staleness
+
+    @property
+    def keys(self) -> VerificationKeys | None:
+        slot = self.reader.cache.held(self.reader.keyset)
+        return slot.keys if slot else None
+
+    def refresh(self) -> bool:
+        return self.run(self.reader.cache.refresh(self.reader.keyset))
+
+    def verify(self, token: str, *, audience: str | None, issuer: str | None) -> dict[str, Any]:
+        return self.run(self.reader.verify(token, audience=audience, issuer=issuer))
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.run(self.reader.__aexit__(None, None, None))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+Open = Callable[..., Reader]
+
+
+@pytest.fixture(params=["threads", "asyncio"])
+def open_reader(request: pytest.FixtureRequest) -> Iterator[Open]:
+    """Start a `JWKSReader`, or an `AsyncJWKSReader` on a loop of its own, with the same
+    arguments; each is closed after the test."""
+    opened: list[Reader] = []
+
+    def start(target: str, *args: Any, **kwargs: Any) -> Reader:
+        reader: Reader
+        if request.param == "threads":
+            reader = JWKSReader(target, *args, **kwargs).start()
+        else:
+            reader = InLoop(AsyncJWKSReader(target, *args, **kwargs))
+        opened.append(reader)
+        return reader
+
+    yield start
+    for reader in opened:
+        reader.close()
+
+
+def check(reader: Reader, token: str) -> dict[str, Any]:
     return reader.verify(token, audience="svc", issuer="iam")
 
 
 def test_verifies_signer_tokens_and_follows_rotation_by_push(
-    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock
+    manager: KeyManager,
+    redis_server: EmbeddedRedis,
+    keyring: Keyring,
+    clock: FakeClock,
+    open_reader: Open,
 ) -> None:
     manager.reconcile("default")
-    with (
-        JWKSReader(redis_server.url, poll_interval=3600) as reader,
-        signer_for(redis_server, keyring, poll_interval=3600) as signer,
-    ):
+    reader = open_reader(redis_server.url, poll_interval=3600)
+    with signer_for(redis_server, keyring, poll_interval=3600) as signer:
         wait_for(lambda: reader.following and signer.current_kid, what="subscriptions")
         first = signer.sign(CLAIMS, ttl=60)
         assert check(reader, first)["sub"] == "u"
@@ -57,13 +149,11 @@ def test_verifies_signer_tokens_and_follows_rotation_by_push(
 
 
 def test_a_revoked_key_is_rejected_at_once(
-    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, open_reader: Open
 ) -> None:
     manager.reconcile("default")
-    with (
-        JWKSReader(redis_server.url, poll_interval=3600, unknown_kid_cooldown=3600) as reader,
-        signer_for(redis_server, keyring, follow=False) as signer,
-    ):
+    reader = open_reader(redis_server.url, poll_interval=3600, unknown_kid_cooldown=3600)
+    with signer_for(redis_server, keyring, follow=False) as signer:
         wait_for(lambda: reader.following, what="subscription")
         token = signer.sign(CLAIMS, ttl=60)
         assert check(reader, token)
@@ -165,16 +255,12 @@ def test_a_first_read_answers_its_caller_even_if_the_lru_dropped_the_key_set(
 
 
 def test_random_kids_cost_one_read_per_cooldown_and_lock_nobody_out(
-    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, open_reader: Open
 ) -> None:
     manager.reconcile("default")
     monotonic = FakeClock(1000.0)
-    with (
-        JWKSReader(
-            redis_server.url, follow=False, unknown_kid_cooldown=1.0, clock=monotonic
-        ) as reader,
-        signer_for(redis_server, keyring, follow=False) as signer,
-    ):
+    reader = open_reader(redis_server.url, follow=False, unknown_kid_cooldown=1.0, clock=monotonic)
+    with signer_for(redis_server, keyring, follow=False) as signer:
         reads = reader.reads
         attacker = load_private_key(generate_key().private_der)
         for index in range(500):
@@ -197,32 +283,40 @@ def test_random_kids_cost_one_read_per_cooldown_and_lock_nobody_out(
 
 
 def test_an_unknown_kid_that_becomes_published_is_found(
-    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock
+    manager: KeyManager,
+    redis_server: EmbeddedRedis,
+    keyring: Keyring,
+    clock: FakeClock,
+    open_reader: Open,
 ) -> None:
     """A verifier that has not heard of a key yet finds it with one refresh."""
     manager.reconcile("default")
-    with JWKSReader(redis_server.url, follow=False) as reader:
-        clock.advance(30)
-        manager.rotate("default", force_new=True)  # a key published and signing at once
-        with signer_for(redis_server, keyring, follow=False) as signer:
-            assert check(reader, signer.sign(CLAIMS, ttl=60))["sub"] == "u"
+    reader = open_reader(redis_server.url, follow=False)
+    clock.advance(30)
+    manager.rotate("default", force_new=True)  # a key published and signing at once
+    with signer_for(redis_server, keyring, follow=False) as signer:
+        assert check(reader, signer.sign(CLAIMS, ttl=60))["sub"] == "u"
 
 
 def test_redis_down_serves_the_last_copy_then_fails_closed(
-    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, open_reader: Open
 ) -> None:
     manager.reconcile("default")
     monotonic = FakeClock(1000.0)
     with signer_for(redis_server, keyring, follow=False) as signer:
         token = signer.sign(CLAIMS, ttl=600)
-    reader = JWKSReader(redis_server.url, follow=False, max_stale=600, clock=monotonic).start()
+    registry = CollectorRegistry()  # the service's, which opts in to the staleness gauge
+    metrics = register_reader_metrics(registry)
+    reader = open_reader(
+        redis_server.url, follow=False, max_stale=600, clock=monotonic, metrics=metrics
+    )
     redis_server.stop()
     monotonic.advance(300)
     assert reader.refresh() is False
     assert check(reader, token)["sub"] == "u"
     assert reader.staleness == 300
     assert (
-        REGISTRY.get_sample_value("rotator_reader_staleness_seconds", {"keyset": "default"}) == 300
+        registry.get_sample_value("rotator_reader_staleness_seconds", {"keyset": "default"}) == 300
     )
     monotonic.advance(301)
     with pytest.raises(KeySetUnavailable, match="stale"):
@@ -232,10 +326,17 @@ def test_redis_down_serves_the_last_copy_then_fails_closed(
     assert reader.refresh() is True
     assert check(reader, token)["sub"] == "u"
     reader.close()
+    assert (
+        registry.get_sample_value(  # a closed reader is no longer reported
+            "rotator_reader_staleness_seconds", {"keyset": "default"}
+        )
+        is None
+    )
 
 
-def test_never_loaded_fails_closed(redis_server: EmbeddedRedis) -> None:
-    with JWKSReader(redis_server.url, follow=False) as reader, pytest.raises(KeySetUnavailable):
+def test_never_loaded_fails_closed(redis_server: EmbeddedRedis, open_reader: Open) -> None:
+    reader = open_reader(redis_server.url, follow=False)
+    with pytest.raises(KeySetUnavailable):
         check(
             reader,
             es256(load_private_key(generate_key().private_der), {"alg": "ES256", "kid": "k"}, {}),
@@ -271,3 +372,14 @@ def test_async_reader_verifies_and_follows(
                 await reader.verify(forged, audience="svc", issuer="iam")
 
     asyncio.run(scenario())
+
+
+def test_the_twins_take_the_same_arguments() -> None:
+    """The readers' constructors repeat one parameter list on purpose: a service moves
+    from one to the other by adding ``async``."""
+
+    def parameters(cls: type) -> list[tuple[str, object, object]]:
+        signature = inspect.signature(cls.__init__)
+        return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+    assert parameters(JWKSReader) == parameters(AsyncJWKSReader)

@@ -38,11 +38,12 @@ from rotator.daemon.health import Health, HealthServer
 from rotator.daemon.manager import KEYSET_ERRORS, KeyManager, Outcome
 from rotator.daemon.systemd import notify, watchdog_seconds
 from rotator.metrics import (
-    KEYSETS,
     LEADER,
     REDIS_ERRORS,
     ROTATIONS,
+    KeysetCollector,
     KeysetSample,
+    register_process_metrics,
 )
 from rotator.storage.audit import BadAuditEntry
 from rotator.storage.events import EventFollower
@@ -115,7 +116,7 @@ class Daemon:
         # The last state seen per key set, with the policy it was seen under and its
         # rotation period, read by the gauges when scraped.
         self._states: dict[str, _Seen] = {}
-        KEYSETS.source = self._samples
+        self.keyset_metrics = KeysetCollector(self._samples)
         self._ready_sent = False
         self._watchdog = watchdog_seconds()
         self._audit_seen: str | None = None
@@ -393,6 +394,7 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         daemon = self.settings.daemon
         self.restore_backup()
+        register_process_metrics(keysets=self.keyset_metrics)
         server = None
         if daemon.health_port:
             try:

@@ -21,7 +21,6 @@ import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.library.errors import InvalidToken
-from rotator.library.jwks_import import VerificationKeys
 from rotator.library.keycache import (
     ReaderLimits,
     Slot,
@@ -29,7 +28,7 @@ from rotator.library.keycache import (
     removed_among,
 )
 from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
-from rotator.metrics import READER_STALENESS
+from rotator.metrics import ReaderMetrics
 from rotator.storage.events import (
     REPLY_TIMEOUT,
     CallbackFailures,
@@ -68,7 +67,15 @@ def _check_cancelled() -> None:
 
 
 class AsyncJWKSCache:
-    """Copies of many key sets, loaded on first use, at most *max_keysets* of them."""
+    """Copies of many key sets, loaded on first use, at most *max_keysets* of them.
+    *follow*: follow the events channel and poll (as `JWKSCache`); *metrics*: report
+    the copies' staleness there.
+
+    Owned by the event loop it is started on: every method runs there (the table of
+    slots, the reads in flight and the counts are only touched between two awaits),
+    but `staleness`, which `ReaderMetrics` calls from a scrape's thread (see
+    `SlotTable`).
+    """
 
     def __init__(
         self,
@@ -77,36 +84,46 @@ class AsyncJWKSCache:
         prefix: str = "rotator",
         limits: ReaderLimits | None = None,
         max_keysets: int = 1000,
+        follow: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        metrics: ReaderMetrics | None = None,
     ) -> None:
         self.client = async_client_for(target)
+        self._follows = follow
         self.layout = Layout(prefix)
         self.limits = limits or ReaderLimits()
         self.clock = clock
         self.subscribed = False
-        self.reads = 0
         self._table = SlotTable(self.limits, max_keysets, clock)
         self._inflight: dict[str, asyncio.Task[bool]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._down = False
         self._callbacks = CallbackFailures()
-        READER_STALENESS.caches.add(self)
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch(self)
 
     async def start(self, preload: Iterable[str] = ()) -> None:
         """Load *preload* (kept however cold they get) and start following commits."""
         self._table.pinned = set(preload)
         for keyset in self._table.pinned:
             await self.slot(keyset)
-        self._task = asyncio.create_task(self._follow(), name="rotator-cache-follower")
+        if self._follows:
+            self._task = asyncio.create_task(self._follow(), name="rotator-cache-follower")
 
     async def close(self) -> None:
         """Stop following and close the client."""
-        READER_STALENESS.caches.discard(self)
+        if self._metrics is not None:
+            self._metrics.forget(self)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.client.aclose()
+
+    @property
+    def reads(self) -> int:
+        """Redis reads so far (a pipelined poll of every key set counts one)."""
+        return self._table.reads
 
     def held(self, keyset: str) -> Slot | None:
         """The copy of *keyset* if it is in memory; never reads Redis."""
@@ -115,8 +132,8 @@ class AsyncJWKSCache:
     async def slot(self, keyset: str) -> Slot:
         """The slot of *keyset*, read from Redis on first use (a caller arriving while that
         first read is in flight waits for it)."""
-        slot = self._table.get(keyset) or self._table.recently_absent(keyset)
-        if slot is not None and slot.fetched_at is not None:
+        slot = self._table.cached(keyset)
+        if slot is not None:
             return slot
         slot, _dropped = self._table.add(keyset)
         await self.refresh(keyset, held=slot)
@@ -133,35 +150,23 @@ class AsyncJWKSCache:
             task.add_done_callback(lambda _t: self._inflight.pop(keyset, None))
         return await asyncio.shield(task)
 
-    def _redis_failed(self, exc: BaseException) -> None:
-        if not self._down:
-            log.warning("cannot read Redis (%s); serving the last copies", exc)
-            self._down = True
-
     async def _read(self, keyset: str, held: Slot | None) -> bool:
         slot = self._table.get(keyset) or held
         try:
             raw = await self.client.get(self.layout.jwks(keyset))
-            removed = (
-                await self._removed([keyset])
-                if self._table.needs_removal_check(keyset, raw, slot)
-                else set()
-            )
+            check = self._table.needs_removal_check(keyset, raw, slot)
+            removed = await self._removed([keyset]) if check else set()
         except (redis.RedisError, OSError) as exc:
-            self._redis_failed(exc)
+            self._table.unreachable(exc)
             return False
-        self.reads += 1
-        self._down = False
-        return self._table.accept(keyset, raw, held=slot, removed=bool(removed))
+        return self._table.answered([keyset], [raw], removed, slot)
 
     async def _removed(self, names: list[str]) -> set[str]:
         """Which of *names* the registry says were removed (one ``HMGET``)."""
         try:
             entries = await self.client.hmget(self.layout.keysets, names)
         except redis.ResponseError:
-            # Unreadable (an ACL without HMGET, the set an old release left): no copy is
-            # kept on a guess.
-            return set(names)
+            entries = None  # unreadable: `removed_among` keeps no copy on a guess
         return removed_among(names, entries)
 
     async def refresh_all(self) -> None:
@@ -175,19 +180,12 @@ class AsyncJWKSCache:
                 for name in names:
                     pipe.get(self.layout.jwks(name))
                 values = await pipe.execute()
-            gone = [
-                name
-                for name, raw in zip(names, values, strict=True)
-                if self._table.needs_removal_check(name, raw)
-            ]
+            gone = self._table.to_check(names, values)
             removed = await self._removed(gone) if gone else set()
         except (redis.RedisError, OSError) as exc:
-            self._redis_failed(exc)
+            self._table.unreachable(exc)
             return
-        self.reads += 1
-        self._down = False
-        for name, raw in zip(names, values, strict=True):
-            self._table.accept(name, raw, removed=name in removed)
+        self._table.answered(names, values, removed)
 
     async def _follow(self) -> None:
         backoff = 0.1
@@ -250,10 +248,8 @@ class AsyncJWKSCache:
             kind = message.get("type") if message is not None else None
             if kind == "message":
                 keyset = keyset_of(message["data"])
-                if keyset is not None:
-                    self._table.forget_absent(keyset)
-                    if self._table.get(keyset) is not None:
-                        await self._call("on_event", self.refresh(keyset))
+                if keyset is not None and self._table.announced(keyset):
+                    await self._call("on_event", self.refresh(keyset))
             elif kind == "subscribe":  # redis-py reconnected and resubscribed by itself
                 await self._call("on_connect", self.refresh_all())
             if loop.time() >= next_poll:
@@ -268,22 +264,14 @@ class AsyncJWKSCache:
         else:
             self._callbacks.succeeded()
 
-    async def usable(self, keyset: str) -> VerificationKeys:
-        """Fresh keys of *keyset*, or `KeySetUnavailable`."""
-        return (await self.slot(keyset)).usable(self.clock(), self.limits)
-
     async def lookup(self, keyset: str, kid: str) -> ec.EllipticCurvePublicKey | None:
         """The key for *kid*, with at most one shared read per cooldown for unknown kids."""
         slot = await self.slot(keyset)
-        now = self.clock()
-        slot.usable(now, self.limits)
-        key = slot.find(kid)
-        if key is None and slot.may_refresh_for(kid, now, self.limits):
-            await self.refresh(keyset)
-            key = slot.find(kid)
-            if key is None:
-                slot.remember_miss(kid, self.limits)
-        return key
+        key, read = self._table.find(slot, kid)
+        if not read:
+            return key
+        await self.refresh(keyset)
+        return self._table.found_after_read(slot, kid)
 
     def staleness(self) -> dict[str, float | None]:
         """Seconds since a read last confirmed the copy of each key set held."""
@@ -301,7 +289,9 @@ class AsyncJWKSCache:
 
 class AsyncJWKSReader:
     """The asyncio twin of `JWKSReader`: ``async with AsyncJWKSReader(url) as r:
-    claims = await r.verify(token, audience=..., issuer=...)``."""
+    claims = await r.verify(token, audience=..., issuer=...)``. Owned by the event loop
+    it is entered on, like its `AsyncJWKSCache`. *metrics*: report the copy's staleness
+    there (see `rotator.metrics.register_reader_metrics`)."""
 
     def __init__(
         self,
@@ -314,13 +304,21 @@ class AsyncJWKSReader:
         negative_cache_size: int = 1024,
         max_stale: float = 3600.0,
         max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+        follow: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        metrics: ReaderMetrics | None = None,
     ) -> None:
         self.keyset = validate_keyset_name(keyset)
         limits = ReaderLimits(max_stale, unknown_kid_cooldown, negative_cache_size, poll_interval)
         self.cache = AsyncJWKSCache(
-            target, prefix=prefix, limits=limits, max_keysets=1, clock=clock
+            target,
+            prefix=prefix,
+            limits=limits,
+            max_keysets=1,
+            follow=follow,
+            clock=clock,
+            metrics=metrics,
         )
         self.max_token_bytes = max_token_bytes
         self._headers = HeaderCache()
@@ -365,8 +363,7 @@ class AsyncJWKSReader:
         slot = await self.cache.slot(self.keyset)
 
         def cached(kid: str) -> ec.EllipticCurvePublicKey:
-            slot.usable(self.cache.clock(), self.cache.limits)
-            found = slot.find(kid)
+            found = slot.key(kid, self.cache.clock(), self.cache.limits)
             if found is None:
                 raise _NeedsRefresh(kid)  # the awaited path below may read Redis
             return found

@@ -30,6 +30,7 @@ from rotator.core.strictjson import shown
 
 __all__ = [
     "BASE64URL_TO_STANDARD",
+    "CheckedPoints",
     "JWKSFormatError",
     "VerificationKeys",
     "b64decode_ascii",
@@ -90,29 +91,48 @@ def _coordinate(jwk: Mapping[str, Any], name: str) -> int:
     return int.from_bytes(raw, "big")
 
 
-# Checking a point is on the curve costs far more than the rest of an import, and a
-# JWKS changes one key per rotation: keys already checked are remembered by their
-# exact coordinates (bounded).
-_checked_points: dict[tuple[str, str], ec.EllipticCurvePublicKey] = {}
-_CHECKED_POINTS_MAX = 4096
+class CheckedPoints:
+    """Public keys already checked to be on the curve, by their exact coordinates: checking
+    a point costs far more than the rest of an import, and a JWKS changes one key per
+    rotation. Bounded (*size* points; emptied when full, as a rotation adds one a day).
+    Held by whoever imports, like `HeaderCache` by a reader (each `SlotTable` holds one);
+    not thread-safe by itself, it is guarded by its holder (`SlotTable`'s owner)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._points: dict[tuple[str, str], ec.EllipticCurvePublicKey] = {}
+
+    def get(self, x: str, y: str) -> ec.EllipticCurvePublicKey | None:
+        """The key checked before for these coordinates."""
+        return self._points.get((x, y))
+
+    def put(self, x: str, y: str, key: ec.EllipticCurvePublicKey) -> None:
+        """Remember that (*x*, *y*) is on the curve, as *key*."""
+        if len(self._points) >= self.size:
+            self._points.clear()
+        self._points[(x, y)] = key
+
+    def __len__(self) -> int:
+        return len(self._points)
 
 
-def _point(jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
-    coordinates = (jwk.get("x"), jwk.get("y"))
-    if type(coordinates[0]) is not str or type(coordinates[1]) is not str:
+def _point(jwk: Mapping[str, Any], checked: CheckedPoints | None) -> ec.EllipticCurvePublicKey:
+    x_text, y_text = jwk.get("x"), jwk.get("y")
+    if type(x_text) is not str or type(y_text) is not str:
         # Before the cache: a list or an object cannot be looked up (unhashable).
         raise ValueError("x and y must be strings")
-    key = _checked_points.get(coordinates)  # type: ignore[arg-type]
+    key = checked.get(x_text, y_text) if checked is not None else None
     if key is None:
         x, y = _coordinate(jwk, "x"), _coordinate(jwk, "y")
         key = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()  # checks the curve
-        if len(_checked_points) >= _CHECKED_POINTS_MAX:
-            _checked_points.clear()
-        _checked_points[coordinates] = key  # type: ignore[index]
+        if checked is not None:
+            checked.put(x_text, y_text, key)
     return key
 
 
-def _import_entry(jwk: Mapping[str, Any]) -> tuple[str, ec.EllipticCurvePublicKey]:
+def _import_entry(
+    jwk: Mapping[str, Any], checked: CheckedPoints | None
+) -> tuple[str, ec.EllipticCurvePublicKey]:
     """One key, or ``ValueError`` saying why it is unusable."""
     if jwk.get("crv") != "P-256":
         raise ValueError(f"curve {shown(jwk.get('crv'))} is not P-256")
@@ -120,15 +140,17 @@ def _import_entry(jwk: Mapping[str, Any]) -> tuple[str, ec.EllipticCurvePublicKe
         raise ValueError(f"alg {shown(jwk.get('alg'))} is not ES256")
     if jwk.get("use", "sig") != "sig":
         raise ValueError(f"use {shown(jwk.get('use'))} is not sig")
-    key = _point(jwk)
+    key = _point(jwk, checked)
     kid = jwk.get("kid")
     if not isinstance(kid, str) or kid != thumbprint(jwk):
         raise ValueError(f"kid {shown(kid)} is not the RFC 7638 thumbprint of the key")
     return kid, key
 
 
-def import_jwks(raw: bytes | str) -> VerificationKeys:
-    """Parse *raw* strictly; raise `JWKSFormatError` only if it is not a JWK Set at all."""
+def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> VerificationKeys:
+    """Parse *raw* strictly; raise `JWKSFormatError` only if it is not a JWK Set at all.
+    *checked*: the points already checked to be on the curve, remembered there too
+    (without it, every point is checked)."""
     if isinstance(raw, str):
         try:
             raw = raw.encode()
@@ -165,7 +187,7 @@ def import_jwks(raw: bytes | str) -> VerificationKeys:
             skipped.append(f"{label}: key type {shown(entry.get('kty'))} skipped")
             continue
         try:
-            kid, key = _import_entry(entry)
+            kid, key = _import_entry(entry, checked)
         except ValueError as exc:
             skipped.append(f"{label}: {exc}")
             continue

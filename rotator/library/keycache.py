@@ -15,20 +15,30 @@ set and do only the reading themselves. The rules:
   unknown after that refresh go into a small bounded negative cache, which
   every change of the key set empties, so a newly published key is never
   locked out.
+
+Every decision of the two readers is made here (what to read and when, what a read
+means, how a kid is looked up); `reader` and `aioreader` keep only their I/O and
+their way of taking turns (a lock, the event loop). The concurrency model is in
+`SlotTable`'s docstring.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.library.errors import KeySetUnavailable
-from rotator.library.jwks_import import JWKSFormatError, VerificationKeys, import_jwks
+from rotator.library.jwks_import import (
+    CheckedPoints,
+    JWKSFormatError,
+    VerificationKeys,
+    import_jwks,
+)
 from rotator.storage.store import REMOVED
 
 __all__ = ["ReaderLimits", "Slot", "SlotTable", "removed_among"]
@@ -46,9 +56,13 @@ _REFUSED = "every entry of its stored JWKS is refused"
 _REMOVED_BYTES = REMOVED.encode()
 
 
-def removed_among(names: Sequence[str], entries: Sequence[object]) -> set[str]:
+def removed_among(names: Sequence[str], entries: Sequence[object] | None) -> set[str]:
     """The *names* whose registry entry (``HMGET P:keysets *names*``, in order) is the
-    tombstone that `rotator keyset remove` leaves."""
+    tombstone that `rotator keyset remove` leaves. *entries* ``None``: Redis refused to
+    read the registry (an ACL without HMGET, the set an old release left), and every
+    name counts as removed: no copy is kept on a guess."""
+    if entries is None:
+        return set(names)
     return {
         name
         for name, entry in zip(names, entries, strict=True)
@@ -68,7 +82,9 @@ class ReaderLimits:
 
 @dataclass
 class Slot:
-    """A reader's copy of one key set."""
+    """A reader's copy of one key set. Written only by its `SlotTable`'s owner (under the
+    threaded cache's lock, or on the event loop); read from any thread, where each field
+    read is one whole value (a copy is replaced by one assignment)."""
 
     keyset: str
     keys: VerificationKeys | None = None
@@ -148,6 +164,11 @@ class Slot:
         """The key for *kid* in the current copy."""
         return self.keys.keys.get(kid) if self.keys else None
 
+    def key(self, kid: str, now: float, limits: ReaderLimits) -> ec.EllipticCurvePublicKey | None:
+        """The key for *kid* in a copy fresh enough to trust (``None``: not in it); raises
+        `KeySetUnavailable` when there is none."""
+        return self.usable(now, limits).keys.get(kid)
+
     def may_refresh_for(self, kid: str, now: float, limits: ReaderLimits) -> bool:
         """Whether an unknown *kid* justifies a read now; claims the cooldown if so."""
         if kid in self.misses or now - self.miss_refresh_at < limits.unknown_kid_cooldown:
@@ -166,7 +187,20 @@ class Slot:
 class SlotTable:
     """The slots a reader holds: at most *max_keysets* of them, least recently used dropped
     first (never the *pinned* ones), plus the names recently found unpublished, kept apart
-    so that random names cannot push real key sets out. Not thread-safe by itself."""
+    so that random names cannot push real key sets out. It also counts the reads and says
+    once when Redis cannot be read.
+
+    Concurrency: not thread-safe by itself, but for `get`, `cached`, `recently_absent`
+    and `staleness`, which any thread may call at any moment (the first three are the
+    hot path of `rotator serve`'s event loop and of every lookup): they read the dicts,
+    or snapshot them, and record a use in a deque, each one atomic, and never reorder
+    the LRU. Every other method, and
+    every write to a `Slot`, is made by one owner at a time: under `JWKSCache`'s lock, or
+    on `AsyncJWKSCache`'s event loop. The uses recorded are applied to the LRU order by
+    the owner, when `add` or `names` needs it; of more than ``2 x max_keysets`` uses
+    between two of those, the oldest are forgotten (their slots look older than they
+    are).
+    """
 
     def __init__(
         self,
@@ -178,33 +212,56 @@ class SlotTable:
         self.max_keysets = max_keysets
         self.clock = clock
         self.pinned: set[str] = set()
+        self.reads = 0
+        self._down = False
+        self._points = CheckedPoints()
         self._slots: OrderedDict[str, Slot] = OrderedDict()
         self._absent: OrderedDict[str, float] = OrderedDict()
+        # Uses recorded by `get` on any thread, applied to `_slots` by the owner.
+        self._used: deque[str] = deque(maxlen=2 * max_keysets)
 
     def names(self) -> list[str]:
         """Key sets held, least recently used first."""
+        self._catch_up()
         return list(self._slots)
 
     def get(self, keyset: str) -> Slot | None:
-        """The slot of *keyset* if held; marks it used when something may have to go."""
+        """The slot of *keyset* if held; marks it used when something may have to go. Any
+        thread, any moment."""
         slot = self._slots.get(keyset)
         if (
             slot is not None
             and len(self._slots) >= self.max_keysets
             and keyset not in self.pinned  # pinned slots are never dropped: no need to track
         ):
-            self._slots.move_to_end(keyset)
+            self._used.append(keyset)
         return slot
 
+    def _catch_up(self) -> None:
+        """Apply the uses `get` recorded to the LRU order."""
+        while self._used:
+            name = self._used.popleft()
+            if name in self._slots:
+                self._slots.move_to_end(name)
+
     def recently_absent(self, keyset: str) -> Slot | None:
-        """A throwaway empty slot if *keyset* was found unpublished within the cooldown."""
+        """A throwaway empty slot if *keyset* was found unpublished within the cooldown.
+        Any thread, any moment."""
         checked = self._absent.get(keyset)
         if checked is not None and self.clock() - checked < self.limits.unknown_kid_cooldown:
             return Slot(keyset, fetched_at=checked)
         return None
 
+    def cached(self, keyset: str) -> Slot | None:
+        """The answer for *keyset* without a read of Redis, if there is one: its slot once
+        read, or a throwaway empty one while it was recently found unpublished. Any
+        thread, any moment."""
+        slot = self.get(keyset) or self.recently_absent(keyset)
+        return slot if slot is not None and slot.fetched_at is not None else None
+
     def add(self, keyset: str) -> tuple[Slot, list[str]]:
         """Hold a new, empty slot for *keyset*; return it and the names dropped for it."""
+        self._catch_up()  # the uses so far come before this one
         slot = self._slots.setdefault(keyset, Slot(keyset))
         dropped: list[str] = []
         while len(self._slots) > self.max_keysets:
@@ -230,6 +287,12 @@ class SlotTable:
     def forget_absent(self, keyset: str) -> None:
         """A commit for *keyset* was announced: look again next time."""
         self._absent.pop(keyset, None)
+
+    def announced(self, keyset: str) -> bool:
+        """A commit for *keyset* was announced on the events channel: return whether it must
+        be read now (it is held; one not held is read when first asked for)."""
+        self.forget_absent(keyset)
+        return keyset in self._slots
 
     def _slots_for(self, keyset: str, held: Slot | None) -> list[Slot]:
         slots = [s for s in (self._slots.get(keyset), held) if s is not None]
@@ -268,6 +331,58 @@ class SlotTable:
         self._report(keyset, before, slots)
         return taken
 
+    def to_check(self, names: Sequence[str], values: Sequence[bytes | str | None]) -> list[str]:
+        """Which of *names*, read as *values* (in order), need their registry entry read
+        before `accept` (`needs_removal_check`)."""
+        return [
+            name
+            for name, raw in zip(names, values, strict=True)
+            if self.needs_removal_check(name, raw)
+        ]
+
+    def answered(
+        self,
+        names: Sequence[str],
+        values: Sequence[bytes | str | None],
+        removed: set[str],
+        held: Slot | None = None,
+    ) -> bool:
+        """Redis answered a read of *names* (one, or all held by a poll) with *values*, and
+        the registry says *removed* were removed: count the read and `accept` each; return
+        whether every value was taken. *held*: the slot a read of one key set was made
+        for (see `accept`)."""
+        self.reads += 1
+        self._down = False
+        taken = True
+        for name, raw in zip(names, values, strict=True):
+            taken = self.accept(name, raw, held, removed=name in removed) and taken
+        return taken
+
+    def unreachable(self, exc: BaseException) -> None:
+        """A read failed (Redis down, a timeout): the copies held stay, ageing towards
+        ``max_stale``. Said once, until Redis answers again."""
+        if not self._down:
+            log.warning("cannot read Redis (%s); using the last copies", exc)
+            self._down = True
+
+    def find(self, slot: Slot, kid: str) -> tuple[ec.EllipticCurvePublicKey | None, bool]:
+        """The key for *kid* in *slot*, and whether a read must be made to look again (an
+        unknown kid outside the cooldown and not remembered missing: the cooldown is
+        claimed). Raises `KeySetUnavailable` when the copy is not fresh enough to trust."""
+        now = self.clock()
+        key = slot.key(kid, now, self.limits)
+        if key is not None:
+            return key, False
+        return None, slot.may_refresh_for(kid, now, self.limits)
+
+    def found_after_read(self, slot: Slot, kid: str) -> ec.EllipticCurvePublicKey | None:
+        """The key for *kid* after the read `find` asked for; one still unknown is
+        remembered missing until the key set changes."""
+        key = slot.find(kid)
+        if key is None:
+            slot.remember_miss(kid, self.limits)
+        return key
+
     def _take(self, slots: list[Slot], raw: bytes | str | None, removed: bool) -> bool:
         now = self.clock()
         if raw is None:
@@ -291,7 +406,7 @@ class SlotTable:
         if not pending:
             return all(slot.problem is None for slot in slots)
         try:
-            keys = import_jwks(raw)
+            keys = import_jwks(raw, self._points)
         except JWKSFormatError as exc:
             return self._refuse(pending, source, f"its stored JWKS is unusable ({exc})", now)
         if not keys.keys:
@@ -356,6 +471,8 @@ class SlotTable:
         return found
 
     def staleness(self) -> dict[str, float | None]:
-        """Seconds since a read last confirmed the copy of each key set held."""
+        """Seconds since a read last confirmed the copy of each key set held. Any thread,
+        any moment (a scrape's, while the event loop owns the table)."""
         now = self.clock()
+        # One snapshot of the items, taken in one C call that no other thread interleaves.
         return {name: slot.staleness(now) for name, slot in list(self._slots.items())}

@@ -35,7 +35,7 @@ from rotator.library.keycache import (
     removed_among,
 )
 from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
-from rotator.metrics import READER_STALENESS
+from rotator.metrics import ReaderMetrics
 from rotator.storage.events import EventFollower
 from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 
@@ -52,7 +52,8 @@ def client_for(target: redis.Redis | str) -> redis.Redis:
 
 
 class _Flight:
-    """One read of a key set in progress, and how many callers wait on it."""
+    """One read of a key set in progress, and how many callers wait on it. `callers` is
+    guarded by `JWKSCache`'s lock; `lock` is held by the one caller reading."""
 
     __slots__ = ("callers", "lock")
 
@@ -63,9 +64,15 @@ class _Flight:
 
 class JWKSCache:
     """Copies of many key sets, loaded on first use, at most *max_keysets* of them
-    (key sets named in *preload* are never dropped). Thread-safe. *on_event* is called
-    with the key set of every announcement on the events channel (a commit, a policy
-    change), on the follower's thread."""
+    (key sets named in *preload* are never dropped). *on_event* is called with the key
+    set of every announcement on the events channel (a commit, a policy change), on the
+    follower's thread. *metrics*: report the copies' staleness there.
+
+    Thread-safe: the table of slots (`SlotTable`, whose docstring says what may run
+    without it), the flights and the counts are guarded by one lock, never held across
+    a call to Redis; a read of one key set is made by one caller at a time (its flight's
+    lock). Called from any thread, and from the follower's.
+    """
 
     def __init__(
         self,
@@ -77,17 +84,16 @@ class JWKSCache:
         follow: bool = True,
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str], object] | None = None,
+        metrics: ReaderMetrics | None = None,
     ) -> None:
         self.client = client_for(target)
         self._on_event_hook = on_event
         self.layout = Layout(prefix)
         self.limits = limits or ReaderLimits()
         self.clock = clock
-        self.reads = 0
         self._table = SlotTable(self.limits, max_keysets, clock)
         self._flights: dict[str, _Flight] = {}  # only key sets being read right now
         self._lock = threading.Lock()
-        self._down = False
         self._follower = (
             EventFollower(
                 self.client,
@@ -100,11 +106,14 @@ class JWKSCache:
             if follow
             else None
         )
-        READER_STALENESS.caches.add(self)
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch(self)
 
     def start(self, preload: Iterable[str] = ()) -> JWKSCache:
         """Load *preload* (kept however cold they get) and start following commits."""
-        self._table.pinned = set(preload)
+        with self._lock:
+            self._table.pinned = set(preload)
         for keyset in self._table.pinned:
             self.slot(keyset)
         if self._follower is not None:
@@ -115,12 +124,18 @@ class JWKSCache:
         """Stop following; the copies stay usable until they go stale."""
         if self._follower is not None:
             self._follower.stop()
-        READER_STALENESS.caches.discard(self)
+        if self._metrics is not None:
+            self._metrics.forget(self)
 
     @property
     def following(self) -> bool:
         """Whether the events subscription is live."""
         return self._follower is not None and self._follower.subscribed.is_set()
+
+    @property
+    def reads(self) -> int:
+        """Redis reads so far (a pipelined poll of every key set counts one)."""
+        return self._table.reads
 
     def held(self, keyset: str) -> Slot | None:
         """The copy of *keyset* if it is in memory; never reads Redis."""
@@ -129,8 +144,8 @@ class JWKSCache:
     def slot(self, keyset: str) -> Slot:
         """The copy of *keyset*, read from Redis on first use (a caller arriving while that
         first read is in flight waits for it)."""
-        slot = self._table.get(keyset) or self._table.recently_absent(keyset)
-        if slot is not None and slot.fetched_at is not None:
+        slot = self._table.cached(keyset)
+        if slot is not None:
             return slot
         with self._lock:
             slot, _dropped = self._table.add(keyset)
@@ -140,16 +155,12 @@ class JWKSCache:
         return slot
 
     def _on_event(self, keyset: str) -> None:
-        self._table.forget_absent(keyset)
-        if self._table.get(keyset) is not None:
+        with self._lock:
+            held = self._table.announced(keyset)
+        if held:
             self.refresh(keyset)
         if self._on_event_hook is not None:
             self._on_event_hook(keyset)
-
-    def _redis_failed(self, exc: BaseException) -> None:
-        if not self._down:
-            log.warning("cannot read Redis (%s); using the last copies", exc)
-            self._down = True
 
     def refresh(self, keyset: str) -> bool:
         """Read *keyset* now; ``False`` if Redis could not be read, or what it holds was not
@@ -174,40 +185,39 @@ class JWKSCache:
                 now_seen = (slot.generation, slot.fetched_at) if slot else None
                 if now_seen is not None and seen is not None and now_seen != seen:
                     return True  # another caller read while we waited
-                try:
-                    raw = self.client.get(self.layout.jwks(keyset))
-                    removed = (
-                        self._removed([keyset])
-                        if self._table.needs_removal_check(keyset, raw, slot or held)
-                        else set()
-                    )
-                except (redis.RedisError, OSError) as exc:
-                    self._redis_failed(exc)
-                    return False
-                self.reads += 1
-                self._down = False
-                with self._lock:
-                    return self._table.accept(keyset, raw, held=slot or held, removed=bool(removed))
+                return self._read(keyset, slot or held)
         finally:
             with self._lock:
                 flight.callers -= 1
                 if not flight.callers:  # the last caller: names never seen leave nothing
                     del self._flights[keyset]
 
+    def _read(self, keyset: str, held: Slot | None) -> bool:
+        try:
+            raw = self.client.get(self.layout.jwks(keyset))
+            with self._lock:
+                check = self._table.needs_removal_check(keyset, raw, held)
+            removed = self._removed([keyset]) if check else set()
+        except (redis.RedisError, OSError) as exc:
+            with self._lock:
+                self._table.unreachable(exc)
+            return False
+        with self._lock:
+            return self._table.answered([keyset], [raw], removed, held)
+
     def _removed(self, names: list[str]) -> set[str]:
         """Which of *names* the registry says were removed (one ``HMGET``)."""
         try:
             entries = self.client.hmget(self.layout.keysets, names)
         except redis.ResponseError:
-            # Unreadable (an ACL without HMGET, the set an old release left): no copy is
-            # kept on a guess.
-            return set(names)
+            entries = None  # unreadable: `removed_among` keeps no copy on a guess
         return removed_among(names, entries)
 
     def refresh_all(self) -> None:
         """Read every key set held in one pipelined round trip (and the registry entries of
         those whose JWKS is gone in a second one)."""
-        names = self._table.names()
+        with self._lock:
+            names = self._table.names()
         if not names:
             return
         try:
@@ -215,20 +225,15 @@ class JWKSCache:
                 for name in names:
                     pipe.get(self.layout.jwks(name))
                 values = pipe.execute()
-            gone = [
-                name
-                for name, raw in zip(names, values, strict=True)
-                if self._table.needs_removal_check(name, raw)
-            ]
+            with self._lock:
+                gone = self._table.to_check(names, values)
             removed = self._removed(gone) if gone else set()
         except (redis.RedisError, OSError) as exc:
-            self._redis_failed(exc)
+            with self._lock:
+                self._table.unreachable(exc)
             return
-        self.reads += 1
-        self._down = False
         with self._lock:
-            for name, raw in zip(names, values, strict=True):
-                self._table.accept(name, raw, removed=name in removed)
+            self._table.answered(names, values, removed)
 
     def lookup(self, keyset: str, kid: str) -> ec.EllipticCurvePublicKey | None:
         """The key for *kid*; an unknown kid costs at most one shared read per cooldown.
@@ -236,24 +241,18 @@ class JWKSCache:
         Raises `KeySetUnavailable` when the key set is not fresh enough to trust.
         """
         slot = self.slot(keyset)
-        now = self.clock()
-        key = slot.usable(now, self.limits).keys.get(kid)
-        if key is not None:
-            return key
         with self._lock:
-            allowed = slot.may_refresh_for(kid, now, self.limits)
-        if not allowed:
-            return None
+            key, read = self._table.find(slot, kid)
+        if not read:
+            return key
         self.refresh(keyset)
-        key = slot.find(kid)
-        if key is None:
-            with self._lock:
-                slot.remember_miss(kid, self.limits)
-        return key
+        with self._lock:
+            return self._table.found_after_read(slot, kid)
 
     def staleness(self) -> dict[str, float | None]:
         """Seconds since a read last confirmed the copy of each key set held."""
-        return self._table.staleness()
+        with self._lock:
+            return self._table.staleness()
 
     def troubles(self, limit: int | None = None) -> dict[str, str]:
         """What is wrong with each key set held, if anything (`SlotTable.troubles`)."""
@@ -267,8 +266,12 @@ class JWKSCache:
 
 
 class JWKSReader:
-    """Verifies ES256 tokens of one key set. Thread-safe; use as a context manager or call
-    `start` and `close`."""
+    """Verifies ES256 tokens of one key set; use as a context manager or call `start` and
+    `close`. *metrics*: report the copy's staleness there (see
+    `rotator.metrics.register_reader_metrics`).
+
+    Thread-safe: its `JWKSCache` is, its `HeaderCache` is safe to share, and `verify`
+    only reads the pinned slot."""
 
     def __init__(
         self,
@@ -284,11 +287,18 @@ class JWKSReader:
         follow: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        metrics: ReaderMetrics | None = None,
     ) -> None:
         self.keyset = validate_keyset_name(keyset)
         limits = ReaderLimits(max_stale, unknown_kid_cooldown, negative_cache_size, poll_interval)
         self.cache = JWKSCache(
-            target, prefix=prefix, limits=limits, max_keysets=1, follow=follow, clock=clock
+            target,
+            prefix=prefix,
+            limits=limits,
+            max_keysets=1,
+            follow=follow,
+            clock=clock,
+            metrics=metrics,
         )
         self.max_token_bytes = max_token_bytes
         self._headers = HeaderCache()
@@ -352,7 +362,7 @@ class JWKSReader:
     def _lookup(self, kid: str) -> ec.EllipticCurvePublicKey | None:
         slot = self._slot
         if slot is not None:
-            key = slot.usable(self._clock(), self._limits).keys.get(kid)
+            key = slot.key(kid, self._clock(), self._limits)
             if key is not None:
                 return key
         return self.cache.lookup(self.keyset, kid)

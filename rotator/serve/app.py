@@ -29,14 +29,12 @@ import threading
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
-from prometheus_client import Counter
-
 from rotator.config import Settings
 from rotator.library.errors import KeySetUnavailable
 from rotator.library.jwks_import import VerificationKeys
 from rotator.library.keycache import ReaderLimits
 from rotator.library.reader import JWKSCache
-from rotator.metrics import CONTENT_TYPE, exposition
+from rotator.metrics import CONTENT_TYPE, HTTP_REFUSALS, exposition, register_process_metrics
 from rotator.serve import httpd, workers
 from rotator.serve.answers import AnswerCache, Answers
 from rotator.serve.httpd import Reply, Request, json_reply, reply
@@ -53,14 +51,6 @@ JWKS_PATH = "/.well-known/jwks.json"
 IAM_PATH = "/v1/authentication/token/jwks"
 _JWKS_PATH, _IAM_PATH = JWKS_PATH.encode(), IAM_PATH.encode()
 METRICS_MAX_AGE = 1.0
-
-HTTP_REFUSALS = Counter(
-    "rotator_http_refusals",
-    "Requests or connections that rotator serve refused, by status (none: cut without "
-    "an answer) and reason",
-    ["status", "reason"],
-)
-
 
 _ALIVE = json_reply(200, {"alive": True})
 _NOT_FOUND = json_reply(404, {"error": "not found"})
@@ -297,8 +287,11 @@ def serve(settings: Settings) -> int:
         on_refusal=_count_refusal,
     )
 
+    readers = register_process_metrics()
+
     def handlers() -> list[httpd.Handler]:
         app = JWKSApp(settings).start()
+        readers.watch(app.cache)
         served: list[httpd.Handler] = [app, app.metrics]
         return served[: len(socks)]
 
