@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from rotator.core.jwk import b64url, generate_key, jwks_document
-from rotator.library.jwks_import import JWKSFormatError, import_jwks
+from rotator.library.jwks_import import CheckedPoints, JWKSFormatError, import_jwks
 
 
 def doc(*entries: dict[str, Any]) -> bytes:
@@ -85,3 +85,18 @@ def test_duplicate_kids_are_both_refused() -> None:
 def test_not_a_jwks_at_all(raw: bytes) -> None:
     with pytest.raises(JWKSFormatError):
         import_jwks(raw)
+
+
+def test_points_checked_are_remembered_by_their_holder_alone_and_bounded() -> None:
+    """The curve check is skipped for a point its holder's cache saw; an import without
+    one (the CLI's `rotator verify`) checks every point, and nothing is process-wide."""
+    keys = [generate_key().jwk for _ in range(3)]
+    raw = jwks_document(keys)
+    kid = keys[0]["kid"]
+    assert import_jwks(raw).keys[kid] is not import_jwks(raw).keys[kid]
+    checked = CheckedPoints(size=3)
+    first = import_jwks(raw, checked)
+    assert all(import_jwks(raw, checked).keys[k] is key for k, key in first.keys.items())
+    assert import_jwks(raw, CheckedPoints()).keys[kid] is not first.keys[kid]
+    import_jwks(jwks_document([generate_key().jwk]), checked)  # a fourth point
+    assert len(checked) <= 3

@@ -11,13 +11,14 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from rotator.core.envelope import Keyring
 from rotator.core.jwk import generate_key, load_private_key
 from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.library.aioreader import AsyncJWKSReader
+from rotator.library.aioreader import AsyncJWKSCache, AsyncJWKSReader
 from rotator.library.errors import KeySetUnavailable, UnknownKid
 from rotator.library.jwks_import import VerificationKeys
 from rotator.library.reader import JWKSCache, JWKSReader
@@ -254,6 +255,94 @@ def test_a_first_read_answers_its_caller_even_if_the_lru_dropped_the_key_set(
     assert cache.held("a") is not None and cache.held("b") is None  # the bound holds
 
 
+class AsyncGatedClient(aioredis.Redis):
+    """The asyncio twin of `GatedClient` (its events are made on the test's loop)."""
+
+    gate: asyncio.Event
+    entered: asyncio.Event
+
+    async def get(self, name: Any) -> Any:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().get(name)
+
+
+def gated(redis_server: EmbeddedRedis) -> AsyncGatedClient:
+    client = AsyncGatedClient(port=redis_server.port)
+    client.gate, client.entered = asyncio.Event(), asyncio.Event()
+    return client
+
+
+def test_concurrent_async_refreshes_share_one_read(
+    manager: KeyManager, redis_server: EmbeddedRedis
+) -> None:
+    manager.reconcile("default")
+
+    async def scenario() -> None:
+        client = gated(redis_server)
+        client.gate.set()
+        cache = AsyncJWKSCache(client, follow=False)
+        await cache.start(preload=["default"])
+        client.gate.clear()
+        client.entered.clear()
+        callers = [asyncio.create_task(cache.refresh("default")) for _ in range(16)]
+        await client.entered.wait()  # every caller has run up to the read in flight
+        client.gate.set()
+        assert await asyncio.gather(*callers) == [True] * 16
+        assert cache.reads == 2  # the first load, then one read for sixteen callers
+        await cache.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_async_caller_arriving_during_the_first_read_waits_for_it(
+    manager: KeyManager, redis_server: EmbeddedRedis
+) -> None:
+    manager.reconcile("billing")
+
+    async def scenario() -> None:
+        client = gated(redis_server)
+        cache = AsyncJWKSCache(client, follow=False)
+        first = asyncio.create_task(cache.slot("billing"))
+        await client.entered.wait()
+        late = asyncio.create_task(cache.slot("billing"))  # must wait, not return it empty
+        client.gate.set()
+        for slot in await asyncio.gather(first, late):
+            assert slot.usable(cache.clock(), cache.limits)
+        assert cache.reads == 1
+        await cache.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_async_first_read_answers_its_caller_even_if_the_lru_dropped_the_key_set(
+    manager: KeyManager, redis_server: EmbeddedRedis
+) -> None:
+    for name in ("a", "b"):
+        manager.reconcile(name)
+
+    async def scenario() -> None:
+        client = gated(redis_server)
+        cache = AsyncJWKSCache(client, follow=False, max_keysets=1)
+
+        async def ask(name: str) -> object:
+            slot = await cache.slot(name)
+            return slot.usable(cache.clock(), cache.limits)
+
+        first = asyncio.create_task(ask("a"))
+        await client.entered.wait()
+        second = asyncio.create_task(ask("b"))  # pushes a out of the one-slot LRU
+        await async_wait_for(lambda: cache.held("a") is None, what="a dropped meanwhile")
+        third = asyncio.create_task(ask("a"))  # a again: a new slot, b pushed out
+        await async_wait_for(lambda: cache.held("a") is not None, what="a held again")
+        client.gate.set()
+        assert len(await asyncio.gather(first, second, third)) == 3  # none "not loaded"
+        assert cache.held("a") is not None and cache.held("b") is None  # the bound holds
+        await cache.close()
+
+    asyncio.run(scenario())
+
+
 def test_random_kids_cost_one_read_per_cooldown_and_lock_nobody_out(
     manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, open_reader: Open
 ) -> None:
@@ -379,7 +468,7 @@ def test_the_twins_take_the_same_arguments() -> None:
     from one to the other by adding ``async``."""
 
     def parameters(cls: type) -> list[tuple[str, object, object]]:
-        signature = inspect.signature(cls.__init__)
+        signature = inspect.signature(cls)
         return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
 
     assert parameters(JWKSReader) == parameters(AsyncJWKSReader)

@@ -362,7 +362,7 @@ class JWKSReader:
     def _lookup(self, kid: str) -> ec.EllipticCurvePublicKey | None:
         slot = self._slot
         if slot is not None:
-            key = slot.key(kid, self._clock(), self._limits)
+            key = slot.usable(self._clock(), self._limits).keys.get(kid)
             if key is not None:
                 return key
         return self.cache.lookup(self.keyset, kid)

@@ -78,7 +78,8 @@ class SilentSubscription(redis.ConnectionError):
 @dataclass
 class PingWatch:
     """Whether redis-py's health-check PINGs on one subscription connection are answered.
-    Pure: the loop reports every read it makes on that connection (sync or asyncio).
+    Pure: the loop reports every read it makes on that connection (sync or asyncio), and
+    only that loop touches it (one per subscription, owned by its follower).
 
     redis-py sends a PING at the start of a read once the connection's
     ``next_health_check`` has passed, and pushes that mark on after every reply read; a
@@ -118,7 +119,8 @@ def unwatch_connection(pubsub: Any, interval: int | float) -> None:
 
 
 class CallbackFailures:
-    """Logs each distinct failure of a callback once, until it succeeds again."""
+    """Logs each distinct failure of a callback once, until it succeeds again. Owned by
+    one follower (its thread, or its task on the event loop)."""
 
     def __init__(self) -> None:
         self.last: str | None = None
@@ -135,7 +137,11 @@ class CallbackFailures:
 
 class EventFollower:
     """A daemon thread calling *on_event(keyset)* for every commit message, *on_poll()*
-    every *poll_interval* seconds, and *on_connect()* after each (re)subscription."""
+    every *poll_interval* seconds, and *on_connect()* after each (re)subscription.
+
+    The callbacks run on the follower's own thread, so what they touch must be safe
+    to reach from it (the readers' caches take their lock). `subscribed` and the stop
+    request are events, read and set from any thread; the rest is the thread's own."""
 
     def __init__(
         self,
