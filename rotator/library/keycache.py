@@ -193,13 +193,12 @@ class SlotTable:
     Concurrency: not thread-safe by itself, but for `get`, `cached`, `recently_absent`
     and `staleness`, which any thread may call at any moment (the first three are the
     hot path of `rotator serve`'s event loop and of every lookup): they read the dicts,
-    or snapshot them, and record a use in a deque, each one atomic, and never reorder
-    the LRU. Every other method, and
-    every write to a `Slot`, is made by one owner at a time: under `JWKSCache`'s lock, or
-    on `AsyncJWKSCache`'s event loop. The uses recorded are applied to the LRU order by
-    the owner, when `add` or `names` needs it; of more than ``2 x max_keysets`` uses
-    between two of those, the oldest are forgotten (their slots look older than they
-    are).
+    or snapshot them, and record a use in a deque, each step atomic, and never reorder
+    the LRU. Every other method, and every write to a `Slot`, is made by one owner at a
+    time: under `JWKSCache`'s lock, or on `AsyncJWKSCache`'s event loop. The owner
+    applies the uses recorded to the LRU order when `add` or `names` needs it; of more
+    than ``2 x max_keysets`` uses between two of those, the oldest are forgotten (their
+    slots look older than they are).
     """
 
     def __init__(
