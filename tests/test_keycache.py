@@ -196,3 +196,33 @@ def test_a_pinned_keyset_never_published_is_not_served() -> None:
 def test_tombstones_are_read_from_the_registry_entries() -> None:
     names = ["a", "b", "c", "d"]
     assert removed_among(names, [b"removed", None, b"{}", "removed"]) == {"a", "d"}
+
+
+def test_redis_down_is_said_once_until_it_answers_and_reads_are_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    slots, _clock = table()
+    slots.add("k")
+    with caplog.at_level("WARNING", logger="rotator.library.keycache"):
+        for _ in range(3):
+            slots.unreachable(ConnectionError("refused"))
+        assert slots.answered(["k"], [jwks_document([generate_key().jwk])], set())
+        slots.unreachable(ConnectionError("refused"))
+    assert [r.getMessage() for r in caplog.records].count(
+        "cannot read Redis (refused); using the last copies"
+    ) == 2
+    assert slots.reads == 1
+
+
+def test_an_unknown_kid_claims_the_cooldown_and_is_remembered_missing() -> None:
+    slots, clock = table()
+    slot, _ = slots.add("k")
+    jwk = generate_key().jwk
+    slots.answered(["k"], [jwks_document([jwk])], set())
+    assert slots.find(slot, jwk["kid"])[0] is not None
+    assert slots.find(slot, "nope") == (None, True)  # a read is due, and claimed
+    assert slots.find(slot, "other") == (None, False)  # within the cooldown
+    assert slots.found_after_read(slot, "nope") is None
+    clock.advance(1.0)
+    assert slots.find(slot, "nope") == (None, False)  # remembered missing
+    assert slots.find(slot, "other") == (None, True)
