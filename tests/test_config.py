@@ -189,7 +189,7 @@ def test_settings_written_as_toml_read_back_the_same(tmp_path: Path) -> None:
             "clock_skew": 1,
             "overlap": 30,
         },
-        keysets={'shop.eu"\U0001f600': {"schedule": "0 3 * * *"}, "plain": {}},
+        keysets={'shop.eu"\\x': {"schedule": "0 3 * * *"}, "plain": {}},
         daemon={"tick": 5, "health_port": 1234},
         server={"host": 'a\x7fb"\\\n', "poll_interval": "1s500ms"},
     )
