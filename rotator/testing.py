@@ -1,19 +1,8 @@
-"""The documented import path of the test helpers for services (`rotator.library.testing`)."""
+"""The documented import path of the test helpers for services (`rotator.library.testing`).
 
-from rotator.library.testing import (
-    DEFAULT_AUDIENCE,
-    DEFAULT_ISSUER,
-    Issuer,
-    fake_async_redis,
-    fake_redis,
-    publish,
-)
+It re-exports exactly that module's ``__all__``, so a new helper needs no edit here."""
 
-__all__ = [
-    "DEFAULT_AUDIENCE",
-    "DEFAULT_ISSUER",
-    "Issuer",
-    "fake_async_redis",
-    "fake_redis",
-    "publish",
-]
+from rotator.library import testing as _home
+from rotator.library.testing import *  # noqa: F403 (the shim is the home's __all__, whole)
+
+__all__ = _home.__all__

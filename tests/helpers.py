@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +18,14 @@ from rotator.core.envelope import Keyring, SealedKey, generate_kek_line, parse_k
 from rotator.core.jwk import GeneratedKey, b64url, generate_key, load_private_key, public_jwk
 
 T = TypeVar("T")
+
+
+def loaded_by_import(modules: str, names: tuple[str, ...]) -> list[str]:
+    """Which of *names* are in ``sys.modules`` after ``import <modules>`` in a new
+    interpreter (a comma-separated list, as an import statement takes it)."""
+    code = f"import sys, {modules}\nprint(' '.join(m for m in {names!r} if m in sys.modules))\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.split()
 
 
 def wait_for(probe: Callable[[], T | None], *, timeout: float = 10.0, what: str = "condition") -> T:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -22,7 +20,7 @@ from rotator.library.errors import KeySetUnavailable
 from rotator.library.reader import JWKSCache, JWKSReader
 from rotator.library.signer import Signer
 from tests.conftest import Cli
-from tests.helpers import FakeClock, async_wait_for, wait_for
+from tests.helpers import FakeClock, async_wait_for, loaded_by_import, wait_for
 from tests.test_keycache import oct_jwks, private_jwks
 from tests.test_server import Running, fetch, running_serve
 
@@ -236,14 +234,9 @@ def test_a_registry_it_cannot_read_makes_the_reader_drop_the_copy(
 def test_the_reader_library_loads_no_daemon_dependency() -> None:
     """The tombstone check is one HMGET in the reader, not `rotator.storage.registry` (which needs
     the daemon's configuration and so pydantic-settings)."""
-    code = (
-        "import sys, rotator.reader, rotator.aioreader, rotator.library.verify; "
-        "heavy = [m for m in ('pydantic_settings', 'apscheduler', 'rotator.config', "
-        "'rotator.storage.registry') if m in sys.modules]; "
-        "print(heavy); sys.exit(1 if heavy else 0)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
+    heavy = ("pydantic_settings", "apscheduler", "rotator.config", "rotator.storage.registry")
+    loaded = loaded_by_import("rotator.reader, rotator.aioreader, rotator.library.verify", heavy)
+    assert loaded == []
 
 
 # rotator serve, as a real process.

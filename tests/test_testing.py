@@ -44,7 +44,13 @@ from rotator.testing import (
     fake_redis,
     publish,
 )
-from tests.helpers import FakeClock, async_wait_for, private_key_forms, wait_for
+from tests.helpers import (
+    FakeClock,
+    async_wait_for,
+    loaded_by_import,
+    private_key_forms,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -295,18 +301,10 @@ HEAVY = (
 )
 
 
-def _loaded_by_import(module: str, names: tuple[str, ...]) -> list[str]:
-    code = f"import sys, {module}\nprint(' '.join(m for m in {names!r} if m in sys.modules))\n"
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    return done.stdout.split()
-
-
 def test_rotator_testing_loads_no_daemon_dependency() -> None:
     """A service's test suite imports the helpers without the daemon's, serve's or the
     configuration's dependencies, and without fakeredis until it asks for it."""
-    assert _loaded_by_import("rotator.testing", HEAVY) == []
+    assert loaded_by_import("rotator.testing", HEAVY) == []
 
 
 @pytest.mark.xfail(
@@ -315,7 +313,7 @@ def test_rotator_testing_loads_no_daemon_dependency() -> None:
     "'wiring' change removes that arrow)",
 )
 def test_rotator_testing_loads_no_scheduler() -> None:
-    assert _loaded_by_import("rotator.testing", ("apscheduler",)) == []
+    assert loaded_by_import("rotator.testing", ("apscheduler",)) == []
 
 
 def _readme_example() -> str:
