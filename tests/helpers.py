@@ -103,6 +103,21 @@ class RecordingMint:
         return key, self.keyring.seal(key.private_der, keyset=self.keyset, kid=key.kid)
 
 
+def foreign_jwk(seed: int) -> dict[str, str]:
+    """The public JWK of another IAM's P-256 key (the *seed*-th, the same in every run), in
+    the reference IAM's shape: alg ES256, crv P-256, kid key1, use sig, x, y."""
+    numbers = ec.derive_private_key(seed, ec.SECP256R1()).public_key().public_numbers()
+    return {
+        "alg": "ES256",
+        "crv": "P-256",
+        "kid": "key1",
+        "kty": "EC",
+        "use": "sig",
+        "x": b64url(numbers.x.to_bytes(32, "big")),
+        "y": b64url(numbers.y.to_bytes(32, "big")),
+    }
+
+
 def private_key_forms(der: bytes) -> list[bytes]:
     """The forms in which the private key of PKCS#8 *der* could leak: the DER, its raw
     scalar ``d`` (bytes and base64url), the DER in base64, and PEM."""

@@ -14,10 +14,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from rotator.core import lifecycle
 from rotator.core.jwk import PRIVATE_MEMBERS
-from rotator.core.lifecycle import NoSuchKey, RotationTooSoon, Transition
+from rotator.core.lifecycle import KidTaken, NoSuchKey, RotationTooSoon, Transition
 from rotator.core.policy import Policy
 from rotator.core.state import KeySetState, Status, decode_state, encode_state
-from tests.helpers import FakeClock, RecordingMint, make_keyring
+from tests.helpers import FakeClock, RecordingMint, foreign_jwk, make_keyring
 
 POLICY = Policy(
     interval=100.0, overlap=60.0, max_token_ttl=30.0, clock_skew=5.0, cache_max_age=20.0, jitter=0.0
@@ -253,6 +253,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.published_at = {k.kid: self.clock.now for k in self.state.keys}
         self.stopped_signing: dict[str, float] = {}
         self.revoked: set[str] = set()
+        # kid -> the end time the operator gave when importing it
+        self.imported_until: dict[str, float] = {}
+        self.imports = 0
 
     def apply(self, transition: Transition, *, fresh_signer_allowed: bool = False) -> None:
         before, after, now = self.state, transition.state, self.clock.now
@@ -275,11 +278,21 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.revoked |= revoked_now
         for key in before.keys:
             if after.find(key.kid) is None and key.kid not in revoked_now:
+                if key.kid in self.imported_until:
+                    # 6. an imported key leaves at its end time, not before
+                    assert now >= self.imported_until[key.kid]
+                    continue
                 assert key.status is Status.RETIRED
                 assert now >= self.stopped_signing[key.kid] + JITTERED.overlap
         for key in after.keys:
             self.published_at.setdefault(key.kid, now)
             assert key.kid not in self.revoked
+            if key.kid in self.imported_until:
+                # 6. an imported key never signs, never becomes current or next, and is
+                # due to leave exactly when the operator wrote
+                assert key.status is Status.IMPORTED
+                assert key.sealed is None
+                assert key.expires_at == self.imported_until[key.kid]
         self.state = after
 
     @rule(seconds=st.integers(min_value=0, max_value=250))
@@ -292,6 +305,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         if transition is not None:
             self.apply(transition)
         assert lifecycle.reconcile(self.state, self.clock.now, JITTERED, self.mint) is None
+        # 6. once reconciled, no imported key is published past its end time
+        for key in self.state.by_status(Status.IMPORTED):
+            assert self.clock.now < self.imported_until[key.kid]
 
     @rule(force=st.booleans())
     def rotate(self, force: bool) -> None:
@@ -320,6 +336,29 @@ class LifecycleMachine(RuleBasedStateMachine):
         kid = data.draw(st.sampled_from([k.kid for k in self.state.keys]))
         self.apply(lifecycle.revoke(self.state, kid, self.clock.now, JITTERED, self.mint))
 
+    @rule(lifetime=st.integers(min_value=1, max_value=400), count=st.integers(1, 2))
+    def import_foreign_keys(self, lifetime: int, count: int) -> None:
+        jwks = []
+        for _ in range(count):
+            self.imports += 1
+            jwks.append({**foreign_jwk(self.imports), "kid": f"iam-{self.imports}"})
+        until = self.clock.now + lifetime
+        transition = lifecycle.import_verify_only(
+            "default", self.state, jwks, until, self.clock.now, mint=self.mint
+        )
+        for jwk in jwks:
+            self.imported_until[jwk["kid"]] = until
+        self.apply(transition)
+
+    @rule(data=st.data())
+    def import_a_kid_already_held(self, data: st.DataObject) -> None:
+        kid = data.draw(st.sampled_from([k.kid for k in self.state.keys]))
+        jwk = {**foreign_jwk(10_000), "kid": kid}
+        with pytest.raises(KidTaken):
+            lifecycle.import_verify_only(
+                "default", self.state, [jwk], self.clock.now + 10, self.clock.now, mint=self.mint
+            )
+
     @invariant()
     def exactly_one_current_and_one_next(self) -> None:
         # 2. after bootstrap there is exactly one current
@@ -335,6 +374,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         stored = encode_state(self.state)
         made = {k.kid: k.private_der for k in self.mint.made}
         for key in self.state.keys:
+            if key.status is Status.IMPORTED:
+                continue  # nothing of it was ever held
             der = made[key.kid]
             assert der not in stored
             assert base64.b64encode(der) not in stored

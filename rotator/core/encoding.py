@@ -99,9 +99,11 @@ def encode_jwks(encoded_jwks: Iterable[str]) -> bytes:
     return ('{"keys":[' + ",".join(encoded_jwks) + "]}").encode("ascii")
 
 
-def encode_sealed(sealed: SealedKey) -> str:
+def encode_sealed(sealed: SealedKey | None) -> str:
     """A sealed key as stored in the state document: its KEK id, nonce and ciphertext
-    (standard base64)."""
+    (standard base64); ``null`` for an imported key, which has no private part."""
+    if sealed is None:
+        return "null"
     return (
         f'{{"ct":{json_text(_base64(sealed.ciphertext))},"kek":{json_text(sealed.kek)},'
         f'"nonce":{json_text(_base64(sealed.nonce))}}}'

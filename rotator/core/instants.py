@@ -9,12 +9,31 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-__all__ = ["rfc3339", "stamped"]
+__all__ = ["parse_rfc3339", "rfc3339", "stamped"]
+
+# Longer than any RFC 3339 time with fractions; checked before parsing hostile text.
+_RFC3339_MAX = 40
 
 
 def rfc3339(moment: float) -> str:
     """*moment* (Unix seconds) as ``2026-12-02T10:11:47Z``, rounded to the second."""
     return datetime.fromtimestamp(round(moment), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> float:
+    """An RFC 3339 time with its offset (``2027-01-31T00:00:00Z``) as Unix seconds;
+    ``ValueError`` for anything else, a time without an offset included (its zone would
+    be this machine's guess)."""
+    shown = text[:_RFC3339_MAX]
+    if len(text) > _RFC3339_MAX or "T" not in text.upper():
+        raise ValueError(f"{shown!r} is not an RFC 3339 time")
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{shown!r} is not an RFC 3339 time") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{shown!r} has no UTC offset (write Z or +HH:MM)")
+    return moment.timestamp()
 
 
 def stamped(name: str, moment: float | None, *, digits: int = 0) -> dict[str, str | float | None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ __all__ = [
     "GeneratedKey",
     "PrivateMemberError",
     "b64url",
+    "foreign_kid",
     "generate_key",
     "jwks_document",
     "load_private_key",
@@ -33,6 +35,9 @@ __all__ = [
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 _COORDINATE_BYTES = 32
+# The alphabet of the kids rotator mints (base64url), so that a kept kid is as safe in a
+# log line, a Redis key or a shell as a thumbprint; 64 leaves room for any IAM's naming.
+_FOREIGN_KID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class PrivateMemberError(ValueError):
@@ -48,6 +53,12 @@ def thumbprint(jwk: Mapping[str, str]) -> str:
     """RFC 7638 thumbprint of an EC public JWK: SHA-256 over ``crv kty x y``, sorted, compact."""
     canonical = encode_thumbprint_input(jwk["crv"], jwk["kty"], jwk["x"], jwk["y"])
     return b64url(hashlib.sha256(canonical.encode("ascii")).digest())
+
+
+def foreign_kid(kid: object) -> bool:
+    """Whether *kid*, issued by another IAM, may be kept as it is: 1 to 64 characters of
+    the base64url alphabet that rotator's own (thumbprint) kids are written in."""
+    return isinstance(kid, str) and _FOREIGN_KID.fullmatch(kid) is not None
 
 
 def public_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, str]:

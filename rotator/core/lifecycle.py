@@ -10,6 +10,14 @@ signing, still published until ``expires_at``)::
                   \\                 \\                 \\
                    +----revoke-------+----revoke--------+---------------> (gone)
 
+    (another issuer's public key) --import--> imported --expire/revoke--> (gone)
+
+An ``imported`` key (`import_verify_only`) is the public half of a key another
+IAM signs with, published so that its tokens in flight keep verifying through
+a migration. rotator never holds its private part, so it never signs, never
+counts as ``current`` or ``next``, and leaves the JWKS at the end time the
+operator gave, as an expired retired key does.
+
 Each function here takes a state, the time *now*, the key set's `Policy`
 and a `Mint` (which the caller backs with real key generation and sealing),
 and returns a `Transition`: the next version of the state plus the events
@@ -36,7 +44,7 @@ compare-and-set on the previous version.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -48,12 +56,14 @@ from rotator.core.state import KeyRecord, KeySetState, Status
 
 __all__ = [
     "Event",
+    "KidTaken",
     "LifecycleError",
     "Mint",
     "NoSuchKey",
     "RotationTooSoon",
     "Transition",
     "bootstrap",
+    "import_verify_only",
     "next_change_at",
     "reconcile",
     "revoke",
@@ -64,7 +74,7 @@ __all__ = [
 #: Makes a fresh key for the key set and seals it: ``mint() -> (key, sealed)``.
 Mint = Callable[[], tuple[GeneratedKey, SealedKey]]
 
-EventKind = Literal["bootstrap", "rotate", "expire", "revoke", "repair"]
+EventKind = Literal["bootstrap", "rotate", "expire", "revoke", "repair", "import"]
 Reason = Literal["scheduled", "manual", "forced", "revoke"]
 
 
@@ -98,6 +108,11 @@ class NoSuchKey(LifecycleError):
     naming an unknown kid is `rotator.errors.UnknownKid`, a verification error."""
 
 
+class KidTaken(LifecycleError):
+    """An imported key's kid is already in the key set (or twice in what is imported):
+    a verifier could not tell the two keys apart."""
+
+
 def _minted(mint: Mint, status: Status, now: float) -> KeyRecord:
     key, sealed = mint()
     activated = now if status is Status.CURRENT else None
@@ -122,6 +137,46 @@ def _retired(key: KeyRecord, now: float, policy: Policy) -> KeyRecord:
         retired_at=now,
         expires_at=now + policy.overlap,
     )
+
+
+def import_verify_only(
+    keyset: str,
+    state: KeySetState | None,
+    jwks: Sequence[Mapping[str, str]],
+    until: float,
+    now: float,
+    *,
+    mint: Mint,
+) -> Transition:
+    """Publish the public keys *jwks* (checked public JWKs, each with its issuer's kid)
+    as ``imported`` keys until *until*. An empty key set (*state* ``None``) is
+    bootstrapped in the same version, so that it is never seen without them.
+
+    Refuses with `KidTaken` a kid the set already holds or that comes twice, and with
+    `LifecycleError` an end time that is not after *now* (the key would never be
+    published) or nothing to import.
+    """
+    if not jwks:
+        raise LifecycleError(f"key set {keyset}: no key to import")
+    if until <= now:
+        raise LifecycleError(f"key set {keyset}: the end time of imported keys is past")
+    first = None
+    if state is None:
+        first = bootstrap(keyset, now, mint)
+        state = first.state
+    taken = {key.kid for key in state.keys}
+    added: list[KeyRecord] = []
+    for jwk in jwks:
+        kid = jwk["kid"]
+        if kid in taken:
+            raise KidTaken(f"key set {keyset} already holds a key with kid {kid}")
+        taken.add(kid)
+        added.append(KeyRecord(kid, Status.IMPORTED, now, jwk, None, expires_at=until))
+    events = tuple(Event("import", key.kid) for key in added)
+    if first is not None:
+        keys = KeySetState(keyset, 1, now, (*state.keys, *added))
+        return Transition(keys, first.events + events)
+    return Transition(state.with_keys([*state.keys, *added], now), events)
 
 
 def bootstrap(keyset: str, now: float, mint: Mint) -> Transition:
@@ -157,11 +212,16 @@ def rotation_due_at(state: KeySetState, policy: Policy) -> float:
 
 def next_change_at(state: KeySetState, policy: Policy) -> float:
     """The earliest moment `reconcile` has something to do: a rotation falling due, a
-    retired key expiring, or now (``-inf``) when ``next`` is missing."""
+    retired or imported key expiring, or now (``-inf``) when ``next`` is missing."""
     if state.next is None:
         return float("-inf")
-    expiries = [k.expires_at for k in state.by_status(Status.RETIRED) if k.expires_at is not None]
+    expiries = [k.expires_at for k in _expiring(state) if k.expires_at is not None]
     return min([rotation_due_at(state, policy), *expiries])
+
+
+def _expiring(state: KeySetState) -> list[KeyRecord]:
+    """The keys that leave the JWKS at their ``expires_at``."""
+    return [*state.by_status(Status.RETIRED), *state.by_status(Status.IMPORTED)]
 
 
 def _rotated(
@@ -171,7 +231,7 @@ def _rotated(
     assert upcoming is not None, "callers mint a next key first"
     keys = [_retired(state.current, now, policy), _promoted(upcoming, now)]
     fresh = _minted(mint, Status.NEXT, now)
-    keys += [*state.by_status(Status.RETIRED), fresh]
+    keys += [*_expiring(state), fresh]
     return keys, [Event("rotate", upcoming.kid, reason)]
 
 
@@ -195,7 +255,7 @@ def rotate(
         current = _minted(mint, Status.CURRENT, now)
         spare = _minted(mint, Status.NEXT, now)
         keys = [_retired(state.current, now, policy), current, spare]
-        keys += state.by_status(Status.RETIRED)
+        keys += _expiring(state)
         events = [Event("rotate", current.kid, "forced")]
         if state.next is not None:
             events.insert(0, Event("revoke", state.next.kid, "forced"))
@@ -249,9 +309,7 @@ def reconcile(state: KeySetState, now: float, policy: Policy, mint: Mint) -> Tra
     if now < next_change_at(state, policy):
         return None  # the common case, every tick for every key set: decide without copying
     expired = [
-        key
-        for key in state.by_status(Status.RETIRED)
-        if key.expires_at is not None and key.expires_at <= now
+        key for key in _expiring(state) if key.expires_at is not None and key.expires_at <= now
     ]
     events = [Event("expire", key.kid) for key in expired]
     gone = {key.kid for key in expired}

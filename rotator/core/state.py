@@ -9,8 +9,10 @@ refuses what `strictjson` refuses (not UTF-8, not JSON, NaN or Infinity,
 duplicate members, deep nesting), a member of the wrong JSON type at any
 path, a document that does not hold exactly one ``current`` key and at most
 one ``next``, a JWK that is not exactly the public members of an ES256 P-256
-key with its thumbprint as kid, a private JWK member, and a sealed key that
-`SealedKey.from_json` refuses.
+key with its thumbprint as kid (an ``imported`` key keeps its issuer's kid,
+`jwk.foreign_kid`), a private JWK member, and a sealed key that
+`SealedKey.from_json` refuses (an ``imported`` key has ``null`` there, and
+only it).
 
 Bounds, so that nothing decoded can overflow or go wrong further on (cron,
 dates, the CLI, systemd's watchdog): times are Unix seconds from `MIN_TIME`
@@ -32,7 +34,7 @@ from typing import Any
 from rotator.core import strictjson
 from rotator.core.encoding import STATE_FORMAT, encode_jwks, encode_state
 from rotator.core.envelope import SealedKey
-from rotator.core.jwk import PRIVATE_MEMBERS, publishable_jwk, thumbprint
+from rotator.core.jwk import PRIVATE_MEMBERS, foreign_kid, publishable_jwk, thumbprint
 from rotator.core.strictjson import shown
 
 __all__ = [
@@ -72,6 +74,9 @@ class Status(StrEnum):
     NEXT = "next"
     CURRENT = "current"
     RETIRED = "retired"
+    #: Adopted from another issuer, public part only: published until ``expires_at``,
+    #: never signing, never ``current`` or ``next``.
+    IMPORTED = "imported"
 
 
 @dataclass(frozen=True)
@@ -80,14 +85,15 @@ class KeyRecord:
 
     `created_at` is when the key entered the JWKS; `activated_at` when it
     started signing; `retired_at` when it stopped; `expires_at` when it
-    leaves the JWKS.
+    leaves the JWKS. `sealed` is ``None`` for an imported key alone (rotator
+    never held its private part), and its kid is the one it was issued with.
     """
 
     kid: str
     status: Status
     created_at: float
     jwk: Mapping[str, str] = field(repr=False)
-    sealed: SealedKey = field(repr=False)
+    sealed: SealedKey | None = field(repr=False)
     activated_at: float | None = None
     retired_at: float | None = None
     expires_at: float | None = None
@@ -97,20 +103,21 @@ class KeyRecord:
         return publishable_jwk(self.jwk)
 
 
-_RANK = {Status.CURRENT: 0, Status.NEXT: 1, Status.RETIRED: 2}
+_RANK = {Status.CURRENT: 0, Status.NEXT: 1, Status.RETIRED: 2, Status.IMPORTED: 3}
 _STATUS_OF = {status.value: status for status in Status}
 
 
 def _order(key: KeyRecord) -> tuple[int, float]:
     rank = _RANK[key.status]
-    return rank, -(key.retired_at or 0.0)
+    return rank, -(key.retired_at or key.expires_at or 0.0)
 
 
 @dataclass(frozen=True)
 class KeySetState:
     """A committed (or about to be committed) version of a key set.
 
-    Keys are kept in JWKS order: current, next, then retired newest first.
+    Keys are kept in JWKS order: current, next, retired newest first, then imported
+    latest expiry first.
     """
 
     keyset: str
@@ -174,7 +181,7 @@ def _time_field_of(entry: Mapping[str, Any], name: str, *, optional: bool) -> fl
     return moment
 
 
-def _jwk(kid: str, jwk: object) -> Mapping[str, str]:
+def _jwk(kid: str, jwk: object, *, imported: bool) -> Mapping[str, str]:
     if not isinstance(jwk, dict):
         raise CorruptState(f"key {shown(kid)}: jwk is not an object")
     if PRIVATE_MEMBERS & jwk.keys():
@@ -185,7 +192,12 @@ def _jwk(kid: str, jwk: object) -> Mapping[str, str]:
         raise CorruptState(f"key {shown(kid)}: JWK is not an ES256 P-256 signing key")
     if not (_COORDINATE.fullmatch(jwk["x"]) and _COORDINATE.fullmatch(jwk["y"])):
         raise CorruptState(f"key {shown(kid)}: JWK x and y must be 32 bytes of base64url")
-    if jwk["kid"] != kid or thumbprint(jwk) != kid:
+    if jwk["kid"] != kid:
+        raise CorruptState(f"key {shown(kid)}: kid is not its JWK's kid")
+    if imported:
+        if not foreign_kid(kid):
+            raise CorruptState(f"key {shown(kid)}: an imported kid must be 1-64 base64url")
+    elif thumbprint(jwk) != kid:
         raise CorruptState(f"key {shown(kid)}: kid is not the thumbprint of its JWK")
     return jwk
 
@@ -196,18 +208,13 @@ def _decode_key(entry: object) -> KeyRecord:
     kid = entry.get("kid")
     if not isinstance(kid, str):
         raise CorruptState("a key entry lacks a kid")
-    jwk = _jwk(kid, entry.get("jwk"))
     given_status = entry.get("status")
     status = _STATUS_OF.get(given_status) if isinstance(given_status, str) else None
     if status is None:
         raise CorruptState(f"key {shown(kid)}: status {shown(entry.get('status'))} is unknown")
-    sealed = entry.get("sealed")
-    if not isinstance(sealed, dict):
-        raise CorruptState(f"key {shown(kid)}: sealed is not an object")
-    try:
-        sealed_key = SealedKey.from_json(sealed)
-    except ValueError as exc:
-        raise CorruptState(f"key {shown(kid)}: {exc}") from None
+    imported = status is Status.IMPORTED
+    jwk = _jwk(kid, entry.get("jwk"), imported=imported)
+    sealed_key = _sealed(kid, entry.get("sealed"), imported=imported)
     created = _time_field_of(entry, "created_at", optional=False)
     assert created is not None
     return KeyRecord(
@@ -218,8 +225,25 @@ def _decode_key(entry: object) -> KeyRecord:
         sealed=sealed_key,
         activated_at=_time_field_of(entry, "activated_at", optional=True),
         retired_at=_time_field_of(entry, "retired_at", optional=status is not Status.RETIRED),
-        expires_at=_time_field_of(entry, "expires_at", optional=status is not Status.RETIRED),
+        expires_at=_time_field_of(
+            entry, "expires_at", optional=status not in (Status.RETIRED, Status.IMPORTED)
+        ),
     )
+
+
+def _sealed(kid: str, sealed: object, *, imported: bool) -> SealedKey | None:
+    """The sealed private key: ``null`` for an imported key, which has none, and only
+    for it (a key that may sign must carry one)."""
+    if imported:
+        if sealed is not None:
+            raise CorruptState(f"key {shown(kid)}: an imported key carries a private part")
+        return None
+    if not isinstance(sealed, dict):
+        raise CorruptState(f"key {shown(kid)}: sealed is not an object")
+    try:
+        return SealedKey.from_json(sealed)
+    except ValueError as exc:
+        raise CorruptState(f"key {shown(kid)}: {exc}") from None
 
 
 def decode_state(raw: bytes | str, keyset: str) -> KeySetState:

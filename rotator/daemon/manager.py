@@ -34,7 +34,7 @@ __all__ = ["KEYSET_ERRORS", "KeyManager", "Lineages", "NoKekError", "Outcome"]
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 8
-_EVENT_PRIORITY = ("revoke", "rotate", "bootstrap", "repair", "expire")
+_EVENT_PRIORITY = ("revoke", "rotate", "bootstrap", "repair", "import", "expire")
 
 #: What fails one key set and leaves the others alone (Redis being unreachable is not one).
 KEYSET_ERRORS = (CorruptState, UnsealError, BadPolicy, Conflict, redis.ResponseError)
@@ -149,7 +149,8 @@ class KeyManager:
         return fresh
 
     def check_keks(self, state: KeySetState) -> None:
-        """Raise `UnsealError` unless every key of *state* opens with the configured KEKs.
+        """Raise `UnsealError` unless every sealed key of *state* opens with the configured
+        KEKs (an imported key has nothing sealed).
 
         Each (key set, kid, KEK id) is checked once per process.
         """
@@ -157,6 +158,8 @@ class KeyManager:
             return  # the same parsed state as last time (the store reuses unchanged ones)
         keyring = self._keyring()
         for key in state.keys:
+            if key.sealed is None:
+                continue
             mark = (state.keyset, key.kid, key.sealed.kek)
             if mark not in self._opened:
                 keyring.unseal(key.sealed, keyset=state.keyset, kid=key.kid)
@@ -440,6 +443,18 @@ class KeyManager:
 
         return self._apply(keyset, decide)
 
+    def import_verify_only(
+        self, keyset: str, jwks: Sequence[Mapping[str, str]], until: float
+    ) -> Outcome:
+        """Publish *jwks* in *keyset* as verify-only keys until *until* (see
+        `lifecycle.import_verify_only`)."""
+        mint = self.mint(keyset)
+
+        def decide(state: KeySetState | None, now: float) -> Transition:
+            return lifecycle.import_verify_only(keyset, state, jwks, until, now, mint=mint)
+
+        return self._apply(keyset, decide)
+
     def reseal(self, keyset: str) -> Outcome:
         """Re-encrypt every key of *keyset* under the first KEK."""
         keyring = self._keyring()
@@ -447,17 +462,23 @@ class KeyManager:
         def decide(state: KeySetState | None, now: float) -> Transition | None:
             if state is None:
                 raise lifecycle.LifecycleError(f"key set {keyset} is empty; nothing to reseal")
-            stale = [k for k in state.keys if k.sealed.kek != keyring.sealing_id]
+            stale = {
+                k.kid: k.sealed
+                for k in state.keys
+                if k.sealed is not None and k.sealed.kek != keyring.sealing_id
+            }
             if not stale:
                 return None
             keys = [
                 replace(
                     k,
                     sealed=keyring.seal(
-                        keyring.unseal(k.sealed, keyset=keyset, kid=k.kid), keyset=keyset, kid=k.kid
+                        keyring.unseal(stale[k.kid], keyset=keyset, kid=k.kid),
+                        keyset=keyset,
+                        kid=k.kid,
                     ),
                 )
-                if k in stale
+                if k.kid in stale
                 else k
                 for k in state.keys
             ]

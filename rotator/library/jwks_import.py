@@ -2,7 +2,8 @@
 
 Every entry is checked the way RFC 7517/7518/7638 and RFC 8725 ask: EC P-256
 only, ``alg`` ES256 or absent, coordinates exactly 32 bytes and on the curve,
-``kid`` equal to the key's thumbprint, kids unique. Entries of other key
+``kid`` equal to the key's thumbprint (or, for a key imported from another IAM,
+its own kid: 1 to 64 base64url characters, `jwk.foreign_kid`), kids unique. Entries of other key
 types are skipped, not fatal (RFC 7517 section 5). An entry carrying a
 private member is refused, and the bytes to serve are rebuilt without it.
 
@@ -25,7 +26,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.core import strictjson
-from rotator.core.jwk import PRIVATE_MEMBERS, b64url, jwks_document, thumbprint
+from rotator.core.jwk import PRIVATE_MEMBERS, b64url, foreign_kid, jwks_document, thumbprint
 from rotator.core.strictjson import shown
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "VerificationKeys",
     "b64decode_ascii",
     "b64decode_strict",
+    "checked_public_jwk",
     "import_jwks",
 ]
 
@@ -142,9 +144,34 @@ def _import_entry(
         raise ValueError(f"use {shown(jwk.get('use'))} is not sig")
     key = _point(jwk, checked)
     kid = jwk.get("kid")
-    if not isinstance(kid, str) or kid != thumbprint(jwk):
-        raise ValueError(f"kid {shown(kid)} is not the RFC 7638 thumbprint of the key")
+    if not isinstance(kid, str) or not (kid == thumbprint(jwk) or foreign_kid(kid)):
+        raise ValueError(
+            f"kid {shown(kid)} is neither the RFC 7638 thumbprint of the key nor 1-64 "
+            "base64url characters"
+        )
     return kid, key
+
+
+def checked_public_jwk(jwk: Mapping[str, Any]) -> dict[str, str]:
+    """The public JWK rotator publishes for *jwk*, a key another IAM issued: checked as a
+    reader checks it (`import_jwks`; a ``kty`` other than EC refused), its kid kept, and
+    rebuilt from the checked members alone, so that no private member (which the caller
+    deals with) and nothing else unknown is carried over. ``ValueError`` says why not."""
+    if jwk.get("kty") != "EC":
+        raise ValueError(f"key type {shown(jwk.get('kty'))} is not supported (EC P-256 only)")
+    kid, key = _import_entry(jwk, None)
+    numbers = key.public_numbers()
+    # Re-encoded from the numbers: base64url with stray low bits in its last character
+    # decodes to the same bytes, and the stored form is the canonical one.
+    return {
+        "alg": "ES256",
+        "crv": "P-256",
+        "kid": kid,
+        "kty": "EC",
+        "use": "sig",
+        "x": b64url(numbers.x.to_bytes(32, "big")),
+        "y": b64url(numbers.y.to_bytes(32, "big")),
+    }
 
 
 def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> VerificationKeys:

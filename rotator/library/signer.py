@@ -173,6 +173,8 @@ class Signer:
             key = state.current
             if self._current is not None and self._current[0] == key.kid:
                 return True
+            # The decoder refuses a current key without a sealed part (only imported keys lack one).
+            assert key.sealed is not None
             try:
                 der = self.keyring.unseal(key.sealed, keyset=self.keyset, kid=key.kid)
             except UnsealError as exc:
