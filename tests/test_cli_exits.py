@@ -24,6 +24,7 @@ from rotator.cli.main import main
 from rotator.cli.parser import build_parser, shield_kids, subparsers
 from rotator.embedded import EmbeddedRedis, free_port
 from tests.conftest import Cli, CliResult
+from tests.helpers import foreign_jwk
 
 Command = tuple[str, ...]
 
@@ -36,6 +37,8 @@ VALUES = {
     "token": "a.b.c",
     "claims": '{"sub": "me"}',
     "keyset": "default",
+    "jwks": "keys.json",
+    "until": "1d",
 }
 # Run until stopped: they wait for Redis (run, serve) or bring their own (dev).
 LONG_RUNNING: set[Command] = {("run",), ("serve",), ("dev",)}
@@ -146,7 +149,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> CliResult:
 
 def test_the_commands_are_read_from_the_parser() -> None:
     assert {("keyset", "add"), ("token", "verify"), ("kek", "generate"), ("run",)} < set(COMMANDS)
-    assert len(COMMANDS) == 18
+    assert len(COMMANDS) == 19
     assert LONG_RUNNING | OFFLINE | set(PORT_SETTING) <= set(COMMANDS)
 
 
@@ -246,9 +249,13 @@ def test_a_closed_stdout_is_exit_1_without_a_traceback(cli: Cli) -> None:
     assert cli("rotate").code == 0
     printing = {("status",), ("audit",), ("keyset", "list"), ("jwks",), ("check-config",)}
     printing |= {("kek", "generate"), ("token", "sign"), ("dev",), ("keyset", "add")}
-    printing |= {("keyset", "update"), ("keyset", "remove")}
+    printing |= {("keyset", "update"), ("keyset", "remove"), ("keyset", "import")}
+    # `keyset remove` has removed "shop" by then: import into the configured key set.
+    (cli.cwd / "keys.json").write_text(json.dumps(foreign_jwk(1)))
+    argvs = {**COMMANDS, ("keyset", "import"): ["keyset", "import", "default"]}
+    argvs["keyset", "import"] += ["--jwks", "keys.json", "--until", "1d"]
     failures = []
-    for command, argv in COMMANDS.items():
+    for command, argv in argvs.items():
         if command in {("run",), ("serve",)}:
             continue  # they print nothing on stdout, and run until stopped
         result = closed_stdout(cli, *argv, *CONFIRMED.get(command, []))

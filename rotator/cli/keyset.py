@@ -1,23 +1,27 @@
 """``rotator keyset add|update|remove|list``: the registry of key sets that are not in the
-config, each with its policy overrides (the ``--interval`` ... flags)."""
+config, each with its policy overrides (the ``--interval`` ... flags); and ``rotator keyset
+import``, which adopts another IAM's public keys into any key set."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
-from rotator.cli.common import UsageError, load_all, manager_for
-from rotator.cli.output import print_outcome
+from rotator.cli.common import UsageError, checked_keyset, load_all, manager_for
+from rotator.cli.output import iso, print_outcome
 from rotator.config import KeysetSettings, Settings, describe_error
-from rotator.core.instants import stamped
+from rotator.core.durations import parse_duration
+from rotator.core.instants import parse_rfc3339, stamped
 from rotator.core.lifecycle import rotation_due_at
 from rotator.core.strictjson import one_line
 from rotator.daemon.manager import KeyManager
+from rotator.library.adopt import MAX_FILE_BYTES, AdoptError, foreign_public_keys
 from rotator.storage.layout import validate_keyset_name
 from rotator.storage.registry import (
     BadPolicy,
@@ -60,6 +64,8 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
     store = manager.store
     if args.keyset_command == "list":
         return _keyset_list(manager, keysets, args.json)
+    if args.keyset_command == "import":
+        return _keyset_import(manager, keysets, args)
     try:
         name = validate_keyset_name(args.name)
     except ValueError as exc:
@@ -108,6 +114,42 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
     _record_change(manager, name, "remove", policy_of(registered[name]), version)
     print(f"{name}: removed")
     return 0
+
+
+def _keyset_import(manager: KeyManager, keysets: KeySets, args: argparse.Namespace) -> int:
+    """Publish the public keys of ``--jwks`` in key set NAME, verify-only, until ``--until``."""
+    name = checked_keyset(keysets, args.name)
+    until = _until(args.until)
+    try:
+        with args.jwks.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"--jwks: cannot read {args.jwks}: {exc.strerror}") from None
+    try:
+        found = foreign_public_keys(raw)
+    except AdoptError as exc:
+        raise UsageError(f"--jwks {args.jwks}: {exc}") from None
+    for kid in found.exposed:
+        print(
+            f"{name}: {kid}: its private part was in the file: imported as verify-only; "
+            "treat that key as exposed"
+        )
+    outcome = manager.import_verify_only(name, found.jwks, until)
+    print_outcome(outcome)
+    print(f"{name}: imported keys leave the JWKS at {iso(until)}")
+    return 0
+
+
+def _until(text: str) -> float:
+    """``--until``: an RFC 3339 time, or a duration from now."""
+    try:
+        return time.time() + parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return parse_rfc3339(text)
+    except ValueError as exc:
+        raise UsageError(f"--until: {exc}, nor a duration (30d)") from None
 
 
 def _keyset_list(manager: KeyManager, keysets: KeySets, as_json: bool) -> int:

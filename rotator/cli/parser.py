@@ -167,6 +167,20 @@ def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     remove.add_argument("--yes", action="store_true", help="confirm deleting its keys")
     listing = keyset_sub.add_parser("list", help="list key sets, policies, next rotation")
     listing.add_argument("--json", action="store_true")
+    adopt = keyset_sub.add_parser(
+        "import", help="publish another IAM's public keys, verify-only, until a time"
+    )
+    adopt.add_argument("name")
+    adopt.add_argument(
+        "--jwks", type=Path, required=True, metavar="FILE", help="a JWK Set or one JWK"
+    )
+    adopt.add_argument(
+        "--until",
+        required=True,
+        metavar="TIME",
+        help="when the keys leave the JWKS: RFC 3339 (2027-01-31T00:00:00Z) or a duration "
+        "from now (30d)",
+    )
 
 
 def _add_service_commands(

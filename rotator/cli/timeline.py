@@ -56,6 +56,10 @@ class _Life:
 
 def _life(key: KeyRecord, due: _Moment, overlap: float) -> _Life:
     created = _Moment(key.created_at)
+    left = None if key.expires_at is None else _Moment(key.expires_at)
+    if key.status is Status.IMPORTED:
+        # Verify-only from the start: drawn as a retired key, which it is in all but name.
+        return _Life(key, created, created, created, left)
     if key.status is Status.NEXT:
         return _Life(key, created, due, None, None)
     signs_from = _Moment(key.activated_at if key.activated_at is not None else key.created_at)
@@ -63,7 +67,6 @@ def _life(key: KeyRecord, due: _Moment, overlap: float) -> _Life:
         expires = _Moment(due.at + overlap, planned=True)
         return _Life(key, created, signs_from, due, expires)
     retired = None if key.retired_at is None else _Moment(key.retired_at)
-    left = None if key.expires_at is None else _Moment(key.expires_at)
     return _Life(key, created, signs_from, retired, left)
 
 
@@ -135,17 +138,21 @@ def render(state: KeySetState, policy: Policy, now: float, width: int = 80) -> s
         cells = [_phase(life, start + c * span / (bar - 1)) for c in range(bar)]
         cells[column(now)] = _NOW
         key = life.key
-        lines.append(f"  {key.status.value:<7} {key.kid[:_KID_SHOWN]} " + "".join(cells))
+        # "imported" is a character longer than the other statuses: its kid gives it up.
+        label = f"{key.status.value:<7} {key.kid}"[: _PREFIX - 3]
+        lines.append(f"  {label:<{_PREFIX - 3}} " + "".join(cells))
         retires = "retires" if key.status is Status.CURRENT else "retired"
-        details = "".join(
-            _described(name, moment, now, due)
-            for name, moment in (
+        named = (
+            (("imported", life.created), ("expires", life.expires))
+            if key.status is Status.IMPORTED
+            else (
                 ("created", life.created),
                 ("signs from", life.signs_from),
                 (retires, life.retires),
                 ("expires", life.expires),
             )
         )
+        details = "".join(_described(name, moment, now, due) for name, moment in named)
         lines.append(" " * 9 + details.removeprefix("  "))
     lines.append(f"  {LEGEND}")
     return "\n".join(line.rstrip() for line in lines) + "\n"

@@ -1,0 +1,358 @@
+"""``rotator keyset import --jwks``: another IAM's public keys published verify-only, through
+the pure lifecycle, the stored state, the CLI, readers, `rotator serve` and PyJWT."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+import redis
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from rotator.core import lifecycle
+from rotator.core.encoding import encode_state
+from rotator.core.jwk import b64url
+from rotator.core.lifecycle import KidTaken, LifecycleError
+from rotator.core.state import CorruptState, KeySetState, Status, decode_state
+from rotator.embedded import EmbeddedRedis
+from rotator.library.adopt import MAX_FILE_BYTES, AdoptError, foreign_public_keys
+from rotator.library.jwks_import import import_jwks
+from rotator.library.reader import JWKSReader
+from tests.conftest import Cli
+from tests.helpers import FakeClock, RecordingMint, foreign_jwk, make_keyring, wait_for
+from tests.test_lifecycle import POLICY
+from tests.test_server import fetch, running_serve
+
+CLAIMS = {"sub": "old-iam-user", "aud": "svc", "iss": "iam"}
+
+
+def fresh() -> tuple[FakeClock, RecordingMint, KeySetState]:
+    clock = FakeClock()
+    mint = RecordingMint(make_keyring("k1"))
+    return clock, mint, lifecycle.bootstrap("default", clock.now, mint).state
+
+
+def imported(
+    state: KeySetState, now: float, until: float, mint: RecordingMint, *jwks: dict[str, str]
+) -> KeySetState:
+    chosen = jwks or (foreign_jwk(7),)
+    return lifecycle.import_verify_only("default", state, list(chosen), until, now, mint=mint).state
+
+
+class OldIam:
+    """The reference IAM: a real P-256 key under kid ``key1``, whose JWKS answer carries
+    ``d`` as the reference page's sample does."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        numbers = self.key.private_numbers()
+        self.d = b64url(numbers.private_value.to_bytes(32, "big"))
+        public = numbers.public_numbers
+        self.jwk = {
+            "alg": "ES256",
+            "crv": "P-256",
+            "d": self.d,
+            "kid": "key1",
+            "kty": "EC",
+            "use": "sig",
+            "x": b64url(public.x.to_bytes(32, "big")),
+            "y": b64url(public.y.to_bytes(32, "big")),
+        }
+
+    def token(self) -> str:
+        claims = {**CLAIMS, "exp": int(time.time()) + 300}
+        return jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": "key1"})
+
+    def answer(self, path: Path) -> Path:
+        path.write_text(json.dumps({"keys": [self.jwk]}))
+        return path
+
+
+# -- the pure lifecycle ----------------------------------------------------------------------
+
+
+def test_an_imported_key_is_published_never_signs_and_survives_rotations() -> None:
+    clock, mint, state = fresh()
+    state = imported(state, clock.now, clock.now + 1000, mint)
+    key = state.find("key1")
+    assert key is not None and key.status is Status.IMPORTED and key.sealed is None
+    assert key.expires_at == clock.now + 1000
+    assert "key1" in {k["kid"] for k in json.loads(state.jwks())["keys"]}
+    for _ in range(3):
+        clock.advance(100)
+        transition = lifecycle.reconcile(state, clock.now, POLICY, mint)
+        assert transition is not None
+        state = transition.state
+        assert state.current.kid != "key1" and state.next is not None and state.next.kid != "key1"
+        assert state.find("key1") is not None
+    state = lifecycle.rotate(state, clock.now, POLICY, mint, force_new=True).state
+    assert state.find("key1") is not None
+
+
+def test_an_imported_key_leaves_at_its_end_time_and_not_before() -> None:
+    clock, mint, state = fresh()
+    state = imported(state, clock.now, clock.now + 50, mint)
+    # Without it, the key set has nothing to do until its rotation at +100.
+    assert lifecycle.next_change_at(state, POLICY) == clock.now + 50
+    assert lifecycle.reconcile(state, clock.now + 49, POLICY, mint) is None
+    transition = lifecycle.reconcile(state, clock.now + 50, POLICY, mint)
+    assert transition is not None
+    assert transition.state.find("key1") is None
+    assert [(e.kind, e.kid) for e in transition.events] == [("expire", "key1")]
+
+
+def test_revoking_an_imported_key_removes_it_at_once_and_leaves_the_signer() -> None:
+    clock, mint, state = fresh()
+    state = imported(state, clock.now, clock.now + 1000, mint)
+    revoked = lifecycle.revoke(state, "key1", clock.now, POLICY, mint).state
+    assert revoked.find("key1") is None
+    assert revoked.current == state.current and revoked.next == state.next
+
+
+def test_a_kid_the_set_holds_or_that_comes_twice_is_refused() -> None:
+    clock, mint, state = fresh()
+    with pytest.raises(KidTaken):
+        imported(
+            state, clock.now, clock.now + 10, mint, {**foreign_jwk(3), "kid": state.current.kid}
+        )
+    with pytest.raises(KidTaken):
+        imported(state, clock.now, clock.now + 10, mint, foreign_jwk(3), foreign_jwk(4))
+    state = imported(state, clock.now, clock.now + 10, mint)
+    with pytest.raises(KidTaken):
+        imported(state, clock.now, clock.now + 10, mint)
+
+
+def test_an_end_time_not_after_now_is_refused() -> None:
+    clock, mint, state = fresh()
+    with pytest.raises(LifecycleError):
+        imported(state, clock.now, clock.now, mint)
+
+
+def test_importing_into_an_empty_key_set_bootstraps_it_in_the_same_version() -> None:
+    clock = FakeClock()
+    mint = RecordingMint(make_keyring("k1"))
+    transition = lifecycle.import_verify_only(
+        "default", None, [foreign_jwk(7)], clock.now + 10, clock.now, mint=mint
+    )
+    assert transition.state.version == 1
+    assert [k.status for k in transition.state.keys] == [
+        Status.CURRENT,
+        Status.NEXT,
+        Status.IMPORTED,
+    ]
+
+
+# -- the stored state --------------------------------------------------------------------------
+
+
+def test_an_imported_key_round_trips_with_its_own_kid_and_no_sealed_part() -> None:
+    clock, mint, state = fresh()
+    state = imported(state, clock.now, clock.now + 10, mint)
+    raw = encode_state(state)
+    assert b'"sealed":null' in raw
+    assert decode_state(raw, "default") == state
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # a key that may sign must carry its sealed part; only an imported one has none
+        (lambda entry, keys: keys[0].update(sealed=None), "sealed is not an object"),
+        # an imported key has no private part to seal
+        (lambda entry, keys: entry.update(sealed=keys[0]["sealed"]), "carries a private part"),
+        (lambda entry, keys: entry.pop("expires_at"), "expires_at"),
+        (
+            lambda entry, keys: (entry.update(kid="a b"), entry["jwk"].update(kid="a b")),
+            "1-64 base64url",
+        ),
+        # a key minted here keeps its thumbprint kid: only imported ones may not
+        (lambda entry, keys: entry.update(status="retired", retired_at=1.0), "thumbprint"),
+    ],
+)
+def test_the_decoder_refuses_an_imported_key_out_of_shape(change: object, message: str) -> None:
+    clock, mint, state = fresh()
+    state = imported(state, clock.now, clock.now + 10, mint)
+    document = json.loads(encode_state(state))
+    keys = document["keys"]
+    entry = next(k for k in keys if k["status"] == "imported")
+    change(entry, keys)  # type: ignore[operator]
+    with pytest.raises(CorruptState, match=message):
+        decode_state(json.dumps(document), "default")
+
+
+def test_a_reader_accepts_a_kept_kid_and_still_refuses_a_bad_one() -> None:
+    good = foreign_jwk(5)
+    assert set(import_jwks(json.dumps({"keys": [good]})).keys) == {"key1"}
+    bad = {**good, "kid": "key 1\n"}
+    assert not import_jwks(json.dumps({"keys": [bad]})).keys
+
+
+# -- reading the file ----------------------------------------------------------------------------
+
+
+def test_a_private_member_is_dropped_and_its_kid_reported() -> None:
+    iam = OldIam()
+    found = foreign_public_keys(json.dumps({"keys": [iam.jwk]}).encode())
+    assert found.exposed == ("key1",)
+    public = {k: v for k, v in iam.jwk.items() if k != "d"}
+    assert found.jwks == (public,)
+    single = foreign_public_keys(json.dumps(iam.jwk).encode())
+    assert single == found
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\xff\xfe not json", "unreadable"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"keys": []}', "non-empty list"),
+        (b'{"keys": [{"kty": "EC", "kty": "EC"}]}', "appears twice"),
+        (b'{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}]}', "symmetric"),
+        (b'{"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "r"}]}', "key type"),
+        (b" " * (MAX_FILE_BYTES + 1), "larger than"),
+    ],
+)
+def test_hostile_files_are_refused(raw: bytes, message: str) -> None:
+    with pytest.raises(AdoptError, match=message):
+        foreign_public_keys(raw)
+
+
+def test_the_reference_pages_sample_point_is_refused() -> None:
+    # The page's placeholder coordinates: 64 characters, 48 bytes, on no curve.
+    sample = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    jwk = {"alg": "ES256", "crv": "P-256", "d": sample, "kid": "key1", "kty": "EC"}
+    with pytest.raises(AdoptError, match="not 32") as refused:
+        foreign_public_keys(
+            json.dumps({"keys": [{**jwk, "use": "sig", "x": sample, "y": sample}]}).encode()
+        )
+    assert sample not in str(refused.value)
+    off_curve = {**foreign_jwk(5), "y": foreign_jwk(6)["y"]}
+    with pytest.raises(AdoptError, match="key 1"):
+        foreign_public_keys(json.dumps(off_curve).encode())
+
+
+# -- the command, against real Redis -------------------------------------------------------------
+
+
+def test_import_publishes_verify_only_and_keeps_nothing_of_d(
+    cli: Cli, tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    iam = OldIam()
+    assert cli("keyset", "add", "billing").code == 0
+    done = cli(
+        "-v",
+        "keyset",
+        "import",
+        "billing",
+        "--jwks",
+        str(iam.answer(tmp_path / "old.json")),
+        "--until",
+        "2h",
+    )
+    assert done.code == 0, done.stderr
+    assert (
+        "billing: key1: its private part was in the file: imported as verify-only; "
+        "treat that key as exposed"
+    ) in done.stdout
+    assert iam.d not in done.stdout + done.stderr  # the log lines (-v) included
+    client = redis.Redis.from_url(redis_server.url)
+    for name in client.scan_iter():
+        if client.type(name) == b"string":
+            assert iam.d.encode() not in client.get(name)  # type: ignore[operator]
+    jwks = json.loads(cli("jwks", "--keyset", "billing").stdout)
+    assert [k["kid"] for k in jwks["keys"]][-1] == "key1"
+    assert all("d" not in k for k in jwks["keys"])
+    # The old IAM's token verifies through rotator's own verifier.
+    verified = cli("token", "verify", iam.token(), "--keyset", "billing", "--audience", "svc")
+    assert verified.code == 0, verified.stderr
+    assert json.loads(verified.stdout)["sub"] == "old-iam-user"
+
+
+def test_status_shows_imported_keys_with_their_end_time(cli: Cli, tmp_path: Path) -> None:
+    iam = OldIam()
+    cli("keyset", "add", "billing")
+    path = iam.answer(tmp_path / "old.json")
+    assert (
+        cli(
+            "keyset", "import", "billing", "--jwks", str(path), "--until", "2030-01-01T00:00:00Z"
+        ).code
+        == 0
+    )
+    (doc,) = json.loads(cli("status", "--keyset", "billing", "--json").stdout)
+    key = next(k for k in doc["keys"] if k["kid"] == "key1")
+    assert key["status"] == "imported"
+    assert key["expires_at"] == "2030-01-01T00:00:00Z"
+    assert key["activated_at"] is None
+    table = cli("status", "--keyset", "billing", "--table").stdout
+    assert any(
+        line.split()[:2] == ["key1", "imported"] and line.endswith("2030-01-01T00:00:00Z")
+        for line in table.splitlines()
+    )
+
+
+def test_a_colliding_kid_and_bad_arguments_are_one_line(cli: Cli, tmp_path: Path) -> None:
+    iam = OldIam()
+    cli("keyset", "add", "billing")
+    path = iam.answer(tmp_path / "old.json")
+    assert cli("keyset", "import", "billing", "--jwks", str(path), "--until", "1d").code == 0
+    again = cli("keyset", "import", "billing", "--jwks", str(path), "--until", "1d")
+    assert again.code == 1
+    assert again.stderr == "rotator: key set billing already holds a key with kid key1\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
+    for args, field in [
+        (("--jwks", str(bad), "--until", "1d"), "--jwks"),
+        (("--jwks", str(tmp_path / "missing.json"), "--until", "1d"), "--jwks"),
+        (("--jwks", str(path), "--until", "next tuesday"), "--until"),
+        (("--jwks", str(path), "--until", "2030-01-01T00:00:00"), "--until"),
+    ]:
+        refused = cli("keyset", "import", "billing", *args)
+        assert refused.code == 2, (args, refused.stderr)
+        assert refused.stderr.count("\n") == 1 and field in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+
+def test_readers_serve_and_pyjwt_verify_the_old_iams_tokens(
+    cli: Cli, tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    iam = OldIam()
+    cli("keyset", "add", "billing")
+    path = iam.answer(tmp_path / "old.json")
+    assert cli("keyset", "import", "billing", "--jwks", str(path), "--until", "1d").code == 0
+    token = iam.token()
+    with JWKSReader(redis_server.url, keyset="billing", poll_interval=3600) as reader:
+        assert reader.verify(token, audience="svc", issuer="iam")["sub"] == "old-iam-user"
+    with running_serve(cli) as served:
+        url = served.url + "/.well-known/jwks.json?keyset=billing"
+        assert b'"kid":"key1"' in fetch(url).body
+        key = jwt.PyJWKClient(url).get_signing_key_from_jwt(token)
+        claims = jwt.decode(token, key, algorithms=["ES256"], audience="svc", issuer="iam")
+        assert claims["sub"] == "old-iam-user"
+
+
+def test_revoke_removes_an_imported_key_at_once(cli: Cli, tmp_path: Path) -> None:
+    iam = OldIam()
+    cli("keyset", "add", "billing")
+    path = iam.answer(tmp_path / "old.json")
+    assert cli("keyset", "import", "billing", "--jwks", str(path), "--until", "1d").code == 0
+    assert cli("revoke", "key1", "--keyset", "billing").code == 0
+    assert "key1" not in cli("jwks", "--keyset", "billing").stdout
+    refused = cli("token", "verify", iam.token(), "--keyset", "billing")
+    assert refused.code == 1
+
+
+def test_the_daemon_removes_an_imported_key_at_its_end_time(
+    cli: Cli, tmp_path: Path, start_daemon: object
+) -> None:
+    iam = OldIam()
+    path = iam.answer(tmp_path / "old.json")
+    assert cli("keyset", "add", "billing").code == 0
+    assert cli("keyset", "import", "billing", "--jwks", str(path), "--until", "2s").code == 0
+    start_daemon()  # type: ignore[operator]
+    wait_for(
+        lambda: "key1" not in cli("jwks", "--keyset", "billing").stdout or None,
+        what="the imported key to leave the JWKS",
+    )
