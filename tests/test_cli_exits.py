@@ -61,8 +61,10 @@ def _walk(path: Command, parser: argparse.ArgumentParser) -> Iterator[tuple[Comm
 
 def _required(path: Command, parser: argparse.ArgumentParser) -> list[str]:
     argv: list[str] = []
+    # A required group of options asks for one of them: the first.
+    chosen = {g._group_actions[0] for g in parser._mutually_exclusive_groups if g.required}
     for action in parser._actions:
-        if action.option_strings and not action.required:
+        if action.option_strings and not (action.required or action in chosen):
             continue
         assert action.dest in VALUES, f"{' '.join(path)}: add a value for {action.dest}"
         given = VALUES[action.dest]

@@ -3,6 +3,7 @@ the pure lifecycle, the stored state, the CLI, readers, `rotator serve` and PyJW
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -10,15 +11,21 @@ from pathlib import Path
 import jwt
 import pytest
 import redis
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from rotator.core import lifecycle
 from rotator.core.encoding import encode_state
-from rotator.core.jwk import b64url
+from rotator.core.jwk import b64url, thumbprint
 from rotator.core.lifecycle import KidTaken, LifecycleError
 from rotator.core.state import CorruptState, KeySetState, Status, decode_state
 from rotator.embedded import EmbeddedRedis
-from rotator.library.adopt import MAX_FILE_BYTES, AdoptError, foreign_public_keys
+from rotator.library.adopt import (
+    MAX_FILE_BYTES,
+    AdoptError,
+    foreign_public_keys,
+    foreign_signing_key,
+)
 from rotator.library.jwks_import import import_jwks
 from rotator.library.reader import JWKSReader
 from tests.conftest import Cli
@@ -168,8 +175,6 @@ def test_an_imported_key_round_trips_with_its_own_kid_and_no_sealed_part() -> No
             lambda entry, keys: (entry.update(kid="a b"), entry["jwk"].update(kid="a b")),
             "1-64 base64url",
         ),
-        # a key minted here keeps its thumbprint kid: only imported ones may not
-        (lambda entry, keys: entry.update(status="retired", retired_at=1.0), "thumbprint"),
     ],
 )
 def test_the_decoder_refuses_an_imported_key_out_of_shape(change: object, message: str) -> None:
@@ -206,7 +211,7 @@ def test_a_private_member_is_dropped_and_its_kid_reported() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (b"\xff\xfe not json", "unreadable"),
+        (b"\xff\xfe not json", "not JSON"),
         (b"[1, 2]", "not a JSON object"),
         (b'{"keys": []}', "non-empty list"),
         (b'{"keys": [{"kty": "EC", "kty": "EC"}]}', "appears twice"),
@@ -356,3 +361,150 @@ def test_the_daemon_removes_an_imported_key_at_its_end_time(
         lambda: "key1" not in cli("jwks", "--keyset", "billing").stdout or None,
         what="the imported key to leave the JWKS",
     )
+
+
+# -- --private-key: adopting a signing key -----------------------------------------------------
+
+
+def _pem(key: ec.EllipticCurvePrivateKey, form: serialization.PrivateFormat) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption())
+
+
+def test_a_signing_key_is_read_from_pkcs8_sec1_and_a_jwk_with_d() -> None:
+    iam = OldIam()
+    forms = [
+        _pem(iam.key, serialization.PrivateFormat.PKCS8),
+        _pem(iam.key, serialization.PrivateFormat.TraditionalOpenSSL),  # SEC1
+    ]
+    public = {k: v for k, v in iam.jwk.items() if k != "d"}
+    for raw in forms:
+        key = foreign_signing_key(raw, None)
+        assert key.jwk == {**public, "kid": thumbprint(public)}
+        assert foreign_signing_key(raw, "key1").jwk == public
+    assert foreign_signing_key(json.dumps(iam.jwk).encode(), None).jwk == public
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n",
+        b'{"kty": "EC", "crv": "P-256"}',
+        b"[]",
+    ],
+)
+def test_a_bad_signing_key_file_is_refused(raw: bytes) -> None:
+    with pytest.raises(AdoptError):
+        foreign_signing_key(raw, None)
+
+
+def test_a_jwk_whose_d_is_not_its_own_is_refused_without_quoting_it() -> None:
+    iam, other = OldIam(), OldIam()
+    mixed = {**iam.jwk, "d": other.d}
+    with pytest.raises(AdoptError, match="does not belong") as refused:
+        foreign_signing_key(json.dumps(mixed).encode(), None)
+    assert other.d not in str(refused.value)
+    rsa_pem = _pem(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        serialization.PrivateFormat.PKCS8,
+    )
+    with pytest.raises(AdoptError, match="not an EC P-256"):
+        foreign_signing_key(rsa_pem, None)
+
+
+def test_adopted_as_next_replaces_the_unused_next_and_then_rotates_in() -> None:
+    clock, mint, state = fresh()
+    key = foreign_signing_key(_pem(OldIam().key, serialization.PrivateFormat.PKCS8), "key1")
+    sealed = mint.keyring.seal(key.private_der, keyset="default", kid=key.kid)
+    adopted = lifecycle.adopt_signing_key(
+        "default", state, (key, sealed), clock.now, POLICY, as_current=False, mint=mint
+    )
+    old_next = state.next
+    assert old_next is not None
+    assert [(e.kind, e.kid) for e in adopted.events] == [
+        ("revoke", old_next.kid),
+        ("import", "key1"),
+    ]
+    after = adopted.state
+    assert after.next is not None and after.next.kid == "key1"
+    assert after.current == state.current
+    clock.advance(100)
+    rotated = lifecycle.reconcile(after, clock.now, POLICY, mint)
+    assert rotated is not None and rotated.state.current.kid == "key1"
+
+
+def test_adopted_as_current_signs_at_once_and_the_old_current_retires() -> None:
+    clock, mint, state = fresh()
+    key = foreign_signing_key(_pem(OldIam().key, serialization.PrivateFormat.PKCS8), "key1")
+    sealed = mint.keyring.seal(key.private_der, keyset="default", kid=key.kid)
+    after = lifecycle.adopt_signing_key(
+        "default", state, (key, sealed), clock.now, POLICY, as_current=True, mint=mint
+    ).state
+    assert after.current.kid == "key1" and after.current.activated_at == clock.now
+    assert after.next == state.next
+    (retired,) = after.by_status(Status.RETIRED)
+    assert retired.kid == state.current.kid and retired.expires_at == clock.now + POLICY.overlap
+    with pytest.raises(KidTaken):
+        lifecycle.adopt_signing_key(
+            "default", after, (key, sealed), clock.now, POLICY, as_current=False, mint=mint
+        )
+
+
+def test_import_private_key_as_current_signs_with_it_and_keeps_nothing_in_plaintext(
+    cli: Cli, tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    iam = OldIam()
+    cli("keyset", "add", "billing")
+    path = tmp_path / "old.pem"
+    path.write_bytes(_pem(iam.key, serialization.PrivateFormat.TraditionalOpenSSL))
+    done = cli(
+        "-v",
+        "keyset",
+        "import",
+        "billing",
+        "--private-key",
+        str(path),
+        "--kid",
+        "key1",
+        "--as",
+        "current",
+    )
+    assert done.code == 0, done.stderr
+    assert "billing: version 2, current key1" in done.stdout
+    scalar = iam.key.private_numbers().private_value.to_bytes(32, "big")
+    der = iam.key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    client = redis.Redis.from_url(redis_server.url)
+    for name in client.scan_iter():
+        if client.type(name) == b"string":
+            value = client.get(name)
+            assert value is not None
+            for form in (scalar, der, iam.d.encode(), base64.b64encode(der)):
+                assert form not in value
+    assert iam.d not in done.stdout + done.stderr
+    signed = cli("token", "sign", "--keyset", "billing", "--claims", '{"sub": "new"}')
+    assert signed.code == 0, signed.stderr
+    token = signed.stdout.strip()
+    assert jwt.get_unverified_header(token)["kid"] == "key1"
+    claims = jwt.decode(token, iam.key.public_key(), algorithms=["ES256"])
+    assert claims["sub"] == "new"
+
+
+def test_import_private_key_arguments_are_checked(cli: Cli, tmp_path: Path) -> None:
+    iam = OldIam()
+    cli("keyset", "add", "billing")
+    pem = tmp_path / "old.pem"
+    pem.write_bytes(_pem(iam.key, serialization.PrivateFormat.PKCS8))
+    jwks = iam.answer(tmp_path / "old.json")
+    for args in [
+        ("--private-key", str(pem), "--until", "1d"),
+        ("--jwks", str(jwks), "--until", "1d", "--as", "current"),
+        ("--jwks", str(jwks)),
+        ("--private-key", str(pem), "--kid", "no spaces allowed"),
+        ("--private-key", str(jwks), "--jwks", str(jwks)),
+    ]:
+        refused = cli("keyset", "import", "billing", *args)
+        assert refused.code == 2, (args, refused.stderr)
+        assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,7 +22,12 @@ from rotator.core.instants import parse_rfc3339, stamped
 from rotator.core.lifecycle import rotation_due_at
 from rotator.core.strictjson import one_line
 from rotator.daemon.manager import KeyManager
-from rotator.library.adopt import MAX_FILE_BYTES, AdoptError, foreign_public_keys
+from rotator.library.adopt import (
+    MAX_FILE_BYTES,
+    AdoptError,
+    foreign_public_keys,
+    foreign_signing_key,
+)
 from rotator.storage.layout import validate_keyset_name
 from rotator.storage.registry import (
     BadPolicy,
@@ -117,14 +123,17 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _keyset_import(manager: KeyManager, keysets: KeySets, args: argparse.Namespace) -> int:
-    """Publish the public keys of ``--jwks`` in key set NAME, verify-only, until ``--until``."""
+    """Publish the public keys of ``--jwks`` in key set NAME, verify-only, until ``--until``;
+    or take the signing key of ``--private-key`` in as ``next`` or ``current``."""
     name = checked_keyset(keysets, args.name)
+    if args.private_key is not None:
+        return _adopt_signing_key(manager, name, args)
+    if args.kid is not None or args.as_ != "next":
+        raise UsageError("--kid and --as go with --private-key (a JWKS keeps its own kids)")
+    if args.until is None:
+        raise UsageError("--until: required with --jwks (when the imported keys leave)")
     until = _until(args.until)
-    try:
-        with args.jwks.open("rb") as file:
-            raw = file.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise UsageError(f"--jwks: cannot read {args.jwks}: {exc.strerror}") from None
+    raw = _read("--jwks", args.jwks)
     try:
         found = foreign_public_keys(raw)
     except AdoptError as exc:
@@ -138,6 +147,28 @@ def _keyset_import(manager: KeyManager, keysets: KeySets, args: argparse.Namespa
     print_outcome(outcome)
     print(f"{name}: imported keys leave the JWKS at {iso(until)}")
     return 0
+
+
+def _adopt_signing_key(manager: KeyManager, name: str, args: argparse.Namespace) -> int:
+    if args.until is not None:
+        raise UsageError("--until goes with --jwks: an adopted signing key rotates as any key")
+    raw = _read("--private-key", args.private_key)
+    try:
+        key = foreign_signing_key(raw, args.kid)
+    except AdoptError as exc:
+        raise UsageError(f"--private-key {args.private_key}: {exc}") from None
+    print_outcome(manager.adopt_signing_key(name, key, as_current=args.as_ == "current"))
+    print(f"{name}: {key.kid} sealed under the KEK; the file is not needed any more")
+    return 0
+
+
+def _read(flag_name: str, path: Path) -> bytes:
+    """At most `MAX_FILE_BYTES` + 1 of *path*: enough to tell a file too large."""
+    try:
+        with path.open("rb") as file:
+            return file.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"{flag_name}: cannot read {path}: {exc.strerror}") from None
 
 
 def _until(text: str) -> float:

@@ -171,15 +171,32 @@ def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
         "import", help="publish another IAM's public keys, verify-only, until a time"
     )
     adopt.add_argument("name")
-    adopt.add_argument(
-        "--jwks", type=Path, required=True, metavar="FILE", help="a JWK Set or one JWK"
+    source = adopt.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--jwks", type=Path, metavar="FILE", help="public keys, verify-only: a JWKS or one JWK"
+    )
+    source.add_argument(
+        "--private-key",
+        type=Path,
+        metavar="FILE",
+        help="a signing key: PEM (PKCS#8 or SEC1) or a JWK with d",
     )
     adopt.add_argument(
         "--until",
-        required=True,
         metavar="TIME",
-        help="when the keys leave the JWKS: RFC 3339 (2027-01-31T00:00:00Z) or a duration "
-        "from now (30d)",
+        help="with --jwks, when the keys leave the JWKS: RFC 3339 (2027-01-31T00:00:00Z) or "
+        "a duration from now (30d)",
+    )
+    adopt.add_argument(
+        "--kid", help="with --private-key, its kid (default: the JWK's, else its thumbprint)"
+    )
+    adopt.add_argument(
+        "--as",
+        dest="as_",
+        choices=["next", "current"],
+        default="next",
+        help="with --private-key: next (default: published before it signs) or current "
+        "(signs at once)",
     )
 
 

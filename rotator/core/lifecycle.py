@@ -16,7 +16,10 @@ An ``imported`` key (`import_verify_only`) is the public half of a key another
 IAM signs with, published so that its tokens in flight keep verifying through
 a migration. rotator never holds its private part, so it never signs, never
 counts as ``current`` or ``next``, and leaves the JWKS at the end time the
-operator gave, as an expired retired key does.
+operator gave, as an expired retired key does. A signing key adopted from
+another IAM (`adopt_signing_key`, its private part sealed at once) is no such
+thing: it enters as ``next`` (or, for a cut-over, as ``current``) and from then
+on rotates like a key minted here.
 
 Each function here takes a state, the time *now*, the key set's `Policy`
 and a `Mint` (which the caller backs with real key generation and sealing),
@@ -62,6 +65,7 @@ __all__ = [
     "NoSuchKey",
     "RotationTooSoon",
     "Transition",
+    "adopt_signing_key",
     "bootstrap",
     "import_verify_only",
     "next_change_at",
@@ -75,7 +79,7 @@ __all__ = [
 Mint = Callable[[], tuple[GeneratedKey, SealedKey]]
 
 EventKind = Literal["bootstrap", "rotate", "expire", "revoke", "repair", "import"]
-Reason = Literal["scheduled", "manual", "forced", "revoke"]
+Reason = Literal["scheduled", "manual", "forced", "revoke", "import"]
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,44 @@ def import_verify_only(
         keys = KeySetState(keyset, 1, now, (*state.keys, *added))
         return Transition(keys, first.events + events)
     return Transition(state.with_keys([*state.keys, *added], now), events)
+
+
+def adopt_signing_key(
+    keyset: str,
+    state: KeySetState | None,
+    adopted: tuple[GeneratedKey, SealedKey],
+    now: float,
+    policy: Policy,
+    *,
+    as_current: bool,
+    mint: Mint,
+) -> Transition:
+    """Take another IAM's signing key (*adopted*: its public JWK, already sealed) into
+    the key set as ``next``, replacing the unused ``next`` (it has signed nothing), or
+    with *as_current* as ``current`` at once, the old ``current`` retiring as in a
+    rotation. An empty key set (*state* ``None``) is bootstrapped around it. Refuses
+    with `KidTaken` a kid the set already holds."""
+    key, sealed = adopted
+    status = Status.CURRENT if as_current else Status.NEXT
+    record = KeyRecord(
+        key.kid, status, now, key.jwk, sealed, activated_at=now if as_current else None
+    )
+    events = [Event("import", key.kid, "import")]
+    if state is None:
+        other = _minted(mint, Status.NEXT if as_current else Status.CURRENT, now)
+        events.append(Event("bootstrap", other.kid))
+        return Transition(KeySetState(keyset, 1, now, (record, other)), tuple(events))
+    if state.find(key.kid) is not None:
+        raise KidTaken(f"key set {keyset} already holds a key with kid {key.kid}")
+    if as_current:
+        keys = [_retired(state.current, now, policy), record]
+        keys += [k for k in state.keys if k.status is not Status.CURRENT]
+        events.append(Event("rotate", key.kid, "import"))
+    else:
+        keys = [record, *(k for k in state.keys if k.status is not Status.NEXT)]
+        if state.next is not None:
+            events.insert(0, Event("revoke", state.next.kid, "import"))
+    return Transition(state.with_keys(keys, now), tuple(events))
 
 
 def bootstrap(keyset: str, now: float, mint: Mint) -> Transition:

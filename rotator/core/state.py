@@ -9,8 +9,9 @@ refuses what `strictjson` refuses (not UTF-8, not JSON, NaN or Infinity,
 duplicate members, deep nesting), a member of the wrong JSON type at any
 path, a document that does not hold exactly one ``current`` key and at most
 one ``next``, a JWK that is not exactly the public members of an ES256 P-256
-key with its thumbprint as kid (an ``imported`` key keeps its issuer's kid,
-`jwk.foreign_kid`), a private JWK member, and a sealed key that
+key, a kid that is not 1 to 64 base64url characters (`jwk.foreign_kid`: the
+thumbprint of a key minted here, or the kid another IAM gave a key imported
+from it), a private JWK member, and a sealed key that
 `SealedKey.from_json` refuses (an ``imported`` key has ``null`` there, and
 only it).
 
@@ -34,7 +35,7 @@ from typing import Any
 from rotator.core import strictjson
 from rotator.core.encoding import STATE_FORMAT, encode_jwks, encode_state
 from rotator.core.envelope import SealedKey
-from rotator.core.jwk import PRIVATE_MEMBERS, foreign_kid, publishable_jwk, thumbprint
+from rotator.core.jwk import PRIVATE_MEMBERS, foreign_kid, publishable_jwk
 from rotator.core.strictjson import shown
 
 __all__ = [
@@ -181,7 +182,7 @@ def _time_field_of(entry: Mapping[str, Any], name: str, *, optional: bool) -> fl
     return moment
 
 
-def _jwk(kid: str, jwk: object, *, imported: bool) -> Mapping[str, str]:
+def _jwk(kid: str, jwk: object) -> Mapping[str, str]:
     if not isinstance(jwk, dict):
         raise CorruptState(f"key {shown(kid)}: jwk is not an object")
     if PRIVATE_MEMBERS & jwk.keys():
@@ -194,11 +195,11 @@ def _jwk(kid: str, jwk: object, *, imported: bool) -> Mapping[str, str]:
         raise CorruptState(f"key {shown(kid)}: JWK x and y must be 32 bytes of base64url")
     if jwk["kid"] != kid:
         raise CorruptState(f"key {shown(kid)}: kid is not its JWK's kid")
-    if imported:
-        if not foreign_kid(kid):
-            raise CorruptState(f"key {shown(kid)}: an imported kid must be 1-64 base64url")
-    elif thumbprint(jwk) != kid:
-        raise CorruptState(f"key {shown(kid)}: kid is not the thumbprint of its JWK")
+    # A key minted here has its thumbprint as kid, one adopted from another IAM keeps its
+    # own: both in the alphabet and length `jwk.foreign_kid` allows, which is what matters
+    # to the logs, Redis keys and shells a kid reaches.
+    if not foreign_kid(kid):
+        raise CorruptState(f"key {shown(kid)}: kid is not 1-64 base64url characters")
     return jwk
 
 
@@ -213,7 +214,7 @@ def _decode_key(entry: object) -> KeyRecord:
     if status is None:
         raise CorruptState(f"key {shown(kid)}: status {shown(entry.get('status'))} is unknown")
     imported = status is Status.IMPORTED
-    jwk = _jwk(kid, entry.get("jwk"), imported=imported)
+    jwk = _jwk(kid, entry.get("jwk"))
     sealed_key = _sealed(kid, entry.get("sealed"), imported=imported)
     created = _time_field_of(entry, "created_at", optional=False)
     assert created is not None

@@ -455,6 +455,20 @@ class KeyManager:
 
         return self._apply(keyset, decide)
 
+    def adopt_signing_key(self, keyset: str, key: GeneratedKey, *, as_current: bool) -> Outcome:
+        """Seal *key* under the first KEK and take it into *keyset* as ``next`` or
+        ``current`` (see `lifecycle.adopt_signing_key`)."""
+        keyring = self._keyring()
+        sealed = keyring.seal(key.private_der, keyset=keyset, kid=key.kid)
+        policy, mint = self.policy(keyset), self.mint(keyset)
+
+        def decide(state: KeySetState | None, now: float) -> Transition:
+            return lifecycle.adopt_signing_key(
+                keyset, state, (key, sealed), now, policy, as_current=as_current, mint=mint
+            )
+
+        return self._apply(keyset, decide)
+
     def reseal(self, keyset: str) -> Outcome:
         """Re-encrypt every key of *keyset* under the first KEK."""
         keyring = self._keyring()
