@@ -8,12 +8,14 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from rotator.core import lifecycle
-from rotator.core.jwk import PRIVATE_MEMBERS
+from rotator.core.jwk import PRIVATE_MEMBERS, GeneratedKey, public_jwk
 from rotator.core.lifecycle import KidTaken, NoSuchKey, RotationTooSoon, Transition
 from rotator.core.policy import Policy
 from rotator.core.state import KeySetState, Status, decode_state, encode_state
@@ -349,6 +351,34 @@ class LifecycleMachine(RuleBasedStateMachine):
         for jwk in jwks:
             self.imported_until[jwk["kid"]] = until
         self.apply(transition)
+
+    @rule(as_current=st.booleans())
+    def adopt_a_signing_key(self, as_current: bool) -> None:
+        self.imports += 1
+        private = ec.derive_private_key(50_000 + self.imports, ec.SECP256R1())
+        der = private.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        jwk = {**public_jwk(private.public_key()), "kid": f"adopted-{self.imports}"}
+        key = GeneratedKey(jwk=jwk, private_der=der)
+        self.mint.made.append(key)  # where the invariants look for private material
+        sealed = self.mint.keyring.seal(der, keyset="default", kid=key.kid)
+        transition = lifecycle.adopt_signing_key(
+            "default",
+            self.state,
+            (key, sealed),
+            self.clock.now,
+            JITTERED,
+            as_current=as_current,
+            mint=self.mint,
+        )
+        # --as current is the stated exception to "published before it signs"
+        self.apply(transition, fresh_signer_allowed=as_current)
+        adopted = self.state.find(key.kid)
+        assert adopted is not None and adopted.sealed is not None
+        assert adopted.status is (Status.CURRENT if as_current else Status.NEXT)
 
     @rule(data=st.data())
     def import_a_kid_already_held(self, data: st.DataObject) -> None:
