@@ -37,7 +37,7 @@ from pydantic_settings import (
 
 from rotator.core.durations import format_duration, parse_duration
 from rotator.core.envelope import Keyring, load_keyring
-from rotator.core.policy import Policy, cron_trigger
+from rotator.core.policy import Policy, parse_schedule
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
 
 __all__ = [
@@ -136,7 +136,7 @@ class _PolicyFields(_Section):
     def _parse_cron(cls, schedule: str | None) -> str | None:
         if schedule is not None:
             try:
-                cron_trigger(schedule)
+                parse_schedule(schedule)
             except ValueError as exc:
                 raise ValueError(f"invalid cron expression {schedule!r}: {exc}") from None
         return schedule

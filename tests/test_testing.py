@@ -307,11 +307,6 @@ def test_rotator_testing_loads_no_daemon_dependency() -> None:
     assert loaded_by_import("rotator.testing", HEAVY) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: rotator.core.policy still imports APScheduler at import (the "
-    "'wiring' change removes that arrow)",
-)
 def test_rotator_testing_loads_no_scheduler() -> None:
     assert loaded_by_import("rotator.testing", ("apscheduler",)) == []
 
