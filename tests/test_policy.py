@@ -72,6 +72,16 @@ def test_month_and_day_names() -> None:
     assert fire_days("0 0 * * sat-sun", WEDNESDAY, 2) == dates((2026, 12, 5), (2026, 12, 6))
 
 
+def test_a_range_that_runs_backwards_wraps_around() -> None:
+    """croniter's reading (cron refuses these): kept, since APScheduler took `sat-sun`."""
+    assert fire_days("0 0 * * fri-mon", WEDNESDAY, 5) == dates(
+        (2026, 12, 4), (2026, 12, 5), (2026, 12, 6), (2026, 12, 7), (2026, 12, 11)
+    )
+    policy = Policy(interval=None, schedule="50-10 3 * * *", cache_max_age=30.0, jitter=0.0)
+    assert policy.next_rotation_after(at(2026, 12, 2, 3) + 11 * 60) == at(2026, 12, 2, 3) + 3000
+    assert policy.next_rotation_after(at(2026, 12, 2, 3) + 59 * 60) == at(2026, 12, 3, 3)
+
+
 def test_the_first_fire_is_at_or_after_the_moment_asked() -> None:
     policy = Policy(interval=None, schedule="0 3 * * *", cache_max_age=60.0)
     three = at(2026, 12, 2, 3)
