@@ -35,6 +35,7 @@ __all__ = [
     "VerificationKeys",
     "b64decode_ascii",
     "b64decode_strict",
+    "etag_of",
     "import_jwks",
 ]
 
@@ -89,6 +90,11 @@ def _coordinate(jwk: Mapping[str, Any], name: str) -> int:
     if len(raw) != 32:
         raise ValueError(f"{name} is {len(raw)} bytes, not 32")
     return int.from_bytes(raw, "big")
+
+
+def etag_of(body: bytes) -> str:
+    """The HTTP entity tag of *body*: a digest of its bytes, quoted."""
+    return '"' + b64url(hashlib.sha256(body).digest()[:16]) + '"'
 
 
 class CheckedPoints:
@@ -201,5 +207,4 @@ def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> Verif
     for reason in skipped:
         log.warning("JWKS entry skipped: %s", reason)
     body = jwks_document(public) if leaked else raw
-    etag = '"' + b64url(hashlib.sha256(body).digest()[:16]) + '"'
-    return VerificationKeys(keys, body, etag, tuple(skipped))
+    return VerificationKeys(keys, body, etag_of(body), tuple(skipped))
