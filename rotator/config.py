@@ -37,6 +37,7 @@ from pydantic_settings import (
 
 from rotator.core.durations import format_duration, parse_duration
 from rotator.core.envelope import Keyring, load_keyring
+from rotator.core.issuer import issuer_routes, validate_issuer
 from rotator.core.policy import Policy, parse_schedule
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
 
@@ -130,6 +131,12 @@ class _PolicyFields(_Section):
     clock_skew: Duration | None = None
     cache_max_age: Duration | None = None
     jitter: Duration | None = None
+    issuer: str | None = None
+
+    @field_validator("issuer")
+    @classmethod
+    def _good_issuer(cls, issuer: str | None) -> str | None:
+        return None if issuer is None else validate_issuer(issuer)
 
     @field_validator("schedule")
     @classmethod
@@ -157,10 +164,11 @@ class _PolicyFields(_Section):
             "clock_skew": base.clock_skew,
             "cache_max_age": base.cache_max_age,
             "jitter": base.jitter,
+            "issuer": base.issuer,
         }
         if self.interval is not None or self.schedule is not None:
             values["interval"], values["schedule"] = self.interval, self.schedule
-        for name in ("overlap", "max_token_ttl", "clock_skew", "cache_max_age", "jitter"):
+        for name in ("overlap", "max_token_ttl", "clock_skew", "cache_max_age", "jitter", "issuer"):
             value = getattr(self, name)
             if value is not None:
                 values[name] = value
@@ -304,9 +312,32 @@ class Settings(BaseSettings):
                     f"keysets.{name}.{field}: {message}"
                     for field, message in override.overlay(self.base_policy()).problems()
                 ]
+        if not errors:
+            errors = self._shared_issuer_paths()
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    def _shared_issuer_paths(self) -> list[str]:
+        """One error per issuer path that two configured key sets claim (serve could not
+        tell whose discovery document it is), naming the field each got it from."""
+        names = self.configured_keysets()
+        _routes, shared = issuer_routes({name: self.policy(name).issuer for name in names})
+        errors = []
+        for path, claimants in shared.items():
+            fields = sorted(
+                f"keysets.{name}.issuer" if self._own_issuer(name) else "rotation.issuer"
+                for name in claimants
+            )
+            errors.append(
+                f"{fields[0]}: issuer path {path} is shared by key sets "
+                f"{', '.join(claimants)}; give each its own"
+            )
+        return errors
+
+    def _own_issuer(self, keyset: str) -> bool:
+        override = self.keysets.get(keyset)
+        return override is not None and override.issuer is not None
 
     def base_policy(self) -> Policy:
         """The ``[rotation]`` policy over the built-in defaults."""

@@ -15,6 +15,7 @@ from rotator.cli.common import UsageError, load_all, manager_for
 from rotator.cli.output import print_outcome
 from rotator.config import KeysetSettings, Settings, describe_error
 from rotator.core.instants import stamped
+from rotator.core.issuer import issuer_routes
 from rotator.core.lifecycle import rotation_due_at
 from rotator.core.strictjson import one_line
 from rotator.daemon.manager import KeyManager
@@ -37,7 +38,7 @@ __all__ = ["POLICY_FLAGS", "cmd_keyset", "flag"]
 log = logging.getLogger("rotator")
 
 #: The policy fields a registered key set may override, each a flag of ``keyset add``
-#: and ``keyset update``.
+#: and ``keyset update`` (the OIDC ``issuer`` URL among them).
 POLICY_FLAGS = (
     "interval",
     "schedule",
@@ -46,6 +47,7 @@ POLICY_FLAGS = (
     "clock_skew",
     "cache_max_age",
     "jitter",
+    "issuer",
 )
 
 
@@ -69,6 +71,7 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
     registered = {n: raw for n, raw in store.registry().items() if raw != REMOVED}
     if args.keyset_command == "add":
         overrides = _overrides(settings, args, {})
+        _own_issuer_path(settings, keysets, name, overrides)
         policy = encode_overrides(overrides)
         if name in registered and policy_of(registered[name]) != policy:
             raise UsageError(
@@ -90,6 +93,7 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         except BadPolicy:
             stored = KeysetSettings()  # a broken stored policy is replaced by the flags
         overrides = _overrides(settings, args, stored.model_dump(mode="json", exclude_none=True))
+        _own_issuer_path(settings, keysets, name, overrides)
         # Compare-and-set: an update racing a removal must not bring the name back.
         if not store.replace_entry(name, raw, encode_entry(overrides, lineage_of(raw))):
             raise UsageError(f"key set {name} changed while this ran (updated or removed); retry")
@@ -163,6 +167,24 @@ def _overrides(
     if problems:
         raise UsageError("; ".join(f"{flag(f)}: {m}" for f, m in problems))
     return overrides
+
+
+def _own_issuer_path(
+    settings: Settings, keysets: KeySets, name: str, overrides: KeysetSettings
+) -> None:
+    """Refuse *overrides* for *name* if its issuer's path is another key set's (as the
+    config and the registry say now): serve could not tell whose discovery document it is."""
+    issuers = {e.name: e.policy.issuer for e in keysets.entries() if e.policy is not None}
+    issuers[name] = overrides.overlay(settings.base_policy()).issuer
+    _routes, shared = issuer_routes(issuers)
+    for path, claimants in shared.items():
+        if name in claimants:
+            others = ", ".join(n for n in claimants if n != name)
+            inherited = "" if overrides.issuer else " (inherited from [rotation].issuer)"
+            raise UsageError(
+                f"--issuer: issuer path {path}{inherited} is already key set {others}'s; "
+                "give this key set an issuer of its own"
+            )
 
 
 def _flagged(line: str) -> str:

@@ -148,6 +148,9 @@ def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     return [leaf for child in children for leaf in _leaves(child)] if children else [parser]
 
 
+_METAVARS = {"schedule": "CRON", "issuer": "URL"}
+
+
 def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     keyset = sub.add_parser("keyset", help="add, remove or list key sets")
     keyset_sub = keyset.add_subparsers(dest="keyset_command", required=True, metavar="ACTION")
@@ -159,7 +162,7 @@ def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
             parser_.add_argument(
                 flag(field),
                 dest=field,
-                metavar="CRON" if field == "schedule" else "DURATION",
+                metavar=_METAVARS.get(field, "DURATION"),
                 help=f"{field} of this key set (default: [rotation].{field})",
             )
     remove = keyset_sub.add_parser("remove", help="unregister a key set and delete its keys")

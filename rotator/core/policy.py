@@ -135,6 +135,8 @@ class Policy:
     Exactly one of `interval` and `schedule` (a UTC crontab line) is set.
     `jitter` is the window after the due time over which rotations of many
     key sets spread; ``None`` picks 5 % of the period, at most one hour.
+    `issuer` is the OIDC issuer URL (`rotator.core.issuer`) whose discovery
+    document `rotator serve` answers; ``None`` for none.
     """
 
     interval: float | None = 86400.0
@@ -144,6 +146,7 @@ class Policy:
     clock_skew: float = 300.0
     cache_max_age: float = 300.0
     jitter: float | None = None
+    issuer: str | None = None
 
     def next_rotation_after(self, now: float) -> float:
         """When the key promoted at *now* should itself be replaced.
