@@ -7,6 +7,7 @@ file, TOML syntax, unknown field, bad duration, contradictory policy) into a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from pydantic_settings import (
 from rotator.core.durations import format_duration, parse_duration
 from rotator.core.envelope import Keyring, load_keyring
 from rotator.core.issuer import issuer_routes, validate_issuer
+from rotator.core.jwk import MAX_RSA_BITS, MIN_RSA_BITS, Algorithm
 from rotator.core.policy import Policy, parse_schedule
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
 
@@ -131,6 +133,8 @@ class _PolicyFields(_Section):
     clock_skew: Duration | None = None
     cache_max_age: Duration | None = None
     jitter: Duration | None = None
+    algorithm: Algorithm | None = None
+    rsa_bits: Annotated[int, Field(ge=MIN_RSA_BITS, le=MAX_RSA_BITS)] | None = None
     issuer: str | None = None
 
     @field_validator("issuer")
@@ -155,24 +159,16 @@ class _PolicyFields(_Section):
         return self
 
     def overlay(self, base: Policy) -> Policy:
-        """*base* with every field set here replacing it."""
+        """*base* with every field set here replacing it (interval and schedule together:
+        setting one unsets the other)."""
         values: dict[str, Any] = {
-            "interval": base.interval,
-            "schedule": base.schedule,
-            "overlap": base.overlap,
-            "max_token_ttl": base.max_token_ttl,
-            "clock_skew": base.clock_skew,
-            "cache_max_age": base.cache_max_age,
-            "jitter": base.jitter,
-            "issuer": base.issuer,
+            name: value
+            for name in type(self).model_fields
+            if (value := getattr(self, name)) is not None
         }
         if self.interval is not None or self.schedule is not None:
             values["interval"], values["schedule"] = self.interval, self.schedule
-        for name in ("overlap", "max_token_ttl", "clock_skew", "cache_max_age", "jitter", "issuer"):
-            value = getattr(self, name)
-            if value is not None:
-                values[name] = value
-        return Policy(**values)
+        return dataclasses.replace(base, **values)
 
 
 class RotationSettings(_PolicyFields):

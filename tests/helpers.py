@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.core.envelope import Keyring, SealedKey, generate_kek_line, parse_keks
 from rotator.core.jwk import GeneratedKey, b64url, generate_key, load_private_key, public_jwk
+from rotator.core.policy import Policy
 
 T = TypeVar("T")
 
@@ -86,9 +87,9 @@ class RecordingMint:
     made: list[GeneratedKey] = field(default_factory=list)
     deterministic: bool = False
 
-    def _key(self) -> GeneratedKey:
-        if not self.deterministic:
-            return generate_key()
+    def _key(self, policy: Policy) -> GeneratedKey:
+        if not self.deterministic or policy.algorithm != "ES256":
+            return generate_key(policy.algorithm, rsa_bits=policy.rsa_bits)
         private = ec.derive_private_key(len(self.made) + 1, ec.SECP256R1())
         der = private.private_bytes(
             serialization.Encoding.DER,
@@ -97,8 +98,8 @@ class RecordingMint:
         )
         return GeneratedKey(jwk=public_jwk(private.public_key()), private_der=der)
 
-    def __call__(self) -> tuple[GeneratedKey, SealedKey]:
-        key = self._key()
+    def __call__(self, policy: Policy | None = None) -> tuple[GeneratedKey, SealedKey]:
+        key = self._key(policy or Policy())
         self.made.append(key)
         return key, self.keyring.seal(key.private_der, keyset=self.keyset, kid=key.kid)
 

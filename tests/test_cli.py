@@ -218,6 +218,8 @@ def test_keyset_policy_errors_name_the_flag_and_store_nothing(
         (["--overlap", "10s"], "--overlap"),
         (["--schedule", "not cron"], "--schedule"),
         (["--jitter", "200s"], "--jitter"),
+        (["--algorithm", "HS256"], "--algorithm"),
+        (["--algorithm", "RS256", "--rsa-bits", "1024"], "--rsa-bits"),
     ]:
         result = cli("keyset", "add", "app", *args)
         assert result.code == 2, args
@@ -225,6 +227,26 @@ def test_keyset_policy_errors_name_the_flag_and_store_nothing(
     assert not client.exists("rotator:keysets", "rotator:{app}:state")
     refused = cli("keyset", "add", "default", "--interval", "1h")
     assert refused.code == 2 and "defined in the config" in refused.stderr
+
+
+def test_keyset_algorithm_is_a_flag_that_applies_from_the_next_rotation(
+    cli: Cli, client: redis.Redis
+) -> None:
+    assert cli("keyset", "add", "ed", "--algorithm", "EdDSA").code == 0
+    ed = json.loads(cli("status", "--keyset", "ed", "--json").stdout)[0]
+    assert {k["alg"] for k in ed["keys"]} == {"EdDSA"}, ed
+    updated = cli("keyset", "update", "ed", "--algorithm", "ES384")
+    assert updated.code == 0, updated.stderr
+    assert json.loads(policy_of(entry(client, "ed"))) == {"algorithm": "ES384"}
+    assert "ES384" in cli("keyset", "list").stdout
+    rotated = cli("rotate", "--keyset", "ed", "--force")
+    assert rotated.code == 0, rotated.stderr
+    keys = json.loads(cli("status", "--keyset", "ed", "--json").stdout)[0]["keys"]
+    assert [(k["status"], k["alg"]) for k in keys] == [
+        ("current", "EdDSA"),  # the next published before the change signs now
+        ("next", "ES384"),
+        ("retired", "EdDSA"),
+    ]
 
 
 def test_a_broken_stored_policy_fails_that_keyset_alone(cli: Cli, client: redis.Redis) -> None:

@@ -79,7 +79,7 @@ def attack(raw: bytes | str, check: Callable[[bytes], object]) -> None:
 _KEY = RecordingMint(KEYRING)()
 
 
-def fixed_mint() -> tuple[GeneratedKey, SealedKey]:
+def fixed_mint(_policy: Policy) -> tuple[GeneratedKey, SealedKey]:
     return _KEY
 
 

@@ -39,16 +39,7 @@ log = logging.getLogger("rotator")
 
 #: The policy fields a registered key set may override, each a flag of ``keyset add``
 #: and ``keyset update`` (the OIDC ``issuer`` URL among them).
-POLICY_FLAGS = (
-    "interval",
-    "schedule",
-    "overlap",
-    "max_token_ttl",
-    "clock_skew",
-    "cache_max_age",
-    "jitter",
-    "issuer",
-)
+POLICY_FLAGS = tuple(KeysetSettings.model_fields)
 
 
 def flag(field: str) -> str:

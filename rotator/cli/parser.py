@@ -15,6 +15,7 @@ from typing import NoReturn
 from rotator.cli.keyset import POLICY_FLAGS, flag
 from rotator.config import LOG_LEVELS
 from rotator.core.durations import parse_duration
+from rotator.core.jwk import ALGORITHMS
 from rotator.core.strictjson import one_line
 
 __all__ = ["build_parser", "shield_kids", "subparsers"]
@@ -148,7 +149,12 @@ def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     return [leaf for child in children for leaf in _leaves(child)] if children else [parser]
 
 
-_METAVARS = {"schedule": "CRON", "issuer": "URL"}
+_METAVARS = {
+    "schedule": "CRON",
+    "issuer": "URL",
+    "algorithm": "|".join(ALGORITHMS),
+    "rsa_bits": "BITS",
+}
 
 
 def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:

@@ -61,8 +61,10 @@ __all__ = [
     "rotation_due_at",
 ]
 
-#: Makes a fresh key for the key set and seals it: ``mint() -> (key, sealed)``.
-Mint = Callable[[], tuple[GeneratedKey, SealedKey]]
+#: Makes a fresh key of the policy's algorithm and seals it: ``mint(policy) -> (key, sealed)``.
+Mint = Callable[[Policy], tuple[GeneratedKey, SealedKey]]
+
+_DEFAULT_POLICY = Policy()
 
 EventKind = Literal["bootstrap", "rotate", "expire", "revoke", "repair"]
 Reason = Literal["scheduled", "manual", "forced", "revoke"]
@@ -98,8 +100,12 @@ class NoSuchKey(LifecycleError):
     naming an unknown kid is `rotator.errors.UnknownKid`, a verification error."""
 
 
-def _minted(mint: Mint, status: Status, now: float) -> KeyRecord:
-    key, sealed = mint()
+def _minted(mint: Mint, status: Status, now: float, policy: Policy) -> KeyRecord:
+    # Only fresh keys take the policy's algorithm: a key keeps the one it was made with
+    # until it leaves the set, so a change of algorithm reaches signing through a `next`
+    # that verifiers have held for a whole rotation, and the old algorithm's tokens keep
+    # verifying through the overlap.
+    key, sealed = mint(policy)
     activated = now if status is Status.CURRENT else None
     return KeyRecord(key.kid, status, now, key.jwk, sealed, activated_at=activated)
 
@@ -124,10 +130,11 @@ def _retired(key: KeyRecord, now: float, policy: Policy) -> KeyRecord:
     )
 
 
-def bootstrap(keyset: str, now: float, mint: Mint) -> Transition:
-    """Version 1 of an empty key set: a ``current`` and a ``next`` key, both published now."""
-    current = _minted(mint, Status.CURRENT, now)
-    upcoming = _minted(mint, Status.NEXT, now)
+def bootstrap(keyset: str, now: float, mint: Mint, policy: Policy = _DEFAULT_POLICY) -> Transition:
+    """Version 1 of an empty key set: a ``current`` and a ``next`` key of *policy*'s
+    algorithm, both published now."""
+    current = _minted(mint, Status.CURRENT, now, policy)
+    upcoming = _minted(mint, Status.NEXT, now, policy)
     state = KeySetState(keyset, 1, now, (current, upcoming))
     return Transition(state, (Event("bootstrap", current.kid), Event("bootstrap", upcoming.kid)))
 
@@ -170,7 +177,7 @@ def _rotated(
     upcoming = state.next
     assert upcoming is not None, "callers mint a next key first"
     keys = [_retired(state.current, now, policy), _promoted(upcoming, now)]
-    fresh = _minted(mint, Status.NEXT, now)
+    fresh = _minted(mint, Status.NEXT, now, policy)
     keys += [*state.by_status(Status.RETIRED), fresh]
     return keys, [Event("rotate", upcoming.kid, reason)]
 
@@ -192,8 +199,8 @@ def rotate(
     signs at once: for a suspected leak of both keys.
     """
     if force_new:
-        current = _minted(mint, Status.CURRENT, now)
-        spare = _minted(mint, Status.NEXT, now)
+        current = _minted(mint, Status.CURRENT, now, policy)
+        spare = _minted(mint, Status.NEXT, now, policy)
         keys = [_retired(state.current, now, policy), current, spare]
         keys += state.by_status(Status.RETIRED)
         events = [Event("rotate", current.kid, "forced")]
@@ -230,13 +237,13 @@ def revoke(state: KeySetState, kid: str, now: float, policy: Policy, mint: Mint)
         promoted = state.next
         if promoted is None:
             # Only a hand-edited state lacks a next key; a signer must still exist.
-            promoted = _minted(mint, Status.NEXT, now)
+            promoted = _minted(mint, Status.NEXT, now, policy)
             remaining.append(promoted)
         remaining = [_promoted(k, now) if k is promoted else k for k in remaining]
-        remaining.append(_minted(mint, Status.NEXT, now))
+        remaining.append(_minted(mint, Status.NEXT, now, policy))
         events.append(Event("rotate", promoted.kid, "revoke"))
     elif target.status is Status.NEXT:
-        remaining.append(_minted(mint, Status.NEXT, now))
+        remaining.append(_minted(mint, Status.NEXT, now, policy))
     return Transition(state.with_keys(remaining, now), tuple(events))
 
 
@@ -258,7 +265,7 @@ def reconcile(state: KeySetState, now: float, policy: Policy, mint: Mint) -> Tra
     keys = [key for key in state.keys if key.kid not in gone]
     working = KeySetState(state.keyset, state.version, state.updated_at, tuple(keys))
     if working.next is None:
-        fresh = _minted(mint, Status.NEXT, now)
+        fresh = _minted(mint, Status.NEXT, now, policy)
         keys.append(fresh)
         events.append(Event("repair", fresh.kid))
     elif now >= rotation_due_at(working, policy):

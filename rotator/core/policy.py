@@ -22,6 +22,13 @@ from functools import cached_property, lru_cache
 from croniter import CroniterBadDateError, CroniterError, croniter
 
 from rotator.core.durations import format_duration
+from rotator.core.jwk import (
+    ALGORITHMS,
+    DEFAULT_ALGORITHM,
+    DEFAULT_RSA_BITS,
+    MAX_RSA_BITS,
+    MIN_RSA_BITS,
+)
 
 __all__ = ["Policy", "parse_schedule"]
 
@@ -137,6 +144,8 @@ class Policy:
     key sets spread; ``None`` picks 5 % of the period, at most one hour.
     `issuer` is the OIDC issuer URL (`rotator.core.issuer`) whose discovery
     document `rotator serve` answers; ``None`` for none.
+    `algorithm` (one of `jwk.ALGORITHMS`) and, for RS256, `rsa_bits` are those of the keys
+    minted from now on; keys already in the set keep theirs.
     """
 
     interval: float | None = 86400.0
@@ -147,6 +156,8 @@ class Policy:
     cache_max_age: float = 300.0
     jitter: float | None = None
     issuer: str | None = None
+    algorithm: str = DEFAULT_ALGORITHM
+    rsa_bits: int = DEFAULT_RSA_BITS
 
     def next_rotation_after(self, now: float) -> float:
         """When the key promoted at *now* should itself be replaced.
@@ -195,6 +206,10 @@ class Policy:
     def problems(self) -> list[tuple[str, str]]:
         """Contradictions in this policy as ``(field, message)`` pairs; empty when sound."""
         found: list[tuple[str, str]] = []
+        if self.algorithm not in ALGORITHMS:
+            found.append(("algorithm", f"{self.algorithm!r} is not one of {', '.join(ALGORITHMS)}"))
+        if not MIN_RSA_BITS <= self.rsa_bits <= MAX_RSA_BITS:
+            found.append(("rsa_bits", f"must be from {MIN_RSA_BITS} to {MAX_RSA_BITS}"))
         if (self.interval is None) == (self.schedule is None):
             found.append(("interval", "set exactly one of interval and schedule"))
             return found

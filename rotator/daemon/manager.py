@@ -137,11 +137,12 @@ class KeyManager:
         return self.keyring
 
     def mint(self, keyset: str) -> Mint:
-        """Key factory for *keyset*: generate, then seal under the first KEK."""
+        """Key factory for *keyset*: generate a key of the policy's algorithm, then seal
+        it under the first KEK."""
         keyring = self._keyring()
 
-        def fresh() -> tuple[GeneratedKey, SealedKey]:
-            key = generate_key()
+        def fresh(policy: Policy) -> tuple[GeneratedKey, SealedKey]:
+            key = generate_key(policy.algorithm, rsa_bits=policy.rsa_bits)
             sealed = keyring.seal(key.private_der, keyset=keyset, kid=key.kid)
             self._opened.add((keyset, key.kid, sealed.kek))  # sealed here: opens by construction
             return key, sealed
@@ -407,7 +408,7 @@ class KeyManager:
 
         def decide(state: KeySetState | None, now: float) -> Transition | None:
             if state is None:
-                return lifecycle.bootstrap(keyset, now, mint)
+                return lifecycle.bootstrap(keyset, now, mint, policy)
             if now < self.next_change_at(state):
                 return None
             return lifecycle.reconcile(state, now, policy, mint)
@@ -424,7 +425,7 @@ class KeyManager:
 
         def decide(state: KeySetState | None, now: float) -> Transition:
             if state is None:
-                return lifecycle.bootstrap(keyset, now, mint)
+                return lifecycle.bootstrap(keyset, now, mint, policy)
             return lifecycle.rotate(state, now, policy, mint, force=force, force_new=force_new)
 
         return self._apply(keyset, decide)
