@@ -7,6 +7,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+import jwt
 import pytest
 import redis
 
@@ -247,6 +248,19 @@ def test_keyset_algorithm_is_a_flag_that_applies_from_the_next_rotation(
         ("next", "ES384"),
         ("retired", "EdDSA"),
     ]
+
+
+@pytest.mark.parametrize("algorithm", ["ES384", "EdDSA", "RS256"])
+def test_token_sign_and_verify_use_the_keys_algorithm(cli: Cli, algorithm: str) -> None:
+    flags = ["--rsa-bits", "2048"] if algorithm == "RS256" else []
+    assert cli("keyset", "add", "app", "--algorithm", algorithm, *flags).code == 0
+    signed = cli("token", "sign", "--keyset", "app", "--claims", '{"sub": "me"}')
+    assert signed.code == 0, signed.stderr
+    token = signed.stdout.strip()
+    assert jwt.get_unverified_header(token)["alg"] == algorithm
+    checked = cli("token", "verify", token, "--keyset", "app")
+    assert checked.code == 0, checked.stderr
+    assert json.loads(checked.stdout)["sub"] == "me"
 
 
 def test_a_broken_stored_policy_fails_that_keyset_alone(cli: Cli, client: redis.Redis) -> None:
