@@ -88,7 +88,9 @@ def test_each_algorithm_publishes_its_key_type_with_a_joserfc_thumbprint(algorit
     assert set(key.jwk) == members
     assert key.jwk["alg"] == algorithm and key.jwk["use"] == "sig"
     assert SHAPES[algorithm].items() <= key.jwk.items()
-    public = {k: v for k, v in key.jwk.items() if k not in ("alg", "kid", "use")}
+    public: dict[str, str | list[str]] = {
+        k: v for k, v in key.jwk.items() if k not in ("alg", "kid", "use")
+    }
     assert key.kid == JWKRegistry.import_key(public).thumbprint() == thumbprint(key.jwk)
     private = load_private_key(key.private_der, algorithm)
     assert public_jwk(private.public_key()) == key.jwk
