@@ -68,6 +68,7 @@ def es256_with_p384_coordinates() -> dict[str, str]:
         ("RS256", lambda: rsa_jwk(1024, 65537), "modulus of 2048 to 8192 bits"),
         ("RS256", lambda: rsa_jwk(2048, 3), "e = 65537"),
         ("RS256", lambda: rekeyed(dict(STATES["RS256"].current.jwk), n="AA" + "A" * 340), "bits"),
+        ("RS256", lambda: rekeyed(dict(STATES["RS256"].current.jwk), n="A"), "bits"),
         ("ES256", es256_with_p384_coordinates, "not of its size"),
         ("ES384", lambda: rekeyed(dict(STATES["ES384"].current.jwk), crv="P-256"), "not an ES384"),
         ("EdDSA", lambda: rekeyed(dict(STATES["EdDSA"].current.jwk), x="AAAA"), "not of its size"),

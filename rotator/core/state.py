@@ -227,7 +227,10 @@ def _modulus_bits(text: str) -> int:
     """The size of a base64url RSA modulus in its shortest form, 0 for any other text."""
     if len(text) > _MAX_N_TEXT:
         return 0
-    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:  # binascii.Error: a length no base64 text has
+        return 0
     if not raw or raw[0] == 0 or b64url(raw) != text:
         return 0
     return int.from_bytes(raw, "big").bit_length()
