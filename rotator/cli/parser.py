@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Every command, its arguments and their help."""
     parser = _Parser(
         prog="rotator",
-        description="Rotate ES256 JWT signing keys and publish the JWKS to Redis.",
+        description="Rotate JWT signing keys and publish the JWKS to Redis.",
     )
     parser.add_argument(
         "--config",

@@ -266,8 +266,8 @@ class JWKSCache:
 
 
 class JWKSReader:
-    """Verifies ES256 tokens of one key set; use as a context manager or call `start` and
-    `close`. *metrics*: report the copy's staleness there (see
+    """Verifies the tokens of one key set, each key in its own algorithm; use as a context
+    manager or call `start` and `close`. *metrics*: report the copy's staleness there (see
     `rotator.metrics.register_reader_metrics`).
 
     Thread-safe: its `JWKSCache` is, its `HeaderCache` is safe to share, and `verify`

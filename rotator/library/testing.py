@@ -189,8 +189,8 @@ class Issuer:
         self.store.unregister(self.keyset)
 
     def token(self, *, ttl: int = 300, kid: str | None = None, **claims: Any) -> str:
-        """A compact ES256 token signed by the key *kid* (default: the current key), as
-        `rotator.signer.Signer` signs: header ``kid`` and ``typ``; claims ``iss`` and
+        """A compact token signed by the key *kid* (default: the current key) in that key's
+        algorithm, as `rotator.signer.Signer` signs: header ``kid`` and ``typ``; claims ``iss`` and
         ``aud`` of this issuer, ``iat`` now and ``exp`` *ttl* seconds later (whole
         seconds), then *claims*, which override any of them; a claim given as ``None``
         is left out."""
