@@ -236,7 +236,8 @@ class Issuer:
     def unknown_key_token(self, **claims: Any) -> str:
         """A token signed by a key that was never published."""
         if self._stranger is None:
-            self._stranger = self._keep(generate_key(self.policy.algorithm)).kid
+            stranger = generate_key(self.policy.algorithm, rsa_bits=self.policy.rsa_bits)
+            self._stranger = self._keep(stranger).kid
         return self.token(kid=self._stranger, **claims)
 
 
