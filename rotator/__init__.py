@@ -1,4 +1,4 @@
-"""rotator: rotates ES256 JWT signing keys and publishes the public JWKS to Redis.
+"""rotator: rotates JWT signing keys and publishes the public JWKS to Redis.
 
 The names below are imported on first use, so that services embedding only the reader
 (`rotator.reader`, `rotator.aioreader`, `rotator.signer`) load neither the daemon's

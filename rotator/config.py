@@ -7,6 +7,7 @@ file, TOML syntax, unknown field, bad duration, contradictory policy) into a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -37,7 +38,9 @@ from pydantic_settings import (
 
 from rotator.core.durations import format_duration, parse_duration
 from rotator.core.envelope import Keyring, load_keyring
-from rotator.core.policy import Policy, cron_trigger
+from rotator.core.issuer import issuer_routes, validate_issuer
+from rotator.core.jwk import MAX_RSA_BITS, MIN_RSA_BITS, Algorithm
+from rotator.core.policy import Policy, parse_schedule
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
 
 __all__ = [
@@ -130,13 +133,21 @@ class _PolicyFields(_Section):
     clock_skew: Duration | None = None
     cache_max_age: Duration | None = None
     jitter: Duration | None = None
+    algorithm: Algorithm | None = None
+    rsa_bits: Annotated[int, Field(ge=MIN_RSA_BITS, le=MAX_RSA_BITS)] | None = None
+    issuer: str | None = None
+
+    @field_validator("issuer")
+    @classmethod
+    def _good_issuer(cls, issuer: str | None) -> str | None:
+        return None if issuer is None else validate_issuer(issuer)
 
     @field_validator("schedule")
     @classmethod
     def _parse_cron(cls, schedule: str | None) -> str | None:
         if schedule is not None:
             try:
-                cron_trigger(schedule)
+                parse_schedule(schedule)
             except ValueError as exc:
                 raise ValueError(f"invalid cron expression {schedule!r}: {exc}") from None
         return schedule
@@ -148,23 +159,16 @@ class _PolicyFields(_Section):
         return self
 
     def overlay(self, base: Policy) -> Policy:
-        """*base* with every field set here replacing it."""
+        """*base* with every field set here replacing it (interval and schedule together:
+        setting one unsets the other)."""
         values: dict[str, Any] = {
-            "interval": base.interval,
-            "schedule": base.schedule,
-            "overlap": base.overlap,
-            "max_token_ttl": base.max_token_ttl,
-            "clock_skew": base.clock_skew,
-            "cache_max_age": base.cache_max_age,
-            "jitter": base.jitter,
+            name: value
+            for name in type(self).model_fields
+            if (value := getattr(self, name)) is not None
         }
         if self.interval is not None or self.schedule is not None:
             values["interval"], values["schedule"] = self.interval, self.schedule
-        for name in ("overlap", "max_token_ttl", "clock_skew", "cache_max_age", "jitter"):
-            value = getattr(self, name)
-            if value is not None:
-                values[name] = value
-        return Policy(**values)
+        return dataclasses.replace(base, **values)
 
 
 class RotationSettings(_PolicyFields):
@@ -304,9 +308,32 @@ class Settings(BaseSettings):
                     f"keysets.{name}.{field}: {message}"
                     for field, message in override.overlay(self.base_policy()).problems()
                 ]
+        if not errors:
+            errors = self._shared_issuer_paths()
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    def _shared_issuer_paths(self) -> list[str]:
+        """One error per issuer path that two configured key sets claim (serve could not
+        tell whose discovery document it is), naming the field each got it from."""
+        names = self.configured_keysets()
+        _routes, shared = issuer_routes({name: self.policy(name).issuer for name in names})
+        errors = []
+        for path, claimants in shared.items():
+            fields = sorted(
+                f"keysets.{name}.issuer" if self._own_issuer(name) else "rotation.issuer"
+                for name in claimants
+            )
+            errors.append(
+                f"{fields[0]}: issuer path {path} is shared by key sets "
+                f"{', '.join(claimants)}; give each its own"
+            )
+        return errors
+
+    def _own_issuer(self, keyset: str) -> bool:
+        override = self.keysets.get(keyset)
+        return override is not None and override.issuer is not None
 
     def base_policy(self) -> Policy:
         """The ``[rotation]`` policy over the built-in defaults."""

@@ -12,10 +12,18 @@ from dataclasses import dataclass, field
 from typing import IO, TypeVar
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from rotator.core.envelope import Keyring, SealedKey, generate_kek_line, parse_keks
-from rotator.core.jwk import GeneratedKey, b64url, generate_key, load_private_key, public_jwk
+from rotator.core.jwk import (
+    GeneratedKey,
+    PrivateKey,
+    b64url,
+    generate_key,
+    int_bytes,
+    public_jwk,
+)
+from rotator.core.policy import Policy
 
 T = TypeVar("T")
 
@@ -86,9 +94,9 @@ class RecordingMint:
     made: list[GeneratedKey] = field(default_factory=list)
     deterministic: bool = False
 
-    def _key(self) -> GeneratedKey:
-        if not self.deterministic:
-            return generate_key()
+    def _key(self, policy: Policy) -> GeneratedKey:
+        if not self.deterministic or policy.algorithm != "ES256":
+            return generate_key(policy.algorithm, rsa_bits=policy.rsa_bits)
         private = ec.derive_private_key(len(self.made) + 1, ec.SECP256R1())
         der = private.private_bytes(
             serialization.Encoding.DER,
@@ -97,10 +105,27 @@ class RecordingMint:
         )
         return GeneratedKey(jwk=public_jwk(private.public_key()), private_der=der)
 
-    def __call__(self) -> tuple[GeneratedKey, SealedKey]:
-        key = self._key()
+    def __call__(self, policy: Policy | None = None) -> tuple[GeneratedKey, SealedKey]:
+        key = self._key(policy or Policy())
         self.made.append(key)
         return key, self.keyring.seal(key.private_der, keyset=self.keyset, kid=key.kid)
+
+
+def _secret_numbers(private: PrivateKey) -> list[bytes]:
+    """The private numbers of a key of any type: EC's scalar, Ed25519's seed, RSA's
+    ``d``, ``p`` and ``q``."""
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        size = (private.curve.key_size + 7) // 8
+        return [private.private_numbers().private_value.to_bytes(size, "big")]
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        raw = serialization.Encoding.Raw
+        return [
+            private.private_bytes(
+                raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+            )
+        ]
+    numbers = private.private_numbers()
+    return [int_bytes(numbers.d), int_bytes(numbers.p), int_bytes(numbers.q)]
 
 
 def foreign_jwk(seed: int) -> dict[str, str]:
@@ -119,13 +144,23 @@ def foreign_jwk(seed: int) -> dict[str, str]:
 
 
 def private_key_forms(der: bytes) -> list[bytes]:
-    """The forms in which the private key of PKCS#8 *der* could leak: the DER, its raw
-    scalar ``d`` (bytes and base64url), the DER in base64, and PEM."""
-    private = load_private_key(der)
-    d = private.private_numbers().private_value.to_bytes(32, "big")
+    """The forms in which the private key of PKCS#8 *der* (of any algorithm) could leak:
+    the DER, its private numbers (bytes and base64url), the DER in base64, and PEM."""
+    private = private_of(der)
+    numbers = _secret_numbers(private)
     pem = private.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    return [der, d, b64url(d).encode(), base64.b64encode(der), pem]
+    encoded = [b64url(n).encode() for n in numbers]
+    return [der, *numbers, *encoded, base64.b64encode(der), pem]
+
+
+def private_of(der: bytes) -> PrivateKey:
+    """The private key of PKCS#8 *der*, whatever its type."""
+    key = serialization.load_der_private_key(der, password=None)
+    assert isinstance(
+        key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+    )
+    return key

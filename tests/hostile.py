@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rotator.core import lifecycle
@@ -23,17 +23,22 @@ _BUILD = Policy(
 )
 
 
-def real_state(keyring: Keyring, keyset: str = "default") -> KeySetState:
+def real_state(
+    keyring: Keyring, keyset: str = "default", algorithms: tuple[str, ...] = ("ES256",) * 4
+) -> KeySetState:
     """A state as the code makes it: bootstrapped, rotated three times, a key revoked (so
-    it holds a current, a next and two retired keys), sealed under *keyring*."""
+    it holds a current, a next and two retired keys), sealed under *keyring*. The policy's
+    algorithm is ``algorithms[0]`` at bootstrap and ``algorithms[step]`` at each rotation,
+    so four different ones leave a key of each in the state."""
     mint = RecordingMint(keyring, keyset=keyset)
-    state = lifecycle.bootstrap(keyset, NOW, mint).state
+    policies = [replace(_BUILD, algorithm=algorithm, rsa_bits=2048) for algorithm in algorithms]
+    state = lifecycle.bootstrap(keyset, NOW, mint, policies[0]).state
     for step in (1, 2, 3):
-        transition = lifecycle.reconcile(state, NOW + 150 * step, _BUILD, mint)
+        transition = lifecycle.reconcile(state, NOW + 150 * step, policies[step], mint)
         assert transition is not None
         state = transition.state
-    retired = state.by_status(Status.RETIRED)[0].kid
-    return lifecycle.revoke(state, retired, NOW + 500, _BUILD, mint).state
+    retired = state.by_status(Status.RETIRED)[-1].kid  # the oldest: a bootstrap key
+    return lifecycle.revoke(state, retired, NOW + 500, policies[3], mint).state
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+import jwt
 import pytest
 import redis
 
@@ -218,6 +219,8 @@ def test_keyset_policy_errors_name_the_flag_and_store_nothing(
         (["--overlap", "10s"], "--overlap"),
         (["--schedule", "not cron"], "--schedule"),
         (["--jitter", "200s"], "--jitter"),
+        (["--algorithm", "HS256"], "--algorithm"),
+        (["--algorithm", "RS256", "--rsa-bits", "1024"], "--rsa-bits"),
     ]:
         result = cli("keyset", "add", "app", *args)
         assert result.code == 2, args
@@ -225,6 +228,39 @@ def test_keyset_policy_errors_name_the_flag_and_store_nothing(
     assert not client.exists("rotator:keysets", "rotator:{app}:state")
     refused = cli("keyset", "add", "default", "--interval", "1h")
     assert refused.code == 2 and "defined in the config" in refused.stderr
+
+
+def test_keyset_algorithm_is_a_flag_that_applies_from_the_next_rotation(
+    cli: Cli, client: redis.Redis
+) -> None:
+    assert cli("keyset", "add", "ed", "--algorithm", "EdDSA").code == 0
+    ed = json.loads(cli("status", "--keyset", "ed", "--json").stdout)[0]
+    assert {k["alg"] for k in ed["keys"]} == {"EdDSA"}, ed
+    updated = cli("keyset", "update", "ed", "--algorithm", "ES384")
+    assert updated.code == 0, updated.stderr
+    assert json.loads(policy_of(entry(client, "ed"))) == {"algorithm": "ES384"}
+    assert "ES384" in cli("keyset", "list").stdout
+    rotated = cli("rotate", "--keyset", "ed", "--force")
+    assert rotated.code == 0, rotated.stderr
+    keys = json.loads(cli("status", "--keyset", "ed", "--json").stdout)[0]["keys"]
+    assert [(k["status"], k["alg"]) for k in keys] == [
+        ("current", "EdDSA"),  # the next published before the change signs now
+        ("next", "ES384"),
+        ("retired", "EdDSA"),
+    ]
+
+
+@pytest.mark.parametrize("algorithm", ["ES384", "EdDSA", "RS256"])
+def test_token_sign_and_verify_use_the_keys_algorithm(cli: Cli, algorithm: str) -> None:
+    flags = ["--rsa-bits", "2048"] if algorithm == "RS256" else []
+    assert cli("keyset", "add", "app", "--algorithm", algorithm, *flags).code == 0
+    signed = cli("token", "sign", "--keyset", "app", "--claims", '{"sub": "me"}')
+    assert signed.code == 0, signed.stderr
+    token = signed.stdout.strip()
+    assert jwt.get_unverified_header(token)["alg"] == algorithm
+    checked = cli("token", "verify", token, "--keyset", "app")
+    assert checked.code == 0, checked.stderr
+    assert json.loads(checked.stdout)["sub"] == "me"
 
 
 def test_a_broken_stored_policy_fails_that_keyset_alone(cli: Cli, client: redis.Redis) -> None:

@@ -105,6 +105,9 @@ schedule = "0 3 * * *"
         ('[keysets."a:b"]\ninterval = "1d"', "keysets", "colons"),
         ('[daemon]\ntick = "0s"', "daemon.tick", "at least 1s"),
         ("[daemon]\nhealth_port = 70000", "daemon.health_port", "65535"),
+        ('[rotation]\nalgorithm = "HS256"', "rotation.algorithm", "'ES256', 'ES384'"),
+        ('[keysets.app]\nalgorithm = "none"', "keysets.app.algorithm", "'EdDSA' or 'RS256'"),
+        ("[rotation]\nrsa_bits = 1024", "rotation.rsa_bits", "2048"),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, text: str, field: str, fragment: str) -> None:
@@ -113,6 +116,14 @@ def test_errors_name_the_field(tmp_path: Path, text: str, field: str, fragment: 
     message = str(caught.value)
     assert message.startswith(field), message
     assert fragment in message
+
+
+def test_algorithm_is_a_policy_field_overridden_per_keyset(tmp_path: Path) -> None:
+    text = '[rotation]\nalgorithm = "EdDSA"\n[keysets.rsa]\nalgorithm = "RS256"\nrsa_bits = 4096\n'
+    settings = load_settings(write(tmp_path, text + "[keysets.plain]\n"))
+    assert settings.policy("plain").algorithm == "EdDSA"
+    assert (settings.policy("rsa").algorithm, settings.policy("rsa").rsa_bits) == ("RS256", 4096)
+    assert load_settings().base_policy().algorithm == "ES256"
 
 
 def test_env_errors_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,11 +3,13 @@ Redis outages, and no key material anywhere."""
 
 from __future__ import annotations
 
+import calendar
 import itertools
 import json
 import signal
 import time
 import urllib.request
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -208,6 +210,33 @@ def test_each_keysets_rotation_interval_is_a_gauge(
     )
     for keyset, interval in expected.items():
         assert _sample(daemon, "rotator_rotation_interval_seconds", keyset=keyset) == interval
+
+
+def test_the_rotation_interval_gauge_of_adversarial_schedules(
+    start_daemon: StartDaemon, cli: Cli
+) -> None:
+    """Every minute, once a year, and Feb 29 (every four years): the gauge is the gap
+    between the fire time that replaces the current key and the fire time before it."""
+    schedules = {"minutely": "* * * * *", "yearly": "0 0 1 1 *", "leap": "0 0 29 2 *"}
+    keysets = json.dumps({name: {"schedule": line} for name, line in schedules.items()})
+    daemon = start_daemon(ROTATOR_KEYSETS=keysets)
+    wait_for(lambda: daemon.http("/readyz") == 200, what="ready")
+    today = datetime.now(UTC).date()
+    year = today.year
+    leap = next(y for y in itertools.count(year) if calendar.isleap(y) and date(y, 2, 29) > today)
+    expected = {
+        "minutely": 60.0,
+        "yearly": (date(year + 1, 1, 1) - date(year, 1, 1)).days * 86400.0,
+        "leap": (date(leap, 2, 29) - date(leap - 4, 2, 29)).days * 86400.0,
+    }
+    for keyset, period in expected.items():
+        assert _sample(daemon, "rotator_rotation_interval_seconds", keyset=keyset) == period
+    status = Cli({**cli.env, "ROTATOR_KEYSETS": keysets}, cli.cwd)(
+        "status", "--keyset", "leap", "--json"
+    )
+    assert status.code == 0, status.stderr
+    (doc,) = json.loads(status.stdout)
+    assert doc["next_rotation_at"].startswith(f"{leap}-02-29T00:")
 
 
 def _sample(daemon: Daemon, name: str, **labels: str) -> float | None:

@@ -3,19 +3,30 @@ per bad item and exit 1, never a traceback; every registry change audited."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
 import sys
 import urllib.request
 
+import pytest
 import redis
 
-from rotator.core import strictjson
+from rotator.core import lifecycle, strictjson
 from rotator.core.jwk import generate_key
+from rotator.core.state import (
+    MAX_TIME,
+    MAX_VERSION,
+    MIN_TIME,
+    KeyRecord,
+    KeySetState,
+    Status,
+    encode_state,
+)
 from rotator.embedded import free_port
 from tests.conftest import Cli, CliResult
-from tests.helpers import wait_for
+from tests.helpers import RecordingMint, make_keyring, wait_for
 from tests.hostile import BAD_ENTRIES, Raw, emit
 
 
@@ -159,3 +170,72 @@ def test_serve_starts_and_serves_with_a_poisoned_registry(cli: Cli, client: redi
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
+
+
+def bounds_state() -> KeySetState:
+    """A state at the decoder's bounds: the last version, bootstrapped at the year 3000,
+    its current key created in 1970, and 200 retired keys, each one at both ends."""
+    mint = RecordingMint(make_keyring("k1"))
+    booted = lifecycle.bootstrap("default", float(MAX_TIME), mint).state
+    current, upcoming = booted.current, booted.next
+    assert upcoming is not None
+    made = [mint() for _ in range(200)]
+    retired = [
+        KeyRecord(
+            kid=key.kid,
+            jwk=key.jwk,
+            sealed=sealed,
+            status=Status.RETIRED,
+            created_at=float(MIN_TIME if index % 3 else MAX_TIME),
+            activated_at=float(MIN_TIME),
+            retired_at=float(MAX_TIME),
+            expires_at=float(MIN_TIME if index % 2 else MAX_TIME),
+        )
+        for index, (key, sealed) in enumerate(made)
+    ]
+    current = dataclasses.replace(current, created_at=float(MIN_TIME))
+    return KeySetState("default", MAX_VERSION, float(MAX_TIME), (current, upcoming, *retired))
+
+
+@pytest.mark.parametrize("columns", ["1", "100000", str(10**30)])
+def test_status_of_a_state_at_the_bounds_whatever_the_terminal_width(
+    cli: Cli, client: redis.Redis, columns: str
+) -> None:
+    """Before: COLUMNS=10**30 was an OverflowError traceback, and 10**12 never printed."""
+    client.set("rotator:{default}:state", encode_state(bounds_state()))
+    env = {**cli.env, "COLUMNS": columns}
+    status = Cli(env, cli.cwd)("status")
+    assert status.code == 0 and status.stderr == "", status.stderr
+    lines = status.stdout.splitlines()
+    assert len(lines) == 2 + 2 + 2 * 202 + 1  # header, axis, two lines a key, legend
+    assert "version 9007199254740992" in lines[0]
+    # A bar of 20 to 1000 columns; the line of times under each bar is as long as it says.
+    bars = [line for line in lines if line.startswith(("  current ", "  next ", "  retired "))]
+    assert len(bars) == 202
+    assert all(len(line) <= 2 + 7 + 1 + 12 + 1 + 1000 for line in bars)
+    assert "2999-12-31T23:" in status.stdout or "3000-01-01T00:00:00Z" in status.stdout
+    table = Cli(env, cli.cwd)("status", "--table")
+    assert table.code == 0 and len(table.stdout.splitlines()) == 2 + 202
+
+
+def test_json_of_a_state_at_the_bounds(cli: Cli, client: redis.Redis) -> None:
+    client.set("rotator:{default}:state", encode_state(bounds_state()))
+    status = cli("status", "--json")
+    assert status.code == 0 and status.stderr == "", status.stderr
+    (doc,) = strictjson.loads(status.stdout)
+    assert doc["version"] == MAX_VERSION and len(doc["keys"]) == 202
+    for key in doc["keys"]:
+        assert type(key["age"]) is int
+        for name in ("created_at", "activated_at", "retired_at", "expires_at"):
+            epoch = key[f"{name}_epoch"]
+            assert epoch is None or (type(epoch) is int and MIN_TIME <= epoch <= MAX_TIME)
+            assert key[name] is None or key[name] in {
+                "1970-01-01T00:00:00Z",
+                "3000-01-01T00:00:00Z",
+            }
+    # due at the year 3000 plus the interval: a date every reader can parse
+    assert doc["next_rotation_at"].startswith("3000-01-01T00:01:4") and doc["overdue"] is False
+    listing = cli("keyset", "list", "--json")
+    assert listing.code == 0, listing.stderr
+    (row,) = [row for row in strictjson.loads(listing.stdout) if row["keyset"] == "default"]
+    assert row["next_rotation_at"] == doc["next_rotation_at"]

@@ -53,6 +53,8 @@ def real_state(keyset: str = "default") -> KeySetState:
 
 
 STATE = real_state()
+# A key of every algorithm: the policy's algorithm changed at each rotation.
+MIXED = hostile.real_state(KEYRING, algorithms=("ES256", "ES384", "EdDSA", "RS256"))
 ENTRIES = [
     encode_entry(KeysetSettings.model_validate({"interval": "6h", "overlap": "1d"}), "9f2c01"),
     encode_entry(KeysetSettings.model_validate({"schedule": "0 3 * * *", "jitter": "5m"}), "77ab"),
@@ -79,7 +81,7 @@ def attack(raw: bytes | str, check: Callable[[bytes], object]) -> None:
 _KEY = RecordingMint(KEYRING)()
 
 
-def fixed_mint() -> tuple[GeneratedKey, SealedKey]:
+def fixed_mint(_policy: Policy) -> tuple[GeneratedKey, SealedKey]:
     return _KEY
 
 
@@ -132,6 +134,12 @@ def test_state_documents() -> None:
     attack(encode_state(STATE), check_state)
 
 
+def test_state_documents_with_a_key_of_every_algorithm() -> None:
+    assert {key.algorithm for key in MIXED.keys} >= {"ES384", "EdDSA", "RS256"}
+    assert check_state(encode_state(MIXED)) == MIXED
+    attack(encode_state(MIXED), check_state)
+
+
 def check_jwks(raw: bytes | str) -> None:
     try:
         imported = import_jwks(raw)
@@ -146,6 +154,11 @@ def check_jwks(raw: bytes | str) -> None:
 def test_jwks_documents() -> None:
     assert len(import_jwks(STATE.jwks()).keys) == len(STATE.keys)
     attack(STATE.jwks(), check_jwks)
+
+
+def test_jwks_documents_with_a_key_of_every_algorithm() -> None:
+    assert len(import_jwks(MIXED.jwks()).keys) == len(MIXED.keys)
+    attack(MIXED.jwks(), check_jwks)
 
 
 def check_entry(raw: str) -> None:

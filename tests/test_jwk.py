@@ -7,9 +7,11 @@ import json
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from joserfc.jwk import ECKey
+from joserfc.jwk import ECKey, JWKRegistry
 
 from rotator.core.jwk import (
+    ALGORITHMS,
+    THUMBPRINT_MEMBERS,
     PrivateMemberError,
     generate_key,
     jwks_document,
@@ -69,3 +71,42 @@ def test_jwks_document_refuses_private_members() -> None:
     for member in ("d", "p", "q", "dp", "dq", "qi", "oth", "k"):
         with pytest.raises(PrivateMemberError, match=member):
             jwks_document([{**key.jwk, member: "AAAA"}])
+
+
+SHAPES = {
+    "ES256": {"kty": "EC", "crv": "P-256"},
+    "ES384": {"kty": "EC", "crv": "P-384"},
+    "EdDSA": {"kty": "OKP", "crv": "Ed25519"},
+    "RS256": {"kty": "RSA"},
+}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_each_algorithm_publishes_its_key_type_with_a_joserfc_thumbprint(algorithm: str) -> None:
+    key = generate_key(algorithm, rsa_bits=2048)
+    members = {"alg", "kid", "use", *THUMBPRINT_MEMBERS[SHAPES[algorithm]["kty"]]}
+    assert set(key.jwk) == members
+    assert key.jwk["alg"] == algorithm and key.jwk["use"] == "sig"
+    assert SHAPES[algorithm].items() <= key.jwk.items()
+    public: dict[str, str | list[str]] = {
+        k: v for k, v in key.jwk.items() if k not in ("alg", "kid", "use")
+    }
+    assert key.kid == JWKRegistry.import_key(public).thumbprint() == thumbprint(key.jwk)
+    private = load_private_key(key.private_der, algorithm)
+    assert public_jwk(private.public_key()) == key.jwk
+
+
+def test_rsa_keys_are_3072_bits_by_default_with_exponent_65537() -> None:
+    jwk = generate_key("RS256").jwk
+    assert len(b64decode(jwk["n"])) == 384 and jwk["e"] == "AQAB"
+    with pytest.raises(ValueError, match="2048"):
+        generate_key("RS256", rsa_bits=1024)
+
+
+def test_a_sealed_key_loads_only_as_its_own_algorithm() -> None:
+    der = generate_key("ES384").private_der
+    for other in ("ES256", "EdDSA", "RS256"):
+        with pytest.raises(ValueError, match=f"not an {other}"):
+            load_private_key(der, other)
+    with pytest.raises(ValueError, match="not one of"):
+        generate_key("HS256")

@@ -8,8 +8,9 @@ import re
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from rotator.core.jwk import b64url, generate_key, jwks_document
+from rotator.core.jwk import ALGORITHMS, b64url, generate_key, int_bytes, jwks_document, thumbprint
 from rotator.library.jwks_import import CheckedPoints, JWKSFormatError, import_jwks
 
 
@@ -38,6 +39,12 @@ def test_private_members_are_refused_and_never_served(caplog: pytest.LogCaptureF
     assert "private member" in caplog.text and "c2VjcmV0" not in caplog.text
 
 
+def _rsa(bits: int, *, exponent: int = 65537, alg: str = "RS256") -> dict[str, str]:
+    numbers = rsa.generate_private_key(exponent, bits).public_key().public_numbers()
+    jwk = {"kty": "RSA", "n": b64url(int_bytes(numbers.n)), "e": b64url(int_bytes(numbers.e))}
+    return {"alg": alg, "kid": thumbprint(jwk), **jwk}
+
+
 def _bad(**changes: Any) -> dict[str, Any]:
     jwk: dict[str, Any] = dict(generate_key().jwk)
     jwk.update(changes)
@@ -47,10 +54,21 @@ def _bad(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("entry", "reason"),
     [
-        ({"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "r"}, "key type 'RSA' skipped"),
-        ({"kty": "OKP", "crv": "Ed25519", "x": "AA", "kid": "o"}, "key type 'OKP' skipped"),
-        (_bad(crv="P-384"), "not P-256"),
+        ({"kty": "oct", "k": "AQAB", "kid": "h"}, "private member"),
+        ({"kty": "oct", "kid": "h"}, "key type 'oct' skipped"),
+        ({"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "r"}, "modulus is 17 bits"),
+        (_rsa(1024), "modulus is 1024 bits, not 2048"),
+        (_rsa(2048, exponent=3), "exponent is 3, not 65537"),
+        (_rsa(2048, alg="PS256"), "'PS256' is not RS256"),
+        ({**_rsa(2048), "n": "AA" + _rsa(2048)["n"]}, "shortest form"),
+        ({"kty": "OKP", "crv": "Ed25519", "x": "AA", "kid": "o"}, "1 bytes, not 32"),
+        ({"kty": "OKP", "crv": "X25519", "x": b64url(bytes(32)), "kid": "o"}, "not Ed25519"),
+        ({**generate_key("EdDSA").jwk, "alg": "ES256"}, "'ES256' is not EdDSA"),
+        ({"kty": "EC", "crv": "secp256k1", "x": "AA", "y": "AA", "kid": "k"}, "not P-256 or P-384"),
+        (_bad(crv="P-384", alg=None), "32 bytes, not 48"),
+        (_bad(crv="P-384"), "ES256. is not ES384"),
         (_bad(alg="ES384"), "not ES256"),
+        ({**generate_key("ES384").jwk, "alg": "ES256"}, "not ES384"),
         (_bad(use="enc"), "not sig"),
         (_bad(x=b64url(bytes(31))), "31 bytes"),
         (_bad(y="AA=="), "base64url"),
@@ -72,9 +90,29 @@ def test_unusable_entries_are_skipped_not_fatal(entry: Any, reason: str) -> None
     assert any(re.search(reason, s) for s in imported.skipped), imported.skipped
 
 
-def test_alg_may_be_absent() -> None:
-    jwk = {k: v for k, v in generate_key().jwk.items() if k not in ("alg", "use")}
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_alg_may_be_absent(algorithm: str) -> None:
+    jwk = {k: v for k, v in generate_key(algorithm).jwk.items() if k not in ("alg", "use")}
     assert list(import_jwks(doc(jwk)).keys) == [jwk["kid"]]
+
+
+def test_every_key_type_imports_as_the_key_of_its_algorithm() -> None:
+    keys = {algorithm: generate_key(algorithm, rsa_bits=2048).jwk for algorithm in ALGORITHMS}
+    imported = import_jwks(jwks_document(keys.values()))
+    assert imported.skipped == ()
+    kinds = {a: type(imported.keys[jwk["kid"]]) for a, jwk in keys.items()}
+    assert issubclass(kinds["ES256"], ec.EllipticCurvePublicKey)
+    assert issubclass(kinds["EdDSA"], ed25519.Ed25519PublicKey)
+    assert issubclass(kinds["RS256"], rsa.RSAPublicKey)
+    p384 = imported.keys[keys["ES384"]["kid"]]
+    assert isinstance(p384, ec.EllipticCurvePublicKey) and p384.curve.name == "secp384r1"
+
+
+def test_a_p384_point_off_the_curve_is_skipped() -> None:
+    jwk = dict(generate_key("ES384").jwk)
+    jwk["y"] = b64url((1).to_bytes(48, "big"))
+    jwk["kid"] = thumbprint(jwk)
+    assert re.search("not on the curve|Invalid EC key", import_jwks(doc(jwk)).skipped[0])
 
 
 def test_duplicate_kids_are_both_refused() -> None:

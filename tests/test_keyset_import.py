@@ -46,7 +46,9 @@ def imported(
     state: KeySetState, now: float, until: float, mint: RecordingMint, *jwks: dict[str, str]
 ) -> KeySetState:
     chosen = jwks or (foreign_jwk(7),)
-    return lifecycle.import_verify_only("default", state, list(chosen), until, now, mint=mint).state
+    return lifecycle.import_verify_only(
+        "default", state, list(chosen), until, now, policy=POLICY, mint=mint
+    ).state
 
 
 class OldIam:
@@ -142,7 +144,7 @@ def test_importing_into_an_empty_key_set_bootstraps_it_in_the_same_version() -> 
     clock = FakeClock()
     mint = RecordingMint(make_keyring("k1"))
     transition = lifecycle.import_verify_only(
-        "default", None, [foreign_jwk(7)], clock.now + 10, clock.now, mint=mint
+        "default", None, [foreign_jwk(7)], clock.now + 10, clock.now, policy=POLICY, mint=mint
     )
     assert transition.state.version == 1
     assert [k.status for k in transition.state.keys] == [
@@ -216,7 +218,10 @@ def test_a_private_member_is_dropped_and_its_kid_reported() -> None:
         (b'{"keys": []}', "non-empty list"),
         (b'{"keys": [{"kty": "EC", "kty": "EC"}]}', "appears twice"),
         (b'{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}]}', "symmetric"),
-        (b'{"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "r"}]}', "key type"),
+        # RSA is checked as a reader checks it: a toy modulus is refused
+        (b'{"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "r"}]}', "modulus"),
+        (b'{"keys": [{"kty": "XYZ", "kid": "r"}]}', "key type"),
+        (b'{"keys": [{"kty": ["EC"], "kid": "r"}]}', "key type"),
         (b" " * (MAX_FILE_BYTES + 1), "larger than"),
     ],
 )

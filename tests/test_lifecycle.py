@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from rotator.core import lifecycle
-from rotator.core.jwk import PRIVATE_MEMBERS, GeneratedKey, public_jwk
+from rotator.core.jwk import PRIVATE_MEMBERS, THUMBPRINT_MEMBERS, GeneratedKey, public_jwk
 from rotator.core.lifecycle import KidTaken, NoSuchKey, RotationTooSoon, Transition
 from rotator.core.policy import Policy
 from rotator.core.state import KeySetState, Status, decode_state, encode_state
@@ -244,6 +244,39 @@ def test_no_key_outlives_one_and_a_half_rotation_periods(schedule: str, activate
     assert latest - activated <= 1.5 * policy.rotation_period(activated)
 
 
+def test_an_algorithm_change_signs_only_through_the_prepublished_next() -> None:
+    clock, mint, state = fresh()
+    old_current, old_next = state.current, state.next
+    assert old_next is not None and old_current.algorithm == "ES256"
+    rsa = replace(POLICY, algorithm="RS256", rsa_bits=2048)
+    # Nothing is due: the policy change alone mints nothing and re-keys nothing.
+    assert lifecycle.reconcile(state, clock.now + 1, rsa, mint) is None
+    clock.advance(100)
+    rotated = lifecycle.reconcile(state, clock.now, rsa, mint)
+    assert rotated is not None
+    state = rotated.state
+    # The ES256 next, published a whole interval ago, signs; the old current verifies on.
+    assert (state.current.kid, state.current.algorithm) == (old_next.kid, "ES256")
+    assert state.find(old_current.kid) is not None
+    upcoming = state.next
+    assert upcoming is not None and upcoming.algorithm == "RS256"
+    assert json.loads(upcoming.publishable())["kty"] == "RSA"
+    clock.advance(100)
+    again = lifecycle.reconcile(state, clock.now, rsa, mint)
+    assert again is not None
+    assert (again.state.current.kid, again.state.current.algorithm) == (upcoming.kid, "RS256")
+    retired = {k.kid: k.algorithm for k in again.state.by_status(Status.RETIRED)}
+    assert retired[old_next.kid] == "ES256"
+    assert decode_state(encode_state(again.state), "default") == again.state
+
+
+@pytest.mark.parametrize("algorithm", ["ES384", "EdDSA"])
+def test_bootstrap_mints_keys_of_the_policy_algorithm(algorithm: str) -> None:
+    policy = replace(POLICY, algorithm=algorithm)
+    state = lifecycle.bootstrap("default", 0.0, RecordingMint(make_keyring()), policy).state
+    assert [k.algorithm for k in state.keys] == [algorithm, algorithm]
+
+
 class LifecycleMachine(RuleBasedStateMachine):
     """Drives every transition with a fake clock and checks the design's invariants."""
 
@@ -255,9 +288,14 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.published_at = {k.kid: self.clock.now for k in self.state.keys}
         self.stopped_signing: dict[str, float] = {}
         self.revoked: set[str] = set()
+        # RS256 is left to a unit test: minting RSA keys at every step would slow the machine.
+        self.policy = JITTERED
+        self.algorithm_of = {k.kid: k.algorithm for k in self.state.keys}
         # kid -> the end time the operator gave when importing it
         self.imported_until: dict[str, float] = {}
         self.imports = 0
+        # kids of the keys adopted from another IAM (minted there, in its algorithm)
+        self.adopted: set[str] = set()
 
     def apply(self, transition: Transition, *, fresh_signer_allowed: bool = False) -> None:
         before, after, now = self.state, transition.state, self.clock.now
@@ -271,7 +309,7 @@ class LifecycleMachine(RuleBasedStateMachine):
                 assert before.find(after.current.kid) is not None
                 scheduled = any(e.reason == "scheduled" for e in transition.events)
                 if scheduled:
-                    assert now - self.published_at[after.current.kid] >= JITTERED.cache_max_age
+                    assert now - self.published_at[after.current.kid] >= self.policy.cache_max_age
                     # jitter only ever delays a scheduled rotation
                     activated = before.current.activated_at or before.updated_at
                     assert now >= activated + (JITTERED.interval or 0)
@@ -289,6 +327,12 @@ class LifecycleMachine(RuleBasedStateMachine):
         for key in after.keys:
             self.published_at.setdefault(key.kid, now)
             assert key.kid not in self.revoked
+            # 6. a key minted now has the policy's algorithm, and a key keeps its algorithm
+            #    for life (so an algorithm change signs only through a pre-published next)
+            foreign = key.kid in self.imported_until or key.kid in self.adopted
+            if before.find(key.kid) is None and not foreign:
+                assert key.algorithm == self.policy.algorithm
+            assert self.algorithm_of.setdefault(key.kid, key.algorithm) == key.algorithm
             if key.kid in self.imported_until:
                 # 6. an imported key never signs, never becomes current or next, and is
                 # due to leave exactly when the operator wrote
@@ -297,16 +341,20 @@ class LifecycleMachine(RuleBasedStateMachine):
                 assert key.expires_at == self.imported_until[key.kid]
         self.state = after
 
+    @rule(algorithm=st.sampled_from(["ES256", "ES384", "EdDSA"]))
+    def change_algorithm(self, algorithm: str) -> None:
+        self.policy = replace(JITTERED, algorithm=algorithm)
+
     @rule(seconds=st.integers(min_value=0, max_value=250))
     def time_passes(self, seconds: int) -> None:
         self.clock.advance(seconds)
 
     @rule()
     def reconcile(self) -> None:
-        transition = lifecycle.reconcile(self.state, self.clock.now, JITTERED, self.mint)
+        transition = lifecycle.reconcile(self.state, self.clock.now, self.policy, self.mint)
         if transition is not None:
             self.apply(transition)
-        assert lifecycle.reconcile(self.state, self.clock.now, JITTERED, self.mint) is None
+        assert lifecycle.reconcile(self.state, self.clock.now, self.policy, self.mint) is None
         # 6. once reconciled, no imported key is published past its end time
         for key in self.state.by_status(Status.IMPORTED):
             assert self.clock.now < self.imported_until[key.kid]
@@ -318,7 +366,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         young = self.clock.now - upcoming.created_at < JITTERED.cache_max_age
         try:
             transition = lifecycle.rotate(
-                self.state, self.clock.now, JITTERED, self.mint, force=force
+                self.state, self.clock.now, self.policy, self.mint, force=force
             )
         except RotationTooSoon:
             assert young and not force
@@ -329,14 +377,14 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule()
     def rotate_force_new(self) -> None:
         transition = lifecycle.rotate(
-            self.state, self.clock.now, JITTERED, self.mint, force_new=True
+            self.state, self.clock.now, self.policy, self.mint, force_new=True
         )
         self.apply(transition, fresh_signer_allowed=True)
 
     @rule(data=st.data())
     def revoke(self, data: st.DataObject) -> None:
         kid = data.draw(st.sampled_from([k.kid for k in self.state.keys]))
-        self.apply(lifecycle.revoke(self.state, kid, self.clock.now, JITTERED, self.mint))
+        self.apply(lifecycle.revoke(self.state, kid, self.clock.now, self.policy, self.mint))
 
     @rule(lifetime=st.integers(min_value=1, max_value=400), count=st.integers(1, 2))
     def import_foreign_keys(self, lifetime: int, count: int) -> None:
@@ -346,7 +394,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             jwks.append({**foreign_jwk(self.imports), "kid": f"iam-{self.imports}"})
         until = self.clock.now + lifetime
         transition = lifecycle.import_verify_only(
-            "default", self.state, jwks, until, self.clock.now, mint=self.mint
+            "default", self.state, jwks, until, self.clock.now, policy=self.policy, mint=self.mint
         )
         for jwk in jwks:
             self.imported_until[jwk["kid"]] = until
@@ -364,13 +412,14 @@ class LifecycleMachine(RuleBasedStateMachine):
         jwk = {**public_jwk(private.public_key()), "kid": f"adopted-{self.imports}"}
         key = GeneratedKey(jwk=jwk, private_der=der)
         self.mint.made.append(key)  # where the invariants look for private material
+        self.adopted.add(key.kid)
         sealed = self.mint.keyring.seal(der, keyset="default", kid=key.kid)
         transition = lifecycle.adopt_signing_key(
             "default",
             self.state,
             (key, sealed),
             self.clock.now,
-            JITTERED,
+            self.policy,
             as_current=as_current,
             mint=self.mint,
         )
@@ -386,7 +435,13 @@ class LifecycleMachine(RuleBasedStateMachine):
         jwk = {**foreign_jwk(10_000), "kid": kid}
         with pytest.raises(KidTaken):
             lifecycle.import_verify_only(
-                "default", self.state, [jwk], self.clock.now + 10, self.clock.now, mint=self.mint
+                "default",
+                self.state,
+                [jwk],
+                self.clock.now + 10,
+                self.clock.now,
+                policy=self.policy,
+                mint=self.mint,
             )
 
     @invariant()
@@ -400,7 +455,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         # 1. no private member in the JWKS, none in plaintext in the stored state
         for jwk in json.loads(self.state.jwks())["keys"]:
             assert not PRIVATE_MEMBERS & jwk.keys()
-            assert set(jwk) == {"alg", "crv", "kid", "kty", "use", "x", "y"}
+            assert set(jwk) == {"alg", "kid", "use", *THUMBPRINT_MEMBERS[jwk["kty"]]}
         stored = encode_state(self.state)
         made = {k.kid: k.private_der for k in self.mint.made}
         for key in self.state.keys:

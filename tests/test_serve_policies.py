@@ -77,7 +77,7 @@ def test_a_change_read_bumps_the_generation_with_it(
 
 def test_answers_are_kept_per_copy_and_generation_within_their_bound() -> None:
     answers = AnswerCache(2)
-    built = {name: Answers("e1", 0, reply(200, []), reply(304, [])) for name in "abc"}
+    built = {name: Answers("e1", 0, reply(200, []), reply(304, []), "e1") for name in "abc"}
     answers.put("a", built["a"])
     assert answers.get("a", "e1", 0) is built["a"]
     assert answers.get("a", "e2", 0) is None  # another copy

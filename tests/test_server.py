@@ -102,10 +102,11 @@ def start_serve(
 
 @contextlib.contextmanager
 def running_serve(
-    cli: Cli, *args: str, open_files: tuple[int, int] | None = None
+    cli: Cli, *args: str, open_files: tuple[int, int] | None = None, port: int | None = None
 ) -> Iterator[Running]:
-    """`rotator serve *args` as a real process, stopped with SIGTERM at the end."""
-    port = free_port()
+    """`rotator serve *args` (on *port*, else a free one) as a real process, stopped with
+    SIGTERM at the end."""
+    port = port or free_port()
     process = start_serve(cli, port, *args, open_files=open_files)
     log: list[str] = []
     assert process.stderr is not None

@@ -4,12 +4,13 @@ real redis-server and fakeredis alike."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypedDict
 
@@ -32,6 +33,7 @@ from rotator.errors import (
     NotYetValid,
     UnknownKid,
 )
+from rotator.library.jwks_import import b64decode_strict
 from rotator.library.signer import Signer
 from rotator.reader import JWKSReader
 from rotator.storage.layout import Layout
@@ -173,6 +175,21 @@ def test_the_reader_accepts_valid_tokens_and_refuses_the_others(backend: Backend
             reader.verify(keys.token(aud="elsewhere"), **CHECKS)
 
 
+@pytest.mark.parametrize("algorithm", ["ES384", "EdDSA", "RS256"])
+def test_an_issuer_publishes_and_signs_in_its_policys_algorithm(
+    backend: Backend, algorithm: str
+) -> None:
+    policy = replace(Policy(), algorithm=algorithm, rsa_bits=2048)
+    keys = publish(backend.client, "billing", retired=1, policy=policy)
+    assert {key.algorithm for key in keys.state.keys} == {algorithm}
+    with JWKSReader(backend.client, "billing") as reader:
+        token = keys.token(sub="user-1")
+        assert json.loads(b64decode_strict(token.split(".")[0]))["alg"] == algorithm
+        assert reader.verify(token, **CHECKS)["sub"] == "user-1"
+        with pytest.raises(UnknownKid):
+            reader.verify(keys.unknown_key_token(), **CHECKS)
+
+
 def test_the_reader_follows_rotations_and_revocations(backend: Backend) -> None:
     """Only the announcements move the reader here: no poll (an hour) and no verify of an
     unknown kid while waiting."""
@@ -307,11 +324,6 @@ def test_rotator_testing_loads_no_daemon_dependency() -> None:
     assert loaded_by_import("rotator.testing", HEAVY) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: rotator.core.policy still imports APScheduler at import (the "
-    "'wiring' change removes that arrow)",
-)
 def test_rotator_testing_loads_no_scheduler() -> None:
     assert loaded_by_import("rotator.testing", ("apscheduler",)) == []
 

@@ -27,7 +27,7 @@ def rotated_once() -> KeySetState:
 def test_each_key_on_one_axis_with_now_marked() -> None:
     assert render(rotated_once(), POLICY, T + 4800, 80) == (
         "key set default  version 2  updated 2027-01-15T09:00:00Z\n"
-        "  every 1h, overlap 30m; next rotation 2027-01-15T10:00:00Z (in 40m)\n"
+        "  every 1h, overlap 30m, ES256; next rotation 2027-01-15T10:00:00Z (in 40m)\n"
         "                       2027-01-15T08:00:00Z                 2027-01-15T10:30:00Z\n"
         "                                               now 09:20:00\n"
         "  current AhqHzaYXA5Mz .......................=======|==============------------\n"
@@ -44,7 +44,7 @@ def test_an_overdue_rotation_says_so_and_is_drawn_as_happening_now() -> None:
     text = render(rotated_once(), POLICY, T + 7800, 50)
     assert text == (
         "key set default  version 2  updated 2027-01-15T09:00:00Z\n"
-        "  every 1h, overlap 30m; next rotation 2027-01-15T10:00:00Z OVERDUE by 10m"
+        "  every 1h, overlap 30m, ES256; next rotation 2027-01-15T10:00:00Z OVERDUE by 10m"
         " (a running daemon rotates on its next tick)\n"
         "                       08:00:00           10:40:00\n"
         "                                      now 10:10:00\n"

@@ -19,6 +19,7 @@ from rotator.cli.output import iso, print_outcome
 from rotator.config import KeysetSettings, Settings, describe_error
 from rotator.core.durations import parse_duration
 from rotator.core.instants import parse_rfc3339, stamped
+from rotator.core.issuer import issuer_routes
 from rotator.core.lifecycle import rotation_due_at
 from rotator.core.strictjson import one_line
 from rotator.daemon.manager import KeyManager
@@ -47,16 +48,8 @@ __all__ = ["POLICY_FLAGS", "cmd_keyset", "flag"]
 log = logging.getLogger("rotator")
 
 #: The policy fields a registered key set may override, each a flag of ``keyset add``
-#: and ``keyset update``.
-POLICY_FLAGS = (
-    "interval",
-    "schedule",
-    "overlap",
-    "max_token_ttl",
-    "clock_skew",
-    "cache_max_age",
-    "jitter",
-)
+#: and ``keyset update`` (the OIDC ``issuer`` URL among them).
+POLICY_FLAGS = tuple(KeysetSettings.model_fields)
 
 
 def flag(field: str) -> str:
@@ -81,6 +74,7 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
     registered = {n: raw for n, raw in store.registry().items() if raw != REMOVED}
     if args.keyset_command == "add":
         overrides = _overrides(settings, args, {})
+        _own_issuer_path(settings, keysets, name, overrides)
         policy = encode_overrides(overrides)
         if name in registered and policy_of(registered[name]) != policy:
             raise UsageError(
@@ -102,6 +96,7 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         except BadPolicy:
             stored = KeysetSettings()  # a broken stored policy is replaced by the flags
         overrides = _overrides(settings, args, stored.model_dump(mode="json", exclude_none=True))
+        _own_issuer_path(settings, keysets, name, overrides)
         # Compare-and-set: an update racing a removal must not bring the name back.
         if not store.replace_entry(name, raw, encode_entry(overrides, lineage_of(raw))):
             raise UsageError(f"key set {name} changed while this ran (updated or removed); retry")
@@ -236,6 +231,24 @@ def _overrides(
     if problems:
         raise UsageError("; ".join(f"{flag(f)}: {m}" for f, m in problems))
     return overrides
+
+
+def _own_issuer_path(
+    settings: Settings, keysets: KeySets, name: str, overrides: KeysetSettings
+) -> None:
+    """Refuse *overrides* for *name* if its issuer's path is another key set's (as the
+    config and the registry say now): serve could not tell whose discovery document it is."""
+    issuers = {e.name: e.policy.issuer for e in keysets.entries() if e.policy is not None}
+    issuers[name] = overrides.overlay(settings.base_policy()).issuer
+    _routes, shared = issuer_routes(issuers)
+    for path, claimants in shared.items():
+        if name in claimants:
+            others = ", ".join(n for n in claimants if n != name)
+            inherited = "" if overrides.issuer else " (inherited from [rotation].issuer)"
+            raise UsageError(
+                f"--issuer: issuer path {path}{inherited} is already key set {others}'s; "
+                "give this key set an issuer of its own"
+            )
 
 
 def _flagged(line: str) -> str:

@@ -15,6 +15,7 @@ from typing import NoReturn
 from rotator.cli.keyset import POLICY_FLAGS, flag
 from rotator.config import LOG_LEVELS
 from rotator.core.durations import parse_duration
+from rotator.core.jwk import ALGORITHMS
 from rotator.core.strictjson import one_line
 
 __all__ = ["build_parser", "shield_kids", "subparsers"]
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Every command, its arguments and their help."""
     parser = _Parser(
         prog="rotator",
-        description="Rotate ES256 JWT signing keys and publish the JWKS to Redis.",
+        description="Rotate JWT signing keys and publish the JWKS to Redis.",
     )
     parser.add_argument(
         "--config",
@@ -148,6 +149,14 @@ def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     return [leaf for child in children for leaf in _leaves(child)] if children else [parser]
 
 
+_METAVARS = {
+    "schedule": "CRON",
+    "issuer": "URL",
+    "algorithm": "|".join(ALGORITHMS),
+    "rsa_bits": "BITS",
+}
+
+
 def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     keyset = sub.add_parser("keyset", help="add, remove or list key sets")
     keyset_sub = keyset.add_subparsers(dest="keyset_command", required=True, metavar="ACTION")
@@ -159,7 +168,7 @@ def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
             parser_.add_argument(
                 flag(field),
                 dest=field,
-                metavar="CRON" if field == "schedule" else "DURATION",
+                metavar=_METAVARS.get(field, "DURATION"),
                 help=f"{field} of this key set (default: [rotation].{field})",
             )
     remove = keyset_sub.add_parser("remove", help="unregister a key set and delete its keys")

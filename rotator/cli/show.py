@@ -65,6 +65,7 @@ def _status_doc(
             {
                 "kid": k.kid,
                 "status": k.status.value,
+                "alg": k.algorithm,
                 "age": round(now - k.created_at),
                 **stamped("created_at", k.created_at),
                 **stamped("activated_at", k.activated_at),

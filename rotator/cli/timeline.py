@@ -32,6 +32,9 @@ _WAITING, _SIGNING, _RETIRED, _NOW = ".", "=", "-", "|"
 _KID_SHOWN = 12
 _PREFIX = 2 + 7 + 1 + _KID_SHOWN + 1  # "  " status " " kid " "
 _MIN_BAR = 20
+# Wider than any terminal: COLUMNS is the user's environment, and a bar of 10**12 cells
+# per key (or 10**30, past what a string can hold) would never be printed.
+_MAX_BAR = 1000
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,9 @@ def _header(state: KeySetState, policy: Policy, due: float, now: float) -> list[
 
 
 def render(state: KeySetState, policy: Policy, now: float, width: int = 80) -> str:
-    """*state* under *policy* at *now* as a timeline *width* columns wide (at least enough
-    for a bar of 20), ending in a newline."""
-    bar = max(_MIN_BAR, width - _PREFIX)
+    """*state* under *policy* at *now* as a timeline *width* columns wide (enough for a bar
+    of at least 20 columns and at most 1000), ending in a newline."""
+    bar = min(_MAX_BAR, max(_MIN_BAR, width - _PREFIX))
     due = rotation_due_at(state, policy)
     # An overdue rotation happens at the daemon's next tick: drawn now, printed as due.
     rotation = _Moment(max(due, now), planned=True, overdue=due <= now)

@@ -38,8 +38,9 @@ _KEK_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _KEK_BYTES = 32
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
-# A sealed PKCS#8 P-256 key is about 140 bytes; anything far larger is not one.
-_MAX_SEALED_BYTES = 1024
+# A sealed PKCS#8 key is about 140 bytes for P-256 and under 4,800 for the largest RSA key
+# accepted (8192 bits); anything far larger is not one.
+_MAX_SEALED_BYTES = 6144
 
 
 class KekError(ValueError):

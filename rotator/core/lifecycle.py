@@ -75,8 +75,10 @@ __all__ = [
     "rotation_due_at",
 ]
 
-#: Makes a fresh key for the key set and seals it: ``mint() -> (key, sealed)``.
-Mint = Callable[[], tuple[GeneratedKey, SealedKey]]
+#: Makes a fresh key of the policy's algorithm and seals it: ``mint(policy) -> (key, sealed)``.
+Mint = Callable[[Policy], tuple[GeneratedKey, SealedKey]]
+
+_DEFAULT_POLICY = Policy()
 
 EventKind = Literal["bootstrap", "rotate", "expire", "revoke", "repair", "import"]
 Reason = Literal["scheduled", "manual", "forced", "revoke", "import"]
@@ -117,8 +119,12 @@ class KidTaken(LifecycleError):
     a verifier could not tell the two keys apart."""
 
 
-def _minted(mint: Mint, status: Status, now: float) -> KeyRecord:
-    key, sealed = mint()
+def _minted(mint: Mint, status: Status, now: float, policy: Policy) -> KeyRecord:
+    # Only fresh keys take the policy's algorithm: a key keeps the one it was made with
+    # until it leaves the set, so a change of algorithm reaches signing through a `next`
+    # that verifiers have held for a whole rotation, and the old algorithm's tokens keep
+    # verifying through the overlap.
+    key, sealed = mint(policy)
     activated = now if status is Status.CURRENT else None
     return KeyRecord(key.kid, status, now, key.jwk, sealed, activated_at=activated)
 
@@ -150,11 +156,13 @@ def import_verify_only(
     until: float,
     now: float,
     *,
+    policy: Policy,
     mint: Mint,
 ) -> Transition:
     """Publish the public keys *jwks* (checked public JWKs, each with its issuer's kid)
     as ``imported`` keys until *until*. An empty key set (*state* ``None``) is
-    bootstrapped in the same version, so that it is never seen without them.
+    bootstrapped in the same version (with keys of *policy*'s algorithm), so that it is
+    never seen without them.
 
     Refuses with `KidTaken` a kid the set already holds or that comes twice, and with
     `LifecycleError` an end time that is not after *now* (the key would never be
@@ -166,7 +174,7 @@ def import_verify_only(
         raise LifecycleError(f"key set {keyset}: the end time of imported keys is past")
     first = None
     if state is None:
-        first = bootstrap(keyset, now, mint)
+        first = bootstrap(keyset, now, mint, policy)
         state = first.state
     taken = {key.kid for key in state.keys}
     added: list[KeyRecord] = []
@@ -205,7 +213,7 @@ def adopt_signing_key(
     )
     events = [Event("import", key.kid, "import")]
     if state is None:
-        other = _minted(mint, Status.NEXT if as_current else Status.CURRENT, now)
+        other = _minted(mint, Status.NEXT if as_current else Status.CURRENT, now, policy)
         events.append(Event("bootstrap", other.kid))
         return Transition(KeySetState(keyset, 1, now, (record, other)), tuple(events))
     if state.find(key.kid) is not None:
@@ -221,10 +229,11 @@ def adopt_signing_key(
     return Transition(state.with_keys(keys, now), tuple(events))
 
 
-def bootstrap(keyset: str, now: float, mint: Mint) -> Transition:
-    """Version 1 of an empty key set: a ``current`` and a ``next`` key, both published now."""
-    current = _minted(mint, Status.CURRENT, now)
-    upcoming = _minted(mint, Status.NEXT, now)
+def bootstrap(keyset: str, now: float, mint: Mint, policy: Policy = _DEFAULT_POLICY) -> Transition:
+    """Version 1 of an empty key set: a ``current`` and a ``next`` key of *policy*'s
+    algorithm, both published now."""
+    current = _minted(mint, Status.CURRENT, now, policy)
+    upcoming = _minted(mint, Status.NEXT, now, policy)
     state = KeySetState(keyset, 1, now, (current, upcoming))
     return Transition(state, (Event("bootstrap", current.kid), Event("bootstrap", upcoming.kid)))
 
@@ -272,7 +281,7 @@ def _rotated(
     upcoming = state.next
     assert upcoming is not None, "callers mint a next key first"
     keys = [_retired(state.current, now, policy), _promoted(upcoming, now)]
-    fresh = _minted(mint, Status.NEXT, now)
+    fresh = _minted(mint, Status.NEXT, now, policy)
     keys += [*_expiring(state), fresh]
     return keys, [Event("rotate", upcoming.kid, reason)]
 
@@ -294,8 +303,8 @@ def rotate(
     signs at once: for a suspected leak of both keys.
     """
     if force_new:
-        current = _minted(mint, Status.CURRENT, now)
-        spare = _minted(mint, Status.NEXT, now)
+        current = _minted(mint, Status.CURRENT, now, policy)
+        spare = _minted(mint, Status.NEXT, now, policy)
         keys = [_retired(state.current, now, policy), current, spare]
         keys += _expiring(state)
         events = [Event("rotate", current.kid, "forced")]
@@ -332,13 +341,13 @@ def revoke(state: KeySetState, kid: str, now: float, policy: Policy, mint: Mint)
         promoted = state.next
         if promoted is None:
             # Only a hand-edited state lacks a next key; a signer must still exist.
-            promoted = _minted(mint, Status.NEXT, now)
+            promoted = _minted(mint, Status.NEXT, now, policy)
             remaining.append(promoted)
         remaining = [_promoted(k, now) if k is promoted else k for k in remaining]
-        remaining.append(_minted(mint, Status.NEXT, now))
+        remaining.append(_minted(mint, Status.NEXT, now, policy))
         events.append(Event("rotate", promoted.kid, "revoke"))
     elif target.status is Status.NEXT:
-        remaining.append(_minted(mint, Status.NEXT, now))
+        remaining.append(_minted(mint, Status.NEXT, now, policy))
     return Transition(state.with_keys(remaining, now), tuple(events))
 
 
@@ -358,7 +367,7 @@ def reconcile(state: KeySetState, now: float, policy: Policy, mint: Mint) -> Tra
     keys = [key for key in state.keys if key.kid not in gone]
     working = KeySetState(state.keyset, state.version, state.updated_at, tuple(keys))
     if working.next is None:
-        fresh = _minted(mint, Status.NEXT, now)
+        fresh = _minted(mint, Status.NEXT, now, policy)
         keys.append(fresh)
         events.append(Event("repair", fresh.kid))
     elif now >= rotation_due_at(working, policy):

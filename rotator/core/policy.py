@@ -5,62 +5,134 @@ it: `next_rotation_after` and the `jitter_window` that spreads rotations.
 `problems` lists the contradictions that would let
 a verifier meet a token whose key it cannot find; config validation reports
 them with the field named, so a bad policy never reaches a running daemon.
+
+A cron `schedule` is a five-field crontab line in UTC, read as cron reads it
+(croniter): day of week 0 and 7 are Sunday, and a line restricting both the day
+of month and the day of week fires on either.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from functools import cached_property
+from functools import cached_property, lru_cache
 
-from apscheduler.triggers.cron import CronTrigger
+from croniter import CroniterBadDateError, CroniterError, croniter
 
 from rotator.core.durations import format_duration
+from rotator.core.jwk import (
+    ALGORITHMS,
+    DEFAULT_ALGORITHM,
+    DEFAULT_RSA_BITS,
+    MAX_RSA_BITS,
+    MIN_RSA_BITS,
+)
 
-__all__ = ["Policy", "cron_trigger"]
+__all__ = ["Policy", "parse_schedule"]
 
 # Without an explicit jitter, rotations spread over this share of the period, up to an hour.
 _AUTO_JITTER_SHARE = 0.05
 _AUTO_JITTER_CAP = 3600.0
-# Cron gaps are sampled from a fixed instant so validation is deterministic.
-_CRON_SAMPLE_START = datetime(2026, 1, 1, tzinfo=UTC)
+# Cron gaps are sampled from a fixed instant (2026-01-01 UTC) so validation is deterministic.
+_CRON_SAMPLE_START = 1_767_225_600
 _CRON_SAMPLES = 400
 
+_FIELDS = ("minute", "hour", "day of month", "month", "day of week")
+# croniter also reads seconds, years, L, W, #, ? and hashed (H) fields; rotator's schedules
+# are the five standard fields only, so a line means the same to cron and to crontab.guru.
+_NUMERIC = re.compile(r"[0-9*,/-]+")
+_PART = re.compile(r"[0-9]*|\*")
+_NAMES = {
+    3: frozenset(
+        {"jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"}
+    ),
+    4: frozenset({"sun", "mon", "tue", "wed", "thu", "fri", "sat"}),
+}
+# The longest sensible line lists every value of every field (about 350 characters);
+# croniter's parse time grows with the length, and a registry entry is hostile.
+_MAX_LENGTH = 512
+# Fields are split as croniter splits them: on ASCII whitespace only.
+_FIELD = re.compile(r"\S+", re.ASCII)
 
-def cron_trigger(expression: str) -> CronTrigger:
-    """Parse a five-field crontab expression, evaluated in UTC."""
-    return CronTrigger.from_crontab(expression, timezone=UTC)
+
+def _field_problem(index: int, field: str) -> str | None:
+    """Why *field*, the field at *index*, is not allowed, or ``None``."""
+    if index < 3:
+        allowed = _NUMERIC.fullmatch(field) is not None
+    else:
+        allowed = all(
+            _PART.fullmatch(part) or part.lower() in _NAMES[index]
+            for part in re.split(r"[,/-]", field)
+        )
+    if allowed:
+        return None
+    names = {3: " and month names (jan-dec)", 4: " and day names (sun-sat)"}.get(index, "")
+    return f"{_FIELDS[index]} field {field!r}: only digits, '*', ',', '-', '/'{names} are allowed"
 
 
-def _first_fire(trigger: CronTrigger, at: float) -> float:
-    """The first fire time of *trigger* at or after *at*."""
-    fire = trigger.get_next_fire_time(None, datetime.fromtimestamp(at, UTC))
-    assert fire is not None, "callers ask only before a known fire time"
-    return float(fire.timestamp())
+def parse_schedule(expression: str) -> str:
+    """Check that *expression* is a five-field crontab line, evaluated in UTC; return it.
+
+    Raise `ValueError` naming the first field that is wrong. Whether the line ever
+    fires is for `Policy.problems` (``0 0 30 2 *`` is well formed).
+    """
+    if len(expression) > _MAX_LENGTH:
+        raise ValueError(f"longer than {_MAX_LENGTH} characters")
+    fields = _FIELD.findall(expression)
+    if len(fields) != len(_FIELDS):
+        raise ValueError(
+            "a schedule has 5 fields (minute, hour, day of month, month, day of week), "
+            f"not {len(fields)}"
+        )
+    for index, field in enumerate(fields):
+        problem = _field_problem(index, field)
+        if problem is not None:
+            raise ValueError(problem)
+    try:
+        croniter(expression)
+    except CroniterError:
+        raise ValueError(_range_problem(fields)) from None
+    return expression
 
 
-def _fire_before(trigger: CronTrigger, fire: float, gap: float) -> float:
-    """The fire time of *trigger* before its fire time *fire*, searched back from *gap*
-    before it. A few dozen calls to the trigger, whatever the schedule: walking the fire
-    times forward from far enough back would take thousands for a schedule that fires
-    every minute on weekdays. A five-field schedule fires in every 400 years (the
-    Gregorian calendar repeats), so the window stops growing."""
-    low = fire - gap
-    while _first_fire(trigger, low) >= fire:
-        low = fire - 2 * (fire - low)
-    high = fire
-    # The fire sought is in [low, high): the first fire from low is before *fire*, the
-    # first from high is not. Fire times are whole minutes apart, so once the two are
-    # within a second the first fire from low is that one.
-    while high - low > 1:
-        middle = (low + high) / 2
-        if _first_fire(trigger, middle) < fire:
-            low = middle
-        else:
-            high = middle
-    return _first_fire(trigger, low)
+def _range_problem(fields: list[str]) -> str:
+    """Which of *fields*, allowed characters each, croniter refuses (a value out of
+    range, a step of 0, an empty list member): croniter's message names no field."""
+    for index, field in enumerate(fields):
+        alone = ["*"] * len(fields)
+        alone[index] = field
+        try:
+            croniter(" ".join(alone))
+        except CroniterError:
+            return f"{_FIELDS[index]} field {field!r}: a value out of range or malformed"
+    return "malformed"
+
+
+@lru_cache(maxsize=1 << 16)
+def _fire_at_or_after(schedule: str, at: float) -> float:
+    """The first fire time of *schedule* at or after *at*. Cached: the lifecycle asks for
+    the same key's due time on every tick, and croniter takes ~160 us a call."""
+    # Fire times are whole minutes: the first after ceil(at) - 1 is the first >= at.
+    return float(croniter(schedule, math.ceil(at) - 1).get_next(float))
+
+
+@lru_cache(maxsize=1 << 12)
+def _fire_before(schedule: str, fire: float) -> float:
+    """The fire time of *schedule* before its fire time *fire*."""
+    return float(croniter(schedule, fire).get_prev(float))
+
+
+@lru_cache(maxsize=1 << 10)
+def _sample(schedule: str) -> tuple[float, ...]:
+    """Fire times of *schedule* from a fixed instant; none when it never fires
+    (``0 0 30 2 *``). Cached per line: every `Policy` built from one config shares it."""
+    fires = croniter(schedule, _CRON_SAMPLE_START - 1).all_next(float)
+    try:
+        return tuple(float(fire) for fire in itertools.islice(fires, _CRON_SAMPLES))
+    except CroniterBadDateError:
+        return ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +142,10 @@ class Policy:
     Exactly one of `interval` and `schedule` (a UTC crontab line) is set.
     `jitter` is the window after the due time over which rotations of many
     key sets spread; ``None`` picks 5 % of the period, at most one hour.
+    `issuer` is the OIDC issuer URL (`rotator.core.issuer`) whose discovery
+    document `rotator serve` answers; ``None`` for none.
+    `algorithm` (one of `jwk.ALGORITHMS`) and, for RS256, `rsa_bits` are those of the keys
+    minted from now on; keys already in the set keep theirs.
     """
 
     interval: float | None = 86400.0
@@ -79,10 +155,9 @@ class Policy:
     clock_skew: float = 300.0
     cache_max_age: float = 300.0
     jitter: float | None = None
-
-    @cached_property
-    def _trigger(self) -> CronTrigger | None:
-        return cron_trigger(self.schedule) if self.schedule else None
+    issuer: str | None = None
+    algorithm: str = DEFAULT_ALGORITHM
+    rsa_bits: int = DEFAULT_RSA_BITS
 
     def next_rotation_after(self, now: float) -> float:
         """When the key promoted at *now* should itself be replaced.
@@ -91,15 +166,12 @@ class Policy:
         after *now* is chosen, so a freshly published `next` key has reached
         every cache before a scheduled rotation promotes it.
         """
-        trigger = self._trigger
-        if trigger is None:
+        if self.schedule is None:
             assert self.interval is not None
             return now + self.interval
-        earliest = datetime.fromtimestamp(now + self.cache_max_age, UTC)
         # A schedule `problems` accepts fires at least once in every 400 years (the
         # Gregorian calendar repeats), and stored times end at the year 3000.
-        fire = trigger.get_next_fire_time(None, earliest)
-        return float(fire.timestamp())
+        return _fire_at_or_after(self.schedule, now + self.cache_max_age)
 
     def rotation_period(self, activated: float) -> float:
         """The rotation interval that applies to the key activated at *activated*: the
@@ -108,11 +180,11 @@ class Policy:
         the schedule's gap, not the shorter time it has until the next fire time, so that a
         key age alert at 1.5 times this value never fires while the key waits for its
         rotation and its jitter (at most 5 % of the shortest gap by default)."""
-        if self._trigger is None:
+        if self.schedule is None:
             assert self.interval is not None
             return self.interval
         due = self.next_rotation_after(activated)
-        return due - _fire_before(self._trigger, due, self.shortest_period)
+        return due - _fire_before(self.schedule, due)
 
     @property
     def jitter_window(self) -> float:
@@ -122,44 +194,37 @@ class Policy:
         return min(_AUTO_JITTER_CAP, self.shortest_period * _AUTO_JITTER_SHARE)
 
     @cached_property
-    def _fires(self) -> list[datetime]:
-        """Fire times of the schedule from a fixed instant: fewer than the sample when it
-        stops firing before the calendar ends (APScheduler's year 9999), none when it never
-        fires (``0 0 30 2 *``)."""
-        trigger = self._trigger
-        assert trigger is not None
-        fires: list[datetime] = []
-        at = _CRON_SAMPLE_START
-        for _ in range(_CRON_SAMPLES):
-            fire = trigger.get_next_fire_time(None, at)
-            if fire is None:
-                break
-            fires.append(fire)
-            at = fire + timedelta(microseconds=1)
-        return fires
-
-    @cached_property
     def shortest_period(self) -> float:
         """The shortest time between two scheduled rotations (infinite for a schedule that
-        fires less than twice, which `problems` refuses)."""
-        if self._trigger is None:
+        never fires, which `problems` refuses)."""
+        if self.schedule is None:
             assert self.interval is not None
             return self.interval
-        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(self._fires)]
+        gaps = [b - a for a, b in itertools.pairwise(_sample(self.schedule))]
         return min(gaps, default=math.inf)
 
     def problems(self) -> list[tuple[str, str]]:
         """Contradictions in this policy as ``(field, message)`` pairs; empty when sound."""
         found: list[tuple[str, str]] = []
+        if self.algorithm not in ALGORITHMS:
+            found.append(("algorithm", f"{self.algorithm!r} is not one of {', '.join(ALGORITHMS)}"))
+        if not MIN_RSA_BITS <= self.rsa_bits <= MAX_RSA_BITS:
+            found.append(("rsa_bits", f"must be from {MIN_RSA_BITS} to {MAX_RSA_BITS}"))
         if (self.interval is None) == (self.schedule is None):
             found.append(("interval", "set exactly one of interval and schedule"))
             return found
         if self.interval is not None and self.interval <= 0:
             found.append(("interval", "must be positive"))
             return found
-        if self.schedule is not None and len(self._fires) < 2:
-            found.append(("schedule", f"{self.schedule!r} never fires (or fires only once)"))
-            return found
+        if self.schedule is not None:
+            try:
+                parse_schedule(self.schedule)
+            except ValueError as exc:
+                found.append(("schedule", f"invalid cron expression {self.schedule!r}: {exc}"))
+                return found
+            if len(_sample(self.schedule)) < 2:
+                found.append(("schedule", f"{self.schedule!r} never fires: no date matches it"))
+                return found
         if self.max_token_ttl <= 0:
             found.append(("max_token_ttl", "must be positive"))
         if self.cache_max_age <= 0:

@@ -8,12 +8,13 @@ strict and total: `decode_state` returns a state or raises `CorruptState`
 refuses what `strictjson` refuses (not UTF-8, not JSON, NaN or Infinity,
 duplicate members, deep nesting), a member of the wrong JSON type at any
 path, a document that does not hold exactly one ``current`` key and at most
-one ``next``, a JWK that is not exactly the public members of an ES256 P-256
-key, a kid that is not 1 to 64 base64url characters (`jwk.foreign_kid`: the
-thumbprint of a key minted here, or the kid another IAM gave a key imported
-from it), a private JWK member, and a sealed key that
-`SealedKey.from_json` refuses (an ``imported`` key has ``null`` there, and
-only it).
+one ``next``, a JWK that is not exactly the public members of a key of one of
+`jwk.ALGORITHMS` (ES256 and ES384 coordinates of their curve's size, an Ed25519 ``x``
+of 32 bytes, an RSA modulus of `MIN_RSA_BITS` to `MAX_RSA_BITS` with exponent 65537),
+a kid that is not 1 to 64 base64url characters (`jwk.foreign_kid`: the thumbprint of
+a key minted here, or the kid another IAM gave a key imported from it), a private
+JWK member, and a sealed key that `SealedKey.from_json` refuses (an ``imported``
+key has ``null`` there, and only it).
 
 Bounds, so that nothing decoded can overflow or go wrong further on (cron,
 dates, the CLI, systemd's watchdog): times are Unix seconds from `MIN_TIME`
@@ -25,6 +26,7 @@ largest a Lua script, which reads versions as doubles, still tells apart).
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,7 +37,16 @@ from typing import Any
 from rotator.core import strictjson
 from rotator.core.encoding import STATE_FORMAT, encode_jwks, encode_state
 from rotator.core.envelope import SealedKey
-from rotator.core.jwk import PRIVATE_MEMBERS, foreign_kid, publishable_jwk
+from rotator.core.jwk import (
+    MAX_RSA_BITS,
+    MIN_RSA_BITS,
+    PRIVATE_MEMBERS,
+    RSA_EXPONENT,
+    b64url,
+    foreign_kid,
+    int_bytes,
+    publishable_jwk,
+)
 from rotator.core.strictjson import shown
 
 __all__ = [
@@ -58,11 +69,43 @@ MAX_TIME = 32_503_680_000
 #: The largest version a state may carry.
 MAX_VERSION = 2**53
 
-_JWK_FIXED = {"alg": "ES256", "crv": "P-256", "kty": "EC", "use": "sig"}
-_JWK_MEMBERS = frozenset({*_JWK_FIXED, "kid", "x", "y"})
-_JWK_SHAPE = ", ".join(sorted(_JWK_MEMBERS))
-# 32 bytes as unpadded base64url: 42 characters and one whose low two bits are zero.
-_COORDINATE = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+# Each algorithm's fixed members, the members its JWK holds and the ones that carry the
+# key, each matched by the pattern of its exact size in unpadded base64url.
+# 32 bytes: 42 characters and one whose low two bits are zero; 48 bytes: 64 characters.
+_BYTES_32 = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+_BYTES_48 = re.compile(r"[A-Za-z0-9_-]{64}")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class _Shape:
+    fixed: Mapping[str, str]
+    values: Mapping[str, re.Pattern[str]]
+
+    @cached_property
+    def members(self) -> frozenset[str]:
+        return frozenset({*self.fixed, *self.values, "kid"})
+
+
+_SHAPES = {
+    "ES256": _Shape(
+        {"alg": "ES256", "crv": "P-256", "kty": "EC", "use": "sig"},
+        {"x": _BYTES_32, "y": _BYTES_32},
+    ),
+    "ES384": _Shape(
+        {"alg": "ES384", "crv": "P-384", "kty": "EC", "use": "sig"},
+        {"x": _BYTES_48, "y": _BYTES_48},
+    ),
+    "EdDSA": _Shape(
+        {"alg": "EdDSA", "crv": "Ed25519", "kty": "OKP", "use": "sig"}, {"x": _BYTES_32}
+    ),
+    "RS256": _Shape(
+        {"alg": "RS256", "kty": "RSA", "use": "sig"}, {"e": _BASE64URL, "n": _BASE64URL}
+    ),
+}
+_RSA_E = b64url(int_bytes(RSA_EXPONENT))
+# The base64url length of the largest modulus, checked before decoding it.
+_MAX_N_TEXT = (MAX_RSA_BITS // 8 * 4 + 2) // 3
 
 
 class CorruptState(ValueError):
@@ -98,6 +141,11 @@ class KeyRecord:
     activated_at: float | None = None
     retired_at: float | None = None
     expires_at: float | None = None
+
+    @property
+    def algorithm(self) -> str:
+        """The algorithm this key signs and verifies with: its JWK's ``alg``, fixed for life."""
+        return self.jwk["alg"]
 
     def publishable(self) -> str:
         """The JWK as served (`publishable_jwk`)."""
@@ -182,17 +230,42 @@ def _time_field_of(entry: Mapping[str, Any], name: str, *, optional: bool) -> fl
     return moment
 
 
+def _modulus_bits(text: str) -> int:
+    """The size of a base64url RSA modulus in its shortest form, 0 for any other text."""
+    if len(text) > _MAX_N_TEXT:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:  # binascii.Error: a length no base64 text has
+        return 0
+    if not raw or raw[0] == 0 or b64url(raw) != text:
+        return 0
+    return int.from_bytes(raw, "big").bit_length()
+
+
 def _jwk(kid: str, jwk: object) -> Mapping[str, str]:
     if not isinstance(jwk, dict):
         raise CorruptState(f"key {shown(kid)}: jwk is not an object")
     if PRIVATE_MEMBERS & jwk.keys():
         raise CorruptState(f"key {shown(kid)}: public JWK carries a private member")
-    if jwk.keys() != _JWK_MEMBERS or not all(type(v) is str for v in jwk.values()):
-        raise CorruptState(f"key {shown(kid)}: JWK members must be {_JWK_SHAPE}, all strings")
-    if any(jwk[name] != value for name, value in _JWK_FIXED.items()):
-        raise CorruptState(f"key {shown(kid)}: JWK is not an ES256 P-256 signing key")
-    if not (_COORDINATE.fullmatch(jwk["x"]) and _COORDINATE.fullmatch(jwk["y"])):
-        raise CorruptState(f"key {shown(kid)}: JWK x and y must be 32 bytes of base64url")
+    alg = jwk.get("alg")
+    shape = _SHAPES.get(alg) if type(alg) is str else None
+    if shape is None:
+        raise CorruptState(f"key {shown(kid)}: alg {shown(alg)} is not one of {', '.join(_SHAPES)}")
+    if jwk.keys() != shape.members or not all(type(v) is str for v in jwk.values()):
+        members = ", ".join(sorted(shape.members))
+        raise CorruptState(f"key {shown(kid)}: {alg} JWK members must be {members}, all strings")
+    if any(jwk[name] != value for name, value in shape.fixed.items()):
+        raise CorruptState(f"key {shown(kid)}: JWK is not an {alg} signing key")
+    if not all(pattern.fullmatch(jwk[name]) for name, pattern in shape.values.items()):
+        raise CorruptState(f"key {shown(kid)}: JWK {', '.join(shape.values)} are not of its size")
+    if alg == "RS256" and (
+        jwk["e"] != _RSA_E or not MIN_RSA_BITS <= _modulus_bits(jwk["n"]) <= MAX_RSA_BITS
+    ):
+        raise CorruptState(
+            f"key {shown(kid)}: RSA key needs e = {RSA_EXPONENT} and a modulus of "
+            f"{MIN_RSA_BITS} to {MAX_RSA_BITS} bits"
+        )
     if jwk["kid"] != kid:
         raise CorruptState(f"key {shown(kid)}: kid is not its JWK's kid")
     # A key minted here has its thumbprint as kid, one adopted from another IAM keeps its

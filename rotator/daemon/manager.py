@@ -137,11 +137,12 @@ class KeyManager:
         return self.keyring
 
     def mint(self, keyset: str) -> Mint:
-        """Key factory for *keyset*: generate, then seal under the first KEK."""
+        """Key factory for *keyset*: generate a key of the policy's algorithm, then seal
+        it under the first KEK."""
         keyring = self._keyring()
 
-        def fresh() -> tuple[GeneratedKey, SealedKey]:
-            key = generate_key()
+        def fresh(policy: Policy) -> tuple[GeneratedKey, SealedKey]:
+            key = generate_key(policy.algorithm, rsa_bits=policy.rsa_bits)
             sealed = keyring.seal(key.private_der, keyset=keyset, kid=key.kid)
             self._opened.add((keyset, key.kid, sealed.kek))  # sealed here: opens by construction
             return key, sealed
@@ -410,7 +411,7 @@ class KeyManager:
 
         def decide(state: KeySetState | None, now: float) -> Transition | None:
             if state is None:
-                return lifecycle.bootstrap(keyset, now, mint)
+                return lifecycle.bootstrap(keyset, now, mint, policy)
             if now < self.next_change_at(state):
                 return None
             return lifecycle.reconcile(state, now, policy, mint)
@@ -427,7 +428,7 @@ class KeyManager:
 
         def decide(state: KeySetState | None, now: float) -> Transition:
             if state is None:
-                return lifecycle.bootstrap(keyset, now, mint)
+                return lifecycle.bootstrap(keyset, now, mint, policy)
             return lifecycle.rotate(state, now, policy, mint, force=force, force_new=force_new)
 
         return self._apply(keyset, decide)
@@ -448,10 +449,12 @@ class KeyManager:
     ) -> Outcome:
         """Publish *jwks* in *keyset* as verify-only keys until *until* (see
         `lifecycle.import_verify_only`)."""
-        mint = self.mint(keyset)
+        policy, mint = self.policy(keyset), self.mint(keyset)
 
         def decide(state: KeySetState | None, now: float) -> Transition:
-            return lifecycle.import_verify_only(keyset, state, jwks, until, now, mint=mint)
+            return lifecycle.import_verify_only(
+                keyset, state, jwks, until, now, policy=policy, mint=mint
+            )
 
         return self._apply(keyset, decide)
 

@@ -284,7 +284,7 @@ class Daemon:
             return  # an announced commit under an unusable policy: the tick reports it
         known = self._states.get(state.keyset)
         if known is None or known.state is not state or known.policy is not entry.policy:
-            # Once per new state: a cron schedule's period costs a few dozen trigger calls.
+            # Once per new state: a cron schedule's period costs two croniter calls.
             period = entry.policy.rotation_period(_activated(state))
             self._states[state.keyset] = _Seen(state, entry.policy, period)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from rotator.core.jwk import PublicKey
 from rotator.library.errors import InvalidToken
 from rotator.library.keycache import (
     ReaderLimits,
@@ -264,7 +264,7 @@ class AsyncJWKSCache:
         else:
             self._callbacks.succeeded()
 
-    async def lookup(self, keyset: str, kid: str) -> ec.EllipticCurvePublicKey | None:
+    async def lookup(self, keyset: str, kid: str) -> PublicKey | None:
         """The key for *kid*, with at most one shared read per cooldown for unknown kids."""
         slot = await self.slot(keyset)
         key, read = self._table.find(slot, kid)
@@ -362,7 +362,7 @@ class AsyncJWKSReader:
         """Return the claims of *token*, or raise an `InvalidToken` subclass."""
         slot = await self.cache.slot(self.keyset)
 
-        def cached(kid: str) -> ec.EllipticCurvePublicKey:
+        def cached(kid: str) -> PublicKey:
             found = slot.key(kid, self.cache.clock(), self.cache.limits)
             if found is None:
                 raise _NeedsRefresh(kid)  # the awaited path below may read Redis
@@ -377,7 +377,7 @@ class AsyncJWKSReader:
     def _verify(
         self,
         token: str | bytes,
-        lookup: Callable[[str], ec.EllipticCurvePublicKey | None],
+        lookup: Callable[[str], PublicKey | None],
         audience: str | Collection[str] | None,
         issuer: str | Collection[str] | None,
         leeway: float,

@@ -35,7 +35,8 @@ class TokenTooLarge(MalformedToken):
 
 
 class DisallowedAlgorithm(InvalidToken):
-    """``alg`` is not ES256 (``none``, HS*, RS*, ES384 ... are all refused)."""
+    """``alg`` is not the algorithm of the token's key (``none`` and HS* always are not;
+    nor is RS256 for an EC key, ES384 for a P-256 key ...)."""
 
 
 class ForbiddenHeader(InvalidToken):

@@ -1,11 +1,15 @@
 """Strict import of a published JWKS into verification keys.
 
-Every entry is checked the way RFC 7517/7518/7638 and RFC 8725 ask: EC P-256
-only, ``alg`` ES256 or absent, coordinates exactly 32 bytes and on the curve,
-``kid`` equal to the key's thumbprint (or, for a key imported from another IAM,
-its own kid: 1 to 64 base64url characters, `jwk.foreign_kid`), kids unique. Entries of other key
-types are skipped, not fatal (RFC 7517 section 5). An entry carrying a
-private member is refused, and the bytes to serve are rebuilt without it.
+Every entry is checked the way RFC 7517/7518/7638, RFC 8037 and RFC 8725 ask, per key
+type, and pinned to the one algorithm its key type allows (``alg`` that algorithm or
+absent): EC P-256 (ES256) and P-384 (ES384), coordinates exactly of the curve's size and
+on the curve; OKP Ed25519 (EdDSA), ``x`` exactly 32 bytes; RSA (RS256), a modulus of
+`MIN_RSA_BITS` to `MAX_RSA_BITS` in its shortest form and exponent 65537. ``use`` is
+``sig`` or absent, ``kid`` equals the key's thumbprint (or, for a key imported from
+another IAM, is its own: 1 to 64 base64url characters, `jwk.foreign_kid`), kids are
+unique. Entries of other key types or curves are skipped, not fatal (RFC 7517 section
+5). An entry carrying a private member is refused, and the bytes to serve are rebuilt
+without it.
 
 `import_jwks` is total: for any bytes it returns `VerificationKeys` (whose
 entries may all have been skipped) or raises `JWKSFormatError` when the
@@ -23,10 +27,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from rotator.core import strictjson
-from rotator.core.jwk import PRIVATE_MEMBERS, b64url, foreign_kid, jwks_document, thumbprint
+from rotator.core.jwk import (
+    EC_CURVES,
+    MAX_RSA_BITS,
+    MIN_RSA_BITS,
+    PRIVATE_MEMBERS,
+    RSA_EXPONENT,
+    THUMBPRINT_MEMBERS,
+    PublicKey,
+    b64url,
+    foreign_kid,
+    jwks_document,
+    public_jwk,
+    thumbprint,
+)
 from rotator.core.strictjson import shown
 
 __all__ = [
@@ -37,6 +54,7 @@ __all__ = [
     "b64decode_ascii",
     "b64decode_strict",
     "checked_public_jwk",
+    "etag_of",
     "import_jwks",
 ]
 
@@ -77,72 +95,123 @@ def b64decode_ascii(segment: bytes) -> bytes:
 class VerificationKeys:
     """The usable keys of one JWKS, and the bytes that are safe to serve for it."""
 
-    keys: Mapping[str, ec.EllipticCurvePublicKey]
+    keys: Mapping[str, PublicKey]
     body: bytes
     etag: str
     skipped: tuple[str, ...] = field(default=())
 
 
-def _coordinate(jwk: Mapping[str, Any], name: str) -> int:
+def _bytes(jwk: Mapping[str, Any], name: str, size: int | None = None) -> bytes:
     value = jwk.get(name)
     if not isinstance(value, str):
         raise ValueError(f"{name} is not a string")
     raw = b64decode_strict(value)
-    if len(raw) != 32:
-        raise ValueError(f"{name} is {len(raw)} bytes, not 32")
+    if size is not None and len(raw) != size:
+        raise ValueError(f"{name} is {len(raw)} bytes, not {size}")
+    return raw
+
+
+def _uint(jwk: Mapping[str, Any], name: str) -> int:
+    """A Base64urlUInt member, which RFC 7518 section 2 writes in its shortest form."""
+    raw = _bytes(jwk, name)
+    if not raw or raw[0] == 0:
+        raise ValueError(f"{name} is not a positive integer in its shortest form")
     return int.from_bytes(raw, "big")
 
 
+def etag_of(body: bytes) -> str:
+    """The HTTP entity tag of *body*: a digest of its bytes, quoted."""
+    return '"' + b64url(hashlib.sha256(body).digest()[:16]) + '"'
+
+
 class CheckedPoints:
-    """Public keys already checked to be on the curve, by their exact coordinates: checking
-    a point costs far more than the rest of an import, and a JWKS changes one key per
-    rotation. Bounded (*size* points; emptied when full, as a rotation adds one a day).
-    Held by whoever imports, like `HeaderCache` by a reader (each `SlotTable` holds one);
-    not thread-safe by itself, it is guarded by its holder (`SlotTable`'s owner)."""
+    """Public keys already checked (a point on its curve, an RSA modulus in bounds), by
+    their exact members: checking a point costs far more than the rest of an import, and
+    a JWKS changes one key per rotation. Bounded (*size* keys; emptied when full, as a
+    rotation adds one a day). Held by whoever imports, like `HeaderCache` by a reader (each
+    `SlotTable` holds one); not thread-safe by itself, it is guarded by its holder
+    (`SlotTable`'s owner)."""
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._points: dict[tuple[str, str], ec.EllipticCurvePublicKey] = {}
+        self._keys: dict[tuple[str, ...], PublicKey] = {}
 
-    def get(self, x: str, y: str) -> ec.EllipticCurvePublicKey | None:
-        """The key checked before for these coordinates."""
-        return self._points.get((x, y))
+    def get(self, members: tuple[str, ...]) -> PublicKey | None:
+        """The key checked before for these thumbprint members (`THUMBPRINT_MEMBERS`)."""
+        return self._keys.get(members)
 
-    def put(self, x: str, y: str, key: ec.EllipticCurvePublicKey) -> None:
-        """Remember that (*x*, *y*) is on the curve, as *key*."""
-        if len(self._points) >= self.size:
-            self._points.clear()
-        self._points[(x, y)] = key
+    def put(self, members: tuple[str, ...], key: PublicKey) -> None:
+        """Remember that *members* make the sound key *key*."""
+        if len(self._keys) >= self.size:
+            self._keys.clear()
+        self._keys[members] = key
 
     def __len__(self) -> int:
-        return len(self._points)
+        return len(self._keys)
 
 
-def _point(jwk: Mapping[str, Any], checked: CheckedPoints | None) -> ec.EllipticCurvePublicKey:
-    x_text, y_text = jwk.get("x"), jwk.get("y")
-    if type(x_text) is not str or type(y_text) is not str:
+def _algorithm(jwk: Mapping[str, Any]) -> str:
+    """The one algorithm the entry's key type and curve allow, or `ValueError`."""
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if kty == "EC":
+        algorithm = next((a for a, c in EC_CURVES.items() if c.name == crv), None)
+        if algorithm is None:
+            raise ValueError(f"curve {shown(crv)} is not P-256 or P-384")
+        return algorithm
+    if kty == "OKP":
+        if crv != "Ed25519":
+            raise ValueError(f"curve {shown(crv)} is not Ed25519")
+        return "EdDSA"
+    return "RS256"
+
+
+def _checked_key(jwk: Mapping[str, Any], algorithm: str) -> PublicKey:
+    """The entry's public key, checked for its algorithm, or `ValueError`."""
+    if algorithm in EC_CURVES:
+        curve = EC_CURVES[algorithm]
+        x, y = _bytes(jwk, "x", curve.size), _bytes(jwk, "y", curve.size)
+        numbers = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve.curve
+        )
+        return numbers.public_key()  # checks the point is on the curve
+    if algorithm == "EdDSA":
+        return ed25519.Ed25519PublicKey.from_public_bytes(_bytes(jwk, "x", 32))
+    n, e = _uint(jwk, "n"), _uint(jwk, "e")
+    if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
+        raise ValueError(
+            f"RSA modulus is {n.bit_length()} bits, not {MIN_RSA_BITS} to {MAX_RSA_BITS}"
+        )
+    if e != RSA_EXPONENT:
+        raise ValueError(f"RSA exponent is {e}, not {RSA_EXPONENT}")
+    return rsa.RSAPublicNumbers(e, n).public_key()
+
+
+def _public_key(jwk: Mapping[str, Any], algorithm: str, checked: CheckedPoints | None) -> PublicKey:
+    names = THUMBPRINT_MEMBERS[jwk["kty"]]
+    members = tuple(value for name in names if type(value := jwk.get(name)) is str)
+    if len(members) != len(names):
         # Before the cache: a list or an object cannot be looked up (unhashable).
-        raise ValueError("x and y must be strings")
-    key = checked.get(x_text, y_text) if checked is not None else None
+        # kty and crv were matched already: only the key's own members can be wrong.
+        own = [name for name in names if name not in ("kty", "crv")]
+        raise ValueError(
+            " and ".join(own) + (" must be strings" if own[1:] else " must be a string")
+        )
+    key = checked.get(members) if checked is not None else None
     if key is None:
-        x, y = _coordinate(jwk, "x"), _coordinate(jwk, "y")
-        key = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()  # checks the curve
+        key = _checked_key(jwk, algorithm)
         if checked is not None:
-            checked.put(x_text, y_text, key)
+            checked.put(members, key)
     return key
 
 
-def _import_entry(
-    jwk: Mapping[str, Any], checked: CheckedPoints | None
-) -> tuple[str, ec.EllipticCurvePublicKey]:
+def _import_entry(jwk: Mapping[str, Any], checked: CheckedPoints | None) -> tuple[str, PublicKey]:
     """One key, or ``ValueError`` saying why it is unusable."""
-    if jwk.get("crv") != "P-256":
-        raise ValueError(f"curve {shown(jwk.get('crv'))} is not P-256")
-    if jwk.get("alg", "ES256") != "ES256":
-        raise ValueError(f"alg {shown(jwk.get('alg'))} is not ES256")
+    algorithm = _algorithm(jwk)
+    if jwk.get("alg", algorithm) != algorithm:
+        raise ValueError(f"alg {shown(jwk.get('alg'))} is not {algorithm}, as its key type is")
     if jwk.get("use", "sig") != "sig":
         raise ValueError(f"use {shown(jwk.get('use'))} is not sig")
-    key = _point(jwk, checked)
+    key = _public_key(jwk, algorithm, checked)
     kid = jwk.get("kid")
     if not isinstance(kid, str) or not (kid == thumbprint(jwk) or foreign_kid(kid)):
         raise ValueError(
@@ -154,29 +223,20 @@ def _import_entry(
 
 def checked_public_jwk(jwk: Mapping[str, Any]) -> dict[str, str]:
     """The public JWK rotator publishes for *jwk*, a key another IAM issued: checked as a
-    reader checks it (`import_jwks`; a ``kty`` other than EC refused), its kid kept, and
-    rebuilt from the checked members alone, so that no private member (which the caller
-    deals with) and nothing else unknown is carried over. ``ValueError`` says why not."""
-    if jwk.get("kty") != "EC":
-        raise ValueError(f"key type {shown(jwk.get('kty'))} is not supported (EC P-256 only)")
+    reader checks it (`import_jwks`; a key type or curve rotator has no algorithm for is
+    refused), its kid kept, and rebuilt from the key itself (`jwk.public_jwk`), so that no
+    private member (which the caller deals with), nothing else unknown and no
+    non-canonical base64url is carried over. ``ValueError`` says why not."""
+    kty = jwk.get("kty")
+    if type(kty) is not str or kty not in THUMBPRINT_MEMBERS:
+        raise ValueError(f"key type {shown(jwk.get('kty'))} is not supported")
     kid, key = _import_entry(jwk, None)
-    numbers = key.public_numbers()
-    # Re-encoded from the numbers: base64url with stray low bits in its last character
-    # decodes to the same bytes, and the stored form is the canonical one.
-    return {
-        "alg": "ES256",
-        "crv": "P-256",
-        "kid": kid,
-        "kty": "EC",
-        "use": "sig",
-        "x": b64url(numbers.x.to_bytes(32, "big")),
-        "y": b64url(numbers.y.to_bytes(32, "big")),
-    }
+    return {**public_jwk(key), "kid": kid}
 
 
 def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> VerificationKeys:
     """Parse *raw* strictly; raise `JWKSFormatError` only if it is not a JWK Set at all.
-    *checked*: the points already checked to be on the curve, remembered there too
+    *checked*: the keys already checked, remembered there too
     (without it, every point is checked)."""
     if isinstance(raw, str):
         try:
@@ -190,7 +250,7 @@ def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> Verif
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise JWKSFormatError("JWKS has no 'keys' list")
-    keys: dict[str, ec.EllipticCurvePublicKey] = {}
+    keys: dict[str, PublicKey] = {}
     public: list[dict[str, str]] = []
     duplicates: set[str] = set()
     skipped: list[str] = []
@@ -210,7 +270,8 @@ def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> Verif
             )
             skipped.append(f"{label}: private member")
             continue
-        if entry.get("kty") != "EC":
+        kty = entry.get("kty")
+        if type(kty) is not str or kty not in THUMBPRINT_MEMBERS:  # a list is unhashable
             skipped.append(f"{label}: key type {shown(entry.get('kty'))} skipped")
             continue
         try:
@@ -228,5 +289,4 @@ def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> Verif
     for reason in skipped:
         log.warning("JWKS entry skipped: %s", reason)
     body = jwks_document(public) if leaked else raw
-    etag = '"' + b64url(hashlib.sha256(body).digest()[:16]) + '"'
-    return VerificationKeys(keys, body, etag, tuple(skipped))
+    return VerificationKeys(keys, body, etag_of(body), tuple(skipped))

@@ -30,8 +30,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from rotator.core.jwk import PublicKey
 from rotator.library.errors import KeySetUnavailable
 from rotator.library.jwks_import import (
     CheckedPoints,
@@ -160,11 +159,11 @@ class Slot:
             return None
         return f"{self.problem}; serving the copy confirmed {self.staleness(now) or 0:.0f}s ago"
 
-    def find(self, kid: str) -> ec.EllipticCurvePublicKey | None:
+    def find(self, kid: str) -> PublicKey | None:
         """The key for *kid* in the current copy."""
         return self.keys.keys.get(kid) if self.keys else None
 
-    def key(self, kid: str, now: float, limits: ReaderLimits) -> ec.EllipticCurvePublicKey | None:
+    def key(self, kid: str, now: float, limits: ReaderLimits) -> PublicKey | None:
         """The key for *kid* in a copy fresh enough to trust (``None``: not in it); raises
         `KeySetUnavailable` when there is none."""
         return self.usable(now, limits).keys.get(kid)
@@ -364,7 +363,7 @@ class SlotTable:
             log.warning("cannot read Redis (%s); using the last copies", exc)
             self._down = True
 
-    def find(self, slot: Slot, kid: str) -> tuple[ec.EllipticCurvePublicKey | None, bool]:
+    def find(self, slot: Slot, kid: str) -> tuple[PublicKey | None, bool]:
         """The key for *kid* in *slot*, and whether a read must be made to look again (an
         unknown kid outside the cooldown and not remembered missing: the cooldown is
         claimed). Raises `KeySetUnavailable` when the copy is not fresh enough to trust."""
@@ -374,7 +373,7 @@ class SlotTable:
             return key, False
         return None, slot.may_refresh_for(kid, now, self.limits)
 
-    def found_after_read(self, slot: Slot, kid: str) -> ec.EllipticCurvePublicKey | None:
+    def found_after_read(self, slot: Slot, kid: str) -> PublicKey | None:
         """The key for *kid* after the read `find` asked for; one still unknown is
         remembered missing until the key set changes."""
         key = slot.find(kid)

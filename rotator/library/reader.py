@@ -24,8 +24,8 @@ from types import TracebackType
 from typing import Any
 
 import redis
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from rotator.core.jwk import PublicKey
 from rotator.library.errors import InvalidToken
 from rotator.library.jwks_import import VerificationKeys
 from rotator.library.keycache import (
@@ -235,7 +235,7 @@ class JWKSCache:
         with self._lock:
             self._table.answered(names, values, removed)
 
-    def lookup(self, keyset: str, kid: str) -> ec.EllipticCurvePublicKey | None:
+    def lookup(self, keyset: str, kid: str) -> PublicKey | None:
         """The key for *kid*; an unknown kid costs at most one shared read per cooldown.
 
         Raises `KeySetUnavailable` when the key set is not fresh enough to trust.
@@ -266,8 +266,8 @@ class JWKSCache:
 
 
 class JWKSReader:
-    """Verifies ES256 tokens of one key set; use as a context manager or call `start` and
-    `close`. *metrics*: report the copy's staleness there (see
+    """Verifies the tokens of one key set, each key in its own algorithm; use as a context
+    manager or call `start` and `close`. *metrics*: report the copy's staleness there (see
     `rotator.metrics.register_reader_metrics`).
 
     Thread-safe: its `JWKSCache` is, its `HeaderCache` is safe to share, and `verify`
@@ -359,7 +359,7 @@ class JWKSReader:
         holds was not taken (the last good copy stays)."""
         return self.cache.refresh(self.keyset)
 
-    def _lookup(self, kid: str) -> ec.EllipticCurvePublicKey | None:
+    def _lookup(self, kid: str) -> PublicKey | None:
         slot = self._slot
         if slot is not None:
             key = slot.usable(self._clock(), self._limits).keys.get(kid)

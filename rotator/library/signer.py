@@ -1,4 +1,4 @@
-"""`Signer`: mint ES256 tokens with the ``current`` key of a key set.
+"""`Signer`: mint tokens with the ``current`` key of a key set, in that key's algorithm.
 
 The signer unseals the current private key with the KEK, follows rotations
 and revocations through ``P:events`` (with a polling backstop), and puts the
@@ -19,11 +19,10 @@ from typing import Any
 
 import jwt
 import redis
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.config import Settings
 from rotator.core.envelope import Keyring, UnsealError
-from rotator.core.jwk import load_private_key
+from rotator.core.jwk import PrivateKey, load_private_key
 from rotator.core.state import CorruptState
 from rotator.library.reader import client_for
 from rotator.storage.events import EventFollower
@@ -71,7 +70,7 @@ class Signer:
         self.max_stale = max_stale
         self.clock, self.monotonic = clock, monotonic
         self.store = Store(self.client, Layout(prefix))
-        self._current: tuple[str, ec.EllipticCurvePrivateKey] | None = None
+        self._current: tuple[str, str, PrivateKey] | None = None
         self._problem = "no key loaded yet"
         self._fetched_at: float | None = None
         self._lock = threading.Lock()
@@ -181,12 +180,19 @@ class Signer:
                 self._current, self._problem = None, str(exc)
                 log.error("key set %s: %s", self.keyset, exc)
                 return True
-            self._current = (key.kid, load_private_key(der))
-            log.info("key set %s: signing with kid %s", self.keyset, key.kid)
+            try:
+                private = load_private_key(der, key.algorithm)
+            except ValueError as exc:
+                self._current, self._problem = None, f"key {key.kid}: {exc}"
+                log.error("key set %s: %s", self.keyset, self._problem)
+                return True
+            self._current = (key.kid, key.algorithm, private)
+            log.info("key set %s: signing with kid %s (%s)", self.keyset, key.kid, key.algorithm)
             return True
 
     def sign(self, claims: Mapping[str, Any], *, ttl: float | None = None) -> str:
-        """A compact ES256 JWS of *claims* plus ``iat`` and ``exp`` (now + *ttl*)."""
+        """A compact JWS of *claims* plus ``iat`` and ``exp`` (now + *ttl*), in the
+        current key's algorithm."""
         ttl = self.default_ttl if ttl is None else ttl
         if not 0 < ttl <= self.max_token_ttl:
             raise SigningError(
@@ -205,8 +211,8 @@ class Signer:
             )
         if current is None:
             raise SigningError(f"no current key to sign with: {self._problem}")
-        kid, private = current
+        kid, algorithm, private = current
         now = int(self.clock())
         lifetime: float = int(ttl) if float(ttl).is_integer() else ttl
         payload = {**claims, "iat": now, "exp": now + lifetime}
-        return jwt.encode(payload, private, algorithm="ES256", headers={"kid": kid, "typ": "JWT"})
+        return jwt.encode(payload, private, algorithm=algorithm, headers={"kid": kid, "typ": "JWT"})

@@ -26,11 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import jwt
 import redis
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.core import lifecycle
 from rotator.core.envelope import Kek, Keyring, SealedKey
-from rotator.core.jwk import GeneratedKey, generate_key, load_private_key
+from rotator.core.jwk import GeneratedKey, PrivateKey, generate_key, load_private_key
 from rotator.core.policy import Policy
 from rotator.core.state import KeySetState, Status
 from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name, validate_prefix
@@ -96,16 +95,20 @@ class Issuer:
         self.keyring = _throwaway_keyring()
         self.store = Store(client, Layout(validate_prefix(prefix)))
         self._state: KeySetState | None = None
-        self._private: dict[str, ec.EllipticCurvePrivateKey] = {}
+        self._private: dict[str, tuple[str, PrivateKey]] = {}
         self._revoked: list[str] = []
         self._stranger: str | None = None
 
-    def _mint(self) -> tuple[GeneratedKey, SealedKey]:
+    def _mint(self, policy: Policy) -> tuple[GeneratedKey, SealedKey]:
         # The daemon's key factory: generate, then seal under the first KEK, bound to the
         # key set and kid. The private key is also kept here, to sign the test's tokens.
-        key = generate_key()
-        self._private[key.kid] = load_private_key(key.private_der)
+        key = self._keep(generate_key(policy.algorithm, rsa_bits=policy.rsa_bits))
         return key, self.keyring.seal(key.private_der, keyset=self.keyset, kid=key.kid)
+
+    def _keep(self, key: GeneratedKey) -> GeneratedKey:
+        algorithm = key.jwk["alg"]
+        self._private[key.kid] = (algorithm, load_private_key(key.private_der, algorithm))
+        return key
 
     def _commit(self, transition: lifecycle.Transition, event: str) -> None:
         expected = self._state.version if self._state is not None else 0
@@ -119,7 +122,7 @@ class Issuer:
         if self._state is not None:
             raise RuntimeError(f"key set {self.keyset} is already published")
         now = self.clock()
-        self._commit(lifecycle.bootstrap(self.keyset, now, self._mint), "bootstrap")
+        self._commit(lifecycle.bootstrap(self.keyset, now, self._mint, self.policy), "bootstrap")
         self.revoke(self._next_kid())
         for _ in range(retired):
             self.rotate()
@@ -186,8 +189,8 @@ class Issuer:
         self.store.unregister(self.keyset)
 
     def token(self, *, ttl: int = 300, kid: str | None = None, **claims: Any) -> str:
-        """A compact ES256 token signed by the key *kid* (default: the current key), as
-        `rotator.signer.Signer` signs: header ``kid`` and ``typ``; claims ``iss`` and
+        """A compact token signed by the key *kid* (default: the current key) in that key's
+        algorithm, as `rotator.signer.Signer` signs: header ``kid`` and ``typ``; claims ``iss`` and
         ``aud`` of this issuer, ``iat`` now and ``exp`` *ttl* seconds later (whole
         seconds), then *claims*, which override any of them; a claim given as ``None``
         is left out."""
@@ -200,11 +203,12 @@ class Issuer:
         )
 
     def _signed(self, payload: Mapping[str, Any], kid: str) -> str:
-        private = self._private.get(kid)
-        if private is None:
+        found = self._private.get(kid)
+        if found is None:
             raise KeyError(f"this issuer made no key {kid}")
+        algorithm, private = found
         return jwt.encode(
-            dict(payload), private, algorithm="ES256", headers={"kid": kid, "typ": "JWT"}
+            dict(payload), private, algorithm=algorithm, headers={"kid": kid, "typ": "JWT"}
         )
 
     def expired_token(self, **claims: Any) -> str:
@@ -232,9 +236,8 @@ class Issuer:
     def unknown_key_token(self, **claims: Any) -> str:
         """A token signed by a key that was never published."""
         if self._stranger is None:
-            key = generate_key()
-            self._private[key.kid] = load_private_key(key.private_der)
-            self._stranger = key.kid
+            stranger = generate_key(self.policy.algorithm, rsa_bits=self.policy.rsa_bits)
+            self._stranger = self._keep(stranger).kid
         return self.token(kid=self._stranger, **claims)
 
 

@@ -1,11 +1,17 @@
-"""ES256 JWT verification with the checks generic libraries leave out.
+"""JWT verification (ES256, ES384, EdDSA, RS256) with the checks generic libraries leave out.
 
 The rules, in the order they are checked, cheapest first: the length is
-bounded before anything is parsed; the header must say ES256 and name a ``kid``, and may not
+bounded before anything is parsed; the header must name one of those four algorithms
+(never ``none``, never an HMAC, which a public key must not key) and a ``kid``, and may not
 carry its own key (``jku``, ``x5u``, ``jwk``, ``x5c``) or unknown ``crit``
-extensions; the signature must be exactly 64 bytes of r||s with r and s in
-[1, n-1] (RFC 7518 section 3.4, and CVE-2022-21449's r = s = 0); only then
-is the key looked up and the signature checked by ``cryptography``, and the
+extensions; the signature must have its algorithm's form: for ES256 and ES384 exactly 64
+and 96 bytes of r||s with r and s in [1, n-1] (RFC 7518 section 3.4, and
+CVE-2022-21449's r = s = 0), for EdDSA exactly 64 bytes (RFC 8032); only then
+is the key looked up, and its algorithm must be the header's: each key is pinned to the
+one algorithm of its type (the reader's keys come from `jwks_import`, which refuses a JWK
+whose ``alg`` is not its key type's), so a token cannot switch a key to another algorithm.
+An RSA key must have at least `MIN_RSA_BITS` bits and exponent 65537 and the signature
+exactly its modulus' size. Then the signature is checked by ``cryptography``, and the
 claims parsed and checked: ``exp``, ``nbf``, ``iat``, ``iss``, ``aud``, in
 that order. NaN and Infinity are malformed JSON; so is a header with
 duplicate members.
@@ -31,9 +37,10 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from rotator.core.jwk import ALGORITHMS, MIN_RSA_BITS, RSA_EXPONENT, PublicKey
 from rotator.library.errors import (
     BadSignature,
     DisallowedAlgorithm,
@@ -58,13 +65,23 @@ __all__ = ["DEFAULT_MAX_TOKEN_BYTES", "HeaderCache", "KeyLookup", "verify_token"
 DEFAULT_MAX_TOKEN_BYTES = 8192
 
 _ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_ORDER_384 = int(
+    "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+    16,
+)
+_ALGORITHMS = frozenset(ALGORITHMS)
+_ALGORITHMS_TEXT = ", ".join(ALGORITHMS)
 _FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 _MAX_KID = 256
 _MAX_TIME = 2**53
 _ECDSA = ec.ECDSA(hashes.SHA256())
+_ECDSA_384 = ec.ECDSA(hashes.SHA384())
+_EC_CURVES = {"ES256": ("secp256r1", _ECDSA), "ES384": ("secp384r1", _ECDSA_384)}
+_PKCS1 = padding.PKCS1v15()
+_SHA256 = hashes.SHA256()
 
 #: Maps a kid to its key, ``None`` when unknown; may raise `InvalidToken` itself.
-KeyLookup = Callable[[str], ec.EllipticCurvePublicKey | None]
+KeyLookup = Callable[[str], PublicKey | None]
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -115,11 +132,12 @@ def _claims_of(payload_segment: bytes) -> dict[str, Any]:
     return _object(payload_segment, "payload", _CLAIMS_JSON)
 
 
-def _kid_of(header_segment: bytes) -> str:
-    """Check a header and return its kid; raise the matching `InvalidToken`."""
+def _header_of(header_segment: bytes) -> tuple[str, str]:
+    """Check a header and return its kid and alg; raise the matching `InvalidToken`."""
     header = _object(header_segment, "header", _HEADER_JSON)
-    if header.get("alg") != "ES256":
-        raise DisallowedAlgorithm("alg must be ES256")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in _ALGORITHMS:
+        raise DisallowedAlgorithm(f"alg must be one of {_ALGORITHMS_TEXT}")
     if not _FORBIDDEN_HEADERS.isdisjoint(header):
         raise ForbiddenHeader("header names its own key (jku, x5u, jwk or x5c)")
     if "crit" in header:
@@ -127,11 +145,11 @@ def _kid_of(header_segment: bytes) -> str:
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid or len(kid) > _MAX_KID:
         raise MissingKid("header has no usable kid")
-    return kid
+    return kid, alg
 
 
 class HeaderCache:
-    """The kids of headers that passed every header check, by their exact bytes.
+    """The kids and algs of headers that passed every header check, by their exact bytes.
 
     Every token of one key shares its header, so a reader that holds one of
     these checks each header once: a fast path, measured by bench/verify.py, that
@@ -145,31 +163,31 @@ class HeaderCache:
     """
 
     def __init__(self, size: int = 1024) -> None:
-        self._kids: dict[bytes, str] = {}
+        self._headers: dict[bytes, tuple[str, str]] = {}
         self._size = size
 
     def __len__(self) -> int:
-        return len(self._kids)
+        return len(self._headers)
 
-    def kid(self, header_segment: bytes) -> str:
-        """`_kid_of` *header_segment*, checked once per distinct header."""
-        kid = self._kids.get(header_segment)
-        if kid is None:
-            kid = _kid_of(header_segment)
-            if len(self._kids) >= self._size:
-                self._kids.clear()
-            self._kids[header_segment] = kid
-        return kid
+    def header(self, header_segment: bytes) -> tuple[str, str]:
+        """`_header_of` *header_segment*, checked once per distinct header."""
+        found = self._headers.get(header_segment)
+        if found is None:
+            found = _header_of(header_segment)
+            if len(self._headers) >= self._size:
+                self._headers.clear()
+            self._headers[header_segment] = found
+        return found
 
 
-def _signature(signature_segment: bytes) -> bytes:
-    """The 64 bytes of r||s, or `BadSignature`."""
+def _signature(signature_segment: bytes, size: int | None) -> bytes:
+    """The signature's bytes, exactly *size* of them unless ``None``, or `BadSignature`."""
     try:
         signature = b64decode_ascii(signature_segment)
     except ValueError:
         raise BadSignature("signature is not base64url") from None
-    if len(signature) != 64:
-        raise BadSignature("signature is not 64 bytes of r||s")
+    if size is not None and len(signature) != size:
+        raise BadSignature(f"signature is not {size} bytes")
     return signature
 
 
@@ -203,6 +221,63 @@ def _der(signature: bytes) -> bytes:
     if not (0 < r < _ORDER and 0 < s < _ORDER):
         raise BadSignature("signature r or s is out of range")
     return encode_dss_signature(r, s)
+
+
+def _der_384(signature: bytes) -> bytes:
+    """The DER ECDSA-Sig-Value of a 96-byte ES384 r||s; `BadSignature` unless r and s are
+    in [1, n-1]."""
+    r = int.from_bytes(signature[:48], "big")
+    s = int.from_bytes(signature[48:], "big")
+    if not (0 < r < _ORDER_384 and 0 < s < _ORDER_384):
+        raise BadSignature("signature r or s is out of range")
+    return encode_dss_signature(r, s)
+
+
+# Each algorithm's signature size (RSA's is its key's) and its form as `cryptography`
+# takes it, checked before the key is looked up.
+_SIGNATURE_BYTES = {"ES256": 64, "ES384": 96, "EdDSA": 64, "RS256": None}
+
+
+def _prepared(alg: str, signature_segment: bytes) -> bytes:
+    signature = _signature(signature_segment, _SIGNATURE_BYTES[alg])
+    if alg == "ES256":
+        return _der(signature)
+    if alg == "ES384":
+        return _der_384(signature)
+    return signature
+
+
+def _switched(alg: str) -> DisallowedAlgorithm:
+    return DisallowedAlgorithm(f"alg {alg} is not the algorithm of the key")
+
+
+def _check_signature(alg: str, key: PublicKey, signature: bytes, signing_input: bytes) -> None:
+    """Verify *signature* (as `_prepared` made it) with *key*, which must be a key of *alg*;
+    raise `DisallowedAlgorithm` for a key of another algorithm, `BadSignature` for a
+    signature that does not verify."""
+    try:
+        curve = _EC_CURVES.get(alg)
+        if curve is not None:
+            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != curve[0]:
+                raise _switched(alg)
+            key.verify(signature, signing_input, curve[1])
+        elif alg == "EdDSA":
+            if not isinstance(key, ed25519.Ed25519PublicKey):
+                raise _switched(alg)
+            key.verify(signature, signing_input)
+        else:
+            if not isinstance(key, rsa.RSAPublicKey):
+                raise _switched(alg)
+            if key.key_size < MIN_RSA_BITS or key.public_numbers().e != RSA_EXPONENT:
+                raise DisallowedAlgorithm(
+                    f"RSA key has fewer than {MIN_RSA_BITS} bits or an exponent other than "
+                    f"{RSA_EXPONENT}"
+                )
+            if len(signature) != (key.key_size + 7) // 8:
+                raise BadSignature("signature is not of the size of the key's modulus")
+            key.verify(signature, signing_input, _PKCS1, _SHA256)
+    except InvalidSignature:
+        raise BadSignature("signature does not verify") from None
 
 
 def _numeric_date(claims: dict[str, Any], name: str) -> float | None:
@@ -318,7 +393,8 @@ def verify_token(
     max_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
     headers: HeaderCache | None = None,
 ) -> dict[str, Any]:
-    """Verify an ES256 compact JWS and return its claims, or raise an `InvalidToken`.
+    """Verify a compact JWS (ES256, ES384, EdDSA or RS256, the algorithm of its key) and
+    return its claims, or raise an `InvalidToken`.
 
     *audience* and *issuer* are required keywords; ``None`` skips that check
     on purpose. *headers* remembers the headers already checked (a reader
@@ -329,16 +405,13 @@ def verify_token(
     if len(parts) != 3:
         raise MalformedToken("token is not three dot-separated parts")
     header_segment, payload_segment, signature_segment = parts
-    kid = _kid_of(header_segment) if headers is None else headers.kid(header_segment)
-    der = _der(_signature(signature_segment))
+    kid, alg = _header_of(header_segment) if headers is None else headers.header(header_segment)
+    signature = _prepared(alg, signature_segment)
     key = lookup(kid)
     if key is None:
         raise UnknownKid("no key with this kid in the key set")
     signing_input = raw[: len(header_segment) + 1 + len(payload_segment)]
-    try:
-        key.verify(der, signing_input, _ECDSA)
-    except InvalidSignature:
-        raise BadSignature("signature does not verify") from None
+    _check_signature(alg, key, signature, signing_input)
     claims = _claims_of(payload_segment)
     if not _usual_claims_pass(claims, audience, issuer, now - leeway, now + leeway):
         _check_claims(claims, audience, issuer, leeway, now)

@@ -1,10 +1,11 @@
-"""The JWKS answers `rotator serve` has built, kept apart from the readers' copies.
+"""The answers `rotator serve` has built (JWKS, discovery documents), kept apart from the
+readers' copies.
 
 An answer (status line, headers, body as bytes) is built once per copy of a
 key set under one generation of the policies (`rotator.serve.policies`) and
-reused while both stay: the copy is recognised by its ``ETag``, a digest of
-the bytes served, so the cache depends on nothing of how the reader holds
-its copies. At most *size* key sets' answers are kept (the reader's own
+reused while both stay: the copy is recognised by its JWKS's ``ETag``, a
+digest of the bytes served, so the cache depends on nothing of how the
+reader holds its copies. At most *size* key sets' answers are kept (the reader's own
 bound); beyond it the oldest built goes first and is rebuilt on its next use.
 
 Concurrency: `AnswerCache.get` runs on the event loop and the request threads
@@ -23,17 +24,20 @@ __all__ = ["AnswerCache", "Answers"]
 
 
 class Answers(NamedTuple):
-    """The answers built for one copy of a key set (its *etag*) under one *generation* of
-    the policies."""
+    """The answers built for one copy of a key set (its JWKS's *etag*) under one
+    *generation* of the policies; *tag* is the ``ETag`` the answer carries (the JWKS's for
+    the JWKS, the document's for a discovery document), which ``If-None-Match`` names."""
 
     etag: str
     generation: int
     ok: Reply
     not_modified: Reply
+    tag: str
 
 
 class AnswerCache:
-    """The last `Answers` built for each key set, at most *size* of them."""
+    """The last `Answers` built for each key (a key set, or what the holder makes of one),
+    at most *size* of them."""
 
     def __init__(self, size: int) -> None:
         self.size = max(size, 1)

@@ -5,6 +5,11 @@ Routes (GET and HEAD):
 * ``/.well-known/jwks.json`` — the default key set, or ``?keyset=S``;
 * ``/v1/authentication/token/jwks`` — the key set named by ``X-App-Name``
   (empty or missing: the default set), as the reference IAM's clients call it;
+* ``<issuer path>/.well-known/openid-configuration`` — the OIDC discovery
+  document (`rotator.serve.discovery`) of the key set whose ``issuer`` has that
+  path; for an issuer without a path, ``/.well-known/openid-configuration`` with
+  ``?keyset=S`` (or ``X-App-Name``; neither: the default set). A key set
+  without an issuer, or whose issuer has another path, has none (404);
 * ``/healthz`` (alive), ``/readyz`` (configured key sets loaded and fresh) and
   ``/metrics`` (Prometheus, including the readers' staleness and the HTTP
   refusals), which moves to a port of its own with ``server.metrics_port``.
@@ -13,7 +18,9 @@ Answers come from an in-memory `JWKSCache`, never one Redis round trip per
 request. The body is the stored JWKS bytes after the strict import has
 checked them (a JWKS carrying a private member is served without it), with
 an ``ETag`` over those bytes, ``If-None-Match`` answered 304, and
-``Cache-Control: public, max-age=<cache_max_age>, stale-if-error=<max_stale>``.
+``Cache-Control: public, max-age=<cache_max_age>, stale-if-error=<max_stale>``;
+a discovery document has the same headers, its ``ETag`` over its own bytes,
+and is built once per copy of the JWKS like it.
 
 The HTTP side is `rotator.serve.httpd`: a request whose key set is in memory is
 answered on the event loop from bytes built once per copy of the key set; the
@@ -30,31 +37,43 @@ from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from rotator.config import Settings
+from rotator.core.issuer import DISCOVERY_SUFFIX, issuer_path
 from rotator.library.errors import KeySetUnavailable
-from rotator.library.jwks_import import VerificationKeys
+from rotator.library.jwks_import import VerificationKeys, etag_of
 from rotator.library.keycache import ReaderLimits
 from rotator.library.reader import JWKSCache
 from rotator.metrics import CONTENT_TYPE, HTTP_REFUSALS, exposition, register_process_metrics
 from rotator.serve import httpd, workers
 from rotator.serve.answers import AnswerCache, Answers
+from rotator.serve.discovery import discovery_document
 from rotator.serve.httpd import Reply, Request, json_reply, reply
 from rotator.serve.policies import Policies
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name
 from rotator.storage.registry import KeySets
 from rotator.storage.store import Store
 
-__all__ = ["HTTP_REFUSALS", "IAM_PATH", "JWKS_PATH", "METRICS_MAX_AGE", "JWKSApp", "serve"]
+__all__ = [
+    "DISCOVERY_SUFFIX",
+    "HTTP_REFUSALS",
+    "IAM_PATH",
+    "JWKS_PATH",
+    "METRICS_MAX_AGE",
+    "JWKSApp",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
 JWKS_PATH = "/.well-known/jwks.json"
 IAM_PATH = "/v1/authentication/token/jwks"
 _JWKS_PATH, _IAM_PATH = JWKS_PATH.encode(), IAM_PATH.encode()
+_DISCOVERY = DISCOVERY_SUFFIX.encode()
 METRICS_MAX_AGE = 1.0
 
 _ALIVE = json_reply(200, {"alive": True})
 _NOT_FOUND = json_reply(404, {"error": "not found"})
 _UNKNOWN_KEYSET = json_reply(404, {"error": "unknown key set"})
+_NO_DISCOVERY = json_reply(404, {"error": "no discovery document here"})
 _NOT_ALLOWED = json_reply(405, {"error": "method not allowed"}, ("allow", "GET, HEAD"))
 # Key sets named in /readyz's "troubles" at most (10,000 stale ones would make every probe
 # build a megabyte).
@@ -137,6 +156,9 @@ class JWKSApp:
             size=held,
         )
         self.answers = AnswerCache(held)
+        # Keyed by key set and the issuer path asked for: a key set asked for under a path
+        # that is not its issuer's gets a 404, built once as well.
+        self.documents = AnswerCache(held)
         self.metrics = MetricsApp(self.cache.clock)
         self._routes = _ROUTES if server.metrics_port is None else _ROUTES - {b"/metrics"}
 
@@ -163,17 +185,14 @@ class JWKSApp:
     def _route(self, request: Request, *, may_block: bool) -> Reply | None:
         path = request.path
         if request.method not in (b"GET", b"HEAD"):
-            return _NOT_ALLOWED if path in self._routes else _NOT_FOUND
+            known = path in self._routes or path.endswith(_DISCOVERY)
+            return _NOT_ALLOWED if known else _NOT_FOUND
         if path == _JWKS_PATH:
-            query = request.query
-            keyset = (
-                (parse_qs(query.decode("latin-1")).get("keyset") or [DEFAULT_KEYSET])[0]
-                if query
-                else DEFAULT_KEYSET
-            )
+            keyset = _queried(request) or DEFAULT_KEYSET
         elif path == _IAM_PATH:
-            named = request.headers.get(b"x-app-name", b"").strip()
-            keyset = named.decode("latin-1") if named else DEFAULT_KEYSET
+            keyset = _app_named(request) or DEFAULT_KEYSET
+        elif path.endswith(_DISCOVERY):
+            return self._discovery(request, path[: -len(_DISCOVERY)], may_block=may_block)
         elif path == b"/healthz":
             return _ALIVE
         elif path == b"/readyz":
@@ -184,7 +203,26 @@ class JWKSApp:
             return _NOT_FOUND
         return self._jwks(request, keyset, may_block=may_block)
 
+    def _discovery(self, request: Request, prefix: bytes, *, may_block: bool) -> Reply | None:
+        """The discovery document at *prefix* (an issuer's path) + `DISCOVERY_SUFFIX`."""
+        if prefix:
+            found = self.policies.issuer_routes().get(prefix.decode("latin-1"))
+            if found is None:
+                self.policies.reread_soon(self.cache.clock())  # a key set added since
+                return _NO_DISCOVERY
+            keyset = found
+        else:
+            keyset = _queried(request) or _app_named(request) or DEFAULT_KEYSET
+        return self._answer(request, keyset, prefix.decode("latin-1"), may_block=may_block)
+
     def _jwks(self, request: Request, keyset: str, *, may_block: bool) -> Reply | None:
+        return self._answer(request, keyset, None, may_block=may_block)
+
+    def _answer(
+        self, request: Request, keyset: str, discovery: str | None, *, may_block: bool
+    ) -> Reply | None:
+        """*keyset*'s JWKS answer, or (*discovery* the issuer path asked for) its discovery
+        document's."""
         slot = self.cache.held(keyset)
         if slot is None or slot.fetched_at is None:  # not held, or its first read is in flight
             try:
@@ -202,16 +240,21 @@ class JWKSApp:
                 return _UNKNOWN_KEYSET
             return json_reply(503, {"error": str(exc)})
         self.policies.reread_soon(now)
-        cached = self.answers.get(keyset, keys.etag, self.policies.generation)
+        built, key = (
+            (self.answers, keyset)
+            if discovery is None
+            else (self.documents, f"{keyset} {discovery}")
+        )
+        cached = built.get(key, keys.etag, self.policies.generation)
         if cached is None:
             if not self.policies.known(keyset):  # added since the registry was read
                 if not may_block:
                     return None
                 self.policies.learn(keyset)
-            cached = self._answers(keyset, keys)
-            self.answers.put(keyset, cached)
+            cached = self._answers(keyset, keys, discovery)
+            built.put(key, cached)
         if_none_match = request.headers.get(b"if-none-match")
-        if if_none_match and _matches(if_none_match.decode("latin-1"), keys.etag):
+        if if_none_match and _matches(if_none_match.decode("latin-1"), cached.tag):
             return cached.not_modified
         return cached.ok
 
@@ -221,21 +264,27 @@ class JWKSApp:
         if self.cache.held(keyset) is not None:  # else nothing built for it to rebuild
             self.policies.learn(keyset)
 
-    def _answers(self, keyset: str, keys: VerificationKeys) -> Answers:
+    def _answers(self, keyset: str, keys: VerificationKeys, discovery: str | None) -> Answers:
         generation, policy = self.policies.stamped(keyset)
+        body, tag = keys.body, keys.etag
+        if discovery is not None:
+            issuer = policy.issuer
+            if issuer is None or issuer_path(issuer) != discovery:
+                return Answers(keys.etag, generation, _NO_DISCOVERY, _NO_DISCOVERY, "")
+            body = discovery_document(issuer, keyset, keys.body)
+            tag = etag_of(body)
         max_age = int(policy.cache_max_age)
         stale = int(self.settings.server.max_stale)
         caching = [
-            ("etag", keys.etag),
+            ("etag", tag),
             ("cache-control", f"public, max-age={max_age}, stale-if-error={stale}"),
         ]
-        length = str(len(keys.body))
         ok = reply(
             200,
-            [("content-type", "application/json"), ("content-length", length), *caching],
-            keys.body,
+            [("content-type", "application/json"), ("content-length", str(len(body))), *caching],
+            body,
         )
-        return Answers(keys.etag, generation, ok, reply(304, caching))
+        return Answers(keys.etag, generation, ok, reply(304, caching), tag)
 
     def _ready(self) -> Reply:
         # Ready while every configured key set has a copy to serve: the last good one counts
@@ -251,6 +300,20 @@ class JWKSApp:
                 "troubles": self.cache.troubles(limit=_TROUBLES_SHOWN),
             },
         )
+
+
+def _queried(request: Request) -> str | None:
+    """The key set named by ``?keyset=``, if any."""
+    if not request.query:
+        return None
+    named = parse_qs(request.query.decode("latin-1")).get("keyset")
+    return named[0] if named else None
+
+
+def _app_named(request: Request) -> str | None:
+    """The key set named by ``X-App-Name``, if any (empty counts as none)."""
+    named = request.headers.get(b"x-app-name", b"").strip()
+    return named.decode("latin-1") if named else None
 
 
 def _count_refusal(status: int | None, reason: str) -> None:

@@ -10,7 +10,10 @@ set added while serve runs is never answered with ``[rotation]``'s
 nor registered (or whose stored policy is unusable) follows ``[rotation]``.
 
 Every change of what serve knows bumps `Policies.generation`; answers built
-before carry the older generation and are rebuilt on their next use.
+before carry the older generation and are rebuilt on their next use, and so
+is the map from issuer paths to key sets (`Policies.issuer_routes`), once per
+generation. A path that two key sets claim (their adds raced, or the config
+changed under the registry) belongs to neither, and is logged.
 
 Concurrency: the event loop and the request threads read (`policy`, `known`,
 `generation`) without a lock; the events thread (`learn` on announcements),
@@ -32,6 +35,7 @@ from collections.abc import Callable
 import redis
 
 from rotator.config import Settings
+from rotator.core.issuer import issuer_routes
 from rotator.core.policy import Policy
 from rotator.storage.registry import BadPolicy, KeySets
 
@@ -68,6 +72,29 @@ class Policies:
         # A registry read drops those it names and has caught up with; one it does not name
         # follows [rotation] from then on and stays known, so its answers need no read.
         self._read: dict[str, tuple[Policy, float]] = {}
+        self._routes: tuple[int, dict[str, str]] = (-1, {})
+
+    def issuer_routes(self) -> dict[str, str]:
+        """The key set of each issuer path, as serve knows the key sets now: configured,
+        registered, or read one by one (not those that follow ``[rotation]`` for want of an
+        entry). Rebuilt once per generation, on the thread that first asks."""
+        generation, routes = self._routes
+        if generation == self.generation:
+            return routes
+        with self._lock:
+            generation = self.generation
+            names = {entry.name for entry in self.keysets.entries()}
+            names.update(name for name, read in self._read.items() if read[0] is not self._base)
+            issuers = {name: self.policy(name).issuer for name in names}
+        routes, shared = issuer_routes(issuers)
+        for path, claimants in shared.items():
+            log.warning(
+                "issuer path %s is claimed by key sets %s: no discovery document",
+                path,
+                ", ".join(claimants),
+            )
+        self._routes = (generation, routes)
+        return routes
 
     def read_registry(self) -> None:
         """Read the registry now, on this thread (at start: before the first answer);

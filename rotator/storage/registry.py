@@ -166,13 +166,13 @@ def invalid_label(name: str) -> str:
 
 
 def describe_policy(policy: Policy) -> str:
-    """One line: the trigger and the overlap."""
+    """One line: the trigger, the overlap and the algorithm of new keys."""
     trigger = (
         f"schedule {policy.schedule!r}"
         if policy.schedule
         else f"every {format_duration(policy.interval or 0)}"
     )
-    return f"{trigger}, overlap {format_duration(policy.overlap)}"
+    return f"{trigger}, overlap {format_duration(policy.overlap)}, {policy.algorithm}"
 
 
 class KeySets:
