@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from rotator.cli.main import main
-from rotator.cli.parser import build_parser, shield_kids, subparsers
+from rotator.cli.parser import build_parser, keyset_name, shield_kids, subparsers
 from rotator.embedded import EmbeddedRedis, free_port
 from tests.conftest import Cli, CliResult
 from tests.helpers import foreign_jwk
@@ -89,10 +89,11 @@ def _options(command: Command) -> list[tuple[str, argparse.Action, bool]]:
     ]
 
 
-def _checked_options(command: Command) -> list[tuple[str, bool]]:
-    """The options whose values the parser checks, and whether each is global."""
+def _checked_options(command: Command) -> list[tuple[str, bool, tuple[str, ...]]]:
+    """The options whose values the parser checks, whether each is global, and values it
+    refuses ("abc" and "-1" are fine key set names)."""
     return [
-        (option, is_global)
+        (option, is_global, ("a b", "{x}") if action.type is keyset_name else ("abc", "-1"))
         for option, action, is_global in _options(command)
         if action.nargs != 0 and (action.choices or action.type not in (None, str, Path))
     ]
@@ -114,8 +115,8 @@ BAD_ARGUMENTS = [
         id=f"{' '.join(command)} {option} {bad}",
     )
     for command, argv in COMMANDS.items()
-    for option, is_global in _checked_options(command)
-    for bad in ("abc", "-1")
+    for option, is_global, refused in _checked_options(command)
+    for bad in refused
 ]
 
 
@@ -179,6 +180,69 @@ def test_the_errors_the_issue_names(
     assert audit.code == 2 and one_line(audit) and "at least 1" in audit.stderr
     hostile = run(capsys, "status", "--x\nsecond line")
     assert hostile.code == 2 and one_line(hostile), hostile.stderr
+
+
+# A bad argument that only the command checks (not the parser), for every command that
+# has one: each is refused before the command connects to Redis.
+CHECKED_BY_THE_COMMAND: dict[Command, list[tuple[list[str], str]]] = {
+    ("keyset", "add"): [
+        (["keyset", "add", "x", "--schedule", "0 0 * * 8"], "--schedule: invalid cron"),
+        (["keyset", "add", "x", "--interval", "abc"], "--interval: invalid duration"),
+        (["keyset", "add", "x", "--interval", "1s"], "--cache-max-age: 5m must be at most"),
+        (["keyset", "add", "default"], "key set default is defined in the config"),
+    ],
+    ("keyset", "update"): [
+        (["keyset", "update", "x", "--schedule", "0 0 * * 8"], "--schedule: invalid cron"),
+        (["keyset", "update", "x", "--overlap", "abc"], "--overlap: invalid duration"),
+        (["keyset", "update", "default", "--overlap", "1h"], "defined in the config"),
+    ],
+    ("keyset", "remove"): [(["keyset", "remove", "default"], "defined in the config")],
+    ("token", "sign"): [
+        (["token", "sign", "--claims", "nope"], "--claims is not JSON"),
+        (["token", "sign", "--claims", "[1]"], "--claims must be a JSON object"),
+    ],
+}
+
+
+def _named_keyset_arguments(command: Command) -> Iterator[tuple[list[str], str]]:
+    """*command* given a refused key set name wherever it takes one."""
+    argv = COMMANDS[command]
+    if "name" in VALUES and VALUES["name"] in argv:
+        at = argv.index(VALUES["name"])
+        yield [*argv[:at], "a b", *argv[at + 1 :]], "argument name: key set name 'a b'"
+    if "--keyset" in {option for option, _, _ in _options(command)}:
+        yield [*argv, "--keyset", "a b"], "argument --keyset: key set name 'a b'"
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        pytest.param(argv, named, id=f"{' '.join(command)}: {named}")
+        for command in COMMANDS
+        for argv, named in [
+            *_named_keyset_arguments(command),
+            *CHECKED_BY_THE_COMMAND.get(command, []),
+        ]
+    ],
+)
+def test_a_bad_argument_with_redis_down_is_exit_2_naming_it(
+    environment: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    named: str,
+) -> None:
+    """Before: `keyset add x --schedule "0 0 * * 8"`, `rotate --keyset "a b"` and
+    `token sign --claims nope` connected first, so with Redis down they said "cannot
+    reach Redis" (exit 1) instead of naming the bad argument."""
+    result = run(capsys, *argv)
+    assert result.code == 2, result
+    assert one_line(result) and named in result.stderr, result.stderr
+
+
+def test_every_command_with_an_argument_to_check_has_a_bad_one() -> None:
+    checked = {c for c in COMMANDS if any(True for _ in _named_keyset_arguments(c))}
+    checked |= set(CHECKED_BY_THE_COMMAND)
+    assert checked == set(COMMANDS) - OFFLINE - LONG_RUNNING - {("keyset", "list")}
 
 
 @pytest.mark.parametrize(

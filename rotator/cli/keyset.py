@@ -29,7 +29,6 @@ from rotator.library.adopt import (
     foreign_public_keys,
     foreign_signing_key,
 )
-from rotator.storage.layout import validate_keyset_name
 from rotator.storage.registry import (
     BadPolicy,
     KeySets,
@@ -59,21 +58,21 @@ def flag(field: str) -> str:
 
 def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
     """Add, update, remove or list registered key sets."""
+    # The arguments first, so a bad one is exit 2 naming it even while Redis is down; an
+    # update's flags are checked alone here and over the stored policy once read.
+    if args.keyset_command not in ("list", "import") and args.name in settings.configured_keysets():
+        raise UsageError(f"key set {args.name} is defined in the config; change it there")
+    if args.keyset_command in ("add", "update"):
+        overrides = _overrides(settings, args, {}, overlay=args.keyset_command == "add")
     manager, keysets = manager_for(settings)
     store = manager.store
     if args.keyset_command == "list":
         return _keyset_list(manager, keysets, args.json)
     if args.keyset_command == "import":
         return _keyset_import(manager, keysets, args)
-    try:
-        name = validate_keyset_name(args.name)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if name in settings.configured_keysets():
-        raise UsageError(f"key set {name} is defined in the config; change it there")
+    name: str = args.name
     registered = {n: raw for n, raw in store.registry().items() if raw != REMOVED}
     if args.keyset_command == "add":
-        overrides = _overrides(settings, args, {})
         _own_issuer_path(settings, keysets, name, overrides)
         policy = encode_overrides(overrides)
         if name in registered and policy_of(registered[name]) != policy:
@@ -213,9 +212,10 @@ def _keyset_list(manager: KeyManager, keysets: KeySets, as_json: bool) -> int:
 
 
 def _overrides(
-    settings: Settings, args: argparse.Namespace, stored: Mapping[str, Any]
+    settings: Settings, args: argparse.Namespace, stored: Mapping[str, Any], *, overlay: bool = True
 ) -> KeysetSettings:
-    """The policy flags given laid over *stored*, checked."""
+    """The policy flags given laid over *stored*, checked: each value, and with *overlay*
+    the policy they make over the config's."""
     given = {f: getattr(args, f) for f in POLICY_FLAGS if getattr(args, f) is not None}
     merged = dict(stored)
     if {"interval", "schedule"} & given.keys():
@@ -227,7 +227,7 @@ def _overrides(
     except ValidationError as exc:
         lines = [_flagged(describe_error(e)) for e in exc.errors()]
         raise UsageError("; ".join(lines)) from None
-    problems = overrides.overlay(settings.base_policy()).problems()
+    problems = overrides.overlay(settings.base_policy()).problems() if overlay else []
     if problems:
         raise UsageError("; ".join(f"{flag(f)}: {m}" for f, m in problems))
     return overrides

@@ -17,8 +17,9 @@ from rotator.config import LOG_LEVELS
 from rotator.core.durations import parse_duration
 from rotator.core.jwk import ALGORITHMS
 from rotator.core.strictjson import one_line
+from rotator.storage.layout import validate_keyset_name
 
-__all__ = ["build_parser", "shield_kids", "subparsers"]
+__all__ = ["build_parser", "keyset_name", "shield_kids", "subparsers"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,6 +53,15 @@ def _port(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
     return value
+
+
+def keyset_name(text: str) -> str:
+    """A key set name argument, checked while parsing: a bad one is exit 2 before any
+    command connects to Redis (which may be down)."""
+    try:
+        return validate_keyset_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(text: str) -> float:
@@ -94,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def keyset_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--keyset", default="default", help="key set name (default: default)")
+        p.add_argument(
+            "--keyset", type=keyset_name, default="default", help="key set name (default: default)"
+        )
 
     rotate = sub.add_parser("rotate", help="promote the next key now")
     keyset_arg(rotate)
@@ -110,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("kid")
     keyset_arg(revoke)
     status = sub.add_parser("status", help="show keys, states and the next rotation")
-    status.add_argument("--keyset", help="one key set (default: all)")
+    status.add_argument("--keyset", type=keyset_name, help="one key set (default: all)")
     status.add_argument("--json", action="store_true", help="as JSON (times RFC 3339)")
     status.add_argument("--table", action="store_true", help="a table instead of the timeline")
     jwks = sub.add_parser("jwks", help="print the published JWKS")
@@ -119,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keyset_commands(sub)
     _add_service_commands(sub, keyset_arg)
     audit = sub.add_parser("audit", help="show the latest lifecycle events (P:audit)")
-    audit.add_argument("--keyset", help="only this key set")
+    audit.add_argument("--keyset", type=keyset_name, help="only this key set")
     audit.add_argument("--limit", type=_count, default=20, help="how many (default 20)")
     sub.add_parser("check-config", help="validate and print the effective config (secrets masked)")
     kek = sub.add_parser("kek", help="key-encryption keys")
@@ -128,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--id", help="KEK id (default kek-YYYYMMDD)"
     )
     reseal = sub.add_parser("reseal", help="re-encrypt stored keys under the first KEK")
-    reseal.add_argument("--keyset", help="one key set (default: all)")
+    reseal.add_argument("--keyset", type=keyset_name, help="one key set (default: all)")
     repair = sub.add_parser("repair", help="move an unreadable state aside and start afresh")
-    repair.add_argument("--keyset", required=True)
+    repair.add_argument("--keyset", type=keyset_name, required=True)
     parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE)
     for command in _leaves(parser):
         # Also after the command (`rotator rotate -v`); SUPPRESS keeps an absent flag
@@ -163,7 +175,7 @@ def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     add = keyset_sub.add_parser("add", help="register and bootstrap a key set")
     update = keyset_sub.add_parser("update", help="change the policy of a registered key set")
     for parser_ in (add, update):
-        parser_.add_argument("name")
+        parser_.add_argument("name", type=keyset_name)
         for field in POLICY_FLAGS:
             parser_.add_argument(
                 flag(field),
@@ -172,7 +184,7 @@ def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
                 help=f"{field} of this key set (default: [rotation].{field})",
             )
     remove = keyset_sub.add_parser("remove", help="unregister a key set and delete its keys")
-    remove.add_argument("name")
+    remove.add_argument("name", type=keyset_name)
     remove.add_argument("--yes", action="store_true", help="confirm deleting its keys")
     listing = keyset_sub.add_parser("list", help="list key sets, policies, next rotation")
     listing.add_argument("--json", action="store_true")

@@ -18,18 +18,14 @@ __all__ = ["cmd_token"]
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     """Print a token signed with the current key, or the claims of a token that verifies."""
+    # --claims before connecting: a bad one is exit 2 even while Redis is down.
+    claims = _claims(args.claims) if args.verb == "sign" else {}
     # The registry first, as every command that names a key set: an unknown name is a
     # bad argument and an unreachable Redis says so, before a signer or reader would
     # only find no key.
     manager, keysets = manager_for(settings)
     keyset = checked_keyset(keysets, args.keyset)
     if args.verb == "sign":
-        try:
-            claims = json.loads(args.claims)
-        except ValueError as exc:
-            raise UsageError(f"--claims is not JSON: {exc}") from None
-        if not isinstance(claims, dict):
-            raise UsageError("--claims must be a JSON object")
         with Signer.from_settings(settings, keyset, follow=False) as signer:
             print(signer.sign(claims, ttl=args.ttl))
         return 0
@@ -46,3 +42,14 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
             return 1
     print(json.dumps(claims, indent=2, sort_keys=True))
     return 0
+
+
+def _claims(text: str) -> dict[str, object]:
+    """The ``--claims`` argument: a JSON object."""
+    try:
+        claims = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--claims is not JSON: {exc}") from None
+    if not isinstance(claims, dict):
+        raise UsageError("--claims must be a JSON object")
+    return claims
