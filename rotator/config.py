@@ -45,6 +45,7 @@ from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name, validat
 
 __all__ = [
     "LOG_LEVELS",
+    "MAX_WORKERS",
     "ConfigError",
     "KeysetSettings",
     "Settings",
@@ -203,17 +204,24 @@ class DaemonSettings(_Section):
         return tick
 
 
+#: The most worker processes ``server.workers`` (and ``--workers``) accepts: each is a
+#: full copy of the server, and a typo of a few digits must not fork without end.
+MAX_WORKERS = 64
+
+
 class ServerSettings(_Section):
     """`rotator serve`: the HTTP JWKS endpoint."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1)
-    threads: int = Field(default=32, ge=1)
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
+    # Each thread is an OS thread started at once; each connection an open file, and
+    # Linux's own ceiling on open files (fs.nr_open) is 2**20 by default.
+    threads: int = Field(default=32, ge=1, le=1024)
     head_timeout: Duration = 10.0
     idle_timeout: Duration = 75.0
     send_timeout: Duration = 30.0
-    max_connections: int = Field(default=4096, ge=1)
+    max_connections: int = Field(default=4096, ge=1, le=2**20)
     max_requests_per_connection: int = Field(default=1000, ge=1)
     metrics_host: str | None = None
     metrics_port: int | None = Field(default=None, ge=1, le=65535)

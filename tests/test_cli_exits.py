@@ -180,6 +180,13 @@ def test_the_errors_the_issue_names(
     assert audit.code == 2 and one_line(audit) and "at least 1" in audit.stderr
     hostile = run(capsys, "status", "--x\nsecond line")
     assert hostile.code == 2 and one_line(hostile), hostile.stderr
+    # Before: accepted, and `rotator serve` forked that many workers.
+    workers = run(capsys, "serve", "--workers", "65")
+    assert (
+        workers.code == 2
+        and one_line(workers)
+        and "--workers: 65 is more than 64" in workers.stderr
+    )
 
 
 # A bad argument that only the command checks (not the parser), for every command that

@@ -126,6 +126,19 @@ def test_algorithm_is_a_policy_field_overridden_per_keyset(tmp_path: Path) -> No
     assert load_settings().base_policy().algorithm == "ES256"
 
 
+@pytest.mark.parametrize(
+    ("field", "most"), [("workers", 64), ("threads", 1024), ("max_connections", 2**20)]
+)
+def test_server_counts_are_bounded(tmp_path: Path, field: str, most: int) -> None:
+    """Before: `workers = 100000` forked without end and `threads` started as many OS
+    threads as asked; each is refused beyond its bound, naming the field."""
+    assert getattr(load_settings(write(tmp_path, f"[server]\n{field} = {most}")).server, field)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, f"[server]\n{field} = {most + 1}"))
+    assert str(caught.value).startswith(f"server.{field}: "), caught.value
+    assert str(most) in str(caught.value)
+
+
 def test_env_errors_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ROTATOR_ROTATION__OVERLAP", "1s")
     with pytest.raises(ConfigError, match=r"^rotation\.overlap"):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from rotator.cli.keyset import POLICY_FLAGS, flag
-from rotator.config import LOG_LEVELS
+from rotator.config import LOG_LEVELS, MAX_WORKERS
 from rotator.core.durations import parse_duration
 from rotator.core.jwk import ALGORITHMS
 from rotator.core.strictjson import one_line
@@ -45,6 +45,13 @@ def _count(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number of at least 1")
+    return value
+
+
+def _workers(text: str) -> int:
+    value = _count(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_WORKERS} worker processes")
     return value
 
 
@@ -228,7 +235,9 @@ def _add_service_commands(
     serve_parser = sub.add_parser("serve", help="serve the JWKS over HTTP")
     serve_parser.add_argument("--host", help="bind address (default: server.host)")
     serve_parser.add_argument("--port", type=_port, help="port (default: server.port)")
-    serve_parser.add_argument("--workers", type=_count, help="worker processes (default 1)")
+    serve_parser.add_argument(
+        "--workers", type=_workers, help=f"worker processes, 1 to {MAX_WORKERS} (default 1)"
+    )
 
     token = sub.add_parser("token", help="sign or verify a token (to check a deployment)")
     token_sub = token.add_subparsers(dest="verb", required=True, metavar="ACTION")
