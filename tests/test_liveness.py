@@ -204,6 +204,7 @@ def test_a_resubscription_by_redis_py_itself_reads_everything_again(
             await async_wait_for(lambda: cache.reads > reads, what="the async catch-up read")
         finally:
             await cache.close()
+            await retrying.aclose()  # the caller's: the cache leaves it open
 
     asyncio.run(scenario())
 

@@ -291,6 +291,7 @@ def test_concurrent_async_refreshes_share_one_read(
         assert await asyncio.gather(*callers) == [True] * 16
         assert cache.reads == 2  # the first load, then one read for sixteen callers
         await cache.close()
+        await client.aclose()  # the caller's: the cache leaves it open
 
     asyncio.run(scenario())
 
@@ -311,6 +312,7 @@ def test_an_async_caller_arriving_during_the_first_read_waits_for_it(
             assert slot.usable(cache.clock(), cache.limits)
         assert cache.reads == 1
         await cache.close()
+        await client.aclose()  # the caller's: the cache leaves it open
 
     asyncio.run(scenario())
 
@@ -339,6 +341,7 @@ def test_an_async_first_read_answers_its_caller_even_if_the_lru_dropped_the_key_
         assert len(await asyncio.gather(first, second, third)) == 3  # none "not loaded"
         assert cache.held("a") is not None and cache.held("b") is None  # the bound holds
         await cache.close()
+        await client.aclose()  # the caller's: the cache leaves it open
 
     asyncio.run(scenario())
 

@@ -89,6 +89,8 @@ class AsyncJWKSCache:
         metrics: ReaderMetrics | None = None,
     ) -> None:
         self.client = async_client_for(target)
+        # Only a client made here is closed here: one passed in is the caller's to close.
+        self._owns_client = self.client is not target
         self._follows = follow
         self.layout = Layout(prefix)
         self.limits = limits or ReaderLimits()
@@ -111,14 +113,15 @@ class AsyncJWKSCache:
             self._task = asyncio.create_task(self._follow(), name="rotator-cache-follower")
 
     async def close(self) -> None:
-        """Stop following and close the client."""
+        """Stop following, and close the client if it was made from a URL here."""
         if self._metrics is not None:
             self._metrics.forget(self)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.client.aclose()
+        if self._owns_client:
+            await self.client.aclose()
 
     @property
     def reads(self) -> int:

@@ -87,6 +87,8 @@ class JWKSCache:
         metrics: ReaderMetrics | None = None,
     ) -> None:
         self.client = client_for(target)
+        # Only a client made here is closed here: one passed in is the caller's to close.
+        self._owns_client = self.client is not target
         self._on_event_hook = on_event
         self.layout = Layout(prefix)
         self.limits = limits or ReaderLimits()
@@ -121,11 +123,14 @@ class JWKSCache:
         return self
 
     def close(self) -> None:
-        """Stop following; the copies stay usable until they go stale."""
+        """Stop following, and close the client if it was made from a URL here; the copies
+        stay usable until they go stale."""
         if self._follower is not None:
             self._follower.stop()
         if self._metrics is not None:
             self._metrics.forget(self)
+        if self._owns_client:
+            self.client.close()
 
     @property
     def following(self) -> bool:
