@@ -11,7 +11,7 @@ from rotator.core.jwk import generate_key, jwks_document
 from rotator.library import jwks_import, keycache
 from rotator.library.errors import KeySetUnavailable
 from rotator.library.jwks_import import VerificationKeys
-from rotator.library.keycache import ReaderLimits, Slot, SlotTable, removed_among
+from rotator.library.keycache import ReaderLimits, Slot, SlotTable, redis_address, removed_among
 from tests.helpers import FakeClock
 
 
@@ -208,10 +208,28 @@ def test_redis_down_is_said_once_until_it_answers_and_reads_are_counted(
             slots.unreachable(ConnectionError("refused"))
         assert slots.answered(["k"], [jwks_document([generate_key().jwk])], set())
         slots.unreachable(ConnectionError("refused"))
-    assert [r.getMessage() for r in caplog.records].count(
-        "cannot read Redis (refused); using the last copies"
-    ) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot reach Redis at localhost:6379/0 (refused); no copy held yet: nothing verifies",
+        "cannot reach Redis at localhost:6379/0 (refused); using the last copies",
+    ]
     assert slots.reads == 1
+
+
+def test_redis_down_names_its_address_and_the_last_copies_only_when_there_are_some(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: "cannot read Redis (...); using the last copies" when none was held."""
+    slots = SlotTable(ReaderLimits(), 10, FakeClock(), "10.0.0.1:6380/2")
+    slots.add("k")
+    assert slots.accept("k", None)  # read, and nothing published: no copy
+    with caplog.at_level("WARNING", logger="rotator.library.keycache"):
+        slots.unreachable(ConnectionError("refused"))
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "cannot reach Redis at 10.0.0.1:6380/2 (refused); no copy held yet: nothing verifies"
+    )
+    assert redis_address({"host": "h", "port": 1, "db": 3, "password": "secret"}) == "h:1/3"
+    assert redis_address({"path": "/run/redis.sock", "db": 0}) == "/run/redis.sock"
 
 
 def test_an_unknown_kid_claims_the_cooldown_and_is_remembered_missing() -> None:

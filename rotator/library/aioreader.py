@@ -25,6 +25,7 @@ from rotator.library.keycache import (
     ReaderLimits,
     Slot,
     SlotTable,
+    redis_address,
     removed_among,
 )
 from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
@@ -96,7 +97,8 @@ class AsyncJWKSCache:
         self.limits = limits or ReaderLimits()
         self.clock = clock
         self.subscribed = False
-        self._table = SlotTable(self.limits, max_keysets, clock)
+        address = redis_address(self.client.connection_pool.connection_kwargs)
+        self._table = SlotTable(self.limits, max_keysets, clock, address)
         self._inflight: dict[str, asyncio.Task[bool]] = {}
         self._task: asyncio.Task[None] | None = None
         self._callbacks = CallbackFailures()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rotator.core.jwk import PublicKey
@@ -40,7 +40,7 @@ from rotator.library.jwks_import import (
 )
 from rotator.storage.store import REMOVED
 
-__all__ = ["ReaderLimits", "Slot", "SlotTable", "removed_among"]
+__all__ = ["ReaderLimits", "Slot", "SlotTable", "redis_address", "removed_among"]
 
 
 def _digest(raw: bytes | str) -> bytes:
@@ -77,6 +77,14 @@ class ReaderLimits:
     unknown_kid_cooldown: float = 1.0
     negative_cache_size: int = 1024
     poll_interval: float = 30.0
+
+
+def redis_address(options: Mapping[str, object]) -> str:
+    """Where a client with these connection options (a pool's ``connection_kwargs``)
+    connects, for log lines: ``host:port/db`` or the socket's path, never a password."""
+    if "path" in options:
+        return str(options["path"])
+    return f"{options.get('host', 'localhost')}:{options.get('port', 6379)}/{options.get('db', 0)}"
 
 
 @dataclass
@@ -205,10 +213,12 @@ class SlotTable:
         limits: ReaderLimits,
         max_keysets: int,
         clock: Callable[[], float],
+        address: str = "localhost:6379/0",  # redis-py's default
     ) -> None:
         self.limits = limits
         self.max_keysets = max_keysets
         self.clock = clock
+        self.address = address  # where Redis is, for the log line saying it is unreachable
         self.pinned: set[str] = set()
         self.reads = 0
         self._down = False
@@ -358,9 +368,16 @@ class SlotTable:
 
     def unreachable(self, exc: BaseException) -> None:
         """A read failed (Redis down, a timeout): the copies held stay, ageing towards
-        ``max_stale``. Said once, until Redis answers again."""
+        ``max_stale``. Said once, until Redis answers again; "the last copies" only when
+        there are some."""
         if not self._down:
-            log.warning("cannot read Redis (%s); using the last copies", exc)
+            held = any(slot.keys is not None for slot in self._slots.values())
+            log.warning(
+                "cannot reach Redis at %s (%s); %s",
+                self.address,
+                exc,
+                "using the last copies" if held else "no copy held yet: nothing verifies",
+            )
             self._down = True
 
     def find(self, slot: Slot, kid: str) -> tuple[PublicKey | None, bool]:

@@ -32,6 +32,7 @@ from rotator.library.keycache import (
     ReaderLimits,
     Slot,
     SlotTable,
+    redis_address,
     removed_among,
 )
 from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
@@ -93,7 +94,8 @@ class JWKSCache:
         self.layout = Layout(prefix)
         self.limits = limits or ReaderLimits()
         self.clock = clock
-        self._table = SlotTable(self.limits, max_keysets, clock)
+        address = redis_address(self.client.connection_pool.connection_kwargs)
+        self._table = SlotTable(self.limits, max_keysets, clock, address)
         self._flights: dict[str, _Flight] = {}  # only key sets being read right now
         self._lock = threading.Lock()
         self._follower = (
