@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from dataclasses import replace
 
 import pytest
 import redis
@@ -168,3 +169,32 @@ def test_manual_rotation_too_soon_is_refused(manager: KeyManager, clock: FakeClo
         manager.rotate("default")
     clock.advance(15)
     assert manager.rotate("default").state.version == 2
+
+
+def test_a_backup_is_not_written_back_over_a_state_committed_after_it(
+    manager: KeyManager, client: redis.Redis, clock: FakeClock, store: Store, keyring: Keyring
+) -> None:
+    """A repair made while the daemon was stopped restarts at version 1, after the backup
+    file was written: it stays. Redis rolled back to a state older than the backup is
+    still healed from it, and a state this process read itself is still written back."""
+    manager.reconcile("default")
+    clock.advance(100)
+    saved = manager.rotate("default", force=True).state  # version 2, in the backup file
+    client.delete("rotator:{default}:state", "rotator:{default}:jwks")
+    clock.advance(100)
+    # What `rotator repair` does once the unreadable state is moved aside: version 1,
+    # committed after the backup, by a process that remembers nothing.
+    one_shot = KeyManager(store, keyring, lambda _name: FAST, clock=clock)
+    repaired = one_shot.reconcile("default")
+    assert repaired.action == "bootstrap"
+    restarted = KeyManager(store, keyring, lambda _name: FAST, clock=clock, remember=True)
+    restarted.seed({"default": saved}, {})
+    kept = restarted.reconcile("default")
+    assert kept.action == "unchanged" and kids(kept.state) == kids(repaired.state)
+    assert restarted.remembered()["default"].version == 1
+
+    # A backup newer than what Redis holds, by version and by time: Redis lost data.
+    later = replace(saved, version=5, updated_at=repaired.state.updated_at + 1)
+    rolled_back = KeyManager(store, keyring, lambda _name: FAST, clock=clock, remember=True)
+    rolled_back.seed({"default": later}, {})
+    assert rolled_back.reconcile("default").action == "restore"

@@ -73,6 +73,7 @@ __all__ = [
     "revoke",
     "rotate",
     "rotation_due_at",
+    "superseded",
 ]
 
 #: Makes a fresh key of the policy's algorithm and seals it: ``mint(policy) -> (key, sealed)``.
@@ -376,3 +377,12 @@ def reconcile(state: KeySetState, now: float, policy: Policy, mint: Mint) -> Tra
     if not events:
         return None
     return Transition(state.with_keys(keys, now), tuple(events))
+
+
+def superseded(remembered: KeySetState, stored: KeySetState | None, *, from_backup: bool) -> bool:
+    """Whether *stored*, of an older version than *remembered*, is still newer: it was
+    committed later. Only a state from a backup file is judged so: `rotator repair`,
+    refused while a daemon leads, starts afresh at version 1 while the daemon is stopped,
+    after its backup was written. A state the process itself committed or read is written
+    back over any older version (Redis lost data); an empty key set is never newer."""
+    return from_backup and stored is not None and stored.updated_at > remembered.updated_at

@@ -2,10 +2,11 @@
 
 Redis persistence (AOF) is the first line of defence; this file is the
 second, for the day both Redis and the daemon's memory are gone. It is
-written atomically after each commit (temp file, fsync, rename, fsync of the
-directory), and read once at start: its states seed the daemon's memory, so
-they are written back only where Redis is empty or holds an older version,
-and only into the lineage each was saved from (see `rotator.storage.registry`).
+written atomically after each tick that changed what the daemon remembers (temp
+file, fsync, rename, fsync of the directory), and read once at start: its states
+seed the daemon's memory, so they are written back only where Redis is empty or
+holds an older version committed before them (`lifecycle.superseded`), and only
+into the lineage each was saved from (see `rotator.storage.registry`).
 
 Reading is total: `Backup.load` never raises. A file that cannot be read or
 is not a backup (not JSON by `strictjson`'s rules, an unknown format) is

@@ -124,6 +124,8 @@ class KeyManager:
         self.lineages = lineages
         self._memory: dict[str, KeySetState] = {}
         self._lineage: dict[str, str | None] = {}  # of each remembered state's name
+        # Remembered from a backup file (by an earlier process), not read or committed here.
+        self._seeded: set[str] = set()
         self._opened: set[tuple[str, str, str]] = set()
         self._checked: dict[str, KeySetState] = {}
         self._changes: dict[str, tuple[KeySetState, Policy, float]] = {}
@@ -177,6 +179,7 @@ class KeyManager:
             # Two threads may report reads out of order; never step back to an older version.
             if known is None or known.version <= state.version:
                 self._memory[state.keyset] = state
+                self._seeded.discard(state.keyset)
                 if self.lineages is not None:
                     self._lineage[state.keyset] = self.lineages.lineage(state.keyset)
 
@@ -193,6 +196,7 @@ class KeyManager:
             remembered is not None
             and snapshot.version < remembered.version
             and self._same_lineage(keyset)
+            and not self._superseded(remembered, snapshot)
         ):
             return self._restore(remembered, snapshot)
         if state is not None:
@@ -343,6 +347,24 @@ class KeyManager:
         self.forget(keyset)
         return False
 
+    def _superseded(self, remembered: KeySetState, snapshot: Snapshot) -> bool:
+        """Whether what Redis holds was committed after *remembered*, a backup file's state:
+        `rotator repair`, made while the daemon was stopped, starts afresh at version 1.
+        Then the backup is forgotten, not written back over the repair."""
+        if lifecycle.superseded(
+            remembered, snapshot.state, from_backup=snapshot.keyset in self._seeded
+        ):
+            log.warning(
+                "key set %s: Redis holds version %d, committed after the backup file's version "
+                "%d (a repair while the daemon was stopped); keeping it",
+                remembered.keyset,
+                snapshot.version,
+                remembered.version,
+            )
+            self.forget(remembered.keyset)
+            return True
+        return False
+
     def _restore(self, remembered: KeySetState, snapshot: Snapshot) -> Outcome:
         log.warning(
             "key set %s: Redis holds version %d but this process committed version %d; "
@@ -370,6 +392,7 @@ class KeyManager:
             if known is None or known.version < state.version:
                 self._memory[name] = state
                 self._lineage[name] = lineages.get(name)
+                self._seeded.add(name)
 
     def remembered(self) -> dict[str, KeySetState]:
         """The last state this process committed or read, per key set."""
@@ -384,6 +407,7 @@ class KeyManager:
         under the same name starts afresh instead of getting the old keys written back."""
         for cache in (self._memory, self._lineage, self._checked, self._changes):
             cache.pop(keyset, None)
+        self._seeded.discard(keyset)
         self.store.forget(keyset)
 
     def observe(self, keyset: str) -> KeySetState | None:

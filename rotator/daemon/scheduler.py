@@ -110,6 +110,7 @@ class Daemon:
         self._slow_ticks = SlowTicks(daemon.tick)
         self._outage = threading.Lock()
         self.backup = Backup(daemon.backup_path) if daemon.backup_path else None
+        self._backed_up: dict[str, int] = {}  # the version of each key set in the backup file
         self.stopping = threading.Event()
         self._errors: dict[str, str] = {}
         self._redis_was_down = False
@@ -148,6 +149,7 @@ class Daemon:
             count = len(contents.states)
             log.info("backup file %s: %d key set(s) loaded", self.backup.path, count)
             self.manager.seed(contents.states, contents.lineages)
+            self._backed_up = {name: state.version for name, state in contents.states.items()}
 
     def step_lease(self) -> bool:
         """Renew or try to take the lease; on taking it, look at every key set at once. The
@@ -219,7 +221,6 @@ class Daemon:
         names = [name for name in names if name not in unusable]
         leader = self.lease.held
         due: list[float] = []
-        committed = False
         for start in range(0, len(names), BATCH_SIZE):
             if self.stopping.is_set():
                 return
@@ -238,11 +239,10 @@ class Daemon:
                     self._keyset_failed(name, _described(result), result)
                 elif isinstance(result, Outcome):
                     self._succeeded(result.keyset, result.state)
-                    committed = committed or result.action in {"bootstrap", "commit", "restore"}
                     due.append(self.manager.next_change_at(result.state))
                 elif result is not None:  # a follower sees an empty set until it is bootstrapped
                     self._succeeded(name, result)
-        if committed and self.backup is not None:
+        if self.backup is not None:
             self._save_backup()
         self.count_rotations()
         if due and leader:
@@ -262,9 +262,19 @@ class Daemon:
             notify("WATCHDOG=1")
 
     def _save_backup(self) -> None:
+        """Rewrite the backup file when what the daemon remembers moved on since the file
+        was last written or read: a commit, or a newer version read (a repair made while
+        the daemon was stopped, which its backup must not undo later)."""
         assert self.backup is not None
+        remembered = self.manager.remembered()
+        versions = {name: state.version for name, state in remembered.items()}
+        if versions == self._backed_up:
+            return
+        # Marked written even when the write fails: it is tried again at the next change,
+        # not logged on every tick.
+        self._backed_up = versions
         try:
-            self.backup.save(self.manager.remembered(), self.manager.remembered_lineages())
+            self.backup.save(remembered, self.manager.remembered_lineages())
         except OSError as exc:
             log.error("cannot write backup file %s: %s", self.backup.path, exc)
 
