@@ -198,7 +198,7 @@ def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     adopt = keyset_sub.add_parser(
         "import", help="publish another IAM's public keys, verify-only, until a time"
     )
-    adopt.add_argument("name")
+    adopt.add_argument("name", type=keyset_name)
     source = adopt.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--jwks", type=Path, metavar="FILE", help="public keys, verify-only: a JWKS or one JWK"
