@@ -7,7 +7,6 @@ file, TOML syntax, unknown field, bad duration, contradictory policy) into a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -15,15 +14,13 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     SecretStr,
     ValidationError,
     field_validator,
@@ -36,11 +33,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from rotator.core.durations import format_duration, parse_duration
 from rotator.core.envelope import Keyring, load_keyring
-from rotator.core.issuer import issuer_routes, validate_issuer
-from rotator.core.jwk import MAX_RSA_BITS, MIN_RSA_BITS, Algorithm
-from rotator.core.policy import Policy, parse_schedule
+from rotator.core.issuer import issuer_routes
+from rotator.core.overrides import Duration, PolicyOverrides, describe_error
+from rotator.core.policy import Policy
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
 
 __all__ = [
@@ -54,8 +50,6 @@ __all__ = [
     "mask_url",
     "settings_toml",
 ]
-
-Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
 
 _toml_path: ContextVar[Path | None] = ContextVar("_toml_path", default=None)
 
@@ -126,57 +120,11 @@ class KeysSettings(_Section):
     keks: SecretStr | None = None
 
 
-class _PolicyFields(_Section):
-    interval: Duration | None = None
-    schedule: str | None = None
-    overlap: Duration | None = None
-    max_token_ttl: Duration | None = None
-    clock_skew: Duration | None = None
-    cache_max_age: Duration | None = None
-    jitter: Duration | None = None
-    algorithm: Algorithm | None = None
-    rsa_bits: Annotated[int, Field(ge=MIN_RSA_BITS, le=MAX_RSA_BITS)] | None = None
-    issuer: str | None = None
-
-    @field_validator("issuer")
-    @classmethod
-    def _good_issuer(cls, issuer: str | None) -> str | None:
-        return None if issuer is None else validate_issuer(issuer)
-
-    @field_validator("schedule")
-    @classmethod
-    def _parse_cron(cls, schedule: str | None) -> str | None:
-        if schedule is not None:
-            try:
-                parse_schedule(schedule)
-            except ValueError as exc:
-                raise ValueError(f"invalid cron expression {schedule!r}: {exc}") from None
-        return schedule
-
-    @model_validator(mode="after")
-    def _one_trigger(self) -> _PolicyFields:
-        if self.interval is not None and self.schedule is not None:
-            raise ValueError("set either interval or schedule, not both")
-        return self
-
-    def overlay(self, base: Policy) -> Policy:
-        """*base* with every field set here replacing it (interval and schedule together:
-        setting one unsets the other)."""
-        values: dict[str, Any] = {
-            name: value
-            for name in type(self).model_fields
-            if (value := getattr(self, name)) is not None
-        }
-        if self.interval is not None or self.schedule is not None:
-            values["interval"], values["schedule"] = self.interval, self.schedule
-        return dataclasses.replace(base, **values)
-
-
-class RotationSettings(_PolicyFields):
+class RotationSettings(PolicyOverrides):
     """Default policy for every key set (``[rotation]``)."""
 
 
-class KeysetSettings(_PolicyFields):
+class KeysetSettings(PolicyOverrides):
     """Per key set overrides (``[keysets.NAME]``)."""
 
 
@@ -418,15 +366,6 @@ def settings_toml(settings: Settings) -> str:
     lines: list[str] = []
     _toml_table([], document, lines)
     return "\n".join(lines) + "\n"
-
-
-def describe_error(error: Mapping[str, Any]) -> str:
-    """One line naming the field of a pydantic error."""
-    location = ".".join(str(part) for part in error["loc"])
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown field (check the spelling)"
-    return f"{location}: {message}" if location else message
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:

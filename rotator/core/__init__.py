@@ -2,6 +2,7 @@
 the canonical encodings, and the envelope crypto that seals a private key.
 
 Nothing here does I/O or keeps a clock: every function takes ``now`` and values and
-returns values. It may import the standard library, ``cryptography`` and ``croniter``
-(the cron schedules) only, and no other part of rotator.
+returns values. It may import the standard library, ``cryptography``, ``croniter`` (the
+cron schedules) and ``pydantic`` (the policy overrides' validation) only, and no other
+part of rotator.
 """

@@ -36,13 +36,13 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
-from rotator.config import KeysetSettings, Settings, describe_error
 from rotator.core import strictjson
 from rotator.core.durations import format_duration
+from rotator.core.overrides import PolicyOverrides, describe_error
 from rotator.core.policy import Policy
 from rotator.core.strictjson import one_line, shown
 from rotator.storage.layout import validate_keyset_name
@@ -53,6 +53,7 @@ __all__ = [
     "BadPolicy",
     "KeySetEntry",
     "KeySets",
+    "KeysetConfig",
     "describe_policy",
     "encode_entry",
     "encode_overrides",
@@ -88,7 +89,7 @@ class KeySetEntry:
     lineage: str | None = None
 
 
-def encode_overrides(overrides: KeysetSettings) -> str:
+def encode_overrides(overrides: PolicyOverrides) -> str:
     """*overrides* as JSON: the fields set, durations as text."""
     return json.dumps(overrides.model_dump(mode="json", exclude_none=True), sort_keys=True)
 
@@ -98,7 +99,7 @@ def new_lineage() -> str:
     return secrets.token_hex(8)
 
 
-def encode_entry(overrides: KeysetSettings, lineage: str | None) -> str:
+def encode_entry(overrides: PolicyOverrides, lineage: str | None) -> str:
     """A registry entry: *overrides* (as `encode_overrides`) and the *lineage*, if any."""
     document: dict[str, Any] = overrides.model_dump(mode="json", exclude_none=True)
     if lineage is not None:
@@ -138,14 +139,14 @@ def policy_of(raw: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def parse_overrides(raw: str, base: Policy) -> tuple[KeysetSettings, Policy]:
+def parse_overrides(raw: str, base: Policy) -> tuple[PolicyOverrides, Policy]:
     """Parse a registry entry's overrides and lay them over *base*; raise `BadPolicy`
     naming the field (for any entry whatever)."""
     document = _document(raw)
     if not isinstance(document.pop(LINEAGE, ""), str):
         raise BadPolicy(f"{LINEAGE}: not a string")
     try:
-        overrides = KeysetSettings.model_validate(document)
+        overrides = PolicyOverrides.model_validate(document)
     except ValidationError as exc:
         raise BadPolicy(one_line("; ".join(describe_error(e) for e in exc.errors()))) from None
     policy = overrides.overlay(base)
@@ -175,6 +176,20 @@ def describe_policy(policy: Policy) -> str:
     return f"{trigger}, overlap {format_duration(policy.overlap)}, {policy.algorithm}"
 
 
+class KeysetConfig(Protocol):
+    """What `KeySets` reads of the configuration (`rotator.config.Settings` is one): the
+    registry sits below the config and does not import it."""
+
+    @property
+    def keysets(self) -> Mapping[str, PolicyOverrides]: ...
+
+    def base_policy(self) -> Policy: ...
+
+    def policy(self, keyset: str) -> Policy: ...
+
+    def configured_keysets(self) -> list[str]: ...
+
+
 class KeySets:
     """The managed key sets, from the config and the registry, with their policies.
 
@@ -182,8 +197,7 @@ class KeySets:
     refreshes every lookup is a dict access.
     """
 
-    def __init__(self, settings: Settings, store: Store) -> None:
-        self.settings = settings
+    def __init__(self, settings: KeysetConfig, store: Store) -> None:
         self.store = store
         self._base = settings.base_policy()
         self._configured = {
