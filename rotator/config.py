@@ -33,10 +33,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from rotator.core.envelope import Keyring, load_keyring
+from rotator.core.envelope import Keyring
 from rotator.core.issuer import issuer_routes
 from rotator.core.overrides import Duration, PolicyOverrides, describe_error
 from rotator.core.policy import Policy
+from rotator.storage.kekfile import load_keyring
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
 
 __all__ = [

@@ -1,75 +1,83 @@
-"""Redis clients built from ``[redis]`` settings: one server, Sentinel or Cluster, each
-through redis-py's own client, with its retry and backoff."""
+"""The one wiring point: from `Settings` to the objects a process needs.
+
+The CLI commands, the daemon and serve each build one `Wiring` and take the Redis
+clients, the store, the registry view, the audit log and the KEKs from it, so every
+process builds them the same way, each once. The signer reads the same settings through
+its own protocol (`rotator.library.signer.SignerSettings`), as the library sits below
+this module.
+"""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from functools import cached_property
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.cluster import RedisCluster
-from redis.connection import parse_url
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
-from redis.sentinel import Sentinel
 
-from rotator.config import RedisSettings
+from rotator.config import Settings
+from rotator.core.envelope import Keyring
+from rotator.storage.audit import AuditLog
+from rotator.storage.connect import connect
+from rotator.storage.layout import Layout
+from rotator.storage.lease import LEASE_RETRIES, call_timeout
+from rotator.storage.registry import KeySets
+from rotator.storage.store import Store
 
-__all__ = ["connect"]
+__all__ = ["ONE_SHOT_RETRIES", "Wiring"]
+
+#: Retries of a one-shot command's Redis client, so an unreachable Redis fails fast.
+ONE_SHOT_RETRIES = 2
 
 
-def connect(
-    settings: RedisSettings, *, retries: int | None = None, socket_timeout: float | None = None
-) -> redis.Redis:
-    """A client for the configured Redis that retries connection errors with exponential
-    backoff. One-shot commands pass a small *retries* so an unreachable Redis fails fast;
-    the leader lease passes both *retries* and a shorter *socket_timeout* (for connecting
-    too), so that no call of its own outlasts a fraction of the lease.
+class Wiring:
+    """The objects built from *settings*, each on first use and then kept. A one-shot
+    command passes *one_shot* so its client gives up on Redis quickly. Built and used by
+    one thread (the process's main thread) before the objects are handed out."""
 
-    * ``url`` alone: ``redis://``, ``rediss://`` or ``unix://``, ACL user and
-      password from the URL; with ``rediss://`` the server certificate is
-      verified against the system store or ``tls_ca_file``, and
-      ``tls_cert_file``/``tls_key_file`` add a client certificate.
-    * ``sentinels``: the master named ``sentinel_master``, found (and found
-      again after a failover) through redis-py's `Sentinel`.
-    * ``cluster``: redis-py's `RedisCluster`; it offers every command rotator
-      uses, so it is returned under the same type.
-    """
-    retry = Retry(
-        ExponentialBackoff(cap=2.0, base=0.05),
-        settings.retries if retries is None else retries,
-        supported_errors=(RedisConnectionError, RedisTimeoutError, TimeoutError, OSError),
-    )
-    timeout = settings.socket_timeout if socket_timeout is None else socket_timeout
-    options: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "retry": retry,
-    }
-    if settings.tls_ca_file is not None:
-        options["ssl_ca_certs"] = str(settings.tls_ca_file)
-    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        options["ssl_certfile"] = str(settings.tls_cert_file)
-        options["ssl_keyfile"] = str(settings.tls_key_file)
-    if settings.sentinels:
-        from_url = parse_url(settings.url)  # type: ignore[no-untyped-call]
-        options.update({k: v for k, v in from_url.items() if k in ("username", "password", "db")})
-        if "connection_class" in from_url:  # rediss://
-            options["ssl"] = True
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            [
-                (host, int(port))
-                for host, _, port in (s.rpartition(":") for s in settings.sentinels)
-            ],
-            sentinel_kwargs={"socket_timeout": timeout},
-            **options,
+    def __init__(self, settings: Settings, *, one_shot: bool = False) -> None:
+        self.settings = settings
+        self._retries = ONE_SHOT_RETRIES if one_shot else None
+
+    @cached_property
+    def client(self) -> redis.Redis:
+        """The Redis client of every call but the lease's."""
+        return connect(self.settings.redis, retries=self._retries)
+
+    @cached_property
+    def lease_client(self) -> redis.Redis:
+        """A client for the lease alone: its calls are bounded well under
+        ``daemon.lease_ttl`` (`rotator.storage.lease`), whatever ``redis.socket_timeout``
+        and ``redis.retries`` allow the others."""
+        timeout = call_timeout(self.settings.daemon.lease_ttl, self.settings.redis.socket_timeout)
+        return connect(self.settings.redis, retries=LEASE_RETRIES, socket_timeout=timeout)
+
+    @cached_property
+    def layout(self) -> Layout:
+        """The key names under ``redis.prefix``."""
+        return Layout(self.settings.redis.prefix)
+
+    @cached_property
+    def store(self) -> Store:
+        """The compare-and-set store, waiting for ``redis.min_replicas_ack`` replicas
+        (for none on a Cluster)."""
+        redis_settings = self.settings.redis
+        return Store(
+            self.client,
+            self.layout,
+            min_replicas_ack=0 if redis_settings.cluster else redis_settings.min_replicas_ack,
+            replica_ack_timeout=redis_settings.replica_ack_timeout,
         )
-        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            settings.sentinel_master, **options
-        )
-        return master
-    if settings.cluster:
-        return cast(redis.Redis, RedisCluster.from_url(settings.url, **options))
-    client: redis.Redis = redis.Redis.from_url(settings.url, health_check_interval=30, **options)
-    return client
+
+    @cached_property
+    def keysets(self) -> KeySets:
+        """The managed key sets (the registry is read by whoever calls `KeySets.refresh`)."""
+        return KeySets(self.settings, self.store)
+
+    @cached_property
+    def audit(self) -> AuditLog:
+        """The audit log, trimmed to ``log.audit_max_entries``."""
+        return AuditLog(self.client, self.layout, max_entries=self.settings.log.audit_max_entries)
+
+    @cached_property
+    def keyring(self) -> Keyring | None:
+        """The KEKs (`Settings.keyring`); ``None`` if none is configured."""
+        return self.settings.keyring()

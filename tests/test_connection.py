@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 
 from rotator.config import ConfigError, load_settings
 from rotator.embedded import EmbeddedRedis, free_port
-from rotator.wiring import connect
+from rotator.storage.connect import connect
 from tests.conftest import Cli
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from rotator.core.envelope import load_keyring
 from rotator.embedded import EmbeddedRedis
 from rotator.library.errors import InvalidToken
 from rotator.library.reader import JWKSReader
 from rotator.library.signer import Signer
+from rotator.storage.kekfile import load_keyring
 from tests.conftest import StartDaemon
 from tests.helpers import wait_for
 

@@ -16,9 +16,9 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from rotator.core.envelope import load_keyring
 from rotator.core.state import decode_state
 from rotator.embedded import EmbeddedRedis, free_port
+from rotator.storage.kekfile import load_keyring
 from tests.conftest import Cli, Daemon, StartDaemon
 from tests.helpers import private_key_forms, wait_for
 

@@ -15,10 +15,10 @@ from joserfc.errors import InvalidKeyIdError
 from joserfc.jwk import KeySet
 from joserfc.jws import JWSRegistry
 
-from rotator.core.envelope import load_keyring
 from rotator.core.issuer import issuer_path, jwks_uri, validate_issuer
 from rotator.daemon.manager import KeyManager
 from rotator.embedded import free_port
+from rotator.storage.kekfile import load_keyring
 from rotator.storage.store import Store
 from tests.conftest import FAST, Cli
 from tests.helpers import wait_for

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from rotator.core.envelope import load_keyring
 from rotator.core.lifecycle import NoSuchKey
 from rotator.core.policy import Policy
 from rotator.core.state import Status, decode_state
 from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
+from rotator.storage.kekfile import load_keyring
 from rotator.storage.layout import Layout
 from rotator.storage.store import Store
 from tests.conftest import Daemon, StartDaemon

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,11 +62,6 @@ def test_importing_rotator_registers_no_metric() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: the signer still imports the configuration (the metrics half holds: "
-    "test_importing_rotator_registers_no_metric)",
-)
 def test_the_library_is_light() -> None:
     """A service that imports the readers and the signer loads none of the daemon's or
     serve's dependencies and finds nothing of rotator in its Prometheus registry."""

@@ -24,9 +24,9 @@ from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
 from rotator.library.aioreader import AsyncJWKSCache, AsyncJWKSReader
 from rotator.library.reader import JWKSReader
+from rotator.storage.connect import connect
 from rotator.storage.events import EventFollower, PingWatch, SilentSubscription
 from rotator.storage.lease import Lease, SlowTicks, Verdict, call_timeout
-from rotator.wiring import connect
 from tests.conftest import Cli, Daemon, StartDaemon
 from tests.faults import Proxy
 from tests.helpers import FakeClock, async_wait_for, wait_for

@@ -18,9 +18,9 @@ from rotator.core.envelope import Keyring
 from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
 from rotator.storage.audit import AuditEntry, AuditLog
+from rotator.storage.connect import connect
 from rotator.storage.layout import Layout
 from rotator.storage.store import Store
-from rotator.wiring import connect
 from tests.conftest import FAST
 from tests.helpers import FakeClock
 

@@ -16,9 +16,9 @@ from rotator.core.envelope import (
     SealedKey,
     UnsealError,
     generate_kek_line,
-    load_keyring,
     parse_keks,
 )
+from rotator.storage.kekfile import load_keyring
 from tests.helpers import make_keyring
 
 SECRET = b"private key bytes"

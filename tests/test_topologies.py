@@ -19,9 +19,9 @@ from rotator.core.state import decode_state
 from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis, find_redis_server, free_port
 from rotator.library.reader import JWKSReader
+from rotator.storage.connect import connect
 from rotator.storage.layout import Layout
 from rotator.storage.store import Store
-from rotator.wiring import connect
 from tests.conftest import FAST, StartDaemon
 from tests.helpers import FakeClock, wait_for
 

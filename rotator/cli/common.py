@@ -1,5 +1,5 @@
 """What every command group shares: the errors that choose the exit code, the key manager
-built from settings, and the checks of a ``--keyset`` argument."""
+built from settings through `rotator.wiring.Wiring`, and the checks of a ``--keyset`` argument."""
 
 from __future__ import annotations
 
@@ -7,13 +7,19 @@ from collections.abc import Sequence
 
 from rotator.config import Settings
 from rotator.daemon.manager import KeyManager
-from rotator.storage.audit import AuditLog
-from rotator.storage.layout import Layout
 from rotator.storage.registry import BadPolicy, KeySets
-from rotator.storage.store import BATCH_SIZE, Snapshot, Store
-from rotator.wiring import connect
+from rotator.storage.store import BATCH_SIZE, Snapshot
+from rotator.wiring import Wiring
 
-__all__ = ["Failure", "UsageError", "checked_keyset", "load_all", "manager_for", "selected"]
+__all__ = [
+    "Failure",
+    "UsageError",
+    "checked_keyset",
+    "load_all",
+    "manager_for",
+    "manager_of",
+    "selected",
+]
 
 
 class UsageError(Exception):
@@ -27,25 +33,28 @@ class Failure(Exception):
 def manager_for(
     settings: Settings, *, one_shot: bool = True, remember: bool = False
 ) -> tuple[KeyManager, KeySets]:
-    """The manager and the managed key sets; one-shot commands read the registry at once
-    (the daemon does on every tick, so it starts even while Redis is down)."""
-    keyring = settings.keyring()
-    client = connect(settings.redis, retries=2 if one_shot else None)
-    layout = Layout(settings.redis.prefix)
-    store = Store(
-        client,
-        layout,
-        min_replicas_ack=0 if settings.redis.cluster else settings.redis.min_replicas_ack,
-        replica_ack_timeout=settings.redis.replica_ack_timeout,
-    )
-    audit = AuditLog(client, layout, max_entries=settings.log.audit_max_entries)
-    keysets = KeySets(settings, store)
+    """The manager and the managed key sets of a one-shot command, which reads the
+    registry at once."""
+    wiring = Wiring(settings, one_shot=one_shot)
+    manager = manager_of(wiring, remember=remember)
     if one_shot:
-        keysets.refresh()
-    manager = KeyManager(
-        store, keyring, keysets.policy, remember=remember, audit=audit, lineages=keysets
+        wiring.keysets.refresh()
+    return manager, wiring.keysets
+
+
+def manager_of(wiring: Wiring, *, remember: bool = False) -> KeyManager:
+    """The key manager over *wiring*'s store, KEKs, registry and audit log; a bad KEK fails
+    here, before Redis is asked."""
+    keyring = wiring.keyring
+    keysets = wiring.keysets
+    return KeyManager(
+        wiring.store,
+        keyring,
+        keysets.policy,
+        remember=remember,
+        audit=wiring.audit,
+        lineages=keysets,
     )
-    return manager, keysets
 
 
 def checked_keyset(keysets: KeySets, name: str) -> str:

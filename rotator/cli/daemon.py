@@ -9,26 +9,28 @@ import shlex
 import sys
 from pathlib import Path
 
-from rotator.cli.common import UsageError, manager_for
+from rotator.cli.common import UsageError, manager_of
 from rotator.config import Settings, load_settings, settings_toml
 from rotator.core.durations import format_duration
 from rotator.core.envelope import generate_kek_line
 from rotator.daemon.manager import NoKekError
 from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis, free_port
+from rotator.wiring import Wiring
 
 __all__ = ["DEV_MIN_INTERVAL", "cmd_dev", "cmd_run", "dev_rotation"]
 
 
 def cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
     """Run the daemon until it is stopped; it refuses to start without a KEK."""
-    manager, keysets = manager_for(settings, one_shot=False, remember=True)
+    wiring = Wiring(settings)
+    manager = manager_of(wiring, remember=True)
     if manager.keyring is None:
         raise NoKekError(
             "keys: no KEK configured; set keys.kek_file or ROTATOR_KEYS__KEKS "
             "(`rotator kek generate` makes one). Only `rotator dev` runs without one."
         )
-    return Daemon(settings, manager, keysets).run()
+    return Daemon(settings, manager, wiring.keysets, wiring=wiring).run()
 
 
 #: The shortest ``--interval`` of `rotator dev`: below it the whole seconds it derives for
@@ -116,5 +118,6 @@ def cmd_dev(settings_path: Path | None, args: argparse.Namespace) -> int:
             "  Ctrl-C stops the daemon, then Redis, and deletes both.",
             flush=True,
         )
-        manager, keysets = manager_for(settings, one_shot=False, remember=True)
-        return Daemon(settings, manager, keysets).run()
+        wiring = Wiring(settings)
+        manager = manager_of(wiring, remember=True)
+        return Daemon(settings, manager, wiring.keysets, wiring=wiring).run()

@@ -116,7 +116,7 @@ def cmd_jwks(settings: Settings, args: argparse.Namespace) -> int:
     """The published JWKS of ``--keyset``, as a reader would serve it."""
     manager, keysets = manager_for(settings)
     keyset = checked_keyset(keysets, args.keyset)
-    raw = manager.store.client.get(manager.store.layout.jwks(keyset))
+    raw = manager.store.published_jwks(keyset)
     if raw is None:
         raise Failure(f"key set {keyset} has no published JWKS yet")
     try:

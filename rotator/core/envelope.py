@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -28,11 +25,8 @@ __all__ = [
     "SealedKey",
     "UnsealError",
     "generate_kek_line",
-    "load_keyring",
     "parse_keks",
 ]
-
-log = logging.getLogger(__name__)
 
 _KEK_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _KEK_BYTES = 32
@@ -163,34 +157,6 @@ def parse_keks(text: str, *, source: str) -> Keyring:
     if not keks:
         raise KekError(f"{source}: holds no KEK")
     return Keyring(tuple(keks))
-
-
-def load_keyring(kek_file: Path | None, keks: str | None) -> Keyring | None:
-    """Keyring from ``keys.kek_file`` or ``keys.keks`` (the env var); ``None`` if neither is set.
-
-    A KEK file that others, or a group other than the process's own, may read
-    is used, with a warning.
-    """
-    if kek_file is not None and keks is not None:
-        raise KekError("keys.kek_file and keys.keks are both set: choose one")
-    if keks is not None:
-        return parse_keks(keks, source="keys.keks")
-    if kek_file is None:
-        return None
-    try:
-        status = kek_file.stat()
-        mode, file_gid = status.st_mode, status.st_gid
-        text = kek_file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise KekError(f"keys.kek_file: cannot read {kek_file}: {exc.strerror}") from None
-    if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and file_gid != os.getegid()):
-        # A group of one's own is how Kubernetes (fsGroup) and systemd hand over secrets.
-        log.warning(
-            "KEK file %s is readable by others or another group (mode %o); chmod 600 it",
-            kek_file,
-            stat.S_IMODE(mode),
-        )
-    return parse_keks(text, source=f"keys.kek_file {kek_file}")
 
 
 def generate_kek_line(kek_id: str) -> str:

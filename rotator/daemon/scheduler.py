@@ -47,10 +47,10 @@ from rotator.metrics import (
 )
 from rotator.storage.audit import BadAuditEntry
 from rotator.storage.events import EventFollower
-from rotator.storage.lease import LEASE_RETRIES, Lease, SlowTicks, Verdict, call_timeout
+from rotator.storage.lease import Lease, SlowTicks, Verdict
 from rotator.storage.registry import KeySets
 from rotator.storage.store import BATCH_SIZE
-from rotator.wiring import connect
+from rotator.wiring import Wiring
 
 __all__ = ["Daemon"]
 
@@ -81,14 +81,6 @@ def _activated(state: KeySetState) -> float:
     return state.current.activated_at or state.updated_at
 
 
-def lease_client(settings: Settings) -> redis.Redis:
-    """A client for the lease alone: its calls are bounded well under ``daemon.lease_ttl``
-    (`rotator.storage.lease`), whatever ``redis.socket_timeout`` and ``redis.retries`` allow the
-    others."""
-    timeout = call_timeout(settings.daemon.lease_ttl, settings.redis.socket_timeout)
-    return connect(settings.redis, retries=LEASE_RETRIES, socket_timeout=timeout)
-
-
 class Daemon:
     """Keeps the configured and registered key sets rotated."""
 
@@ -98,15 +90,18 @@ class Daemon:
         manager: KeyManager,
         keysets: KeySets,
         *,
+        wiring: Wiring | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        wiring = wiring or Wiring(settings)
         self.settings = settings
+        self._wiring = wiring
         self.manager = manager
         self.managed = keysets
         self.clock = clock
         daemon = settings.daemon
         self.health = Health(freshness=_FRESHNESS_TICKS * daemon.tick)
-        self.lease = Lease(lease_client(settings), manager.store.layout.leader, daemon.lease_ttl)
+        self.lease = Lease(wiring.lease_client, wiring.layout.leader, daemon.lease_ttl)
         self._slow_ticks = SlowTicks(daemon.tick)
         self._outage = threading.Lock()
         self.backup = Backup(daemon.backup_path) if daemon.backup_path else None
@@ -441,8 +436,8 @@ class Daemon:
         )
         self._scheduler.start()
         follower = EventFollower(
-            self.manager.store.client,
-            self.manager.store.layout.events,
+            self._wiring.client,
+            self._wiring.layout.events,
             on_event=self.on_commit,
             on_poll=lambda: None,  # the tick already reads everything
             on_connect=lambda: None,

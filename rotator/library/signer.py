@@ -15,23 +15,22 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 import redis
 
-from rotator.config import Settings
 from rotator.core.envelope import Keyring, UnsealError
 from rotator.core.jwk import PrivateKey, load_private_key
 from rotator.core.state import CorruptState
 from rotator.library.reader import client_for
+from rotator.storage.connect import RedisOptions, connect
 from rotator.storage.events import EventFollower
 from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
-from rotator.storage.registry import BadPolicy, KeySets
+from rotator.storage.registry import BadPolicy, KeysetConfig, KeySets
 from rotator.storage.store import Store
-from rotator.wiring import connect
 
-__all__ = ["Signer", "SigningError"]
+__all__ = ["Signer", "SignerSettings", "SigningError"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,17 @@ _RESERVED_CLAIMS = ("exp", "iat")
 
 class SigningError(Exception):
     """The signer will not sign this (the message says why)."""
+
+
+class SignerSettings(KeysetConfig, Protocol):
+    """What `Signer.from_settings` reads of the configuration: ``rotator.config.Settings``
+    (from ``load_settings``) is one. A protocol, so that the library does not import the
+    configuration and its pydantic-settings."""
+
+    @property
+    def redis(self) -> RedisOptions: ...
+
+    def keyring(self) -> Keyring | None: ...
 
 
 class Signer:
@@ -90,7 +100,7 @@ class Signer:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, keyset: str = DEFAULT_KEYSET, **kwargs: Any
+        cls, settings: SignerSettings, keyset: str = DEFAULT_KEYSET, **kwargs: Any
     ) -> Signer:
         """A signer configured like the daemon: same Redis, KEKs and ``max_token_ttl`` (the
         key set's own, read from the registry for a key set added at run time)."""

@@ -223,6 +223,11 @@ class Store:
         raw_state, raw_jwks = self._mget(self.layout.state(keyset), self.layout.jwks(keyset))
         return self._snapshot(keyset, raw_state, raw_jwks)
 
+    def published_jwks(self, keyset: str) -> bytes | None:
+        """The JWKS document served for *keyset*, as stored (``None`` if there is none)."""
+        raw: bytes | None = self.client.get(self.layout.jwks(keyset))  # type: ignore[assignment]
+        return raw
+
     def load_many(self, keysets: Sequence[str]) -> list[Snapshot | CorruptState]:
         """`load` for many key sets in one round trip; an unusable state is returned in its
         place, not raised, so one bad key set does not hide the others."""
