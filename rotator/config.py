@@ -7,12 +7,12 @@ file, TOML syntax, unknown field, bad duration, contradictory policy) into a
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -28,9 +28,10 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
+    SettingsError,
 )
 
 from rotator.core.envelope import Keyring
@@ -52,7 +53,12 @@ __all__ = [
     "settings_toml",
 ]
 
-_toml_path: ContextVar[Path | None] = ContextVar("_toml_path", default=None)
+#: ``ROTATOR_*`` variables that name no setting but are read elsewhere (documented in the
+#: README): they are not misspellings.
+OTHER_VARIABLES = frozenset({"ROTATOR_CONFIG"})
+
+_ENV_PREFIX = "ROTATOR_"
+_NESTED = "__"
 
 
 class ConfigError(Exception):
@@ -241,11 +247,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = _toml_path.get()
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
-        return tuple(sources)
+        # The TOML file is read by `load_settings`, once, and laid under the environment
+        # there: no source here needs to know its path.
+        return (init_settings, env_settings)
 
     @field_validator("keysets")
     @classmethod
@@ -369,23 +373,96 @@ def settings_toml(settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _setting_variables() -> list[str]:
+    """Every ``ROTATOR_*`` variable that names a setting or a whole section, upper case
+    (``[keysets.NAME]`` aside: its name is free, see `_unknown_variable`)."""
+    names = []
+    for section, field in Settings.model_fields.items():
+        names.append(f"{_ENV_PREFIX}{section.upper()}")
+        model = field.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names += [
+                f"{_ENV_PREFIX}{section.upper()}{_NESTED}{f.upper()}" for f in model.model_fields
+            ]
+    return names
+
+
+def _unknown_variable(name: str, known: list[str]) -> str | None:
+    """The problem of environment variable *name* (``ROTATOR_...``, upper case) if it names
+    no setting, with the closest one that does; ``None`` if it names one."""
+    if name in known or name in OTHER_VARIABLES:
+        return None
+    parts = name.removeprefix(_ENV_PREFIX).split(_NESTED)
+    fields = [f.upper() for f in KeysetSettings.model_fields]
+    if parts[0] == "KEYSETS" and len(parts) == 2 and parts[1]:
+        return None  # ROTATOR_KEYSETS__NAME: a whole key set as JSON
+    if parts[0] == "KEYSETS" and len(parts) == 3 and parts[1]:
+        if parts[2] in fields:
+            return None
+        prefix = f"{_ENV_PREFIX}KEYSETS{_NESTED}{parts[1]}{_NESTED}"
+        known = [prefix + field for field in fields]
+    close = difflib.get_close_matches(name, [*known, *OTHER_VARIABLES], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"environment variable {name} names no setting{hint}"
+
+
+def _set_by(line: str, variables: Mapping[str, str]) -> str:
+    """*line* with each field that an environment variable set followed by its name."""
+    for location, name in variables.items():
+        line = re.sub(
+            rf"(^|; ){re.escape(location)}: ", rf"\g<1>{location} (set by {name}): ", line
+        )
+    return line
+
+
+def _merged(low: Mapping[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
+    """*low* overlaid by *high*, table by table (how pydantic-settings merges its sources)."""
+    merged = dict(low)
+    for key, value in high.items():
+        below = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(below, Mapping):
+            merged[key] = _merged(below, value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Read *path* (TOML, optional), overlay ``ROTATOR_*`` env vars, then *overrides*.
 
-    Raises `ConfigError` with one line per problem, each naming its field.
+    Raises `ConfigError` with one line per problem, each naming its field (and the
+    environment variable that set it), or naming a ``ROTATOR_*`` variable that names no
+    setting (a misspelling would otherwise be ignored without a word).
     """
+    document: dict[str, Any] = {}
     if path is not None:
         if not path.is_file():
             raise ConfigError(f"config file {path}: not found")
         try:
-            tomllib.loads(path.read_text(encoding="utf-8"))
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
-    token = _toml_path.set(path)
+    known = _setting_variables()
+    environ = sorted(name for name in os.environ if name.upper().startswith(_ENV_PREFIX))
+    problems = [p for p in (_unknown_variable(n.upper(), known) for n in environ) if p]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    # Each field set by a variable, as its errors name it: ROTATOR_ROTATION__INTERVAL sets
+    # rotation.interval.
+    variables = {
+        ".".join(name.removeprefix(_ENV_PREFIX).split(_NESTED)).lower(): name
+        for name in environ
+        if _NESTED in name
+    }
     try:
-        return Settings(**overrides)
+        # The priority of pydantic-settings' own sources: overrides, then the
+        # environment, then the file.
+        merged = _merged(_merged(document, EnvSettingsSource(Settings)()), overrides)
+        return Settings(**merged)
+    except SettingsError as exc:  # a ROTATOR_<SECTION> value that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"{_ENV_PREFIX}{field.group(1).upper()}" if field else "a ROTATOR_* variable"
+        raise ConfigError(f"{name}: not a JSON value of the whole section ({exc})") from None
     except ValidationError as exc:
-        lines = [describe_error(error) for error in exc.errors()]
+        lines = [_set_by(describe_error(error), variables) for error in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
-    finally:
-        _toml_path.reset(token)

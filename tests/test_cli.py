@@ -97,7 +97,8 @@ def test_bad_config_exits_2_naming_the_field(cli: Cli, tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     cli.env["ROTATOR_ROTATION__INTERVAL"] = "often"
     env_result = cli("status")
-    assert env_result.code == 2 and "rotation.interval: invalid duration" in env_result.stderr
+    named = "rotation.interval (set by ROTATOR_ROTATION__INTERVAL): invalid duration"
+    assert env_result.code == 2 and named in env_result.stderr
 
 
 def test_bad_arguments_exit_2(cli: Cli) -> None:

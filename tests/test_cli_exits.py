@@ -253,6 +253,29 @@ def test_every_command_with_an_argument_to_check_has_a_bad_one() -> None:
 
 
 @pytest.mark.parametrize(
+    "case",
+    [
+        ("ROTATOR_REDIS_URL", "redis://elsewhere:6379/0", "did you mean ROTATOR_REDIS__URL?"),
+        ("ROTATOR_ROTATON__INTERVAL", "1h", "did you mean ROTATOR_ROTATION__INTERVAL?"),
+        ("ROTATOR_ROTATION__INTERVAL", "abc", "rotation.interval (set by "),
+    ],
+)
+@pytest.mark.parametrize("command", [("check-config",), ("status",)], ids=" ".join)
+def test_a_misspelled_or_bad_variable_is_one_line_and_exit_2(
+    environment: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: Command,
+    case: tuple[str, str, str],
+) -> None:
+    """Before: a misspelled variable was ignored (exit 0, localhost instead of the URL)."""
+    variable, value, said = case
+    environment.setenv(variable, value)
+    result = run(capsys, *command)
+    assert result.code == 2, result
+    assert one_line(result) and variable in result.stderr and said in result.stderr, result
+
+
+@pytest.mark.parametrize(
     ("command", "argv"),
     [
         pytest.param(c, argv, id=" ".join(c))

@@ -145,6 +145,71 @@ def test_env_errors_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
         load_settings()
 
 
+@pytest.mark.parametrize(
+    ("variable", "suggested"),
+    [
+        ("ROTATOR_REDIS_URL", "ROTATOR_REDIS__URL"),
+        ("ROTATOR_ROTATON__INTERVAL", "ROTATOR_ROTATION__INTERVAL"),
+        ("ROTATOR_KEYSETS__SHOP__INTERVL", "ROTATOR_KEYSETS__SHOP__INTERVAL"),
+        ("rotator_redis__urll", "ROTATOR_REDIS__URL"),
+    ],
+)
+def test_a_variable_that_names_no_setting_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, variable: str, suggested: str
+) -> None:
+    monkeypatch.setenv(variable, "1h")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        f"environment variable {variable.upper()} names no setting (did you mean {suggested}?)"
+    )
+
+
+def test_the_variables_that_name_settings_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROTATOR_CONFIG", "/elsewhere.toml")  # read by the CLI, not a setting
+    monkeypatch.setenv("ROTATOR_KEYSETS__SHOP__INTERVAL", "2h")
+    monkeypatch.setenv("ROTATOR_DAEMON", '{"tick": "20s"}')
+    monkeypatch.setenv("ROTATOR_LOG__LEVEL", "debug")
+    settings = load_settings()
+    assert settings.policy("shop").interval == 7200
+    assert (settings.daemon.tick, settings.log.level) == (20, "DEBUG")
+
+
+def test_a_bad_value_names_its_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ROTATOR_ROTATION__INTERVAL", "abc")
+    with pytest.raises(ConfigError, match=r"^rotation\.interval \(set by ROTATOR_ROTATION__"):
+        load_settings()
+    monkeypatch.delenv("ROTATOR_ROTATION__INTERVAL")
+    monkeypatch.setenv("ROTATOR_ROTATION__OVERLAP", "1s")
+    with pytest.raises(ConfigError, match=r"^rotation\.overlap \(set by ROTATOR_ROTATION__OV"):
+        load_settings()
+    # The same field from the file is named as before, without a variable.
+    monkeypatch.delenv("ROTATOR_ROTATION__OVERLAP")
+    with pytest.raises(ConfigError, match=r"^rotation\.interval: invalid duration"):
+        load_settings(write(tmp_path, '[rotation]\ninterval = "abc"\n'))
+
+
+def test_a_section_variable_that_is_not_json_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ROTATOR_REDIS", "{not json")
+    with pytest.raises(ConfigError, match=r"^ROTATOR_REDIS: not a JSON value"):
+        load_settings()
+
+
+def test_the_file_is_read_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Before: `load_settings` parsed it for its errors and pydantic-settings again."""
+    import tomllib
+
+    path = write(tmp_path, '[redis]\nprefix = "fromfile"\n')
+    parses: list[str] = []
+    load, loads = tomllib.load, tomllib.loads
+    monkeypatch.setattr(tomllib, "load", lambda file: parses.append("load") or load(file))
+    monkeypatch.setattr(tomllib, "loads", lambda text: parses.append("loads") or loads(text))
+    assert load_settings(path).redis.prefix == "fromfile"
+    assert len(parses) == 1
+
+
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.toml")
