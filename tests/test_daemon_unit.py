@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from rotator.embedded import EmbeddedRedis
 from rotator.storage.layout import Layout
 from rotator.storage.registry import KeySets, encode_entry, new_lineage
 from rotator.storage.store import Store
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, wait_for
 
 
 def make_daemon(
@@ -207,3 +208,57 @@ def test_readyz_gives_times_as_rfc3339_with_the_epoch_beside() -> None:
     assert report["keysets"]["alpha"]["last_success"] == "2027-01-15T08:00:00Z"
     assert report["keysets"]["alpha"]["last_success_epoch"] == 1_800_000_000.123
     assert report["keysets"]["beta"]["last_success"] is None
+
+
+class _WatchedLock:
+    """A lock that says when a thread starts waiting for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.wanted = threading.Event()
+
+    def __enter__(self) -> object:
+        if not self._lock.acquire(blocking=False):
+            self.wanted.set()
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._lock.release()
+
+
+def test_an_announced_commit_waits_for_the_tick(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`on_commit` (the events thread) and a tick (the scheduler thread) share the manager:
+    the commit is read after the tick's batch, never in the middle of it. Before: it was
+    read while the tick was reconciling."""
+    daemon.tick()  # alpha and beta bootstrapped
+    lock = _WatchedLock()
+    daemon.manager_lock = lock
+    in_tick = threading.Event()
+    seen_in_tick: list[bool] = []
+    reconcile, observe = daemon.manager.reconcile_many, daemon.manager.observe
+
+    def slow_reconcile(names: list[str]) -> object:
+        in_tick.set()
+        # Until the announced commit is read, or waits for the lock.
+        wait_for(lambda: lock.wanted.is_set() or seen_in_tick, what="on_commit to run")
+        result = reconcile(names)
+        in_tick.clear()
+        return result
+
+    def watched_observe(keyset: str) -> object:
+        seen_in_tick.append(in_tick.is_set())
+        return observe(keyset)
+
+    monkeypatch.setattr(daemon.manager, "reconcile_many", slow_reconcile)
+    monkeypatch.setattr(daemon.manager, "observe", watched_observe)
+    ticking = threading.Thread(target=daemon.tick)
+    ticking.start()
+    wait_for(in_tick.is_set, what="the tick to reconcile")
+    committed = threading.Thread(target=daemon.on_commit, args=("alpha",))
+    committed.start()
+    committed.join()
+    ticking.join()
+    assert seen_in_tick == [False]

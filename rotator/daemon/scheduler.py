@@ -7,8 +7,11 @@ jump costs nothing but a late look, never a double rotation. Only the
 replica holding the lease writes; the others read every key set each tick so
 that, should they take over, they hold a copy to restore if Redis lost its
 data. Jobs run one at a time on a single worker thread (the lease has its
-own, so a slow tick cannot let the lease lapse); SIGTERM/SIGINT let the job
-in flight finish its commit, release the lease, and exit 0.
+own, so a slow tick cannot let the lease lapse); the events thread reads an
+announced commit between them: `Daemon.manager_lock` guards the manager, the
+registry view and the remembered states, which a tick and an announced commit
+both use. SIGTERM/SIGINT let the job in flight finish its commit, release the
+lease, and exit 0.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
@@ -104,6 +108,9 @@ class Daemon:
         self.lease = Lease(wiring.lease_client, wiring.layout.leader, daemon.lease_ttl)
         self._slow_ticks = SlowTicks(daemon.tick)
         self._outage = threading.Lock()
+        # Held by a tick (scheduler thread) and by `on_commit` (events thread): the manager's
+        # remembered states and the registry view are not thread-safe.
+        self.manager_lock: AbstractContextManager[object] = threading.Lock()
         self.backup = Backup(daemon.backup_path) if daemon.backup_path else None
         self._backed_up: dict[str, int] = {}  # the version of each key set in the backup file
         self.stopping = threading.Event()
@@ -195,7 +202,8 @@ class Daemon:
         next precise wake-up. Never raises: a failure that is no one key set's is logged
         (once while it repeats) and the next tick tries again, with the watchdog fed."""
         try:
-            self._tick()
+            with self.manager_lock:
+                self._tick()
         except Exception as exc:  # the last line: no tick dies of data
             failure = f"{type(exc).__name__}: {exc}"
             if failure != self._tick_failure:
@@ -371,7 +379,8 @@ class Daemon:
         at the next tick, so that a restore after Redis loses data carries it, a
         revocation above all."""
         try:
-            self._observe(keyset)
+            with self.manager_lock:
+                self._observe(keyset)
         except Exception:  # the last line: the events thread must not die of data
             log.exception("key set %s: reading the announced commit failed", keyset)
 
@@ -445,9 +454,11 @@ class Daemon:
             name="rotator-daemon-events",
         )
         follower.start()
+        with self.manager_lock:  # the first tick may be running already
+            names = self.keysets()
         log.info(
             "rotator daemon started: key sets %s, tick %gs, Redis %s",
-            ", ".join(self.keysets()) or "(none)",
+            ", ".join(names) or "(none)",
             daemon.tick,
             mask_url(self.settings.redis.url),
         )
