@@ -12,7 +12,7 @@ __all__ = ["DEFAULT_KEYSET", "Layout", "validate_keyset_name", "validate_prefix"
 
 DEFAULT_KEYSET = "default"
 _MAX_NAME_BYTES = 128
-_FORBIDDEN = set("{}:")
+_FORBIDDEN = frozenset("{}:")
 
 
 def validate_keyset_name(name: str) -> str:
