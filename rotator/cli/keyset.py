@@ -153,6 +153,13 @@ def _adopt_signing_key(manager: KeyManager, name: str, args: argparse.Namespace)
         raise UsageError(f"--private-key {args.private_key}: {exc}") from None
     print_outcome(manager.adopt_signing_key(name, key, as_current=args.as_ == "current"))
     print(f"{name}: {key.kid} sealed under the KEK; the file is not needed any more")
+    policy_algorithm = manager.policy(name).algorithm
+    if key.jwk["alg"] != policy_algorithm:
+        # A key keeps its algorithm for life; the operator should know the set now mixes two.
+        print(
+            f"{name}: {key.kid} is an {key.jwk['alg']} key and signs as one; keys minted "
+            f"from now on are {policy_algorithm}, the policy's algorithm"
+        )
     return 0
 
 

@@ -9,9 +9,13 @@ operator importing a set expects every key of it to verify. A private member (th
 reference IAM's sample answer publishes ``d``) is dropped, never kept or shown, and the
 entry's kid reported as exposed.
 
-`foreign_signing_key` takes PEM (PKCS#8 or SEC1, unencrypted) or a JWK with ``d``, of a
-P-256 key, and gives it in the form a minted key has (`jwk.GeneratedKey`), for sealing at
-once. Its errors never quote the file: a part of a private key must not reach a terminal.
+`foreign_signing_key` takes an unencrypted PEM (PKCS#8, SEC1 or PKCS#1) or a JWK with its
+private members (checked to belong to its public ones) of a key of any algorithm rotator
+signs with: EC P-256 or P-384, Ed25519, RSA of `MIN_RSA_BITS` to `MAX_RSA_BITS` with
+exponent 65537. It gives the key in the form a minted key has (`jwk.GeneratedKey`), its
+JWK's ``alg`` its own, for sealing at once. Other curves, DSA, X25519 and encrypted PEM are
+refused. Its errors never quote the file: a part of a private key must not reach a
+terminal.
 """
 
 from __future__ import annotations
@@ -21,10 +25,20 @@ from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa, x25519
 
 from rotator.core import strictjson
-from rotator.core.jwk import PRIVATE_MEMBERS, GeneratedKey, foreign_kid, public_jwk
+from rotator.core.jwk import (
+    EC_CURVES,
+    MAX_RSA_BITS,
+    MIN_RSA_BITS,
+    PRIVATE_MEMBERS,
+    RSA_EXPONENT,
+    GeneratedKey,
+    PrivateKey,
+    foreign_kid,
+    public_jwk,
+)
 from rotator.core.strictjson import shown
 from rotator.library.jwks_import import b64decode_strict, checked_public_jwk
 
@@ -97,8 +111,10 @@ def _entry(index: int, entry: Any) -> tuple[dict[str, str], bool]:
 
 
 def foreign_signing_key(raw: bytes, kid: str | None) -> GeneratedKey:
-    """The P-256 private key of *raw* (PEM PKCS#8 or SEC1, or a JWK with ``d``), under
-    *kid*, else the JWK's own kid, else its RFC 7638 thumbprint; `AdoptError` otherwise."""
+    """The private key of *raw* (PEM PKCS#8, SEC1 or PKCS#1, or a JWK with its private
+    members) of any algorithm rotator signs with (`jwk.ALGORITHMS`), under *kid*, else the
+    JWK's own kid, else its RFC 7638 thumbprint; `AdoptError` otherwise. The key's JWK
+    carries its own ``alg``, whatever the key set's policy algorithm."""
     if len(raw) > MAX_FILE_BYTES:
         raise AdoptError(f"the file is larger than {MAX_FILE_BYTES} bytes")
     if raw.lstrip().startswith(b"-----BEGIN"):
@@ -119,38 +135,99 @@ def foreign_signing_key(raw: bytes, kid: str | None) -> GeneratedKey:
     return GeneratedKey(jwk=jwk, private_der=der)
 
 
-def _pem_key(raw: bytes) -> ec.EllipticCurvePrivateKey:
+def _pem_key(raw: bytes) -> PrivateKey:
     try:
         private = serialization.load_pem_private_key(raw, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+    except TypeError:
+        # cryptography's TypeError here is the one for a key that needs a password; rotator
+        # takes none, so that no password has to sit in an argument list or a shell history.
+        raise AdoptError("encrypted keys are not read; decrypt it first") from None
+    except (ValueError, UnsupportedAlgorithm):
         # Not quoted: cryptography's reasons are fixed texts, but this is a private key.
         raise AdoptError(
-            "not an unencrypted PEM private key (PKCS#8 or SEC1 EC PRIVATE KEY)"
+            "not an unencrypted PEM private key (PKCS#8, SEC1 EC or PKCS#1 RSA PRIVATE KEY)"
         ) from None
-    if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(
-        private.curve, ec.SECP256R1
-    ):
-        raise AdoptError("the PEM key is not an EC P-256 private key")
-    return private
+    return _signing_key(private)
 
 
-def _jwk_key(raw: bytes) -> tuple[ec.EllipticCurvePrivateKey, str | None]:
+def _signing_key(private: object) -> PrivateKey:
+    """*private* if rotator signs with keys of its kind (`jwk.ALGORITHMS`), else why not."""
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        if private.curve.name not in {c.curve.name for c in EC_CURVES.values()}:
+            raise AdoptError(f"EC curve {private.curve.name} is not supported (P-256 or P-384)")
+        return private
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        return private
+    if isinstance(private, rsa.RSAPrivateKey):
+        bits, exponent = private.key_size, private.public_key().public_numbers().e
+        if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+            raise AdoptError(f"RSA key is {bits} bits, not {MIN_RSA_BITS} to {MAX_RSA_BITS}")
+        if exponent != RSA_EXPONENT:
+            raise AdoptError(f"RSA exponent is {exponent}, not {RSA_EXPONENT}")
+        return private
+    if isinstance(private, x25519.X25519PrivateKey):
+        raise AdoptError("an X25519 key agrees keys and cannot sign; Ed25519 is the OKP key")
+    if isinstance(private, dsa.DSAPrivateKey):
+        raise AdoptError("DSA keys are not supported (ES256, ES384, EdDSA or RS256 keys are)")
+    raise AdoptError("the key is not an EC P-256/P-384, Ed25519 or RSA private key")
+
+
+def _jwk_key(raw: bytes) -> tuple[PrivateKey, str | None]:
     jwk = _json_object(raw, "the file is neither PEM nor a JWK")
     try:
         public = checked_public_jwk(jwk)
     except ValueError as exc:
         raise AdoptError(f"the JWK: {exc}") from None
-    d = jwk.get("d")
-    try:
-        scalar = b64decode_strict(d) if isinstance(d, str) else b""
-    except ValueError:
-        scalar = b""
-    if len(scalar) != 32:
-        raise AdoptError("the JWK has no d of 32 bytes of base64url")
-    try:
-        private = ec.derive_private_key(int.from_bytes(scalar, "big"), ec.SECP256R1())
-    except ValueError:
-        raise AdoptError("the JWK's d is not a P-256 private key") from None
+    private = _jwk_private(jwk, public)
     if {**public_jwk(private.public_key()), "kid": public["kid"]} != public:
-        raise AdoptError("the JWK's d does not belong to its x and y")
+        raise AdoptError("the JWK's private members do not belong to its public ones")
     return private, public["kid"]
+
+
+def _private_int(jwk: dict[str, Any], name: str, size: int | None = None) -> bytes:
+    """A private member's bytes; its value never reaches the message."""
+    value = jwk.get(name)
+    try:
+        raw = b64decode_strict(value) if isinstance(value, str) else b""
+    except ValueError:
+        raw = b""
+    if not raw or (size is not None and len(raw) != size):
+        exact = f"{size} bytes of " if size is not None else ""
+        raise AdoptError(f"the JWK has no {name} of {exact}base64url")
+    return raw
+
+
+def _jwk_private(jwk: dict[str, Any], public: dict[str, str]) -> PrivateKey:
+    """The private key of *jwk*'s private members; *public* says which type to read."""
+    algorithm = public["alg"]
+    try:
+        if algorithm in EC_CURVES:
+            curve = EC_CURVES[algorithm]
+            scalar = _private_int(jwk, "d", curve.size)
+            return ec.derive_private_key(int.from_bytes(scalar, "big"), curve.curve)
+        if algorithm == "EdDSA":
+            return ed25519.Ed25519PrivateKey.from_private_bytes(_private_int(jwk, "d", 32))
+        return _rsa_private(jwk)
+    except ValueError as exc:
+        if isinstance(exc, AdoptError):
+            raise
+        # cryptography's reasons are fixed texts, but they are about a private key.
+        raise AdoptError(f"the JWK's private members are not an {algorithm} key") from None
+
+
+def _rsa_private(jwk: dict[str, Any]) -> rsa.RSAPrivateKey:
+    """An RSA key from ``d`` and, when given, its CRT members (RFC 7518 section 6.3.2);
+    without them the primes are recovered from n, e and d."""
+    if "oth" in jwk:
+        raise AdoptError("the JWK is a multi-prime RSA key (oth), which is not supported")
+    n = int.from_bytes(b64decode_strict(jwk["n"]), "big")
+    e = int.from_bytes(b64decode_strict(jwk["e"]), "big")
+    d = int.from_bytes(_private_int(jwk, "d"), "big")
+    crt = ("p", "q", "dp", "dq", "qi")
+    if any(name in jwk for name in crt):
+        p, q, dp, dq, qi = (int.from_bytes(_private_int(jwk, m), "big") for m in crt)
+    else:
+        p, q = rsa.rsa_recover_prime_factors(n, e, d)
+        dp, dq, qi = rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q)
+    numbers = rsa.RSAPrivateNumbers(p, q, d, dp, dq, qi, rsa.RSAPublicNumbers(e, n))
+    return numbers.private_key()  # checks the members are one consistent key
