@@ -24,6 +24,7 @@ from rotator.core.jwk import (
     public_jwk,
 )
 from rotator.core.policy import Policy
+from rotator.core.state import KeyRecord
 
 T = TypeVar("T")
 
@@ -164,3 +165,9 @@ def private_of(der: bytes) -> PrivateKey:
         key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
     )
     return key
+
+
+def sealed_of(key: KeyRecord) -> SealedKey:
+    """The sealed private part of a key rotator minted (verify-only imports have none)."""
+    assert key.sealed is not None, f"{key.kid} is verify-only"
+    return key.sealed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -204,8 +205,17 @@ def test_the_file_is_read_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     path = write(tmp_path, '[redis]\nprefix = "fromfile"\n')
     parses: list[str] = []
     load, loads = tomllib.load, tomllib.loads
-    monkeypatch.setattr(tomllib, "load", lambda file: parses.append("load") or load(file))
-    monkeypatch.setattr(tomllib, "loads", lambda text: parses.append("loads") or loads(text))
+
+    def counted_load(file: Any) -> Any:
+        parses.append("load")
+        return load(file)
+
+    def counted_loads(text: str) -> Any:
+        parses.append("loads")
+        return loads(text)
+
+    monkeypatch.setattr(tomllib, "load", counted_load)
+    monkeypatch.setattr(tomllib, "loads", counted_loads)
     assert load_settings(path).redis.prefix == "fromfile"
     assert len(parses) == 1
 

@@ -20,7 +20,7 @@ from rotator.core.state import decode_state
 from rotator.embedded import EmbeddedRedis, free_port
 from rotator.storage.kekfile import load_keyring
 from tests.conftest import Cli, Daemon, StartDaemon
-from tests.helpers import private_key_forms, wait_for
+from tests.helpers import private_key_forms, sealed_of, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +132,7 @@ def test_no_private_key_material_in_redis_or_logs(
     state = decode_state(raw, "default")
     needles: list[bytes] = [b"PRIVATE KEY", b'"d"']
     for key in state.keys:
-        needles += private_key_forms(keyring.unseal(key.sealed, keyset="default", kid=key.kid))
+        needles += private_key_forms(keyring.unseal(sealed_of(key), keyset="default", kid=key.kid))
     if log_format == "json":
         assert all(json.loads(line) for line in daemon.log if line.strip())
     haystacks: list[bytes] = ["".join(daemon.log).encode()]

@@ -17,6 +17,7 @@ from rotator.core.encoding import encode_sealed
 from rotator.core.envelope import SealedKey
 from rotator.core.jwk import PRIVATE_MEMBERS, jwks_document, public_jwk, thumbprint
 from rotator.core.state import KeyRecord, KeySetState, Status, decode_state, encode_state
+from tests.helpers import sealed_of
 
 
 def reference(value: Any) -> str:
@@ -62,9 +63,9 @@ def test_state_encoding_is_canonical_json(
                 "expires_at": k.expires_at,
                 "jwk": dict(k.jwk),
                 "sealed": {
-                    "kek": k.sealed.kek,
-                    "nonce": base64.b64encode(k.sealed.nonce).decode(),
-                    "ct": base64.b64encode(k.sealed.ciphertext).decode(),
+                    "kek": sealed_of(k).kek,
+                    "nonce": base64.b64encode(sealed_of(k).nonce).decode(),
+                    "ct": base64.b64encode(sealed_of(k).ciphertext).decode(),
                 },
             }
             for k in state.keys

@@ -115,6 +115,8 @@ def usable_state(state: KeySetState) -> None:
     assert published.skipped == () and len(published.keys) == len(state.keys)
     _USABLE.add(encoded)
     for key in state.keys:
+        if key.sealed is None:  # a verify-only key has nothing to unseal
+            continue
         with contextlib.suppress(UnsealError):
             KEYRING.unseal(key.sealed, keyset=state.keyset, kid=key.kid)
 

@@ -25,7 +25,7 @@ from rotator.library.signer import Signer
 from rotator.storage.layout import Layout
 from rotator.storage.store import Store
 from tests.conftest import FAST
-from tests.helpers import FakeClock, private_key_forms
+from tests.helpers import FakeClock, private_key_forms, sealed_of
 
 CLAIMS = {"sub": "user-1", "iss": "iam", "aud": "svc"}
 
@@ -85,7 +85,9 @@ def test_no_private_form_of_any_key_is_stored_and_a_lost_jwks_heals(
     stored = client.get(layout.state("default"))
     assert isinstance(published, bytes) and isinstance(stored, bytes)
     for key in state.keys:
-        for form in private_key_forms(keyring.unseal(key.sealed, keyset="default", kid=key.kid)):
+        for form in private_key_forms(
+            keyring.unseal(sealed_of(key), keyset="default", kid=key.kid)
+        ):
             assert form not in stored and form not in published
     client.delete(layout.jwks("default"))
     manager.reconcile("default")

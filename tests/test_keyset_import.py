@@ -371,7 +371,9 @@ def test_the_daemon_removes_an_imported_key_at_its_end_time(
 # -- --private-key: adopting a signing key -----------------------------------------------------
 
 
-def _pem(key: ec.EllipticCurvePrivateKey, form: serialization.PrivateFormat) -> bytes:
+def _pem(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, form: serialization.PrivateFormat
+) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption())
 
 

@@ -16,7 +16,7 @@ from rotator.daemon.manager import KeyManager, NoKekError
 from rotator.storage.layout import Layout
 from rotator.storage.store import Store
 from tests.conftest import FAST
-from tests.helpers import FakeClock, make_keyring
+from tests.helpers import FakeClock, make_keyring, sealed_of
 
 
 def kids(state: KeySetState | None) -> list[str]:
@@ -131,7 +131,7 @@ def test_reseal_moves_every_key_to_the_first_kek(store: Store, clock: FakeClock)
     manager = KeyManager(store, both, lambda _n: FAST, clock=clock)
     outcome = manager.reseal("default")
     assert outcome.action == "commit"
-    assert {k.sealed.kek for k in outcome.state.keys} == {"new"}
+    assert {sealed_of(k).kek for k in outcome.state.keys} == {"new"}
     assert manager.reseal("default").action == "unchanged"
     only_new = parse_keks("new:" + base64.b64encode(b"n" * 32).decode(), source="t")
     KeyManager(store, only_new, lambda _n: FAST, clock=clock).check_keks(outcome.state)

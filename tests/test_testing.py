@@ -51,6 +51,7 @@ from tests.helpers import (
     async_wait_for,
     loaded_by_import,
     private_key_forms,
+    sealed_of,
     wait_for,
 )
 
@@ -119,8 +120,10 @@ def test_no_private_member_reaches_redis_in_plaintext(backend: Backend) -> None:
     state = decode_state(raw, "default")
     needles: list[bytes] = [b"PRIVATE KEY", b'"d"']
     for key in state.keys:
-        assert key.sealed.kek == "testing"
-        needles += private_key_forms(keys.keyring.unseal(key.sealed, keyset="default", kid=key.kid))
+        assert sealed_of(key).kek == "testing"
+        needles += private_key_forms(
+            keys.keyring.unseal(sealed_of(key), keyset="default", kid=key.kid)
+        )
     haystacks: list[bytes] = []
     for name in backend.client.scan_iter():
         kind = backend.client.type(name)
