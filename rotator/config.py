@@ -139,6 +139,7 @@ class DaemonSettings(_Section):
     """The long-running process."""
 
     tick: Duration = 15.0
+    sweep_interval: Duration = 600.0
     lease_ttl: Duration = 15.0
     backup_path: Path | None = None
     health_host: str = "127.0.0.1"
@@ -151,7 +152,7 @@ class DaemonSettings(_Section):
             raise ValueError("must be at least 3s (it is renewed every third of it)")
         return ttl
 
-    @field_validator("tick")
+    @field_validator("tick", "sweep_interval")
     @classmethod
     def _positive_tick(cls, tick: float) -> float:
         if tick < 1:

@@ -129,6 +129,9 @@ class KeyManager:
         self._opened: set[tuple[str, str, str]] = set()
         self._checked: dict[str, KeySetState] = {}
         self._changes: dict[str, tuple[KeySetState, Policy, float]] = {}
+        # Every writer files its commits in the due index, the CLI's too, so that the
+        # daemon's tick finds a manual rotation's new due time there.
+        store.due_at = self._filed_due
 
     def _keyring(self) -> Keyring:
         if self.keyring is None:
@@ -429,6 +432,14 @@ class KeyManager:
         moment = lifecycle.next_change_at(state, policy)
         self._changes[state.keyset] = (state, policy, moment)
         return moment
+
+    def _filed_due(self, state: KeySetState) -> float:
+        """The due time a commit files *state* under: `next_change_at`, or now (``-inf``)
+        when its policy is unusable (a reseal needs none), so the daemon looks at it."""
+        try:
+            return self.next_change_at(state)
+        except BadPolicy:
+            return float("-inf")
 
     def _reconciler(self, keyset: str) -> Callable[[KeySetState | None, float], Transition | None]:
         policy, mint = self.policy(keyset), self.mint(keyset)

@@ -21,7 +21,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,8 +51,8 @@ from rotator.metrics import (
 )
 from rotator.storage.audit import BadAuditEntry
 from rotator.storage.events import EventFollower
-from rotator.storage.lease import Lease, SlowTicks, Verdict
-from rotator.storage.registry import KeySets
+from rotator.storage.lease import LEASE_RETRIES, Lease, SlowTicks, Verdict, call_timeout
+from rotator.storage.registry import KeySetEntry, KeySets
 from rotator.storage.store import BATCH_SIZE
 from rotator.wiring import Wiring
 
@@ -61,6 +61,9 @@ __all__ = ["Daemon"]
 log = logging.getLogger(__name__)
 
 _FRESHNESS_TICKS = 3
+
+#: Key sets a tick takes from the due index at most; more due wake the next tick at once.
+_DUE_LIMIT = 4 * BATCH_SIZE
 
 
 def _described(exc: Exception) -> str:
@@ -124,6 +127,14 @@ class Daemon:
         self._watchdog = watchdog_seconds()
         self._audit_seen: str | None = None
         self._tick_failure: str | None = None
+        # The due index (a leader on a single Redis): the epoch last read, when the next full
+        # sweep falls due, and each key set's registry entry when last looked at (a new or
+        # changed one is looked at, and refiled, at the next tick).
+        self._epoch: int | None = None
+        self._sweep_now = True
+        self._next_sweep = float("-inf")
+        self._looked: dict[str, KeySetEntry | None] = {}
+        self._announced: set[str] = set()  # commits announced since the last tick
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1), "lease": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -164,6 +175,7 @@ class Daemon:
         self.health.leader = leader
         LEADER.set(1 if leader else 0)
         if leader and not was_leader and not self.stopping.is_set():
+            self._sweep_now = True
             self._wake_at(self.clock())
         return leader
 
@@ -223,7 +235,17 @@ class Daemon:
             self._keyset_failed(name, problem)
         names = [name for name in names if name not in unusable]
         leader = self.lease.held
+        indexed = leader and self.manager.store.indexed
+        sweep = True
+        if indexed:
+            try:
+                names, sweep = self._to_look_at(names)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self._redis_failed(exc)
+                return
         due: list[float] = []
+        committed = False
+        looked: list[KeySetState] = []
         for start in range(0, len(names), BATCH_SIZE):
             if self.stopping.is_set():
                 return
@@ -234,6 +256,8 @@ class Daemon:
                     if leader
                     else self.manager.observe_many(batch)
                 )
+                if indexed:
+                    self._refile(results, sweep=sweep)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._redis_failed(exc)
                 return
@@ -242,14 +266,84 @@ class Daemon:
                     self._keyset_failed(name, _described(result), result)
                 elif isinstance(result, Outcome):
                     self._succeeded(result.keyset, result.state)
+                    committed = committed or result.action in {"bootstrap", "commit", "restore"}
                     due.append(self.manager.next_change_at(result.state))
+                    looked.append(result.state)
                 elif result is not None:  # a follower sees an empty set until it is bootstrapped
                     self._succeeded(name, result)
+        if indexed:
+            self._looked.update((s.keyset, self.managed.get(s.keyset)) for s in looked)
+            # What the index says is not due was healthy when last looked at, and no commit
+            # since (the epoch would have moved it into the index) says otherwise.
+            now = self.clock()
+            for name in self.managed.names():
+                if name not in self._errors and name not in unusable:
+                    self.health.succeeded(name, now)
+            with contextlib.suppress(redis.RedisError):  # the next tick reports it
+                if sweep or committed:
+                    # What this tick wrote is no loss to detect at the next.
+                    self._epoch = self.manager.store.epoch(start=True)
+                earliest = self.manager.store.earliest_due()
+                if earliest is not None:
+                    due.append(earliest)
         if self.backup is not None:
             self._save_backup()
         self.count_rotations()
         if due and leader:
             self._wake_at(min(due))
+
+    def _to_look_at(self, names: list[str]) -> tuple[list[str], bool]:
+        """The key sets a leader's tick reconciles, and whether that is all of them (a
+        sweep): all on taking the lease, every ``daemon.sweep_interval``, and when the epoch
+        went backwards or vanished (Redis lost data); else those the due index says are due,
+        those new or whose policy changed since last looked at, and those that failed."""
+        store = self.manager.store
+        now = self.clock()
+        epoch = store.epoch()
+        if self._epoch is not None and (epoch is None or epoch < self._epoch):
+            log.warning(
+                "%s went from %d to %s: Redis lost data; looking at every key set",
+                store.layout.epoch,
+                self._epoch,
+                "nothing" if epoch is None else epoch,
+            )
+            self._sweep_now = True
+        self._epoch = epoch
+        if self._sweep_now or now >= self._next_sweep:
+            self._sweep_now = False
+            self._next_sweep = now + self.settings.daemon.sweep_interval
+            return names, True
+        managed = set(names)
+        filed = store.due(now, _DUE_LIMIT)
+        if len(filed) == _DUE_LIMIT:
+            self._wake_at(now)  # more are due: the next batch right after this one
+        stale = [name for name in filed if name not in managed]
+        store.unindex(stale)
+        wanted = {name for name in filed if name in managed}
+        wanted.update(
+            name for name in names if self._looked.get(name) is not self.managed.get(name)
+        )
+        wanted.update(name for name in self._errors if name in managed)
+        announced, self._announced = self._announced, set()
+        wanted.update(name for name in announced if name in managed)
+        return sorted(wanted), False
+
+    def _refile(self, results: Mapping[str, object], *, sweep: bool) -> None:
+        """File in the due index what a tick looked at and did not commit (a commit filed
+        its own): all of it after a due look, what the index has wrong after a sweep."""
+        unchanged = [
+            result.state
+            for result in results.values()
+            if isinstance(result, Outcome) and result.action in {"unchanged", "republish"}
+        ]
+        if sweep and unchanged:
+            scores = self.manager.store.due_scores([state.keyset for state in unchanged])
+            unchanged = [
+                state
+                for state, score in zip(unchanged, scores, strict=True)
+                if score != self.manager.next_change_at(state)
+            ]
+        self.manager.store.reindex(unchanged)
 
     def _notify(self, names: list[str], leader: bool) -> None:
         ready = self.health.ready(self.clock())
@@ -320,6 +414,8 @@ class Daemon:
             self.manager.forget(name)
         for name in set(self._states) - managed:
             del self._states[name]
+        for name in set(self._looked) - managed:
+            del self._looked[name]
 
     def count_rotations(self) -> None:
         """Count rotations recorded in the audit stream since the last look (every
@@ -352,6 +448,7 @@ class Daemon:
     def _redis_failed(self, exc: Exception) -> None:
         REDIS_ERRORS.inc()
         self.health.redis_down()
+        self._sweep_now = True  # whatever Redis came back with, look at all of it
         with self._outage:  # the lease's thread and the tick's both report
             if not self._redis_was_down:
                 log.warning("Redis is unreachable (%s); retrying every tick", exc)
@@ -387,6 +484,9 @@ class Daemon:
     def _observe(self, keyset: str) -> None:
         if keyset not in self.managed or self.stopping.is_set():
             return
+        # The leader's next tick reconciles it (a JWKS deleted with an event published gets
+        # written back then), due or not.
+        self._announced.add(keyset)
         try:
             state = self.manager.observe(keyset)
             if state is None:  # emptied: removed with `rotator keyset remove`, or data lost

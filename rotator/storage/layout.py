@@ -80,6 +80,18 @@ class Layout:
         return f"{self.prefix}:audit"
 
     @property
+    def due(self) -> str:
+        """Sorted set: key set name -> when it next needs the leader
+        (`lifecycle.next_change_at`), written by every commit (single Redis only)."""
+        return f"{self.prefix}:due"
+
+    @property
+    def epoch(self) -> str:
+        """Counter every commit moves: a daemon that sees it go backwards or vanish knows
+        Redis lost data (single Redis only)."""
+        return f"{self.prefix}:epoch"
+
+    @property
     def leader(self) -> str:
         """The leader lease."""
         return f"{self.prefix}:leader"

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -57,11 +57,25 @@ local function version_of(key)
 end
 """
 
-# KEYS: state, jwks. ARGV: expected version, new version, state, jwks, channel, event.
+# Shared by the writing scripts: with the optional KEYS[3] (due index) and KEYS[4] (epoch),
+# file the key set under its next due time and move the epoch, in the same atomic step as
+# the write. Cluster callers pass neither: those keys would lie in another slot.
+_INDEXED = """
+local function indexed(score, member)
+  if KEYS[3] then
+    redis.call('ZADD', KEYS[3], score, member)
+    redis.call('INCR', KEYS[4])
+  end
+end
+"""
+
+# KEYS: state, jwks[, due, epoch]. ARGV: expected version, new version, state, jwks, channel,
+# event[, due score, name].
 # Returns {1, actual} when written, {2, actual} when Redis already holds exactly this state
 # (this commit ran before and its reply was lost), {0, actual} on a conflict.
 _COMMIT = (
     _VERSION_OF
+    + _INDEXED
     + """
 local actual = version_of(KEYS[1])
 if actual < 0 then return {-1, 0} end
@@ -72,6 +86,7 @@ if actual ~= tonumber(ARGV[1]) or tonumber(ARGV[2]) ~= actual + 1 then return {0
 redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
+indexed(ARGV[7], ARGV[8])
 return {1, actual}
 """
 )
@@ -80,6 +95,7 @@ return {1, actual}
 # Redis holds nothing, or an older version than the caller committed before.
 _RESTORE = (
     _VERSION_OF
+    + _INDEXED
     + """
 local actual = version_of(KEYS[1])
 if actual < 0 then return {-1, 0} end
@@ -90,6 +106,7 @@ if actual >= tonumber(ARGV[1]) then return {0, actual} end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
+indexed(ARGV[6], ARGV[7])
 return {1, actual}
 """
 )
@@ -107,6 +124,17 @@ return {1, actual}
 """
 )
 
+# KEYS: state, due. ARGV: version, due score, name. Files the key set under a due time
+# computed from the version the caller read, and only while Redis still holds that version
+# (a commit meanwhile filed its own).
+_REINDEX = (
+    _VERSION_OF
+    + """
+if version_of(KEYS[1]) ~= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+)
 
 # The registry used to be a plain set of names; it is converted in place to the
 # hash (name -> stored policy) the first time it is written.
@@ -212,6 +240,11 @@ class Store:
         # still atomic).
         self._cluster = isinstance(client, redis.RedisCluster)
         self._unregister = client.register_script(_UNREGISTER)
+        self._reindex = client.register_script(_REINDEX)
+        #: When a state next needs the leader (`KeyManager.next_change_at`); while set, every
+        #: commit and restore files its key set in the due index (``P:due``) and moves
+        #: ``P:epoch``. Not with Cluster: the index would lie in another slot than the key set.
+        self.due_at: Callable[[KeySetState], float] | None = None
         # Parsed states by key set and digest of the stored bytes: a daemon reads
         # every key set each tick, and most have not changed since the last one. Measured
         # by bench/many_keysets.py: its idle pass took 5 to 6 times the CPU without it
@@ -299,10 +332,22 @@ class Store:
                     self.replica_ack_timeout,
                 )
 
+    @property
+    def indexed(self) -> bool:
+        """Whether commits keep the due index and the epoch (a single Redis, with `due_at`)."""
+        return self.due_at is not None and not self._cluster
+
+    def _index(self, state: KeySetState) -> tuple[list[str], list[str | int | bytes]]:
+        """The extra keys and arguments that make a write file *state* in the due index."""
+        if self.due_at is None or self._cluster:
+            return [], []
+        return [self.layout.due, self.layout.epoch], [repr(self.due_at(state)), state.keyset]
+
     def _commit_call(
         self, expected: int, state: KeySetState, event: str
     ) -> tuple[list[str], list[str | int | bytes]]:
-        keys = [self.layout.state(state.keyset), self.layout.jwks(state.keyset)]
+        index_keys, index_args = self._index(state)
+        keys = [self.layout.state(state.keyset), self.layout.jwks(state.keyset), *index_keys]
         encoded = encode_state(state)
         # Whether or not it commits, the next read of these bytes needs no parsing.
         self._parsed[state.keyset] = (_digest(encoded), state)
@@ -313,6 +358,7 @@ class Store:
             state.jwks(),
             self.layout.events,
             self._event(state, event),
+            *index_args,
         ]
         return keys, args
 
@@ -371,14 +417,16 @@ class Store:
     def restore(self, state: KeySetState) -> None:
         """Write back a state this process committed earlier, if Redis lost it (is empty or
         older); raise `Conflict` when Redis holds the same version or newer."""
+        index_keys, index_args = self._index(state)
         result = self._restore(
-            keys=[self.layout.state(state.keyset), self.layout.jwks(state.keyset)],
+            keys=[self.layout.state(state.keyset), self.layout.jwks(state.keyset), *index_keys],
             args=[
                 state.version,
                 encode_state(state),
                 state.jwks(),
                 self.layout.events,
                 self._event(state, "restore"),
+                *index_args,
             ],
         )
         self._checked(state.keyset, state.version, result)
@@ -390,6 +438,61 @@ class Store:
             args=[state.version, state.jwks(), self.layout.events, self._event(state, "republish")],
         )
         self._checked(state.keyset, state.version, result)
+
+    def due(self, now: float, limit: int) -> list[str]:
+        """At most *limit* key sets filed in the due index as needing the leader by *now*,
+        earliest first."""
+        raw: list[bytes] = self.client.zrangebyscore(self.layout.due, "-inf", now, 0, limit)  # type: ignore[assignment]
+        return [_text(name) for name in raw]
+
+    def earliest_due(self) -> float | None:
+        """The earliest due time in the index, ``None`` when it is empty."""
+        first: list[tuple[bytes, float]] = self.client.zrange(  # type: ignore[assignment]
+            self.layout.due, 0, 0, withscores=True
+        )
+        return float(first[0][1]) if first else None
+
+    def due_scores(self, keysets: Sequence[str]) -> list[float | None]:
+        """The due time filed for each of *keysets* (``None`` where none is)."""
+        if not keysets:
+            return []
+        scores: list[float | None] = self.client.zmscore(self.layout.due, list(keysets))
+        return scores
+
+    def reindex(self, states: Sequence[KeySetState]) -> None:
+        """File each of *states* under its due time (`due_at`), while Redis still holds its
+        version; one round trip."""
+        if not self.indexed or not states:
+            return
+        assert self.due_at is not None
+        with self.client.pipeline(transaction=False) as pipe:
+            for state in states:
+                keys = [self.layout.state(state.keyset), self.layout.due]
+                self._reindex(
+                    keys=keys,
+                    args=[state.version, repr(self.due_at(state)), state.keyset],
+                    client=pipe,
+                )
+            pipe.execute()
+
+    def unindex(self, keysets: Sequence[str]) -> None:
+        """Drop *keysets* from the due index (they are no longer managed)."""
+        if self.indexed and keysets:
+            self.client.zrem(self.layout.due, *keysets)
+
+    def epoch(self, *, start: bool = False) -> int | None:
+        """The commit counter (``P:epoch``), ``None`` when absent or unreadable; with *start*,
+        created at 0 first if absent (so that a Redis emptied later is told apart even
+        before any commit)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            if start:
+                pipe.set(self.layout.epoch, 0, nx=True)
+            pipe.get(self.layout.epoch)
+            raw: bytes | None = pipe.execute()[-1]
+        try:
+            return int(raw) if raw is not None else None
+        except ValueError:
+            return None
 
     def quarantine(self, keyset: str) -> str | None:
         """Move the state document aside (for `rotator repair`); return where, or ``None``
@@ -455,6 +558,7 @@ class Store:
         (so daemons drop what they remember of it rather than write it back)."""
         self._unregister(keys=[self.layout.keysets], args=[keyset, REMOVED])
         self.client.delete(self.layout.state(keyset), self.layout.jwks(keyset))
+        self.unindex([keyset])
         self.announce(keyset, "remove")
         self.forget(keyset)
 

@@ -1,0 +1,91 @@
+"""The due index: commits file each key set under the time it next needs the leader, a
+leader's tick reads only what is due, and what the index cannot see (data lost, a key
+deleted by hand) is caught by the epoch probe and by the slow full sweep."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from rotator.core.envelope import Keyring
+from rotator.daemon.scheduler import Daemon
+from rotator.embedded import EmbeddedRedis
+from tests.helpers import FakeClock
+from tests.test_daemon_unit import entry, make_daemon
+
+DUE = "rotator:due"
+
+
+@pytest.fixture
+def daemon(redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock) -> Daemon:
+    return make_daemon(redis_server, keyring, clock)
+
+
+def filed(client: redis.Redis, name: str) -> float | None:
+    score: float | None = client.zscore(DUE, name)
+    return score
+
+
+def test_every_commit_files_its_keyset_and_moves_the_epoch(
+    daemon: Daemon, client: redis.Redis
+) -> None:
+    daemon.tick()
+    store = daemon.manager.store
+    state = daemon.manager.load("alpha").state
+    assert state is not None
+    assert filed(client, "alpha") == daemon.manager.next_change_at(state)
+    before = store.epoch()
+    assert before is not None
+    daemon.manager.rotate("alpha", force=True)  # a CLI rotation goes through the same script
+    rotated = daemon.manager.load("alpha").state
+    assert rotated is not None
+    assert filed(client, "alpha") == daemon.manager.next_change_at(rotated)
+    assert store.epoch() == before + 1
+
+
+def test_a_policy_change_refiles_the_keyset_at_the_next_tick(
+    daemon: Daemon, client: redis.Redis, clock: FakeClock
+) -> None:
+    store = daemon.manager.store
+    store.register("gamma", entry(interval="100s"))
+    daemon.tick()
+    first = filed(client, "gamma")
+    assert store.replace_entry("gamma", store.registry()["gamma"], entry(interval="500s"))
+    clock.advance(1)
+    daemon.tick()  # nothing is due: only the changed entry is looked at
+    later = filed(client, "gamma")
+    assert first is not None and later is not None
+    assert later - first == 400
+
+
+def test_a_state_deleted_by_hand_comes_back_at_the_sweep_not_before(
+    redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock, client: redis.Redis
+) -> None:
+    daemon = make_daemon(redis_server, keyring, clock, sweep_interval=60)
+    daemon.tick()
+    before = daemon.manager.load("alpha").state
+    client.delete("rotator:{alpha}:state")  # no event, no commit: nothing the index sees
+    clock.advance(30)
+    daemon.lease.refresh()
+    daemon.tick()
+    assert daemon.manager.load("alpha").state is None
+    clock.advance(30)
+    daemon.lease.refresh()
+    daemon.tick()
+    assert daemon.manager.load("alpha").state == before  # the same keys, written back
+
+
+def test_an_epoch_going_backwards_makes_the_next_tick_look_at_everything(
+    daemon: Daemon, client: redis.Redis, clock: FakeClock
+) -> None:
+    """Redis rolled back to an older snapshot: its epoch is behind what this leader saw."""
+    daemon.tick()
+    daemon.manager.rotate("alpha", force=True)
+    daemon.tick()
+    rotated = daemon.manager.load("alpha").state
+    assert rotated is not None
+    client.delete("rotator:{alpha}:state")  # gone in the snapshot rolled back to
+    client.decr("rotator:epoch")
+    clock.advance(1)
+    daemon.tick()
+    assert daemon.manager.load("alpha").state == rotated
