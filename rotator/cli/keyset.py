@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from rotator.cli.common import UsageError, checked_keyset, load_all, manager_for
+from rotator.cli.keyset_file import add_from_file
 from rotator.cli.output import iso, print_outcome
 from rotator.config import KeysetSettings, Settings, describe_error
 from rotator.core.durations import parse_duration
@@ -62,6 +63,11 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
     # update's flags are checked alone here and over the stored policy once read.
     if args.keyset_command not in ("list", "import") and args.name in settings.configured_keysets():
         raise UsageError(f"key set {args.name} is defined in the config; change it there")
+    if args.keyset_command == "add" and (args.from_file is None) == (args.name is None):
+        raise UsageError("keyset add takes a NAME or --from-file FILE (one of them)")
+    if args.keyset_command == "add" and args.from_file is not None and args.issuer is not None:
+        # Many key sets under one issuer path would claim one discovery document.
+        raise UsageError("--issuer cannot go with --from-file: give each key set its own")
     if args.keyset_command in ("add", "update"):
         overrides = _overrides(settings, args, {}, overlay=args.keyset_command == "add")
     manager, keysets = manager_for(settings)
@@ -70,6 +76,15 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         return _keyset_list(manager, keysets, args.json)
     if args.keyset_command == "import":
         return _keyset_import(manager, keysets, args)
+    if args.keyset_command == "add" and args.from_file is not None:
+        return add_from_file(
+            manager,
+            keysets,
+            Path(args.from_file),
+            configured=set(settings.configured_keysets()),
+            policy=encode_overrides(overrides),
+            entry=lambda: encode_entry(overrides, new_lineage()),
+        )
     name: str = args.name
     registered = {n: raw for n, raw in store.registry().items() if raw != REMOVED}
     if args.keyset_command == "add":

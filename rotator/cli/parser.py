@@ -181,8 +181,12 @@ def _add_keyset_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     keyset_sub = keyset.add_subparsers(dest="keyset_command", required=True, metavar="ACTION")
     add = keyset_sub.add_parser("add", help="register and bootstrap a key set")
     update = keyset_sub.add_parser("update", help="change the policy of a registered key set")
+    add.add_argument("name", nargs="?", type=keyset_name)
+    add.add_argument(
+        "--from-file", metavar="FILE", help="add the key sets named in FILE, one a line"
+    )
+    update.add_argument("name", type=keyset_name)
     for parser_ in (add, update):
-        parser_.add_argument("name", type=keyset_name)
         for field in POLICY_FLAGS:
             parser_.add_argument(
                 flag(field),

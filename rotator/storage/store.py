@@ -540,6 +540,14 @@ class Store:
         args: list[bytes | str] = [stored_bytes(keyset), stored_bytes(entry), REMOVED]
         return bool(self._register(keys=[self.layout.keysets], args=args))
 
+    def register_many(self, entries: Sequence[tuple[str, str]]) -> list[bool]:
+        """`register` for many ``(key set, entry)`` pairs, in one round trip."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for keyset, entry in entries:
+                args: list[bytes | str] = [stored_bytes(keyset), stored_bytes(entry), REMOVED]
+                self._register(keys=[self.layout.keysets], args=args, client=pipe)
+            return [bool(added) for added in pipe.execute()]
+
     def replace_entry(self, keyset: str, expected: str, entry: str) -> bool:
         """Replace the registry entry of *keyset* if it still is *expected*; ``False`` when
         it changed meanwhile (updated, or removed)."""
