@@ -14,9 +14,11 @@ The leader's work runs on core 0 and redis-server on core 1. Reported:
   default 15 s tick;
 * the CPU share of one core a real `rotator run` daemon uses while idle over the
   same key sets, measured from /proc over --idle-seconds, beside the same
-  daemon managing a single key set (its baseline: lease, events, health).
+  daemon managing a single key set (its baseline: lease, events, health), and
+  the bytes Redis sent per idle tick meanwhile (``INFO stats``
+  ``total_net_output_bytes``: the daemon is Redis's only client then).
 
-    .venv/bin/python bench/many_keysets.py [--count 10000] [--idle-seconds 120]
+    .venv/bin/python bench/many_keysets.py [--keysets 10000] [--idle-seconds 120]
 """
 
 from __future__ import annotations
@@ -90,10 +92,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sent_bytes(client: redis.Redis) -> int:
+    """What Redis has sent its clients so far."""
+    return int(client.info("stats")["total_net_output_bytes"])
+
+
 def idle_daemon(
     server: EmbeddedRedis, kek: Path, seconds: float, prefix: str = "rotator"
-) -> tuple[float, float]:
-    """CPU share and RSS (MB) of a real `rotator run` idle over the key sets under *prefix*."""
+) -> tuple[float, float, float]:
+    """CPU share, RSS (MB) and bytes Redis sent per tick of a real `rotator run` idle over
+    the key sets under *prefix*."""
     health = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
     env.update(
@@ -117,13 +125,17 @@ def idle_daemon(
                     raise SystemExit("the daemon never became ready") from None
                 time.sleep(0.5)
         time.sleep(TICK)  # let the first full tick after readiness pass
+        client = redis.Redis.from_url(server.url)
+        sent = sent_bytes(client)
         before, start = cpu_seconds(daemon.pid), time.monotonic()
         time.sleep(seconds)
         used = cpu_seconds(daemon.pid) - before
-        share = used / (time.monotonic() - start)
+        elapsed = time.monotonic() - start
+        share = used / elapsed
+        per_tick = (sent_bytes(client) - sent) / (elapsed / TICK)
         status = Path(f"/proc/{daemon.pid}/status").read_text()
         rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
-        return share, rss / 1024
+        return share, rss / 1024, per_tick
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
@@ -148,7 +160,7 @@ def timed(manager: KeyManager, names: list[str], expected: str) -> tuple[float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--keysets", "--count", dest="count", type=int, default=10_000)
     parser.add_argument("--idle-seconds", type=float, default=120.0)
     args = parser.parse_args()
     count = args.count
@@ -174,7 +186,8 @@ def main() -> None:
         )  # fmt: skip
         reference, raw = keygen_rate(generate_key), keygen_rate(raw_key)
         boot, _cpu = timed(manager, names, "bootstrap")
-        print(f"  bootstrap pass:   {boot:6.2f} s  ({count / boot:,.0f} key sets/s)")
+        print(f"  bootstrap pass:   {boot:6.2f} s  ({count / boot:,.0f} key sets/s, "
+              f"{count / boot / raw:.3f} of raw keygen; two keys each)")  # fmt: skip
         idle, idle_cpu = timed(manager, names, "unchanged")
         print(f"  idle pass:        {idle:6.2f} s wall, {idle_cpu:.2f} s CPU "
               f"= {100 * idle_cpu / TICK:.2f} % of a core at a {TICK:g} s tick")  # fmt: skip
@@ -202,9 +215,10 @@ def main() -> None:
         kek.chmod(0o600)
         for label, prefix in ((f"{count} key sets", "rotator"), ("one key set", "baseline")):
             # Under the prefix "baseline" there is no registry: only the key set "default".
-            share, rss = idle_daemon(server, kek, args.idle_seconds, prefix=prefix)
+            share, rss, per_tick = idle_daemon(server, kek, args.idle_seconds, prefix=prefix)
             print(f"  idle `rotator run`, {label}: {100 * share:.2f} % of a core over "
-                  f"{args.idle_seconds:g} s, RSS {rss:.1f} MB", flush=True)  # fmt: skip
+                  f"{args.idle_seconds:g} s, RSS {rss:.1f} MB, "
+                  f"{per_tick / 1024:,.1f} KiB from Redis per tick", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
