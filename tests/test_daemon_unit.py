@@ -254,6 +254,7 @@ def test_an_announced_commit_waits_for_the_tick(
 
     monkeypatch.setattr(daemon.manager, "reconcile_many", slow_reconcile)
     monkeypatch.setattr(daemon.manager, "observe", watched_observe)
+    daemon._sweep_now = True  # nothing is due: a sweep makes this tick reconcile
     ticking = threading.Thread(target=daemon.tick)
     ticking.start()
     wait_for(in_tick.is_set, what="the tick to reconcile")

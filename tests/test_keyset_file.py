@@ -68,3 +68,11 @@ def test_a_name_and_a_file_together_are_refused(cli: Cli, tmp_path: Path) -> Non
     both = cli("keyset", "add", "two", "--from-file", str(path))
     assert both.code == 2 and "one of them" in both.stderr
     assert cli("keyset", "add").code == 2
+
+
+def test_one_issuer_for_a_file_of_key_sets_is_refused(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "names.txt"
+    path.write_text("one\ntwo\n")
+    shared = cli("keyset", "add", "--from-file", str(path), "--issuer", "https://iam.example/t")
+    assert shared.code == 2 and "--issuer cannot go with --from-file" in shared.stderr
+    assert "one" not in cli("keyset", "list").stdout
