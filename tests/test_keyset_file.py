@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from rotator.cli import keyset_file
+from rotator.cli.common import UsageError
 from rotator.storage.registry import lineage_of
 from tests.conftest import Cli
 
@@ -58,7 +59,7 @@ def test_a_file_too_large_or_missing_is_refused(
     path = tmp_path / "big.txt"
     path.write_bytes(b"x\n" * 10)
     monkeypatch.setattr(keyset_file, "MAX_FILE_BYTES", 19)
-    with pytest.raises(keyset_file.UsageError, match="larger than 19 bytes"):
+    with pytest.raises(UsageError, match="larger than 19 bytes"):
         keyset_file.read_names(path)
 
 
