@@ -154,7 +154,9 @@ def test_a_removal_this_daemon_missed_does_not_bring_the_old_keys_back(
     assert not kids(old) & kids(fresh)
 
 
-@pytest.mark.parametrize("stored", ['{"interval": "50s"}', entry(interval="50s")])
+@pytest.mark.parametrize(
+    "stored", ['{"interval": "50s"}', entry(interval="50s")], ids=["old", "with-lineage"]
+)
 def test_registered_keysets_lost_with_redis_data_are_written_back(
     daemon: Daemon, client: redis.Redis, stored: str
 ) -> None:
