@@ -20,7 +20,8 @@ import pytest
 from tests.deploying import DEPLOY, ROOT, run, tool
 from tests.helpers import wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# One worker builds the image (the module fixture) and runs every test on it.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.xdist_group("image")]
 
 # The sandbox this runs in lets no process raise its limits, and the OCI runtime sets
 # them before it starts the container; crun also refuses this host's mixed cgroup v1/v2
