@@ -51,7 +51,7 @@ from rotator.metrics import (
 )
 from rotator.storage.audit import BadAuditEntry
 from rotator.storage.events import EventFollower
-from rotator.storage.lease import LEASE_RETRIES, Lease, SlowTicks, Verdict, call_timeout
+from rotator.storage.lease import Lease, SlowTicks, Verdict
 from rotator.storage.registry import KeySetEntry, KeySets
 from rotator.storage.store import BATCH_SIZE
 from rotator.wiring import Wiring
