@@ -201,6 +201,22 @@ class ServerSettings(_Section):
         return self
 
 
+class UsageSettings(_Section):
+    """Verification counts readers report to Redis (`rotator.library.usage`), and the
+    recent window `rotator status` shows of them."""
+
+    report: bool = True
+    flush_interval: Duration = 5.0
+    window: Duration = 900.0
+
+    @field_validator("flush_interval", "window")
+    @classmethod
+    def _at_least_a_second(cls, seconds: float) -> float:
+        if seconds < 1:
+            raise ValueError("must be at least 1s")
+        return seconds
+
+
 #: The levels ``log.level`` (and ``--log-level``) accept.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -238,6 +254,7 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = DaemonSettings()
     server: ServerSettings = ServerSettings()
     log: LogSettings = LogSettings()
+    usage: UsageSettings = UsageSettings()
 
     @classmethod
     def settings_customise_sources(

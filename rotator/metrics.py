@@ -33,6 +33,7 @@ __all__ = [
     "LEADER",
     "REDIS_ERRORS",
     "ROTATIONS",
+    "USAGE_DROPPED",
     "KeysetCollector",
     "KeysetSample",
     "ReaderMetrics",
@@ -60,6 +61,12 @@ REDIS_ERRORS = Counter(
     "rotator_redis_errors", "Redis commands that failed after retries", registry=None
 )
 LEADER = Gauge("rotator_leader", "1 while this replica holds the leader lease", registry=None)
+USAGE_DROPPED = Counter(
+    "rotator_reader_usage_dropped",
+    "Verifications a reader counted but could not report to Redis in time, by key set",
+    ["keyset"],
+    registry=None,
+)
 HTTP_REFUSALS = Counter(
     "rotator_http_refusals",
     "Requests or connections that rotator serve refused, by status (none: cut without "
@@ -181,11 +188,13 @@ class ReaderMetrics(Collector):
 
 
 def register_reader_metrics(registry: CollectorRegistry = REGISTRY) -> ReaderMetrics:
-    """Opt in to ``rotator_reader_staleness_seconds`` in *registry*: pass the result to
-    the readers (``JWKSReader(..., metrics=...)``). Call it once per registry (a second
-    registration of the same name is refused by prometheus-client)."""
+    """Opt in to ``rotator_reader_staleness_seconds`` and ``rotator_reader_usage_dropped``
+    in *registry*: pass the result to the readers (``JWKSReader(..., metrics=...)``). Call
+    it once per registry (a second registration of the same name is refused by
+    prometheus-client)."""
     readers = ReaderMetrics()
     registry.register(readers)
+    registry.register(USAGE_DROPPED)
     return readers
 
 

@@ -91,5 +91,20 @@ def test_each_role_does_its_job_and_no_more(acl_redis: EmbeddedRedis, keyring: K
         verifier.get("rotator:{default}:state")
     with pytest.raises(redis.exceptions.NoPermissionError):
         verifier.set("rotator:{default}:jwks", "{}")
+    # Its one write: the verification counts the reader reported as it closed.
+    usage = daemon_client.hgetall("rotator:{default}:usage")
+    assert sum(int(n) for f, n in usage.items() if f.startswith(b"accepted:")) == 1
+    assert verifier.hincrby("rotator:{default}:usage:1", "accepted:k", 1) == 1
+    assert verifier.expire("rotator:{default}:usage:1", 60)
+    for key in ("rotator:{default}:jwks", "rotator:keysets", "rotator:{default}:state"):
+        for write in (
+            lambda key=key: verifier.hincrby(key, "accepted:k", 1),
+            lambda key=key: verifier.hset(key, "accepted:k", 1),
+            lambda key=key: verifier.expire(key, 1),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                write()
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        verifier.delete("rotator:{default}:usage")
     with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ConnectionError)):
         redis.Redis(port=acl_redis.port).get("rotator:{default}:jwks")  # default user is off

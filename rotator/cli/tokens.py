@@ -30,7 +30,14 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
             print(signer.sign(claims, ttl=args.ttl))
         return 0
     client = manager.store.client
-    with JWKSReader(client, keyset, prefix=settings.redis.prefix, follow=False) as reader:
+    with JWKSReader(
+        client,
+        keyset,
+        prefix=settings.redis.prefix,
+        follow=False,
+        report_usage=settings.usage.report,
+        usage_interval=settings.usage.flush_interval,
+    ) as reader:
         if reader.keys is None:
             raise Failure(f"key set {keyset} has no published JWKS")
         try:

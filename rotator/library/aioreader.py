@@ -28,7 +28,18 @@ from rotator.library.keycache import (
     redis_address,
     removed_among,
 )
-from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
+from rotator.library.usage import (
+    DEFAULT_FLUSH_INTERVAL,
+    AsyncUsageFlusher,
+    UsageCounter,
+    counted,
+)
+from rotator.library.verify import (
+    DEFAULT_MAX_TOKEN_BYTES,
+    HeaderCache,
+    KeyLookup,
+    verify_token,
+)
 from rotator.metrics import ReaderMetrics
 from rotator.storage.events import (
     REPLY_TIMEOUT,
@@ -296,7 +307,8 @@ class AsyncJWKSReader:
     """The asyncio twin of `JWKSReader`: ``async with AsyncJWKSReader(url) as r:
     claims = await r.verify(token, audience=..., issuer=...)``. Owned by the event loop
     it is entered on, like its `AsyncJWKSCache`. *metrics*: report the copy's staleness
-    there (see `rotator.metrics.register_reader_metrics`)."""
+    there (see `rotator.metrics.register_reader_metrics`). *report_usage* and
+    *usage_interval*: as `JWKSReader`'s."""
 
     def __init__(
         self,
@@ -313,6 +325,8 @@ class AsyncJWKSReader:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         metrics: ReaderMetrics | None = None,
+        report_usage: bool = True,
+        usage_interval: float = DEFAULT_FLUSH_INTERVAL,
     ) -> None:
         self.keyset = validate_keyset_name(keyset)
         limits = ReaderLimits(max_stale, unknown_kid_cooldown, negative_cache_size, poll_interval)
@@ -328,9 +342,17 @@ class AsyncJWKSReader:
         self.max_token_bytes = max_token_bytes
         self._headers = HeaderCache()
         self.wall_clock = wall_clock
+        self.usage = UsageCounter(self.keyset, wall_clock=wall_clock) if report_usage else None
+        self._flusher = (
+            None
+            if self.usage is None
+            else AsyncUsageFlusher(self.usage, self.cache.client, self.cache.layout, usage_interval)
+        )
 
     async def __aenter__(self) -> AsyncJWKSReader:
         await self.cache.start(preload=[self.keyset])
+        if self._flusher is not None:
+            self._flusher.start()
         return self
 
     async def __aexit__(
@@ -339,6 +361,8 @@ class AsyncJWKSReader:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._flusher is not None:
+            await self._flusher.close()
         await self.cache.close()
 
     @property
@@ -387,16 +411,19 @@ class AsyncJWKSReader:
         issuer: str | Collection[str] | None,
         leeway: float,
     ) -> dict[str, Any]:
-        return verify_token(
-            token,
-            lookup,
-            audience=audience,
-            issuer=issuer,
-            leeway=leeway,
-            now=self.wall_clock(),
-            max_bytes=self.max_token_bytes,
-            headers=self._headers,
-        )
+        def check(seen: KeyLookup) -> dict[str, Any]:
+            return verify_token(
+                token,
+                seen,
+                audience=audience,
+                issuer=issuer,
+                leeway=leeway,
+                now=self.wall_clock(),
+                max_bytes=self.max_token_bytes,
+                headers=self._headers,
+            )
+
+        return counted(self.usage, lookup, check)
 
 
 class _NeedsRefresh(Exception):

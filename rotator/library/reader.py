@@ -35,7 +35,13 @@ from rotator.library.keycache import (
     redis_address,
     removed_among,
 )
-from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, verify_token
+from rotator.library.usage import DEFAULT_FLUSH_INTERVAL, UsageCounter, UsageFlusher, counted
+from rotator.library.verify import (
+    DEFAULT_MAX_TOKEN_BYTES,
+    HeaderCache,
+    KeyLookup,
+    verify_token,
+)
 from rotator.metrics import ReaderMetrics
 from rotator.storage.events import EventFollower
 from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
@@ -275,7 +281,9 @@ class JWKSCache:
 class JWKSReader:
     """Verifies the tokens of one key set, each key in its own algorithm; use as a context
     manager or call `start` and `close`. *metrics*: report the copy's staleness there (see
-    `rotator.metrics.register_reader_metrics`).
+    `rotator.metrics.register_reader_metrics`). *report_usage*: count verifications per kid
+    and outcome and report them to Redis every *usage_interval* seconds
+    (`rotator.library.usage`).
 
     Thread-safe: its `JWKSCache` is, its `HeaderCache` is safe to share, and `verify`
     only reads the pinned slot."""
@@ -295,6 +303,8 @@ class JWKSReader:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         metrics: ReaderMetrics | None = None,
+        report_usage: bool = True,
+        usage_interval: float = DEFAULT_FLUSH_INTERVAL,
     ) -> None:
         self.keyset = validate_keyset_name(keyset)
         limits = ReaderLimits(max_stale, unknown_kid_cooldown, negative_cache_size, poll_interval)
@@ -312,16 +322,27 @@ class JWKSReader:
         self.wall_clock = wall_clock
         self._slot: Slot | None = None
         self._clock, self._limits = clock, limits
+        self.usage = UsageCounter(self.keyset, wall_clock=wall_clock) if report_usage else None
+        self._flusher = (
+            None
+            if self.usage is None
+            else UsageFlusher(self.usage, self.cache.client, self.cache.layout, usage_interval)
+        )
 
     def start(self) -> JWKSReader:
         """Read the key set once and start following commits."""
         self.cache.start(preload=[self.keyset])
         # Pinned, so this slot is never dropped or replaced: verify can go straight to it.
         self._slot = self.cache.slot(self.keyset)
+        if self._flusher is not None:
+            self._flusher.start()
         return self
 
     def close(self) -> None:
-        """Stop following; the last copy stays usable until it goes stale."""
+        """Stop following and report the last counts; the last copy stays usable until it
+        goes stale."""
+        if self._flusher is not None:
+            self._flusher.close()
         self.cache.close()
 
     def __enter__(self) -> JWKSReader:
@@ -387,13 +408,17 @@ class JWKSReader:
         *audience* and *issuer* must be given; pass ``None`` to skip a check
         on purpose.
         """
-        return verify_token(
-            token,
-            self._lookup,
-            audience=audience,
-            issuer=issuer,
-            leeway=leeway,
-            now=self.wall_clock(),
-            max_bytes=self.max_token_bytes,
-            headers=self._headers,
-        )
+
+        def check(lookup: KeyLookup) -> dict[str, Any]:
+            return verify_token(
+                token,
+                lookup,
+                audience=audience,
+                issuer=issuer,
+                leeway=leeway,
+                now=self.wall_clock(),
+                max_bytes=self.max_token_bytes,
+                headers=self._headers,
+            )
+
+        return counted(self.usage, self._lookup, check)

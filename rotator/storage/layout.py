@@ -64,6 +64,15 @@ class Layout:
         """Where `rotator repair` moves a state document it could not read."""
         return f"{self.prefix}:{{{keyset}}}:state:corrupt:{stamp}"
 
+    def usage(self, keyset: str) -> str:
+        """Hash of the verifications readers reported, per kid and outcome
+        (`rotator.storage.usage`)."""
+        return f"{self.prefix}:{{{keyset}}}:usage"
+
+    def usage_minute(self, keyset: str, minute: int) -> str:
+        """Hash of the verifications readers reported in one minute (``Unix time // 60``)."""
+        return f"{self.prefix}:{{{keyset}}}:usage:{minute}"
+
     @property
     def keysets(self) -> str:
         """Hash of key sets registered at run time: name -> stored policy overrides (JSON)."""

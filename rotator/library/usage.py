@@ -1,0 +1,239 @@
+"""Counts of the verifications a reader made, per kid and outcome, reported to Redis.
+
+A verification only adds one to a counter in memory under a lock held for that
+(`UsageCounter.record`); `UsageCounter.take` hands the counts over to a flush, which
+writes them in one pipeline (`rotator.storage.usage`) off the verify path, every
+``flush_interval``. The kids counted are bounded: a kid the key set holds is counted
+under its own name, any other under `UNKNOWN_KID`, and a token refused before its kid
+was looked up under `NO_KID`, so a hostile caller inventing kids adds no counters.
+
+A flush that fails gives its counts back (`UsageCounter.restore`); counts older than
+``hold`` seconds are then dropped and added to `UsageCounter.dropped` (and the
+``rotator_reader_usage_dropped`` metric), so a reader cut off from Redis keeps
+verifying in bounded memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from rotator.core.jwk import PublicKey
+from rotator.library.errors import InvalidToken
+from rotator.library.verify import KeyLookup
+from rotator.metrics import USAGE_DROPPED
+from rotator.storage.layout import Layout
+from rotator.storage.usage import ACCEPTED, MinuteCounts, queue_report
+
+__all__ = [
+    "DEFAULT_FLUSH_INTERVAL",
+    "NO_KID",
+    "UNKNOWN_KID",
+    "AsyncUsageFlusher",
+    "KidSeen",
+    "UsageCounter",
+    "UsageFlusher",
+    "counted",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two reports to Redis, by default.
+DEFAULT_FLUSH_INTERVAL = 5.0
+#: How long counts a flush could not write are kept for the next one, by default.
+DEFAULT_HOLD = 300.0
+#: Where a token naming a kid the key set does not hold is counted.
+UNKNOWN_KID = "unknown"
+#: Where a token refused before its kid was looked up (malformed, no kid) is counted.
+NO_KID = "-"
+
+
+class KidSeen:
+    """A key lookup that remembers which bucket its kid is counted under: the kid when
+    *lookup* found a key for it, `UNKNOWN_KID` when not, `NO_KID` when never called."""
+
+    __slots__ = ("kid", "lookup")
+
+    def __init__(self, lookup: KeyLookup) -> None:
+        self.lookup = lookup
+        self.kid = NO_KID
+
+    def __call__(self, kid: str) -> PublicKey | None:
+        key = self.lookup(kid)  # what it raises (key set unavailable) leaves NO_KID
+        self.kid = kid if key is not None else UNKNOWN_KID
+        return key
+
+
+def counted(
+    usage: UsageCounter | None,
+    lookup: KeyLookup,
+    verify: Callable[[KeyLookup], dict[str, Any]],
+) -> dict[str, Any]:
+    """``verify(lookup)``, its outcome counted in *usage* (not counted: ``None``)."""
+    if usage is None:
+        return verify(lookup)
+    seen = KidSeen(lookup)
+    try:
+        claims = verify(seen)
+    except InvalidToken as exc:
+        usage.refused(seen.kid, exc)
+        raise
+    usage.record(seen.kid, ACCEPTED)
+    return claims
+
+
+class UsageCounter:
+    """The counts of one reader's verifications of *keyset* not yet written to Redis.
+
+    Thread-safe: one lock, held only to add to or swap the counts."""
+
+    def __init__(
+        self,
+        keyset: str,
+        *,
+        hold: float = DEFAULT_HOLD,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.keyset = keyset
+        self.hold = hold
+        self.wall_clock = wall_clock
+        self.dropped = 0
+        self._minutes: dict[int, MinuteCounts] = {}
+        self._lock = threading.Lock()
+
+    def record(self, kid: str, outcome: str) -> None:
+        """Count one verification of a token counted under *kid* (see `KidSeen`)."""
+        now = self.wall_clock()
+        minute = int(now // 60)
+        with self._lock:
+            counts = self._minutes.get(minute)
+            if counts is None:
+                counts = self._minutes[minute] = MinuteCounts(minute)
+            counts.counts[f"{outcome}:{kid}"] += 1
+            if outcome == ACCEPTED:
+                counts.last[kid] = int(now)
+
+    def refused(self, kid: str, exc: InvalidToken) -> None:
+        """Count a refusal, by the `InvalidToken` subclass that says why (a bounded set)."""
+        self.record(kid, f"refused:{type(exc).__name__}")
+
+    def take(self) -> list[MinuteCounts]:
+        """The counts so far, oldest minute first; the counter starts again from zero."""
+        with self._lock:
+            taken, self._minutes = self._minutes, {}
+        return sorted(taken.values(), key=lambda counts: counts.minute)
+
+    def unreported(self, taken: list[MinuteCounts], exc: Exception) -> None:
+        """A flush of *taken* failed with *exc*: say so, and `restore` them."""
+        log.warning("usage of key set %s not reported: %s", self.keyset, exc)
+        self.restore(taken)
+
+    def restore(self, taken: list[MinuteCounts]) -> None:
+        """Give back counts a flush could not write, dropping (and counting) those older
+        than ``hold``."""
+        oldest = int((self.wall_clock() - self.hold) // 60)
+        lost = sum(counts.total() for counts in taken if counts.minute < oldest)
+        with self._lock:
+            for counts in taken:
+                if counts.minute < oldest:
+                    continue
+                held = self._minutes.setdefault(counts.minute, MinuteCounts(counts.minute))
+                held.counts.update(counts.counts)
+                for kid, at in counts.last.items():
+                    held.last[kid] = max(at, held.last.get(kid, at))
+            self.dropped += lost
+        if lost:
+            USAGE_DROPPED.labels(self.keyset).inc(lost)
+
+
+class UsageFlusher:
+    """Writes the counts of *counter* to Redis every *interval* seconds on its own thread,
+    and once more at `close`."""
+
+    def __init__(
+        self, counter: UsageCounter, client: redis.Redis, layout: Layout, interval: float
+    ) -> None:
+        self.counter, self.client, self.layout, self.interval = counter, client, layout, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"rotator-usage-{counter.keyset}", daemon=True
+        )
+
+    def start(self) -> None:
+        """Start reporting."""
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop reporting, after one last report of what is counted."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write the counts so far in one pipeline; ``False`` if Redis refused or could not
+        be reached (the counts are kept for the next flush, within the counter's hold)."""
+        taken = self.counter.take()
+        if not taken:
+            return True
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                queue_report(pipe, self.layout, self.counter.keyset, taken)
+                pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self.counter.unreported(taken, exc)
+            return False
+        return True
+
+
+class AsyncUsageFlusher:
+    """The asyncio twin of `UsageFlusher`, a task of the event loop it is started on."""
+
+    def __init__(
+        self, counter: UsageCounter, client: aioredis.Redis, layout: Layout, interval: float
+    ) -> None:
+        self.counter, self.client, self.layout, self.interval = counter, client, layout, interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start reporting."""
+        self._task = asyncio.create_task(self._run(), name="rotator-usage")
+
+    async def close(self) -> None:
+        """Stop reporting, after one last report of what is counted."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """As `UsageFlusher.flush`."""
+        taken = self.counter.take()
+        if not taken:
+            return True
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                queue_report(pipe, self.layout, self.counter.keyset, taken)
+                await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self.counter.unreported(taken, exc)
+            return False
+        return True

@@ -1,0 +1,146 @@
+"""The verification counts readers report, as kept in Redis (`Layout.usage`).
+
+Per key set, one hash of totals since the counts began, ``"<outcome>:<kid>"`` -> n
+(``outcome`` is ``accepted`` or ``refused:<reason>``) beside ``"last:<kid>"``, the last
+time (Unix seconds) a token of that kid was accepted anywhere; and one hash per
+wall-clock minute with the same counts, for the recent window. A report is one
+pipeline of ``HINCRBY``, ``HSET`` and ``EXPIRE`` (the verifier ACL role allows those on
+these keys alone); every key expires, the totals `TOTALS_RETENTION` after their last
+report and a minute `MINUTE_RETENTION` after it was written.
+
+What is read back is hostile bytes like any other: a field or a count that does not
+parse is skipped, never raised.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rotator.storage.layout import Layout
+
+__all__ = [
+    "ACCEPTED",
+    "MINUTE_RETENTION",
+    "TOTALS_RETENTION",
+    "KidUsage",
+    "MinuteCounts",
+    "queue_report",
+    "queue_usage_reads",
+    "usage_of",
+]
+
+#: The outcome of a token that verified; refusals are ``refused:<InvalidToken subclass>``.
+ACCEPTED = "accepted"
+#: Seconds the totals of a key set are kept after its last report (30 days).
+TOTALS_RETENTION = 30 * 86400
+#: Seconds a minute's counts are kept (one day: the longest window asked of them).
+MINUTE_RETENTION = 86400
+_LAST = "last"
+
+
+@dataclass
+class MinuteCounts:
+    """The counts of one wall-clock minute (``Unix time // 60``): ``"<outcome>:<kid>"`` ->
+    n, and the last time (Unix seconds) each kid had a token accepted."""
+
+    minute: int
+    counts: Counter[str] = field(default_factory=Counter)
+    last: dict[str, int] = field(default_factory=dict)
+
+    def total(self) -> int:
+        """How many verifications these are."""
+        return sum(self.counts.values())
+
+
+@dataclass
+class KidUsage:
+    """What the readers reported for one kid: all verifications of tokens naming it, those
+    of the recent window, the accepted ones, refusals by reason, and when a token of it
+    was last accepted (Unix seconds; ``None``: never)."""
+
+    total: int = 0
+    recent: int = 0
+    accepted: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    last_verified: int | None = None
+
+
+def queue_report(pipe: Any, layout: Layout, keyset: str, taken: Iterable[MinuteCounts]) -> None:
+    """Queue the write of *taken* on *pipe* (a sync or asyncio redis-py pipeline)."""
+    totals = layout.usage(keyset)
+    last: dict[str, int] = {}
+    for counts in taken:
+        minute = layout.usage_minute(keyset, counts.minute)
+        for name, n in counts.counts.items():
+            pipe.hincrby(totals, name, n)
+            pipe.hincrby(minute, name, n)
+        pipe.expire(minute, MINUTE_RETENTION)
+        for kid, at in counts.last.items():
+            last[kid] = max(at, last.get(kid, at))
+    if last:
+        # Readers report within a flush interval of each other, so the last writer's time
+        # is at most that far behind the latest; HSET keeps the write within the ACL role.
+        pipe.hset(totals, mapping={f"{_LAST}:{kid}": at for kid, at in last.items()})
+    pipe.expire(totals, TOTALS_RETENTION)
+
+
+def queue_usage_reads(pipe: Any, layout: Layout, keyset: str, now: float, window: float) -> None:
+    """Queue the reads `usage_of` takes the answers of: the totals, then each minute of
+    the *window* before *now* (at most `MINUTE_RETENTION` of them)."""
+    pipe.hgetall(layout.usage(keyset))
+    for minute in _minutes(now, window):
+        pipe.hgetall(layout.usage_minute(keyset, minute))
+
+
+def _minutes(now: float, window: float) -> range:
+    last = int(now // 60)
+    span = max(1, min(int(-(-window // 60)), MINUTE_RETENTION // 60))
+    return range(last - span + 1, last + 1)
+
+
+def usage_of(answers: list[Any]) -> dict[str, KidUsage]:
+    """Per kid usage from the answers to `queue_usage_reads`."""
+    found: dict[str, KidUsage] = {}
+    totals, *minutes = answers
+    for outcome, kid, n in _fields(totals):
+        usage = found.setdefault(kid, KidUsage())
+        if outcome == _LAST:
+            usage.last_verified = n
+            continue
+        usage.total += n
+        if outcome == ACCEPTED:
+            usage.accepted += n
+        else:
+            reason = outcome.removeprefix("refused:")
+            usage.refused[reason] = usage.refused.get(reason, 0) + n
+    for answer in minutes:
+        for outcome, kid, n in _fields(answer):
+            if outcome != _LAST:
+                found.setdefault(kid, KidUsage()).recent += n
+    return found
+
+
+def _fields(answer: Any) -> Iterable[tuple[str, str, int]]:
+    """``(outcome, kid, n)`` of each field of a hash that parses; others are skipped."""
+    if not isinstance(answer, dict):
+        return
+    for raw_name, raw_value in answer.items():
+        try:
+            name = raw_name.decode("utf-8") if isinstance(raw_name, bytes) else str(raw_name)
+            n = int(raw_value)
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if n < 0 or n >= 2**63:
+            continue
+        if name.startswith("refused:"):
+            reason, sep, kid = name.removeprefix("refused:").partition(":")
+            outcome = f"refused:{reason}"
+        else:
+            outcome, sep, kid = name.partition(":")
+            if outcome not in (ACCEPTED, _LAST):
+                continue
+        if sep and kid:
+            yield outcome, kid, n

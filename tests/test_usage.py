@@ -1,0 +1,176 @@
+"""Verification counts: readers count per kid and outcome in memory and report them to a
+real Redis in one pipeline per flush; hostile kids share one bucket; a reader cut off from
+Redis keeps verifying and drops, counted, what it could not report in time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+
+from rotator.core.envelope import Keyring
+from rotator.core.jwk import generate_key, load_private_key
+from rotator.daemon.manager import KeyManager
+from rotator.embedded import EmbeddedRedis
+from rotator.library.aioreader import AsyncJWKSReader
+from rotator.library.errors import InvalidAudience, MalformedToken, UnknownKid
+from rotator.library.reader import JWKSReader
+from rotator.library.signer import Signer
+from rotator.library.usage import UsageCounter
+from rotator.storage.layout import Layout
+from rotator.storage.usage import ACCEPTED, queue_usage_reads, usage_of
+from tests.helpers import FakeClock, wait_for
+from tests.tokens import es256
+
+CLAIMS = {"sub": "u", "iss": "iam", "aud": "svc"}
+LAYOUT = Layout()
+
+
+def sign(redis_server: EmbeddedRedis, keyring: Keyring, count: int) -> tuple[str, list[str]]:
+    with Signer(redis_server.url, keyring, max_token_ttl=3600, follow=False) as signer:
+        tokens = [signer.sign(CLAIMS, ttl=60) for _ in range(count)]
+        return signer.current_kid or "", tokens
+
+
+def hostile_tokens(count: int) -> list[str]:
+    """Well-formed tokens naming *count* different kids no key set holds."""
+    private = load_private_key(generate_key().private_der)
+    return [es256(private, {"alg": "ES256", "kid": f"evil-{i}"}, CLAIMS) for i in range(count)]
+
+
+def totals(client: redis.Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in client.hgetall(LAYOUT.usage("default")).items()}
+
+
+def test_a_reader_reports_each_outcome_per_kid_with_hostile_kids_in_one_bucket(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, client: redis.Redis
+) -> None:
+    manager.reconcile("default")
+    kid, tokens = sign(redis_server, keyring, 3)
+    with JWKSReader(redis_server.url, follow=False, unknown_kid_cooldown=3600) as reader:
+        for token in tokens:
+            reader.verify(token, audience="svc", issuer="iam")
+        with pytest.raises(InvalidAudience):
+            reader.verify(tokens[0], audience="other", issuer="iam")
+        for token in hostile_tokens(50):
+            with pytest.raises(UnknownKid):
+                reader.verify(token, audience="svc", issuer="iam")
+        with pytest.raises(MalformedToken):
+            reader.verify("not.a.token", audience="svc", issuer="iam")
+    found = totals(client)
+    last = found.pop(f"last:{kid}")
+    assert found == {
+        f"accepted:{kid}": 3,
+        f"refused:InvalidAudience:{kid}": 1,
+        "refused:UnknownKid:unknown": 50,
+        "refused:MalformedToken:-": 1,
+    }
+    assert last > 0
+    assert client.ttl(LAYOUT.usage("default")) > 0
+    minutes = list(client.scan_iter(f"{LAYOUT.usage('default')}:*"))
+    assert minutes and all(client.ttl(name) > 0 for name in minutes)
+
+
+def test_counts_are_flushed_in_the_background_while_the_reader_runs(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, client: redis.Redis
+) -> None:
+    manager.reconcile("default")
+    kid, tokens = sign(redis_server, keyring, 2)
+    with JWKSReader(redis_server.url, follow=False, usage_interval=0.05) as reader:
+        for token in tokens:
+            reader.verify(token, audience="svc", issuer="iam")
+        wait_for(lambda: totals(client).get(f"accepted:{kid}") == 2, what="a flush")
+
+
+def test_turned_off_nothing_is_counted_or_written(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, client: redis.Redis
+) -> None:
+    manager.reconcile("default")
+    _kid, tokens = sign(redis_server, keyring, 1)
+    with JWKSReader(redis_server.url, follow=False, report_usage=False) as reader:
+        reader.verify(tokens[0], audience="svc", issuer="iam")
+        assert reader.usage is None
+    assert not list(client.scan_iter(f"{LAYOUT.usage('default')}*"))
+
+
+def test_the_async_reader_reports_too(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, client: redis.Redis
+) -> None:
+    manager.reconcile("default")
+    kid, tokens = sign(redis_server, keyring, 4)
+
+    async def run() -> None:
+        async with AsyncJWKSReader(redis_server.url, follow=False) as reader:
+            for token in tokens:
+                await reader.verify(token, audience="svc", issuer="iam")
+            with pytest.raises(UnknownKid):
+                await reader.verify(hostile_tokens(1)[0], audience="svc", issuer="iam")
+
+    asyncio.run(run())
+    found = totals(client)
+    assert found[f"accepted:{kid}"] == 4
+    assert found["refused:UnknownKid:unknown"] == 1
+
+
+def test_a_reader_cut_off_keeps_verifying_and_drops_old_counts_counted(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring
+) -> None:
+    manager.reconcile("default")
+    _kid, tokens = sign(redis_server, keyring, 5)
+    wall = FakeClock(now=time.time())
+    reader = JWKSReader(redis_server.url, follow=False, wall_clock=wall).start()
+    assert reader.usage is not None and reader._flusher is not None
+    redis_server.stop()
+    for token in tokens:
+        assert reader.verify(token, audience="svc", issuer="iam")["sub"] == "u"
+    assert not reader._flusher.flush()
+    kept = reader.usage.take()
+    assert sum(counts.total() for counts in kept) == 5  # kept for the next flush
+    reader.usage.restore(kept)
+    wall.advance(reader.usage.hold + 60)
+    assert not reader._flusher.flush()
+    assert reader.usage.dropped == 5
+    assert reader.usage.take() == []
+    reader.close()
+
+
+def test_a_restore_merges_with_counts_made_since() -> None:
+    wall = FakeClock()
+    counter = UsageCounter("default", wall_clock=wall)
+    counter.record("k1", ACCEPTED)
+    taken = counter.take()
+    wall.advance(1)
+    counter.record("k1", ACCEPTED)
+    counter.restore(taken)
+    (merged,) = counter.take()
+    assert merged.counts == {"accepted:k1": 2}
+    assert merged.last == {"k1": int(wall.now)}
+
+
+def test_usage_read_back_skips_what_does_not_parse(client: redis.Redis) -> None:
+    now = 1_800_000_000.0
+    client.hset(
+        LAYOUT.usage("default"),
+        mapping={
+            "accepted:k1": 7,
+            "refused:ExpiredToken:k1": 2,
+            "last:k1": 1_799_999_990,
+            "accepted:k2": "seven",
+            "bogus:k3": 1,
+            "accepted:": 4,
+            b"accepted:\xff": 1,
+            "accepted:k4": -3,
+        },
+    )
+    client.hset(LAYOUT.usage_minute("default", int(now // 60)), "accepted:k1", 3)
+    client.hset(LAYOUT.usage_minute("default", int(now // 60) - 20), "accepted:k1", 100)
+    with client.pipeline(transaction=False) as pipe:
+        queue_usage_reads(pipe, LAYOUT, "default", now, 900)
+        found = usage_of(pipe.execute())
+    assert set(found) == {"k1"}
+    usage = found["k1"]
+    assert (usage.total, usage.recent, usage.accepted) == (9, 3, 7)
+    assert usage.refused == {"ExpiredToken": 2}
+    assert usage.last_verified == 1_799_999_990
