@@ -84,11 +84,14 @@ class Cli:
     env: dict[str, str]
     cwd: Path
 
-    def __call__(self, *args: str, timeout: float = 60) -> CliResult:
+    def __call__(self, *args: str, timeout: float = 60, stdin: int | None = None) -> CliResult:
+        """Run ``rotator *args*``; *stdin*: a file descriptor (or ``subprocess.DEVNULL``)
+        in place of the test's own."""
         done = subprocess.run(
             [sys.executable, "-m", "rotator", *args],
             env=self.env,
             cwd=self.cwd,
+            stdin=stdin,
             capture_output=True,
             text=True,
             timeout=timeout,

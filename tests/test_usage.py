@@ -20,7 +20,7 @@ from rotator.library.reader import JWKSReader
 from rotator.library.signer import Signer
 from rotator.library.usage import UsageCounter
 from rotator.storage.layout import Layout
-from rotator.storage.usage import ACCEPTED, queue_usage_reads, usage_of
+from rotator.storage.usage import ACCEPTED, read_usage
 from tests.helpers import FakeClock, wait_for
 from tests.tokens import es256
 
@@ -166,9 +166,7 @@ def test_usage_read_back_skips_what_does_not_parse(client: redis.Redis) -> None:
     )
     client.hset(LAYOUT.usage_minute("default", int(now // 60)), "accepted:k1", 3)
     client.hset(LAYOUT.usage_minute("default", int(now // 60) - 20), "accepted:k1", 100)
-    with client.pipeline(transaction=False) as pipe:
-        queue_usage_reads(pipe, LAYOUT, "default", now, 900)
-        found = usage_of(pipe.execute())
+    found = read_usage(client, LAYOUT, "default", now, 900)
     assert set(found) == {"k1"}
     usage = found["k1"]
     assert (usage.total, usage.recent, usage.accepted) == (9, 3, 7)

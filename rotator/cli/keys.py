@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from rotator.cli.common import checked_keyset, manager_for, selected
 from rotator.cli.output import print_outcome
+from rotator.cli.usage import confirm_removal
 from rotator.config import Settings
 from rotator.core.envelope import generate_kek_line
 from rotator.core.lifecycle import LifecycleError
@@ -19,6 +20,10 @@ def cmd_rotate(settings: Settings, args: argparse.Namespace) -> int:
     """Promote the next key of ``--keyset`` now."""
     manager, keysets = manager_for(settings)
     keyset = checked_keyset(keysets, args.keyset)
+    if args.force_new:
+        upcoming = manager.store.load(keyset).state
+        if upcoming is not None and upcoming.next is not None:
+            confirm_removal(manager.store, keyset, upcoming.next.kid, keysets, yes=args.yes)
     print_outcome(manager.rotate(keyset, force=args.force, force_new=args.force_new))
     return 0
 
@@ -27,6 +32,7 @@ def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
     """Remove the key ``args.kid`` of ``--keyset`` from the JWKS now."""
     manager, keysets = manager_for(settings)
     keyset = checked_keyset(keysets, args.keyset)
+    confirm_removal(manager.store, keyset, args.kid, keysets, yes=args.yes)
     print_outcome(manager.revoke(keyset, args.kid))
     return 0
 

@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = sub.add_parser("revoke", help="remove a key from the JWKS now")
     revoke.add_argument("kid")
     keyset_arg(revoke)
+    for removing in (rotate, revoke):
+        removing.add_argument(
+            "--yes",
+            action="store_true",
+            help="remove a key readers verified tokens of in the last cache_max_age without asking",
+        )
     status = sub.add_parser("status", help="show keys, states and the next rotation")
     status.add_argument("--keyset", type=keyset_name, help="one key set (default: all)")
     status.add_argument("--json", action="store_true", help="as JSON (times RFC 3339)")

@@ -13,6 +13,7 @@ from typing import Any
 from rotator.cli import timeline
 from rotator.cli.common import Failure, checked_keyset, load_all, manager_for, selected
 from rotator.cli.output import event_text, iso
+from rotator.cli.usage import usage_doc, usage_text
 from rotator.config import Settings, mask_url
 from rotator.core import strictjson
 from rotator.core.durations import format_duration
@@ -25,6 +26,7 @@ from rotator.library.jwks_import import JWKSFormatError, import_jwks
 from rotator.storage.audit import BadAuditEntry
 from rotator.storage.registry import KeySets
 from rotator.storage.store import Snapshot
+from rotator.storage.usage import read_usage
 
 __all__ = ["cmd_audit", "cmd_check_config", "cmd_jwks", "cmd_status"]
 
@@ -36,12 +38,27 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     names = selected(keysets, args.keyset)
     now = time.time()
     loaded = load_all(manager, keysets, names)
+    window = settings.usage.window
+    store = manager.store
+    usages = {
+        name: read_usage(store.client, store.layout, name, now, window)
+        for name, found in loaded
+        if not isinstance(found, Exception) and found.state is not None
+    }
     if args.json:
-        docs = [_status_doc(name, found, keysets, now) for name, found in loaded]
+        docs = []
+        for name, found in loaded:
+            docs.append(_status_doc(name, found, keysets, now))
+            usage_doc(docs[-1], usages.get(name), window)
         print(json.dumps(docs, indent=2, allow_nan=False))
     else:
         width = None if args.table else shutil.get_terminal_size().columns
-        texts = [_status_text(name, found, keysets, now, width) for name, found in loaded]
+        texts = []
+        for name, found in loaded:
+            text = _status_text(name, found, keysets, now, width)
+            if name in usages and not isinstance(found, Exception):
+                text += usage_text(found.state, usages[name], window)
+            texts.append(text)
         print("\n".join(texts), end="")
     return 1 if any(isinstance(found, Exception) for _, found in loaded) else 0
 

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from rotator.storage.layout import Layout
 
 __all__ = [
@@ -28,8 +30,7 @@ __all__ = [
     "KidUsage",
     "MinuteCounts",
     "queue_report",
-    "queue_usage_reads",
-    "usage_of",
+    "read_usage",
 ]
 
 #: The outcome of a token that verified; refusals are ``refused:<InvalidToken subclass>``.
@@ -87,22 +88,27 @@ def queue_report(pipe: Any, layout: Layout, keyset: str, taken: Iterable[MinuteC
     pipe.expire(totals, TOTALS_RETENTION)
 
 
-def queue_usage_reads(pipe: Any, layout: Layout, keyset: str, now: float, window: float) -> None:
-    """Queue the reads `usage_of` takes the answers of: the totals, then each minute of
-    the *window* before *now* (at most `MINUTE_RETENTION` of them)."""
-    pipe.hgetall(layout.usage(keyset))
-    for minute in _minutes(now, window):
-        pipe.hgetall(layout.usage_minute(keyset, minute))
+def read_usage(
+    client: redis.Redis, layout: Layout, keyset: str, now: float, window: float
+) -> dict[str, KidUsage]:
+    """Per kid usage of *keyset* (the kids `UNKNOWN_KID` and `NO_KID` of
+    `rotator.library.usage` included): the totals, and the verifications of the *window*
+    seconds before *now* (at most `MINUTE_RETENTION`), in one pipelined round trip."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hgetall(layout.usage(keyset))
+        for minute in _minutes(now, window):
+            pipe.hgetall(layout.usage_minute(keyset, minute))
+        return _usage_of(pipe.execute())
 
 
 def _minutes(now: float, window: float) -> range:
-    last = int(now // 60)
-    span = max(1, min(int(-(-window // 60)), MINUTE_RETENTION // 60))
-    return range(last - span + 1, last + 1)
+    """The minutes holding the *window* before *now*: whole minutes, so a little more than
+    the window, never less."""
+    window = min(window, MINUTE_RETENTION)
+    return range(int((now - window) // 60), int(now // 60) + 1)
 
 
-def usage_of(answers: list[Any]) -> dict[str, KidUsage]:
-    """Per kid usage from the answers to `queue_usage_reads`."""
+def _usage_of(answers: list[Any]) -> dict[str, KidUsage]:
     found: dict[str, KidUsage] = {}
     totals, *minutes = answers
     for outcome, kid, n in _fields(totals):
