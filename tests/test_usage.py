@@ -145,7 +145,7 @@ def test_a_restore_merges_with_counts_made_since() -> None:
     counter.record("k1", ACCEPTED)
     counter.restore(taken)
     (merged,) = counter.take()
-    assert merged.counts == {"accepted:k1": 2}
+    assert merged.counts == {(ACCEPTED, "k1"): 2}
     assert merged.last == {"k1": int(wall.now)}
 
 

@@ -117,7 +117,7 @@ class UsageCounter:
             counts = self._minutes.get(minute)
             if counts is None:
                 counts = self._minutes[minute] = MinuteCounts(minute)
-            counts.counts[f"{outcome}:{kid}"] += 1
+            counts.counts[outcome, kid] += 1
             if outcome == ACCEPTED:
                 counts.last[kid] = int(now)
 

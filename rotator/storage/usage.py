@@ -44,11 +44,11 @@ _LAST = "last"
 
 @dataclass
 class MinuteCounts:
-    """The counts of one wall-clock minute (``Unix time // 60``): ``"<outcome>:<kid>"`` ->
-    n, and the last time (Unix seconds) each kid had a token accepted."""
+    """The counts of one wall-clock minute (``Unix time // 60``): ``(outcome, kid)`` -> n,
+    and the last time (Unix seconds) each kid had a token accepted."""
 
     minute: int
-    counts: Counter[str] = field(default_factory=Counter)
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     last: dict[str, int] = field(default_factory=dict)
 
     def total(self) -> int:
@@ -75,9 +75,9 @@ def queue_report(pipe: Any, layout: Layout, keyset: str, taken: Iterable[MinuteC
     last: dict[str, int] = {}
     for counts in taken:
         minute = layout.usage_minute(keyset, counts.minute)
-        for name, n in counts.counts.items():
-            pipe.hincrby(totals, name, n)
-            pipe.hincrby(minute, name, n)
+        for (outcome, kid), n in counts.counts.items():
+            pipe.hincrby(totals, f"{outcome}:{kid}", n)
+            pipe.hincrby(minute, f"{outcome}:{kid}", n)
         pipe.expire(minute, MINUTE_RETENTION)
         for kid, at in counts.last.items():
             last[kid] = max(at, last.get(kid, at))
