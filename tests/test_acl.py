@@ -92,7 +92,7 @@ def test_each_role_does_its_job_and_no_more(acl_redis: EmbeddedRedis, keyring: K
     with pytest.raises(redis.exceptions.NoPermissionError):
         verifier.set("rotator:{default}:jwks", "{}")
     # Its one write: the verification counts the reader reported as it closed.
-    usage = daemon_client.hgetall("rotator:{default}:usage")
+    usage: dict[bytes, bytes] = daemon_client.hgetall("rotator:{default}:usage")  # type: ignore[assignment]
     assert sum(int(n) for f, n in usage.items() if f.startswith(b"accepted:")) == 1
     assert verifier.hincrby("rotator:{default}:usage:1", "accepted:k", 1) == 1
     assert verifier.expire("rotator:{default}:usage:1", 60)

@@ -41,7 +41,9 @@ def hostile_tokens(count: int) -> list[str]:
 
 
 def totals(client: redis.Redis) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in client.hgetall(LAYOUT.usage("default")).items()}
+    """The usage totals of key set ``default`` as Redis holds them."""
+    found: dict[bytes, bytes] = client.hgetall(LAYOUT.usage("default"))  # type: ignore[assignment]
+    return {k.decode(): int(v) for k, v in found.items()}
 
 
 def test_a_reader_reports_each_outcome_per_kid_with_hostile_kids_in_one_bucket(

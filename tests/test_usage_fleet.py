@@ -17,6 +17,7 @@ from rotator.library.reader import JWKSReader
 from rotator.library.signer import Signer
 from tests.conftest import Cli
 from tests.test_usage import CLAIMS, hostile_tokens
+from tests.test_usage import totals as usage_totals
 
 READERS = 3
 PER_KID = {"old": 31, "new": 17}
@@ -58,7 +59,7 @@ def test_sums_over_reader_processes_are_exact_in_redis_and_status(
         worker.join(60)
         assert worker.exitcode == 0
 
-    totals = {k.decode(): v.decode() for k, v in client.hgetall("rotator:{default}:usage").items()}
+    totals = usage_totals(client)
     assert int(totals[f"accepted:{old}"]) == PER_KID["old"]
     assert int(totals[f"accepted:{new}"]) == PER_KID["new"]
     assert int(totals["refused:UnknownKid:unknown"]) == READERS * HOSTILE_PER_READER
