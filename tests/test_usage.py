@@ -9,6 +9,7 @@ import time
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
 from rotator.core.envelope import Keyring
 from rotator.core.jwk import generate_key, load_private_key
@@ -19,6 +20,7 @@ from rotator.library.errors import InvalidAudience, MalformedToken, UnknownKid
 from rotator.library.reader import JWKSReader
 from rotator.library.signer import Signer
 from rotator.library.usage import UsageCounter
+from rotator.metrics import USAGE_DROPPED
 from rotator.storage.layout import Layout
 from rotator.storage.usage import ACCEPTED, read_usage
 from tests.helpers import FakeClock, wait_for
@@ -124,6 +126,10 @@ def test_a_reader_cut_off_keeps_verifying_and_drops_old_counts_counted(
     wall = FakeClock(now=time.time())
     reader = JWKSReader(redis_server.url, follow=False, wall_clock=wall).start()
     assert reader.usage is not None and reader._flusher is not None
+    registry = CollectorRegistry()
+    registry.register(USAGE_DROPPED)
+    sample = ("rotator_reader_usage_dropped_total", {"keyset": "default"})
+    before = registry.get_sample_value(*sample) or 0.0
     redis_server.stop()
     for token in tokens:
         assert reader.verify(token, audience="svc", issuer="iam")["sub"] == "u"
@@ -134,6 +140,7 @@ def test_a_reader_cut_off_keeps_verifying_and_drops_old_counts_counted(
     wall.advance(reader.usage.hold + 60)
     assert not reader._flusher.flush()
     assert reader.usage.dropped == 5
+    assert registry.get_sample_value(*sample) == before + 5
     assert reader.usage.take() == []
     reader.close()
 
