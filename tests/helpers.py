@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, TypeVar
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -27,6 +30,20 @@ from rotator.core.policy import Policy
 from rotator.core.state import KeyRecord
 
 T = TypeVar("T")
+
+# Where .ci/run installs the npm package jose (npm install --prefix).
+NODE_PREFIX = Path(__file__).resolve().parent.parent / ".ci" / "node"
+
+
+def node_with_jose() -> str:
+    """The `node` binary, with jose installed under NODE_PREFIX (run node there: `import
+    'jose'` resolves from the working directory); skips the test naming what is absent."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the jose interop tests need Node.js")
+    if not (NODE_PREFIX / "node_modules" / "jose" / "package.json").is_file():
+        pytest.skip(f"the npm package jose is not installed in {NODE_PREFIX} (.ci/run does it)")
+    return node
 
 
 def loaded_by_import(modules: str, names: tuple[str, ...]) -> list[str]:
