@@ -22,7 +22,7 @@ from rotator.library.signer import Signer
 from rotator.library.usage import UsageCounter
 from rotator.metrics import USAGE_DROPPED
 from rotator.storage.layout import Layout
-from rotator.storage.usage import ACCEPTED, read_usage
+from rotator.storage.usage import ACCEPTED, read_usage, read_usage_many
 from tests.helpers import FakeClock, wait_for
 from tests.tokens import es256
 
@@ -181,3 +181,27 @@ def test_usage_read_back_skips_what_does_not_parse(client: redis.Redis) -> None:
     assert (usage.total, usage.recent, usage.accepted) == (9, 3, 7)
     assert usage.refused == {"ExpiredToken": 2}
     assert usage.last_verified == 1_799_999_990
+
+
+def test_usage_of_many_key_sets_is_read_in_one_round_trip(
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = 1_800_000_000.0
+    for n, keyset in enumerate(("a", "b", "c"), start=1):
+        client.hset(LAYOUT.usage(keyset), "accepted:k1", n)
+        client.hset(LAYOUT.usage_minute(keyset, int(now // 60)), "accepted:k1", 10 * n)
+    executed: list[int] = []
+    execute = redis.client.Pipeline.execute
+
+    def counting(pipe: redis.client.Pipeline, raise_on_error: bool = True) -> list[object]:
+        executed.append(len(pipe.command_stack))
+        return execute(pipe, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counting)
+    found = read_usage_many(client, LAYOUT, ["a", "b", "c"], now, 900)
+    assert len(executed) == 1
+    assert {keyset: (u["k1"].total, u["k1"].recent) for keyset, u in found.items()} == {
+        "a": (1, 10),
+        "b": (2, 20),
+        "c": (3, 30),
+    }

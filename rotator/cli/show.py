@@ -26,7 +26,7 @@ from rotator.library.jwks_import import JWKSFormatError, import_jwks
 from rotator.storage.audit import BadAuditEntry
 from rotator.storage.registry import KeySets
 from rotator.storage.store import Snapshot
-from rotator.storage.usage import read_usage
+from rotator.storage.usage import read_usage_many
 
 __all__ = ["cmd_audit", "cmd_check_config", "cmd_jwks", "cmd_status"]
 
@@ -40,11 +40,12 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     loaded = load_all(manager, keysets, names)
     window = settings.usage.window
     store = manager.store
-    usages = {
-        name: read_usage(store.client, store.layout, name, now, window)
+    shown = [
+        name
         for name, found in loaded
         if not isinstance(found, Exception) and found.state is not None
-    }
+    ]
+    usages = read_usage_many(store.client, store.layout, shown, now, window)
     if args.json:
         docs = []
         for name, found in loaded:
