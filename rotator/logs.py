@@ -1,7 +1,8 @@
 """Log output: readable lines by default, or one JSON object per line.
 
 Lifecycle events are logged with ``extra={"keyset", "kid", "version",
-"event", "reason"}``; the JSON format turns those into fields. Nothing that
+"event", "reason"}`` (the usage of an expired key adds ``"verifications"``); the JSON
+format turns those into fields. Nothing that
 rotator logs ever holds key material.
 """
 
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 
 __all__ = ["JsonFormatter", "TextFormatter", "setup_logging"]
 
-_FIELDS = ("keyset", "kid", "version", "event", "reason")
+_FIELDS = ("keyset", "kid", "version", "event", "reason", "verifications")
 
 
 class JsonFormatter(logging.Formatter):

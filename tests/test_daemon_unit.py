@@ -37,7 +37,13 @@ def make_daemon(
     store = Store(redis.Redis.from_url(redis_server.url), Layout())
     keysets = KeySets(settings, store)
     manager = KeyManager(
-        store, keyring, keysets.policy, clock=clock, remember=True, lineages=keysets
+        store,
+        keyring,
+        keysets.policy,
+        clock=clock,
+        remember=True,
+        lineages=keysets,
+        expiry_usage=True,
     )
     daemon = Daemon(settings, manager, keysets, clock=clock)
     assert daemon.step_lease()
@@ -265,3 +271,58 @@ def test_an_announced_commit_waits_for_the_tick(
     committed.join()
     ticking.join()
     assert seen_in_tick == [False]
+
+
+def retire_first_keys(daemon: Daemon, clock: FakeClock) -> dict[str, str]:
+    """Bootstrap alpha and beta, rotate them once: the kids now retired, by key set."""
+    daemon.tick()
+    first = {name: daemon.manager.load(name).state.current.kid for name in ("alpha", "beta")}  # type: ignore[union-attr]
+    clock.advance(100)
+    daemon.tick()
+    return first
+
+
+def test_the_expiry_of_a_retired_key_logs_whether_it_was_still_in_use(
+    daemon: Daemon, client: redis.Redis, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    retired = retire_first_keys(daemon, clock)
+    clock.advance(70)  # past the overlap (60): the retired keys expire at the next tick
+    minute = int(clock.now // 60)
+    client.hset(Layout().usage_minute("alpha", minute), f"accepted:{retired['alpha']}", 4)
+    # Long before cache_max_age (20 s): not in the window.
+    client.hset(Layout().usage_minute("beta", minute - 5), f"accepted:{retired['beta']}", 100)
+    with caplog.at_level(logging.INFO, logger="rotator.daemon.manager"):
+        daemon.tick()
+    for name, kid in retired.items():
+        assert kid not in kids(daemon.manager.load(name).state)
+    found = {
+        (r.keyset, r.kid, r.verifications, r.levelno)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if getattr(r, "verifications", None) is not None
+    }
+    assert found == {
+        ("alpha", retired["alpha"], 4, logging.WARNING),
+        ("beta", retired["beta"], 0, logging.INFO),
+    }
+    assert f"retired key {retired['alpha']} expired while still in use: 4" in caplog.text
+
+
+def test_a_failed_usage_read_at_expiry_is_logged_and_the_tick_goes_on(
+    daemon: Daemon,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    retired = retire_first_keys(daemon, clock)
+    clock.advance(70)
+
+    def unreachable(*_args: object) -> None:
+        raise redis.ConnectionError("usage read cut")
+
+    monkeypatch.setattr("rotator.daemon.manager.read_usage", unreachable)
+    with caplog.at_level(logging.WARNING, logger="rotator.daemon.manager"):
+        daemon.tick()
+    for name, kid in retired.items():
+        assert kid not in kids(daemon.manager.load(name).state)
+    assert caplog.text.count("usage of expired key(s) not read: usage read cut") == 2
+    assert daemon.health.report(clock.now)["ready"]

@@ -53,6 +53,7 @@ def manager_of(wiring: Wiring, *, remember: bool = False) -> KeyManager:
         keysets.policy,
         remember=remember,
         audit=wiring.audit,
+        expiry_usage=remember,
         lineages=keysets,
     )
 

@@ -24,10 +24,11 @@ from rotator.core.envelope import Keyring, SealedKey, UnsealError
 from rotator.core.jwk import GeneratedKey, generate_key
 from rotator.core.lifecycle import Event, Mint, Transition
 from rotator.core.policy import Policy
-from rotator.core.state import CorruptState, KeySetState
+from rotator.core.state import CorruptState, KeySetState, Status
 from rotator.storage.audit import AuditLog
 from rotator.storage.registry import BadPolicy
 from rotator.storage.store import Conflict, Snapshot, Store
+from rotator.storage.usage import MINUTE_RETENTION, KidUsage, read_usage
 
 __all__ = ["KEYSET_ERRORS", "KeyManager", "Lineages", "NoKekError", "Outcome"]
 
@@ -101,7 +102,9 @@ class KeyManager:
     committed or read for each key set, and writes it back if Redis comes
     back empty or older: a restarted Redis must not make rotator invent new
     keys that no verifier has seen. With *lineages* it writes back only into
-    the lineage it remembers the key set from (see `rotator.storage.registry`).
+    the lineage it remembers the key set from (see `rotator.storage.registry`). With
+    ``expiry_usage=True`` (the daemon) it logs, when a retired or imported key expires,
+    how many verifications readers reported of it in the last ``cache_max_age``.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class KeyManager:
         remember: bool = False,
         audit: AuditLog | None = None,
         lineages: Lineages | None = None,
+        expiry_usage: bool = False,
     ) -> None:
         self.store = store
         self.keyring = keyring
@@ -122,6 +126,7 @@ class KeyManager:
         self.remember = remember
         self.audit = audit
         self.lineages = lineages
+        self.expiry_usage = expiry_usage
         self._memory: dict[str, KeySetState] = {}
         self._lineage: dict[str, str | None] = {}  # of each remembered state's name
         # Remembered from a backup file (by an earlier process), not read or committed here.
@@ -218,6 +223,7 @@ class KeyManager:
         caller's (one round trip per batch)."""
         self._remember(transition.state)
         self._log(transition.state, _described(transition, event))
+        self._log_expiry_usage(snapshot.state, transition.events)
         action: Action = "bootstrap" if snapshot.state is None else "commit"
         return Outcome(snapshot.keyset, action, transition.state, transition.events)
 
@@ -322,6 +328,35 @@ class KeyManager:
                     "event": kind,
                     "reason": reason,
                 },
+            )
+
+    def _log_expiry_usage(self, before: KeySetState | None, events: Iterable[Event]) -> None:
+        """With ``expiry_usage``, log whether each key that expired was still in use: its
+        verifications in the last ``cache_max_age``, in one read of the key set's usage.
+        The commit is done whatever Redis answers, so a failed read is logged, not raised."""
+        expired = [event.kid for event in events if event.kind == "expire"]
+        if not self.expiry_usage or not expired or before is None:
+            return
+        keyset = before.keyset
+        window = min(self.policy(keyset).cache_max_age, MINUTE_RETENTION)
+        try:
+            usage = read_usage(self.store.client, self.store.layout, keyset, self.clock(), window)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("key set %s: usage of expired key(s) not read: %s", keyset, exc)
+            return
+        statuses = {key.kid: key.status for key in before.keys}
+        for kid in expired:
+            count = usage.get(kid, KidUsage()).recent
+            log.log(
+                logging.WARNING if count else logging.INFO,
+                "key set %s: %s key %s expired %s: %d verification(s) in the last %s",
+                keyset,
+                statuses.get(kid, Status.RETIRED),
+                kid,
+                "while still in use" if count else "unused",
+                count,
+                format_duration(round(window)),
+                extra={"keyset": keyset, "kid": kid, "event": "expire", "verifications": count},
             )
 
     def _audit(
