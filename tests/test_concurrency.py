@@ -1,6 +1,7 @@
 """The threaded reader cache under contention: many threads drive its LRU at
 ``max_keysets`` (first reads that evict, lookups of held slots, backstop polls and
-announced commits) against a real Redis, and nothing breaks."""
+announced commits) against a real Redis, and nothing breaks; and a reader's
+verified-token cache shared by threads while its key set changes."""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from rotator.core.jwk import generate_key, jwks_document
+from rotator.core.jwk import generate_key, jwks_document, load_private_key
 from rotator.embedded import EmbeddedRedis
+from rotator.library.errors import UnknownKid
 from rotator.library.keycache import ReaderLimits
-from rotator.library.reader import JWKSCache
+from rotator.library.reader import JWKSCache, JWKSReader
 from rotator.storage.layout import Layout
+from tests.tokens import es256
 
 PINNED = [f"pinned-{i}" for i in range(16)]
 ROAMING = [f"roaming-{i}" for i in range(8)]
 BOUND = len(PINNED) + 2  # room for two roaming key sets: nearly every first read evicts
 THREADS = 6
 ROUNDS = 300
+VERIFIES = 2000  # per thread: nearly all from the token cache, which takes a few µs each
 
 
 @pytest.fixture
@@ -102,3 +106,77 @@ def test_many_threads_drive_the_lru_at_its_bound(
     for name in held:
         slot = cache.held(name)
         assert slot is not None and slot.usable(now, cache.limits).keys
+
+
+def test_many_threads_share_a_readers_token_cache_while_its_key_set_changes(
+    redis_server: EmbeddedRedis, client: redis.Redis, busy_switching: None
+) -> None:
+    """Threads verify tokens of two keys through one reader while another thread takes
+    one key out of the key set and puts it back; the cache stays within its bound, its
+    index and its byte count agree with its entries, and once the key is out for good
+    none of its tokens passes."""
+    layout = Layout()
+    staying, leaving = generate_key(), generate_key()
+    signed = {
+        key.kid: [
+            es256(
+                load_private_key(key.private_der),
+                {"alg": "ES256", "kid": key.kid},
+                {"sub": f"u{i:03}", "exp": 9e9},  # one length: a byte count to check
+            )
+            for i in range(40)
+        ]
+        for key in (staying, leaving)
+    }
+    both = jwks_document([staying.jwk, leaving.jwk])
+    alone = jwks_document([staying.jwk])
+    client.set(layout.jwks("default"), both)
+    bound = 30  # fewer than the tokens: the threads evict as they go
+    reader = JWKSReader(
+        redis_server.url, follow=False, unknown_kid_cooldown=0, token_cache_size=bound
+    ).start()
+    tokens = reader.tokens
+    assert tokens is not None
+    failures: list[BaseException] = []
+
+    def drive(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(VERIFIES):
+                kid = rng.choice([staying.kid, leaving.kid])
+                try:
+                    claims = reader.verify(rng.choice(signed[kid]), audience=None, issuer=None)
+                    assert claims["exp"] == 9e9
+                except UnknownKid:
+                    assert kid == leaving.kid
+                assert len(tokens) <= bound
+        except BaseException as exc:  # whatever breaks, the test says what
+            failures.append(exc)
+
+    def switch() -> None:
+        try:
+            for version in range(VERIFIES // 10):
+                client.set(layout.jwks("default"), alone if version % 2 else both)
+                reader.refresh()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=drive, args=(seed,)) for seed in range(THREADS)]
+    threads.append(threading.Thread(target=switch))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    client.set(layout.jwks("default"), alone)
+    assert reader.refresh()
+    for token in signed[leaving.kid]:
+        with pytest.raises(UnknownKid):
+            reader.verify(token, audience=None, issuer=None)
+    for token in signed[staying.kid]:
+        assert reader.verify(token, audience=None, issuer=None)["exp"] == 9e9
+    assert len(tokens) == bound
+    assert tokens.size_bytes == 2 * len(signed[staying.kid][0]) * bound
+    tokens.follow(None)
+    assert (len(tokens), tokens.size_bytes) == (0, 0)
+    reader.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
@@ -19,13 +20,21 @@ from rotator.core.jwk import generate_key, load_private_key
 from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
 from rotator.library.aioreader import AsyncJWKSCache, AsyncJWKSReader
-from rotator.library.errors import KeySetUnavailable, UnknownKid
+from rotator.library.errors import (
+    BadSignature,
+    ExpiredToken,
+    InvalidAudience,
+    InvalidIssuer,
+    KeySetUnavailable,
+    UnknownKid,
+)
 from rotator.library.jwks_import import VerificationKeys
 from rotator.library.reader import JWKSCache, JWKSReader
 from rotator.library.signer import Signer
+from rotator.library.tokencache import TokenCache
 from rotator.metrics import register_reader_metrics
 from tests.helpers import FakeClock, async_wait_for, wait_for
-from tests.tokens import es256
+from tests.tokens import es256, with_signature
 
 CLAIMS = {"sub": "u", "iss": "iam", "aud": "svc"}
 T = TypeVar("T")
@@ -46,6 +55,8 @@ class Reader(Protocol):
     def staleness(self) -> float | None: ...
     @property
     def keys(self) -> VerificationKeys | None: ...
+    @property
+    def tokens(self) -> TokenCache: ...
     def refresh(self) -> bool: ...
     def verify(self, token: str, *, audience: str | None, issuer: str | None) -> dict[str, Any]: ...
     def close(self) -> None: ...
@@ -81,6 +92,10 @@ class InLoop:
     def keys(self) -> VerificationKeys | None:
         slot = self.reader.cache.held(self.reader.keyset)
         return slot.keys if slot else None
+
+    @property
+    def tokens(self) -> TokenCache:
+        return self.reader.tokens
 
     def refresh(self) -> bool:
         return self.run(self.reader.cache.refresh(self.reader.keyset))
@@ -158,13 +173,88 @@ def test_a_revoked_key_is_rejected_at_once(
         wait_for(lambda: reader.following, what="subscription")
         token = signer.sign(CLAIMS, ttl=60)
         assert check(reader, token)
+        assert check(reader, token)  # the second time from the verified-token cache
+        assert reader.tokens is not None and len(reader.tokens) == 1
         manager.revoke("default", signer.current_kid or "")
         wait_for(
             lambda: signer.current_kid not in (reader.keys.keys if reader.keys else {}),
             what="revocation",
         )
+        # The very next call: refused, and the revoked kid's entries are gone.
         with pytest.raises(UnknownKid):
             check(reader, token)
+        assert len(reader.tokens) == 0
+
+
+def test_a_cached_token_is_checked_again_as_each_call_asks(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, open_reader: Open
+) -> None:
+    """A hit skips the signature, never the claims: expiry against this call's now, and
+    the audience and issuer this call names."""
+    manager.reconcile("default")
+    with signer_for(redis_server, keyring, follow=False) as signer:
+        token = signer.sign(CLAIMS, ttl=60)
+    wall = FakeClock(time.time())  # after the signing: iat is never in this clock's future
+    reader = open_reader(redis_server.url, follow=False, wall_clock=wall)
+    assert check(reader, token)["sub"] == "u"
+    assert reader.tokens is not None and len(reader.tokens) == 1
+    with pytest.raises(InvalidAudience):
+        reader.verify(token, audience="other", issuer="iam")
+    with pytest.raises(InvalidIssuer):
+        reader.verify(token, audience="svc", issuer="other")
+    claims = check(reader, token)
+    claims["exp"] = 9e9  # what a caller does to its copy leaves the cache alone
+    wall.advance(61)
+    with pytest.raises(ExpiredToken):
+        check(reader, token)
+    assert len(reader.tokens) == 1  # refused from the cache, not verified anew
+
+
+def test_a_cached_token_fails_closed_with_a_stale_key_set(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, open_reader: Open
+) -> None:
+    """A hit needs the kid in a copy fresh enough to trust, as a full verification does."""
+    manager.reconcile("default")
+    monotonic = FakeClock(1000.0)
+    reader = open_reader(redis_server.url, follow=False, max_stale=600, clock=monotonic)
+    with signer_for(redis_server, keyring, follow=False) as signer:
+        token = signer.sign(CLAIMS, ttl=3600)
+    assert check(reader, token)["sub"] == "u"
+    assert reader.tokens is not None and len(reader.tokens) == 1
+    monotonic.advance(601)
+    with pytest.raises(KeySetUnavailable):
+        check(reader, token)
+
+
+def test_refused_tokens_never_enter_the_cache(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, open_reader: Open
+) -> None:
+    manager.reconcile("default")
+    reader = open_reader(redis_server.url, follow=False)
+    with signer_for(redis_server, keyring, follow=False) as signer:
+        token = signer.sign(CLAIMS, ttl=60)
+    forged = with_signature(token, bytes(range(1, 65)))
+    with pytest.raises(BadSignature):
+        check(reader, forged)
+    with pytest.raises(InvalidAudience):  # a good signature, refused for its claims
+        reader.verify(token, audience="other", issuer="iam")
+    assert reader.tokens is not None and len(reader.tokens) == 0
+    assert check(reader, token)["sub"] == "u"
+    assert len(reader.tokens) == 1
+    with pytest.raises(BadSignature):
+        check(reader, forged)  # the same claims as a cached token, another signature
+
+
+def test_the_token_cache_can_be_turned_off(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, open_reader: Open
+) -> None:
+    manager.reconcile("default")
+    reader = open_reader(redis_server.url, follow=False, token_cache_size=0)
+    with signer_for(redis_server, keyring, follow=False) as signer:
+        token = signer.sign(CLAIMS, ttl=60)
+    assert check(reader, token)["sub"] == "u"
+    assert check(reader, token)["sub"] == "u"
+    assert reader.tokens is not None and len(reader.tokens) == 0
 
 
 class GatedClient(redis.Redis):

@@ -34,12 +34,12 @@ from rotator.library.usage import (
     UsageCounter,
     counted,
 )
-from rotator.library.verify import (
-    DEFAULT_MAX_TOKEN_BYTES,
-    HeaderCache,
-    KeyLookup,
-    verify_token,
+from rotator.library.tokencache import (
+    DEFAULT_TOKEN_CACHE_BYTES,
+    DEFAULT_TOKEN_CACHE_SIZE,
+    TokenCache,
 )
+from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, KeyLookup
 from rotator.metrics import ReaderMetrics
 from rotator.storage.events import (
     REPLY_TIMEOUT,
@@ -308,7 +308,8 @@ class AsyncJWKSReader:
     claims = await r.verify(token, audience=..., issuer=...)``. Owned by the event loop
     it is entered on, like its `AsyncJWKSCache`. *metrics*: report the copy's staleness
     there (see `rotator.metrics.register_reader_metrics`). *report_usage* and
-    *usage_interval*: as `JWKSReader`'s."""
+    *usage_interval*: as `JWKSReader`'s.
+    It keeps a verified-token cache as `JWKSReader` does (`rotator.library.tokencache`)."""
 
     def __init__(
         self,
@@ -321,6 +322,8 @@ class AsyncJWKSReader:
         negative_cache_size: int = 1024,
         max_stale: float = 3600.0,
         max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+        token_cache_size: int = DEFAULT_TOKEN_CACHE_SIZE,
+        token_cache_bytes: int = DEFAULT_TOKEN_CACHE_BYTES,
         follow: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -341,6 +344,8 @@ class AsyncJWKSReader:
         )
         self.max_token_bytes = max_token_bytes
         self._headers = HeaderCache()
+        #: The verified-token cache (`rotator.library.tokencache`), empty when off.
+        self.tokens = TokenCache(token_cache_size, token_cache_bytes)
         self.wall_clock = wall_clock
         self.usage = UsageCounter(self.keyset, wall_clock=wall_clock) if report_usage else None
         self._flusher = (
@@ -397,24 +402,36 @@ class AsyncJWKSReader:
                 raise _NeedsRefresh(kid)  # the awaited path below may read Redis
             return found
 
+        def held(kid: str) -> PublicKey | None:
+            return slot.key(kid, self.cache.clock(), self.cache.limits)
+
+        self.tokens.follow(slot.keys.keys if slot.keys else None)
         try:
-            return self._verify(token, cached, audience, issuer, leeway)
+            return self._verify(
+                token, cached, held, audience=audience, issuer=issuer, leeway=leeway
+            )
         except _NeedsRefresh as missing:
             key = await self.cache.lookup(self.keyset, missing.kid)
-        return self._verify(token, lambda _kid: key, audience, issuer, leeway)
+        self.tokens.follow(slot.keys.keys if slot.keys else None)  # the read's key set
+        return self._verify(
+            token, lambda _kid: key, held, audience=audience, issuer=issuer, leeway=leeway
+        )
 
     def _verify(
         self,
         token: str | bytes,
         lookup: Callable[[str], PublicKey | None],
+        held: Callable[[str], PublicKey | None],
+        *,
         audience: str | Collection[str] | None,
         issuer: str | Collection[str] | None,
         leeway: float,
     ) -> dict[str, Any]:
-        def check(seen: KeyLookup) -> dict[str, Any]:
-            return verify_token(
+        def check(lookup: KeyLookup) -> dict[str, Any]:
+            return self.tokens.verify(
                 token,
-                seen,
+                lookup,
+                held,
                 audience=audience,
                 issuer=issuer,
                 leeway=leeway,

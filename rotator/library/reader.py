@@ -36,12 +36,12 @@ from rotator.library.keycache import (
     removed_among,
 )
 from rotator.library.usage import DEFAULT_FLUSH_INTERVAL, UsageCounter, UsageFlusher, counted
-from rotator.library.verify import (
-    DEFAULT_MAX_TOKEN_BYTES,
-    HeaderCache,
-    KeyLookup,
-    verify_token,
+from rotator.library.tokencache import (
+    DEFAULT_TOKEN_CACHE_BYTES,
+    DEFAULT_TOKEN_CACHE_SIZE,
+    TokenCache,
 )
+from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, KeyLookup
 from rotator.metrics import ReaderMetrics
 from rotator.storage.events import EventFollower
 from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
@@ -285,8 +285,11 @@ class JWKSReader:
     and outcome and report them to Redis every *usage_interval* seconds
     (`rotator.library.usage`).
 
-    Thread-safe: its `JWKSCache` is, its `HeaderCache` is safe to share, and `verify`
-    only reads the pinned slot."""
+    *token_cache_size*, *token_cache_bytes*: bounds of the verified-token cache
+    (`rotator.library.tokencache`); a size of 0 turns it off.
+
+    Thread-safe: its `JWKSCache` is, its `HeaderCache` is safe to share, its
+    `TokenCache` takes its own lock, and `verify` only reads the pinned slot."""
 
     def __init__(
         self,
@@ -299,6 +302,8 @@ class JWKSReader:
         negative_cache_size: int = 1024,
         max_stale: float = 3600.0,
         max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+        token_cache_size: int = DEFAULT_TOKEN_CACHE_SIZE,
+        token_cache_bytes: int = DEFAULT_TOKEN_CACHE_BYTES,
         follow: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -319,6 +324,8 @@ class JWKSReader:
         )
         self.max_token_bytes = max_token_bytes
         self._headers = HeaderCache()
+        #: The verified-token cache (`rotator.library.tokencache`), empty when off.
+        self.tokens = TokenCache(token_cache_size, token_cache_bytes)
         self.wall_clock = wall_clock
         self._slot: Slot | None = None
         self._clock, self._limits = clock, limits
@@ -387,6 +394,10 @@ class JWKSReader:
         holds was not taken (the last good copy stays)."""
         return self.cache.refresh(self.keyset)
 
+    def _held(self, kid: str) -> PublicKey | None:
+        slot = self._slot
+        return None if slot is None else slot.key(kid, self._clock(), self._limits)
+
     def _lookup(self, kid: str) -> PublicKey | None:
         slot = self._slot
         if slot is not None:
@@ -409,10 +420,14 @@ class JWKSReader:
         on purpose.
         """
 
+        slot = self._slot
+        self.tokens.follow(slot.keys.keys if slot is not None and slot.keys else None)
+
         def check(lookup: KeyLookup) -> dict[str, Any]:
-            return verify_token(
+            return self.tokens.verify(
                 token,
                 lookup,
+                self._held,
                 audience=audience,
                 issuer=issuer,
                 leeway=leeway,

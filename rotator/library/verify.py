@@ -59,7 +59,7 @@ from rotator.library.errors import (
 )
 from rotator.library.jwks_import import b64decode_ascii
 
-__all__ = ["DEFAULT_MAX_TOKEN_BYTES", "HeaderCache", "KeyLookup", "verify_token"]
+__all__ = ["DEFAULT_MAX_TOKEN_BYTES", "HeaderCache", "KeyLookup", "check_claims", "verify_token"]
 
 #: Tokens longer than this are refused unparsed.
 DEFAULT_MAX_TOKEN_BYTES = 8192
@@ -371,6 +371,20 @@ def _usual_claims_pass(
     )
 
 
+def check_claims(
+    claims: dict[str, Any],
+    *,
+    audience: str | Collection[str] | None,
+    issuer: str | Collection[str] | None,
+    leeway: float,
+    now: float,
+) -> None:
+    """Check the registered claims of a verified token as `verify_token` does, or raise
+    the matching `InvalidToken` (what a cached token goes through again on every use)."""
+    if not _usual_claims_pass(claims, audience, issuer, now - leeway, now + leeway):
+        _check_claims(claims, audience, issuer, leeway, now)
+
+
 def _as_ascii(token: object, max_bytes: int) -> bytes:
     """The token as bytes, bounded and ASCII (every segment after it is bytes)."""
     if not isinstance(token, str | bytes | bytearray):
@@ -413,6 +427,5 @@ def verify_token(
     signing_input = raw[: len(header_segment) + 1 + len(payload_segment)]
     _check_signature(alg, key, signature, signing_input)
     claims = _claims_of(payload_segment)
-    if not _usual_claims_pass(claims, audience, issuer, now - leeway, now + leeway):
-        _check_claims(claims, audience, issuer, leeway, now)
+    check_claims(claims, audience=audience, issuer=issuer, leeway=leeway, now=now)
     return claims

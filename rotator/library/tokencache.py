@@ -1,0 +1,177 @@
+"""A bounded cache of tokens a reader has verified, keyed by their exact bytes.
+
+A service verifies the same token many times (a session token on every request), and
+the signature check is nearly all the cost. `TokenCache` keeps the claims of each token
+that passed every check, so a token seen again costs a dictionary lookup and the
+claim checks alone. What it may never do is outlive a key: Envoy's JWT cache keeps a
+token signed by a revoked key passing until the token expires. So:
+
+* On a hit the claims are checked again as *this* call asks (``exp``, ``nbf``, ``iat``,
+  audience, issuer, leeway, now: `check_claims`), and the token's kid must be in the
+  copy of the key set the reader holds now (*held*, which also fails closed when that
+  copy is stale). A hit whose kid is gone goes the full way, and is refused there.
+* Every verify first shows the cache the key set held (`follow`); when it changed, the
+  entries of each kid it no longer holds are dropped at once (an index kid -> tokens),
+  and an entry is only ever added for a kid of the key set followed: nothing in the
+  cache belongs to a key the reader no longer holds.
+* Only tokens that passed every check go in (a refused token, hostile or merely
+  expired, is never kept), and only tokens of at most ``max_token_bytes``.
+* Bounded in entries and in bytes (each entry counted as twice its token's length, a
+  rough bound on the token and its parsed claims), least recently used dropped first.
+
+Thread-safe: one lock guards the entries and the index, held for a few dictionary
+operations and never across a check or a call out; `follow`'s common case (the key set
+is the one followed) reads one attribute without it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from rotator.core.jwk import PublicKey
+from rotator.library.verify import HeaderCache, KeyLookup, check_claims, verify_token
+
+__all__ = [
+    "DEFAULT_TOKEN_CACHE_BYTES",
+    "DEFAULT_TOKEN_CACHE_SIZE",
+    "DEFAULT_TOKEN_CACHE_TOKEN_BYTES",
+    "TokenCache",
+]
+
+#: Tokens a reader's cache holds by default (a reader's ``token_cache_size=0`` turns
+#: it off).
+DEFAULT_TOKEN_CACHE_SIZE = 4096
+#: Bytes a reader's cache holds by default (each entry counted as twice its token).
+DEFAULT_TOKEN_CACHE_BYTES = 8 * 1024 * 1024
+#: Longer tokens are verified but never cached.
+DEFAULT_TOKEN_CACHE_TOKEN_BYTES = 4096
+
+#: The key of *kid* in the key set held now, without any I/O; may raise `InvalidToken`
+#: (`KeySetUnavailable` when the copy is too stale to trust).
+HeldKey = Callable[[str], PublicKey | None]
+
+_Token = str | bytes
+
+
+class TokenCache:
+    """Verified tokens' claims, at most *max_entries* of them (0: none, the cache is off)
+    and *max_bytes* (see the module's rules); tokens over *max_token_bytes* are never
+    kept."""
+
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_TOKEN_CACHE_SIZE,
+        max_bytes: int = DEFAULT_TOKEN_CACHE_BYTES,
+        max_token_bytes: int = DEFAULT_TOKEN_CACHE_TOKEN_BYTES,
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_token_bytes = max_token_bytes
+        self._entries: OrderedDict[_Token, tuple[str, dict[str, Any]]] = OrderedDict()
+        self._by_kid: dict[str, set[_Token]] = {}
+        self._followed: Mapping[str, object] | None = None
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def size_bytes(self) -> int:
+        """The bytes counted for the entries held."""
+        return self._bytes
+
+    def follow(self, keys: Mapping[str, object] | None) -> None:
+        """The reader holds *keys* now (kid -> key; ``None``: none): drop the entries of
+        every kid it no longer holds."""
+        if keys is self._followed:
+            return
+        with self._lock:
+            if keys is self._followed:
+                return
+            for kid in [k for k in self._by_kid if keys is None or k not in keys]:
+                for token in self._by_kid.pop(kid):
+                    self._bytes -= 2 * len(token)
+                    del self._entries[token]
+            self._followed = keys
+
+    def verify(
+        self,
+        token: str | bytes,
+        lookup: KeyLookup,
+        held: HeldKey,
+        *,
+        audience: str | Collection[str] | None,
+        issuer: str | Collection[str] | None,
+        leeway: float,
+        now: float,
+        max_bytes: int,
+        headers: HeaderCache | None,
+    ) -> dict[str, Any]:
+        """`verify_token`, answered from the cache when *token* is in it and still passes
+        (a copy of its claims), and kept in it when it passes the full way."""
+        # Exact types: a str subclass could hash and compare as it likes.
+        cacheable = (
+            self.max_entries > 0
+            and (type(token) is str or type(token) is bytes)
+            and len(token) <= self.max_token_bytes
+        )
+        if cacheable:
+            with self._lock:
+                entry = self._entries.get(token)
+                if entry is not None:
+                    self._entries.move_to_end(token)
+            if entry is not None and held(entry[0]) is not None:
+                check_claims(entry[1], audience=audience, issuer=issuer, leeway=leeway, now=now)
+                return dict(entry[1])
+        found: list[str] = []
+
+        def recording(kid: str) -> PublicKey | None:
+            key = lookup(kid)
+            if key is not None:
+                found.append(kid)
+            return key
+
+        claims = verify_token(
+            token,
+            recording,
+            audience=audience,
+            issuer=issuer,
+            leeway=leeway,
+            now=now,
+            max_bytes=max_bytes,
+            headers=headers,
+        )
+        if cacheable and found:
+            self._keep(token, found[0], claims)
+        return dict(claims)
+
+    def _keep(self, token: _Token, kid: str, claims: dict[str, Any]) -> None:
+        cost = 2 * len(token)
+        with self._lock:
+            followed = self._followed
+            if (
+                followed is None
+                or kid not in followed
+                or token in self._entries
+                or cost > self.max_bytes
+            ):
+                # The key set moved on meanwhile (its next `follow` decides), or no room.
+                return
+            # Room first, so that the bounds hold at every moment, even to a reader of
+            # `len` outside the lock.
+            while self._entries and (
+                len(self._entries) >= self.max_entries or self._bytes + cost > self.max_bytes
+            ):
+                old, (old_kid, _claims) = self._entries.popitem(last=False)
+                tokens = self._by_kid[old_kid]
+                tokens.discard(old)
+                if not tokens:
+                    del self._by_kid[old_kid]
+                self._bytes -= 2 * len(old)
+            self._entries[token] = (kid, claims)
+            self._by_kid.setdefault(kid, set()).add(token)
+            self._bytes += cost

@@ -1,0 +1,92 @@
+"""TokenCache by itself, without Redis: its bounds, and eviction by key set change."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from rotator.library.errors import UnknownKid
+from rotator.library.tokencache import TokenCache
+from rotator.library.verify import KeyLookup
+from tests.tokens import es256
+
+NOW = 1_800_000_000.0
+KEYS = {kid: ec.generate_private_key(ec.SECP256R1()) for kid in ("a", "b")}
+PUBLIC = {kid: key.public_key() for kid, key in KEYS.items()}
+
+
+def token(kid: str, index: int, padding: int = 0) -> str:
+    claims = {"sub": f"u{index}", "exp": NOW + 60, "pad": "x" * padding}
+    return es256(KEYS[kid], {"alg": "ES256", "kid": kid}, claims)
+
+
+def unreachable(kid: str) -> ec.EllipticCurvePublicKey | None:
+    """A lookup that says the token would have been verified anew."""
+    raise UnknownKid(f"verified anew ({kid})")
+
+
+def verify(
+    cache: TokenCache,
+    jwt: str,
+    lookup: KeyLookup = PUBLIC.get,
+    followed: dict[str, Any] | None = PUBLIC,
+) -> dict[str, Any]:
+    cache.follow(followed)
+    return cache.verify(
+        jwt,
+        lookup,
+        PUBLIC.get,
+        audience=None,
+        issuer=None,
+        leeway=0.0,
+        now=NOW,
+        max_bytes=8192,
+        headers=None,
+    )
+
+
+def test_bounded_in_entries_least_recently_used_first() -> None:
+    cache = TokenCache(max_entries=3)
+    tokens = [token("a", i) for i in range(4)]
+    for jwt in tokens[:3]:
+        verify(cache, jwt)
+    verify(cache, tokens[0])  # used again: the oldest is now tokens[1]
+    verify(cache, tokens[3])
+    assert len(cache) == 3
+    # What is held answers without a verification; what was dropped is verified anew.
+    assert verify(cache, tokens[0], unreachable)["sub"] == "u0"
+    with pytest.raises(UnknownKid, match="anew"):
+        verify(cache, tokens[1], unreachable)
+
+
+def test_bounded_in_bytes_and_long_tokens_not_kept() -> None:
+    short = token("a", 0)
+    cache = TokenCache(max_entries=100, max_bytes=5 * len(short), max_token_bytes=len(short))
+    verify(cache, token("a", 1, padding=10))  # over max_token_bytes: verified, not kept
+    assert len(cache) == 0
+    for index in range(4):
+        verify(cache, token("a", index))
+    assert len(cache) == 2  # two entries of twice their length fit in five lengths
+    assert cache.size_bytes == 4 * len(short)
+
+
+def test_a_key_set_change_drops_the_entries_of_the_kids_it_removed_alone() -> None:
+    cache = TokenCache()
+    for index in range(3):
+        verify(cache, token("a", index))
+        verify(cache, token("b", index))
+    assert len(cache) == 6
+    cache.follow({"b": PUBLIC["b"]})
+    assert len(cache) == 3
+    assert cache.size_bytes == 2 * sum(len(token("b", i)) for i in range(3))
+    cache.follow(None)
+    assert (len(cache), cache.size_bytes) == (0, 0)
+
+
+def test_nothing_is_kept_for_a_kid_the_followed_key_set_lacks() -> None:
+    cache = TokenCache()
+    # The reader's copy changed after the follow: its lookup still finds "a".
+    verify(cache, token("a", 0), followed={"b": PUBLIC["b"]})
+    assert len(cache) == 0
