@@ -33,11 +33,10 @@ def verify(
     lookup: KeyLookup = PUBLIC.get,
     followed: dict[str, Any] | None = PUBLIC,
 ) -> dict[str, Any]:
-    cache.follow(followed)
     return cache.verify(
         jwt,
         lookup,
-        PUBLIC.get,
+        followed,
         audience=None,
         issuer=None,
         leeway=0.0,
@@ -90,3 +89,20 @@ def test_nothing_is_kept_for_a_kid_the_followed_key_set_lacks() -> None:
     # The reader's copy changed after the follow: its lookup still finds "a".
     verify(cache, token("a", 0), followed={"b": PUBLIC["b"]})
     assert len(cache) == 0
+
+
+def test_each_caller_gets_claims_of_its_own() -> None:
+    cache = TokenCache()
+    jwt = es256(
+        KEYS["a"],
+        {"alg": "ES256", "kid": "a"},
+        {"exp": NOW + 60, "aud": ["svc"], "roles": {"billing": ["read"]}},
+    )
+    first = verify(cache, jwt)
+    first["roles"]["billing"].append("admin")
+    first["aud"].append("other")
+    first["exp"] = 0
+    again = verify(cache, jwt, unreachable)  # from the cache
+    assert again == {"exp": NOW + 60, "aud": ["svc"], "roles": {"billing": ["read"]}}
+    again["roles"]["billing"].append("admin")
+    assert verify(cache, jwt, unreachable)["roles"] == {"billing": ["read"]}

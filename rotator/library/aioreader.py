@@ -27,6 +27,7 @@ from rotator.library.keycache import (
     SlotTable,
     redis_address,
     removed_among,
+    trusted_keys,
 )
 from rotator.library.usage import (
     DEFAULT_FLUSH_INTERVAL,
@@ -402,26 +403,21 @@ class AsyncJWKSReader:
                 raise _NeedsRefresh(kid)  # the awaited path below may read Redis
             return found
 
-        def held(kid: str) -> PublicKey | None:
-            return slot.key(kid, self.cache.clock(), self.cache.limits)
-
-        self.tokens.follow(slot.keys.keys if slot.keys else None)
         try:
             return self._verify(
-                token, cached, held, audience=audience, issuer=issuer, leeway=leeway
+                token, cached, slot, audience=audience, issuer=issuer, leeway=leeway
             )
         except _NeedsRefresh as missing:
             key = await self.cache.lookup(self.keyset, missing.kid)
-        self.tokens.follow(slot.keys.keys if slot.keys else None)  # the read's key set
         return self._verify(
-            token, lambda _kid: key, held, audience=audience, issuer=issuer, leeway=leeway
+            token, lambda _kid: key, slot, audience=audience, issuer=issuer, leeway=leeway
         )
 
     def _verify(
         self,
         token: str | bytes,
         lookup: Callable[[str], PublicKey | None],
-        held: Callable[[str], PublicKey | None],
+        slot: Slot,
         *,
         audience: str | Collection[str] | None,
         issuer: str | Collection[str] | None,
@@ -431,7 +427,7 @@ class AsyncJWKSReader:
             return self.tokens.verify(
                 token,
                 lookup,
-                held,
+                trusted_keys(slot, self.cache.clock(), self.cache.limits),
                 audience=audience,
                 issuer=issuer,
                 leeway=leeway,

@@ -40,7 +40,7 @@ from rotator.library.jwks_import import (
 )
 from rotator.storage.store import REMOVED
 
-__all__ = ["ReaderLimits", "Slot", "SlotTable", "redis_address", "removed_among"]
+__all__ = ["ReaderLimits", "Slot", "SlotTable", "redis_address", "removed_among", "trusted_keys"]
 
 
 def _digest(raw: bytes | str) -> bytes:
@@ -189,6 +189,19 @@ class Slot:
         self.misses.move_to_end(kid)
         while len(self.misses) > limits.negative_cache_size:
             self.misses.popitem(last=False)
+
+
+def trusted_keys(
+    slot: Slot | None, now: float, limits: ReaderLimits
+) -> Mapping[str, PublicKey] | None:
+    """The keys of *slot* while they are fresh enough to trust, else ``None`` (what a
+    reader's verified-token cache follows: a stale copy vouches for no cached token)."""
+    if slot is None:
+        return None
+    try:
+        return slot.usable(now, limits).keys
+    except KeySetUnavailable:
+        return None
 
 
 class SlotTable:

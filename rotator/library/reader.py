@@ -34,6 +34,7 @@ from rotator.library.keycache import (
     SlotTable,
     redis_address,
     removed_among,
+    trusted_keys,
 )
 from rotator.library.usage import DEFAULT_FLUSH_INTERVAL, UsageCounter, UsageFlusher, counted
 from rotator.library.tokencache import (
@@ -394,10 +395,6 @@ class JWKSReader:
         holds was not taken (the last good copy stays)."""
         return self.cache.refresh(self.keyset)
 
-    def _held(self, kid: str) -> PublicKey | None:
-        slot = self._slot
-        return None if slot is None else slot.key(kid, self._clock(), self._limits)
-
     def _lookup(self, kid: str) -> PublicKey | None:
         slot = self._slot
         if slot is not None:
@@ -420,14 +417,11 @@ class JWKSReader:
         on purpose.
         """
 
-        slot = self._slot
-        self.tokens.follow(slot.keys.keys if slot is not None and slot.keys else None)
-
         def check(lookup: KeyLookup) -> dict[str, Any]:
             return self.tokens.verify(
                 token,
                 lookup,
-                self._held,
+                trusted_keys(self._slot, self._clock(), self._limits),
                 audience=audience,
                 issuer=issuer,
                 leeway=leeway,

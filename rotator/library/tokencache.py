@@ -6,14 +6,15 @@ that passed every check, so a token seen again costs a dictionary lookup and the
 claim checks alone. What it may never do is outlive a key: Envoy's JWT cache keeps a
 token signed by a revoked key passing until the token expires. So:
 
-* On a hit the claims are checked again as *this* call asks (``exp``, ``nbf``, ``iat``,
-  audience, issuer, leeway, now: `check_claims`), and the token's kid must be in the
-  copy of the key set the reader holds now (*held*, which also fails closed when that
-  copy is stale). A hit whose kid is gone goes the full way, and is refused there.
-* Every verify first shows the cache the key set held (`follow`); when it changed, the
-  entries of each kid it no longer holds are dropped at once (an index kid -> tokens),
-  and an entry is only ever added for a kid of the key set followed: nothing in the
-  cache belongs to a key the reader no longer holds.
+* Every verify is given the key set the reader holds at its start, or ``None`` when the
+  reader holds none fresh enough to trust (`follow`); when it changed, the entries of
+  each kid it no longer holds are dropped there and then (an index kid -> tokens), and
+  an entry is only ever added for a kid of the key set followed: nothing in the cache
+  belongs to a key the reader no longer holds, or to a copy gone stale.
+* On a hit the token's kid must be in that key set (a hit whose kid is gone goes the
+  full way, and is refused there), and the claims are checked again as *this* call
+  asks (``exp``, ``nbf``, ``iat``, audience, issuer, leeway, now: `check_claims`).
+* Each caller gets a copy of the claims that shares nothing mutable with the cache.
 * Only tokens that passed every check go in (a refused token, hostile or merely
   expired, is never kept), and only tokens of at most ``max_token_bytes``.
 * Bounded in entries and in bytes (each entry counted as twice its token's length, a
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from rotator.core.jwk import PublicKey
@@ -49,10 +50,6 @@ DEFAULT_TOKEN_CACHE_BYTES = 8 * 1024 * 1024
 #: Longer tokens are verified but never cached.
 DEFAULT_TOKEN_CACHE_TOKEN_BYTES = 4096
 
-#: The key of *kid* in the key set held now, without any I/O; may raise `InvalidToken`
-#: (`KeySetUnavailable` when the copy is too stale to trust).
-HeldKey = Callable[[str], PublicKey | None]
-
 _Token = str | bytes
 
 
@@ -70,7 +67,8 @@ class TokenCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.max_token_bytes = max_token_bytes
-        self._entries: OrderedDict[_Token, tuple[str, dict[str, Any]]] = OrderedDict()
+        # token -> (kid, claims, whether every claim is a scalar: see `_copy`)
+        self._entries: OrderedDict[_Token, tuple[str, dict[str, Any], bool]] = OrderedDict()
         self._by_kid: dict[str, set[_Token]] = {}
         self._followed: Mapping[str, object] | None = None
         self._bytes = 0
@@ -102,7 +100,7 @@ class TokenCache:
         self,
         token: str | bytes,
         lookup: KeyLookup,
-        held: HeldKey,
+        keys: Mapping[str, object] | None,
         *,
         audience: str | Collection[str] | None,
         issuer: str | Collection[str] | None,
@@ -111,8 +109,12 @@ class TokenCache:
         max_bytes: int,
         headers: HeaderCache | None,
     ) -> dict[str, Any]:
-        """`verify_token`, answered from the cache when *token* is in it and still passes
-        (a copy of its claims), and kept in it when it passes the full way."""
+        """`verify_token`, answered from the cache when *token* is in it, its kid is in
+        *keys* (the key set the reader holds now, ``None`` when it has none fresh enough
+        to trust: see `follow`) and its claims pass this call's checks; kept in it when it
+        passes the full way. Either way the claims returned are the caller's own copy."""
+        if keys is not self._followed:
+            self.follow(keys)
         # Exact types: a str subclass could hash and compare as it likes.
         cacheable = (
             self.max_entries > 0
@@ -124,9 +126,10 @@ class TokenCache:
                 entry = self._entries.get(token)
                 if entry is not None:
                     self._entries.move_to_end(token)
-            if entry is not None and held(entry[0]) is not None:
-                check_claims(entry[1], audience=audience, issuer=issuer, leeway=leeway, now=now)
-                return dict(entry[1])
+            if entry is not None and keys is not None and entry[0] in keys:
+                _kid, claims, flat = entry
+                check_claims(claims, audience=audience, issuer=issuer, leeway=leeway, now=now)
+                return dict(claims) if flat else _copy(claims)
         found: list[str] = []
 
         def recording(kid: str) -> PublicKey | None:
@@ -145,11 +148,13 @@ class TokenCache:
             max_bytes=max_bytes,
             headers=headers,
         )
-        if cacheable and found:
-            self._keep(token, found[0], claims)
-        return dict(claims)
+        if not (cacheable and found):
+            return claims
+        flat = all(type(v) is not dict and type(v) is not list for v in claims.values())
+        self._keep(token, found[0], claims, flat)
+        return dict(claims) if flat else _copy(claims)
 
-    def _keep(self, token: _Token, kid: str, claims: dict[str, Any]) -> None:
+    def _keep(self, token: _Token, kid: str, claims: dict[str, Any], flat: bool) -> None:
         cost = 2 * len(token)
         with self._lock:
             followed = self._followed
@@ -166,12 +171,24 @@ class TokenCache:
             while self._entries and (
                 len(self._entries) >= self.max_entries or self._bytes + cost > self.max_bytes
             ):
-                old, (old_kid, _claims) = self._entries.popitem(last=False)
+                old, (old_kid, _claims, _flat) = self._entries.popitem(last=False)
                 tokens = self._by_kid[old_kid]
                 tokens.discard(old)
                 if not tokens:
                     del self._by_kid[old_kid]
                 self._bytes -= 2 * len(old)
-            self._entries[token] = (kid, claims)
+            self._entries[token] = (kid, claims, flat)
             self._by_kid.setdefault(kid, set()).add(token)
             self._bytes += cost
+
+
+def _copy(value: Any) -> Any:
+    """A copy of parsed JSON that shares nothing mutable with *value*: every caller gets
+    claims of its own, and what one does to them (``claims["roles"].append(...)``)
+    reaches neither the cache nor the next caller. Claims of scalars alone take
+    ``dict()``, the common case and the cheap one."""
+    if type(value) is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_copy(v) for v in value]
+    return value
