@@ -51,6 +51,7 @@ DEFAULT_TOKEN_CACHE_BYTES = 8 * 1024 * 1024
 DEFAULT_TOKEN_CACHE_TOKEN_BYTES = 4096
 
 _Token = str | bytes
+_CACHEABLE = (str, bytes)
 
 
 class TokenCache:
@@ -117,15 +118,16 @@ class TokenCache:
             self.follow(keys)
         # Exact types: a str subclass could hash and compare as it likes.
         cacheable = (
-            self.max_entries > 0
-            and (type(token) is str or type(token) is bytes)
+            type(token) in _CACHEABLE
             and len(token) <= self.max_token_bytes
+            and self.max_entries > 0
         )
         if cacheable:
+            entries = self._entries
             with self._lock:
-                entry = self._entries.get(token)
+                entry = entries.get(token)
                 if entry is not None:
-                    self._entries.move_to_end(token)
+                    entries.move_to_end(token)
             if entry is not None and keys is not None and entry[0] in keys:
                 _kid, claims, flat = entry
                 check_claims(claims, audience=audience, issuer=issuer, leeway=leeway, now=now)
