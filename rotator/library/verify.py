@@ -59,7 +59,14 @@ from rotator.library.errors import (
 )
 from rotator.library.jwks_import import b64decode_ascii
 
-__all__ = ["DEFAULT_MAX_TOKEN_BYTES", "HeaderCache", "KeyLookup", "check_claims", "verify_token"]
+__all__ = [
+    "DEFAULT_MAX_TOKEN_BYTES",
+    "HeaderCache",
+    "KeyLookup",
+    "check_claims",
+    "verify_kid_claims",
+    "verify_token",
+]
 
 #: Tokens longer than this are refused unparsed.
 DEFAULT_MAX_TOKEN_BYTES = 8192
@@ -414,6 +421,31 @@ def verify_token(
     on purpose. *headers* remembers the headers already checked (a reader
     holds one); without it every header is checked anew.
     """
+    return verify_kid_claims(
+        token,
+        lookup,
+        audience=audience,
+        issuer=issuer,
+        now=now,
+        leeway=leeway,
+        max_bytes=max_bytes,
+        headers=headers,
+    )[1]
+
+
+def verify_kid_claims(
+    token: str | bytes,
+    lookup: KeyLookup,
+    *,
+    audience: str | Collection[str] | None,
+    issuer: str | Collection[str] | None,
+    now: float,
+    leeway: float,
+    max_bytes: int,
+    headers: HeaderCache | None,
+) -> tuple[str, dict[str, Any]]:
+    """`verify_token`, returning the kid of the key that verified the token with its
+    claims (what a verified-token cache files the claims under)."""
     raw = _as_ascii(token, max_bytes)
     parts = raw.split(b".")
     if len(parts) != 3:
@@ -427,5 +459,6 @@ def verify_token(
     signing_input = raw[: len(header_segment) + 1 + len(payload_segment)]
     _check_signature(alg, key, signature, signing_input)
     claims = _claims_of(payload_segment)
-    check_claims(claims, audience=audience, issuer=issuer, leeway=leeway, now=now)
-    return claims
+    if not _usual_claims_pass(claims, audience, issuer, now - leeway, now + leeway):
+        _check_claims(claims, audience, issuer, leeway, now)
+    return kid, claims

@@ -1,0 +1,80 @@
+"""Instructions per ES256 verification, counted by callgrind: unlike wall-clock ratios
+they do not depend on what else runs on the machine.
+
+    valgrind --tool=callgrind --collect-atstart=no --toggle-collect=functools_reduce \\
+        --callgrind-out-file=/dev/null .venv/bin/python bench/verify_instructions.py MODE
+
+MODE: ``fresh`` (JWKSReader.verify of COUNT distinct tokens, each seen once), ``hit``
+(JWKSReader.verify of one token COUNT times, after one untimed verify that caches it;
+on code without the cache it is a fresh verify again) or ``raw`` (cryptography's own
+verify of the same signature, its r||s converted to DER as bench/verify.py does).
+Only the loop runs inside `functools.reduce`, so only the loop is counted (setup,
+Redis reads and imports are not): "Collected" / COUNT is the instructions per verify.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import reduce
+
+import redis
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from rotator.core.envelope import generate_kek_line, parse_keks
+from rotator.core.policy import Policy
+from rotator.daemon.manager import KeyManager
+from rotator.embedded import EmbeddedRedis
+from rotator.library.jwks_import import b64decode_strict
+from rotator.library.reader import JWKSReader
+from rotator.library.signer import Signer
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
+
+COUNT = 200
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    keyring = parse_keks(generate_kek_line("bench"), source="bench")
+    with EmbeddedRedis() as server:
+        store = Store(redis.Redis.from_url(server.url), Layout())
+        KeyManager(store, keyring, lambda _keyset: Policy()).reconcile("default")
+        with Signer(server.url, keyring, "default", max_token_ttl=3600, follow=False) as signer:
+            tokens = [
+                signer.sign({"sub": f"user-{i}", "aud": "svc", "iss": "iam"}, ttl=3600)
+                for i in range(COUNT)
+            ]
+        reader = JWKSReader(server.url, "default", follow=False).start()
+    assert reader.keys is not None and signer.current_kid is not None
+    public = reader.keys.keys[signer.current_kid]
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+
+    def verify(_: None, token: str) -> None:
+        reader.verify(token, audience="svc", issuer="iam")
+
+    if mode == "fresh":
+        reduce(verify, tokens, None)
+    elif mode == "hit":
+        verify(None, tokens[0])
+        reduce(verify, [tokens[0]] * COUNT, None)
+    elif mode == "raw":
+        head, body, sig = tokens[0].split(".")
+        data, signature = f"{head}.{body}".encode(), b64decode_strict(sig)
+        algorithm = ec.ECDSA(hashes.SHA256())
+
+        def raw(_: None, __: int) -> None:
+            der = encode_dss_signature(
+                int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            )
+            public.verify(der, data, algorithm)
+
+        reduce(raw, range(COUNT), None)
+    else:
+        raise SystemExit(f"MODE: fresh, hit or raw, not {mode!r}")
+    reader.close()
+
+
+if __name__ == "__main__":
+    main()
