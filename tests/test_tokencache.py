@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from rotator.library.errors import UnknownKid
+from rotator.library.errors import BadSignature
 from rotator.library.tokencache import TokenCache
 from rotator.library.verify import KeyLookup
 from tests.tokens import es256
@@ -22,9 +22,11 @@ def token(kid: str, index: int, padding: int = 0) -> str:
     return es256(KEYS[kid], {"alg": "ES256", "kid": kid}, claims)
 
 
-def unreachable(kid: str) -> ec.EllipticCurvePublicKey | None:
-    """A lookup that says the token would have been verified anew."""
-    raise UnknownKid(f"verified anew ({kid})")
+def wrong_key(kid: str) -> ec.EllipticCurvePublicKey | None:
+    """A lookup handing out the other kid's key: a hit still answers (it checks no
+    signature, though it looks the kid up, as a usage counter needs), a token verified
+    anew fails its signature check."""
+    return PUBLIC["b" if kid == "a" else "a"]
 
 
 def verify(
@@ -55,9 +57,9 @@ def test_bounded_in_entries_least_recently_used_first() -> None:
     verify(cache, tokens[3])
     assert len(cache) == 3
     # What is held answers without a verification; what was dropped is verified anew.
-    assert verify(cache, tokens[0], unreachable)["sub"] == "u0"
-    with pytest.raises(UnknownKid, match="anew"):
-        verify(cache, tokens[1], unreachable)
+    assert verify(cache, tokens[0], wrong_key)["sub"] == "u0"
+    with pytest.raises(BadSignature):
+        verify(cache, tokens[1], wrong_key)
 
 
 def test_bounded_in_bytes_and_long_tokens_not_kept() -> None:
@@ -102,7 +104,7 @@ def test_each_caller_gets_claims_of_its_own() -> None:
     first["roles"]["billing"].append("admin")
     first["aud"].append("other")
     first["exp"] = 0
-    again = verify(cache, jwt, unreachable)  # from the cache
+    again = verify(cache, jwt, wrong_key)  # from the cache
     assert again == {"exp": NOW + 60, "aud": ["svc"], "roles": {"billing": ["read"]}}
     again["roles"]["billing"].append("admin")
-    assert verify(cache, jwt, unreachable)["roles"] == {"billing": ["read"]}
+    assert verify(cache, jwt, wrong_key)["roles"] == {"billing": ["read"]}

@@ -77,6 +77,22 @@ def test_a_reader_reports_each_outcome_per_kid_with_hostile_kids_in_one_bucket(
     assert minutes and all(client.ttl(name) > 0 for name in minutes)
 
 
+def test_tokens_answered_by_the_token_cache_are_counted_under_their_kid(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, client: redis.Redis
+) -> None:
+    manager.reconcile("default")
+    kid, (token,) = sign(redis_server, keyring, 1)
+    with JWKSReader(redis_server.url, follow=False) as reader:
+        for _ in range(4):
+            reader.verify(token, audience="svc", issuer="iam")
+        with pytest.raises(InvalidAudience):
+            reader.verify(token, audience="other", issuer="iam")
+        assert len(reader.tokens) == 1  # three of the four were hits
+    found = totals(client)
+    found.pop(f"last:{kid}")
+    assert found == {f"accepted:{kid}": 4, f"refused:InvalidAudience:{kid}": 1}
+
+
 def test_counts_are_flushed_in_the_background_while_the_reader_runs(
     manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, client: redis.Redis
 ) -> None:

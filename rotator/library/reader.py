@@ -36,12 +36,12 @@ from rotator.library.keycache import (
     removed_among,
     trusted_keys,
 )
-from rotator.library.usage import DEFAULT_FLUSH_INTERVAL, UsageCounter, UsageFlusher, counted
 from rotator.library.tokencache import (
     DEFAULT_TOKEN_CACHE_BYTES,
     DEFAULT_TOKEN_CACHE_SIZE,
     TokenCache,
 )
+from rotator.library.usage import DEFAULT_FLUSH_INTERVAL, UsageCounter, UsageFlusher, counted
 from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, KeyLookup
 from rotator.metrics import ReaderMetrics
 from rotator.storage.events import EventFollower

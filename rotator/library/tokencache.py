@@ -127,7 +127,14 @@ class TokenCache:
             # Looked up without the lock (one dict read is atomic): a miss, the fresh
             # token's path, then costs no lock (callgrind, bench/verify_instructions.py).
             entry = self._entries.get(token)
-            if entry is not None and keys is not None and entry[0] in keys:
+            # The lookup on a hit finds the key in *keys*; it is made so that the lookup
+            # a reader hands in sees the kid, as a usage counter's does (`usage.KidSeen`).
+            if (
+                entry is not None
+                and keys is not None
+                and entry[0] in keys
+                and lookup(entry[0]) is not None
+            ):
                 with self._lock:
                     if token in self._entries:
                         self._entries.move_to_end(token)
