@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+import redis
 
 from rotator.core.jwk import generate_key, jwks_document
 from rotator.library import jwks_import, keycache
@@ -228,8 +229,8 @@ def test_redis_down_names_its_address_and_the_last_copies_only_when_there_are_so
     assert record.getMessage() == (
         "cannot reach Redis at 10.0.0.1:6380/2 (refused); no copy held yet: nothing verifies"
     )
-    assert redis_address({"host": "h", "port": 1, "db": 3, "password": "secret"}) == "h:1/3"
-    assert redis_address({"path": "/run/redis.sock", "db": 0}) == "/run/redis.sock"
+    assert redis_address(redis.Redis(host="h", port=1, db=3, password="secret")) == "h:1/3"
+    assert redis_address(redis.Redis(unix_socket_path="/run/redis.sock")) == "/run/redis.sock"
 
 
 def test_an_unknown_kid_claims_the_cooldown_and_is_remembered_missing() -> None:

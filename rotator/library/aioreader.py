@@ -109,7 +109,7 @@ class AsyncJWKSCache:
         self.limits = limits or ReaderLimits()
         self.clock = clock
         self.subscribed = False
-        address = redis_address(self.client.connection_pool.connection_kwargs)
+        address = redis_address(self.client)
         self._table = SlotTable(self.limits, max_keysets, clock, address)
         self._inflight: dict[str, asyncio.Task[bool]] = {}
         self._task: asyncio.Task[None] | None = None

@@ -79,9 +79,14 @@ class ReaderLimits:
     poll_interval: float = 30.0
 
 
-def redis_address(options: Mapping[str, object]) -> str:
-    """Where a client with these connection options (a pool's ``connection_kwargs``)
-    connects, for log lines: ``host:port/db`` or the socket's path, never a password."""
+def redis_address(client: object) -> str:
+    """Where *client* connects, for log lines: ``host:port/db``, the socket's path, or a
+    cluster's first node; never a password."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:  # a RedisCluster has a pool per node, no pool of its own
+        node = client.get_default_node()  # type: ignore[attr-defined]
+        return f"{node.host}:{node.port} (cluster)"
+    options: Mapping[str, object] = pool.connection_kwargs
     if "path" in options:
         return str(options["path"])
     return f"{options.get('host', 'localhost')}:{options.get('port', 6379)}/{options.get('db', 0)}"

@@ -101,7 +101,7 @@ class JWKSCache:
         self.layout = Layout(prefix)
         self.limits = limits or ReaderLimits()
         self.clock = clock
-        address = redis_address(self.client.connection_pool.connection_kwargs)
+        address = redis_address(self.client)
         self._table = SlotTable(self.limits, max_keysets, clock, address)
         self._flights: dict[str, _Flight] = {}  # only key sets being read right now
         self._lock = threading.Lock()
