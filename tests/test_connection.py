@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from rotator.config import ConfigError, load_settings
+from rotator.core.envelope import Keyring
+from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis, free_port
 from rotator.storage.connect import connect
-from tests.conftest import Cli
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
+from tests.conftest import FAST, Cli
+from tests.helpers import FakeClock
+from tests.test_server import fetch, running_serve
 
 
 def test_unix_socket_url(tmp_path: Path) -> None:
@@ -96,7 +103,10 @@ def _certificates(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def test_tls_url_verifies_the_server(tmp_path: Path) -> None:
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A redis-server with a TLS port: its ``rediss://`` URL and the CA file that
+    verifies its certificate."""
     ca, cert, key = _certificates(tmp_path)
     tls_port = free_port()
     server = EmbeddedRedis(
@@ -115,15 +125,35 @@ def test_tls_url_verifies_the_server(tmp_path: Path) -> None:
             pytest.skip(f"this redis-server was built without TLS: {exc}")
         raise
     try:
-        url = f"rediss://127.0.0.1:{tls_port}/0"
-        good = connect(load_settings(redis={"url": url, "tls_ca_file": str(ca)}).redis)
-        good.set("over-tls", "yes")
-        assert good.get("over-tls") == b"yes"
-        untrusted = connect(load_settings(redis={"url": url}).redis, retries=0)
-        with pytest.raises(redis.ConnectionError):
-            untrusted.ping()
+        yield f"rediss://127.0.0.1:{tls_port}/0", ca
     finally:
         server.cleanup()
+
+
+def test_tls_url_verifies_the_server(tls_redis: tuple[str, Path]) -> None:
+    url, ca = tls_redis
+    good = connect(load_settings(redis={"url": url, "tls_ca_file": str(ca)}).redis)
+    good.set("over-tls", "yes")
+    assert good.get("over-tls") == b"yes"
+    untrusted = connect(load_settings(redis={"url": url}).redis, retries=0)
+    with pytest.raises(redis.ConnectionError):
+        untrusted.ping()
+
+
+def test_serve_reads_through_the_configured_tls_client(
+    tls_redis: tuple[str, Path], cli: Cli, keyring: Keyring, clock: FakeClock
+) -> None:
+    """serve used to build its reader from ``redis.url`` alone, so ``tls_ca_file`` (and
+    Sentinel, Cluster) never reached it: its reader could not verify this server."""
+    url, ca = tls_redis
+    settings = load_settings(redis={"url": url, "tls_ca_file": str(ca)})
+    client = connect(settings.redis)
+    KeyManager(Store(client, Layout()), keyring, lambda _n: FAST, clock=clock).reconcile("default")
+    env = {**cli.env, "ROTATOR_REDIS__URL": url, "ROTATOR_REDIS__TLS_CA_FILE": str(ca)}
+    with running_serve(Cli(env, cli.cwd)) as running:
+        answer = fetch(running.url + "/.well-known/jwks.json")
+        assert answer.status == 200, answer.body
+        assert answer.body == client.get("rotator:{default}:jwks")
 
 
 def test_tls_files_need_a_rediss_url() -> None:

@@ -35,6 +35,7 @@ from rotator.library.reader import JWKSCache
 from rotator.library.signer import Signer
 from rotator.serve.app import JWKSApp
 from rotator.serve.httpd import Request
+from rotator.wiring import Wiring
 from tests.conftest import Cli
 from tests.helpers import FakeClock, collect_lines, wait_for
 
@@ -447,7 +448,7 @@ def test_metrics_are_rendered_at_most_once_per_second(
     clock = FakeClock()
     settings = load_settings(None, redis={"url": redis_server.url})
     cache = JWKSCache(redis_server.url, follow=False, clock=clock)
-    app = JWKSApp(settings, cache)
+    app = JWKSApp(Wiring(settings), cache)
     scrape = Request(b"GET", b"/metrics", b"", {b"host": b"test"})
     assert app.fast(scrape) is None  # never rendered: a thread must
     first = app.slow(scrape)
@@ -456,6 +457,18 @@ def test_metrics_are_rendered_at_most_once_per_second(
     assert app.fast(scrape) is None
     second = app.slow(scrape)
     assert second is not first and app.fast(scrape) is second
+
+
+def test_serve_reads_through_the_wiring_client(redis_server: EmbeddedRedis) -> None:
+    """The reader and the registry view use the client `Wiring` built from ``[redis]``
+    (Sentinel, Cluster, TLS files), not one made from ``redis.url`` alone."""
+    wiring = Wiring(load_settings(None, redis={"url": redis_server.url}))
+    app = JWKSApp(wiring).start()
+    try:
+        assert app.cache.client is wiring.client
+        assert app.policies.keysets is wiring.keysets
+    finally:
+        app.close()
 
 
 def test_unknown_keyset_names_leave_nothing_behind(

@@ -49,8 +49,7 @@ from rotator.serve.discovery import discovery_document
 from rotator.serve.httpd import Reply, Request, json_reply, reply
 from rotator.serve.policies import Policies
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name
-from rotator.storage.registry import KeySets
-from rotator.storage.store import Store
+from rotator.wiring import Wiring
 
 __all__ = [
     "DISCOVERY_SUFFIX",
@@ -136,11 +135,13 @@ class MetricsApp:
 class JWKSApp:
     """The routes of `rotator serve`, as an `httpd.Handler`."""
 
-    def __init__(self, settings: Settings, cache: JWKSCache | None = None) -> None:
-        self.settings = settings
+    def __init__(self, wiring: Wiring, cache: JWKSCache | None = None) -> None:
+        self.settings = settings = wiring.settings
+        self.wiring = wiring
         server = settings.server
+        # The wiring's client, so Sentinel, Cluster and the TLS files apply to serve too.
         self.cache = cache or JWKSCache(
-            settings.redis.url,
+            wiring.client,
             prefix=settings.redis.prefix,
             limits=ReaderLimits(max_stale=server.max_stale, poll_interval=server.poll_interval),
             max_keysets=server.max_keysets,
@@ -150,7 +151,7 @@ class JWKSApp:
         # Cache-Control follows each key set's policy (`rotator.serve.policies`).
         self.policies = Policies(
             settings,
-            KeySets(settings, Store(self.cache.client, self.cache.layout)),
+            wiring.keysets,
             clock=self.cache.clock,
             poll_interval=self.cache.limits.poll_interval,
             size=held,
@@ -169,8 +170,9 @@ class JWKSApp:
         return self
 
     def close(self) -> None:
-        """Stop following commits."""
+        """Stop following commits and close the wiring's client."""
         self.cache.close()
+        self.wiring.client.close()
 
     def fast(self, request: Request) -> Reply | None:
         """The answer from memory; ``None`` when it takes a read of Redis or ``/metrics``."""
@@ -323,7 +325,8 @@ def _count_refusal(status: int | None, reason: str) -> None:
 def serve(settings: Settings) -> int:
     """Serve on ``server.host:server.port`` (and ``/metrics`` on ``server.metrics_port``
     if set) until SIGTERM or SIGINT; return the exit status. Each worker process builds
-    its own `JWKSApp` from *settings*."""
+    its own `Wiring` and `JWKSApp` from *settings*, after the fork, so no Redis connection
+    is shared between processes."""
     server = settings.server
     addresses = [(server.host, server.port)]
     if server.metrics_port is not None:
@@ -353,7 +356,7 @@ def serve(settings: Settings) -> int:
     readers = register_process_metrics()
 
     def handlers() -> list[httpd.Handler]:
-        app = JWKSApp(settings).start()
+        app = JWKSApp(Wiring(settings)).start()
         readers.watch(app.cache)
         served: list[httpd.Handler] = [app, app.metrics]
         return served[: len(socks)]
