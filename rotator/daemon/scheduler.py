@@ -150,7 +150,7 @@ class Daemon:
                 for name, policy in sorted(lost.items()):
                     log.warning("key set %s: gone from the registry (Redis lost data); "
                                 "writing it back", name)  # fmt: skip
-                    self.manager.store.register(name, policy)
+                    self.managed.write_back(name, policy)
         return self.managed.names()
 
     def restore_backup(self) -> None:

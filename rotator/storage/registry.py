@@ -238,6 +238,11 @@ class KeySets:
         self._entries, self._stored = entries, stored
         return lost
 
+    def write_back(self, name: str, raw: str) -> bool:
+        """Register *name* again with *raw*, its entry as last read (one `refresh` reported
+        it lost with Redis data); ``False``, and nothing written, if it is back already."""
+        return self.store.register(name, raw)
+
     def _registered(self, name: str, raw: str) -> KeySetEntry:
         try:
             validate_keyset_name(name)
