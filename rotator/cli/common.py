@@ -19,6 +19,7 @@ __all__ = [
     "manager_for",
     "manager_of",
     "selected",
+    "wiring_for",
 ]
 
 
@@ -35,11 +36,18 @@ def manager_for(
 ) -> tuple[KeyManager, KeySets]:
     """The manager and the managed key sets of a one-shot command, which reads the
     registry at once."""
+    wiring = wiring_for(settings, one_shot=one_shot)
+    return manager_of(wiring, remember=remember), wiring.keysets
+
+
+def wiring_for(settings: Settings, *, one_shot: bool = True) -> Wiring:
+    """A command's wiring with its KEKs read first, so a bad KEK fails before Redis is
+    asked; a one-shot command's registry is read at once."""
     wiring = Wiring(settings, one_shot=one_shot)
-    manager = manager_of(wiring, remember=remember)
+    _ = wiring.keyring
     if one_shot:
         wiring.keysets.refresh()
-    return manager, wiring.keysets
+    return wiring
 
 
 def manager_of(wiring: Wiring, *, remember: bool = False) -> KeyManager:

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from rotator.cli.common import Failure, UsageError, checked_keyset, manager_for
+from rotator.cli.common import Failure, UsageError, checked_keyset, wiring_for
 from rotator.config import Settings
 from rotator.library.errors import InvalidToken
 from rotator.library.reader import JWKSReader
@@ -23,15 +23,14 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     # The registry first, as every command that names a key set: an unknown name is a
     # bad argument and an unreachable Redis says so, before a signer or reader would
     # only find no key.
-    manager, keysets = manager_for(settings)
-    keyset = checked_keyset(keysets, args.keyset)
+    wiring = wiring_for(settings)
+    keyset = checked_keyset(wiring.keysets, args.keyset)
     if args.verb == "sign":
         with Signer.from_settings(settings, keyset, follow=False) as signer:
             print(signer.sign(claims, ttl=args.ttl))
         return 0
-    client = manager.store.client
     with JWKSReader(
-        client,
+        wiring.client,
         keyset,
         prefix=settings.redis.prefix,
         follow=False,
