@@ -22,8 +22,9 @@ from rotator.library.reader import JWKSReader
 from rotator.storage.connect import connect
 from rotator.storage.layout import Layout
 from rotator.storage.store import Store
-from tests.conftest import FAST, StartDaemon
+from tests.conftest import FAST, Cli, StartDaemon
 from tests.helpers import FakeClock, wait_for
+from tests.test_server import fetch, running_serve
 
 pytestmark = pytest.mark.slow
 
@@ -223,3 +224,20 @@ def test_daemon_on_cluster(cluster: list[EmbeddedRedis], start_daemon: StartDaem
         wait_for(partial(client.get, f"rotator:{{app{index}}}:jwks"), what=f"app{index} published")
     first = client.get("rotator:{app0}:jwks")
     wait_for(lambda: client.get("rotator:{app0}:jwks") != first, timeout=20, what="a rotation")
+
+
+def test_serve_on_cluster(cluster: list[EmbeddedRedis], cli: Cli, keyring: Keyring) -> None:
+    """serve reads through the Cluster client the wiring builds (a client for the one node
+    of ``redis.url`` is answered MOVED for the key sets on the other masters)."""
+    url = cluster[0].url.replace("/0", "")
+    client = connect(load_settings(redis={"url": url, "cluster": True}).redis)
+    manager = KeyManager(Store(client, Layout()), keyring, lambda _n: FAST)
+    names = [f"app{i}" for i in range(6)]
+    for name in names:
+        manager.reconcile(name)
+    env = {**cli.env, "ROTATOR_REDIS__URL": url, "ROTATOR_REDIS__CLUSTER": "true"}
+    with running_serve(Cli(env, cli.cwd)) as running:
+        for name in names:
+            answer = fetch(f"{running.url}/.well-known/jwks.json?keyset={name}")
+            assert answer.status == 200, answer.body
+            assert answer.body == client.get(f"rotator:{{{name}}}:jwks")
