@@ -356,7 +356,12 @@ class KeyManager:
                 "while still in use" if count else "unused",
                 count,
                 format_duration(round(window)),
-                extra={"keyset": keyset, "kid": kid, "event": "expire", "verifications": count},
+                extra={
+                    "keyset": keyset,
+                    "kid": kid,
+                    "event": "expiry_usage",
+                    "verifications": count,
+                },
             )
 
     def _audit(
