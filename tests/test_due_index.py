@@ -89,3 +89,22 @@ def test_an_epoch_going_backwards_makes_the_next_tick_look_at_everything(
     clock.advance(1)
     daemon.tick()
     assert daemon.manager.load("alpha").state == rotated
+
+
+@pytest.mark.parametrize(
+    ("key", "garbage"),
+    [("rotator:epoch", "not a number"), ("rotator:epoch", "9" * 30), ("rotator:due", "a string")],
+)
+def test_garbage_under_the_index_or_epoch_fails_no_commit(
+    daemon: Daemon, client: redis.Redis, key: str, garbage: str
+) -> None:
+    """Before: INCR or ZADD raised inside the commit script, so every commit of every key
+    set failed while the garbage stayed."""
+    daemon.tick()
+    client.set(key, garbage)
+    outcome = daemon.manager.rotate("alpha", force=True)
+    assert outcome.action == "commit"
+    rotated = daemon.manager.load("alpha").state
+    assert rotated is not None
+    assert filed(client, "alpha") == daemon.manager.next_change_at(rotated)
+    assert daemon.manager.store.epoch() == 1  # started anew: a loss the leader's probe sees

@@ -63,8 +63,15 @@ end
 _INDEXED = """
 local function indexed(score, member)
   if KEYS[3] then
-    redis.call('ZADD', KEYS[3], score, member)
-    redis.call('INCR', KEYS[4])
+    local filed = redis.pcall('ZADD', KEYS[3], score, member)
+    local moved = redis.pcall('INCR', KEYS[4])
+    if type(filed) == 'table' and filed.err or type(moved) == 'table' and moved.err then
+      -- Garbage under either key must not fail every commit: start both anew. The epoch
+      -- back at 1 is a loss the leader's probe sees, and its sweep refiles everything.
+      redis.call('DEL', KEYS[3], KEYS[4])
+      redis.call('ZADD', KEYS[3], score, member)
+      redis.call('INCR', KEYS[4])
+    end
   end
 end
 """
