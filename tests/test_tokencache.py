@@ -7,14 +7,16 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from rotator.core.jwk import PublicKey
+from rotator.library.checking import Checker
 from rotator.library.errors import BadSignature
 from rotator.library.tokencache import TokenCache
-from rotator.library.verify import KeyLookup
+from rotator.library.verify import HeaderCache
 from tests.tokens import es256
 
 NOW = 1_800_000_000.0
 KEYS = {kid: ec.generate_private_key(ec.SECP256R1()) for kid in ("a", "b")}
-PUBLIC = {kid: key.public_key() for kid, key in KEYS.items()}
+PUBLIC: dict[str, PublicKey] = {kid: key.public_key() for kid, key in KEYS.items()}
 
 
 def token(kid: str, index: int, padding: int = 0) -> str:
@@ -22,29 +24,17 @@ def token(kid: str, index: int, padding: int = 0) -> str:
     return es256(KEYS[kid], {"alg": "ES256", "kid": kid}, claims)
 
 
-def wrong_key(kid: str) -> ec.EllipticCurvePublicKey | None:
-    """A lookup handing out the other kid's key: a hit still answers (it checks no
-    signature, though it looks the kid up, as a usage counter needs), a token verified
-    anew fails its signature check."""
-    return PUBLIC["b" if kid == "a" else "a"]
+#: The same kids with each other's keys: a hit still answers (it checks no signature),
+#: a token verified anew fails its signature check.
+WRONG: dict[str, PublicKey] = {"a": PUBLIC["b"], "b": PUBLIC["a"]}
 
 
 def verify(
-    cache: TokenCache,
-    jwt: str,
-    lookup: KeyLookup = PUBLIC.get,
-    followed: dict[str, Any] | None = PUBLIC,
+    cache: TokenCache, jwt: str, keys: dict[str, PublicKey] | None = PUBLIC
 ) -> dict[str, Any]:
-    return cache.verify(
-        jwt,
-        lookup,
-        followed,
-        audience=None,
-        issuer=None,
-        leeway=0.0,
-        now=NOW,
-        max_bytes=8192,
-        headers=None,
+    """*jwt* verified as a reader holding *keys* does, with *cache*."""
+    return Checker(cache, None, HeaderCache(), 8192).verify(
+        jwt, keys, PUBLIC.get, audience=None, issuer=None, leeway=0.0, now=NOW
     )
 
 
@@ -57,9 +47,9 @@ def test_bounded_in_entries_least_recently_used_first() -> None:
     verify(cache, tokens[3])
     assert len(cache) == 3
     # What is held answers without a verification; what was dropped is verified anew.
-    assert verify(cache, tokens[0], wrong_key)["sub"] == "u0"
+    assert verify(cache, tokens[0], WRONG)["sub"] == "u0"
     with pytest.raises(BadSignature):
-        verify(cache, tokens[1], wrong_key)
+        verify(cache, tokens[1], WRONG)
 
 
 def test_bounded_in_bytes_and_long_tokens_not_kept() -> None:
@@ -89,7 +79,7 @@ def test_a_key_set_change_drops_the_entries_of_the_kids_it_removed_alone() -> No
 def test_nothing_is_kept_for_a_kid_the_followed_key_set_lacks() -> None:
     cache = TokenCache()
     # The reader's copy changed after the follow: its lookup still finds "a".
-    verify(cache, token("a", 0), followed={"b": PUBLIC["b"]})
+    verify(cache, token("a", 0), {"b": PUBLIC["b"]})
     assert len(cache) == 0
 
 
@@ -104,7 +94,7 @@ def test_each_caller_gets_claims_of_its_own() -> None:
     first["roles"]["billing"].append("admin")
     first["aud"].append("other")
     first["exp"] = 0
-    again = verify(cache, jwt, wrong_key)  # from the cache
+    again = verify(cache, jwt, WRONG)  # from the cache
     assert again == {"exp": NOW + 60, "aud": ["svc"], "roles": {"billing": ["read"]}}
     again["roles"]["billing"].append("admin")
-    assert verify(cache, jwt, wrong_key)["roles"] == {"billing": ["read"]}
+    assert verify(cache, jwt, WRONG)["roles"] == {"billing": ["read"]}

@@ -20,6 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from rotator.core.jwk import PublicKey
+from rotator.library.checking import Checker
 from rotator.library.errors import InvalidToken
 from rotator.library.keycache import (
     ReaderLimits,
@@ -38,7 +39,6 @@ from rotator.library.usage import (
     DEFAULT_FLUSH_INTERVAL,
     AsyncUsageFlusher,
     UsageCounter,
-    counted,
 )
 from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, KeyLookup
 from rotator.metrics import ReaderMetrics
@@ -344,11 +344,11 @@ class AsyncJWKSReader:
             metrics=metrics,
         )
         self.max_token_bytes = max_token_bytes
-        self._headers = HeaderCache()
         #: The verified-token cache (`rotator.library.tokencache`), empty when off.
         self.tokens = TokenCache(token_cache_size, token_cache_bytes)
         self.wall_clock = wall_clock
         self.usage = UsageCounter(self.keyset, wall_clock=wall_clock) if report_usage else None
+        self._checker = Checker(self.tokens, self.usage, HeaderCache(), max_token_bytes)
         self._flusher = (
             None
             if self.usage is None
@@ -405,38 +405,33 @@ class AsyncJWKSReader:
 
         try:
             return self._verify(
-                token, cached, slot, audience=audience, issuer=issuer, leeway=leeway
+                token, slot, cached, audience=audience, issuer=issuer, leeway=leeway
             )
         except _NeedsRefresh as missing:
             key = await self.cache.lookup(self.keyset, missing.kid)
         return self._verify(
-            token, lambda _kid: key, slot, audience=audience, issuer=issuer, leeway=leeway
+            token, slot, lambda _kid: key, audience=audience, issuer=issuer, leeway=leeway
         )
 
     def _verify(
         self,
         token: str | bytes,
-        lookup: Callable[[str], PublicKey | None],
         slot: Slot,
+        lookup: KeyLookup,
         *,
         audience: str | Collection[str] | None,
         issuer: str | Collection[str] | None,
         leeway: float,
     ) -> dict[str, Any]:
-        def check(lookup: KeyLookup) -> dict[str, Any]:
-            return self.tokens.verify(
-                token,
-                lookup,
-                trusted_keys(slot, self.cache.clock(), self.cache.limits),
-                audience=audience,
-                issuer=issuer,
-                leeway=leeway,
-                now=self.wall_clock(),
-                max_bytes=self.max_token_bytes,
-                headers=self._headers,
-            )
-
-        return counted(self.usage, lookup, check)
+        return self._checker.verify(
+            token,
+            trusted_keys(slot, self.cache.clock(), self.cache.limits),
+            lookup,
+            audience=audience,
+            issuer=issuer,
+            leeway=leeway,
+            now=self.wall_clock(),
+        )
 
 
 class _NeedsRefresh(Exception):

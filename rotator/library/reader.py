@@ -26,6 +26,7 @@ from typing import Any
 import redis
 
 from rotator.core.jwk import PublicKey
+from rotator.library.checking import Checker
 from rotator.library.errors import InvalidToken
 from rotator.library.jwks_import import VerificationKeys
 from rotator.library.keycache import (
@@ -41,8 +42,8 @@ from rotator.library.tokencache import (
     DEFAULT_TOKEN_CACHE_SIZE,
     TokenCache,
 )
-from rotator.library.usage import DEFAULT_FLUSH_INTERVAL, UsageCounter, UsageFlusher, counted
-from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, KeyLookup
+from rotator.library.usage import DEFAULT_FLUSH_INTERVAL, UsageCounter, UsageFlusher
+from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache
 from rotator.metrics import ReaderMetrics
 from rotator.storage.events import EventFollower
 from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
@@ -324,13 +325,13 @@ class JWKSReader:
             metrics=metrics,
         )
         self.max_token_bytes = max_token_bytes
-        self._headers = HeaderCache()
         #: The verified-token cache (`rotator.library.tokencache`), empty when off.
         self.tokens = TokenCache(token_cache_size, token_cache_bytes)
         self.wall_clock = wall_clock
         self._slot: Slot | None = None
         self._clock, self._limits = clock, limits
         self.usage = UsageCounter(self.keyset, wall_clock=wall_clock) if report_usage else None
+        self._checker = Checker(self.tokens, self.usage, HeaderCache(), max_token_bytes)
         self._flusher = (
             None
             if self.usage is None
@@ -416,18 +417,12 @@ class JWKSReader:
         *audience* and *issuer* must be given; pass ``None`` to skip a check
         on purpose.
         """
-
-        def check(lookup: KeyLookup) -> dict[str, Any]:
-            return self.tokens.verify(
-                token,
-                lookup,
-                trusted_keys(self._slot, self._clock(), self._limits),
-                audience=audience,
-                issuer=issuer,
-                leeway=leeway,
-                now=self.wall_clock(),
-                max_bytes=self.max_token_bytes,
-                headers=self._headers,
-            )
-
-        return counted(self.usage, self._lookup, check)
+        return self._checker.verify(
+            token,
+            trusted_keys(self._slot, self._clock(), self._limits),
+            self._lookup,
+            audience=audience,
+            issuer=issuer,
+            leeway=leeway,
+            now=self.wall_clock(),
+        )

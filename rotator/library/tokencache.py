@@ -6,39 +6,44 @@ that passed every check, so a token seen again costs a dictionary lookup and the
 claim checks alone. What it may never do is outlive a key: Envoy's JWT cache keeps a
 token signed by a revoked key passing until the token expires. So:
 
-* Every verify is given the key set the reader holds at its start, or ``None`` when the
-  reader holds none fresh enough to trust (`follow`); when it changed, the entries of
-  each kid it no longer holds are dropped there and then (an index kid -> tokens), and
-  an entry is only ever added for a kid of the key set followed: nothing in the cache
-  belongs to a key the reader no longer holds, or to a copy gone stale.
+* Every look-up (`hit`) is given the key set the reader holds at the verification's
+  start, or ``None`` when the reader holds none fresh enough to trust (`follow`); when
+  it changed, the entries of each kid it no longer holds are dropped there and then
+  (an index kid -> tokens), and an entry is only ever added for a kid of the key set
+  followed: nothing in the cache belongs to a key the reader no longer holds, or to a
+  copy gone stale.
 * On a hit the token's kid must be in that key set (a hit whose kid is gone goes the
   full way, and is refused there), and the claims are checked again as *this* call
-  asks (``exp``, ``nbf``, ``iat``, audience, issuer, leeway, now: `check_claims`).
+  asks (``exp``, ``nbf``, ``iat``, audience, issuer, leeway, now: `check_claims`), by
+  the caller (`rotator.library.checking`), which also verifies a miss the full way and
+  hands what passed to `keep`.
 * Each caller gets a copy of the claims that shares nothing mutable with the cache.
 * Only tokens that passed every check go in (a refused token, hostile or merely
   expired, is never kept), and only tokens of at most ``max_token_bytes``.
 * Bounded in entries and in bytes (each entry counted as twice its token's length, a
   rough bound on the token and its parsed claims), least recently used dropped first.
 
-Thread-safe: one lock guards the entries and the index, held for a few dictionary
-operations and never across a check or a call out; `follow`'s common case (the key set
-is the one followed) reads one attribute without it.
+Thread-safe: one lock guards every change to the entries and the index, held for a few
+dictionary operations and never across a check or a call out; a hit takes no lock (one
+read, and the move to the LRU's end, each an atomic dict operation), and `follow`'s
+common case (the key set is the one followed) reads one attribute without it.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from rotator.library.verify import HeaderCache, KeyLookup, check_claims, verify_kid_claims
+from rotator.library.verify import Verified
 
 __all__ = [
     "DEFAULT_TOKEN_CACHE_BYTES",
     "DEFAULT_TOKEN_CACHE_SIZE",
     "DEFAULT_TOKEN_CACHE_TOKEN_BYTES",
     "TokenCache",
+    "claims_copy",
 ]
 
 #: Tokens a reader's cache holds by default (a reader's ``token_cache_size=0`` turns
@@ -50,6 +55,9 @@ DEFAULT_TOKEN_CACHE_BYTES = 8 * 1024 * 1024
 DEFAULT_TOKEN_CACHE_TOKEN_BYTES = 4096
 
 _Token = str | bytes
+#: A cached token's kid, claims, whether every claim is a scalar (see `_copy`) and its
+#: claims' `claim_times`.
+Entry = tuple[str, dict[str, Any], bool, tuple[int, int] | None]
 _CACHEABLE = (str, bytes)
 # Types of parsed JSON that a caller could change in place (see `_copy`).
 _NESTED = frozenset((dict, list))
@@ -69,8 +77,9 @@ class TokenCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.max_token_bytes = max_token_bytes
-        # token -> (kid, claims, whether every claim is a scalar: see `_copy`)
-        self._entries: OrderedDict[_Token, tuple[str, dict[str, Any], bool]] = OrderedDict()
+        # token -> (kid, claims, whether every claim is a scalar: see `_copy`, their
+        # `claim_times`)
+        self._entries: OrderedDict[_Token, Entry] = OrderedDict()
         self._by_kid: dict[str, set[_Token]] = {}
         self._followed: Mapping[str, object] | None = None
         self._bytes = 0
@@ -98,69 +107,42 @@ class TokenCache:
                     del self._entries[token]
             self._followed = keys
 
-    def verify(
-        self,
-        token: str | bytes,
-        lookup: KeyLookup,
-        keys: Mapping[str, object] | None,
-        *,
-        audience: str | Collection[str] | None,
-        issuer: str | Collection[str] | None,
-        leeway: float,
-        now: float,
-        max_bytes: int,
-        headers: HeaderCache | None,
-    ) -> dict[str, Any]:
-        """`verify_token`, answered from the cache when *token* is in it, its kid is in
-        *keys* (the key set the reader holds now, ``None`` when it has none fresh enough
-        to trust: see `follow`) and its claims pass this call's checks; kept in it when it
-        passes the full way. Either way the claims returned are the caller's own copy."""
+    def hit(self, token: str | bytes, keys: Mapping[str, object] | None) -> Entry | None:
+        """The cached ``(kid, claims, flat, times)`` of *token* when it is held and its kid is in
+        *keys* (the key set the reader holds now, ``None`` when it has none fresh enough to
+        trust: see `follow`), else ``None``: the token goes the full way. The claims are
+        the cache's own: check them as the call asks, and hand out `claims_copy`."""
         if keys is not self._followed:
             self.follow(keys)
         # Exact types: a str subclass could hash and compare as it likes.
-        cacheable = (
-            type(token) in _CACHEABLE
-            and len(token) <= self.max_token_bytes
-            and self.max_entries > 0
-        )
-        if cacheable:
-            # Looked up without the lock (one dict read is atomic): a miss, the fresh
-            # token's path, then costs no lock (callgrind, bench/verify_instructions.py).
-            entry = self._entries.get(token)
-            # The lookup on a hit finds the key in *keys*; it is made so that the lookup
-            # a reader hands in sees the kid, as a usage counter's does (`usage.KidSeen`).
-            if (
-                entry is not None
-                and keys is not None
-                and entry[0] in keys
-                and lookup(entry[0]) is not None
-            ):
-                with self._lock:
-                    if token in self._entries:
-                        self._entries.move_to_end(token)
-                _kid, claims, flat = entry
-                check_claims(claims, audience=audience, issuer=issuer, leeway=leeway, now=now)
-                return dict(claims) if flat else _copy(claims)
-        kid, claims = verify_kid_claims(
-            token,
-            lookup,
-            audience=audience,
-            issuer=issuer,
-            now=now,
-            leeway=leeway,
-            max_bytes=max_bytes,
-            headers=headers,
-        )
-        if not cacheable:
+        if type(token) not in _CACHEABLE or keys is None:
+            return None
+        # No lock on a hit (each dict operation is atomic), and try rather than
+        # contextlib.suppress: the two cost a hit a third of its instructions (callgrind,
+        # bench/verify_instructions.py hit).
+        entry = self._entries.get(token)
+        if entry is None or entry[0] not in keys:
+            return None
+        try:  # noqa: SIM105 - see above
+            self._entries.move_to_end(token)
+        except KeyError:  # dropped by another thread since the read: it held when read
+            pass
+        return entry
+
+    def keep(self, token: str | bytes, verified: Verified) -> dict[str, Any]:
+        """Keep what `verify_kid_claims` returned of *token*, which just passed every
+        check, if it may be cached; return the caller's copy of its claims."""
+        kid, claims, times = verified
+        if (
+            self.max_entries <= 0
+            or type(token) not in _CACHEABLE
+            or len(token) > self.max_token_bytes
+        ):
             return claims
+        cost = 2 * len(token)
         # In C, not all() over a generator: one fresh verify's cost in callgrind went from
         # +2.1 % of the code before the cache to +1.75 % (bench/verify_instructions.py).
         flat = _NESTED.isdisjoint(map(type, claims.values()))
-        self._keep(token, kid, claims, flat)
-        return dict(claims) if flat else _copy(claims)
-
-    def _keep(self, token: _Token, kid: str, claims: dict[str, Any], flat: bool) -> None:
-        cost = 2 * len(token)
         with self._lock:
             followed = self._followed
             if (
@@ -170,21 +152,30 @@ class TokenCache:
                 or cost > self.max_bytes
             ):
                 # The key set moved on meanwhile (its next `follow` decides), or no room.
-                return
+                return claims
             # Room first, so that the bounds hold at every moment, even to a reader of
             # `len` outside the lock.
             while self._entries and (
                 len(self._entries) >= self.max_entries or self._bytes + cost > self.max_bytes
             ):
-                old, (old_kid, _claims, _flat) = self._entries.popitem(last=False)
+                old, (old_kid, *_rest) = self._entries.popitem(last=False)
                 tokens = self._by_kid[old_kid]
                 tokens.discard(old)
                 if not tokens:
                     del self._by_kid[old_kid]
                 self._bytes -= 2 * len(old)
-            self._entries[token] = (kid, claims, flat)
-            self._by_kid.setdefault(kid, set()).add(token)
+            self._entries[token] = (kid, claims, flat, times)
+            by_kid = self._by_kid.get(kid)
+            if by_kid is None:
+                by_kid = self._by_kid[kid] = set()
+            by_kid.add(token)
             self._bytes += cost
+        return claims_copy(claims, flat)
+
+
+def claims_copy(claims: dict[str, Any], flat: bool) -> dict[str, Any]:
+    """A copy of cached *claims* for one caller (*flat*: every claim is a scalar)."""
+    return dict(claims) if flat else _copy(claims)
 
 
 def _copy(value: Any) -> Any:

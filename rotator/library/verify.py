@@ -17,7 +17,7 @@ that order. NaN and Infinity are malformed JSON; so is a header with
 duplicate members.
 
 The code reads as those rules do. The four fast paths beside them (`HeaderCache`,
-`_der`'s table, `_claims_of`'s scanner, `_usual_claims_pass`) are kept because
+`_der`'s table, `_claims_of`'s scanner, `check_claims`'s usual shape) are kept because
 ``bench/verify.py`` measured each paying beyond its noise: the comment beside
 each names what it pays in the benchmark's ratio to raw ``cryptography``. None
 of them rejects anything: what a fast path does not accept goes on to the plain
@@ -63,7 +63,9 @@ __all__ = [
     "DEFAULT_MAX_TOKEN_BYTES",
     "HeaderCache",
     "KeyLookup",
+    "Verified",
     "check_claims",
+    "claim_times",
     "verify_kid_claims",
     "verify_token",
 ]
@@ -81,6 +83,7 @@ _ALGORITHMS_TEXT = ", ".join(ALGORITHMS)
 _FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c"})
 _MAX_KID = 256
 _MAX_TIME = 2**53
+_MIN_TIME = -_MAX_TIME
 _ECDSA = ec.ECDSA(hashes.SHA256())
 _ECDSA_384 = ec.ECDSA(hashes.SHA384())
 _EC_CURVES = {"ES256": ("secp256r1", _ECDSA), "ES384": ("secp384r1", _ECDSA_384)}
@@ -294,7 +297,7 @@ def _numeric_date(claims: dict[str, Any], name: str) -> float | None:
     value: object = claims.get(name)
     if value is None:
         return None
-    if type(value) is int and -_MAX_TIME <= value <= _MAX_TIME:
+    if type(value) is int and _MIN_TIME <= value <= _MAX_TIME:
         return value
     if type(value) is float and math.isfinite(value):
         return value
@@ -353,42 +356,50 @@ def _check_claims(
         _check_audience(claims, audience)
 
 
-def _usual_claims_pass(
-    claims: dict[str, Any],
-    audience: str | Collection[str] | None,
-    issuer: str | Collection[str] | None,
-    earliest: float,
-    latest: float,
-) -> bool:
-    """True when the claims take the usual shape and pass `_check_claims`: ``exp`` an int
-    after *earliest*, ``nbf`` and ``iat`` absent or ints up to *latest*, ``iss`` and
-    ``aud`` the very string expected. False says nothing: it leaves the claims to
-    `_check_claims`, which alone rejects them, with every rule and error."""
-    # Fast path, measured by bench/verify.py: it pays +0.007 to +0.025 in the ratio to
-    # raw `cryptography` (medians of three sets of paired runs, docs/design-notes.md).
-    # One test per claim instead of the checks' calls, sets and lists.
+def claim_times(claims: dict[str, Any]) -> tuple[int, int] | None:
+    """``(exp, the later of nbf and iat)`` when those take the usual shape: ``exp`` an
+    int up to 2**53, ``nbf`` and ``iat`` absent or ints from -2**53 (both absent: -2**53);
+    ``None`` for any other shape, which only `_check_claims` judges. What a verified-token
+    cache keeps beside the claims, so that a hit does not look at them again."""
     expires, not_before, issued = claims.get("exp"), claims.get("nbf"), claims.get("iat")
-    return (
-        type(expires) is int
-        and earliest < expires <= _MAX_TIME
-        and (not_before is None or (type(not_before) is int and -_MAX_TIME <= not_before <= latest))
-        and (issued is None or (type(issued) is int and -_MAX_TIME <= issued <= latest))
-        and (issuer is None or (type(issuer) is str and claims.get("iss") == issuer))
-        and (audience is None or (type(audience) is str and claims.get("aud") == audience))
-    )
+    if type(expires) is not int or expires > _MAX_TIME:
+        return None
+    start = _MIN_TIME
+    if not_before is not None:
+        if type(not_before) is not int or not_before < _MIN_TIME:
+            return None
+        start = not_before
+    if issued is not None:
+        if type(issued) is not int or issued < _MIN_TIME:
+            return None
+        start = max(start, issued)
+    return expires, start
 
 
 def check_claims(
     claims: dict[str, Any],
+    times: tuple[int, int] | None,
     *,
     audience: str | Collection[str] | None,
     issuer: str | Collection[str] | None,
     leeway: float,
     now: float,
 ) -> None:
-    """Check the registered claims of a verified token as `verify_token` does, or raise
-    the matching `InvalidToken` (what a cached token goes through again on every use)."""
-    if not _usual_claims_pass(claims, audience, issuer, now - leeway, now + leeway):
+    """Check the registered claims of a verified token (*times*: their `claim_times`) as
+    `verify_token` does, or raise the matching `InvalidToken` (what a cached token goes
+    through again on every use)."""
+    # Fast path, measured by bench/verify.py: it pays +0.007 to +0.025 in the ratio to
+    # raw `cryptography` (medians of three sets of paired runs, docs/design-notes.md).
+    # Claims of the usual shape (`claim_times`) with ``iss`` and ``aud`` the very string
+    # expected pass on one test per claim, instead of the checks' calls, sets and lists.
+    # What it does not pass goes to `_check_claims`, which alone rejects, with every rule.
+    if not (
+        times is not None
+        and now - leeway < times[0]
+        and times[1] <= now + leeway
+        and (issuer is None or (type(issuer) is str and claims.get("iss") == issuer))
+        and (audience is None or (type(audience) is str and claims.get("aud") == audience))
+    ):
         _check_claims(claims, audience, issuer, leeway, now)
 
 
@@ -433,6 +444,11 @@ def verify_token(
     )[1]
 
 
+#: What `verify_kid_claims` returns: the kid of the key that verified a token, its claims
+#: and their `claim_times`.
+Verified = tuple[str, dict[str, Any], tuple[int, int] | None]
+
+
 def verify_kid_claims(
     token: str | bytes,
     lookup: KeyLookup,
@@ -443,9 +459,9 @@ def verify_kid_claims(
     leeway: float,
     max_bytes: int,
     headers: HeaderCache | None,
-) -> tuple[str, dict[str, Any]]:
+) -> Verified:
     """`verify_token`, returning the kid of the key that verified the token with its
-    claims (what a verified-token cache files the claims under)."""
+    claims and their `claim_times` (what a verified-token cache files them under)."""
     raw = _as_ascii(token, max_bytes)
     parts = raw.split(b".")
     if len(parts) != 3:
@@ -459,6 +475,6 @@ def verify_kid_claims(
     signing_input = raw[: len(header_segment) + 1 + len(payload_segment)]
     _check_signature(alg, key, signature, signing_input)
     claims = _claims_of(payload_segment)
-    if not _usual_claims_pass(claims, audience, issuer, now - leeway, now + leeway):
-        _check_claims(claims, audience, issuer, leeway, now)
-    return kid, claims
+    times = claim_times(claims)
+    check_claims(claims, times, audience=audience, issuer=issuer, leeway=leeway, now=now)
+    return kid, claims, times
