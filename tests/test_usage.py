@@ -5,6 +5,7 @@ Redis keeps verifying and drops, counted, what it could not report in time."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -91,6 +92,42 @@ def test_tokens_answered_by_the_token_cache_are_counted_under_their_kid(
     found = totals(client)
     found.pop(f"last:{kid}")
     assert found == {f"accepted:{kid}": 4, f"refused:InvalidAudience:{kid}": 1}
+
+
+def test_verifications_on_many_threads_are_counted_to_the_last_while_flushes_take_them(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring
+) -> None:
+    """Accepted verifications are counted without a lock (`UsageCounter.accepted`): none
+    is lost or counted twice, however the threads and the flushes that take the counts
+    interleave."""
+    manager.reconcile("default")
+    kid, tokens = sign(redis_server, keyring, 4)
+    threads, each = 8, 2_000
+    reader = JWKSReader(redis_server.url, follow=False, report_usage=True).start()
+    assert reader.usage is not None
+    taken: list[int] = []
+    done = threading.Event()
+
+    def take() -> None:  # a flush's share, as often as it can
+        while not done.is_set():
+            taken.extend(c.counts.get((ACCEPTED, kid), 0) for c in reader.usage.take())
+
+    def verify(index: int) -> None:
+        for _ in range(each):
+            reader.verify(tokens[index % len(tokens)], audience="svc", issuer="iam")
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    workers = [threading.Thread(target=verify, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    done.set()
+    taker.join()
+    taken.extend(c.counts.get((ACCEPTED, kid), 0) for c in reader.usage.take())
+    reader.close()
+    assert sum(taken) == threads * each
 
 
 def test_counts_are_flushed_in_the_background_while_the_reader_runs(
