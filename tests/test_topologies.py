@@ -109,6 +109,46 @@ def test_sentinel_failover_loses_no_committed_key(
     assert committed <= kids_in(promoted)  # every key committed before the failover survived
 
 
+def test_serve_on_sentinel_follows_a_failover(
+    sentinel_setup: tuple[EmbeddedRedis, EmbeddedRedis, SentinelGroup],
+    cli: Cli,
+    keyring: Keyring,
+) -> None:
+    """serve finds the master through the sentinels the wiring reads (``redis.url``
+    points at no server at all), and after a failover reads the promoted replica."""
+    master, replica, group = sentinel_setup
+    env = {
+        **cli.env,
+        "ROTATOR_REDIS__URL": f"redis://127.0.0.1:{free_port()}/0",
+        "ROTATOR_REDIS__SENTINELS": json.dumps([f"127.0.0.1:{p}" for p in group.ports]),
+        "ROTATOR_SERVER__POLL_INTERVAL": "1s",
+    }
+    settings = load_settings(
+        redis={
+            "url": env["ROTATOR_REDIS__URL"],
+            "sentinels": json.loads(env["ROTATOR_REDIS__SENTINELS"]),
+        }
+    )
+    manager = KeyManager(Store(connect(settings.redis), Layout()), keyring, lambda _n: FAST)
+    manager.reconcile("default")
+    on_master = redis.Redis(port=master.port)
+    promoted = redis.Redis(port=replica.port)
+    with running_serve(Cli(env, cli.cwd)) as running:
+        url = f"{running.url}/.well-known/jwks.json?keyset=default"
+        answer = fetch(url)
+        assert answer.status == 200, answer.body
+        assert answer.body == on_master.get("rotator:{default}:jwks")
+        wait_for(lambda: promoted.get("rotator:{default}:jwks") == answer.body, what="replication")
+        master.kill()
+        wait_for(
+            lambda: promoted.info("replication")["role"] == "master", timeout=30, what="failover"
+        )
+        manager.rotate("default", force=True)  # through the sentinels, on the new master
+        moved = promoted.get("rotator:{default}:jwks")
+        assert moved != answer.body
+        wait_for(lambda: fetch(url).body == moved, timeout=30, what="serve on the new master")
+
+
 def _cluster_ok(client: redis.Redis) -> bool:
     return bool(client.cluster("info")["cluster_state"] == "ok")
 
