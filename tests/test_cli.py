@@ -264,6 +264,20 @@ def test_token_sign_and_verify_use_the_keys_algorithm(cli: Cli, algorithm: str) 
     assert json.loads(checked.stdout)["sub"] == "me"
 
 
+def test_token_verify_reads_no_kek(cli: Cli, tmp_path: Path) -> None:
+    """A host that only verifies holds no KEK: a KEK file it cannot read fails `token
+    sign` (exit 2, naming the setting) and leaves `token verify` alone."""
+    assert cli("keyset", "add", "app").code == 0
+    signed = cli("token", "sign", "--keyset", "app", "--claims", '{"sub": "me"}')
+    assert signed.code == 0, signed.stderr
+    verifier = Cli({**cli.env, "ROTATOR_KEYS__KEK_FILE": str(tmp_path / "absent")}, cli.cwd)
+    checked = verifier("token", "verify", signed.stdout.strip(), "--keyset", "app")
+    assert checked.code == 0, checked.stderr
+    assert json.loads(checked.stdout)["sub"] == "me"
+    refused = verifier("token", "sign", "--keyset", "app", "--claims", '{"sub": "me"}')
+    assert refused.code == 2 and "kek_file" in refused.stderr, refused.stderr
+
+
 def test_a_broken_stored_policy_fails_that_keyset_alone(cli: Cli, client: redis.Redis) -> None:
     assert cli("keyset", "add", "good").code == 0
     client.hset("rotator:keysets", "broken", '{"interval": "often"}')

@@ -40,11 +40,13 @@ def manager_for(
     return manager_of(wiring, remember=remember), wiring.keysets
 
 
-def wiring_for(settings: Settings, *, one_shot: bool = True) -> Wiring:
-    """A command's wiring with its KEKs read first, so a bad KEK fails before Redis is
-    asked; a one-shot command's registry is read at once."""
+def wiring_for(settings: Settings, *, one_shot: bool = True, keks: bool = True) -> Wiring:
+    """A command's wiring with its KEKs read first (unless it needs none: *keks* false),
+    so a bad KEK fails before Redis is asked; a one-shot command's registry is read at
+    once."""
     wiring = Wiring(settings, one_shot=one_shot)
-    _ = wiring.keyring
+    if keks:
+        _ = wiring.keyring
     if one_shot:
         wiring.keysets.refresh()
     return wiring

@@ -22,8 +22,8 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     claims = _claims(args.claims) if args.verb == "sign" else {}
     # The registry first, as every command that names a key set: an unknown name is a
     # bad argument and an unreachable Redis says so, before a signer or reader would
-    # only find no key.
-    wiring = wiring_for(settings)
+    # only find no key. Verifying needs no KEK: a host that only verifies holds none.
+    wiring = wiring_for(settings, keks=args.verb == "sign")
     keyset = checked_keyset(wiring.keysets, args.keyset)
     if args.verb == "sign":
         with Signer.from_settings(settings, keyset, follow=False) as signer:
