@@ -454,6 +454,8 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """
     document: dict[str, Any] = {}
     if path is not None:
+        if path.is_dir():
+            raise ConfigError(f"config file {path}: is a directory")
         if not path.is_file():
             raise ConfigError(f"config file {path}: not found")
         try:

@@ -275,6 +275,17 @@ def test_a_misspelled_or_bad_variable_is_one_line_and_exit_2(
     assert one_line(result) and variable in result.stderr and said in result.stderr, result
 
 
+def test_an_empty_rotator_config_is_exit_2_naming_it(
+    environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: ``ROTATOR_CONFIG=`` read as the current directory, "config file .: not
+    found"."""
+    environment.setenv("ROTATOR_CONFIG", "")
+    result = run(capsys, "check-config")
+    assert result.code == 2, result
+    assert one_line(result) and "ROTATOR_CONFIG" in result.stderr, result
+
+
 @pytest.mark.parametrize(
     ("command", "argv"),
     [

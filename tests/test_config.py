@@ -223,6 +223,8 @@ def test_the_file_is_read_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_settings(tmp_path)
     with pytest.raises(ConfigError, match="line 1"):
         load_settings(write(tmp_path, "[redis\n"))
 

@@ -81,6 +81,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _config_file(text: str) -> Path:
+    """``--config`` (or ``ROTATOR_CONFIG``, its default): an empty one is a mistake, not
+    the current directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty (from --config or ROTATOR_CONFIG): name a file")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every command, its arguments and their help."""
     parser = _Parser(
@@ -89,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config",
-        type=Path,
+        type=_config_file,
         default=os.environ.get("ROTATOR_CONFIG"),
         help="TOML config file (default: $ROTATOR_CONFIG); ROTATOR_* env vars override it",
     )
