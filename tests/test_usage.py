@@ -103,14 +103,16 @@ def test_verifications_on_many_threads_are_counted_to_the_last_while_flushes_tak
     manager.reconcile("default")
     kid, tokens = sign(redis_server, keyring, 4)
     threads, each = 8, 2_000
-    reader = JWKSReader(redis_server.url, follow=False, report_usage=True).start()
-    assert reader.usage is not None
+    # The reader's own flusher waits an hour: the counts are taken here alone.
+    reader = JWKSReader(redis_server.url, follow=False, usage_interval=3600).start()
+    usage = reader.usage
+    assert usage is not None
     taken: list[int] = []
     done = threading.Event()
 
     def take() -> None:  # a flush's share, as often as it can
         while not done.is_set():
-            taken.extend(c.counts.get((ACCEPTED, kid), 0) for c in reader.usage.take())
+            taken.extend(c.counts.get((ACCEPTED, kid), 0) for c in usage.take())
 
     def verify(index: int) -> None:
         for _ in range(each):
@@ -125,7 +127,7 @@ def test_verifications_on_many_threads_are_counted_to_the_last_while_flushes_tak
         worker.join()
     done.set()
     taker.join()
-    taken.extend(c.counts.get((ACCEPTED, kid), 0) for c in reader.usage.take())
+    taken.extend(c.counts.get((ACCEPTED, kid), 0) for c in usage.take())
     reader.close()
     assert sum(taken) == threads * each
 
