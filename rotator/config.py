@@ -39,7 +39,12 @@ from rotator.core.issuer import issuer_routes
 from rotator.core.overrides import Duration, PolicyOverrides, describe_error
 from rotator.core.policy import Policy
 from rotator.storage.kekfile import load_keyring
-from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name, validate_prefix
+from rotator.storage.layout import (
+    DEFAULT_KEYSET,
+    MAX_SHARDS,
+    validate_keyset_name,
+    validate_prefix,
+)
 
 __all__ = [
     "LOG_LEVELS",
@@ -141,6 +146,9 @@ class DaemonSettings(_Section):
     tick: Duration = 15.0
     sweep_interval: Duration = 600.0
     lease_ttl: Duration = 15.0
+    # One shard by default: one leader, as before shards; more split the key sets among
+    # the live daemons (`rotator.storage.lease`).
+    shards: int = Field(default=1, ge=1, le=MAX_SHARDS)
     backup_path: Path | None = None
     health_host: str = "127.0.0.1"
     health_port: int = Field(default=9464, ge=0, le=65535)

@@ -33,6 +33,7 @@ __all__ = [
     "LEADER",
     "REDIS_ERRORS",
     "ROTATIONS",
+    "SHARDS_LED",
     "USAGE_DROPPED",
     "KeysetCollector",
     "KeysetSample",
@@ -60,7 +61,12 @@ COMMIT_SECONDS = Histogram(
 REDIS_ERRORS = Counter(
     "rotator_redis_errors", "Redis commands that failed after retries", registry=None
 )
-LEADER = Gauge("rotator_leader", "1 while this replica holds the leader lease", registry=None)
+LEADER = Gauge(
+    "rotator_leader", "1 while this replica leads any shard (holds a leader lease)", registry=None
+)
+SHARDS_LED = Gauge(
+    "rotator_leader_shards", "Shards this replica leads (of daemon.shards)", registry=None
+)
 USAGE_DROPPED = Counter(
     "rotator_reader_usage_dropped",
     "Verifications a reader counted but could not report to Redis in time, by key set",
@@ -208,7 +214,13 @@ def register_process_metrics(
     registry.register(ROTATIONS)
     registry.register(keysets or KeysetCollector())
     readers = register_reader_metrics(registry)
-    later: tuple[Collector, ...] = (COMMIT_SECONDS, REDIS_ERRORS, LEADER, HTTP_REFUSALS)
+    later: tuple[Collector, ...] = (
+        COMMIT_SECONDS,
+        REDIS_ERRORS,
+        LEADER,
+        SHARDS_LED,
+        HTTP_REFUSALS,
+    )
     for collector in later:  # in this order, so that /metrics reads as it always has
         registry.register(collector)
     return readers

@@ -52,8 +52,8 @@ class Wiring:
 
     @cached_property
     def layout(self) -> Layout:
-        """The key names under ``redis.prefix``."""
-        return Layout(self.settings.redis.prefix)
+        """The key names under ``redis.prefix``, with ``daemon.shards`` shards."""
+        return Layout(self.settings.redis.prefix, self.settings.daemon.shards)
 
     @cached_property
     def store(self) -> Store:

@@ -59,7 +59,7 @@ def test_each_role_does_its_job_and_no_more(acl_redis: EmbeddedRedis, keyring: K
     }  # appended as daemon
     manager.store.register("gone")
     manager.store.unregister("gone")
-    lease = Lease(daemon_client, "rotator:leader", 5)
+    lease = Lease(daemon_client, Layout(), 5)
     assert lease.refresh() and lease.refresh()
     lease.release()
 

@@ -13,7 +13,8 @@ from rotator.embedded import EmbeddedRedis
 from tests.helpers import FakeClock
 from tests.test_daemon_unit import entry, make_daemon
 
-DUE = "rotator:due"
+DUE = "rotator:{shard-0}:due"
+EPOCH = "rotator:{shard-0}:epoch"
 
 
 @pytest.fixture
@@ -34,13 +35,13 @@ def test_every_commit_files_its_keyset_and_moves_the_epoch(
     state = daemon.manager.load("alpha").state
     assert state is not None
     assert filed(client, "alpha") == daemon.manager.next_change_at(state)
-    before = store.epoch()
+    before = store.epoch([0])[0]
     assert before is not None
     daemon.manager.rotate("alpha", force=True)  # a CLI rotation goes through the same script
     rotated = daemon.manager.load("alpha").state
     assert rotated is not None
     assert filed(client, "alpha") == daemon.manager.next_change_at(rotated)
-    assert store.epoch() == before + 1
+    assert store.epoch([0])[0] == before + 1
 
 
 def test_a_policy_change_refiles_the_keyset_at_the_next_tick(
@@ -85,7 +86,7 @@ def test_an_epoch_going_backwards_makes_the_next_tick_look_at_everything(
     rotated = daemon.manager.load("alpha").state
     assert rotated is not None
     client.delete("rotator:{alpha}:state")  # gone in the snapshot rolled back to
-    client.decr("rotator:epoch")
+    client.decr(EPOCH)
     clock.advance(1)
     daemon.tick()
     assert daemon.manager.load("alpha").state == rotated
@@ -93,7 +94,7 @@ def test_an_epoch_going_backwards_makes_the_next_tick_look_at_everything(
 
 @pytest.mark.parametrize(
     ("key", "garbage"),
-    [("rotator:epoch", "not a number"), ("rotator:epoch", "9" * 30), ("rotator:due", "a string")],
+    [(EPOCH, "not a number"), (EPOCH, "9" * 30), (DUE, "a string")],
 )
 def test_garbage_under_the_index_or_epoch_fails_no_commit(
     daemon: Daemon, client: redis.Redis, key: str, garbage: str
@@ -107,4 +108,4 @@ def test_garbage_under_the_index_or_epoch_fails_no_commit(
     rotated = daemon.manager.load("alpha").state
     assert rotated is not None
     assert filed(client, "alpha") == daemon.manager.next_change_at(rotated)
-    assert daemon.manager.store.epoch() == 1  # started anew: a loss the leader's probe sees
+    assert daemon.manager.store.epoch([0])[0] == 1  # started anew: a loss the leader's probe sees

@@ -132,7 +132,7 @@ def test_a_poisoned_jwks_does_not_kill_the_events_threads(
     allows only `InvalidToken`)."""
     # The lease is held elsewhere: the daemon stays a follower and heals nothing, so the
     # poison stays in place until the commit that follows it.
-    client.set("rotator:leader", "held by the test", px=600_000)
+    client.set("rotator:{leases}:shard-0", "held by the test", px=600_000)
     assert cli("rotate").code == 0
     daemon = start_daemon(**QUIET)
     wait_for(lambda: last_read(daemon), what="the daemon to read the key set")

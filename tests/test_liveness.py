@@ -26,6 +26,7 @@ from rotator.library.aioreader import AsyncJWKSCache, AsyncJWKSReader
 from rotator.library.reader import JWKSReader
 from rotator.storage.connect import connect
 from rotator.storage.events import EventFollower, PingWatch, SilentSubscription
+from rotator.storage.layout import Layout
 from rotator.storage.lease import Lease, SlowTicks, Verdict, call_timeout
 from tests.conftest import Cli, Daemon, StartDaemon
 from tests.faults import Proxy
@@ -116,7 +117,7 @@ def test_the_lease_counts_as_lost_one_ttl_after_its_last_renewal_began(
     redis_server: EmbeddedRedis,
 ) -> None:
     clock = FakeClock(100.0)
-    lease = Lease(redis.Redis.from_url(redis_server.url), "rotator:leader", 15.0, clock=clock)
+    lease = Lease(redis.Redis.from_url(redis_server.url), Layout(), 15.0, clock=clock)
     assert lease.refresh() and lease.held
     clock.advance(14.9)
     assert lease.held
@@ -132,7 +133,7 @@ def test_the_lease_counts_as_lost_one_ttl_after_its_last_renewal_began(
 
 def test_a_lease_cut_off_from_redis_is_lost_and_says_why(proxy: Proxy) -> None:
     client = redis.Redis.from_url(proxy.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    lease = Lease(client, "rotator:leader", 3.0)
+    lease = Lease(client, Layout(), 3.0)
     assert lease.refresh() and lease.unreachable is None
     proxy.blackhole()
     assert not lease.refresh() and not lease.held

@@ -35,6 +35,9 @@ class Health:
     freshness: float
     redis_ok: bool = False
     leader: bool = False
+    #: The shards this daemon leads, of ``daemon.shards``.
+    shards: tuple[int, ...] = ()
+    shard_count: int = 1
     _keysets: dict[str, _KeysetHealth] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,7 +98,13 @@ class Health:
             }
             role = "leader" if self.leader else "follower"
             ready = self._ready(now)
-            return {"ready": ready, "redis": self.redis_ok, "role": role, "keysets": keysets}
+            return {
+                "ready": ready,
+                "redis": self.redis_ok,
+                "role": role,
+                "shards": {"led": list(self.shards), "of": self.shard_count},
+                "keysets": keysets,
+            }
 
 
 class HealthServer:

@@ -582,9 +582,9 @@ class KeyManager:
         """Move an unreadable state document aside and bootstrap fresh keys.
 
         Refuses (`LifecycleError`) when the stored state is readable, and while a daemon
-        holds the leader lease: it writes the keys it remembers back over the fresh ones
-        (`_restore`), so the repair would be undone a tick later after signers had started
-        using keys that then vanish.
+        leads any shard (`rotator.storage.lease`): it writes the keys it remembers back over
+        the fresh ones (`_restore`), so the repair would be undone a tick later after signers
+        had started using keys that then vanish.
         """
         try:
             self.store.load(keyset)
@@ -592,8 +592,9 @@ class KeyManager:
             left = self.store.leader_lease_left()
             if left is not None:
                 raise lifecycle.LifecycleError(
-                    f"key set {keyset}: not repaired: a daemon holds the leader lease "
-                    f"({self.store.layout.leader}) and would write the keys it remembers back "
+                    f"key set {keyset}: not repaired: a daemon holds a leader lease "
+                    f"({self.store.layout.lease(0)[:-1]}*) and would write the keys it "
+                    "remembers back "
                     "over fresh ones; stop every `rotator run`, then repair (the lease lapses "
                     f"at most {format_duration(math.ceil(left))} after the leader stops)"
                 ) from None

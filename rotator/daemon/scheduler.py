@@ -45,6 +45,7 @@ from rotator.metrics import (
     LEADER,
     REDIS_ERRORS,
     ROTATIONS,
+    SHARDS_LED,
     KeysetCollector,
     KeysetSample,
     register_process_metrics,
@@ -108,7 +109,8 @@ class Daemon:
         self.clock = clock
         daemon = settings.daemon
         self.health = Health(freshness=_FRESHNESS_TICKS * daemon.tick)
-        self.lease = Lease(wiring.lease_client, wiring.layout.leader, daemon.lease_ttl)
+        self.lease = Lease(wiring.lease_client, wiring.layout, daemon.lease_ttl)
+        self.health.shard_count = wiring.layout.shards
         self._slow_ticks = SlowTicks(daemon.tick)
         self._outage = threading.Lock()
         # Held by a tick (scheduler thread) and by `on_commit` (events thread): the manager's
@@ -127,10 +129,10 @@ class Daemon:
         self._watchdog = watchdog_seconds()
         self._audit_seen: str | None = None
         self._tick_failure: str | None = None
-        # The due index (a leader on a single Redis): the epoch last read, when the next full
-        # sweep falls due, and each key set's registry entry when last looked at (a new or
-        # changed one is looked at, and refiled, at the next tick).
-        self._epoch: int | None = None
+        # The due index (a leader): the epoch of each shard led when last read, when the
+        # next full sweep falls due, and each key set's registry entry when last looked at
+        # (a new or changed one is looked at, and refiled, at the next tick).
+        self._epoch: dict[int, int | None] = {}
         self._sweep_now = True
         self._next_sweep = float("-inf")
         self._looked: dict[str, KeySetEntry | None] = {}
@@ -165,19 +167,26 @@ class Daemon:
             self._backed_up = {name: state.version for name, state in contents.states.items()}
 
     def step_lease(self) -> bool:
-        """Renew or try to take the lease; on taking it, look at every key set at once. The
+        """Step the shard leases; on taking a shard, look at every key set led at once. The
         lease's calls are bounded, so this is also where an unreachable Redis is noticed
         first, while a tick may still wait on its own calls."""
-        was_leader = self.lease.held
+        was = self.lease.led
         leader = self.lease.refresh()
         if self.lease.unreachable is not None:
             self._redis_failed(self.lease.unreachable)
-        self.health.leader = leader
-        LEADER.set(1 if leader else 0)
-        if leader and not was_leader and not self.stopping.is_set():
+        led = self.lease.led
+        self._led(led)
+        if led - was and not self.stopping.is_set():
             self._sweep_now = True
             self._wake_at(self.clock())
         return leader
+
+    def _led(self, led: frozenset[int]) -> None:
+        """Health and gauges: this daemon leads *led*."""
+        self.health.shards = tuple(sorted(led))
+        self.health.leader = bool(led)
+        LEADER.set(1 if led else 0)
+        SHARDS_LED.set(len(led))
 
     def timed_tick(self) -> None:
         """`tick`, timed: a leader whose ticks keep taking longer than ``daemon.tick`` steps
@@ -198,8 +207,7 @@ class Daemon:
                 ttl,
             )
             self.lease.step_down(ttl)
-            self.health.leader = False
-            LEADER.set(0)
+            self._led(frozenset())
         elif verdict is Verdict.STAY:
             log.warning(
                 "ticks still take longer than daemon.tick (the last %.1fs > %gs), and the "
@@ -234,29 +242,36 @@ class Daemon:
         for name, problem in unusable.items():
             self._keyset_failed(name, problem)
         names = [name for name in names if name not in unusable]
-        leader = self.lease.held
+        led = self.lease.led
+        leader = bool(led)
+        shard_of = self.manager.store.layout.shard_of
+        # What this daemon leads it reconciles; the rest it reads, as a follower does, so
+        # that it holds a copy to restore should it take those shards over.
+        mine = [name for name in names if shard_of(name) in led]
+        others = [name for name in names if shard_of(name) not in led] if led else names
         indexed = leader and self.manager.store.indexed
         sweep = True
         if indexed:
             try:
-                names, sweep = self._to_look_at(names)
+                mine, sweep = self._to_look_at(mine, led)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._redis_failed(exc)
                 return
         due: list[float] = []
         committed = False
         looked: list[KeySetState] = []
-        for start in range(0, len(names), BATCH_SIZE):
+        batches = [(mine[i : i + BATCH_SIZE], True) for i in range(0, len(mine), BATCH_SIZE)]
+        batches += [(others[i : i + BATCH_SIZE], False) for i in range(0, len(others), BATCH_SIZE)]
+        for batch, reconciled in batches:
             if self.stopping.is_set():
                 return
-            batch = names[start : start + BATCH_SIZE]
             try:
                 results = (
                     self.manager.reconcile_many(batch)
-                    if leader
+                    if reconciled
                     else self.manager.observe_many(batch)
                 )
-                if indexed:
+                if indexed and reconciled:
                     self._refile(results, sweep=sweep)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._redis_failed(exc)
@@ -272,54 +287,80 @@ class Daemon:
                 elif result is not None:  # a follower sees an empty set until it is bootstrapped
                     self._succeeded(name, result)
         if indexed:
-            self._looked.update((s.keyset, self.managed.get(s.keyset)) for s in looked)
-            # What the index says is not due was healthy when last looked at, and no commit
-            # since (the epoch would have moved it into the index) says otherwise.
-            now = self.clock()
-            for name in self.managed.names():
-                if name not in self._errors and name not in unusable:
-                    self.health.succeeded(name, now)
-            with contextlib.suppress(redis.RedisError):  # the next tick reports it
-                if sweep or committed:
-                    # What this tick wrote is no loss to detect at the next.
-                    self._epoch = self.manager.store.epoch(start=True)
-                earliest = self.manager.store.earliest_due()
-                if earliest is not None:
-                    due.append(earliest)
+            self._index_looked(looked, led, unusable, sweep=sweep or committed, due=due)
         if self.backup is not None:
             self._save_backup()
         self.count_rotations()
         if due and leader:
             self._wake_at(min(due))
 
-    def _to_look_at(self, names: list[str]) -> tuple[list[str], bool]:
-        """The key sets a leader's tick reconciles, and whether that is all of them (a
-        sweep): all on taking the lease, every ``daemon.sweep_interval``, and when the epoch
-        went backwards or vanished (Redis lost data); else those the due index says are due,
-        those new or whose policy changed since last looked at, and those that failed."""
+    def _index_looked(
+        self,
+        looked: list[KeySetState],
+        led: frozenset[int],
+        unusable: Mapping[str, str],
+        *,
+        sweep: bool,
+        due: list[float],
+    ) -> None:
+        """After a leader's tick over the shards *led*: remember what it *looked* at, count
+        the key sets it did not look at healthy, read the epochs anew after a *sweep* or a
+        commit, and add the earliest due time filed to *due*."""
+        self._looked.update((s.keyset, self.managed.get(s.keyset)) for s in looked)
+        # What the index says is not due was healthy when last looked at, and no commit
+        # since (the epoch would have moved it into the index) says otherwise.
+        now = self.clock()
+        shard_of = self.manager.store.layout.shard_of
+        for name in self.managed.names():
+            if name not in self._errors and name not in unusable and shard_of(name) in led:
+                self.health.succeeded(name, now)
+        shards = sorted(led)
+        with contextlib.suppress(redis.RedisError):  # the next tick reports it
+            if sweep:
+                # What this tick wrote is no loss to detect at the next.
+                self._epoch = self.manager.store.epoch(shards, start=True)
+            earliest = self.manager.store.earliest_due(shards)
+            if earliest is not None:
+                due.append(earliest)
+
+    def _to_look_at(self, names: list[str], led: frozenset[int]) -> tuple[list[str], bool]:
+        """The key sets of the shards *led* that a leader's tick reconciles (*names* are all
+        of them), and whether that is all of them (a sweep): all on taking a shard, every
+        ``daemon.sweep_interval``, and when a shard's epoch went backwards or vanished
+        (Redis lost data); else those the shards' due indexes say are due, those new or
+        whose policy changed since last looked at, and those that failed."""
         store = self.manager.store
         now = self.clock()
-        epoch = store.epoch()
-        if self._epoch is not None and (epoch is None or epoch < self._epoch):
-            log.warning(
-                "%s went from %d to %s: Redis lost data; looking at every key set",
-                store.layout.epoch,
-                self._epoch,
-                "nothing" if epoch is None else epoch,
-            )
-            self._sweep_now = True
-        self._epoch = epoch
+        shards = sorted(led)
+        epochs = store.epoch(shards)
+        for shard, epoch in epochs.items():
+            known = self._epoch.get(shard)
+            if known is not None and (epoch is None or epoch < known):
+                log.warning(
+                    "%s went from %d to %s: Redis lost data; looking at every key set",
+                    store.layout.epoch(shard),
+                    known,
+                    "nothing" if epoch is None else epoch,
+                )
+                self._sweep_now = True
+        self._epoch = epochs
         if self._sweep_now or now >= self._next_sweep:
             self._sweep_now = False
             self._next_sweep = now + self.settings.daemon.sweep_interval
             return names, True
         managed = set(names)
-        filed = store.due(now, _DUE_LIMIT)
-        if len(filed) == _DUE_LIMIT:
+        filed, more = store.due(shards, now, _DUE_LIMIT)
+        if more:
             self._wake_at(now)  # more are due: the next batch right after this one
-        stale = [name for name in filed if name not in managed]
-        store.unindex(stale)
-        wanted = {name for name in filed if name in managed}
+        # Filed but no longer managed, or filed in another shard's index (the number of
+        # shards changed): dropped from that index.
+        stale: dict[int, list[str]] = {}
+        for shard, name in filed:
+            if name not in managed or store.layout.shard_of(name) != shard:
+                stale.setdefault(shard, []).append(name)
+        for shard, gone in stale.items():
+            store.unindex(gone, shard)
+        wanted = {name for _shard, name in filed if name in managed}
         wanted.update(
             name for name in names if self._looked.get(name) is not self.managed.get(name)
         )

@@ -2,13 +2,32 @@
 
 Every key of key set ``S`` carries the hash tag ``{S}``, so in Redis Cluster a
 key set's state and JWKS share one slot and one script can write both.
+
+Leadership is split into ``shards`` shards (`rotator.storage.lease`). A key set belongs
+to the shard its Cluster slot falls in when the 16,384 slots are cut into ``shards``
+equal ranges (`Layout.shard_of`), so a shard's key sets lie on the few masters that
+serve its range, on a single Redis as in Cluster. Each shard's due index and epoch carry
+the shard's own hash tag; the leases and the membership of live daemons share one tag,
+so one script steps them all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_KEYSET", "Layout", "validate_keyset_name", "validate_prefix"]
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+__all__ = [
+    "DEFAULT_KEYSET",
+    "MAX_SHARDS",
+    "Layout",
+    "validate_keyset_name",
+    "validate_prefix",
+]
+
+#: The most shards ``daemon.shards`` accepts: every lease step touches each shard's lease
+#: in one script, and more shards than this would outnumber any fleet of daemons anyway.
+MAX_SHARDS = 1024
 
 DEFAULT_KEYSET = "default"
 _MAX_NAME_BYTES = 128
@@ -48,9 +67,16 @@ def validate_prefix(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """Redis key names under one prefix."""
+    """Redis key names under one prefix, with leadership split into *shards* shards."""
 
     prefix: str = "rotator"
+    shards: int = 1
+
+    def shard_of(self, keyset: str) -> int:
+        """The shard of *keyset*: where its Cluster slot falls among *shards* equal ranges
+        of slots (stable: the same name, prefix and shard count give the same shard)."""
+        slot = key_slot(self.state(keyset).encode("utf-8", "surrogateescape"))
+        return slot * self.shards // REDIS_CLUSTER_HASH_SLOTS
 
     def state(self, keyset: str) -> str:
         """Versioned state document with sealed private keys."""
@@ -88,19 +114,22 @@ class Layout:
         """Capped stream of lifecycle events."""
         return f"{self.prefix}:audit"
 
-    @property
-    def due(self) -> str:
+    def due(self, shard: int) -> str:
         """Sorted set: key set name -> when it next needs the leader
-        (`lifecycle.next_change_at`), written by every commit (single Redis only)."""
-        return f"{self.prefix}:due"
+        (`lifecycle.next_change_at`), for the key sets of *shard*; filed by every commit."""
+        return f"{self.prefix}:{{shard-{shard}}}:due"
+
+    def epoch(self, shard: int) -> str:
+        """Counter every commit of a key set of *shard* moves: a daemon that sees it go
+        backwards or vanish knows Redis lost data."""
+        return f"{self.prefix}:{{shard-{shard}}}:epoch"
+
+    def lease(self, shard: int) -> str:
+        """The lease of *shard*: the token of the daemon leading it, with a TTL."""
+        return f"{self.prefix}:{{leases}}:shard-{shard}"
 
     @property
-    def epoch(self) -> str:
-        """Counter every commit moves: a daemon that sees it go backwards or vanish knows
-        Redis lost data (single Redis only)."""
-        return f"{self.prefix}:epoch"
-
-    @property
-    def leader(self) -> str:
-        """The leader lease."""
-        return f"{self.prefix}:leader"
+    def members(self) -> str:
+        """Sorted set of the live daemons: token -> when its heartbeat lapses (Redis time,
+        milliseconds). In the leases' slot, so one script reads both."""
+        return f"{self.prefix}:{{leases}}:members"

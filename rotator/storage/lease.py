@@ -1,49 +1,133 @@
-"""The leader lease: which of several `rotator run` replicas rotates.
+"""The leader leases: which of several `rotator run` replicas rotates which key sets.
 
-A redis-py `Lock` at ``P:leader`` holds a random token with a TTL; the
-holder renews it (compare-and-extend: only while the token is still its own)
-every third of the TTL and releases it on a clean shutdown. Losing the lease
-is always safe: every commit is a compare-and-set on the state version, so a
-leader paused past its lease (SIGSTOP, GC, a network partition) cannot
-overwrite what its successor wrote; the lease only keeps replicas from
-doing the same work and racing.
+Leadership is split into ``daemon.shards`` shards (`Layout.shard_of`), each with a lease
+at ``P:{leases}:shard-N`` holding the token of the daemon leading it, with a TTL. Every
+daemon steps all of them in one script, every third of the TTL (one round trip however
+many shards): it renews its heartbeat in ``P:{leases}:members`` (token -> when it lapses,
+in Redis's own clock, so the daemons' clocks need not agree), drops members whose
+heartbeat lapsed, and works out its share: the live members sorted by token, the first
+``shards % live`` of them lead ``shards // live + 1`` shards, the others ``shards //
+live``. It renews (compare-and-extend: only while the token is still its own) as many of
+its shards as its share, releases the rest, and takes free ones up to its share. So the
+shares are balanced within one shard and no daemon leads more than its fair share plus
+one while others are alive; a daemon alone leads everything; and a dead daemon's heartbeat
+and leases lapse one TTL after its last step, when the next step of each survivor takes
+its shards (within the TTL and a third).
 
-Every call on the lease's path is bounded well under the TTL: the lease has
-a client of its own (`call_timeout`, `LEASE_RETRIES`: each call times out
-after a sixth of the TTL, connecting included, and is tried twice at most), so a
-renewal gives up about a third of the TTL after it began, however the
-network fails, and a renewal that failed means the lease is lost at once.
-Redis keeps the lease at least one TTL after the last renewal that
-succeeded began, so the replica calls itself a follower before another one
-can take over. `held` also turns false by itself one TTL after that start,
-should the renewal not run at all.
+Losing a lease is always safe: every commit is a compare-and-set on the state version, so
+a leader paused past its lease (SIGSTOP, GC, a network partition) cannot overwrite what
+its successor wrote; the leases only keep replicas from doing the same work and racing.
 
-A leader whose ticks overrun the tick interval steps down once (`SlowTicks`):
-it releases the lease and leaves it to the others for one TTL, so that a
-replica with a faster path to Redis can lead. If the lease comes back to it
-(nobody took it, or whoever did was as slow), it keeps it for the rest of
-that slow spell and says why.
+Every call on the lease's path is bounded well under the TTL: the lease has a client of
+its own (`call_timeout`, `LEASE_RETRIES`: each call times out after a sixth of the TTL,
+connecting included, and is tried twice at most), so a step gives up about a third of the
+TTL after it began, however the network fails, and a step that failed means every shard
+is lost at once. Redis keeps a lease at least one TTL after the last step that renewed it
+began, so the replica calls itself a follower before another one can take over. `held`
+and `led` also lapse by themselves one TTL after that start, should the step not run.
+
+A leader whose ticks overrun the tick interval steps down once (`SlowTicks`): it leaves
+(its heartbeat and leases deleted, so the others take its shards at their next step) and
+stays away for one TTL, so that a replica with a faster path to Redis can lead. If
+leadership comes back to it (nobody took it, or whoever did was as slow), it keeps it for
+the rest of that slow spell and says why.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
+import secrets
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import redis
-from redis.exceptions import LockError
 
-__all__ = ["LEASE_RETRIES", "Lease", "SlowTicks", "Verdict", "call_timeout"]
+from rotator.storage.layout import Layout
+
+__all__ = [
+    "LEASE_RETRIES",
+    "Lease",
+    "SlowTicks",
+    "Verdict",
+    "call_timeout",
+    "leaders",
+    "lease_left",
+    "shard_list",
+]
 
 log = logging.getLogger(__name__)
 
 #: Retries of a lease call (after the first try): one, so a single lost packet does not
 #: cost the lease, and two timeouts still end well inside it.
 LEASE_RETRIES = 1
+
+#: The longest token kept: the host name is there for `rotator status` to show, and a
+#: long one must not make every lease step carry it in full.
+_TOKEN_CHARS = 80
+
+# KEYS: members, the lease of each shard in order. ARGV: token, TTL in ms, 'step' or
+# 'leave'. Returns the shards (from 0) the token leads afterwards, the live members, and
+# the shards it released beyond its share.
+# Garbage under a key (another type than the script writes) is deleted, not obeyed: it
+# would otherwise keep a shard unled, or fail every step, for good.
+_STEP = """
+local token, ttl = ARGV[1], tonumber(ARGV[2])
+local n = #KEYS - 1
+local function lease(i)
+  local key = KEYS[i + 1]
+  local kind = redis.call('TYPE', key).ok
+  if kind ~= 'none' and kind ~= 'string' then redis.call('DEL', key) return false end
+  return redis.call('GET', key)
+end
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'none' and kind ~= 'zset' then redis.call('DEL', KEYS[1]) end
+if ARGV[3] == 'leave' then
+  redis.call('ZREM', KEYS[1], token)
+  for i = 1, n do
+    if lease(i) == token then redis.call('DEL', KEYS[i + 1]) end
+  end
+  return {{}, redis.call('ZCARD', KEYS[1]), {}}
+end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ttl, token)
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+table.sort(members)
+local live, rank = #members, 0
+for index, member in ipairs(members) do
+  if member == token then rank = index - 1 end
+end
+local share = math.floor(n / live)
+if rank < n % live then share = share + 1 end
+local led, free, released = {}, {}, {}
+for i = 1, n do
+  local holder = lease(i)
+  if holder == token then
+    if #led < share then
+      redis.call('PEXPIRE', KEYS[i + 1], ttl)
+      led[#led + 1] = i - 1
+    else
+      redis.call('DEL', KEYS[i + 1])
+      released[#released + 1] = i - 1
+    end
+  elseif not holder then
+    free[#free + 1] = i
+  end
+end
+for _, i in ipairs(free) do
+  if #led >= share then break end
+  redis.call('SET', KEYS[i + 1], token, 'PX', ttl)
+  led[#led + 1] = i - 1
+end
+table.sort(led)
+return {led, live, released}
+"""
 
 
 def call_timeout(ttl: float, socket_timeout: float) -> float:
@@ -53,20 +137,62 @@ def call_timeout(ttl: float, socket_timeout: float) -> float:
     return min(socket_timeout, ttl / 6)
 
 
+def shard_list(shards: Iterable[int]) -> str:
+    """*shards* as runs: ``0-3, 7``; ``none`` when empty."""
+    runs: list[list[int]] = []
+    for shard in sorted(shards):
+        if runs and runs[-1][1] == shard - 1:
+            runs[-1][1] = shard
+        else:
+            runs.append([shard, shard])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
+def _token() -> str:
+    """This process's token: host and pid (for people reading `rotator status`), and a
+    random part, so that two processes never share one."""
+    return f"{socket.gethostname()}:{os.getpid()}"[: _TOKEN_CHARS - 9] + f":{secrets.token_hex(4)}"
+
+
+def leaders(client: redis.Redis, layout: Layout) -> list[str | None]:
+    """The token leading each shard of *layout* (``None`` where none does), as stored:
+    decoded with replacement, since anyone who can write Redis can write there."""
+    raw: list[bytes | None] = client.mget([layout.lease(i) for i in range(layout.shards)])  # type: ignore[assignment]
+    return [
+        None if value is None or not isinstance(value, bytes) else value.decode(errors="replace")
+        for value in raw
+    ]
+
+
+def lease_left(client: redis.Redis, layout: Layout) -> float | None:
+    """Seconds left on the longest-lived lease of *layout*'s shards, or ``None`` when no
+    daemon leads any."""
+    with client.pipeline(transaction=False) as pipe:
+        for shard in range(layout.shards):
+            pipe.pttl(layout.lease(shard))
+        left: Sequence[int] = pipe.execute()
+    longest = max(left, default=-1)
+    return longest / 1000 if longest >= 0 else None
+
+
 class Lease:
-    """Try to hold ``name`` for *ttl* seconds at a time."""
+    """Lead a share of *layout*'s shards for *ttl* seconds at a time."""
 
     def __init__(
         self,
         client: redis.Redis,
-        name: str,
+        layout: Layout,
         ttl: float,
         *,
         clock: Callable[[], float] = time.monotonic,
+        token: str | None = None,
     ) -> None:
         self.ttl = ttl
-        self._lock = client.lock(name, timeout=ttl, blocking=False, thread_local=False)
-        self._held = threading.Event()
+        self.token = token or _token()
+        self.shards = layout.shards
+        self._keys = [layout.members, *(layout.lease(i) for i in range(layout.shards))]
+        self._step = client.register_script(_STEP)
+        self._led: frozenset[int] = frozenset()
         # One call at a time: a step-down (tick thread) must not cross a renewal in flight.
         self._calls = threading.Lock()
         self._clock = clock
@@ -75,74 +201,95 @@ class Lease:
         self.unreachable: Exception | None = None
 
     @property
+    def led(self) -> frozenset[int]:
+        """The shards this process leads: its last step that succeeded gave them to it, and
+        began less than one TTL ago."""
+        return self._led if self._clock() < self._valid_until else frozenset()
+
+    @property
     def held(self) -> bool:
-        """Whether this process holds the lease: its last renewal or acquisition succeeded,
-        and began less than one TTL ago."""
-        return self._held.is_set() and self._clock() < self._valid_until
+        """Whether this process leads any shard."""
+        return bool(self.led)
 
     def refresh(self) -> bool:
-        """Renew the lease if held, else try to take it; return whether it is held now.
+        """Step the leases (renew, release beyond this process's share, take free ones up
+        to it); return whether any is held now.
 
-        A Redis error counts as not holding it (a leader that cannot reach Redis cannot
+        A Redis error counts as holding none (a leader that cannot reach Redis cannot
         commit anyway), and is kept in `unreachable` until a call gets through again.
         """
         with self._calls:
             return self._refresh()
 
     def _refresh(self) -> bool:
-        was_held = self._held.is_set()  # renewed even if late: the token may still be ours
-        if not was_held and self._clock() < self._refrain_until:
+        if self._clock() < self._refrain_until:
             return False
+        was = self._led  # renewed even if late: the tokens may still be ours
         started = self._clock()
         try:
-            if was_held:
-                self._lock.reacquire()
-            elif not self._lock.acquire(blocking=False):
-                self.unreachable = None
-                return False
-        except LockError:
-            log.warning("lost the leader lease (it expired and another replica may hold it)")
-            self._held.clear()
-            self.unreachable = None
-            return False
+            reply = self._step(keys=self._keys, args=[self.token, int(self.ttl * 1000), "step"])
         except (redis.RedisError, OSError) as exc:
-            if was_held:
+            if was:
                 log.warning(
-                    "lost the leader lease: cannot renew it (%s, after %.1fs)",
+                    "lost the leader lease of shard(s) %s: cannot renew it (%s, after %.1fs)",
+                    shard_list(was),
                     exc,
                     self._clock() - started,
                 )
-            self._held.clear()
+            self._led = frozenset()
             self.unreachable = exc
             return False
         self.unreachable = None
+        led = frozenset(int(shard) for shard in reply[0])
+        live = int(reply[1])
+        released = frozenset(int(shard) for shard in reply[2])
+        if released:
+            log.info(
+                "handed the leader lease of shard(s) %s over: %d daemons share %d shard(s)",
+                shard_list(released),
+                live,
+                self.shards,
+            )
+        lost = was - led - released
+        if lost:
+            log.warning(
+                "lost the leader lease of shard(s) %s (it expired and another replica may hold it)",
+                shard_list(lost),
+            )
+        gained = led - was
+        if gained:
+            log.info(
+                "acquired the leader lease of shard(s) %s (%d of %d, %d daemon(s) live)",
+                shard_list(gained),
+                len(led),
+                self.shards,
+                live,
+            )
+        self._led = led
         self._valid_until = started + self.ttl
-        if not was_held:
-            log.info("acquired the leader lease")
-        self._held.set()
-        return True
+        return bool(led)
 
     def step_down(self, refrain: float) -> None:
-        """Give the lease up, and do not try to take it again for *refrain* seconds."""
+        """Give every lease up, and do not try to take one again for *refrain* seconds."""
         with self._calls:
             self._refrain_until = self._clock() + refrain
             self._release()
 
     def release(self) -> None:
-        """Give the lease up so a follower takes over at once."""
+        """Give every lease up so the others take over at their next step."""
         with self._calls:
             self._release()
 
     def _release(self) -> None:
-        if not self._held.is_set():
-            return
-        self._held.clear()
+        was, self._led = self._led, frozenset()
         try:
-            self._lock.release()
-        except (LockError, redis.RedisError, OSError) as exc:
-            log.info("leader lease not released cleanly (%s); it expires on its own", exc)
+            self._step(keys=self._keys, args=[self.token, int(self.ttl * 1000), "leave"])
+        except (redis.RedisError, OSError) as exc:
+            if was:
+                log.info("leader leases not released cleanly (%s); they expire on their own", exc)
         else:
-            log.info("released the leader lease")
+            if was:
+                log.info("released the leader lease of shard(s) %s", shard_list(was))
 
 
 class Verdict(enum.Enum):

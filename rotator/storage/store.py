@@ -32,6 +32,7 @@ import redis
 from rotator.core.state import CorruptState, KeySetState, decode_state, encode_state
 from rotator.metrics import COMMIT_SECONDS
 from rotator.storage.layout import Layout
+from rotator.storage.lease import lease_left
 
 __all__ = ["BATCH_SIZE", "REMOVED", "Conflict", "Snapshot", "Store", "stored_bytes"]
 
@@ -57,24 +58,35 @@ local function version_of(key)
 end
 """
 
-# Shared by the writing scripts: with the optional KEYS[3] (due index) and KEYS[4] (epoch),
-# file the key set under its next due time and move the epoch, in the same atomic step as
-# the write. Cluster callers pass neither: those keys would lie in another slot.
-_INDEXED = """
-local function indexed(score, member)
-  if KEYS[3] then
-    local filed = redis.pcall('ZADD', KEYS[3], score, member)
-    local moved = redis.pcall('INCR', KEYS[4])
-    if type(filed) == 'table' and filed.err or type(moved) == 'table' and moved.err then
-      -- Garbage under either key must not fail every commit: start both anew. The epoch
-      -- back at 1 is a loss the leader's probe sees, and its sweep refiles everything.
-      redis.call('DEL', KEYS[3], KEYS[4])
-      redis.call('ZADD', KEYS[3], score, member)
-      redis.call('INCR', KEYS[4])
-    end
+# Shared by the writing scripts: with the optional KEYS[3] (the shard's due index) and
+# KEYS[4] (its epoch), file the key set under its next due time and move the epoch, in the
+# same atomic step as the write. Cluster callers pass neither: those keys lie in another
+# slot, and `_FILE` files the key set after the commit instead.
+_FILE_DUE = """
+local function file_due(due, epoch, score, member)
+  local filed = redis.pcall('ZADD', due, score, member)
+  local moved = redis.pcall('INCR', epoch)
+  if type(filed) == 'table' and filed.err or type(moved) == 'table' and moved.err then
+    -- Garbage under either key must not fail every commit: start both anew. The epoch
+    -- back at 1 is a loss the leader's probe sees, and its sweep refiles everything.
+    redis.call('DEL', due, epoch)
+    redis.call('ZADD', due, score, member)
+    redis.call('INCR', epoch)
   end
 end
 """
+_INDEXED = (
+    _FILE_DUE
+    + """
+local function indexed(score, member)
+  if KEYS[3] then file_due(KEYS[3], KEYS[4], score, member) end
+end
+"""
+)
+
+# KEYS: the shard's due index, its epoch. ARGV: due score, name. With Cluster, run after a
+# commit: a hint, as a crash between the two loses it, and the leader's sweep refiles it.
+_FILE = _FILE_DUE + "file_due(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
 
 # KEYS: state, jwks[, due, epoch]. ARGV: expected version, new version, state, jwks, channel,
 # event[, due score, name].
@@ -193,6 +205,14 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def _counter(raw: object) -> int | None:
+    """An epoch as stored, ``None`` when absent or not a number."""
+    try:
+        return int(raw) if isinstance(raw, bytes) else None
+    except ValueError:
+        return None
+
+
 def stored_bytes(text: str) -> bytes:
     """The bytes of a registry name or entry as `Store.registry` decoded them."""
     return text.encode("utf-8", "surrogateescape")
@@ -248,9 +268,11 @@ class Store:
         self._cluster = isinstance(client, redis.RedisCluster)
         self._unregister = client.register_script(_UNREGISTER)
         self._reindex = client.register_script(_REINDEX)
+        self._file = client.register_script(_FILE)
         #: When a state next needs the leader (`KeyManager.next_change_at`); while set, every
-        #: commit and restore files its key set in the due index (``P:due``) and moves
-        #: ``P:epoch``. Not with Cluster: the index would lie in another slot than the key set.
+        #: commit and restore files its key set in its shard's due index and moves that
+        #: shard's epoch: in the commit's script on a single Redis, right after it with
+        #: Cluster (the index lies in another slot than the key set).
         self.due_at: Callable[[KeySetState], float] | None = None
         # Parsed states by key set and digest of the stored bytes: a daemon reads
         # every key set each tick, and most have not changed since the last one. Measured
@@ -341,14 +363,33 @@ class Store:
 
     @property
     def indexed(self) -> bool:
-        """Whether commits keep the due index and the epoch (a single Redis, with `due_at`)."""
-        return self.due_at is not None and not self._cluster
+        """Whether commits keep the due index and the epochs (with `due_at`)."""
+        return self.due_at is not None
 
     def _index(self, state: KeySetState) -> tuple[list[str], list[str | int | bytes]]:
         """The extra keys and arguments that make a write file *state* in the due index."""
         if self.due_at is None or self._cluster:
             return [], []
-        return [self.layout.due, self.layout.epoch], [repr(self.due_at(state)), state.keyset]
+        shard = self.layout.shard_of(state.keyset)
+        keys = [self.layout.due(shard), self.layout.epoch(shard)]
+        return keys, [repr(self.due_at(state)), state.keyset]
+
+    def _file_after(self, states: Sequence[KeySetState]) -> None:
+        """With Cluster, file *states* (just written) in their shards' due indexes. A hint:
+        on failure the leader's sweep refiles them."""
+        if self.due_at is None or not self._cluster:
+            return
+        for state in states:
+            shard = self.layout.shard_of(state.keyset)
+            try:
+                self._file(
+                    keys=[self.layout.due(shard), self.layout.epoch(shard)],
+                    args=[repr(self.due_at(state)), state.keyset],
+                )
+            except redis.RedisError as exc:
+                log.info(
+                    "key set %s: not filed in the due index (%s); the sweep will", state.keyset, exc
+                )
 
     def _commit_call(
         self, expected: int, state: KeySetState, event: str
@@ -414,6 +455,9 @@ class Store:
                 results.append(exc)
                 continue
             results.append(None)
+        self._file_after(
+            [write[1] for write, result in zip(writes, results, strict=True) if result is None]
+        )
         if any(result is None for result in results):
             one = len(writes) == 1
             self._await_replicas(
@@ -437,6 +481,7 @@ class Store:
             ],
         )
         self._checked(state.keyset, state.version, result)
+        self._file_after([state])
 
     def republish(self, state: KeySetState) -> None:
         """Rewrite the JWKS of *state* while Redis still holds that version."""
@@ -446,60 +491,95 @@ class Store:
         )
         self._checked(state.keyset, state.version, result)
 
-    def due(self, now: float, limit: int) -> list[str]:
-        """At most *limit* key sets filed in the due index as needing the leader by *now*,
-        earliest first."""
-        raw: list[bytes] = self.client.zrangebyscore(self.layout.due, "-inf", now, 0, limit)  # type: ignore[assignment]
-        return [_text(name) for name in raw]
+    def due(
+        self, shards: Sequence[int], now: float, limit: int
+    ) -> tuple[list[tuple[int, str]], bool]:
+        """The key sets filed in the due indexes of *shards* as needing the leader by *now*,
+        earliest first in each, as ``(shard, name)``, at most *limit* in all; and whether
+        more may be due."""
+        each = -(-limit // len(shards)) if shards else 0
+        with self.client.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.zrangebyscore(self.layout.due(shard), "-inf", now, 0, each)
+            replies: list[list[bytes]] = pipe.execute()
+        filed = [
+            (shard, _text(name)) for shard, raw in zip(shards, replies, strict=True) for name in raw
+        ]
+        return filed, any(len(raw) == each for raw in replies)
 
-    def earliest_due(self) -> float | None:
-        """The earliest due time in the index, ``None`` when it is empty."""
-        first: list[tuple[bytes, float]] = self.client.zrange(  # type: ignore[assignment]
-            self.layout.due, 0, 0, withscores=True
-        )
-        return float(first[0][1]) if first else None
+    def earliest_due(self, shards: Sequence[int]) -> float | None:
+        """The earliest due time in the indexes of *shards*, ``None`` when they are empty."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.zrange(self.layout.due(shard), 0, 0, withscores=True)
+            replies: list[list[tuple[bytes, float]]] = pipe.execute()
+        return min((float(first[0][1]) for first in replies if first), default=None)
+
+    def _by_shard(self, keysets: Sequence[str]) -> dict[int, list[str]]:
+        grouped: dict[int, list[str]] = {}
+        for keyset in keysets:
+            grouped.setdefault(self.layout.shard_of(keyset), []).append(keyset)
+        return grouped
 
     def due_scores(self, keysets: Sequence[str]) -> list[float | None]:
-        """The due time filed for each of *keysets* (``None`` where none is)."""
-        if not keysets:
-            return []
-        scores: list[float | None] = self.client.zmscore(self.layout.due, list(keysets))
-        return scores
+        """The due time filed for each of *keysets* in its shard's index (``None`` where
+        none is)."""
+        grouped = self._by_shard(keysets)
+        with self.client.pipeline(transaction=False) as pipe:
+            for shard, names in grouped.items():
+                pipe.zmscore(self.layout.due(shard), names)
+            replies: list[list[float | None]] = pipe.execute()
+        scores = {
+            name: score
+            for names, scored in zip(grouped.values(), replies, strict=True)
+            for name, score in zip(names, scored, strict=True)
+        }
+        return [scores[keyset] for keyset in keysets]
 
     def reindex(self, states: Sequence[KeySetState]) -> None:
-        """File each of *states* under its due time (`due_at`), while Redis still holds its
-        version; one round trip."""
+        """File each of *states* under its due time (`due_at`) in its shard's index, while
+        Redis still holds its version; one round trip. With Cluster the version cannot be
+        checked in the index's slot: filed as is, a hint the next look corrects."""
         if not self.indexed or not states:
             return
         assert self.due_at is not None
         with self.client.pipeline(transaction=False) as pipe:
             for state in states:
-                keys = [self.layout.state(state.keyset), self.layout.due]
+                due = self.layout.due(self.layout.shard_of(state.keyset))
+                score = repr(self.due_at(state))
+                if self._cluster:
+                    pipe.zadd(due, {state.keyset: score})
+                    continue
                 self._reindex(
-                    keys=keys,
-                    args=[state.version, repr(self.due_at(state)), state.keyset],
+                    keys=[self.layout.state(state.keyset), due],
+                    args=[state.version, score, state.keyset],
                     client=pipe,
                 )
             pipe.execute()
 
-    def unindex(self, keysets: Sequence[str]) -> None:
-        """Drop *keysets* from the due index (they are no longer managed)."""
-        if self.indexed and keysets:
-            self.client.zrem(self.layout.due, *keysets)
-
-    def epoch(self, *, start: bool = False) -> int | None:
-        """The commit counter (``P:epoch``), ``None`` when absent or unreadable; with *start*,
-        created at 0 first if absent (so that a Redis emptied later is told apart even
-        before any commit)."""
+    def unindex(self, keysets: Sequence[str], shard: int | None = None) -> None:
+        """Drop *keysets* from the due index of *shard*, or of each one's own shard (they
+        are no longer managed, or were filed in the wrong shard's index)."""
+        if not self.indexed or not keysets:
+            return
+        grouped = {shard: list(keysets)} if shard is not None else self._by_shard(keysets)
         with self.client.pipeline(transaction=False) as pipe:
-            if start:
-                pipe.set(self.layout.epoch, 0, nx=True)
-            pipe.get(self.layout.epoch)
-            raw: bytes | None = pipe.execute()[-1]
-        try:
-            return int(raw) if raw is not None else None
-        except ValueError:
-            return None
+            for index, names in grouped.items():
+                pipe.zrem(self.layout.due(index), *names)
+            pipe.execute()
+
+    def epoch(self, shards: Sequence[int], *, start: bool = False) -> dict[int, int | None]:
+        """The commit counter of each of *shards*, ``None`` when absent or unreadable; with
+        *start*, created at 0 first where absent (so that a Redis emptied later is told
+        apart even before any commit)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                if start:
+                    pipe.set(self.layout.epoch(shard), 0, nx=True)
+                pipe.get(self.layout.epoch(shard))
+            replies: list[object] = pipe.execute()
+        raws = replies[1::2] if start else replies
+        return {shard: _counter(raw) for shard, raw in zip(shards, raws, strict=True)}
 
     def quarantine(self, keyset: str) -> str | None:
         """Move the state document aside (for `rotator repair`); return where, or ``None``
@@ -513,10 +593,9 @@ class Store:
         return target if moved else None
 
     def leader_lease_left(self) -> float | None:
-        """Seconds left on the leader lease (`rotator.storage.lease`), or ``None`` when no
-        daemon holds it."""
-        left: int = self.client.pttl(self.layout.leader)
-        return left / 1000 if left >= 0 else None
+        """Seconds left on the longest-lived shard lease (`rotator.storage.lease`), or
+        ``None`` when no daemon leads any."""
+        return lease_left(self.client, self.layout)
 
     def registry(self) -> dict[str, str]:
         """Key sets added at run time (``P:keysets``): name -> stored policy (JSON), or
