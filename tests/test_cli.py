@@ -33,8 +33,10 @@ def test_rotate_status_jwks_and_revoke(cli: Cli, client: redis.Redis) -> None:
     assert doc["version"] == 2
     assert [k["status"] for k in doc["keys"]] == ["current", "next", "retired"]
     assert doc["next_rotation_at"] > doc["updated_at"]
+    assert doc["shard"] == 0 and doc["leader"] is None  # no daemon runs
     human = cli("status")
     assert "key set default  version 2" in human.stdout
+    assert human.stdout.endswith("shards (1): 0 led by no daemon\n")
     assert "current" in human.stdout and "retired" in human.stdout
 
     jwks = json.loads(cli("jwks").stdout)

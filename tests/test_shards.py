@@ -5,6 +5,7 @@ committed only by the daemon leading its shard."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from rotator.storage.layout import MAX_SHARDS, Layout
 from rotator.storage.lease import Lease, leaders, shard_list
 from rotator.storage.store import Store, WriteResult
 from rotator.wiring import Wiring
+from tests.conftest import Cli
 from tests.helpers import FakeClock, wait_for
 
 SHARDS = 8
@@ -83,6 +85,33 @@ def test_a_lease_taken_by_someone_else_is_lost_and_garbage_is_no_lease(
     client.hset(layout.lease(1), "x", "y")
     client.set(layout.members, "not a sorted set")
     assert lease.refresh() and lease.led == {0, 1}
+
+
+def test_status_and_repair_know_which_daemon_leads_which_shard(
+    cli: Cli, client: redis.Redis
+) -> None:
+    cli.env["ROTATOR_DAEMON__SHARDS"] = "4"
+    assert cli("rotate").code == 0
+    layout = Layout(shards=4)
+    mine = Lease(client, layout, 60, token="host-a:1:0a")
+    other = Lease(client, layout, 60, token="evil\nhost:2:0b")  # a token is data, shown safe
+    step_all([mine, other, mine, other])
+    assert shares([mine, other]) == [2, 2]
+    (doc,) = json.loads(cli("status", "--json").stdout)
+    shard = layout.shard_of("default")
+    assert doc["shard"] == shard
+    assert doc["leader"] == ("host-a:1:0a" if shard in mine.led else "evil?host:2:0b")
+    first, second = sorted([mine, other], key=lambda lease: min(lease.led))
+    assert cli("status").stdout.endswith(
+        f"shards (4): {shard_list(first.led)} led by {first.token.replace(chr(10), '?')}; "
+        f"{shard_list(second.led)} led by {second.token.replace(chr(10), '?')}\n"
+    )
+    client.set("rotator:{default}:state", b"[]")
+    refused = cli("repair", "--keyset", "default")
+    assert refused.code == 1 and "leader lease (rotator:{leases}:shard-*)" in refused.stderr
+    mine.release()
+    other.release()
+    assert cli("repair", "--keyset", "default").code == 0
 
 
 def test_shards_are_stable_and_spread_and_the_setting_is_bounded() -> None:

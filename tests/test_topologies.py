@@ -227,7 +227,8 @@ def test_cluster_keeps_each_keyset_atomic_in_its_slot(
 ) -> None:
     settings = load_settings(redis={"url": cluster[0].url.replace("/0", ""), "cluster": True})
     client = connect(settings.redis)
-    manager = KeyManager(Store(client, Layout()), keyring, lambda _n: FAST, clock=clock)
+    layout = Layout(shards=4)
+    manager = KeyManager(Store(client, layout), keyring, lambda _n: FAST, clock=clock)
     names = [f"tenant-{i}" for i in range(24)]
     for name in names:
         manager.store.register(name)
@@ -250,20 +251,27 @@ def test_cluster_keeps_each_keyset_atomic_in_its_slot(
         snapshot = manager.load(name)
         assert snapshot.state is not None and snapshot.state.version == 2
         assert snapshot.jwks == snapshot.state.jwks()
+        # filed after the commit in its shard's own index, in another slot than the key set
+        due = client.zscore(layout.due(layout.shard_of(name)), name)
+        assert due == manager.next_change_at(snapshot.state)
+    assert sum(filter(None, manager.store.epoch(range(4)).values())) == 2 * len(names)
     assert manager.store.registry() == dict.fromkeys(names, "{}")
 
 
 def test_daemon_on_cluster(cluster: list[EmbeddedRedis], start_daemon: StartDaemon) -> None:
-    start_daemon(
+    daemon = start_daemon(
         ROTATOR_REDIS__URL=cluster[0].url.replace("/0", ""),
         ROTATOR_REDIS__CLUSTER="true",
         ROTATOR_KEYSETS=json.dumps({f"app{i}": {} for i in range(6)}),
+        ROTATOR_DAEMON__SHARDS="4",
     )
     client = RedisCluster(host="127.0.0.1", port=cluster[0].port)
     for index in range(6):
         wait_for(partial(client.get, f"rotator:{{app{index}}}:jwks"), what=f"app{index} published")
     first = client.get("rotator:{app0}:jwks")
     wait_for(lambda: client.get("rotator:{app0}:jwks") != first, timeout=20, what="a rotation")
+    # alone, it leads every shard, and /readyz says so
+    assert daemon.report()["shards"] == {"led": [0, 1, 2, 3], "of": 4}
 
 
 def test_serve_on_cluster(cluster: list[EmbeddedRedis], cli: Cli, keyring: Keyring) -> None:

@@ -24,11 +24,15 @@ from rotator.core.state import KeySetState
 from rotator.core.strictjson import one_line
 from rotator.library.jwks_import import JWKSFormatError, import_jwks
 from rotator.storage.audit import BadAuditEntry
+from rotator.storage.lease import leaders, shard_list
 from rotator.storage.registry import KeySets
 from rotator.storage.store import Snapshot
 from rotator.storage.usage import read_usage_many
 
 __all__ = ["cmd_audit", "cmd_check_config", "cmd_jwks", "cmd_status"]
+
+#: The most characters of a lease token `rotator status` prints.
+_TOKEN_SHOWN = 80
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -46,10 +50,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         if not isinstance(found, Exception) and found.state is not None
     ]
     usages = read_usage_many(store.client, store.layout, shown, now, window)
+    led = [_shown_token(token) for token in leaders(store.client, store.layout)]
     if args.json:
         docs = []
         for name, found in loaded:
             docs.append(_status_doc(name, found, keysets, now))
+            shard = store.layout.shard_of(name)
+            docs[-1].update(shard=shard, leader=led[shard])
             usage_doc(docs[-1], usages.get(name), window)
         print(json.dumps(docs, indent=2, allow_nan=False))
     else:
@@ -60,8 +67,32 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             if name in usages and not isinstance(found, Exception):
                 text += usage_text(found.state, usages[name], window)
             texts.append(text)
+        texts.append(_leadership_text(led))
         print("\n".join(texts), end="")
     return 1 if any(isinstance(found, Exception) for _, found in loaded) else 0
+
+
+def _shown_token(token: str | None) -> str | None:
+    """A lease token as `rotator status` prints it: anyone who can write Redis can write
+    one, so it is cut short and shown printable."""
+    if token is None:
+        return None
+    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in token[:_TOKEN_SHOWN])
+
+
+def _leadership_text(led: list[str | None]) -> str:
+    """Which daemon leads which shards (tokens are host:pid:random)."""
+    shards: dict[str | None, list[int]] = {}
+    for shard, token in enumerate(led):
+        shards.setdefault(token, []).append(shard)
+    parts = [
+        f"{shard_list(held)} led by {token}"
+        for token, held in sorted(shards.items(), key=lambda item: item[1])
+        if token is not None
+    ]
+    if None in shards:
+        parts.append(f"{shard_list(shards[None])} led by no daemon")
+    return f"shards ({len(led)}): " + "; ".join(parts) + "\n"
 
 
 def _status_doc(
