@@ -1,5 +1,6 @@
-"""Several daemons on one Redis: one leader, fencing of a paused leader, failover, the
-backup file, and a long race of rotations and revocations across Redis restarts."""
+"""Several daemons on one Redis: one leader (or shards shared), fencing of a paused leader,
+failover, the backup file, and a long race of rotations and revocations across Redis
+restarts."""
 
 from __future__ import annotations
 
@@ -123,6 +124,39 @@ def test_kill_9_of_the_leader_hands_over_within_the_lease(
     )
     assert new.role() == "leader"
     assert time.monotonic() - killed_at < LEASE + TICK + INTERVAL + 5
+
+
+def led(daemon: Daemon) -> list[int]:
+    shards = daemon.report().get("shards")
+    return list(shards["led"]) if isinstance(shards, dict) else []
+
+
+def test_kill_9_of_one_of_three_daemons_hands_its_shards_to_the_others(
+    start_daemon: StartDaemon, event_log: EventLog
+) -> None:
+    layout = Layout(shards=6)
+    names = [f"app{index}" for index in range(24)]
+    assert {layout.shard_of(name) for name in names} == set(range(6))  # every shard has some
+    env = {**HA_ENV, "ROTATOR_DAEMON__SHARDS": "6",
+           "ROTATOR_KEYSETS": json.dumps({name: {} for name in names})}  # fmt: skip
+    daemons = [start_daemon(**env) for _ in range(3)]
+    wait_for(lambda: sorted(len(led(d)) for d in daemons) == [2, 2, 2], timeout=30,
+             what="three daemons leading two shards each")  # fmt: skip
+    assert sorted(shard for d in daemons for shard in led(d)) == list(range(6))
+    victim, survivors = daemons[2], daemons[:2]
+    orphaned = set(led(victim))
+    victim.process.kill()
+    victim.process.wait()
+    wait_for(lambda: sorted(len(led(d)) for d in survivors) == [3, 3],
+             timeout=LEASE + TICK + 5, what="the survivors to share the shards")  # fmt: skip
+    assert sorted(shard for d in survivors for shard in led(d)) == list(range(6))
+    theirs = {name for name in names if layout.shard_of(name) in orphaned}
+    seen = len(event_log.events)
+    wait_for(
+        lambda: theirs <= {e["keyset"] for e in event_log.events[seen:] if e["event"] == "rotate"},
+        timeout=INTERVAL + TICK + 10,
+        what="the killed daemon's key sets to rotate under the survivors",
+    )
 
 
 def backup_env(backup: Path) -> dict[str, str]:
