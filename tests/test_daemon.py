@@ -166,6 +166,7 @@ def test_metrics_json_logs_and_audit(
     )
     assert (_sample(daemon, "rotator_rotations_total", reason="scheduled") or 0) >= 2
     assert _sample(daemon, "rotator_leader") == 1
+    assert _sample(daemon, "rotator_leader_shards") == 1  # alone, it leads the one shard
     assert (_sample(daemon, "rotator_published_keys") or 0) >= 2
     assert (_sample(daemon, "rotator_current_key_age_seconds") or -1) >= 0
     assert (_sample(daemon, "rotator_last_reconcile_timestamp_seconds") or 0) > 1e9
