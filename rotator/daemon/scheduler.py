@@ -1,12 +1,12 @@
-"""The long-running process: hold or wait for the leader lease, reconcile every key set on a
-tick, and wake up exactly when a rotation or expiry falls due.
+"""The long-running process: lead a share of the shards (`rotator.storage.lease`),
+reconcile their key sets on a tick, and wake up exactly when a rotation or expiry falls due.
 
 All decisions are made by `lifecycle` from timestamps in the state, so the
 scheduler only decides *when to look*: a missed tick, a restart or a clock
-jump costs nothing but a late look, never a double rotation. Only the
-replica holding the lease writes; the others read every key set each tick so
-that, should they take over, they hold a copy to restore if Redis lost its
-data. Jobs run one at a time on a single worker thread (the lease has its
+jump costs nothing but a late look, never a double rotation. A daemon writes
+only the key sets of the shards it leads; it reads every other key set each
+tick so that, should it take their shards over, it holds a copy to restore if
+Redis lost its data. Jobs run one at a time on a single worker thread (the lease has its
 own, so a slow tick cannot let the lease lapse); the events thread reads an
 announced commit between them: `Daemon.manager_lock` guards the manager, the
 registry view and the remembered states, which a tick and an announced commit
@@ -175,13 +175,13 @@ class Daemon:
         if self.lease.unreachable is not None:
             self._redis_failed(self.lease.unreachable)
         led = self.lease.led
-        self._led(led)
+        self._leading(led)
         if led - was and not self.stopping.is_set():
             self._sweep_now = True
             self._wake_at(self.clock())
         return leader
 
-    def _led(self, led: frozenset[int]) -> None:
+    def _leading(self, led: frozenset[int]) -> None:
         """Health and gauges: this daemon leads *led*."""
         self.health.shards = tuple(sorted(led))
         self.health.leader = bool(led)
@@ -207,7 +207,7 @@ class Daemon:
                 ttl,
             )
             self.lease.step_down(ttl)
-            self._led(frozenset())
+            self._leading(frozenset())
         elif verdict is Verdict.STAY:
             log.warning(
                 "ticks still take longer than daemon.tick (the last %.1fs > %gs), and the "

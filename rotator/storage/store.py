@@ -495,8 +495,8 @@ class Store:
         self, shards: Sequence[int], now: float, limit: int
     ) -> tuple[list[tuple[int, str]], bool]:
         """The key sets filed in the due indexes of *shards* as needing the leader by *now*,
-        earliest first in each, as ``(shard, name)``, at most *limit* in all; and whether
-        more may be due."""
+        earliest first in each, as ``(shard, name)``: *limit* shared evenly among the shards
+        (rounded up); and whether more may be due."""
         each = -(-limit // len(shards)) if shards else 0
         with self.client.pipeline(transaction=False) as pipe:
             for shard in shards:
