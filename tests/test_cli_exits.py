@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from rotator.cli.main import main
-from rotator.cli.parser import build_parser, keyset_name, shield_kids, subparsers
+from rotator.cli.parser import build_parser, config_file, keyset_name, shield_kids, subparsers
 from rotator.embedded import EmbeddedRedis, free_port
 from tests.conftest import Cli, CliResult
 from tests.helpers import foreign_jwk
@@ -91,9 +91,10 @@ def _options(command: Command) -> list[tuple[str, argparse.Action, bool]]:
 
 def _checked_options(command: Command) -> list[tuple[str, bool, tuple[str, ...]]]:
     """The options whose values the parser checks, whether each is global, and values it
-    refuses ("abc" and "-1" are fine key set names)."""
+    refuses ("abc" and "-1" are fine key set names and file names)."""
+    refused: dict[object, tuple[str, ...]] = {keyset_name: ("a b", "{x}"), config_file: ("",)}
     return [
-        (option, is_global, ("a b", "{x}") if action.type is keyset_name else ("abc", "-1"))
+        (option, is_global, refused.get(action.type, ("abc", "-1")))
         for option, action, is_global in _options(command)
         if action.nargs != 0 and (action.choices or action.type not in (None, str, Path))
     ]

@@ -19,7 +19,7 @@ from rotator.core.jwk import ALGORITHMS
 from rotator.core.strictjson import one_line
 from rotator.storage.layout import validate_keyset_name
 
-__all__ = ["build_parser", "keyset_name", "shield_kids", "subparsers"]
+__all__ = ["build_parser", "config_file", "keyset_name", "shield_kids", "subparsers"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +81,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _config_file(text: str) -> Path:
+def config_file(text: str) -> Path:
     """``--config`` (or ``ROTATOR_CONFIG``, its default): an empty one is a mistake, not
     the current directory."""
     if not text:
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config",
-        type=_config_file,
+        type=config_file,
         default=os.environ.get("ROTATOR_CONFIG"),
         help="TOML config file (default: $ROTATOR_CONFIG); ROTATOR_* env vars override it",
     )
