@@ -358,19 +358,23 @@ def _check_claims(
 
 def claim_times(claims: dict[str, Any]) -> tuple[int, int] | None:
     """``(exp, the later of nbf and iat)`` when those take the usual shape: ``exp`` an
-    int up to 2**53, ``nbf`` and ``iat`` absent or ints from -2**53 (both absent: -2**53);
-    ``None`` for any other shape, which only `_check_claims` judges. What a verified-token
-    cache keeps beside the claims, so that a hit does not look at them again."""
+    int in [-2**53, 2**53], ``nbf`` and ``iat`` absent or ints in that range (both absent:
+    -2**53); ``None`` for any other shape, which only `_check_claims` judges. What a
+    verified-token cache keeps beside the claims, so that a hit does not look at them
+    again."""
+    # Both bounds of each, as `_numeric_date` has them: under a leeway or a clock far
+    # enough off, an ``exp`` below -2**53 or an ``nbf`` above 2**53 would pass the fast
+    # path's two comparisons, where the plain rules refuse it as malformed.
     expires, not_before, issued = claims.get("exp"), claims.get("nbf"), claims.get("iat")
-    if type(expires) is not int or expires > _MAX_TIME:
+    if type(expires) is not int or not _MIN_TIME <= expires <= _MAX_TIME:
         return None
     start = _MIN_TIME
     if not_before is not None:
-        if type(not_before) is not int or not_before < _MIN_TIME:
+        if type(not_before) is not int or not _MIN_TIME <= not_before <= _MAX_TIME:
             return None
         start = not_before
     if issued is not None:
-        if type(issued) is not int or issued < _MIN_TIME:
+        if type(issued) is not int or not _MIN_TIME <= issued <= _MAX_TIME:
             return None
         start = max(start, issued)
     return expires, start
