@@ -7,7 +7,10 @@ minute it is taken in, and hands the counts over to a flush, which writes them i
 pipeline (`rotator.storage.usage`) off the verify path, every ``flush_interval``: an
 accepted verification is filed, and its kid seen last, at the time of the flush that
 takes it (at most ``flush_interval`` late); the deque holds at most what the reader
-verified since the last flush (a reference to a kid string each).
+verified since the last flush (a reference to a kid string each), and never more than
+`MAX_PENDING`: past that the verification that finds it full counts it under the lock,
+as a flush would, so a reader whose flushes stopped (closed while it still verifies, or
+a flush hung on a Redis that does not answer) keeps its memory bounded.
 
 The kids counted are bounded: a kid the key set holds is counted under its own name,
 any other under `UNKNOWN_KID`, and a token refused before its kid was looked up under
@@ -41,6 +44,7 @@ from rotator.storage.usage import ACCEPTED, MinuteCounts, queue_report
 
 __all__ = [
     "DEFAULT_FLUSH_INTERVAL",
+    "MAX_PENDING",
     "NO_KID",
     "UNKNOWN_KID",
     "AsyncUsageFlusher",
@@ -59,6 +63,8 @@ DEFAULT_HOLD = 300.0
 UNKNOWN_KID = "unknown"
 #: Where a token refused before its kid was looked up (malformed, no kid) is counted.
 NO_KID = "-"
+#: Accepted verifications the deque holds at most before they are counted under the lock.
+MAX_PENDING = 65_536
 
 
 class KidSeen:
@@ -110,7 +116,12 @@ class UsageCounter:
 
     def accepted(self, kid: str) -> None:
         """Count one accepted verification of a token signed by *kid*."""
-        self._accepted.append(kid)
+        queue = self._accepted
+        queue.append(kid)
+        if len(queue) > MAX_PENDING:
+            now = self.wall_clock()
+            with self._lock:
+                self._count_accepted(now)
 
     def record(self, kid: str, outcome: str) -> None:
         """Count one verification of a token counted under *kid* (see `KidSeen`)."""
@@ -131,19 +142,24 @@ class UsageCounter:
     def take(self) -> list[MinuteCounts]:
         """The counts so far, oldest minute first; the counter starts again from zero."""
         now = self.wall_clock()
-        with self._lock:  # one taker at a time: the deque is emptied by its length
-            queue = self._accepted
-            kids = Counter(queue.popleft() for _ in range(len(queue)))
-            if kids:
-                minute = int(now // 60)
-                counts = self._minutes.get(minute)
-                if counts is None:
-                    counts = self._minutes[minute] = MinuteCounts(minute)
-                for kid, count in kids.items():
-                    counts.counts[ACCEPTED, kid] += count
-                    counts.last[kid] = int(now)
+        with self._lock:
+            self._count_accepted(now)
             taken, self._minutes = self._minutes, {}
         return sorted(taken.values(), key=lambda counts: counts.minute)
+
+    def _count_accepted(self, now: float) -> None:
+        """Count what the deque holds into the minute of *now*; under the lock, so that
+        one caller at a time empties the deque by its length."""
+        queue = self._accepted
+        kids = Counter(queue.popleft() for _ in range(len(queue)))
+        if kids:
+            minute = int(now // 60)
+            counts = self._minutes.get(minute)
+            if counts is None:
+                counts = self._minutes[minute] = MinuteCounts(minute)
+            for kid, count in kids.items():
+                counts.counts[ACCEPTED, kid] += count
+                counts.last[kid] = int(now)
 
     def unreported(self, taken: list[MinuteCounts], exc: Exception) -> None:
         """A flush of *taken* failed with *exc*: say so, and `restore` them."""
