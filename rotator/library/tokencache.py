@@ -8,10 +8,11 @@ token signed by a revoked key passing until the token expires. So:
 
 * Every look-up (`hit`) is given the key set the reader holds at the verification's
   start, or ``None`` when the reader holds none fresh enough to trust (`follow`); when
-  it changed, the entries of each kid it no longer holds are dropped there and then
-  (an index kid -> tokens), and an entry is only ever added for a kid of the key set
-  followed: nothing in the cache belongs to a key the reader no longer holds, or to a
-  copy gone stale.
+  it changed, the entries of each kid it no longer holds, or holds with another key (a
+  foreign kid revoked and imported again for a new key, both commits read at once), are
+  dropped there and then (an index kid -> tokens), and an entry is only ever added for
+  a kid of the key set followed: nothing in the cache belongs to a key the reader no
+  longer holds, or to a copy gone stale.
 * On a hit the token's kid must be in that key set (a hit whose kid is gone goes the
   full way, and is refused there), and the claims are checked again as *this* call
   asks (``exp``, ``nbf``, ``iat``, audience, issuer, leeway, now: `check_claims`), by
@@ -95,13 +96,23 @@ class TokenCache:
 
     def follow(self, keys: Mapping[str, object] | None) -> None:
         """The reader holds *keys* now (kid -> key; ``None``: none): drop the entries of
-        every kid it no longer holds."""
+        every kid it no longer holds, or holds with another key than the key set followed
+        until now."""
         if keys is self._followed:
             return
         with self._lock:
-            if keys is self._followed:
+            followed = self._followed
+            if keys is followed:
                 return
-            for kid in [k for k in self._by_kid if keys is None or k not in keys]:
+            # Entries exist only under a followed key set, so *followed* holds each kid
+            # indexed; a kid bound to another key vouches for none of its tokens.
+            for kid in [
+                k
+                for k in self._by_kid
+                if keys is None
+                or k not in keys
+                or (followed is not None and keys[k] != followed.get(k))
+            ]:
                 for token in self._by_kid.pop(kid):
                     self._bytes -= 2 * len(token)
                     del self._entries[token]
