@@ -252,6 +252,13 @@ def test_leeway_accepts_slightly_expired_tokens() -> None:
     assert verify(token(exp=NOW - 5), leeway=10)["sub"] == "user-1"
 
 
+@pytest.mark.parametrize("leeway", [float("nan"), float("inf"), -1.0, 2.0**54])
+def test_a_leeway_that_is_no_number_of_seconds_is_the_callers_mistake(leeway: float) -> None:
+    """Before: NaN passed every time check, so an expired token verified."""
+    with pytest.raises(ValueError, match="leeway"):
+        verify(token(exp=NOW - 5), leeway=leeway)
+
+
 def test_non_string_input() -> None:
     with pytest.raises(errors.MalformedToken):
         verify(12345)  # type: ignore[arg-type]
