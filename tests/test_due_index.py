@@ -59,21 +59,23 @@ def test_a_policy_change_refiles_the_keyset_at_the_next_tick(
     assert later - first == 400
 
 
-def test_a_state_deleted_by_hand_comes_back_at_the_sweep_not_before(
+def test_a_state_deleted_by_hand_comes_back_at_its_turn_in_the_sweep_not_before(
     redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock, client: redis.Redis
 ) -> None:
+    """The paced sweep takes alpha in the first half of the period and beta, the last in
+    order, at its end: beta is not read before, and is written back then."""
     daemon = make_daemon(redis_server, keyring, clock, sweep_interval=60)
     daemon.tick()
-    before = daemon.manager.load("alpha").state
-    client.delete("rotator:{alpha}:state")  # no event, no commit: nothing the index sees
+    before = daemon.manager.load("beta").state
+    client.delete("rotator:{beta}:state")  # no event, no commit: nothing the index sees
     clock.advance(30)
     daemon.lease.refresh()
     daemon.tick()
-    assert daemon.manager.load("alpha").state is None
+    assert daemon.manager.load("beta").state is None
     clock.advance(30)
     daemon.lease.refresh()
     daemon.tick()
-    assert daemon.manager.load("alpha").state == before  # the same keys, written back
+    assert daemon.manager.load("beta").state == before  # the same keys, written back
 
 
 def test_an_epoch_going_backwards_makes_the_next_tick_look_at_everything(

@@ -28,7 +28,7 @@ from rotator.core.state import CorruptState, KeySetState, Status
 from rotator.storage.audit import AuditLog
 from rotator.storage.registry import BadPolicy
 from rotator.storage.store import Conflict, Snapshot, Store
-from rotator.storage.usage import MINUTE_RETENTION, KidUsage, read_usage
+from rotator.storage.usage import MINUTE_RETENTION, KidUsage, read_usage_many
 
 __all__ = ["KEYSET_ERRORS", "KeyManager", "Lineages", "NoKekError", "Outcome"]
 
@@ -223,7 +223,6 @@ class KeyManager:
         caller's (one round trip per batch)."""
         self._remember(transition.state)
         self._log(transition.state, _described(transition, event))
-        self._log_expiry_usage(snapshot.state, transition.events)
         action: Action = "bootstrap" if snapshot.state is None else "commit"
         return Outcome(snapshot.keyset, action, transition.state, transition.events)
 
@@ -248,6 +247,7 @@ class KeyManager:
                 continue
             outcome = self._committed(snapshot, step, event)
             self._audit([(step.state, _described(step, event))])
+            self._log_expiry_usage([(snapshot.state, step.events)])
             return outcome
         raise Conflict(keyset, -1, -1)
 
@@ -276,17 +276,20 @@ class KeyManager:
             [(snap.version, step.state, event) for snap, step, event in planned]
         )
         trail: list[tuple[KeySetState, Iterable[Event | tuple[str, str]]]] = []
+        expiring: list[tuple[KeySetState | None, tuple[Event, ...]]] = []
         for (snap, step, event), verdict in zip(planned, verdicts, strict=True):
             name = snap.keyset
             if verdict is None:
                 results[name] = self._committed(snap, step, event)
                 trail.append((step.state, _described(step, event)))
+                expiring.append((snap.state, step.events))
             elif isinstance(verdict, Conflict):
                 log.info("key set %s: lost a race (%s); retrying on fresh data", name, verdict)
                 results[name] = _isolated(partial(self.reconcile, name))
             else:
                 results[name] = verdict
         self._audit(trail)
+        self._log_expiry_usage(expiring)
         return results
 
     def _reconcile_step(self, snapshot: Snapshot) -> Outcome | Transition:
@@ -330,20 +333,41 @@ class KeyManager:
                 },
             )
 
-    def _log_expiry_usage(self, before: KeySetState | None, events: Iterable[Event]) -> None:
-        """With ``expiry_usage``, log whether each key that expired was still in use: its
-        verifications in the last ``cache_max_age``, in one read of the key set's usage.
-        The commit is done whatever Redis answers, so a failed read is logged, not raised."""
-        expired = [event.kid for event in events if event.kind == "expire"]
-        if not self.expiry_usage or not expired or before is None:
+    def _log_expiry_usage(
+        self, commits: Sequence[tuple[KeySetState | None, tuple[Event, ...]]]
+    ) -> None:
+        """With ``expiry_usage``, log whether each key that expired in *commits* (the state
+        before each commit, and its events) was still in use: its verifications in the last
+        ``cache_max_age``, read for every key set in one round trip per window length. The
+        commits are done whatever Redis answers, so a failed read is logged, not raised."""
+        if not self.expiry_usage:
             return
+        expired: dict[str, tuple[KeySetState, list[str]]] = {}
+        for before, events in commits:
+            kids = [event.kid for event in events if event.kind == "expire"]
+            if kids and before is not None:
+                expired[before.keyset] = (before, kids)
+        windows: dict[float, list[str]] = {}
+        for keyset in expired:
+            window = min(self.policy(keyset).cache_max_age, MINUTE_RETENTION)
+            windows.setdefault(window, []).append(keyset)
+        for window, keysets in windows.items():
+            try:
+                usage = read_usage_many(
+                    self.store.client, self.store.layout, keysets, self.clock(), window
+                )
+            except (redis.RedisError, OSError) as exc:
+                for keyset in keysets:
+                    log.warning("key set %s: usage of expired key(s) not read: %s", keyset, exc)
+                continue
+            for keyset in keysets:
+                before, kids = expired[keyset]
+                self._log_usage_of(before, kids, usage[keyset], window)
+
+    def _log_usage_of(
+        self, before: KeySetState, expired: list[str], usage: Mapping[str, KidUsage], window: float
+    ) -> None:
         keyset = before.keyset
-        window = min(self.policy(keyset).cache_max_age, MINUTE_RETENTION)
-        try:
-            usage = read_usage(self.store.client, self.store.layout, keyset, self.clock(), window)
-        except (redis.RedisError, OSError) as exc:
-            log.warning("key set %s: usage of expired key(s) not read: %s", keyset, exc)
-            return
         statuses = {key.kid: key.status for key in before.keys}
         for kid in expired:
             count = usage.get(kid, KidUsage()).recent

@@ -4,11 +4,12 @@ reconcile their key sets on a tick, and wake up exactly when a rotation or expir
 All decisions are made by `lifecycle` from timestamps in the state, so the
 scheduler only decides *when to look*: a missed tick, a restart or a clock
 jump costs nothing but a late look, never a double rotation. A daemon writes
-only the key sets of the shards it leads; it reads every other key set each
-tick so that, should it take their shards over, it holds a copy to restore if
-Redis lost its data. Jobs run one at a time on a single worker thread (the lease has its
-own, so a slow tick cannot let the lease lapse); the events thread reads an
-announced commit between them: `Daemon.manager_lock` guards the manager, the
+only the key sets of the shards it leads; it reads every other key set's commits
+as announced on ``P:events`` and each key set once per paced sweep
+(`rotator.daemon.sweep`) so that, should it take their shards over, it holds a
+copy to restore if Redis lost its data. Jobs run one at a time on a single worker
+thread (the lease has its own, so a slow tick cannot let the lease lapse); the events
+thread reads an announced commit between them: `Daemon.manager_lock` guards the manager, the
 registry view and the remembered states, which a tick and an announced commit
 both use. SIGTERM/SIGINT let the job in flight finish its commit, release the
 lease, and exit 0.
@@ -40,6 +41,7 @@ from rotator.core.strictjson import one_line
 from rotator.daemon.backup import Backup
 from rotator.daemon.health import Health, HealthServer
 from rotator.daemon.manager import KEYSET_ERRORS, KeyManager, Outcome
+from rotator.daemon.sweep import Sweep
 from rotator.daemon.systemd import notify, watchdog_seconds
 from rotator.metrics import (
     LEADER,
@@ -133,8 +135,11 @@ class Daemon:
         # next full sweep falls due, and each key set's registry entry when last looked at
         # (a new or changed one is looked at, and refiled, at the next tick).
         self._epoch: dict[int, int | None] = {}
-        self._sweep_now = True
-        self._next_sweep = float("-inf")
+        self._sweep = Sweep(daemon.sweep_interval)
+        # The same for the key sets of the shards this daemon follows (reads, not leads).
+        self._followed_epoch: dict[int, int | None] = {}
+        self._follow_sweep = Sweep(daemon.sweep_interval)
+        self._subscribed_before = False
         self._looked: dict[str, KeySetEntry | None] = {}
         self._announced: set[str] = set()  # commits announced since the last tick
         self._scheduler = BackgroundScheduler(
@@ -177,7 +182,7 @@ class Daemon:
         led = self.lease.led
         self._leading(led)
         if led - was and not self.stopping.is_set():
-            self._sweep_now = True
+            self._sweep.now()
             self._wake_at(self.clock())
         return leader
 
@@ -251,12 +256,14 @@ class Daemon:
         others = [name for name in names if shard_of(name) not in led] if led else names
         indexed = leader and self.manager.store.indexed
         sweep = True
-        if indexed:
-            try:
+        try:
+            if indexed:
                 mine, sweep = self._to_look_at(mine, led)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                self._redis_failed(exc)
-                return
+            if self.manager.store.indexed:
+                others = self._to_observe(others, led)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            self._redis_failed(exc)
+            return
         due: list[float] = []
         committed = False
         looked: list[KeySetState] = []
@@ -286,6 +293,9 @@ class Daemon:
                     looked.append(result.state)
                 elif result is not None:  # a follower sees an empty set until it is bootstrapped
                     self._succeeded(name, result)
+                    self._looked[name] = self.managed.get(name)
+        if self.manager.store.indexed:
+            self._followed_healthy(led, unusable)
         if indexed:
             self._index_looked(looked, led, unusable, sweep=sweep or committed, due=due)
         if self.backup is not None:
@@ -325,29 +335,19 @@ class Daemon:
 
     def _to_look_at(self, names: list[str], led: frozenset[int]) -> tuple[list[str], bool]:
         """The key sets of the shards *led* that a leader's tick reconciles (*names* are all
-        of them), and whether that is all of them (a sweep): all on taking a shard, every
-        ``daemon.sweep_interval``, and when a shard's epoch went backwards or vanished
-        (Redis lost data); else those the shards' due indexes say are due, those new or
-        whose policy changed since last looked at, and those that failed."""
+        of them), and whether a sweep is among them: all on taking a shard, after an outage
+        and when a shard's epoch went backwards or vanished (Redis lost data); else this
+        tick's share of the paced sweep (`Sweep`), those the shards' due indexes say are
+        due, those new or whose policy changed since last looked at, those that failed and
+        those whose commit was announced."""
         store = self.manager.store
         now = self.clock()
         shards = sorted(led)
-        epochs = store.epoch(shards)
-        for shard, epoch in epochs.items():
-            known = self._epoch.get(shard)
-            if known is not None and (epoch is None or epoch < known):
-                log.warning(
-                    "%s went from %d to %s: Redis lost data; looking at every key set",
-                    store.layout.epoch(shard),
-                    known,
-                    "nothing" if epoch is None else epoch,
-                )
-                self._sweep_now = True
-        self._epoch = epochs
-        if self._sweep_now or now >= self._next_sweep:
-            self._sweep_now = False
-            self._next_sweep = now + self.settings.daemon.sweep_interval
-            return names, True
+        self._epoch = self._probe_epochs(shards, self._epoch, self._sweep)
+        announced, self._announced = self._announced, set()
+        swept, whole = self._sweep.take(names, now)
+        if whole:
+            return swept, True
         managed = set(names)
         filed, more = store.due(shards, now, _DUE_LIMIT)
         if more:
@@ -365,9 +365,56 @@ class Daemon:
             name for name in names if self._looked.get(name) is not self.managed.get(name)
         )
         wanted.update(name for name in self._errors if name in managed)
-        announced, self._announced = self._announced, set()
         wanted.update(name for name in announced if name in managed)
-        return sorted(wanted), False
+        wanted.update(swept)
+        return sorted(wanted), bool(swept)
+
+    def _probe_epochs(
+        self, shards: list[int], known: Mapping[int, int | None], sweep: Sweep
+    ) -> dict[int, int | None]:
+        """The epochs of *shards* read now; *sweep* is asked to take everything when one
+        went backwards or vanished since *known* (Redis lost data)."""
+        store = self.manager.store
+        epochs = store.epoch(shards)
+        for shard, epoch in epochs.items():
+            before = known.get(shard)
+            if before is not None and (epoch is None or epoch < before):
+                log.warning(
+                    "%s went from %d to %s: Redis lost data; looking at every key set",
+                    store.layout.epoch(shard),
+                    before,
+                    "nothing" if epoch is None else epoch,
+                )
+                sweep.now()
+        return epochs
+
+    def _to_observe(self, names: list[str], led: frozenset[int]) -> list[str]:
+        """The key sets of the shards not *led* that a tick reads (*names* are all of them):
+        its share of their paced sweep (all of it when one of their epochs was lost, or the
+        subscription came back), those new or whose policy changed since last read, and
+        those that failed. An announced commit was read when announced (`on_commit`), so
+        the copy to restore from stays current without reading every key set each tick."""
+        if not led:
+            self._announced.clear()  # read when announced; queued only for shards led
+        shards = [shard for shard in range(self.manager.store.layout.shards) if shard not in led]
+        self._followed_epoch = self._probe_epochs(shards, self._followed_epoch, self._follow_sweep)
+        swept, _whole = self._follow_sweep.take(names, self.clock())
+        managed = set(names)
+        wanted = set(swept)
+        wanted.update(
+            name for name in names if self._looked.get(name) is not self.managed.get(name)
+        )
+        wanted.update(name for name in self._errors if name in managed)
+        return sorted(wanted)
+
+    def _followed_healthy(self, led: frozenset[int], unusable: Mapping[str, str]) -> None:
+        """Count the key sets of the shards not *led* that this tick did not read healthy:
+        they were when last read, and no announced commit or epoch move says otherwise."""
+        now = self.clock()
+        shard_of = self.manager.store.layout.shard_of
+        for name in self.managed.names():
+            if name not in self._errors and name not in unusable and shard_of(name) not in led:
+                self.health.succeeded(name, now)
 
     def _refile(self, results: Mapping[str, object], *, sweep: bool) -> None:
         """File in the due index what a tick looked at and did not commit (a commit filed
@@ -489,7 +536,9 @@ class Daemon:
     def _redis_failed(self, exc: Exception) -> None:
         REDIS_ERRORS.inc()
         self.health.redis_down()
-        self._sweep_now = True  # whatever Redis came back with, look at all of it
+        # Whatever Redis came back with, look at all of it.
+        self._sweep.now()
+        self._follow_sweep.now()
         with self._outage:  # the lease's thread and the tick's both report
             if not self._redis_was_down:
                 log.warning("Redis is unreachable (%s); retrying every tick", exc)
@@ -538,6 +587,14 @@ class Daemon:
             self._seen(state)
         elif keyset not in self.managed:
             self._forget(set(self.managed.names()))
+
+    def on_subscribed(self) -> None:
+        """The events subscription is (re)established: after the first, commits announced
+        while it was down were missed, so the next tick looks at every key set."""
+        if self._subscribed_before:
+            self._sweep.now()
+            self._follow_sweep.now()
+        self._subscribed_before = True
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; finishing the commit in flight", signal.Signals(signum).name)
@@ -589,8 +646,8 @@ class Daemon:
             self._wiring.client,
             self._wiring.layout.events,
             on_event=self.on_commit,
-            on_poll=lambda: None,  # the tick already reads everything
-            on_connect=lambda: None,
+            on_poll=lambda: None,  # the paced sweep reads everything once a sweep period
+            on_connect=self.on_subscribed,
             poll_interval=3600,
             name="rotator-daemon-events",
         )

@@ -1,0 +1,146 @@
+"""The paced full sweep: every key set looked at once per ``daemon.sweep_interval``, in
+shares spread over the period rather than in one burst, by the leader and by followers;
+a sweep asked for at once (healing) still takes everything at the next tick."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import redis
+
+from rotator.core.envelope import Keyring
+from rotator.daemon.scheduler import Daemon
+from rotator.daemon.sweep import Sweep
+from rotator.embedded import EmbeddedRedis
+from rotator.storage.store import Store
+from tests.helpers import FakeClock
+from tests.test_daemon_unit import entry, make_daemon
+
+NAMES = [f"app-{i:03d}" for i in range(100)]
+
+
+def test_a_paced_sweep_takes_every_name_once_per_period_in_even_shares() -> None:
+    sweep = Sweep(600)
+    first, whole = sweep.take(NAMES, 1000.0)
+    assert whole and first == NAMES  # the first tick looks at everything
+    taken: list[str] = []
+    for tick in range(1, 41):  # a 15 s tick over the 600 s period
+        share, whole = sweep.take(NAMES, 1000.0 + 15 * tick)
+        assert not whole
+        assert len(share) <= math.ceil(len(NAMES) * 15 / 600)
+        taken += share
+    assert sorted(taken) == NAMES  # each once
+
+
+def test_a_sweep_asked_for_at_once_takes_everything_at_the_next_tick() -> None:
+    sweep = Sweep(600)
+    sweep.take(NAMES, 0.0)
+    assert len(sweep.take(NAMES, 15.0)[0]) < len(NAMES)
+    sweep.now()
+    assert sweep.take(NAMES, 30.0) == (NAMES, True)
+    # The paced cycle starts again from there.
+    assert len(sweep.take(NAMES, 45.0)[0]) == math.ceil(len(NAMES) * 15 / 600)
+
+
+def test_late_ticks_and_names_added_behind_the_cursor_are_taken_at_the_period_end() -> None:
+    sweep = Sweep(600)
+    sweep.take(NAMES, 0.0)
+    early = sweep.take(NAMES, 300.0)[0]
+    assert early == NAMES[:50]
+    added = ["aaa", *NAMES]  # sorts before the cursor
+    rest = sweep.take(added, 900.0)[0]  # the tick came late: past the period
+    assert sorted(early + rest) == NAMES
+    assert sweep.take(added, 1200.0)[0][0] == "aaa"  # the next cycle has it
+
+
+def registered(daemon: Daemon, count: int) -> list[str]:
+    names = [f"app-{i:03d}" for i in range(count)]
+    daemon.manager.store.register_many([(name, entry()) for name in names])
+    return sorted([*names, "alpha", "beta"])
+
+
+def loads(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The key sets each `load_many` call reads, recorded."""
+    calls: list[list[str]] = []
+    load_many = store.load_many
+
+    def recorded(keysets: list[str]) -> object:
+        calls.append(list(keysets))
+        return load_many(keysets)
+
+    monkeypatch.setattr(store, "load_many", recorded)
+    return calls
+
+
+def test_the_leader_sweeps_in_shares_and_heals_within_the_period(
+    redis_server: EmbeddedRedis,
+    keyring: Keyring,
+    clock: FakeClock,
+    client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    daemon = make_daemon(redis_server, keyring, clock, sweep_interval=60)
+    names = registered(daemon, 40)
+    daemon.tick()  # bootstraps every key set: the first tick is a whole sweep
+    client.delete("rotator:{app-039}:jwks")  # by hand: no event, nothing the index sees
+    calls = loads(daemon.manager.store, monkeypatch)
+    read: list[str] = []
+    for _tick in range(6):  # 10 s ticks over the 60 s period
+        clock.advance(10)
+        daemon.lease.refresh()
+        calls.clear()
+        daemon.tick()
+        share = [name for call in calls for name in call]
+        assert len(share) <= math.ceil(len(names) * 10 / 60)  # no burst
+        read += share
+    assert sorted(read) == names
+    assert client.get("rotator:{app-039}:jwks") is not None  # republished by the sweep
+
+
+def test_a_follower_reads_its_share_and_every_announced_commit(
+    redis_server: EmbeddedRedis,
+    keyring: Keyring,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    leader = make_daemon(redis_server, keyring, clock, sweep_interval=60)
+    names = registered(leader, 40)
+    leader.tick()
+    follower = make_daemon(redis_server, keyring, clock, leader=False, sweep_interval=60)
+    follower.tick()  # its first tick reads everything: the copy it would restore from
+    assert sorted(follower.manager.remembered()) == names
+    calls = loads(follower.manager.store, monkeypatch)
+    leader.manager.rotate("app-007", force=True)
+    follower.on_commit("app-007")  # as announced on P:events
+    rotated = leader.manager.load("app-007").state
+    assert follower.manager.remembered()["app-007"] == rotated
+    calls.clear()
+    clock.advance(10)
+    follower.tick()
+    share = [name for call in calls for name in call]
+    assert len(share) <= math.ceil(len(names) * 10 / 60)
+    assert follower.health.report(clock.now)["ready"]
+
+
+def test_a_resubscribed_daemon_looks_at_everything_at_the_next_tick(
+    daemon: Daemon, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits announced while the subscription was down were missed."""
+    names = registered(daemon, 10)
+    daemon.tick()
+    daemon.on_subscribed()  # the first subscription misses nothing
+    calls = loads(daemon.manager.store, monkeypatch)
+    clock.advance(10)
+    daemon.tick()
+    assert len([name for call in calls for name in call]) < len(names)
+    daemon.on_subscribed()  # again: it was down
+    calls.clear()
+    clock.advance(10)
+    daemon.tick()
+    assert sorted(name for call in calls for name in call) == names
+
+
+@pytest.fixture
+def daemon(redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock) -> Daemon:
+    return make_daemon(redis_server, keyring, clock, sweep_interval=60)
