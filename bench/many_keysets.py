@@ -17,9 +17,11 @@ of it on core N). Reported:
   same key sets, measured from /proc over --idle-seconds, beside the same
   daemon managing a single key set (its baseline: lease, events, health), and
   the bytes Redis sent per idle tick meanwhile (``INFO stats``
-  ``total_net_output_bytes``: the daemon is Redis's only client then).
+  ``total_net_output_bytes``: the daemon is Redis's only client then);
+* with ``--follower``, the same for a leader and a follower side by side (the bytes are
+  what Redis sent both).
 
-    .venv/bin/python bench/many_keysets.py [--keysets 10000] [--idle-seconds 120]
+    .venv/bin/python bench/many_keysets.py [--keysets 10000] [--idle-seconds 120] [--follower]
 """
 
 from __future__ import annotations
@@ -104,11 +106,8 @@ def sent_bytes(client: redis.Redis) -> int:
     return int(client.info("stats")["total_net_output_bytes"])
 
 
-def idle_daemon(
-    server: EmbeddedRedis, kek: Path, seconds: float, prefix: str = "rotator"
-) -> tuple[float, float, float]:
-    """CPU share, RSS (MB) and bytes Redis sent per tick of a real `rotator run` idle over
-    the key sets under *prefix*."""
+def start_daemon(server: EmbeddedRedis, kek: Path, prefix: str) -> subprocess.Popen[bytes]:
+    """A real `rotator run` over the key sets under *prefix*, on core 0, once ready."""
     health = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
     env.update(
@@ -121,31 +120,48 @@ def idle_daemon(
     rotator = Path(sys.executable).with_name("rotator")
     daemon = subprocess.Popen([str(rotator), "run"], env=env)
     pin(daemon.pid, 0)
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=5):
+                return daemon
+        except OSError:
+            if time.monotonic() > deadline or daemon.poll() is not None:
+                daemon.kill()
+                raise SystemExit("the daemon never became ready") from None
+            time.sleep(0.5)
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+    return kb / 1024
+
+
+def idle_daemons(
+    server: EmbeddedRedis, kek: Path, seconds: float, prefix: str = "rotator", count: int = 1
+) -> tuple[list[tuple[float, float]], float]:
+    """CPU share and RSS (MB) of each of *count* real `rotator run` daemons idle over the
+    key sets under *prefix* (the first leads, the others follow), and the bytes Redis sent
+    per tick meanwhile (to all of them)."""
+    daemons: list[subprocess.Popen[bytes]] = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise SystemExit("the daemon never became ready") from None
-                time.sleep(0.5)
+        for _ in range(count):
+            daemons.append(start_daemon(server, kek, prefix))
         time.sleep(TICK)  # let the first full tick after readiness pass
         client = redis.Redis.from_url(server.url)
         sent = sent_bytes(client)
-        before, start = cpu_seconds(daemon.pid), time.monotonic()
+        before, start = [cpu_seconds(d.pid) for d in daemons], time.monotonic()
         time.sleep(seconds)
-        used = cpu_seconds(daemon.pid) - before
+        used = [cpu_seconds(d.pid) - b for d, b in zip(daemons, before, strict=True)]
         elapsed = time.monotonic() - start
-        share = used / elapsed
         per_tick = (sent_bytes(client) - sent) / (elapsed / TICK)
-        status = Path(f"/proc/{daemon.pid}/status").read_text()
-        rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
-        return share, rss / 1024, per_tick
+        return [(u / elapsed, rss_mb(d.pid)) for u, d in zip(used, daemons, strict=True)], per_tick
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=60)
+        for daemon in daemons:
+            daemon.terminate()
+        for daemon in daemons:
+            daemon.wait(timeout=60)
 
 
 def log_to_devnull() -> None:
@@ -169,6 +185,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keysets", "--count", dest="count", type=int, default=10_000)
     parser.add_argument("--idle-seconds", type=float, default=120.0)
+    parser.add_argument(
+        "--follower", action="store_true", help="also measure a follower beside the leader"
+    )
     args = parser.parse_args()
     count = args.count
     pin(0, 0)
@@ -222,10 +241,17 @@ def main() -> None:
         kek.chmod(0o600)
         for label, prefix in ((f"{count} key sets", "rotator"), ("one key set", "baseline")):
             # Under the prefix "baseline" there is no registry: only the key set "default".
-            share, rss, per_tick = idle_daemon(server, kek, args.idle_seconds, prefix=prefix)
+            [(share, rss)], per_tick = idle_daemons(server, kek, args.idle_seconds, prefix)
             print(f"  idle `rotator run`, {label}: {100 * share:.2f} % of a core over "
                   f"{args.idle_seconds:g} s, RSS {rss:.1f} MB, "
                   f"{per_tick / 1024:,.1f} KiB from Redis per tick", flush=True)  # fmt: skip
+        if args.follower:
+            daemons, per_tick = idle_daemons(server, kek, args.idle_seconds, count=2)
+            (lead, lead_rss), (follow, follow_rss) = daemons
+            print(f"  a leader and a follower, {count} key sets: leader {100 * lead:.2f} % of "
+                  f"a core, RSS {lead_rss:.1f} MB; follower {100 * follow:.2f} %, RSS "
+                  f"{follow_rss:.1f} MB; {per_tick / 1024:,.1f} KiB from Redis per tick to "
+                  "both", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
