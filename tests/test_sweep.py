@@ -144,3 +144,33 @@ def test_a_resubscribed_daemon_looks_at_everything_at_the_next_tick(
 @pytest.fixture
 def daemon(redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock) -> Daemon:
     return make_daemon(redis_server, keyring, clock, sweep_interval=60)
+
+
+def test_commits_announced_to_a_follower_do_not_pile_up_for_its_first_leading_tick(
+    redis_server: EmbeddedRedis,
+    keyring: Keyring,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A follower reads each announced commit when announced, and keeps no queue of them
+    (it would grow to every name); a sweep of everything empties the leader's. Before, the
+    names stayed queued, and the first paced tick after the lease was taken read them all."""
+    leader = make_daemon(redis_server, keyring, clock, sweep_interval=60)
+    names = registered(leader, 40)
+    leader.tick()
+    follower = make_daemon(redis_server, keyring, clock, leader=False, sweep_interval=60)
+    follower.tick()
+    for name in names:
+        follower.on_commit(name)
+    clock.advance(10)
+    follower.tick()
+    assert not follower._announced
+    for name in names:
+        follower.on_commit(name)  # announced between its last tick and taking the lease
+    leader.lease.release()
+    assert follower.step_lease()
+    follower.tick()  # taking the lease: everything
+    calls = loads(follower.manager.store, monkeypatch)
+    clock.advance(10)
+    follower.tick()
+    assert len([name for call in calls for name in call]) <= math.ceil(len(names) * 10 / 60)
