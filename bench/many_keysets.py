@@ -27,6 +27,7 @@ of it on core N). Reported:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import resource
@@ -106,8 +107,13 @@ def sent_bytes(client: redis.Redis) -> int:
     return int(client.info("stats")["total_net_output_bytes"])
 
 
-def start_daemon(server: EmbeddedRedis, kek: Path, prefix: str) -> subprocess.Popen[bytes]:
-    """A real `rotator run` over the key sets under *prefix*, on core 0, once ready."""
+def start_daemon(
+    server: EmbeddedRedis, kek: Path, prefix: str, *, leads: bool
+) -> subprocess.Popen[bytes]:
+    """A real `rotator run` over the key sets under *prefix*, on core 0, once ready (and
+    leading, when it *leads*), and settled: its first tick may run before it takes the lease,
+    and the sweep of everything on taking it costs about what getting ready did, so that
+    long again (at least a tick) passes before it counts as idle."""
     health = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
     env.update(
@@ -120,16 +126,21 @@ def start_daemon(server: EmbeddedRedis, kek: Path, prefix: str) -> subprocess.Po
     rotator = Path(sys.executable).with_name("rotator")
     daemon = subprocess.Popen([str(rotator), "run"], env=env)
     pin(daemon.pid, 0)
-    deadline = time.monotonic() + 600
+    started = time.monotonic()
+    deadline = started + 900
     while True:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=5):
-                return daemon
+            with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=5) as r:
+                if not leads or json.loads(r.read()).get("role") == "leader":
+                    break
         except OSError:
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                daemon.kill()
-                raise SystemExit("the daemon never became ready") from None
-            time.sleep(0.5)
+            pass
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            daemon.kill()
+            raise SystemExit("the daemon never became ready") from None
+        time.sleep(0.5)
+    time.sleep(max(TICK, time.monotonic() - started))
+    return daemon
 
 
 def rss_mb(pid: int) -> float:
@@ -146,9 +157,8 @@ def idle_daemons(
     per tick meanwhile (to all of them)."""
     daemons: list[subprocess.Popen[bytes]] = []
     try:
-        for _ in range(count):
-            daemons.append(start_daemon(server, kek, prefix))
-        time.sleep(TICK)  # let the first full tick after readiness pass
+        for index in range(count):
+            daemons.append(start_daemon(server, kek, prefix, leads=index == 0))
         client = redis.Redis.from_url(server.url)
         sent = sent_bytes(client)
         before, start = [cpu_seconds(d.pid) for d in daemons], time.monotonic()
