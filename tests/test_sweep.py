@@ -174,3 +174,20 @@ def test_commits_announced_to_a_follower_do_not_pile_up_for_its_first_leading_ti
     clock.advance(10)
     follower.tick()
     assert len([name for call in calls for name in call]) <= math.ceil(len(names) * 10 / 60)
+
+
+def test_a_follower_is_not_ready_over_a_keyset_no_leader_bootstrapped_yet(
+    redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock, client: redis.Redis
+) -> None:
+    """Before: a follower's tick counted every key set it did not read as fresh, an empty
+    one too, so a daemon whose first tick ran before it took the lease said ready over a key
+    set without keys."""
+    leader = make_daemon(redis_server, keyring, clock, sweep_interval=60)
+    leader.tick()
+    for name in ("alpha", "beta"):  # as if no leader had bootstrapped anything yet
+        client.delete(f"rotator:{{{name}}}:state", f"rotator:{{{name}}}:jwks")
+    follower = make_daemon(redis_server, keyring, clock, leader=False, sweep_interval=60)
+    for _tick in range(3):
+        follower.tick()
+        assert not follower.health.report(clock.now)["ready"]
+        clock.advance(10)

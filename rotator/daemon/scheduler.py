@@ -291,9 +291,8 @@ class Daemon:
                     committed = committed or result.action in {"bootstrap", "commit", "restore"}
                     due.append(self.manager.next_change_at(result.state))
                     looked.append(result.state)
-                elif result is not None:  # a follower sees an empty set until it is bootstrapped
-                    self._succeeded(name, result)
-                    self._looked[name] = self.managed.get(name)
+                else:
+                    self._followed(name, result)
         if self.manager.store.indexed:
             self._followed_healthy(led, unusable)
         if indexed:
@@ -407,13 +406,29 @@ class Daemon:
         wanted.update(name for name in self._errors if name in managed)
         return sorted(wanted)
 
+    def _followed(self, name: str, state: KeySetState | None) -> None:
+        """A key set of a shard not led was read: *state*, or ``None`` while it is empty (a
+        follower sees an empty set until it is bootstrapped), then read again at the next
+        tick and not fresh meanwhile."""
+        if state is None:
+            self._looked.pop(name, None)
+            return
+        self._succeeded(name, state)
+        self._looked[name] = self.managed.get(name)
+
     def _followed_healthy(self, led: frozenset[int], unusable: Mapping[str, str]) -> None:
-        """Count the key sets of the shards not *led* that this tick did not read healthy:
-        they were when last read, and no announced commit or epoch move says otherwise."""
+        """Count the key sets of the shards not *led* that this tick did not read healthy
+        when they were the last time they were read (not empty, not failed), and no
+        announced commit or epoch move says otherwise."""
         now = self.clock()
         shard_of = self.manager.store.layout.shard_of
         for name in self.managed.names():
-            if name not in self._errors and name not in unusable and shard_of(name) not in led:
+            if (
+                name in self._looked
+                and name not in self._errors
+                and name not in unusable
+                and shard_of(name) not in led
+            ):
                 self.health.succeeded(name, now)
 
     def _refile(self, results: Mapping[str, object], *, sweep: bool) -> None:
