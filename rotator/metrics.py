@@ -35,6 +35,7 @@ __all__ = [
     "ROTATIONS",
     "SHARDS_LED",
     "USAGE_DROPPED",
+    "VERIFICATIONS",
     "KeysetCollector",
     "KeysetSample",
     "ReaderMetrics",
@@ -71,6 +72,15 @@ USAGE_DROPPED = Counter(
     "rotator_reader_usage_dropped",
     "Verifications a reader counted but could not report to Redis in time, by key set",
     ["keyset"],
+    registry=None,
+)
+VERIFICATIONS = Counter(
+    "rotator_reader_verifications",
+    "Verifications readers made, by key set, role of the kid the token named (current, "
+    "next, retired, imported; unknown: the key set holds no such kid, or the token named "
+    "none; untold: the daemon did not publish its role) and outcome (accepted, "
+    "refused:<reason>); counted when the reader reports its usage",
+    ["keyset", "role", "outcome"],
     registry=None,
 )
 HTTP_REFUSALS = Counter(
@@ -194,13 +204,15 @@ class ReaderMetrics(Collector):
 
 
 def register_reader_metrics(registry: CollectorRegistry = REGISTRY) -> ReaderMetrics:
-    """Opt in to ``rotator_reader_staleness_seconds`` and ``rotator_reader_usage_dropped``
-    in *registry*: pass the result to the readers (``JWKSReader(..., metrics=...)``). Call
-    it once per registry (a second registration of the same name is refused by
-    prometheus-client)."""
+    """Opt in to ``rotator_reader_staleness_seconds``, ``rotator_reader_usage_dropped``
+    and ``rotator_reader_verifications`` in *registry*: pass the result to the readers
+    (``JWKSReader(..., metrics=...)``) for the staleness; the two counters count every
+    reader of the process that reports usage. Call it once per registry (a second
+    registration of the same name is refused by prometheus-client)."""
     readers = ReaderMetrics()
     registry.register(readers)
     registry.register(USAGE_DROPPED)
+    registry.register(VERIFICATIONS)
     return readers
 
 

@@ -108,3 +108,24 @@ def test_each_role_does_its_job_and_no_more(acl_redis: EmbeddedRedis, keyring: K
         verifier.delete("rotator:{default}:usage")
     with pytest.raises((redis.exceptions.AuthenticationError, redis.exceptions.ConnectionError)):
         redis.Redis(port=acl_redis.port).get("rotator:{default}:jwks")  # default user is off
+
+
+def test_the_verifier_reads_the_roles_and_cannot_write_them(
+    acl_redis: EmbeddedRedis, keyring: Keyring
+) -> None:
+    daemon_client = redis.Redis.from_url(url(acl_redis, "daemon"))
+    manager = KeyManager(Store(daemon_client, Layout()), keyring, lambda _n: FAST)
+    state = manager.reconcile("default").state
+    assert state is not None
+    verifier = redis.Redis.from_url(url(acl_redis, "verifier"))
+    with JWKSReader(url(acl_redis, "verifier"), follow=False) as reader:
+        assert reader._roles() == {key.kid: key.status.value for key in state.keys}
+    assert verifier.get("rotator:{default}:roles") == state.roles()
+    for write in (
+        lambda: verifier.set("rotator:{default}:roles", "{}"),
+        lambda: verifier.delete("rotator:{default}:roles"),
+        lambda: verifier.hset("rotator:{default}:roles", "k", "current"),
+        lambda: verifier.expire("rotator:{default}:roles", 1),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            write()

@@ -22,8 +22,9 @@ from rotator.config import KeysetSettings
 from rotator.core import lifecycle, strictjson
 from rotator.core.encoding import encode_sealed
 from rotator.core.envelope import SealedKey, UnsealError
-from rotator.core.jwk import GeneratedKey
+from rotator.core.jwk import GeneratedKey, foreign_kid
 from rotator.core.policy import Policy
+from rotator.core.roles import ROLES, RolesFormatError, decode_roles, roles_for
 from rotator.core.state import (
     MAX_TIME,
     MIN_TIME,
@@ -161,6 +162,26 @@ def test_jwks_documents() -> None:
 def test_jwks_documents_with_a_key_of_every_algorithm() -> None:
     assert len(import_jwks(MIXED.jwks()).keys) == len(MIXED.keys)
     attack(MIXED.jwks(), check_jwks)
+
+
+def check_roles(raw: bytes | str) -> None:
+    try:
+        roles = decode_roles(raw)
+    except RolesFormatError as exc:
+        assert str(exc).isprintable()
+        return
+    assert type(roles.jwks) is str and len(roles.jwks) == 43
+    assert all(foreign_kid(kid) and role in ROLES for kid, role in roles.kids.items())
+    told = roles_for(STATE.jwks(), raw)  # what a reader does with it
+    assert told is None or told == roles.kids
+
+
+def test_roles_documents() -> None:
+    told = roles_for(MIXED.jwks(), MIXED.roles())
+    assert told == {key.kid: key.status.value for key in MIXED.keys}
+    assert roles_for(STATE.jwks(), MIXED.roles()) is None  # of other JWKS bytes
+    attack(STATE.roles(), check_roles)
+    attack(MIXED.roles(), check_roles)
 
 
 def check_entry(raw: str) -> None:
@@ -337,6 +358,7 @@ def json_bytes(values: Any) -> Any:
 def test_random_bytes_and_documents(raw: bytes) -> None:
     check_state(raw)
     check_jwks(raw)
+    check_roles(raw)
     check_entry(as_stored(raw))
     check_event(raw)
 

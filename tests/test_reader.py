@@ -258,7 +258,8 @@ def test_the_token_cache_can_be_turned_off(
 
 
 class GatedClient(redis.Redis):
-    """A client whose GET waits for a gate: lets a test hold a read in flight."""
+    """A client whose GET and pipelines (a reader counting usage reads the JWKS and its roles
+    in one) wait for a gate: lets a test hold a read in flight."""
 
     gate = threading.Event()
     entered = threading.Event()
@@ -267,6 +268,11 @@ class GatedClient(redis.Redis):
         self.entered.set()
         self.gate.wait(10)
         return super().get(name)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        self.entered.set()
+        self.gate.wait(10)
+        return super().pipeline(transaction, shard_hint)
 
 
 def test_concurrent_refreshes_share_one_read(

@@ -10,6 +10,7 @@ import redis
 
 from rotator.core import lifecycle
 from rotator.core.envelope import UnsealError
+from rotator.core.roles import roles_for
 from rotator.core.state import CorruptState, decode_state
 from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
@@ -23,6 +24,7 @@ def test_layout_uses_a_hash_tag_per_keyset() -> None:
     layout = Layout("p")
     assert layout.state("s") == "p:{s}:state"
     assert layout.jwks("s") == "p:{s}:jwks"
+    assert layout.roles("s") == "p:{s}:roles"
     assert layout.keysets == "p:keysets"
     assert layout.events == "p:events"
 
@@ -44,6 +46,36 @@ def test_commit_writes_state_and_jwks_and_announces_it(
     assert json.loads(message["data"]) == {"keyset": "default", "version": 1, "event": "bootstrap"}
     loaded = store.load("default")
     assert loaded.state == state and loaded.jwks == state.jwks()
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_every_write_publishes_the_roles_with_the_jwks(
+    store: Store, client: redis.Redis, clock: FakeClock, indexed: bool
+) -> None:
+    """Commit, restore and republish write the kids' roles beside the JWKS (with or without
+    the due index, whose keys come before the roles key); removal deletes them."""
+    if indexed:
+        store.due_at = lambda _state: 1.0
+    mint = RecordingMint(make_keyring("k1"))
+    first = lifecycle.bootstrap("default", clock.now, mint).state
+    store.commit(0, first, "bootstrap")
+    assert client.get("rotator:{default}:roles") == first.roles()
+    assert roles_for(first.jwks(), first.roles()) == {
+        first.current.kid: "current",
+        first.next.kid if first.next else "": "next",
+    }
+    assert store.load("default").roles == first.roles()
+    assert (client.zscore("rotator:due", "default") is not None) == indexed
+    second = lifecycle.rotate(first, clock.now + 50, FAST, mint).state
+    client.delete("rotator:{default}:state")
+    store.restore(second)
+    assert client.get("rotator:{default}:roles") == second.roles() != first.roles()
+    client.set("rotator:{default}:roles", b"garbage")
+    store.republish(second)
+    assert store.load_many(["default"])[0] == store.load("default")
+    assert client.get("rotator:{default}:roles") == second.roles()
+    store.unregister("default")
+    assert client.get("rotator:{default}:roles") is None
 
 
 def test_commit_is_compare_and_set_on_the_version(store: Store, clock: FakeClock) -> None:

@@ -22,6 +22,7 @@ Pure: imports nothing of rotator at run time (the types are for annotations only
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -37,11 +38,13 @@ __all__ = [
     "encode_jwk",
     "encode_jwks",
     "encode_record",
+    "encode_roles",
     "encode_sealed",
     "encode_state",
     "encode_thumbprint_input",
     "json_number",
     "json_text",
+    "jwks_digest",
 ]
 
 #: The ``format`` member of the state document.
@@ -132,3 +135,16 @@ def encode_state(state: KeySetState) -> bytes:
         f'{{"format":{STATE_FORMAT},"keys":[{keys}],"keyset":{json_text(state.keyset)},'
         f'"updated_at":{json_number(state.updated_at)},"version":{json_number(state.version)}}}'
     ).encode("ascii")
+
+
+def jwks_digest(jwks: bytes | str) -> str:
+    """The base64url SHA-256 (unpadded) of JWKS bytes: what binds a roles document to the
+    JWKS it describes."""
+    data = jwks.encode() if isinstance(jwks, str) else jwks
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode("ascii")
+
+
+def encode_roles(jwks: bytes, roles: Iterable[tuple[str, str]]) -> bytes:
+    """The roles document published beside *jwks* (`rotator.core.roles`): the digest of
+    those JWKS bytes and each ``(kid, role)`` of *roles*."""
+    return canonical_json({"jwks": jwks_digest(jwks), "roles": dict(roles)}).encode("ascii")

@@ -35,7 +35,7 @@ from functools import cached_property
 from typing import Any
 
 from rotator.core import strictjson
-from rotator.core.encoding import STATE_FORMAT, encode_jwks, encode_state
+from rotator.core.encoding import STATE_FORMAT, encode_jwks, encode_roles, encode_state
 from rotator.core.envelope import SealedKey
 from rotator.core.jwk import (
     MAX_RSA_BITS,
@@ -207,6 +207,15 @@ class KeySetState:
     @cached_property
     def _jwks(self) -> bytes:
         return encode_jwks(k.publishable() for k in self.keys)
+
+    def roles(self) -> bytes:
+        """The roles document published beside the JWKS (`rotator.core.roles`): each kid's
+        status, bound to the bytes of `jwks`."""
+        return self._roles
+
+    @cached_property
+    def _roles(self) -> bytes:
+        return encode_roles(self.jwks(), ((k.kid, k.status.value) for k in self.keys))
 
 
 def valid_time(value: object) -> float | None:

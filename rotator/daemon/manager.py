@@ -213,6 +213,14 @@ class KeyManager:
         if transition is None:
             assert state is not None
             if snapshot.jwks != state.jwks():
+                log.warning(
+                    "key set %s: published JWKS was missing or altered; republishing", keyset
+                )
+                return self._republish(state)
+            if snapshot.roles != state.roles():
+                # A release before the roles were published, or bytes tampered with: the
+                # readers' metrics name the kids' roles again once it is written.
+                log.info("key set %s: publishing the roles of its kids anew", keyset)
                 return self._republish(state)
             self._remember(state)
             return Outcome(keyset, "unchanged", state)
@@ -445,7 +453,6 @@ class KeyManager:
         return Outcome(remembered.keyset, "restore", remembered)
 
     def _republish(self, state: KeySetState) -> Outcome:
-        log.warning("key set %s: published JWKS was missing or altered; republishing", state.keyset)
         self.store.republish(state)
         self._remember(state)
         self._record(state, (("republish", state.current.kid),))

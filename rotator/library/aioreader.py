@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +26,7 @@ from rotator.library.keycache import (
     ReaderLimits,
     Slot,
     SlotTable,
+    checked,
     redis_address,
     removed_among,
     trusted_keys,
@@ -82,7 +83,8 @@ def _check_cancelled() -> None:
 class AsyncJWKSCache:
     """Copies of many key sets, loaded on first use, at most *max_keysets* of them.
     *follow*: follow the events channel and poll (as `JWKSCache`); *metrics*: report
-    the copies' staleness there.
+    the copies' staleness there; *roles*: read each key set's roles with its JWKS (as
+    `JWKSCache`).
 
     Owned by the event loop it is started on: every method runs there (the table of
     slots, the reads in flight and the counts are only touched between two awaits),
@@ -100,6 +102,7 @@ class AsyncJWKSCache:
         follow: bool = True,
         clock: Callable[[], float] = time.monotonic,
         metrics: ReaderMetrics | None = None,
+        roles: bool = False,
     ) -> None:
         self.client = async_client_for(target)
         # Only a client made here is closed here: one passed in is the caller's to close.
@@ -110,7 +113,7 @@ class AsyncJWKSCache:
         self.clock = clock
         self.subscribed = False
         address = redis_address(self.client)
-        self._table = SlotTable(self.limits, max_keysets, clock, address)
+        self._table = SlotTable(self.limits, max_keysets, clock, address, roles=roles)
         self._inflight: dict[str, asyncio.Task[bool]] = {}
         self._task: asyncio.Task[None] | None = None
         self._callbacks = CallbackFailures()
@@ -170,13 +173,27 @@ class AsyncJWKSCache:
     async def _read(self, keyset: str, held: Slot | None) -> bool:
         slot = self._table.get(keyset) or held
         try:
-            raw = await self.client.get(self.layout.jwks(keyset))
-            check = self._table.needs_removal_check(keyset, raw, slot)
+            raw, roles = await self._get([keyset])
+            check = self._table.needs_removal_check(keyset, raw[0], slot)
             removed = await self._removed([keyset]) if check else set()
         except (redis.RedisError, OSError) as exc:
             self._table.unreachable(exc)
             return False
-        return self._table.answered([keyset], [raw], removed, slot)
+        return self._table.answered([keyset], raw, removed, slot, roles)
+
+    async def _get(self, names: list[str]) -> tuple[list[Any], list[Any] | None]:
+        """As `JWKSCache._get`."""
+        if not self._table.roles and len(names) == 1:
+            return [await self.client.get(self.layout.jwks(names[0]))], None
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.get(self.layout.jwks(name))
+                if self._table.roles:
+                    pipe.get(self.layout.roles(name))
+            values = await pipe.execute(raise_on_error=False)
+        if not self._table.roles:
+            return checked(values), None
+        return checked(values[::2]), self._table.roles_read(values[1::2])
 
     async def _removed(self, names: list[str]) -> set[str]:
         """Which of *names* the registry says were removed (one ``HMGET``)."""
@@ -193,16 +210,13 @@ class AsyncJWKSCache:
         if not names:
             return
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for name in names:
-                    pipe.get(self.layout.jwks(name))
-                values = await pipe.execute()
+            values, roles = await self._get(names)
             gone = self._table.to_check(names, values)
             removed = await self._removed(gone) if gone else set()
         except (redis.RedisError, OSError) as exc:
             self._table.unreachable(exc)
             return
-        self._table.answered(names, values, removed)
+        self._table.answered(names, values, removed, roles=roles)
 
     async def _follow(self) -> None:
         backoff = 0.1
@@ -342,6 +356,7 @@ class AsyncJWKSReader:
             follow=follow,
             clock=clock,
             metrics=metrics,
+            roles=report_usage,  # the usage metric's role label
         )
         self.max_token_bytes = max_token_bytes
         #: The verified-token cache (`rotator.library.tokencache`), empty when off.
@@ -352,7 +367,9 @@ class AsyncJWKSReader:
         self._flusher = (
             None
             if self.usage is None
-            else AsyncUsageFlusher(self.usage, self.cache.client, self.cache.layout, usage_interval)
+            else AsyncUsageFlusher(
+                self.usage, self.cache.client, self.cache.layout, usage_interval, self._roles
+            )
         )
 
     async def __aenter__(self) -> AsyncJWKSReader:
@@ -375,6 +392,11 @@ class AsyncJWKSReader:
     def staleness(self) -> float | None:
         """Seconds since a read last confirmed the copy (``None``: never read)."""
         return self.cache.staleness().get(self.keyset)
+
+    def _roles(self) -> Mapping[str, str] | None:
+        """The roles of the kids of the copy held, as the daemon told them."""
+        slot = self.cache.held(self.keyset)
+        return slot.roles if slot is not None else None
 
     @property
     def trouble(self) -> str | None:

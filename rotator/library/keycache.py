@@ -15,6 +15,12 @@ set and do only the reading themselves. The rules:
   unknown after that refresh go into a small bounded negative cache, which
   every change of the key set empties, so a newly published key is never
   locked out.
+* A table that tells roles (`SlotTable` ``roles=True``, what readers that count
+  usage ask for) is given the roles document read with each JWKS and keeps, beside
+  a copy, the roles it tells for those very bytes (`Slot.roles`, `roles_for`); none
+  (``None``, untold) when Redis holds none for them, or one that does not decode
+  (logged once per document). A copy kept instead of what Redis holds keeps its
+  roles.
 
 Every decision of the two readers is made here (what to read and when, what a read
 means, how a kid is looked up); `reader` and `aioreader` keep only their I/O and
@@ -29,8 +35,10 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from rotator.core.jwk import PublicKey
+from rotator.core.roles import RolesFormatError, roles_for
 from rotator.library.errors import KeySetUnavailable
 from rotator.library.jwks_import import (
     CheckedPoints,
@@ -40,7 +48,15 @@ from rotator.library.jwks_import import (
 )
 from rotator.storage.store import REMOVED
 
-__all__ = ["ReaderLimits", "Slot", "SlotTable", "redis_address", "removed_among", "trusted_keys"]
+__all__ = [
+    "ReaderLimits",
+    "Slot",
+    "SlotTable",
+    "checked",
+    "redis_address",
+    "removed_among",
+    "trusted_keys",
+]
 
 
 def _digest(raw: bytes | str) -> bytes:
@@ -67,6 +83,15 @@ def removed_among(names: Sequence[str], entries: Sequence[object] | None) -> set
         for name, entry in zip(names, entries, strict=True)
         if entry in (REMOVED, _REMOVED_BYTES)
     }
+
+
+def checked(values: Sequence[Any]) -> list[Any]:
+    """The answers of a pipeline run with ``raise_on_error=False``, or the first error among
+    them raised."""
+    for value in values:
+        if isinstance(value, Exception):
+            raise value
+    return list(values)
 
 
 @dataclass(frozen=True)
@@ -108,6 +133,9 @@ class Slot:
     # Digest of the stored bytes last refused, and why: the same bytes are not imported again.
     refused: tuple[bytes, str] | None = None
     problem: str | None = None  # why what Redis holds was not taken, while it is not
+    # kid -> role of the kids of `keys`, as the daemon told them (``None``: untold).
+    roles: Mapping[str, str] | None = None
+    roles_refused: bytes | None = None  # digest of the roles document last refused (logged)
     miss_refresh_at: float = float("-inf")
     misses: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
@@ -119,6 +147,7 @@ class Slot:
         if changed:
             # An unchanged copy keeps its object, so what was built from it stays valid.
             self.keys = keys
+            self.roles = None  # those of the old copy: `tell` gives the new one's
             self.misses.clear()
             self.generation += 1
         return changed
@@ -129,6 +158,20 @@ class Slot:
         if self.keys is None:
             self.fetched_at, self.published = now, True
         self.problem = problem
+
+    def tell(self, jwks: bytes | str, raw_roles: bytes | str | None) -> None:
+        """Take the roles that the document *raw_roles* tells of the JWKS bytes *jwks*, the
+        copy's own; one that does not decode leaves the kids untold, said once."""
+        try:
+            self.roles = roles_for(jwks, raw_roles)
+        except RolesFormatError as exc:
+            self.roles = None
+            refused = _digest(raw_roles or b"")
+            if refused != self.roles_refused:
+                log.warning("key set %s: its roles document is refused (%s)", self.keyset, exc)
+            self.roles_refused = refused
+            return
+        self.roles_refused = None
 
     def staleness(self, now: float) -> float | None:
         """Seconds since a read last confirmed the copy; ``None`` if there never was one."""
@@ -232,8 +275,13 @@ class SlotTable:
         max_keysets: int,
         clock: Callable[[], float],
         address: str = "localhost:6379/0",  # redis-py's default
+        *,
+        roles: bool = False,
     ) -> None:
         self.limits = limits
+        #: Whether the reader reads each key set's roles with its JWKS, for `accept`.
+        self.roles = roles
+        self._roles_unreadable = False
         self.max_keysets = max_keysets
         self.clock = clock
         self.address = address  # where Redis is, for the log line saying it is unreachable
@@ -340,10 +388,12 @@ class SlotTable:
         held: Slot | None = None,
         *,
         removed: bool = False,
+        roles: bytes | str | None = None,
     ) -> bool:
         """Take a freshly read JWKS (``None``: none stored; *removed*: the registry holds
-        the key set's tombstone). Return ``False`` when what Redis holds was not taken and a
-        copy held stays instead (the module's rules).
+        the key set's tombstone) and, in a table that tells roles, the roles document read
+        with it. Return ``False`` when what Redis holds was not taken and a copy held stays
+        instead (the module's rules).
 
         *held* is the slot the read was made for. If the table dropped it meanwhile (other
         key sets pushed it out of the LRU), or holds a newer slot for the name, *held* is
@@ -354,6 +404,11 @@ class SlotTable:
             return True  # dropped meanwhile, and nobody waits on it
         before = [slot.problem for slot in slots]
         taken = self._take(slots, raw, removed)
+        if self.roles and raw is not None:
+            source = _digest(raw)
+            for slot in slots:
+                if slot.source == source:  # the copy is of these bytes
+                    slot.tell(raw, roles)
         self._report(keyset, before, slots)
         return taken
 
@@ -372,17 +427,33 @@ class SlotTable:
         values: Sequence[bytes | str | None],
         removed: set[str],
         held: Slot | None = None,
+        roles: Sequence[bytes | str | None] | None = None,
     ) -> bool:
-        """Redis answered a read of *names* (one, or all held by a poll) with *values*, and
-        the registry says *removed* were removed: count the read and `accept` each; return
-        whether every value was taken. *held*: the slot a read of one key set was made
-        for (see `accept`)."""
+        """Redis answered a read of *names* (one, or all held by a poll) with *values* (and,
+        in a table that tells roles, their *roles* documents), and the registry says
+        *removed* were removed: count the read and `accept` each; return whether every
+        value was taken. *held*: the slot a read of one key set was made for (see
+        `accept`)."""
         self.reads += 1
         self._down = False
         taken = True
-        for name, raw in zip(names, values, strict=True):
-            taken = self.accept(name, raw, held, removed=name in removed) and taken
+        documents = roles if roles is not None else [None] * len(names)
+        for name, raw, told in zip(names, values, documents, strict=True):
+            taken = self.accept(name, raw, held, removed=name in removed, roles=told) and taken
         return taken
+
+    def roles_read(self, values: Sequence[Any]) -> list[Any]:
+        """The roles documents of a read, an error in place of one (the ACL of a release
+        before them refuses the key) read as none, and said once until they are read."""
+        errors = [value for value in values if isinstance(value, Exception)]
+        if errors and not self._roles_unreadable:
+            log.warning(
+                "cannot read the roles of the kids (%s): counted as untold (a verifier ACL "
+                "role of before their key lacks %%R~<prefix>:*:roles)",
+                errors[0],
+            )
+        self._roles_unreadable = bool(errors)
+        return [None if isinstance(value, Exception) else value for value in values]
 
     def unreachable(self, exc: BaseException) -> None:
         """A read failed (Redis down, a timeout): the copies held stay, ageing towards

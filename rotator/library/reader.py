@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -33,6 +33,7 @@ from rotator.library.keycache import (
     ReaderLimits,
     Slot,
     SlotTable,
+    checked,
     redis_address,
     removed_among,
     trusted_keys,
@@ -75,7 +76,8 @@ class JWKSCache:
     """Copies of many key sets, loaded on first use, at most *max_keysets* of them
     (key sets named in *preload* are never dropped). *on_event* is called with the key
     set of every announcement on the events channel (a commit, a policy change), on the
-    follower's thread. *metrics*: report the copies' staleness there.
+    follower's thread. *metrics*: report the copies' staleness there. *roles*: read each
+    key set's roles with its JWKS, in the same round trip (`Slot.roles`).
 
     Thread-safe: the table of slots (`SlotTable`, whose docstring says what may run
     without it), the flights and the counts are guarded by one lock, never held across
@@ -94,6 +96,7 @@ class JWKSCache:
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str], object] | None = None,
         metrics: ReaderMetrics | None = None,
+        roles: bool = False,
     ) -> None:
         self.client = client_for(target)
         # Only a client made here is closed here: one passed in is the caller's to close.
@@ -103,7 +106,7 @@ class JWKSCache:
         self.limits = limits or ReaderLimits()
         self.clock = clock
         address = redis_address(self.client)
-        self._table = SlotTable(self.limits, max_keysets, clock, address)
+        self._table = SlotTable(self.limits, max_keysets, clock, address, roles=roles)
         self._flights: dict[str, _Flight] = {}  # only key sets being read right now
         self._lock = threading.Lock()
         self._follower = (
@@ -209,16 +212,33 @@ class JWKSCache:
 
     def _read(self, keyset: str, held: Slot | None) -> bool:
         try:
-            raw = self.client.get(self.layout.jwks(keyset))
+            raw, roles = self._get([keyset])
             with self._lock:
-                check = self._table.needs_removal_check(keyset, raw, held)
+                check = self._table.needs_removal_check(keyset, raw[0], held)
             removed = self._removed([keyset]) if check else set()
         except (redis.RedisError, OSError) as exc:
             with self._lock:
                 self._table.unreachable(exc)
             return False
         with self._lock:
-            return self._table.answered([keyset], [raw], removed, held)
+            return self._table.answered([keyset], raw, removed, held, roles)
+
+    def _get(self, names: list[str]) -> tuple[list[Any], list[Any] | None]:
+        """The JWKS of each of *names* and, when roles are read, their roles documents; one
+        round trip."""
+        if not self._table.roles and len(names) == 1:
+            return [self.client.get(self.layout.jwks(names[0]))], None
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.get(self.layout.jwks(name))
+                if self._table.roles:
+                    pipe.get(self.layout.roles(name))
+            values = pipe.execute(raise_on_error=False)
+        if not self._table.roles:
+            return checked(values), None
+        jwks = checked(values[::2])
+        with self._lock:
+            return jwks, self._table.roles_read(values[1::2])
 
     def _removed(self, names: list[str]) -> set[str]:
         """Which of *names* the registry says were removed (one ``HMGET``)."""
@@ -236,10 +256,7 @@ class JWKSCache:
         if not names:
             return
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for name in names:
-                    pipe.get(self.layout.jwks(name))
-                values = pipe.execute()
+            values, roles = self._get(names)
             with self._lock:
                 gone = self._table.to_check(names, values)
             removed = self._removed(gone) if gone else set()
@@ -248,7 +265,7 @@ class JWKSCache:
                 self._table.unreachable(exc)
             return
         with self._lock:
-            self._table.answered(names, values, removed)
+            self._table.answered(names, values, removed, roles=roles)
 
     def lookup(self, keyset: str, kid: str) -> PublicKey | None:
         """The key for *kid*; an unknown kid costs at most one shared read per cooldown.
@@ -284,8 +301,8 @@ class JWKSReader:
     """Verifies the tokens of one key set, each key in its own algorithm; use as a context
     manager or call `start` and `close`. *metrics*: report the copy's staleness there (see
     `rotator.metrics.register_reader_metrics`). *report_usage*: count verifications per kid
-    and outcome and report them to Redis every *usage_interval* seconds
-    (`rotator.library.usage`).
+    and outcome and report them to Redis every *usage_interval* seconds, counted in
+    ``rotator_reader_verifications`` by the kid's role too (`rotator.library.usage`).
 
     *token_cache_size*, *token_cache_bytes*: bounds of the verified-token cache
     (`rotator.library.tokencache`); a size of 0 turns it off.
@@ -323,6 +340,7 @@ class JWKSReader:
             follow=follow,
             clock=clock,
             metrics=metrics,
+            roles=report_usage,  # the usage metric's role label
         )
         self.max_token_bytes = max_token_bytes
         #: The verified-token cache (`rotator.library.tokencache`), empty when off.
@@ -335,7 +353,9 @@ class JWKSReader:
         self._flusher = (
             None
             if self.usage is None
-            else UsageFlusher(self.usage, self.cache.client, self.cache.layout, usage_interval)
+            else UsageFlusher(
+                self.usage, self.cache.client, self.cache.layout, usage_interval, self._roles
+            )
         )
 
     def start(self) -> JWKSReader:
@@ -395,6 +415,11 @@ class JWKSReader:
         """Read the key set from Redis now; ``False`` if Redis could not be read, or what it
         holds was not taken (the last good copy stays)."""
         return self.cache.refresh(self.keyset)
+
+    def _roles(self) -> Mapping[str, str] | None:
+        """The roles of the kids of the copy held, as the daemon told them."""
+        slot = self._slot
+        return slot.roles if slot is not None else None
 
     def _lookup(self, kid: str) -> PublicKey | None:
         slot = self._slot

@@ -2,7 +2,7 @@
 
 An accepted verification only appends its kid to a deque (`UsageCounter.accepted`,
 thread-safe without a lock); a refusal adds one to a counter under a lock
-(`UsageCounter.record`). `UsageCounter.take` counts what the deque holds into the
+(`UsageCounter.record`). `UsageCounter.hand_over` counts what the deque holds into the
 minute it is taken in, and hands the counts over to a flush, which writes them in one
 pipeline (`rotator.storage.usage`) off the verify path, every ``flush_interval``: an
 accepted verification is filed, and its kid seen last, at the time of the flush that
@@ -20,6 +20,12 @@ A flush that fails gives its counts back (`UsageCounter.restore`); counts older 
 ``hold`` seconds are then dropped and added to `UsageCounter.dropped` (and the
 ``rotator_reader_usage_dropped`` metric), so a reader cut off from Redis keeps
 verifying in bounded memory.
+
+Each flush also adds the counts new since the last one (`UsageCounter.hand_over`: those
+given back are not counted twice) to ``rotator_reader_verifications{keyset,role,outcome}``
+(`meter`), whether or not Redis takes them, with each kid's role as the daemon published
+it beside the JWKS the reader holds (`role_of`, `rotator.core.roles`): a bounded label,
+where the kids are not.
 """
 
 from __future__ import annotations
@@ -30,15 +36,16 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import redis
 import redis.asyncio as aioredis
 
 from rotator.core.jwk import PublicKey
+from rotator.core.roles import UNKNOWN, UNTOLD
 from rotator.library.errors import InvalidToken
 from rotator.library.verify import KeyLookup
-from rotator.metrics import USAGE_DROPPED
+from rotator.metrics import USAGE_DROPPED, VERIFICATIONS
 from rotator.storage.layout import Layout
 from rotator.storage.usage import ACCEPTED, MinuteCounts, queue_report
 
@@ -51,6 +58,8 @@ __all__ = [
     "KidSeen",
     "UsageCounter",
     "UsageFlusher",
+    "meter",
+    "role_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +99,44 @@ class KidSeen:
         return key
 
 
+#: What a reader's flusher asks for the roles of the kids of its copy (``None``: untold).
+RolesOf = Callable[[], Mapping[str, str] | None]
+
+
+def role_of(kid: str, roles: Mapping[str, str] | None) -> str:
+    """The role label of a count under *kid* (see `KidSeen`): `UNKNOWN` for `UNKNOWN_KID`
+    and `NO_KID`, else its role in *roles*, `UNTOLD` when they do not name it."""
+    if kid in (UNKNOWN_KID, NO_KID):
+        return UNKNOWN
+    if roles is None:
+        return UNTOLD
+    return roles.get(kid, UNTOLD)
+
+
+def meter(keyset: str, taken: Iterable[MinuteCounts], roles: Mapping[str, str] | None) -> None:
+    """Add *taken* to ``rotator_reader_verifications``, by the role of each kid in
+    *roles*."""
+    sums: Counter[tuple[str, str]] = Counter()
+    for counts in taken:
+        for (outcome, kid), n in counts.counts.items():
+            sums[role_of(kid, roles), outcome] += n
+    for (role, outcome), n in sums.items():
+        VERIFICATIONS.labels(keyset, role, outcome).inc(n)
+
+
+def _merge(into: dict[int, MinuteCounts], taken: Iterable[MinuteCounts]) -> None:
+    """Add the counts of *taken* to those of the same minutes in *into*."""
+    for counts in taken:
+        held = into.setdefault(counts.minute, MinuteCounts(counts.minute))
+        held.counts.update(counts.counts)
+        for kid, at in counts.last.items():
+            held.last[kid] = max(at, held.last.get(kid, at))
+
+
+def _oldest_first(minutes: dict[int, MinuteCounts]) -> list[MinuteCounts]:
+    return sorted(minutes.values(), key=lambda counts: counts.minute)
+
+
 class UsageCounter:
     """The counts of one reader's verifications of *keyset* not yet written to Redis.
 
@@ -108,6 +155,8 @@ class UsageCounter:
         self.wall_clock = wall_clock
         self.dropped = 0
         self._minutes: dict[int, MinuteCounts] = {}
+        # Counts a flush gave back, apart from the new ones: `meter` has counted them.
+        self._given_back: dict[int, MinuteCounts] = {}
         self._lock = threading.Lock()
         # Kids of accepted verifications not yet counted: appended without the lock, the
         # verify path's share of counting (bench/verify_instructions.py: counting one
@@ -140,12 +189,22 @@ class UsageCounter:
         self.record(kid, f"refused:{type(exc).__name__}")
 
     def take(self) -> list[MinuteCounts]:
-        """The counts so far, oldest minute first; the counter starts again from zero."""
+        """The counts so far (given back ones included), one per minute, oldest first; the
+        counter starts again from zero."""
+        new, given_back = self.hand_over()
+        merged: dict[int, MinuteCounts] = {}
+        _merge(merged, new + given_back)
+        return _oldest_first(merged)
+
+    def hand_over(self) -> tuple[list[MinuteCounts], list[MinuteCounts]]:
+        """The counts so far, as those new since the last hand-over and those a flush gave
+        back (`restore`), each oldest minute first; the counter starts again from zero."""
         now = self.wall_clock()
         with self._lock:
             self._count_accepted(now)
-            taken, self._minutes = self._minutes, {}
-        return sorted(taken.values(), key=lambda counts: counts.minute)
+            new, self._minutes = self._minutes, {}
+            given_back, self._given_back = self._given_back, {}
+        return _oldest_first(new), _oldest_first(given_back)
 
     def _count_accepted(self, now: float) -> None:
         """Count what the deque holds into the minute of *now*; under the lock, so that
@@ -172,26 +231,31 @@ class UsageCounter:
         oldest = int((self.wall_clock() - self.hold) // 60)
         lost = sum(counts.total() for counts in taken if counts.minute < oldest)
         with self._lock:
-            for counts in taken:
-                if counts.minute < oldest:
-                    continue
-                held = self._minutes.setdefault(counts.minute, MinuteCounts(counts.minute))
-                held.counts.update(counts.counts)
-                for kid, at in counts.last.items():
-                    held.last[kid] = max(at, held.last.get(kid, at))
+            _merge(self._given_back, (counts for counts in taken if counts.minute >= oldest))
             self.dropped += lost
         if lost:
             USAGE_DROPPED.labels(self.keyset).inc(lost)
 
 
+def _untold() -> None:
+    return None
+
+
 class UsageFlusher:
     """Writes the counts of *counter* to Redis every *interval* seconds on its own thread,
-    and once more at `close`."""
+    and once more at `close`; each flush `meter`s the new ones with the kids' roles that
+    *roles* gives (by default none: every kid untold)."""
 
     def __init__(
-        self, counter: UsageCounter, client: redis.Redis, layout: Layout, interval: float
+        self,
+        counter: UsageCounter,
+        client: redis.Redis,
+        layout: Layout,
+        interval: float,
+        roles: RolesOf = _untold,
     ) -> None:
         self.counter, self.client, self.layout, self.interval = counter, client, layout, interval
+        self.roles = roles
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"rotator-usage-{counter.keyset}", daemon=True
@@ -215,7 +279,7 @@ class UsageFlusher:
     def flush(self) -> bool:
         """Write the counts so far in one pipeline; ``False`` if Redis refused or could not
         be reached (the counts are kept for the next flush, within the counter's hold)."""
-        taken = self.counter.take()
+        taken = _metered(self.counter, self.roles)
         if not taken:
             return True
         try:
@@ -232,9 +296,15 @@ class AsyncUsageFlusher:
     """The asyncio twin of `UsageFlusher`, a task of the event loop it is started on."""
 
     def __init__(
-        self, counter: UsageCounter, client: aioredis.Redis, layout: Layout, interval: float
+        self,
+        counter: UsageCounter,
+        client: aioredis.Redis,
+        layout: Layout,
+        interval: float,
+        roles: RolesOf = _untold,
     ) -> None:
         self.counter, self.client, self.layout, self.interval = counter, client, layout, interval
+        self.roles = roles
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -256,7 +326,7 @@ class AsyncUsageFlusher:
 
     async def flush(self) -> bool:
         """As `UsageFlusher.flush`."""
-        taken = self.counter.take()
+        taken = _metered(self.counter, self.roles)
         if not taken:
             return True
         try:
@@ -267,3 +337,11 @@ class AsyncUsageFlusher:
             self.counter.unreported(taken, exc)
             return False
         return True
+
+
+def _metered(counter: UsageCounter, roles: RolesOf) -> list[MinuteCounts]:
+    """What a flush writes: every count *counter* holds, the new ones `meter`ed first."""
+    new, given_back = counter.hand_over()
+    if new:
+        meter(counter.keyset, new, roles())
+    return new + given_back

@@ -86,6 +86,11 @@ class Layout:
         """Public JWKS, served byte for byte."""
         return f"{self.prefix}:{{{keyset}}}:jwks"
 
+    def roles(self, keyset: str) -> str:
+        """Each published kid's role, bound to the JWKS bytes (`rotator.core.roles`),
+        written with the JWKS; readable by the verifier ACL role."""
+        return f"{self.prefix}:{{{keyset}}}:roles"
+
     def quarantine(self, keyset: str, stamp: int) -> str:
         """Where `rotator repair` moves a state document it could not read."""
         return f"{self.prefix}:{{{keyset}}}:state:corrupt:{stamp}"

@@ -1,9 +1,10 @@
 """The Redis side of a key set: one consistent read, and writes that are compare-and-set.
 
-Every write is one Lua script, so the state document, the JWKS and the event
-on ``P:events`` change together or not at all, and readers never see a
-half-written key set. The scripts refuse to touch a state document they
-cannot parse: corrupt data is reported, never overwritten.
+Every write is one Lua script, so the state document, the JWKS, its roles
+(`rotator.core.roles`) and the event on ``P:events`` change together or not
+at all, and readers never see a half-written key set. The scripts refuse to
+touch a state document they cannot parse: corrupt data is reported, never
+overwritten.
 
 A commit (or restore) whose reply was lost after Redis ran it, and which
 redis-py then sent again, finds its own bytes in place: the script answers
@@ -61,7 +62,10 @@ end
 # Shared by the writing scripts: with the optional KEYS[3] (the shard's due index) and
 # KEYS[4] (its epoch), file the key set under its next due time and move the epoch, in the
 # same atomic step as the write. Cluster callers pass neither: those keys lie in another
-# slot, and `_FILE` files the key set after the commit instead.
+# slot, and `_FILE` files the key set after the commit instead. The last key and argument
+# of every writing script are the roles key and its document (`rotator.core.roles`),
+# written with the JWKS they describe: last, so that the optional ones keep their places
+# (and a fifth key means the index is passed).
 _FILE_DUE = """
 local function file_due(due, epoch, score, member)
   local filed = redis.pcall('ZADD', due, score, member)
@@ -79,7 +83,7 @@ _INDEXED = (
     _FILE_DUE
     + """
 local function indexed(score, member)
-  if KEYS[3] then file_due(KEYS[3], KEYS[4], score, member) end
+  if KEYS[5] then file_due(KEYS[3], KEYS[4], score, member) end
 end
 """
 )
@@ -88,8 +92,8 @@ end
 # commit: a hint, as a crash between the two loses it, and the leader's sweep refiles it.
 _FILE = _FILE_DUE + "file_due(KEYS[1], KEYS[2], ARGV[1], ARGV[2])"
 
-# KEYS: state, jwks[, due, epoch]. ARGV: expected version, new version, state, jwks, channel,
-# event[, due score, name].
+# KEYS: state, jwks[, due, epoch], roles. ARGV: expected version, new version, state, jwks,
+# channel, event[, due score, name], roles.
 # Returns {1, actual} when written, {2, actual} when Redis already holds exactly this state
 # (this commit ran before and its reply was lost), {0, actual} on a conflict.
 _COMMIT = (
@@ -104,6 +108,7 @@ end
 if actual ~= tonumber(ARGV[1]) or tonumber(ARGV[2]) ~= actual + 1 then return {0, actual} end
 redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[#KEYS], ARGV[#ARGV])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 indexed(ARGV[7], ARGV[8])
 return {1, actual}
@@ -124,13 +129,15 @@ end
 if actual >= tonumber(ARGV[1]) then return {0, actual} end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[#KEYS], ARGV[#ARGV])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 indexed(ARGV[6], ARGV[7])
 return {1, actual}
 """
 )
 
-# Rewrites only the JWKS, and only while the state is still at the given version.
+# Rewrites only the JWKS and the roles, and only while the state is still at the given version.
+# KEYS: state, jwks, roles. ARGV: version, jwks, channel, event, roles.
 _REPUBLISH = (
     _VERSION_OF
     + """
@@ -138,6 +145,7 @@ local actual = version_of(KEYS[1])
 if actual < 0 then return {-1, 0} end
 if actual ~= tonumber(ARGV[1]) then return {0, actual} end
 redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[5])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return {1, actual}
 """
@@ -235,6 +243,8 @@ class Snapshot:
     keyset: str
     state: KeySetState | None
     jwks: bytes | None
+    #: The roles document beside the JWKS (`rotator.core.roles`), as stored.
+    roles: bytes | None = None
 
     @property
     def version(self) -> int:
@@ -281,9 +291,12 @@ class Store:
         self._parsed: dict[str, tuple[bytes, KeySetState]] = {}
 
     def load(self, keyset: str) -> Snapshot:
-        """Read state and JWKS together; raise `CorruptState` if the state is unusable."""
-        raw_state, raw_jwks = self._mget(self.layout.state(keyset), self.layout.jwks(keyset))
-        return self._snapshot(keyset, raw_state, raw_jwks)
+        """Read state, JWKS and roles together; raise `CorruptState` if the state is
+        unusable."""
+        return self._snapshot(keyset, *self._mget(*self._keys_of(keyset)))
+
+    def _keys_of(self, keyset: str) -> tuple[str, str, str]:
+        return self.layout.state(keyset), self.layout.jwks(keyset), self.layout.roles(keyset)
 
     def published_jwks(self, keyset: str) -> bytes | None:
         """The JWKS document served for *keyset*, as stored (``None`` if there is none)."""
@@ -293,18 +306,20 @@ class Store:
     def load_many(self, keysets: Sequence[str]) -> list[Snapshot | CorruptState]:
         """`load` for many key sets in one round trip; an unusable state is returned in its
         place, not raised, so one bad key set does not hide the others."""
-        pairs = [(self.layout.state(keyset), self.layout.jwks(keyset)) for keyset in keysets]
-        keys = [key for pair in pairs for key in pair]
+        triples = [self._keys_of(keyset) for keyset in keysets]
+        keys = [key for triple in triples for key in triple]
         if self._cluster:
-            replies = [raw for pair in pairs for raw in self._mget(*pair)]
+            replies = [raw for triple in triples for raw in self._mget(*triple)]
         else:
             # One MGET for the whole batch: one command to build and parse, and one
             # atomic read of every key set in it.
             replies = self._mget(*keys)
         loaded: list[Snapshot | CorruptState] = []
-        for keyset, raw_state, raw_jwks in zip(keysets, replies[::2], replies[1::2], strict=True):
+        for keyset, raw_state, raw_jwks, raw_roles in zip(
+            keysets, replies[::3], replies[1::3], replies[2::3], strict=True
+        ):
             try:
-                loaded.append(self._snapshot(keyset, raw_state, raw_jwks))
+                loaded.append(self._snapshot(keyset, raw_state, raw_jwks, raw_roles))
             except CorruptState as exc:
                 loaded.append(exc)
         return loaded
@@ -312,23 +327,29 @@ class Store:
     def _mget(self, *keys: str) -> list[bytes | None]:
         return cast(list[bytes | None], self.client.mget(keys))
 
-    def _snapshot(self, keyset: str, raw_state: bytes | None, raw_jwks: bytes | None) -> Snapshot:
-        # One MGET reads both keys atomically; they share a hash slot, so this holds in
+    def _snapshot(
+        self,
+        keyset: str,
+        raw_state: bytes | None,
+        raw_jwks: bytes | None,
+        raw_roles: bytes | None,
+    ) -> Snapshot:
+        # One MGET reads the three keys atomically; they share a hash slot, so this holds in
         # Cluster too.
         if raw_state is None:
             self._parsed.pop(keyset, None)
-            return Snapshot(keyset, None, raw_jwks)
+            return Snapshot(keyset, None, raw_jwks, raw_roles)
         digest = _digest(raw_state)
         known = self._parsed.get(keyset)
         if known is not None and known[0] == digest:
-            return Snapshot(keyset, known[1], raw_jwks)
+            return Snapshot(keyset, known[1], raw_jwks, raw_roles)
         try:
             state = decode_state(raw_state, keyset)
         except CorruptState as exc:
             self._parsed.pop(keyset, None)
             raise CorruptState(f"key set {keyset}: {exc}") from None
         self._parsed[keyset] = (digest, state)
-        return Snapshot(keyset, state, raw_jwks)
+        return Snapshot(keyset, state, raw_jwks, raw_roles)
 
     def _event(self, state: KeySetState, event: str) -> str:
         return json.dumps({"keyset": state.keyset, "version": state.version, "event": event})
@@ -395,7 +416,8 @@ class Store:
         self, expected: int, state: KeySetState, event: str
     ) -> tuple[list[str], list[str | int | bytes]]:
         index_keys, index_args = self._index(state)
-        keys = [self.layout.state(state.keyset), self.layout.jwks(state.keyset), *index_keys]
+        state_key, jwks_key, roles_key = self._keys_of(state.keyset)
+        keys = [state_key, jwks_key, *index_keys, roles_key]
         encoded = encode_state(state)
         # Whether or not it commits, the next read of these bytes needs no parsing.
         self._parsed[state.keyset] = (_digest(encoded), state)
@@ -407,6 +429,7 @@ class Store:
             self.layout.events,
             self._event(state, event),
             *index_args,
+            state.roles(),
         ]
         return keys, args
 
@@ -469,8 +492,9 @@ class Store:
         """Write back a state this process committed earlier, if Redis lost it (is empty or
         older); raise `Conflict` when Redis holds the same version or newer."""
         index_keys, index_args = self._index(state)
+        state_key, jwks_key, roles_key = self._keys_of(state.keyset)
         result = self._restore(
-            keys=[self.layout.state(state.keyset), self.layout.jwks(state.keyset), *index_keys],
+            keys=[state_key, jwks_key, *index_keys, roles_key],
             args=[
                 state.version,
                 encode_state(state),
@@ -478,16 +502,18 @@ class Store:
                 self.layout.events,
                 self._event(state, "restore"),
                 *index_args,
+                state.roles(),
             ],
         )
         self._checked(state.keyset, state.version, result)
         self._file_after([state])
 
     def republish(self, state: KeySetState) -> None:
-        """Rewrite the JWKS of *state* while Redis still holds that version."""
+        """Rewrite the JWKS and roles of *state* while Redis still holds that version."""
+        event = self._event(state, "republish")
         result = self._republish(
-            keys=[self.layout.state(state.keyset), self.layout.jwks(state.keyset)],
-            args=[state.version, state.jwks(), self.layout.events, self._event(state, "republish")],
+            keys=list(self._keys_of(state.keyset)),
+            args=[state.version, state.jwks(), self.layout.events, event, state.roles()],
         )
         self._checked(state.keyset, state.version, result)
 
@@ -648,10 +674,10 @@ class Store:
         )
 
     def unregister(self, keyset: str) -> None:
-        """Mark *keyset* removed in the registry, delete its state and JWKS, and announce it
-        (so daemons drop what they remember of it rather than write it back)."""
+        """Mark *keyset* removed in the registry, delete its state, JWKS and roles, and
+        announce it (so daemons drop what they remember of it rather than write it back)."""
         self._unregister(keys=[self.layout.keysets], args=[keyset, REMOVED])
-        self.client.delete(self.layout.state(keyset), self.layout.jwks(keyset))
+        self.client.delete(*self._keys_of(keyset))
         self.unindex([keyset])
         self.announce(keyset, "remove")
         self.forget(keyset)
