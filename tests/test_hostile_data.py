@@ -110,7 +110,9 @@ def test_an_invalid_registry_name_is_reported_and_never_managed(
     problems = daemon.managed.problems()
     assert len(problems) == 1 and next(iter(problems.values())).startswith("registry name:")
     assert set(client.scan_iter("rotator:{*")) == {
-        f"rotator:{{{n}}}:{kind}".encode() for n in ("alpha", "beta") for kind in ("state", "jwks")
+        f"rotator:{{{n}}}:{kind}".encode()
+        for n in ("alpha", "beta")
+        for kind in ("state", "jwks", "roles")
     }  # nothing written under the invalid name
 
 

@@ -133,7 +133,7 @@ def test_no_private_member_reaches_redis_in_plaintext(backend: Backend) -> None:
             haystacks.append(value)
         else:
             haystacks.append(repr(backend.client.dump(name)).encode())
-    assert len(haystacks) == 2  # the state and the JWKS
+    assert len(haystacks) == 3  # the state, the JWKS and its roles
     for haystack in haystacks:
         for needle in needles:
             assert needle not in haystack

@@ -147,7 +147,6 @@ class Slot:
         if changed:
             # An unchanged copy keeps its object, so what was built from it stays valid.
             self.keys = keys
-            self.roles = None  # those of the old copy: `tell` gives the new one's
             self.misses.clear()
             self.generation += 1
         return changed
