@@ -135,7 +135,9 @@ class Slot:
     problem: str | None = None  # why what Redis holds was not taken, while it is not
     # kid -> role of the kids of `keys`, as the daemon told them (``None``: untold).
     roles: Mapping[str, str] | None = None
-    roles_refused: bytes | None = None  # digest of the roles document last refused (logged)
+    # The copy's `source` and the roles document `roles` was taken from: the same again is
+    # neither decoded nor, when refused, logged again.
+    told: tuple[bytes | None, bytes | str | None] | None = None
     miss_refresh_at: float = float("-inf")
     misses: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
@@ -161,16 +163,15 @@ class Slot:
     def tell(self, jwks: bytes | str, raw_roles: bytes | str | None) -> None:
         """Take the roles that the document *raw_roles* tells of the JWKS bytes *jwks*, the
         copy's own; one that does not decode leaves the kids untold, said once."""
+        told = (self.source, raw_roles)
+        if told == self.told:
+            return
+        self.told = told
         try:
             self.roles = roles_for(jwks, raw_roles)
         except RolesFormatError as exc:
             self.roles = None
-            refused = _digest(raw_roles or b"")
-            if refused != self.roles_refused:
-                log.warning("key set %s: its roles document is refused (%s)", self.keyset, exc)
-            self.roles_refused = refused
-            return
-        self.roles_refused = None
+            log.warning("key set %s: its roles document is refused (%s)", self.keyset, exc)
 
     def staleness(self, now: float) -> float | None:
         """Seconds since a read last confirmed the copy; ``None`` if there never was one."""
