@@ -65,7 +65,8 @@ def test_every_write_publishes_the_roles_with_the_jwks(
         first.next.kid if first.next else "": "next",
     }
     assert store.load("default").roles == first.roles()
-    assert (client.zscore("rotator:due", "default") is not None) == indexed
+    due = store.layout.due(store.layout.shard_of("default"))
+    assert (client.zscore(due, "default") is not None) == indexed
     second = lifecycle.rotate(first, clock.now + 50, FAST, mint).state
     client.delete("rotator:{default}:state")
     store.restore(second)
