@@ -207,7 +207,9 @@ def test_status_of_a_state_at_the_bounds_whatever_the_terminal_width(
     status = Cli(env, cli.cwd)("status")
     assert status.code == 0 and status.stderr == "", status.stderr
     lines = status.stdout.splitlines()
-    assert len(lines) == 2 + 2 + 2 * 202 + 1  # header, axis, two lines a key, legend
+    # header, axis, two lines a key, legend, then a blank line and the shards' leaders
+    assert len(lines) == 2 + 2 + 2 * 202 + 1 + 2
+    assert lines[-1].startswith("shards (1): ")
     assert "version 9007199254740992" in lines[0]
     # A bar of 20 to 1000 columns; the line of times under each bar is as long as it says.
     bars = [line for line in lines if line.startswith(("  current ", "  next ", "  retired "))]
@@ -215,7 +217,8 @@ def test_status_of_a_state_at_the_bounds_whatever_the_terminal_width(
     assert all(len(line) <= 2 + 7 + 1 + 12 + 1 + 1000 for line in bars)
     assert "2999-12-31T23:" in status.stdout or "3000-01-01T00:00:00Z" in status.stdout
     table = Cli(env, cli.cwd)("status", "--table")
-    assert table.code == 0 and len(table.stdout.splitlines()) == 2 + 202
+    # header and column names, a line a key, then a blank line and the shards' leaders
+    assert table.code == 0 and len(table.stdout.splitlines()) == 2 + 202 + 2
 
 
 def test_json_of_a_state_at_the_bounds(cli: Cli, client: redis.Redis) -> None:
