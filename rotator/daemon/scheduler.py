@@ -252,8 +252,10 @@ class Daemon:
         shard_of = self.manager.store.layout.shard_of
         # What this daemon leads it reconciles; the rest it reads, as a follower does, so
         # that it holds a copy to restore should it take those shards over.
-        mine = [name for name in names if shard_of(name) in led]
-        others = [name for name in names if shard_of(name) not in led] if led else names
+        mine: list[str] = []
+        others: list[str] = []
+        for name in names:  # one shard computation a name (a CRC16 of its key)
+            (mine if led and shard_of(name) in led else others).append(name)
         indexed = leader and self.manager.store.indexed
         sweep = True
         try:

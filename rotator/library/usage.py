@@ -177,9 +177,7 @@ class UsageCounter:
         now = self.wall_clock()
         minute = int(now // 60)
         with self._lock:
-            counts = self._minutes.get(minute)
-            if counts is None:
-                counts = self._minutes[minute] = MinuteCounts(minute)
+            counts = self._minute(minute)
             counts.counts[outcome, kid] += 1
             if outcome == ACCEPTED:
                 counts.last[kid] = int(now)
@@ -212,13 +210,17 @@ class UsageCounter:
         queue = self._accepted
         kids = Counter(queue.popleft() for _ in range(len(queue)))
         if kids:
-            minute = int(now // 60)
-            counts = self._minutes.get(minute)
-            if counts is None:
-                counts = self._minutes[minute] = MinuteCounts(minute)
+            counts = self._minute(int(now // 60))
             for kid, count in kids.items():
                 counts.counts[ACCEPTED, kid] += count
                 counts.last[kid] = int(now)
+
+    def _minute(self, minute: int) -> MinuteCounts:
+        """The counts of *minute*, made when there are none yet; under the lock."""
+        counts = self._minutes.get(minute)
+        if counts is None:
+            counts = self._minutes[minute] = MinuteCounts(minute)
+        return counts
 
     def unreported(self, taken: list[MinuteCounts], exc: Exception) -> None:
         """A flush of *taken* failed with *exc*: say so, and `restore` them."""
