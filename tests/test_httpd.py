@@ -454,6 +454,40 @@ def test_dripping_clients_get_408_and_a_close(drops: Callable[[], Iterator[bytes
         assert (408, "head_timeout") in seen
 
 
+def test_an_answer_before_a_close_survives_bytes_the_server_did_not_read(served: Served) -> None:
+    # Bytes sent behind a `connection: close` request wait unread in the server's kernel
+    # buffer (a slow answer stops reading); closing over them would send a reset, and the
+    # reset would drop the answer on the client's side. The server lingers instead.
+    with served.connect() as client:
+        client.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        assert served.handler.entered.wait(20)
+        client.sendall(GET % b"/unread" * 50)
+        served.handler.gate.set()
+        stream = client.makefile("rb")
+        assert read_answer(stream).body == b"slow"
+        assert stream.read() == b""  # the server's FIN, not a reset
+        client.sendall(GET % b"/later")  # still read and dropped, not refused by a reset
+    assert [r.path for r in served.handler.seen] == []
+
+
+def test_a_lingering_close_ends_after_the_linger_timeout() -> None:
+    def still_open(client: socket.socket) -> bool | None:
+        try:
+            client.sendall(b"x")  # read and dropped while the server lingers
+        except OSError:
+            return True  # reset: the server has closed its side for good
+        return None
+
+    with (
+        serving(httpd.Options(linger_timeout=1), _listener()) as served,
+        served.connect() as client,
+    ):
+        client.sendall(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n")
+        stream = client.makefile("rb")
+        assert read_answer(stream).status == 505 and stream.read() == b""
+        wait_for(lambda: still_open(client), what="the server ending its linger")
+
+
 def test_a_keep_alive_connection_serves_a_bounded_number_of_requests() -> None:
     with serving(httpd.Options(max_requests=3), _listener()) as served:
         answers, rest = exchange(served, b"".join(GET % b"/%d" % i for i in range(5)), 3)

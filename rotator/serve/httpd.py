@@ -43,6 +43,13 @@ does the sockets.
   seconds at most, with the counts by reason.
 * HTTP/1.0 connections are closed after each answer; 1.1 ones are kept
   unless the client says ``Connection: close``.
+* Closing after an answer is a lingering close, as nginx's: the server ends
+  its side (a FIN after the answer) and reads and drops what the client still
+  sends until the client closes too or `Options.linger_timeout` passes. A
+  socket closed with unread bytes in its kernel buffer sends a reset in place
+  of the FIN, and a reset makes the client's kernel drop the answer it has not
+  read yet: a client still sending (a slow head answered 408, pipelined bytes
+  behind a refusal) would lose the very answer that says why.
 * `serve` serves several sockets, each with its own handler, on the running
   event loop; the processes that run it, their signals and open file limit
   are `rotator.serve.workers`.
@@ -129,6 +136,7 @@ class Options:
     max_requests: int = 1000
     on_refusal: Callable[[int | None, str], None] = _no_refusal_hook
     refusal_log_every: float = 10.0
+    linger_timeout: float = 5.0
 
 
 class Request(NamedTuple):
@@ -288,6 +296,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.busy = False  # a slow answer is being computed
         self.write_paused_at: float | None = None
         self.closing = False
+        self.lingering_since: float | None = None
         self.requests = 0
         self.active_at = server.now
         self.head_started_at: float | None = None
@@ -307,7 +316,9 @@ class _Connection(asyncio.BufferedProtocol):
             self._close()
         elif len(self.server.connections) >= self.server.options.max_connections:
             self.server.refusals.add(_BUSY.status, _BUSY.reason)
-            self._send(_BUSY.answer, keep=False, head_only=False)
+            # Not lingering: only connections in `server.connections` are swept, and one
+            # refused for their number must not hold its socket any longer.
+            self._send(_BUSY.answer, keep=False, head_only=False, linger=False)
         else:
             self.server.connections.add(self)
 
@@ -512,7 +523,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._send(answer, keep=keep, head_only=request.method == b"HEAD")
         self._answer_pending()
 
-    def _send(self, answer: Reply, *, keep: bool, head_only: bool) -> None:
+    def _send(self, answer: Reply, *, keep: bool, head_only: bool, linger: bool = True) -> None:
         transport = self.transport
         assert transport is not None
         self.active_at = self.server.now
@@ -525,13 +536,20 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             transport.write(b"".join((answer.head, self.server.date, end, answer.body)))
         if not keep:
-            self._close()
+            self._close(linger=linger)
 
-    def _close(self) -> None:
+    def _close(self, *, linger: bool = False) -> None:
         self.closing = True
         self.pending.clear()
-        if self.transport is not None:
-            self.transport.close()  # after what is already written
+        transport = self.transport
+        if transport is None:
+            return
+        if linger and not self.server.stopping and transport.can_write_eof():
+            transport.write_eof()  # after what is already written
+            self.lingering_since = self.server.now
+            self._set_reading()  # what arrives is dropped (`buffer_updated`)
+        else:
+            transport.close()  # after what is already written
 
     def expire(self, now: float) -> None:
         """Cut the connection if its client does not take its answers; answer 408 and
@@ -543,6 +561,10 @@ class _Connection(asyncio.BufferedProtocol):
         if self.write_paused_at is not None:
             if now - self.write_paused_at > options.send_timeout:
                 self._cut(transport)
+            return
+        if self.lingering_since is not None:
+            if now - self.lingering_since > options.linger_timeout or self.server.stopping:
+                transport.close()
             return
         if self.closing or self.busy or self.pending:
             return
