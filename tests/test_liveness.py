@@ -87,6 +87,61 @@ def test_a_ping_unanswered_past_the_reply_timeout_means_a_dead_subscription() ->
     assert watch.pinged_at is None
 
 
+def test_a_follower_says_subscribed_only_after_its_catch_up_read(client: redis.Redis) -> None:
+    # The catch-up read runs where no PING is watched: "subscribed" before it ends would
+    # hold through a partition that meets it, for as long as its retries last.
+    entered, release = threading.Event(), threading.Event()
+
+    def catch_up() -> None:
+        entered.set()
+        assert release.wait(20)
+
+    follower = EventFollower(
+        client,
+        "rotator:events",
+        on_event=lambda _keyset: None,
+        on_poll=lambda: None,
+        on_connect=catch_up,
+        poll_interval=3600,
+    )
+    follower.start()
+    try:
+        assert entered.wait(20)
+        assert not follower.subscribed.is_set()
+        release.set()
+        wait_for(follower.subscribed.is_set, what="subscription")
+    finally:
+        release.set()
+        follower.stop()
+
+
+def test_the_async_reader_says_subscribed_only_after_its_catch_up_read(
+    redis_server: EmbeddedRedis, manager: KeyManager
+) -> None:
+    manager.reconcile("default")
+
+    async def scenario() -> None:
+        async with AsyncJWKSReader(redis_server.url, poll_interval=3600) as reader:
+            release = asyncio.Event()
+            entered = asyncio.Event()
+            real = reader.cache.refresh_all
+
+            async def catch_up() -> None:
+                entered.set()
+                await release.wait()
+                await real()
+
+            await async_wait_for(lambda: reader.cache.subscribed, what="subscription")
+            reader.cache.refresh_all = catch_up  # type: ignore[method-assign]
+            await reader.cache.client.client_kill_filter(_type="pubsub")
+            await async_wait_for(lambda: entered.is_set() or None, what="the catch-up read")
+            assert not reader.cache.subscribed
+            release.set()
+            await async_wait_for(lambda: reader.cache.subscribed, what="resubscription")
+
+    asyncio.run(scenario())
+
+
 def test_a_slow_leader_steps_down_once_then_says_why_it_stays() -> None:
     rule = SlowTicks(tick=1.0, needed=3)
     assert [rule.finished(2.0, leader=True) for _ in range(3)] == [

@@ -227,8 +227,8 @@ class AsyncJWKSCache:
                 await pubsub.subscribe(self.layout.events)
                 interval = watch_connection(pubsub)
                 await self._confirm(pubsub)
-                self.subscribed = True
                 await self._call("on_connect", self.refresh_all())
+                self.subscribed = True  # after the catch-up read, as `EventFollower`
                 backoff = 0.1
                 await self._listen(pubsub)
             except (redis.RedisError, OSError) as exc:

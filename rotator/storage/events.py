@@ -10,10 +10,14 @@ but closes nothing, a paused Redis. Nothing arrives and no call fails. So
 redis-py PINGs the subscription's connection (its ``health_check_interval``,
 `HEALTH_CHECK_INTERVAL` here) and `PingWatch` counts the connection dead
 when an answer is more than `REPLY_TIMEOUT` late; the follower then
-resubscribes. A follower is `subscribed` from Redis's confirmation of the
-SUBSCRIBE until then, so ``following`` says within seconds that pushes no
-longer arrive. Nothing a callback raises ends the loop: it is logged, and
-the follower goes on (or resubscribes, if the subscription itself broke).
+resubscribes. A follower is `subscribed` from the catch-up read that follows
+Redis's confirmation of the SUBSCRIBE (``on_connect``: what was committed
+before it) until then, so ``following`` says within seconds that pushes no
+longer arrive. (Set at the confirmation, it said "following" while that read
+could still hang on a partition that came right after, for as long as the
+read's timeouts and retries last, with no PING watched meanwhile.) Nothing a
+callback raises ends the loop: it is logged, and the follower goes on (or
+resubscribes, if the subscription itself broke).
 """
 
 from __future__ import annotations
@@ -181,8 +185,8 @@ class EventFollower:
                 pubsub.subscribe(self.channel)
                 interval = watch_connection(pubsub)
                 self._confirm(pubsub)
-                self.subscribed.set()
                 self._call("on_connect", self.on_connect)
+                self.subscribed.set()  # after the catch-up read: nothing missed is left
                 backoff = 0.1
                 self._listen(pubsub)
             except (redis.RedisError, OSError) as exc:
