@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -74,4 +75,31 @@ def test_the_library_is_light() -> None:
         "sys.exit(1 if heavy or ours else 0)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_one_shot_command_loads_neither_the_scheduler_nor_the_http_server(
+    tmp_path: Path,
+) -> None:
+    """The CLI imports the module of the command it runs, not every command's: `rotator
+    check-config` (as `status`, `rotate`...) loads no APScheduler, serve or its HTTP
+    parser, which `run` and `serve` need."""
+    code = (
+        "import sys\n"
+        "from rotator.cli.main import main\n"
+        "code = main(['check-config'])\n"
+        "loaded = [m for m in ('apscheduler', 'httptools', 'rotator.serve.app',"
+        " 'rotator.daemon.scheduler') if m in sys.modules]\n"
+        "print(code, loaded, file=sys.stderr)\n"
+        "sys.exit(1 if code or loaded else 0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from rotator.cli.common import UsageError, checked_keyset, load_all, manager_for
 from rotator.cli.keyset_file import add_from_file
 from rotator.cli.output import iso, print_outcome
+from rotator.cli.parser import POLICY_FLAGS, flag
 from rotator.config import KeysetSettings, Settings, describe_error
 from rotator.core.durations import parse_duration
 from rotator.core.instants import parse_rfc3339, stamped
@@ -43,18 +44,9 @@ from rotator.storage.registry import (
 )
 from rotator.storage.store import REMOVED
 
-__all__ = ["POLICY_FLAGS", "cmd_keyset", "flag"]
+__all__ = ["cmd_keyset"]
 
 log = logging.getLogger("rotator")
-
-#: The policy fields a registered key set may override, each a flag of ``keyset add``
-#: and ``keyset update`` (the OIDC ``issuer`` URL among them).
-POLICY_FLAGS = tuple(KeysetSettings.model_fields)
-
-
-def flag(field: str) -> str:
-    """The command-line flag of the policy *field*."""
-    return "--" + field.replace("_", "-")
 
 
 def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:

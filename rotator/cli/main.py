@@ -9,22 +9,18 @@ line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import redis
 
 from rotator.cli.common import Failure, UsageError
-from rotator.cli.daemon import cmd_dev, cmd_run
-from rotator.cli.keys import cmd_kek, cmd_repair, cmd_reseal, cmd_revoke, cmd_rotate
-from rotator.cli.keyset import cmd_keyset
 from rotator.cli.parser import build_parser as _parser
 from rotator.cli.parser import shield_kids
-from rotator.cli.serve import cmd_serve
-from rotator.cli.show import cmd_audit, cmd_check_config, cmd_jwks, cmd_status
-from rotator.cli.tokens import cmd_token
 from rotator.config import ConfigError, Settings, load_settings
 from rotator.core.envelope import KekError, UnsealError
 from rotator.core.lifecycle import LifecycleError
@@ -39,20 +35,29 @@ from rotator.storage.store import Conflict
 # The parser and `shield_kids` are named here too: tests drive them as `main` does.
 __all__ = ["_parser", "main", "shield_kids"]
 
-_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
-    "run": cmd_run,
-    "rotate": cmd_rotate,
-    "revoke": cmd_revoke,
-    "status": cmd_status,
-    "jwks": cmd_jwks,
-    "keyset": cmd_keyset,
-    "check-config": cmd_check_config,
-    "serve": cmd_serve,
-    "audit": cmd_audit,
-    "token": cmd_token,
-    "reseal": cmd_reseal,
-    "repair": cmd_repair,
+# Each command's handler, as "module:function": only the command run is imported, so a
+# one-shot command does not load the daemon's scheduler or the HTTP server.
+_COMMANDS: dict[str, str] = {
+    "run": "rotator.cli.daemon:cmd_run",
+    "dev": "rotator.cli.daemon:cmd_dev",
+    "rotate": "rotator.cli.keys:cmd_rotate",
+    "revoke": "rotator.cli.keys:cmd_revoke",
+    "reseal": "rotator.cli.keys:cmd_reseal",
+    "repair": "rotator.cli.keys:cmd_repair",
+    "kek": "rotator.cli.keys:cmd_kek",
+    "status": "rotator.cli.show:cmd_status",
+    "jwks": "rotator.cli.show:cmd_jwks",
+    "audit": "rotator.cli.show:cmd_audit",
+    "check-config": "rotator.cli.show:cmd_check_config",
+    "keyset": "rotator.cli.keyset:cmd_keyset",
+    "token": "rotator.cli.tokens:cmd_token",
+    "serve": "rotator.cli.serve:cmd_serve",
 }
+
+
+def _handler(command: str) -> Callable[..., int]:
+    module, _, function = _COMMANDS[command].partition(":")
+    return cast(Callable[..., int], getattr(importlib.import_module(module), function))
 
 
 # The commands that run until stopped log as configured; the others say what they did
@@ -62,16 +67,17 @@ _LONG_RUNNING = frozenset({"run", "dev", "serve"})
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    handler = _handler(args.command)
     if args.command == "kek":
-        return cmd_kek(None, args)
+        return handler(None, args)
     if args.command == "dev":
         setup_logging(args.log_level or "INFO", args.log_format or "text")
-        return cmd_dev(args.config, args)
-    settings = load_settings(args.config)
+        return handler(args.config, args)
+    settings: Settings = load_settings(args.config)
     setup_logging(args.log_level or settings.log.level, args.log_format or settings.log.format)
     if args.command not in _LONG_RUNNING and not args.verbose:
         logging.getLogger().handlers[:] = [logging.NullHandler()]
-    return _COMMANDS[args.command](settings, args)
+    return handler(settings, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,14 +12,30 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from rotator.cli.keyset import POLICY_FLAGS, flag
-from rotator.config import LOG_LEVELS, MAX_WORKERS
+from rotator.config import LOG_LEVELS, MAX_WORKERS, KeysetSettings
 from rotator.core.durations import parse_duration
 from rotator.core.jwk import ALGORITHMS
 from rotator.core.strictjson import one_line
 from rotator.storage.layout import validate_keyset_name
 
-__all__ = ["build_parser", "config_file", "keyset_name", "shield_kids", "subparsers"]
+__all__ = [
+    "POLICY_FLAGS",
+    "build_parser",
+    "config_file",
+    "flag",
+    "keyset_name",
+    "shield_kids",
+    "subparsers",
+]
+
+#: The policy fields a registered key set may override, each a flag of ``keyset add``
+#: and ``keyset update`` (the OIDC ``issuer`` URL among them).
+POLICY_FLAGS = tuple(KeysetSettings.model_fields)
+
+
+def flag(field: str) -> str:
+    """The command-line flag of the policy *field*."""
+    return "--" + field.replace("_", "-")
 
 
 class _Parser(argparse.ArgumentParser):
