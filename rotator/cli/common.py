@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from rotator.config import Settings
 from rotator.daemon.manager import KeyManager
 from rotator.storage.registry import BadPolicy, KeySets
-from rotator.storage.store import BATCH_SIZE, Snapshot
+from rotator.storage.store import BATCH_SIZE, Snapshot, Store
 from rotator.wiring import Wiring
 
 __all__ = [
@@ -33,11 +33,11 @@ class Failure(Exception):
 
 def manager_for(
     settings: Settings, *, one_shot: bool = True, remember: bool = False
-) -> tuple[KeyManager, KeySets]:
-    """The manager and the managed key sets of a one-shot command, which reads the
-    registry at once."""
+) -> tuple[KeyManager, Wiring]:
+    """The manager of a one-shot command and the wiring it was built from, whose store,
+    registry view (read at once), audit log and KEKs the command takes directly."""
     wiring = wiring_for(settings, one_shot=one_shot)
-    return manager_of(wiring, remember=remember), wiring.keysets
+    return manager_of(wiring, remember=remember), wiring
 
 
 def wiring_for(settings: Settings, *, one_shot: bool = True, keks: bool = True) -> Wiring:
@@ -84,7 +84,7 @@ def selected(keysets: KeySets, name: str | None) -> list[str]:
 
 
 def load_all(
-    manager: KeyManager, keysets: KeySets, names: Sequence[str]
+    store: Store, keysets: KeySets, names: Sequence[str]
 ) -> list[tuple[str, Snapshot | Exception]]:
     """Every key set of *names*, read in pipelined batches; one whose policy is unusable
     (or whose registry name is invalid) is not read: its problem is in its place."""
@@ -95,5 +95,5 @@ def load_all(
     }
     for start in range(0, len(readable), BATCH_SIZE):
         batch = readable[start : start + BATCH_SIZE]
-        loaded.update(zip(batch, manager.store.load_many(batch), strict=True))
+        loaded.update(zip(batch, store.load_many(batch), strict=True))
     return [(name, loaded[name]) for name in names]

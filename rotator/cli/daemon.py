@@ -24,13 +24,12 @@ __all__ = ["DEV_MIN_INTERVAL", "cmd_dev", "cmd_run", "dev_rotation"]
 def cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
     """Run the daemon until it is stopped; it refuses to start without a KEK."""
     wiring = Wiring(settings)
-    manager = manager_of(wiring, remember=True)
-    if manager.keyring is None:
+    if wiring.keyring is None:
         raise NoKekError(
             "keys: no KEK configured; set keys.kek_file or ROTATOR_KEYS__KEKS "
             "(`rotator kek generate` makes one). Only `rotator dev` runs without one."
         )
-    return Daemon(settings, manager, wiring.keysets, wiring=wiring).run()
+    return Daemon(settings, manager_of(wiring, remember=True), wiring.keysets, wiring=wiring).run()
 
 
 #: The shortest ``--interval`` of `rotator dev`: below it the whole seconds it derives for

@@ -18,21 +18,21 @@ __all__ = ["cmd_kek", "cmd_repair", "cmd_reseal", "cmd_revoke", "cmd_rotate"]
 
 def cmd_rotate(settings: Settings, args: argparse.Namespace) -> int:
     """Promote the next key of ``--keyset`` now."""
-    manager, keysets = manager_for(settings)
-    keyset = checked_keyset(keysets, args.keyset)
+    manager, wiring = manager_for(settings)
+    keyset = checked_keyset(wiring.keysets, args.keyset)
     if args.force_new:
-        upcoming = manager.store.load(keyset).state
+        upcoming = wiring.store.load(keyset).state
         if upcoming is not None and upcoming.next is not None:
-            confirm_removal(manager.store, keyset, upcoming.next.kid, keysets, yes=args.yes)
+            confirm_removal(wiring.store, keyset, upcoming.next.kid, wiring.keysets, yes=args.yes)
     print_outcome(manager.rotate(keyset, force=args.force, force_new=args.force_new))
     return 0
 
 
 def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
     """Remove the key ``args.kid`` of ``--keyset`` from the JWKS now."""
-    manager, keysets = manager_for(settings)
-    keyset = checked_keyset(keysets, args.keyset)
-    confirm_removal(manager.store, keyset, args.kid, keysets, yes=args.yes)
+    manager, wiring = manager_for(settings)
+    keyset = checked_keyset(wiring.keysets, args.keyset)
+    confirm_removal(wiring.store, keyset, args.kid, wiring.keysets, yes=args.yes)
     print_outcome(manager.revoke(keyset, args.kid))
     return 0
 
@@ -46,8 +46,8 @@ def cmd_kek(_settings: Settings | None, args: argparse.Namespace) -> int:
 
 def cmd_reseal(settings: Settings, args: argparse.Namespace) -> int:
     """Re-encrypt the stored keys of ``--keyset`` (or of all) under the first KEK."""
-    manager, keysets = manager_for(settings)
-    names = selected(keysets, args.keyset)
+    manager, wiring = manager_for(settings)
+    names = selected(wiring.keysets, args.keyset)
     for name in names:
         try:
             outcome = manager.reseal(name)
@@ -55,16 +55,16 @@ def cmd_reseal(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{name}: empty, nothing to reseal")
             continue
         verb = "resealed" if outcome.action == "commit" else "already sealed"
-        assert manager.keyring is not None
-        sealing = manager.keyring.sealing_id
+        assert wiring.keyring is not None
+        sealing = wiring.keyring.sealing_id
         print(f"{name}: {verb} under KEK {sealing} (version {outcome.state.version})")
     return 0
 
 
 def cmd_repair(settings: Settings, args: argparse.Namespace) -> int:
     """Move the unreadable state of ``--keyset`` aside and bootstrap it afresh."""
-    manager, keysets = manager_for(settings)
-    keyset = checked_keyset(keysets, args.keyset)
+    manager, wiring = manager_for(settings)
+    keyset = checked_keyset(wiring.keysets, args.keyset)
     moved, outcome = manager.repair(keyset)
     print(f"{keyset}: unreadable state moved to {moved}")
     print_outcome(outcome)

@@ -42,7 +42,8 @@ from rotator.storage.registry import (
     parse_overrides,
     policy_of,
 )
-from rotator.storage.store import REMOVED
+from rotator.storage.store import REMOVED, Store
+from rotator.wiring import Wiring
 
 __all__ = ["cmd_keyset"]
 
@@ -62,16 +63,16 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError("--issuer cannot go with --from-file: give each key set its own")
     if args.keyset_command in ("add", "update"):
         overrides = _overrides(settings, args, {}, overlay=args.keyset_command == "add")
-    manager, keysets = manager_for(settings)
-    store = manager.store
+    manager, wiring = manager_for(settings)
+    keysets, store = wiring.keysets, wiring.store
     if args.keyset_command == "list":
-        return _keyset_list(manager, keysets, args.json)
+        return _keyset_list(wiring, args.json)
     if args.keyset_command == "import":
         return _keyset_import(manager, keysets, args)
     if args.keyset_command == "add" and args.from_file is not None:
         return add_from_file(
             manager,
-            keysets,
+            wiring,
             Path(args.from_file),
             configured=set(settings.configured_keysets()),
             policy=encode_overrides(overrides),
@@ -107,7 +108,7 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         if not store.replace_entry(name, raw, encode_entry(overrides, lineage_of(raw))):
             raise UsageError(f"key set {name} changed while this ran (updated or removed); retry")
         store.announce(name, "policy")
-        _record_change(manager, name, "update", encode_overrides(overrides))
+        _record_change(wiring, name, "update", encode_overrides(overrides))
         print(f"{name}: policy {encode_overrides(overrides)}")
         print(f"{name}: the daemon applies it from its next tick")
         return 0
@@ -116,9 +117,9 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
             f"removing key set {name} deletes its keys; tokens it signed stop verifying. "
             "Repeat with --yes to do it"
         )
-    version = _version_of(manager, name)
+    version = _version_of(store, name)
     store.unregister(name)
-    _record_change(manager, name, "remove", policy_of(registered[name]), version)
+    _record_change(wiring, name, "remove", policy_of(registered[name]), version)
     print(f"{name}: removed")
     return 0
 
@@ -191,10 +192,11 @@ def _until(text: str) -> float:
         raise UsageError(f"--until: {exc}, nor a duration (30d)") from None
 
 
-def _keyset_list(manager: KeyManager, keysets: KeySets, as_json: bool) -> int:
+def _keyset_list(wiring: Wiring, as_json: bool) -> int:
+    keysets = wiring.keysets
     entries = {entry.name: entry for entry in keysets.entries()}
     rows: list[dict[str, Any]] = []
-    for name, loaded in load_all(manager, keysets, list(entries)):
+    for name, loaded in load_all(wiring.store, keysets, list(entries)):
         entry = entries[name]
         row: dict[str, Any] = {"keyset": name, "origin": entry.origin, "policy": entry.overrides}
         if entry.policy is None or isinstance(loaded, Exception):
@@ -270,18 +272,18 @@ def _flagged(line: str) -> str:
     return f"{flag(field)}: {message}" if sep and field in POLICY_FLAGS else line
 
 
-def _version_of(manager: KeyManager, name: str) -> int:
+def _version_of(store: Store, name: str) -> int:
     """The stored version of *name*, 0 when it is empty or unreadable."""
-    (loaded,) = manager.store.load_many([name])
+    (loaded,) = store.load_many([name])
     return 0 if isinstance(loaded, Exception) else loaded.version
 
 
 def _record_change(
-    manager: KeyManager, name: str, event: str, policy: str, version: int | None = None
+    wiring: Wiring, name: str, event: str, policy: str, version: int | None = None
 ) -> None:
     """Log a change of the registry and append it to the audit trail, as the lifecycle
     events of a commit are (the policy in the reason field)."""
-    version = _version_of(manager, name) if version is None else version
+    version = _version_of(wiring.store, name) if version is None else version
     log.info(
         "key set %s: %s version=%d policy=%s",
         name,
@@ -290,5 +292,4 @@ def _record_change(
         policy,
         extra={"keyset": name, "version": version, "event": event, "reason": policy},
     )
-    assert manager.audit is not None
-    manager.audit.append(name, version, [(event, "", policy)])
+    wiring.audit.append(name, version, [(event, "", policy)])

@@ -12,8 +12,9 @@ from pathlib import Path
 from rotator.cli.common import Failure, UsageError
 from rotator.daemon.manager import KeyManager
 from rotator.storage.layout import validate_keyset_name
-from rotator.storage.registry import KeySets, policy_of
+from rotator.storage.registry import policy_of
 from rotator.storage.store import BATCH_SIZE, REMOVED
+from rotator.wiring import Wiring
 
 __all__ = ["MAX_FILE_BYTES", "add_from_file", "read_names"]
 
@@ -49,7 +50,7 @@ def read_names(path: Path) -> list[str]:
 
 def add_from_file(
     manager: KeyManager,
-    keysets: KeySets,
+    wiring: Wiring,
     path: Path,
     *,
     configured: set[str],
@@ -60,7 +61,7 @@ def add_from_file(
     *entry*: a lineage of its own), then
     bootstrap them, a batch per round trip; print one line per batch and a summary."""
     names = read_names(path)
-    store = manager.store
+    keysets, store = wiring.keysets, wiring.store
     registered = {n: raw for n, raw in store.registry().items() if raw != REMOVED}
     for name in names:
         if name in configured:

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from rotator.cli import timeline
-from rotator.cli.common import Failure, checked_keyset, load_all, manager_for, selected
+from rotator.cli.common import Failure, checked_keyset, load_all, selected, wiring_for
 from rotator.cli.output import event_text, iso
 from rotator.cli.usage import usage_doc, usage_text
 from rotator.config import Settings, mask_url
@@ -38,24 +38,24 @@ _TOKEN_SHOWN = 80
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     """Each key set's keys on a timeline (or a table), or as JSON; exit 1 if one is
     unreadable."""
-    manager, keysets = manager_for(settings)
+    wiring = wiring_for(settings)
+    keysets = wiring.keysets
     names = selected(keysets, args.keyset)
     now = time.time()
-    loaded = load_all(manager, keysets, names)
+    loaded = load_all(wiring.store, keysets, names)
     window = settings.usage.window
-    store = manager.store
     shown = [
         name
         for name, found in loaded
         if not isinstance(found, Exception) and found.state is not None
     ]
-    usages = read_usage_many(store.client, store.layout, shown, now, window)
-    led = [_shown_token(token) for token in leaders(store.client, store.layout)]
+    usages = read_usage_many(wiring.client, wiring.layout, shown, now, window)
+    led = [_shown_token(token) for token in leaders(wiring.client, wiring.layout)]
     if args.json:
         docs = []
         for name, found in loaded:
             docs.append(_status_doc(name, found, keysets, now))
-            shard = store.layout.shard_of(name)
+            shard = wiring.layout.shard_of(name)
             docs[-1].update(shard=shard, leader=led[shard])
             usage_doc(docs[-1], usages.get(name), window)
         print(json.dumps(docs, indent=2, allow_nan=False))
@@ -163,9 +163,9 @@ def _table(state: KeySetState, policy: Policy, now: float) -> str:
 
 def cmd_jwks(settings: Settings, args: argparse.Namespace) -> int:
     """The published JWKS of ``--keyset``, as a reader would serve it."""
-    manager, keysets = manager_for(settings)
-    keyset = checked_keyset(keysets, args.keyset)
-    raw = manager.store.published_jwks(keyset)
+    wiring = wiring_for(settings)
+    keyset = checked_keyset(wiring.keysets, args.keyset)
+    raw = wiring.store.published_jwks(keyset)
     if raw is None:
         raise Failure(f"key set {keyset} has no published JWKS yet")
     try:
@@ -179,11 +179,10 @@ def cmd_jwks(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     """The latest lifecycle events, newest first; exit 1 if one is unreadable."""
-    manager, keysets = manager_for(settings)
-    assert manager.audit is not None
-    keyset = checked_keyset(keysets, args.keyset) if args.keyset else None
+    wiring = wiring_for(settings)
+    keyset = checked_keyset(wiring.keysets, args.keyset) if args.keyset else None
     unreadable = 0
-    for entry in manager.audit.latest(keyset=keyset, limit=args.limit):
+    for entry in wiring.audit.latest(keyset=keyset, limit=args.limit):
         if isinstance(entry, BadAuditEntry):
             print(f"UNREADABLE: {entry}")
             unreadable += 1
