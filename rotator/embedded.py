@@ -6,6 +6,7 @@ ships, so a machine with only Python and pip can still run a real Redis.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import socket
 import subprocess
@@ -44,12 +45,51 @@ _PORT_ATTEMPTS = 5
 _PORT_TAKEN = "Address already in use"
 
 
+# Where the kernel reads the ports it gives outgoing connections and `bind(0)`.
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# How many ports below the ephemeral range `free_port` draws from, and the lowest it uses.
+_SPAN = 12_000
+_LOWEST = 1_024
+
+
+def _drawn_range() -> range | None:
+    """The ports below the kernel's ephemeral range, or None where it cannot be read or
+    leaves too little room beneath it."""
+    try:
+        low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    start = max(_LOWEST, low - _SPAN)
+    return range(start, low) if low - start >= 1_000 else None
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Drawn at random below the kernel's ephemeral range where it can be read: a port from
+    ``bind(0)`` lies inside that range, so any outgoing connection made between this call
+    and the caller's bind (a test's Redis clients make thousands) could take it; one below
+    the range is taken only by another listener, which the bind here rules out for now.
+    """
+    drawn = _drawn_range()
+    for port in [secrets.choice(drawn) for _ in range(100)] if drawn is not None else []:
+        if _bound(port) is not None:
+            return port
+    bound = _bound(0)
+    if bound is None:
+        raise OSError("no free TCP port on 127.0.0.1")
+    return bound
+
+
+def _bound(port: int) -> int | None:
+    """The port a socket bound to 127.0.0.1:*port* got (then closed), None if refused."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+        bound: int = sock.getsockname()[1]
+        return bound
 
 
 class EmbeddedRedis:

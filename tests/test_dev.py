@@ -185,3 +185,12 @@ def test_an_embedded_redis_whose_port_is_taken_meanwhile_moves_to_another(
         server.cleanup()
     with pytest.raises(RuntimeError, match=f"port {redis_server.port} is another process's"):
         EmbeddedRedis(port=redis_server.port).start()
+
+
+def test_a_free_port_lies_below_the_ephemeral_range() -> None:
+    # A port inside the kernel's ephemeral range can be taken by any outgoing connection
+    # before the server that asked for it binds it (a test's clients make thousands).
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(200)}
+    assert all(1_024 <= port < low for port in ports)
+    assert len(ports) > 100  # drawn at random, not one port handed to every caller
