@@ -14,10 +14,10 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from rotator.core.jwk import PublicKey
-from rotator.library.errors import InvalidToken
+from rotator.library.errors import InvalidToken, UnknownKid
 from rotator.library.tokencache import TokenCache, claims_copy
-from rotator.library.usage import KidSeen, UsageCounter
-from rotator.library.verify import HeaderCache, KeyLookup, check_claims, verify_kid_claims
+from rotator.library.usage import NO_KID, UNKNOWN_KID, UsageCounter
+from rotator.library.verify import HeaderCache, KeyLookup, check_claims, signed_claims, token_form
 
 __all__ = ["Checker"]
 
@@ -67,22 +67,29 @@ class Checker:
             if usage is not None:
                 usage.accepted(kid)
             return claims_copy(claims, flat)
-        seen = KidSeen(keys, lookup)
+        # The full way, as `verify.verify_kid_claims` takes it, with the key looked up
+        # here: in *keys* first (*lookup*, the reader's own, would check the copy's
+        # freshness again), and each refusal counted under the bucket its stage knows
+        # (see `usage`): `NO_KID` before a key is looked up, or when the lookup raises
+        # (key set unavailable), `UNKNOWN_KID` when none is found, the kid after.
+        counted = NO_KID
         try:
-            verified = verify_kid_claims(
-                token,
-                seen,
-                audience=audience,
-                issuer=issuer,
-                now=now,
-                leeway=leeway,
-                max_bytes=self.max_bytes,
-                headers=self.headers,
+            form = token_form(token, self.max_bytes, self.headers)
+            kid = form[0]
+            key = None if keys is None else keys.get(kid)
+            if key is None:
+                key = lookup(kid)
+                if key is None:
+                    counted = UNKNOWN_KID
+                    raise UnknownKid("no key with this kid in the key set")
+            counted = kid
+            claims, times = signed_claims(
+                form, key, audience=audience, issuer=issuer, now=now, leeway=leeway
             )
         except InvalidToken as exc:
             if usage is not None:
-                usage.refused(seen.kid, exc)
+                usage.refused(counted, exc)
             raise
         if usage is not None:
-            usage.accepted(verified[0])
-        return self.tokens.keep(token, verified)
+            usage.accepted(kid)
+        return self.tokens.keep(token, kid, claims, times)

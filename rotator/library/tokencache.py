@@ -37,8 +37,6 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from rotator.library.verify import Verified
-
 __all__ = [
     "DEFAULT_TOKEN_CACHE_BYTES",
     "DEFAULT_TOKEN_CACHE_SIZE",
@@ -140,10 +138,12 @@ class TokenCache:
             pass
         return entry
 
-    def keep(self, token: str | bytes, verified: Verified) -> dict[str, Any]:
-        """Keep what `verify_kid_claims` returned of *token*, which just passed every
-        check, if it may be cached; return the caller's copy of its claims."""
-        kid, claims, times = verified
+    def keep(
+        self, token: str | bytes, kid: str, claims: dict[str, Any], times: tuple[int, int] | None
+    ) -> dict[str, Any]:
+        """Keep the *claims* of *token*, which just passed every check with the key of
+        *kid* (*times*: their `verify.claim_times`), if it may be cached; return the
+        caller's copy of them."""
         if (
             self.max_entries <= 0
             or type(token) not in _CACHEABLE

@@ -41,10 +41,8 @@ from collections.abc import Callable, Iterable, Mapping
 import redis
 import redis.asyncio as aioredis
 
-from rotator.core.jwk import PublicKey
 from rotator.core.roles import UNKNOWN, UNTOLD
 from rotator.library.errors import InvalidToken
-from rotator.library.verify import KeyLookup
 from rotator.metrics import USAGE_DROPPED, VERIFICATIONS
 from rotator.storage.layout import Layout
 from rotator.storage.usage import ACCEPTED, MinuteCounts, queue_report
@@ -55,7 +53,6 @@ __all__ = [
     "NO_KID",
     "UNKNOWN_KID",
     "AsyncUsageFlusher",
-    "KidSeen",
     "UsageCounter",
     "UsageFlusher",
     "meter",
@@ -76,35 +73,13 @@ NO_KID = "-"
 MAX_PENDING = 65_536
 
 
-class KidSeen:
-    """A key lookup that remembers which bucket its kid is counted under: the kid when a
-    key was found for it, `UNKNOWN_KID` when not, `NO_KID` when never called. It looks
-    in *keys* (the key set a reader holds at the verification's start, ``None``: none
-    fresh enough) first, and asks *lookup* (which may read Redis, or raise) only for a
-    kid not there."""
-
-    __slots__ = ("keys", "kid", "lookup")
-
-    def __init__(self, keys: Mapping[str, PublicKey] | None, lookup: KeyLookup) -> None:
-        self.keys, self.lookup = keys, lookup
-        self.kid = NO_KID
-
-    def __call__(self, kid: str) -> PublicKey | None:
-        # *keys* first: the reader's own lookup would check the copy's freshness again
-        # (callgrind: 2,000 instructions of a fresh verify, bench/verify_instructions.py).
-        key = None if self.keys is None else self.keys.get(kid)
-        if key is None:
-            key = self.lookup(kid)  # what it raises (key set unavailable) leaves NO_KID
-        self.kid = kid if key is not None else UNKNOWN_KID
-        return key
-
-
 #: What a reader's flusher asks for the roles of the kids of its copy (``None``: untold).
 RolesOf = Callable[[], Mapping[str, str] | None]
 
 
 def role_of(kid: str, roles: Mapping[str, str] | None) -> str:
-    """The role label of a count under *kid* (see `KidSeen`): `UNKNOWN` for `UNKNOWN_KID`
+    """The role label of a count under *kid* (see the module's bounds): `UNKNOWN` for
+    `UNKNOWN_KID`
     and `NO_KID`, else its role in *roles*, `UNTOLD` when they do not name it."""
     if kid in (UNKNOWN_KID, NO_KID):
         return UNKNOWN
@@ -173,7 +148,8 @@ class UsageCounter:
                 self._count_accepted(now)
 
     def record(self, kid: str, outcome: str) -> None:
-        """Count one verification of a token counted under *kid* (see `KidSeen`)."""
+        """Count one verification of a token counted under *kid* (a kid the key set holds,
+        `UNKNOWN_KID` or `NO_KID`)."""
         now = self.wall_clock()
         minute = int(now // 60)
         with self._lock:
