@@ -145,43 +145,39 @@ class TokenCache:
         *kid* (*times*: their `verify.claim_times`), if it may be cached; return the
         caller's copy of them."""
         if (
-            self.max_entries <= 0
-            or type(token) not in _CACHEABLE
+            type(token) not in _CACHEABLE
             or len(token) > self.max_token_bytes
+            or self.max_entries <= 0
         ):
             return claims
         cost = 2 * len(token)
         # In C, not all() over a generator: one fresh verify's cost in callgrind went from
         # +2.1 % of the code before the cache to +1.75 % (bench/verify_instructions.py).
         flat = _NESTED.isdisjoint(map(type, claims.values()))
+        entries = self._entries
         with self._lock:
             followed = self._followed
-            if (
-                followed is None
-                or kid not in followed
-                or token in self._entries
-                or cost > self.max_bytes
-            ):
+            if followed is None or kid not in followed or token in entries or cost > self.max_bytes:
                 # The key set moved on meanwhile (its next `follow` decides), or no room.
                 return claims
             # Room first, so that the bounds hold at every moment, even to a reader of
             # `len` outside the lock.
-            while self._entries and (
-                len(self._entries) >= self.max_entries or self._bytes + cost > self.max_bytes
+            while entries and (
+                len(entries) >= self.max_entries or self._bytes + cost > self.max_bytes
             ):
-                old, (old_kid, *_rest) = self._entries.popitem(last=False)
+                old, (old_kid, *_rest) = entries.popitem(last=False)
                 tokens = self._by_kid[old_kid]
                 tokens.discard(old)
                 if not tokens:
                     del self._by_kid[old_kid]
                 self._bytes -= 2 * len(old)
-            self._entries[token] = (kid, claims, flat, times)
+            entries[token] = (kid, claims, flat, times)
             by_kid = self._by_kid.get(kid)
             if by_kid is None:
                 by_kid = self._by_kid[kid] = set()
             by_kid.add(token)
             self._bytes += cost
-        return claims_copy(claims, flat)
+        return dict(claims) if flat else _copy(claims)
 
 
 def claims_copy(claims: dict[str, Any], flat: bool) -> dict[str, Any]:
