@@ -109,7 +109,8 @@ def test_an_invalid_registry_name_is_reported_and_never_managed(
     daemon.tick()
     problems = daemon.managed.problems()
     assert len(problems) == 1 and next(iter(problems.values())).startswith("registry name:")
-    leadership = (b"rotator:{leases}:", b"rotator:{shard-")  # the shards' keys, no key set's
+    # The shards' keys and the registry's version, no key set's.
+    leadership = (b"rotator:{leases}:", b"rotator:{shard-", b"rotator:{rotator:keysets}:")
     written = {key for key in client.scan_iter("rotator:{*") if not key.startswith(leadership)}
     assert written == {
         f"rotator:{{{n}}}:{kind}".encode()
@@ -123,7 +124,9 @@ def test_a_lost_registry_entry_that_is_bad_is_written_back_as_it_was(
 ) -> None:
     client.hset("rotator:keysets", "bad", b"\xff{}")
     daemon.tick()
-    client.hdel("rotator:keysets", "bad")  # as if Redis lost it
+    # As if Redis lost it: a rollback takes the registry's version back with it.
+    client.hdel("rotator:keysets", "bad")
+    client.delete("rotator:{rotator:keysets}:version")
     daemon.tick()
     assert client.hget("rotator:keysets", "bad") == b"\xff{}"  # the same bytes, unchanged
 
@@ -465,12 +468,12 @@ def test_a_tick_that_fails_logs_once_and_the_next_one_runs(
 ) -> None:
     calls = 0
 
-    def broken() -> list[str]:
+    def broken() -> dict[str, str]:
         nonlocal calls
         calls += 1
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(daemon, "keysets", broken)
+    monkeypatch.setattr(daemon.managed, "refresh", broken)
     with caplog.at_level(logging.ERROR):
         daemon.tick()
         daemon.tick()

@@ -73,6 +73,19 @@ def loads(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return calls
 
 
+def asked(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The key sets each `Store.changed` call asks about, recorded."""
+    calls: list[list[str]] = []
+    changed = store.changed
+
+    def recorded(keysets: list[str], *, due: bool = False) -> list[str]:
+        calls.append(list(keysets))
+        return changed(keysets, due=due)
+
+    monkeypatch.setattr(store, "changed", recorded)
+    return calls
+
+
 def test_the_leader_sweeps_in_shares_and_heals_within_the_period(
     redis_server: EmbeddedRedis,
     keyring: Keyring,
@@ -80,21 +93,29 @@ def test_the_leader_sweeps_in_shares_and_heals_within_the_period(
     client: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Each tick asks Redis which key sets of its share differ from what the daemon holds
+    (`Store.changed`), and reads in full only those."""
     daemon = make_daemon(redis_server, keyring, clock, sweep_interval=60)
     names = registered(daemon, 40)
     daemon.tick()  # bootstraps every key set: the first tick is a whole sweep
     client.delete("rotator:{app-039}:jwks")  # by hand: no event, nothing the index sees
-    calls = loads(daemon.manager.store, monkeypatch)
+    store = daemon.manager.store
+    calls = loads(store, monkeypatch)
+    checks = asked(store, monkeypatch)
     read: list[str] = []
+    checked: list[str] = []
     for _tick in range(6):  # 10 s ticks over the 60 s period
         clock.advance(10)
         daemon.lease.refresh()
         calls.clear()
+        checks.clear()
         daemon.tick()
-        share = [name for call in calls for name in call]
+        share = [name for call in checks for name in call]
         assert len(share) <= math.ceil(len(names) * 10 / 60)  # no burst
-        read += share
-    assert sorted(read) == names
+        checked += share
+        read += [name for call in calls for name in call]
+    assert sorted(checked) == names  # every key set looked at within the period
+    assert read == ["app-039"]  # and only the one that changed read
     assert client.get("rotator:{app-039}:jwks") is not None  # republished by the sweep
 
 
@@ -191,3 +212,16 @@ def test_a_follower_is_not_ready_over_a_keyset_no_leader_bootstrapped_yet(
         follower.tick()
         assert not follower.health.report(clock.now)["ready"]
         clock.advance(10)
+
+
+def test_the_paced_cycle_counts_from_the_end_of_a_long_whole_read() -> None:
+    """At 100,000 key sets the tick that reads everything takes minutes: counted from its
+    start, the next tick's share would be what those minutes call for, not one tick's."""
+    sweep = Sweep(600)
+    assert sweep.take(NAMES, 0.0)[1]  # the whole read starts at 0...
+    sweep.done(300.0)  # ...and ends five minutes later
+    assert len(sweep.take(NAMES, 315.0)[0]) == math.ceil(len(NAMES) * 15 / 600)
+    sweep.done(316.0)  # a paced tick's end moves nothing
+    assert len(sweep.take(NAMES, 330.0)[0]) == math.ceil(len(NAMES) * 30 / 600) - math.ceil(
+        len(NAMES) * 15 / 600
+    )

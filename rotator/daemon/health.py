@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -43,12 +43,18 @@ class Health:
 
     def succeeded(self, keyset: str, now: float) -> None:
         """*keyset* was reconciled at *now*."""
+        self.succeeded_many((keyset,), now)
+
+    def succeeded_many(self, keysets: Iterable[str], now: float) -> None:
+        """Each of *keysets* was reconciled (or read) at *now*: `succeeded` under one hold of
+        the lock, for a tick that counts 100,000 key sets healthy."""
         with self._lock:
-            entry = self._keysets.get(keyset)
-            if entry is None:
-                self._keysets[keyset] = _KeysetHealth(last_success=now)
-            else:
-                entry.last_success, entry.error = now, None
+            for keyset in keysets:
+                entry = self._keysets.get(keyset)
+                if entry is None:
+                    self._keysets[keyset] = _KeysetHealth(last_success=now)
+                else:
+                    entry.last_success, entry.error = now, None
             self.redis_ok = True
 
     def last_success(self, keyset: str) -> float | None:

@@ -29,10 +29,24 @@ class Sweep:
         self._started = 0.0  # when the current paced cycle began
         self._taken = 0  # names taken in it so far
         self._after: str | None = None  # the last name taken in it, in sorted order
+        self._from_end = False  # the cycle starts when the tick that took all of it ends
 
     def now(self) -> None:
         """Make the next tick take every name at once."""
         self._whole = True
+
+    @property
+    def pending(self) -> bool:
+        """Whether the next tick takes every name at once."""
+        return self._whole
+
+    def done(self, now: float) -> None:
+        """The tick that took every name at once finished at *now*: the paced cycle counts
+        from here, so that a long read (minutes at 100,000 key sets on a loaded core) does
+        not make the next ticks' shares as large as the time it took."""
+        if self._from_end:
+            self._from_end = False
+            self._started = now
 
     def take(self, names: Sequence[str], now: float) -> tuple[list[str], bool]:
         """The names (of *names*, sorted) to sweep at *now*, and whether they are all of
@@ -41,6 +55,7 @@ class Sweep:
         if self._whole:
             self._whole = False
             self._restart(now)
+            self._from_end = True
             return ordered, True
         elapsed = now - self._started
         if elapsed >= self.period:

@@ -110,6 +110,13 @@ class Layout:
         return f"{self.prefix}:keysets"
 
     @property
+    def registry_version(self) -> str:
+        """Counter every write of the registry moves (`rotator.storage.store`), so a daemon
+        reads the whole registry only when it moved. Tagged with the registry's own name,
+        so in Redis Cluster it lies in the registry's slot and one script writes both."""
+        return f"{self.prefix}:{{{self.keysets}}}:version"
+
+    @property
     def events(self) -> str:
         """Pub/sub channel announcing every commit."""
         return f"{self.prefix}:events"

@@ -214,6 +214,12 @@ class KeySets:
         self._entries: dict[str, KeySetEntry] = dict(self._configured)
         self._stored: dict[str, str] = {}
         self.removed: set[str] = set()
+        #: Moves whenever a `refresh` changes the managed entries: what a caller derives
+        #: from them (the daemon's split of the names by shard) is kept until it moves.
+        self.generation = 0
+        # Derived from the entries once per generation: a daemon asks every tick.
+        self._names: list[str] | None = None
+        self._problems: dict[str, str] | None = None
 
     def refresh(self) -> dict[str, str]:
         """Read the registry; return the entries that vanished without a tombstone (lost with
@@ -235,6 +241,11 @@ class KeySets:
                 known = self._registered(name, raw)
             entries[known.name] = known
         self.removed = {name for name, raw in stored.items() if raw == REMOVED} - entries.keys()
+        if len(entries) != len(self._entries) or any(
+            self._entries.get(name) is not entry for name, entry in entries.items()
+        ):
+            self.generation += 1
+            self._names = self._problems = None
         self._entries, self._stored = entries, stored
         return lost
 
@@ -262,16 +273,20 @@ class KeySets:
 
     def names(self) -> list[str]:
         """Every managed key set, sorted (with the labels of invalid registry names)."""
-        return sorted(self._entries)
+        if self._names is None:
+            self._names = sorted(self._entries)
+        return list(self._names)
 
     def problems(self) -> dict[str, str]:
         """The key sets whose policy is unusable (or whose registry name is invalid), with
         the problem of each."""
-        return {
-            name: entry.problem
-            for name, entry in self._entries.items()
-            if entry.problem is not None
-        }
+        if self._problems is None:
+            self._problems = {
+                name: entry.problem
+                for name, entry in self._entries.items()
+                if entry.problem is not None
+            }
+        return dict(self._problems)
 
     def entries(self) -> list[KeySetEntry]:
         """Every managed key set with its policy, sorted by name."""

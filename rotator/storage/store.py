@@ -163,17 +163,61 @@ return 1
 """
 )
 
-# The registry used to be a plain set of names; it is converted in place to the
-# hash (name -> stored policy) the first time it is written.
+# KEYS: per key set its state, JWKS and roles[, and its shard's due index]. ARGV: the keys
+# per key set (3, or 4 with the due index), then per key set the digest of its bytes as
+# last read or written (`_held_digest`)[, its name and the due score its state calls for].
+# Returns the positions (1-based) of the key sets whose bytes or due entry differ: an idle
+# sweep reads a few bytes a key set instead of its state and JWKS. A key holding another
+# type than a string, or an index that is not a sorted set, counts as differing (the full
+# read then reports it).
+_DIGESTS = """
+local function framed(key)
+  local raw = redis.pcall('GET', key)
+  if type(raw) == 'table' then return nil end
+  if not raw then return '-' end
+  return #raw .. ':' .. raw
+end
+local width = tonumber(ARGV[1])
+local per = width == 4 and 3 or 1
+local changed = {}
+for i = 0, #KEYS / width - 1 do
+  local k, a = i * width, 2 + i * per
+  local s, j, r = framed(KEYS[k + 1]), framed(KEYS[k + 2]), framed(KEYS[k + 3])
+  local same = s and j and r and redis.sha1hex(s .. j .. r) == ARGV[a]
+  if same and width == 4 then
+    local score = redis.pcall('ZMSCORE', KEYS[k + 4], ARGV[a + 1])
+    local want = tonumber(ARGV[a + 2])
+    same = type(score) == 'table' and not score.err and score[1] and want ~= nil
+      and tonumber(score[1]) == want
+  end
+  if not same then changed[#changed + 1] = i + 1 end
+end
+return changed
+"""
+
+# Every registry script moves the registry's version (KEYS[2], `Layout.registry_version`)
+# with each write, so a daemon reads the whole hash only when it moved. The registry used
+# to be a plain set of names; it is converted in place to the hash (name -> stored
+# policy) the first time it is written.
 _REGISTRY_PROLOGUE = """
+local function bump()
+  local moved = redis.pcall('INCR', KEYS[2])
+  if type(moved) == 'table' and moved.err then
+    -- Garbage under the counter must not fail every registry write: start it anew. A
+    -- daemon reads the whole registry when the counter differs from what it last saw.
+    redis.call('DEL', KEYS[2])
+    redis.call('INCR', KEYS[2])
+  end
+end
 if redis.call('TYPE', KEYS[1]).ok == 'set' then
   local names = redis.call('SMEMBERS', KEYS[1])
   redis.call('DEL', KEYS[1])
   for _, name in ipairs(names) do redis.call('HSET', KEYS[1], name, '{}') end
+  bump()
 end
 """
 
-# KEYS: registry. ARGV: name, entry, tombstone.
+# KEYS: registry, its version. ARGV: name, entry, tombstone.
 # Returns 1 when the name was added (or re-added over its tombstone), 0 when it was there.
 _REGISTER = (
     _REGISTRY_PROLOGUE
@@ -181,24 +225,34 @@ _REGISTER = (
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old == false or old == ARGV[3] then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  bump()
   return 1
 end
 return 0
 """
 )
 
-# KEYS: registry. ARGV: name, entry expected, new entry. Returns 1 when replaced.
+# KEYS: registry, its version. ARGV: name, entry expected, new entry. Returns 1 when
+# replaced.
 _REPLACE_ENTRY = (
     _REGISTRY_PROLOGUE
     + """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+bump()
 return 1
 """
 )
 
-# KEYS: registry. ARGV: name, tombstone.
-_UNREGISTER = _REGISTRY_PROLOGUE + "return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])"
+# KEYS: registry, its version. ARGV: name, tombstone.
+_UNREGISTER = (
+    _REGISTRY_PROLOGUE
+    + """
+local written = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+bump()
+return written
+"""
+)
 
 #: Registry value of a removed key set. A name that vanishes from the registry
 #: without one was lost with Redis data, and the daemon writes it back.
@@ -207,6 +261,18 @@ REMOVED = "removed"
 
 def _digest(raw: bytes) -> bytes:
     return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _framed(raw: bytes | None) -> bytes:
+    return b"-" if raw is None else b"%d:%s" % (len(raw), raw)
+
+
+def _held_digest(state: bytes | None, jwks: bytes | None, roles: bytes | None) -> str:
+    """The digest `_DIGESTS` computes in Redis of a key set's three keys: SHA-1 (all that
+    Lua in Redis offers) of each value framed by its length, ``-`` for an absent one. It
+    tells bytes read before from bytes changed since; no secret rests on it."""
+    framed = _framed(state) + _framed(jwks) + _framed(roles)
+    return hashlib.sha1(framed, usedforsecurity=False).hexdigest()
 
 
 def _text(raw: bytes) -> str:
@@ -289,6 +355,11 @@ class Store:
         # by bench/many_keysets.py: its idle pass took 5 to 6 times the CPU without it
         # (three paired runs, docs/design-notes.md).
         self._parsed: dict[str, tuple[bytes, KeySetState]] = {}
+        # The digest of each key set's bytes as last read or written by this store, with the
+        # state they hold: a paced sweep asks Redis which key sets differ (`changed`).
+        self._held: dict[str, tuple[str, KeySetState]] = {}
+        self._digests = client.register_script(_DIGESTS)
+        self._registry_keys = [layout.keysets, layout.registry_version]
 
     def load(self, keyset: str) -> Snapshot:
         """Read state, JWKS and roles together; raise `CorruptState` if the state is
@@ -337,18 +408,20 @@ class Store:
         # One MGET reads the three keys atomically; they share a hash slot, so this holds in
         # Cluster too.
         if raw_state is None:
-            self._parsed.pop(keyset, None)
+            self.forget(keyset)
             return Snapshot(keyset, None, raw_jwks, raw_roles)
         digest = _digest(raw_state)
         known = self._parsed.get(keyset)
         if known is not None and known[0] == digest:
-            return Snapshot(keyset, known[1], raw_jwks, raw_roles)
-        try:
-            state = decode_state(raw_state, keyset)
-        except CorruptState as exc:
-            self._parsed.pop(keyset, None)
-            raise CorruptState(f"key set {keyset}: {exc}") from None
-        self._parsed[keyset] = (digest, state)
+            state = known[1]
+        else:
+            try:
+                state = decode_state(raw_state, keyset)
+            except CorruptState as exc:
+                self.forget(keyset)
+                raise CorruptState(f"key set {keyset}: {exc}") from None
+            self._parsed[keyset] = (digest, state)
+        self._held[keyset] = (_held_digest(raw_state, raw_jwks, raw_roles), state)
         return Snapshot(keyset, state, raw_jwks, raw_roles)
 
     def _event(self, state: KeySetState, event: str) -> str:
@@ -478,6 +551,9 @@ class Store:
                 results.append(exc)
                 continue
             results.append(None)
+            # The bytes just written are the bytes held: the next sweep need not read them.
+            written = cast(list[bytes], [args[2], args[3], args[-1]])
+            self._held[state.keyset] = (_held_digest(*written), state)
         self._file_after(
             [write[1] for write, result in zip(writes, results, strict=True) if result is None]
         )
@@ -493,11 +569,12 @@ class Store:
         older); raise `Conflict` when Redis holds the same version or newer."""
         index_keys, index_args = self._index(state)
         state_key, jwks_key, roles_key = self._keys_of(state.keyset)
+        encoded = encode_state(state)
         result = self._restore(
             keys=[state_key, jwks_key, *index_keys, roles_key],
             args=[
                 state.version,
-                encode_state(state),
+                encoded,
                 state.jwks(),
                 self.layout.events,
                 self._event(state, "restore"),
@@ -506,11 +583,15 @@ class Store:
             ],
         )
         self._checked(state.keyset, state.version, result)
+        self._held[state.keyset] = (_held_digest(encoded, state.jwks(), state.roles()), state)
         self._file_after([state])
 
     def republish(self, state: KeySetState) -> None:
         """Rewrite the JWKS and roles of *state* while Redis still holds that version."""
         event = self._event(state, "republish")
+        # The state's bytes, read and not written here, are not kept: the next sweep reads
+        # the key set in full once.
+        self._held.pop(state.keyset, None)
         result = self._republish(
             keys=list(self._keys_of(state.keyset)),
             args=[state.version, state.jwks(), self.layout.events, event, state.roles()],
@@ -623,6 +704,21 @@ class Store:
         ``None`` when no daemon leads any."""
         return lease_left(self.client, self.layout)
 
+    def probe(self, shards: Sequence[int]) -> tuple[int | None, dict[int, int | None]]:
+        """The registry's version (`Layout.registry_version`) and the epoch of each of
+        *shards*, in one round trip (``None`` for a counter absent or not a number)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self.layout.registry_version)
+            for shard in shards:
+                pipe.get(self.layout.epoch(shard))
+            replies: list[object] = pipe.execute()
+        epochs = {shard: _counter(raw) for shard, raw in zip(shards, replies[1:], strict=True)}
+        return _counter(replies[0]), epochs
+
+    def start_registry_version(self) -> bool:
+        """Create the registry's version at 0 where it is absent; whether it was."""
+        return bool(self.client.set(self.layout.registry_version, 0, nx=True))
+
     def registry(self) -> dict[str, str]:
         """Key sets added at run time (``P:keysets``): name -> stored policy (JSON), or
         `REMOVED` for a removed one."""
@@ -650,21 +746,21 @@ class Store:
         """Add *keyset* to the registry with its *entry* (see `rotator.storage.registry`);
         ``False``, and nothing written, if it was there."""
         args: list[bytes | str] = [stored_bytes(keyset), stored_bytes(entry), REMOVED]
-        return bool(self._register(keys=[self.layout.keysets], args=args))
+        return bool(self._register(keys=self._registry_keys, args=args))
 
     def register_many(self, entries: Sequence[tuple[str, str]]) -> list[bool]:
         """`register` for many ``(key set, entry)`` pairs, in one round trip."""
         with self.client.pipeline(transaction=False) as pipe:
             for keyset, entry in entries:
                 args: list[bytes | str] = [stored_bytes(keyset), stored_bytes(entry), REMOVED]
-                self._register(keys=[self.layout.keysets], args=args, client=pipe)
+                self._register(keys=self._registry_keys, args=args, client=pipe)
             return [bool(added) for added in pipe.execute()]
 
     def replace_entry(self, keyset: str, expected: str, entry: str) -> bool:
         """Replace the registry entry of *keyset* if it still is *expected*; ``False`` when
         it changed meanwhile (updated, or removed)."""
         args = [stored_bytes(keyset), stored_bytes(expected), stored_bytes(entry)]
-        return bool(self._replace_entry(keys=[self.layout.keysets], args=args))
+        return bool(self._replace_entry(keys=self._registry_keys, args=args))
 
     def announce(self, keyset: str, event: str) -> None:
         """Publish *event* for *keyset* on the events channel without a commit (a policy
@@ -676,12 +772,42 @@ class Store:
     def unregister(self, keyset: str) -> None:
         """Mark *keyset* removed in the registry, delete its state, JWKS and roles, and
         announce it (so daemons drop what they remember of it rather than write it back)."""
-        self._unregister(keys=[self.layout.keysets], args=[keyset, REMOVED])
+        self._unregister(keys=self._registry_keys, args=[keyset, REMOVED])
         self.client.delete(*self._keys_of(keyset))
         self.unindex([keyset])
         self.announce(keyset, "remove")
         self.forget(keyset)
 
     def forget(self, keyset: str) -> None:
-        """Drop the parsed copy of *keyset* kept between reads."""
+        """Drop the parsed copy of *keyset* kept between reads, and the digest of its bytes."""
         self._parsed.pop(keyset, None)
+        self._held.pop(keyset, None)
+
+    def changed(self, keysets: Sequence[str], *, due: bool = False) -> list[str]:
+        """Those of *keysets* whose state, JWKS or roles in Redis differ from the bytes this
+        store last read or wrote of them, or that it holds none of; with *due* (and
+        `due_at`), also those whose due index entry is not what the state held calls for.
+        One script per batch of `BATCH_SIZE` returns only the positions that differ. With
+        Cluster a script cannot reach several key sets' slots: every name is returned, and
+        the caller reads them all, one by one."""
+        if self._cluster:
+            return list(keysets)
+        due_at = self.due_at if due else None
+        width = 3 if due_at is None else 4
+        changed: list[str] = []
+        for start in range(0, len(keysets), BATCH_SIZE):
+            batch = keysets[start : start + BATCH_SIZE]
+            keys: list[str] = []
+            args: list[str] = [str(width)]
+            for keyset in batch:
+                keys.extend(self._keys_of(keyset))
+                held = self._held.get(keyset)
+                args.append(held[0] if held is not None else "")
+                if due_at is not None:
+                    keys.append(self.layout.due(self.layout.shard_of(keyset)))
+                    # Held nothing: the empty digest differs from any, whatever the score.
+                    score = due_at(held[1]) if held is not None else 0.0
+                    args.extend((keyset, repr(score)))
+            positions = cast(list[int], self._digests(keys=keys, args=args))
+            changed.extend(batch[int(position) - 1] for position in positions)
+        return changed
