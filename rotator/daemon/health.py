@@ -23,12 +23,6 @@ __all__ = ["Health", "HealthServer"]
 
 
 @dataclass
-class _KeysetHealth:
-    last_success: float | None = None
-    error: str | None = None
-
-
-@dataclass
 class Health:
     """Thread-safe record of what the daemon last managed to do."""
 
@@ -38,7 +32,10 @@ class Health:
     #: The shards this daemon leads, of ``daemon.shards``.
     shards: tuple[int, ...] = ()
     shard_count: int = 1
-    _keysets: dict[str, _KeysetHealth] = field(default_factory=dict)
+    # When each key set last succeeded, and the error of each that failed since: two flat
+    # dicts, so that a tick counting 100,000 key sets healthy is one dict update.
+    _last: dict[str, float] = field(default_factory=dict)
+    _errors: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def succeeded(self, keyset: str, now: float) -> None:
@@ -46,27 +43,24 @@ class Health:
         self.succeeded_many((keyset,), now)
 
     def succeeded_many(self, keysets: Iterable[str], now: float) -> None:
-        """Each of *keysets* was reconciled (or read) at *now*: `succeeded` under one hold of
-        the lock, for a tick that counts 100,000 key sets healthy."""
+        """Each of *keysets* was reconciled (or read) at *now*: `succeeded` for a batch,
+        as a tick counts 100,000 key sets healthy (one dict update, no loop in Python)."""
+        done = dict.fromkeys(keysets, now)
         with self._lock:
-            for keyset in keysets:
-                entry = self._keysets.get(keyset)
-                if entry is None:
-                    self._keysets[keyset] = _KeysetHealth(last_success=now)
-                else:
-                    entry.last_success, entry.error = now, None
+            self._last.update(done)
+            if self._errors:
+                for keyset in self._errors.keys() & done.keys():
+                    del self._errors[keyset]
             self.redis_ok = True
 
     def last_success(self, keyset: str) -> float | None:
         """When *keyset* was last reconciled, if ever."""
-        entry = self._keysets.get(keyset)
-        return entry.last_success if entry else None
+        return self._last.get(keyset)
 
     def failed(self, keyset: str, error: str) -> None:
         """*keyset* could not be reconciled; *error* must hold no key material."""
         with self._lock:
-            entry = self._keysets.setdefault(keyset, _KeysetHealth())
-            entry.error = error
+            self._errors[keyset] = error
 
     def redis_down(self) -> None:
         """Redis did not answer."""
@@ -76,31 +70,34 @@ class Health:
     def forget(self, keep: set[str]) -> None:
         """Drop key sets that are no longer managed."""
         with self._lock:
-            for name in set(self._keysets) - keep:
-                del self._keysets[name]
+            for records in (self._last, self._errors):
+                for name in records.keys() - keep:
+                    del records[name]
 
     def ready(self, now: float) -> bool:
         """`report`'s verdict alone, without building the per key set details."""
         with self._lock:
             return self._ready(now)
 
-    def _fresh(self, entry: _KeysetHealth, now: float) -> bool:
-        return entry.last_success is not None and now - entry.last_success <= self.freshness
+    def _fresh(self, last: float | None, now: float) -> bool:
+        return last is not None and now - last <= self.freshness
 
     def _ready(self, now: float) -> bool:
-        keysets = self._keysets.values()
-        return self.redis_ok and bool(keysets) and all(self._fresh(h, now) for h in keysets)
+        # Every key set known has succeeded, and the oldest success is fresh.
+        if not self.redis_ok or not self._last or not self._errors.keys() <= self._last.keys():
+            return False
+        return self._fresh(min(self._last.values()), now)
 
     def report(self, now: float) -> dict[str, Any]:
         """Readiness and the reason for it, as a JSON-ready dict."""
         with self._lock:
             keysets = {
                 name: {
-                    "fresh": self._fresh(h, now),
-                    **stamped("last_success", h.last_success, digits=3),
-                    "error": h.error,
+                    "fresh": self._fresh(self._last.get(name), now),
+                    **stamped("last_success", self._last.get(name), digits=3),
+                    "error": self._errors.get(name),
                 }
-                for name, h in sorted(self._keysets.items())
+                for name in sorted(self._last.keys() | self._errors.keys())
             }
             role = "leader" if self.leader else "follower"
             ready = self._ready(now)

@@ -149,6 +149,10 @@ class Daemon:
         # of the others (a CRC16 a name, 0.08 s per 100,000, not paid every tick).
         self._split: tuple[tuple[int, frozenset[int]], list[str], list[str]] | None = None
         self._forgotten = -1  # the registry generation `_forget` last ran for
+        # The names whose entry in `_looked` is not their registry entry (new, or changed
+        # since looked at), per registry generation, kept current as ticks look.
+        self._unlooked: set[str] | None = None
+        self._unlooked_generation = -1
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1), "lease": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -396,11 +400,13 @@ class Daemon:
         *all_mine*): remember what it *looked* at, count the key sets it did not look at
         healthy, read the epochs anew after a *sweep* or a commit, and add the earliest due
         time filed to *due*."""
-        self._looked.update((s.keyset, self.managed.get(s.keyset)) for s in looked)
+        for state in looked:
+            self._look(state.keyset)
         # What the index says is not due was healthy when last looked at, and no commit
         # since (the epoch would have moved it into the index) says otherwise.
         errors = self._errors
-        self.health.succeeded_many((n for n in all_mine if n not in errors), self.clock())
+        healthy = (n for n in all_mine if n not in errors) if errors else all_mine
+        self.health.succeeded_many(healthy, self.clock())
         shards = sorted(led)
         with contextlib.suppress(redis.RedisError):  # the next tick reports it
             if sweep:
@@ -439,9 +445,7 @@ class Daemon:
         for shard, gone in stale.items():
             store.unindex(gone, shard)
         wanted = {name for _shard, name in filed if name in managed}
-        wanted.update(
-            name for name in names if self._looked.get(name) is not self.managed.get(name)
-        )
+        wanted.update(self._not_looked_at() & managed)
         wanted.update(name for name in self._errors if name in managed)
         wanted.update(name for name in announced if name in managed)
         wanted.update(swept)
@@ -478,9 +482,7 @@ class Daemon:
             swept = self.manager.store.changed(swept)
         managed = set(names)
         wanted = set(swept)
-        wanted.update(
-            name for name in names if self._looked.get(name) is not self.managed.get(name)
-        )
+        wanted.update(self._not_looked_at() & managed)
         wanted.update(name for name in self._errors if name in managed)
         return sorted(wanted)
 
@@ -490,9 +492,29 @@ class Daemon:
         tick and not fresh meanwhile."""
         if state is None:
             self._looked.pop(name, None)
+            if self._unlooked is not None:
+                self._unlooked.add(name)
             return
         self._succeeded(name, state)
-        self._looked[name] = self.managed.get(name)
+        self._look(name)
+
+    def _look(self, name: str) -> None:
+        """*name* was looked at under its registry entry of now."""
+        entry = self.managed.get(name)
+        self._looked[name] = entry
+        if self._unlooked is not None:
+            self._unlooked.discard(name)
+
+    def _not_looked_at(self) -> set[str]:
+        """The key sets not looked at under their registry entry of now (new, or whose entry
+        changed), and maybe some no longer managed: computed once per registry
+        generation, then kept current by `_look` and `_followed`."""
+        generation = self.managed.generation
+        if self._unlooked is None or self._unlooked_generation != generation:
+            get = self.managed.get
+            self._unlooked = {n for n in self.managed.names() if self._looked.get(n) is not get(n)}
+            self._unlooked_generation = generation
+        return self._unlooked
 
     def _followed_healthy(self, all_others: list[str]) -> None:
         """Count the key sets of the shards not led (*all_others*, the usable ones) that
