@@ -112,8 +112,9 @@ def start_daemon(
 ) -> subprocess.Popen[bytes]:
     """A real `rotator run` over the key sets under *prefix*, on core 0, once ready (and
     leading, when it *leads*), and settled: its first tick may run before it takes the lease,
-    and the sweep of everything on taking it costs about what getting ready did, so that
-    long again (at least a tick) passes before it counts as idle."""
+    and the sweep of everything on taking it costs about what getting ready did (at 100,000
+    key sets more than a minute on a shared core), so it counts as idle once a tick's time
+    passed in which it used less than half a core (at most 15 minutes)."""
     health = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
     env.update(
@@ -139,7 +140,12 @@ def start_daemon(
             daemon.kill()
             raise SystemExit("the daemon never became ready") from None
         time.sleep(0.5)
-    time.sleep(max(TICK, time.monotonic() - started))
+    while time.monotonic() < deadline:
+        used = cpu_seconds(daemon.pid)
+        time.sleep(TICK)
+        if cpu_seconds(daemon.pid) - used < TICK / 2:
+            break
+    print(f"  (daemon settled {time.monotonic() - started:.0f} s after it started)", flush=True)
     return daemon
 
 
