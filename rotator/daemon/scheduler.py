@@ -86,6 +86,10 @@ class _Seen:
     period: float
 
 
+#: Key sets as a tick takes them: sorted, and as a set.
+_Split = tuple[list[str], frozenset[str]]
+
+
 def _activated(state: KeySetState) -> float:
     """When the current key of *state* started signing."""
     return state.current.activated_at or state.updated_at
@@ -147,7 +151,7 @@ class Daemon:
         self._registry_read_at: float | None = None
         # Per registry generation and shards led: the usable names of the shards led and
         # of the others (a CRC16 a name, 0.08 s per 100,000, not paid every tick).
-        self._split: tuple[tuple[int, frozenset[int]], list[str], list[str]] | None = None
+        self._split: tuple[tuple[int, frozenset[int]], _Split, _Split] | None = None
         self._forgotten = -1  # the registry generation `_forget` last ran for
         # The names whose entry in `_looked` is not their registry entry (new, or changed
         # since looked at), per registry generation, kept current as ticks look.
@@ -313,14 +317,15 @@ class Daemon:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             self._redis_failed(exc)
             return
-        all_mine, all_others = self._split_by_shard(led)
+        split_mine, split_others = self._split_by_shard(led)
+        (all_mine, _), (all_others, _) = split_mine, split_others
         mine, others = all_mine, all_others
         sweep = True
         try:
             if indexed:
-                mine, sweep = self._to_look_at(mine, led)
+                mine, sweep = self._to_look_at(split_mine, led)
             if store.indexed:
-                others = self._to_observe(others, led)
+                others = self._to_observe(split_others, led)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             self._redis_failed(exc)
             return
@@ -370,11 +375,11 @@ class Daemon:
         self._sweep.done(ended)
         self._follow_sweep.done(ended)
 
-    def _split_by_shard(self, led: frozenset[int]) -> tuple[list[str], list[str]]:
-        """The usable key sets of the shards *led* and of the others, computed once per
-        registry generation and shards led. What this daemon leads it reconciles; the rest
-        it reads, as a follower does, so that it holds a copy to restore should it take
-        those shards over."""
+    def _split_by_shard(self, led: frozenset[int]) -> tuple[_Split, _Split]:
+        """The usable key sets of the shards *led* and of the others (each sorted, and as a
+        set), computed once per registry generation and shards led. What this daemon leads
+        it reconciles; the rest it reads, as a follower does, so that it holds a copy to
+        restore should it take those shards over."""
         key = (self.managed.generation, led)
         if self._split is None or self._split[0] != key:
             unusable = self.managed.problems()
@@ -384,7 +389,7 @@ class Daemon:
             for name in self.managed.names():  # one CRC16 of its key a name
                 if name not in unusable:
                     (mine if led and shard_of(name) in led else others).append(name)
-            self._split = (key, mine, others)
+            self._split = (key, (mine, frozenset(mine)), (others, frozenset(others)))
         return self._split[1], self._split[2]
 
     def _index_looked(
@@ -405,7 +410,7 @@ class Daemon:
         # What the index says is not due was healthy when last looked at, and no commit
         # since (the epoch would have moved it into the index) says otherwise.
         errors = self._errors
-        healthy = (n for n in all_mine if n not in errors) if errors else all_mine
+        healthy = [n for n in all_mine if n not in errors] if errors else all_mine
         self.health.succeeded_many(healthy, self.clock())
         shards = sorted(led)
         with contextlib.suppress(redis.RedisError):  # the next tick reports it
@@ -416,23 +421,23 @@ class Daemon:
             if earliest is not None:
                 due.append(earliest)
 
-    def _to_look_at(self, names: list[str], led: frozenset[int]) -> tuple[list[str], bool]:
-        """The key sets of the shards *led* that a leader's tick reconciles (*names* are all
-        of them), and whether a sweep is among them: all on taking a shard, after an outage
-        and when a shard's epoch went backwards or vanished (Redis lost data); else this
-        tick's share of the paced sweep (`Sweep`), those the shards' due indexes say are
-        due, those new or whose policy changed since last looked at, those that failed and
-        those whose commit was announced."""
+    def _to_look_at(self, split: _Split, led: frozenset[int]) -> tuple[list[str], bool]:
+        """The key sets of the shards *led* that a leader's tick reconciles (*split* holds
+        all of them, as `_split_by_shard` gives them), and whether a sweep is among them:
+        all on taking a shard, after an outage and when a shard's epoch went backwards or
+        vanished (Redis lost data); else this tick's share of the paced sweep (`Sweep`),
+        those the shards' due indexes say are due, those new or whose policy changed since
+        last looked at, those that failed and those whose commit was announced."""
         store = self.manager.store
         now = self.clock()
         shards = sorted(led)
+        names, managed = split
         announced, self._announced = self._announced, set()
         swept, whole = self._sweep.take(names, now)
         if whole:
             return swept, True
         # Of the share, only those whose bytes or due entry differ from what is held.
         swept = store.changed(swept, due=True)
-        managed = set(names)
         filed, more = store.due(shards, now, _DUE_LIMIT)
         if more:
             self._wake_at(now)  # more are due: the next batch right after this one
@@ -469,18 +474,19 @@ class Daemon:
                 sweep.now()
         return epochs
 
-    def _to_observe(self, names: list[str], led: frozenset[int]) -> list[str]:
-        """The key sets of the shards not *led* that a tick reads (*names* are all of them):
+    def _to_observe(self, split: _Split, led: frozenset[int]) -> list[str]:
+        """The key sets of the shards not *led* that a tick reads (*split* holds all of
+        them):
         its share of their paced sweep (all of it when one of their epochs was lost, or the
         subscription came back), those new or whose policy changed since last read, and
         those that failed. An announced commit was read when announced (`on_commit`), so
         the copy to restore from stays current without reading every key set each tick."""
         if not led:
             self._announced.clear()  # read when announced; queued only for shards led
+        names, managed = split
         swept, whole = self._follow_sweep.take(names, self.clock())
         if not whole:
             swept = self.manager.store.changed(swept)
-        managed = set(names)
         wanted = set(swept)
         wanted.update(self._not_looked_at() & managed)
         wanted.update(name for name in self._errors if name in managed)
@@ -522,7 +528,7 @@ class Daemon:
         empty, not failed), and no announced commit or epoch move says otherwise."""
         looked, errors = self._looked, self._errors
         self.health.succeeded_many(
-            (n for n in all_others if n in looked and n not in errors), self.clock()
+            [n for n in all_others if n in looked and n not in errors], self.clock()
         )
 
     def _refile(self, results: Mapping[str, object], *, sweep: bool) -> None:
