@@ -110,6 +110,20 @@ def test_each_role_does_its_job_and_no_more(acl_redis: EmbeddedRedis, keyring: K
         redis.Redis(port=acl_redis.port).get("rotator:{default}:jwks")  # default user is off
 
 
+def test_the_daemon_role_runs_an_idle_ticks_reads(
+    acl_redis: EmbeddedRedis, keyring: Keyring
+) -> None:
+    """The registry's version with the epochs, and the sweep's digest script with the due
+    entries (GET and ZMSCORE inside Lua: without +zmscore every key set counts as
+    changed, and every share is read in full)."""
+    client = redis.Redis.from_url(url(acl_redis, "daemon"))
+    manager = KeyManager(Store(client, Layout()), keyring, lambda _n: FAST, clock=FakeClock())
+    manager.store.register("billing")
+    manager.reconcile_many(["billing", "default"])
+    assert manager.store.probe([0]) == (1, {0: 2})
+    assert manager.store.changed(["billing", "default"], due=True) == []
+
+
 def test_the_verifier_reads_the_roles_and_cannot_write_them(
     acl_redis: EmbeddedRedis, keyring: Keyring
 ) -> None:
