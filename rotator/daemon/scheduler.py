@@ -111,6 +111,9 @@ class Daemon:
         self.settings = settings
         self._wiring = wiring
         self.manager = manager
+        # The store the manager commits through: the digests and parsed states it holds
+        # are what a tick's sweep compares Redis with, so the tick reads through it too.
+        self.store = manager.store
         self.managed = keysets
         self.clock = clock
         daemon = settings.daemon
@@ -190,7 +193,7 @@ class Daemon:
             read_at is None
             or version != self._registry_version
             or (bool(led) and self._sweep.pending)
-            or (len(led) < self.manager.store.layout.shards and self._follow_sweep.pending)
+            or (len(led) < self.store.layout.shards and self._follow_sweep.pending)
             or now - read_at >= self.settings.daemon.sweep_interval
         )
 
@@ -280,7 +283,7 @@ class Daemon:
         and the whole registry is read only when `_registry_stale` (kept as last known
         when that read fails: the tick's next call reports Redis). Then what is no longer
         managed is forgotten and the unusable key sets reported."""
-        store = self.manager.store
+        store = self.store
         now = self.clock()
         version, epochs = store.probe(range(store.layout.shards))
         if led and store.indexed:
@@ -308,7 +311,7 @@ class Daemon:
             self._keyset_failed(name, problem)
 
     def _tick(self) -> None:
-        store = self.manager.store
+        store = self.store
         led = self.lease.led
         leader = bool(led)
         indexed = leader and store.indexed
@@ -383,7 +386,7 @@ class Daemon:
         key = (self.managed.generation, led)
         if self._split is None or self._split[0] != key:
             unusable = self.managed.problems()
-            shard_of = self.manager.store.layout.shard_of
+            shard_of = self.store.layout.shard_of
             mine: list[str] = []
             others: list[str] = []
             for name in self.managed.names():  # one CRC16 of its key a name
@@ -416,8 +419,8 @@ class Daemon:
         with contextlib.suppress(redis.RedisError):  # the next tick reports it
             if sweep:
                 # What this tick wrote is no loss to detect at the next.
-                self._epoch = self.manager.store.epoch(shards, start=True)
-            earliest = self.manager.store.earliest_due(shards)
+                self._epoch = self.store.epoch(shards, start=True)
+            earliest = self.store.earliest_due(shards)
             if earliest is not None:
                 due.append(earliest)
 
@@ -428,7 +431,7 @@ class Daemon:
         vanished (Redis lost data); else this tick's share of the paced sweep (`Sweep`),
         those the shards' due indexes say are due, those new or whose policy changed since
         last looked at, those that failed and those whose commit was announced."""
-        store = self.manager.store
+        store = self.store
         now = self.clock()
         shards = sorted(led)
         names, managed = split
@@ -461,7 +464,7 @@ class Daemon:
     ) -> dict[int, int | None]:
         """*epochs*, just read; *sweep* is asked to take everything when one went
         backwards or vanished since *known* (Redis lost data)."""
-        store = self.manager.store
+        store = self.store
         for shard, epoch in epochs.items():
             before = known.get(shard)
             if before is not None and (epoch is None or epoch < before):
@@ -486,7 +489,7 @@ class Daemon:
         names, managed = split
         swept, whole = self._follow_sweep.take(names, self.clock())
         if not whole:
-            swept = self.manager.store.changed(swept)
+            swept = self.store.changed(swept)
         wanted = set(swept)
         wanted.update(self._not_looked_at() & managed)
         wanted.update(name for name in self._errors if name in managed)
@@ -540,13 +543,13 @@ class Daemon:
             if isinstance(result, Outcome) and result.action in {"unchanged", "republish"}
         ]
         if sweep and unchanged:
-            scores = self.manager.store.due_scores([state.keyset for state in unchanged])
+            scores = self.store.due_scores([state.keyset for state in unchanged])
             unchanged = [
                 state
                 for state, score in zip(unchanged, scores, strict=True)
                 if score != self.manager.next_change_at(state)
             ]
-        self.manager.store.reindex(unchanged)
+        self.store.reindex(unchanged)
 
     def _notify(self, names: list[str], leader: bool) -> None:
         ready = self.health.ready(self.clock())
