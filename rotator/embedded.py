@@ -72,9 +72,11 @@ def free_port() -> int:
     the range is taken only by another listener, which the bind here rules out for now.
     """
     drawn = _drawn_range()
-    for port in [secrets.choice(drawn) for _ in range(100)] if drawn is not None else []:
-        if _bound(port) is not None:
-            return port
+    if drawn is not None:
+        for _ in range(100):
+            port = secrets.choice(drawn)
+            if _bound(port) is not None:
+                return port
     bound = _bound(0)
     if bound is None:
         raise OSError("no free TCP port on 127.0.0.1")

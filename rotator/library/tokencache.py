@@ -177,7 +177,7 @@ class TokenCache:
                 by_kid = self._by_kid[kid] = set()
             by_kid.add(token)
             self._bytes += cost
-        return dict(claims) if flat else _copy(claims)
+        return claims_copy(claims, flat)
 
 
 def claims_copy(claims: dict[str, Any], flat: bool) -> dict[str, Any]:
