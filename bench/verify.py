@@ -11,20 +11,21 @@ With algorithms named (ES256, ES384, EdDSA, RS256), only those are measured.
 Fair to each contender on a shared machine: each is timed by the CPU time of this
 thread (`time.thread_time_ns`), not the wall clock, so that a core taken away by
 another process is charged to nobody; the contenders take turns every CHUNK tokens
-and the order of their turns rotates from one round to the next, so that none always
-runs first after a switch; and a full garbage collection runs before each round, with
-automatic collection off during it, so that a collection, whose cost is the whole
-heap's (the benchmark's own lists of tokens included), never lands in one
-contender's count. What the allocations of a verification trigger in a collector is
-counted by bench/verify_instructions.py, which keeps collection on. Each round gives
-each contender's ratio to raw `cryptography`; the report gives their median and
-quartiles, and the best-of ratio (the fastest round of each, the closest to an idle
-core).
+and each round takes them in another of their six orders, so that none always runs
+first, or right after the same other, after a switch; and a full garbage collection
+runs before each round, with automatic collection off during it, so that a
+collection, whose cost is the whole heap's (the benchmark's own lists of tokens
+included), never lands in one contender's count. What the allocations of a
+verification trigger in a collector is counted by bench/verify_instructions.py, which
+keeps collection on. Each round gives each contender's ratio to raw `cryptography`;
+the report gives their median and quartiles, and the best-of ratio (the fastest round
+of each, the closest to an idle core).
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import random
 import statistics
@@ -51,12 +52,18 @@ from rotator.storage.layout import Layout
 from rotator.storage.store import Store
 
 TOKENS = 2000
-ROUNDS = 15
+# Multiples of six: each order of the three contenders' turns (ORDERS) as often.
+ROUNDS = 18
 CHUNK = 100
 # The repeated workload: DISTINCT tokens, each presented PRESENTED times, in random order.
 DISTINCT = 1000
 PRESENTED = 20
-REPEATED_ROUNDS = 5
+REPEATED_ROUNDS = 6
+# Every order of the turns, one per round: a rotation of one order alone always puts the
+# same contender right after the same other (the reader after raw `cryptography`), which
+# moved the repeated workload's ratio by up to 8 % between two same-process copies of
+# one reader.
+ORDERS = list(itertools.permutations(range(3)))
 # ES256 is the default key set; each other algorithm has a key set of its own.
 KEYSETS = {
     algorithm: "default" if algorithm == "ES256" else algorithm.lower() for algorithm in ALGORITHMS
@@ -67,13 +74,12 @@ def one_round(
     contenders: tuple[Callable[[int], None], ...],
     chunks: int,
     before: Callable[[], None],
-    first: int,
+    order: tuple[int, ...],
 ) -> tuple[float, ...]:
     """Tokens per CPU second of each contender over *chunks* chunks of CHUNK tokens, taken
-    in turns a chunk at a time, starting with contender *first*, so that whatever else
-    runs on the core weighs on each alike. *before*: called first (untimed)."""
+    in turns a chunk at a time in *order* (indices into *contenders*), so that whatever
+    else runs on the core weighs on each alike. *before*: called first (untimed)."""
     before()
-    order = [(first + i) % len(contenders) for i in range(len(contenders))]
     spent = [0] * len(contenders)
     gc.collect()
     gc.disable()
@@ -152,14 +158,22 @@ def measure(url: str, keyring: Keyring, algorithm: str) -> list[list[tuple[float
 
     try:
         fresh = contenders(tokens)
-        results = [[one_round(fresh, TOKENS // CHUNK, empty_cache, r % 3) for r in range(ROUNDS)]]
+        results = [
+            [
+                one_round(fresh, TOKENS // CHUNK, empty_cache, ORDERS[r % len(ORDERS)])
+                for r in range(ROUNDS)
+            ]
+        ]
         if algorithm == "ES256":
             presented = tokens[:DISTINCT] * PRESENTED
             random.Random(17).shuffle(presented)  # noqa: S311 - an order, not a secret
             again = contenders(presented)
             chunks = len(presented) // CHUNK
             results.append(
-                [one_round(again, chunks, empty_cache, r % 3) for r in range(REPEATED_ROUNDS)]
+                [
+                    one_round(again, chunks, empty_cache, ORDERS[r % len(ORDERS)])
+                    for r in range(REPEATED_ROUNDS)
+                ]
             )
         return results
     finally:
@@ -213,8 +227,8 @@ def main() -> None:
     print(
         f"(each ratio to raw cryptography of the same algorithm and key, in CPU time of the"
         f" benchmark's thread: median and quartiles over {ROUNDS} rounds ({REPEATED_ROUNDS}"
-        f" repeated), the contenders taking turns every {CHUNK} tokens in an order rotating"
-        " each round, no garbage collection within a round, pinned to one core; best-of:"
+        f" repeated), the contenders taking turns every {CHUNK} tokens in each of their six"
+        " orders in turn, no garbage collection within a round, pinned to one core; best-of:"
         " the fastest round of each; RS256 keys of 3072 bits, the default)"
     )
 
