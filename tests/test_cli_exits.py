@@ -208,6 +208,7 @@ CHECKED_BY_THE_COMMAND: dict[Command, list[tuple[list[str], str]]] = {
     ("token", "sign"): [
         (["token", "sign", "--claims", "nope"], "--claims is not JSON"),
         (["token", "sign", "--claims", "[1]"], "--claims must be a JSON object"),
+        (["token", "sign", "--claims", '{"iat": 1}'], "--claims must not hold exp or iat"),
     ],
 }
 
@@ -430,6 +431,18 @@ def test_an_unknown_key_set_is_exit_2_for_every_command(
     for result in results.values():
         assert result.code == 2 and one_line(result), result
         assert "'nosuch' is neither in the config nor registered" in result.stderr, result
+
+
+@pytest.mark.parametrize("ttl", ["0s", "400d"])
+def test_a_ttl_outside_the_key_sets_bound_is_a_bad_argument(
+    live: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], ttl: str
+) -> None:
+    """Before: `token sign --ttl` past max_token_ttl was exit 1, as a failed operation."""
+    assert run(capsys, "rotate").code == 0
+    signed = run(capsys, "token", "sign", "--claims", "{}", "--ttl", ttl)
+    assert signed.code == 2 and one_line(signed), signed
+    assert "--ttl" in signed.stderr and "max_token_ttl" in signed.stderr, signed
+    assert run(capsys, "token", "sign", "--claims", "{}", "--ttl", "1m").code == 0
 
 
 def test_a_wrong_kek_is_said_once(

@@ -9,9 +9,10 @@ import sys
 
 from rotator.cli.common import Failure, UsageError, checked_keyset, wiring_for
 from rotator.config import Settings
+from rotator.core.durations import format_duration
 from rotator.library.errors import InvalidToken
 from rotator.library.reader import JWKSReader
-from rotator.library.signer import Signer
+from rotator.library.signer import RESERVED_CLAIMS, Signer
 
 __all__ = ["cmd_token"]
 
@@ -27,6 +28,13 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     keyset = checked_keyset(wiring.keysets, args.keyset)
     if args.verb == "sign":
         with Signer.from_settings(settings, keyset, follow=False) as signer:
+            # The bound is the key set's own policy, known once connected: still a bad
+            # argument (exit 2), not a failed operation.
+            if args.ttl is not None and not 0 < args.ttl <= signer.max_token_ttl:
+                raise UsageError(
+                    f"--ttl {format_duration(args.ttl)}: must be above 0 and at most key set "
+                    f"{keyset}'s max_token_ttl {format_duration(signer.max_token_ttl)}"
+                )
             print(signer.sign(claims, ttl=args.ttl))
         return 0
     with JWKSReader(
@@ -58,4 +66,9 @@ def _claims(text: str) -> dict[str, object]:
         raise UsageError(f"--claims is not JSON: {exc}") from None
     if not isinstance(claims, dict):
         raise UsageError("--claims must be a JSON object")
+    if not claims.keys().isdisjoint(RESERVED_CLAIMS):
+        raise UsageError(
+            f"--claims must not hold {' or '.join(RESERVED_CLAIMS)}: the signer sets them "
+            "(the lifetime is --ttl)"
+        )
     return claims

@@ -30,11 +30,12 @@ from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 from rotator.storage.registry import BadPolicy, KeysetConfig, KeySets
 from rotator.storage.store import Store
 
-__all__ = ["Signer", "SignerSettings", "SigningError"]
+__all__ = ["RESERVED_CLAIMS", "Signer", "SignerSettings", "SigningError"]
 
 log = logging.getLogger(__name__)
 
-_RESERVED_CLAIMS = ("exp", "iat")
+#: The claims `Signer.sign` sets itself, refused among those it is given.
+RESERVED_CLAIMS = ("exp", "iat")
 
 
 class SigningError(Exception):
@@ -209,7 +210,7 @@ class Signer:
                 f"ttl {ttl:g}s is outside (0, max_token_ttl={self.max_token_ttl:g}s]: a token "
                 "must not outlive its key in the JWKS"
             )
-        reserved = [name for name in _RESERVED_CLAIMS if name in claims]
+        reserved = [name for name in RESERVED_CLAIMS if name in claims]
         if reserved:
             raise SigningError(f"claims {', '.join(reserved)} are set by the signer")
         with self._lock:
