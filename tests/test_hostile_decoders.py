@@ -137,6 +137,20 @@ def test_state_documents() -> None:
     attack(encode_state(STATE), check_state)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be"])
+def test_a_document_in_another_encoding_than_utf8_is_refused_whatever_it_holds(
+    encoding: str,
+) -> None:
+    """Before: `json.loads` of bytes guessed UTF-16 and UTF-32 from the first bytes, so a
+    state, registry entry or event in either read as if rotator had written it."""
+    text = encode_state(STATE).decode("ascii")
+    with pytest.raises(CorruptState, match="not JSON"):
+        decode_state(text.encode(encoding), "default")
+    with pytest.raises(strictjson.JSONError):
+        strictjson.loads(b"{}".decode().encode(encoding))
+    assert strictjson.loads(b"{}") == {}
+
+
 def test_state_documents_with_a_key_of_every_algorithm() -> None:
     assert {key.algorithm for key in MIXED.keys} >= {"ES384", "EdDSA", "RS256"}
     assert check_state(encode_state(MIXED)) == MIXED

@@ -56,6 +56,10 @@ def _finite(text: str) -> float:
 def loads(raw: bytes | str) -> Any:
     """Parse *raw*; raise `JSONError` if it is not a document rotator will read."""
     try:
+        if isinstance(raw, bytes):
+            # `json.loads` of bytes would take UTF-16 and UTF-32 as well (it guesses the
+            # encoding from the first bytes); rotator writes ASCII, and RFC 8259 asks UTF-8.
+            raw = raw.decode("utf-8")
         return json.loads(
             raw, object_pairs_hook=_unique, parse_constant=_constant, parse_float=_finite
         )
