@@ -30,6 +30,7 @@ from rotator.core.state import (
     MIN_TIME,
     CorruptState,
     KeySetState,
+    StoredState,
     decode_state,
     encode_state,
 )
@@ -270,14 +271,17 @@ def test_sealed_keys() -> None:
 
 def backup_file(tmp_path: Path) -> Path:
     path = tmp_path / "backup.json"
-    Backup(path).save({"alpha": real_state("alpha"), "beta": real_state("beta")}, {"alpha": "a1"})
+    saved = {name: StoredState.of(real_state(name)) for name in ("alpha", "beta")}
+    Backup(path).save(saved, {"alpha": "a1"})
     return path
 
 
-def check_backup(path: Path) -> dict[str, KeySetState]:
+def check_backup(path: Path) -> dict[str, StoredState]:
     contents = Backup(path).load()
-    for name, state in contents.states.items():
-        assert validate_keyset_name(name) == name == state.keyset
+    for name, stored in contents.states.items():
+        assert validate_keyset_name(name) == name == stored.keyset
+        state = stored.state()
+        assert state.version == stored.version
         usable_state(state)
     assert contents.lineages.keys() <= contents.states.keys()
     assert all(type(lineage) is str for lineage in contents.lineages.values())

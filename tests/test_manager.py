@@ -11,7 +11,7 @@ import redis
 
 from rotator.core.envelope import Keyring, UnsealError, parse_keks
 from rotator.core.lifecycle import LifecycleError, RotationTooSoon
-from rotator.core.state import KeySetState
+from rotator.core.state import KeySetState, StoredState
 from rotator.daemon.manager import KeyManager, NoKekError
 from rotator.storage.layout import Layout
 from rotator.storage.store import Store
@@ -188,7 +188,7 @@ def test_a_backup_is_not_written_back_over_a_state_committed_after_it(
     repaired = one_shot.reconcile("default")
     assert repaired.action == "bootstrap"
     restarted = KeyManager(store, keyring, lambda _name: FAST, clock=clock, remember=True)
-    restarted.seed({"default": saved}, {})
+    restarted.seed({"default": StoredState.of(saved)}, {})
     kept = restarted.reconcile("default")
     assert kept.action == "unchanged" and kids(kept.state) == kids(repaired.state)
     assert restarted.remembered()["default"].version == 1
@@ -196,5 +196,23 @@ def test_a_backup_is_not_written_back_over_a_state_committed_after_it(
     # A backup newer than what Redis holds, by version and by time: Redis lost data.
     later = replace(saved, version=5, updated_at=repaired.state.updated_at + 1)
     rolled_back = KeyManager(store, keyring, lambda _name: FAST, clock=clock, remember=True)
-    rolled_back.seed({"default": later}, {})
+    rolled_back.seed({"default": StoredState.of(later)}, {})
     assert rolled_back.reconcile("default").action == "restore"
+
+
+def test_the_same_version_read_again_keeps_what_is_remembered_unless_it_came_from_a_file(
+    manager: KeyManager, store: Store, keyring: Keyring, clock: FakeClock
+) -> None:
+    """Versions move only by a commit, so a state read again at the version remembered is
+    not remembered anew; one seeded from a backup file gives way to the bytes Redis holds
+    at its version."""
+    held = manager.reconcile("default").state
+    assert held is not None
+    remembered = manager.remembered()["default"]
+    manager.reconcile("default")
+    assert manager.remembered()["default"] is remembered
+    seeded = KeyManager(store, keyring, lambda _name: FAST, clock=clock, remember=True)
+    other = replace(held, updated_at=held.updated_at + 1)  # same version, other bytes
+    seeded.seed({"default": StoredState.of(other)}, {})
+    assert seeded.reconcile("default").action == "unchanged"
+    assert seeded.remembered()["default"].state() == held

@@ -135,7 +135,7 @@ def test_a_follower_reads_its_share_and_every_announced_commit(
     leader.manager.rotate("app-007", force=True)
     follower.on_commit("app-007")  # as announced on P:events
     rotated = leader.manager.load("app-007").state
-    assert follower.manager.remembered()["app-007"] == rotated
+    assert follower.manager.remembered()["app-007"].state() == rotated
     calls.clear()
     clock.advance(10)
     follower.tick()

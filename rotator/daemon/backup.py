@@ -29,13 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rotator.core import strictjson
-from rotator.core.state import (
-    CorruptState,
-    KeySetState,
-    decode_state,
-    encode_state,
-    state_of_document,
-)
+from rotator.core.state import CorruptState, StoredState, decode_state, state_of_document
 from rotator.core.strictjson import shown
 from rotator.storage.layout import validate_keyset_name
 
@@ -49,9 +43,10 @@ _OBJECT_FORMAT = 1  # states as JSON objects rather than strings
 
 @dataclass(frozen=True)
 class BackupContents:
-    """The states in a backup file, and the lineage of each key set that has one."""
+    """The states in a backup file (each checked by `decode_state`, then kept as its
+    encoding), and the lineage of each key set that has one."""
 
-    states: dict[str, KeySetState] = field(default_factory=dict)
+    states: dict[str, StoredState] = field(default_factory=dict)
     lineages: dict[str, str] = field(default_factory=dict)
 
 
@@ -61,13 +56,11 @@ class Backup:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def save(self, states: Mapping[str, KeySetState], lineages: Mapping[str, str]) -> None:
+    def save(self, states: Mapping[str, StoredState], lineages: Mapping[str, str]) -> None:
         """Replace the file with *states* and their *lineages*, atomically."""
         document = {
             "format": _FORMAT,
-            "keysets": {
-                name: encode_state(state).decode("ascii") for name, state in states.items()
-            },
+            "keysets": {name: state.raw.decode("ascii") for name, state in states.items()},
             # Files written before lineages existed lack this member; their key sets are
             # restored as from entries that name no lineage.
             "lineages": {name: lineages[name] for name in states if name in lineages},
@@ -106,7 +99,7 @@ class Backup:
             log.error("backup file %s has an unknown format; not used", self.path)
             return BackupContents()
         entries, lineages = document.get("keysets"), document.get("lineages")
-        states: dict[str, KeySetState] = {}
+        states: dict[str, StoredState] = {}
         for name, entry in (entries if isinstance(entries, dict) else {}).items():
             try:
                 states[name] = self._state(name, entry, form)
@@ -122,10 +115,11 @@ class Backup:
         )
 
     @staticmethod
-    def _state(name: str, entry: object, form: int) -> KeySetState:
+    def _state(name: str, entry: object, form: int) -> StoredState:
         validate_keyset_name(name)
         if form == _OBJECT_FORMAT:
-            return state_of_document(entry, name)
+            return StoredState.of(state_of_document(entry, name))
         if not isinstance(entry, str):
             raise CorruptState("the state is not a string")
-        return decode_state(entry, name)
+        # Checked, then kept as bytes: the parsed state is dropped at once.
+        return StoredState.of(decode_state(entry, name))

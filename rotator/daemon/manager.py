@@ -24,10 +24,10 @@ from rotator.core.envelope import Keyring, SealedKey, UnsealError
 from rotator.core.jwk import GeneratedKey, generate_key
 from rotator.core.lifecycle import Event, Mint, Transition
 from rotator.core.policy import Policy
-from rotator.core.state import CorruptState, KeySetState, Status
+from rotator.core.state import CorruptState, KeySetState, Status, StoredState
 from rotator.storage.audit import AuditLog
 from rotator.storage.registry import BadPolicy
-from rotator.storage.store import Conflict, Snapshot, Store
+from rotator.storage.store import PARSED_STATES, Conflict, Snapshot, Store
 from rotator.storage.usage import MINUTE_RETENTION, KidUsage, read_usage_many
 
 __all__ = ["KEYSET_ERRORS", "KeyManager", "Lineages", "NoKekError", "Outcome"]
@@ -35,6 +35,10 @@ __all__ = ["KEYSET_ERRORS", "KeyManager", "Lineages", "NoKekError", "Outcome"]
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 8
+# Due times remembered for as many states as the store keeps parsed (each is asked three or
+# four times between its read and its commit), not for every key set: that would hold every
+# parsed state.
+_RECENT = PARSED_STATES
 _EVENT_PRIORITY = ("revoke", "rotate", "bootstrap", "repair", "import", "expire")
 
 #: What fails one key set and leaves the others alone (Redis being unreachable is not one).
@@ -127,12 +131,14 @@ class KeyManager:
         self.audit = audit
         self.lineages = lineages
         self.expiry_usage = expiry_usage
-        self._memory: dict[str, KeySetState] = {}
+        # As stored bytes, parsed only to be written back: a parsed state per key set was most
+        # of a daemon's memory at 100,000 key sets.
+        self._memory: dict[str, StoredState] = {}
         self._lineage: dict[str, str | None] = {}  # of each remembered state's name
         # Remembered from a backup file (by an earlier process), not read or committed here.
         self._seeded: set[str] = set()
         self._opened: set[tuple[str, str, str]] = set()
-        self._checked: dict[str, KeySetState] = {}
+        # The last `_RECENT` states asked `next_change_at`, oldest first.
         self._changes: dict[str, tuple[KeySetState, Policy, float]] = {}
         # Every writer files its commits in the due index, the CLI's too, so that the
         # daemon's tick finds a manual rotation's new due time there.
@@ -165,8 +171,6 @@ class KeyManager:
 
         Each (key set, kid, KEK id) is checked once per process.
         """
-        if self._checked.get(state.keyset) is state:
-            return  # the same parsed state as last time (the store reuses unchanged ones)
         keyring = self._keyring()
         for key in state.keys:
             if key.sealed is None:
@@ -175,7 +179,6 @@ class KeyManager:
             if mark not in self._opened:
                 keyring.unseal(key.sealed, keyset=state.keyset, kid=key.kid)
                 self._opened.add(mark)
-        self._checked[state.keyset] = state
 
     def load(self, keyset: str) -> Snapshot:
         """Read *keyset* from Redis (raises `CorruptState`)."""
@@ -186,7 +189,12 @@ class KeyManager:
             known = self._memory.get(state.keyset)
             # Two threads may report reads out of order; never step back to an older version.
             if known is None or known.version <= state.version:
-                self._memory[state.keyset] = state
+                # Versions move only by a compare-and-set commit, so the same version read
+                # again holds the bytes remembered, unless they came from a backup file:
+                # not encoded and compressed anew (measured by bench/many_keysets.py, its
+                # rotation pass reads each key set at the version remembered, then commits).
+                if known is None or known.version < state.version or state.keyset in self._seeded:
+                    self._memory[state.keyset] = StoredState.of(state)
                 self._seeded.discard(state.keyset)
                 if self.lineages is not None:
                     self._lineage[state.keyset] = self.lineages.lineage(state.keyset)
@@ -199,14 +207,11 @@ class KeyManager:
         """What to do with a key set just read: an `Outcome` when nothing is left to commit
         (unchanged, or healed on the spot), else the `Transition` to commit."""
         keyset, state = snapshot.keyset, snapshot.state
-        remembered = self._memory.get(keyset)
-        if (
-            remembered is not None
-            and snapshot.version < remembered.version
-            and self._same_lineage(keyset)
-            and not self._superseded(remembered, snapshot)
-        ):
-            return self._restore(remembered, snapshot)
+        known = self._memory.get(keyset)
+        if known is not None and snapshot.version < known.version and self._same_lineage(keyset):
+            remembered = known.state()
+            if not self._superseded(remembered, snapshot):
+                return self._restore(remembered, snapshot)
         if state is not None:
             self.check_keks(state)
         transition = decide(state, self.clock())
@@ -458,7 +463,7 @@ class KeyManager:
         self._record(state, (("republish", state.current.kid),))
         return Outcome(state.keyset, "republish", state)
 
-    def seed(self, states: Mapping[str, KeySetState], lineages: Mapping[str, str]) -> None:
+    def seed(self, states: Mapping[str, StoredState], lineages: Mapping[str, str]) -> None:
         """Start from *states* of *lineages* (a backup file) as if this process had
         committed them."""
         for name, state in states.items():
@@ -468,8 +473,8 @@ class KeyManager:
                 self._lineage[name] = lineages.get(name)
                 self._seeded.add(name)
 
-    def remembered(self) -> dict[str, KeySetState]:
-        """The last state this process committed or read, per key set."""
+    def remembered(self) -> dict[str, StoredState]:
+        """The last state this process committed or read, per key set, as stored."""
         return dict(self._memory)
 
     def remembered_lineages(self) -> dict[str, str]:
@@ -479,7 +484,7 @@ class KeyManager:
     def forget(self, keyset: str) -> None:
         """Drop everything remembered of *keyset* (it was removed): a key set added again
         under the same name starts afresh instead of getting the old keys written back."""
-        for cache in (self._memory, self._lineage, self._checked, self._changes):
+        for cache in (self._memory, self._lineage, self._changes):
             cache.pop(keyset, None)
         self._seeded.discard(keyset)
         self.store.forget(keyset)
@@ -492,17 +497,17 @@ class KeyManager:
         return state
 
     def next_change_at(self, state: KeySetState) -> float:
-        """`lifecycle.next_change_at` under the key set's policy, remembered per parsed state:
-        a daemon asks it of every key set on every tick, and most have not changed. Measured
-        by `bench/many_keysets.py`: without the memory its idle pass took 12 % more CPU
-        (median of six paired runs, each slower; docs/design-notes.md)."""
+        """`lifecycle.next_change_at` under the key set's policy, remembered for the last
+        `_RECENT` parsed states asked: a tick asks it of each state it handles three or four
+        times (deciding, filing the commit, holding its digest, waking up for it)."""
         policy = self.policy(state.keyset)
-        known = self._changes.get(state.keyset)
-        if known is not None and known[0] is state and known[1] is policy:
-            return known[2]
-        moment = lifecycle.next_change_at(state, policy)
-        self._changes[state.keyset] = (state, policy, moment)
-        return moment
+        known = self._changes.pop(state.keyset, None)
+        if known is None or known[0] is not state or known[1] is not policy:
+            known = (state, policy, lifecycle.next_change_at(state, policy))
+            if len(self._changes) >= _RECENT:
+                del self._changes[next(iter(self._changes))]
+        self._changes[state.keyset] = known
+        return known[2]
 
     def _filed_due(self, state: KeySetState) -> float:
         """The due time a commit files *state* under: `next_change_at`, or now (``-inf``)

@@ -76,12 +76,15 @@ def _described(exc: Exception) -> str:
     return one_line(text)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Seen:
-    """A key set's last seen state, the policy it was seen under and that policy's rotation
-    period for its current key."""
+    """What the gauges say of a key set's last seen state: when its current key started
+    signing, how many keys it publishes, the policy it was seen under and that policy's
+    rotation period for its current key (the numbers, not the state: holding the state of
+    every key set was most of a daemon's memory)."""
 
-    state: KeySetState
+    activated: float
+    published: int
     policy: Policy
     period: float
 
@@ -334,7 +337,7 @@ class Daemon:
             return
         due: list[float] = []
         committed = False
-        looked: list[KeySetState] = []
+        looked: list[str] = []
         batches = [(mine[i : i + BATCH_SIZE], True) for i in range(0, len(mine), BATCH_SIZE)]
         batches += [(others[i : i + BATCH_SIZE], False) for i in range(0, len(others), BATCH_SIZE)]
         for batch, reconciled in batches:
@@ -358,7 +361,7 @@ class Daemon:
                     self._succeeded(result.keyset, result.state)
                     committed = committed or result.action in {"bootstrap", "commit", "restore"}
                     due.append(self.manager.next_change_at(result.state))
-                    looked.append(result.state)
+                    looked.append(result.keyset)
                 else:
                     self._followed(name, result)
         if store.indexed:
@@ -397,7 +400,7 @@ class Daemon:
 
     def _index_looked(
         self,
-        looked: list[KeySetState],
+        looked: list[str],
         led: frozenset[int],
         all_mine: list[str],
         *,
@@ -408,8 +411,8 @@ class Daemon:
         *all_mine*): remember what it *looked* at, count the key sets it did not look at
         healthy, read the epochs anew after a *sweep* or a commit, and add the earliest due
         time filed to *due*."""
-        for state in looked:
-            self._look(state.keyset)
+        for name in looked:
+            self._look(name)
         # What the index says is not due was healthy when last looked at, and no commit
         # since (the epoch would have moved it into the index) says otherwise.
         errors = self._errors
@@ -596,10 +599,13 @@ class Daemon:
         if entry is None or entry.policy is None:
             return  # an announced commit under an unusable policy: the tick reports it
         known = self._states.get(state.keyset)
-        if known is None or known.state is not state or known.policy is not entry.policy:
-            # Once per new state: a cron schedule's period costs two croniter calls.
-            period = entry.policy.rotation_period(_activated(state))
-            self._states[state.keyset] = _Seen(state, entry.policy, period)
+        activated, published = _activated(state), len(state.keys)
+        if known is None or known.activated != activated or known.policy is not entry.policy:
+            # Once per current key: a cron schedule's period costs two croniter calls.
+            period = entry.policy.rotation_period(activated)
+            self._states[state.keyset] = _Seen(activated, published, entry.policy, period)
+        elif known.published != published:
+            self._states[state.keyset] = _Seen(activated, published, known.policy, known.period)
 
     def _samples(self) -> Iterator[KeysetSample]:
         """The per key set gauges, computed when /metrics is scraped."""
@@ -608,8 +614,8 @@ class Daemon:
             yield KeysetSample(
                 keyset=name,
                 last_reconcile=self.health.last_success(name) or 0.0,
-                current_key_age=now - _activated(seen.state),
-                published_keys=len(seen.state.keys),
+                current_key_age=now - seen.activated,
+                published_keys=seen.published,
                 rotation_interval=seen.period,
             )
 

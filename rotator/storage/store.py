@@ -23,19 +23,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import redis
 
-from rotator.core.state import CorruptState, KeySetState, decode_state, encode_state
+from rotator.core.state import CorruptState, KeySetState, decode_state
 from rotator.metrics import COMMIT_SECONDS
 from rotator.storage.layout import Layout
 from rotator.storage.lease import lease_left
 
-__all__ = ["BATCH_SIZE", "REMOVED", "Conflict", "Snapshot", "Store", "stored_bytes"]
+__all__ = [
+    "BATCH_SIZE",
+    "PARSED_STATES",
+    "REMOVED",
+    "Conflict",
+    "Snapshot",
+    "Store",
+    "stored_bytes",
+]
 
 #: What one write of a batch came to: ``None`` when it committed.
 WriteResult = Exception | None
@@ -258,21 +268,26 @@ return written
 #: without one was lost with Redis data, and the daemon writes it back.
 REMOVED = "removed"
 
+#: Parsed states a store keeps on a single Redis, the least recently read or written
+#: dropped first: every key set of a deployment of up to this many, about 3 KB each.
+PARSED_STATES = 10_000
 
-def _digest(raw: bytes) -> bytes:
-    return hashlib.blake2b(raw, digest_size=16).digest()
+
+# What the store holds of a key set between reads: the SHA-1 of its bytes (`_held_digest`)
+# and the due score its state called for, packed (61 bytes a key set, not a parsed state).
+_HELD = struct.Struct("<20sd")
 
 
 def _framed(raw: bytes | None) -> bytes:
     return b"-" if raw is None else b"%d:%s" % (len(raw), raw)
 
 
-def _held_digest(state: bytes | None, jwks: bytes | None, roles: bytes | None) -> str:
+def _held_digest(state: bytes | None, jwks: bytes | None, roles: bytes | None) -> bytes:
     """The digest `_DIGESTS` computes in Redis of a key set's three keys: SHA-1 (all that
     Lua in Redis offers) of each value framed by its length, ``-`` for an absent one. It
     tells bytes read before from bytes changed since; no secret rests on it."""
     framed = _framed(state) + _framed(jwks) + _framed(roles)
-    return hashlib.sha1(framed, usedforsecurity=False).hexdigest()
+    return hashlib.sha1(framed, usedforsecurity=False).digest()
 
 
 def _text(raw: bytes) -> str:
@@ -319,7 +334,10 @@ class Snapshot:
 
 
 class Store:
-    """Reads and compare-and-set writes of key sets under one `Layout`."""
+    """Reads and compare-and-set writes of key sets under one `Layout`.
+
+    Not thread-safe by itself (it keeps what it read between calls): one thread uses it
+    at a time, the daemon's tick and its events thread under `Daemon.manager_lock`."""
 
     def __init__(
         self,
@@ -350,14 +368,19 @@ class Store:
         #: shard's epoch: in the commit's script on a single Redis, right after it with
         #: Cluster (the index lies in another slot than the key set).
         self.due_at: Callable[[KeySetState], float] | None = None
-        # Parsed states by key set and digest of the stored bytes: a daemon reads
-        # every key set each tick, and most have not changed since the last one. Measured
-        # by bench/many_keysets.py: its idle pass took 5 to 6 times the CPU without it
-        # (three paired runs, docs/design-notes.md).
-        self._parsed: dict[str, tuple[bytes, KeySetState]] = {}
         # The digest of each key set's bytes as last read or written by this store, with the
-        # state they hold: a paced sweep asks Redis which key sets differ (`changed`).
-        self._held: dict[str, tuple[str, KeySetState]] = {}
+        # due score of the state they hold (`_HELD`): a paced sweep asks Redis which key
+        # sets differ (`changed`), and only those are read and parsed.
+        self._held: dict[str, bytes] = {}
+        # The parsed states last read or written, by key set, with that digest: a read of
+        # the same bytes again needs no parsing. Measured by bench/many_keysets.py: its
+        # rotation pass took 1.6 times the CPU without it (docs/design-notes.md). Bounded
+        # (`PARSED_STATES`, least recently used first) on a single Redis, where a tick
+        # reads only what is due or changed and a parsed state per key set was most of a
+        # daemon's memory at 100,000; with Cluster every key set, as a Cluster tick reads
+        # them all (no due index).
+        self._parsed: OrderedDict[str, tuple[bytes, KeySetState]] = OrderedDict()
+        self._parsed_bound = None if self._cluster else PARSED_STATES
         self._digests = client.register_script(_DIGESTS)
         self._registry_keys = [layout.keysets, layout.registry_version]
 
@@ -410,7 +433,7 @@ class Store:
         if raw_state is None:
             self.forget(keyset)
             return Snapshot(keyset, None, raw_jwks, raw_roles)
-        digest = _digest(raw_state)
+        digest = _held_digest(raw_state, raw_jwks, raw_roles)
         known = self._parsed.get(keyset)
         if known is not None and known[0] == digest:
             state = known[1]
@@ -420,9 +443,20 @@ class Store:
             except CorruptState as exc:
                 self.forget(keyset)
                 raise CorruptState(f"key set {keyset}: {exc}") from None
-            self._parsed[keyset] = (digest, state)
-        self._held[keyset] = (_held_digest(raw_state, raw_jwks, raw_roles), state)
+        self._hold(state, digest)
         return Snapshot(keyset, state, raw_jwks, raw_roles)
+
+    def _hold(self, state: KeySetState, digest: bytes) -> None:
+        """Hold the *digest* of the bytes of *state* just read or written, and the due score
+        that state calls for (with `due_at`; computed now, under the policy of now: a policy
+        changed since is seen by the daemon, which reads the key set again)."""
+        score = self.due_at(state) if self.due_at is not None else 0.0
+        self._held[state.keyset] = _HELD.pack(digest, score)
+        parsed = self._parsed
+        parsed[state.keyset] = (digest, state)
+        parsed.move_to_end(state.keyset)
+        if self._parsed_bound is not None and len(parsed) > self._parsed_bound:
+            parsed.popitem(last=False)
 
     def _event(self, state: KeySetState, event: str) -> str:
         return json.dumps({"keyset": state.keyset, "version": state.version, "event": event})
@@ -491,9 +525,7 @@ class Store:
         index_keys, index_args = self._index(state)
         state_key, jwks_key, roles_key = self._keys_of(state.keyset)
         keys = [state_key, jwks_key, *index_keys, roles_key]
-        encoded = encode_state(state)
-        # Whether or not it commits, the next read of these bytes needs no parsing.
-        self._parsed[state.keyset] = (_digest(encoded), state)
+        encoded = state.stored()
         args: list[str | int | bytes] = [
             expected,
             state.version,
@@ -553,7 +585,7 @@ class Store:
             results.append(None)
             # The bytes just written are the bytes held: the next sweep need not read them.
             written = cast(list[bytes], [args[2], args[3], args[-1]])
-            self._held[state.keyset] = (_held_digest(*written), state)
+            self._hold(state, _held_digest(*written))
         self._file_after(
             [write[1] for write, result in zip(writes, results, strict=True) if result is None]
         )
@@ -569,7 +601,7 @@ class Store:
         older); raise `Conflict` when Redis holds the same version or newer."""
         index_keys, index_args = self._index(state)
         state_key, jwks_key, roles_key = self._keys_of(state.keyset)
-        encoded = encode_state(state)
+        encoded = state.stored()
         result = self._restore(
             keys=[state_key, jwks_key, *index_keys, roles_key],
             args=[
@@ -583,7 +615,7 @@ class Store:
             ],
         )
         self._checked(state.keyset, state.version, result)
-        self._held[state.keyset] = (_held_digest(encoded, state.jwks(), state.roles()), state)
+        self._hold(state, _held_digest(encoded, state.jwks(), state.roles()))
         self._file_after([state])
 
     def republish(self, state: KeySetState) -> None:
@@ -779,9 +811,10 @@ class Store:
         self.forget(keyset)
 
     def forget(self, keyset: str) -> None:
-        """Drop the parsed copy of *keyset* kept between reads, and the digest of its bytes."""
-        self._parsed.pop(keyset, None)
+        """Drop the digest of the bytes of *keyset* and its parsed state, held between
+        reads."""
         self._held.pop(keyset, None)
+        self._parsed.pop(keyset, None)
 
     def changed(self, keysets: Sequence[str], *, due: bool = False) -> list[str]:
         """Those of *keysets* whose state, JWKS or roles in Redis differ from the bytes this
@@ -792,8 +825,8 @@ class Store:
         the caller reads them all, one by one."""
         if self._cluster:
             return list(keysets)
-        due_at = self.due_at if due else None
-        width = 3 if due_at is None else 4
+        due = due and self.due_at is not None
+        width = 4 if due else 3
         changed: list[str] = []
         for start in range(0, len(keysets), BATCH_SIZE):
             batch = keysets[start : start + BATCH_SIZE]
@@ -802,11 +835,11 @@ class Store:
             for keyset in batch:
                 keys.extend(self._keys_of(keyset))
                 held = self._held.get(keyset)
-                args.append(held[0] if held is not None else "")
-                if due_at is not None:
+                digest, score = _HELD.unpack(held) if held is not None else (b"", 0.0)
+                # Held nothing: the empty digest differs from any, whatever the score.
+                args.append(digest.hex())
+                if due:
                     keys.append(self.layout.due(self.layout.shard_of(keyset)))
-                    # Held nothing: the empty digest differs from any, whatever the score.
-                    score = due_at(held[1]) if held is not None else 0.0
                     args.extend((keyset, repr(score)))
             positions = cast(list[int], self._digests(keys=keys, args=args))
             changed.extend(batch[int(position) - 1] for position in positions)
