@@ -13,6 +13,7 @@ from rotator.core.envelope import Keyring, UnsealError, parse_keks
 from rotator.core.lifecycle import LifecycleError, RotationTooSoon
 from rotator.core.state import KeySetState, StoredState
 from rotator.daemon.manager import KeyManager, NoKekError
+from rotator.storage import store as store_module
 from rotator.storage.layout import Layout
 from rotator.storage.store import Store
 from tests.conftest import FAST
@@ -200,18 +201,26 @@ def test_a_backup_is_not_written_back_over_a_state_committed_after_it(
     assert rolled_back.reconcile("default").action == "restore"
 
 
-def test_the_same_version_read_again_keeps_what_is_remembered_unless_it_came_from_a_file(
-    manager: KeyManager, store: Store, keyring: Keyring, clock: FakeClock
+def test_a_state_is_remembered_parsed_while_the_store_keeps_it_and_as_bytes_after(
+    client: redis.Redis, keyring: Keyring, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Versions move only by a commit, so a state read again at the version remembered is
-    not remembered anew; one seeded from a backup file gives way to the bytes Redis holds
-    at its version."""
+    """Nothing is held twice: the manager remembers the very state the store keeps parsed,
+    and its stored bytes once the store lets it go; a state seeded from a backup file gives
+    way to the one Redis holds at its version."""
+    monkeypatch.setattr(store_module, "PARSED_STATES", 1)
+    manager = KeyManager(
+        Store(client, Layout()), keyring, lambda _name: FAST, clock=clock, remember=True
+    )
     held = manager.reconcile("default").state
-    assert held is not None
-    remembered = manager.remembered()["default"]
-    manager.reconcile("default")
-    assert manager.remembered()["default"] is remembered
-    seeded = KeyManager(store, keyring, lambda _name: FAST, clock=clock, remember=True)
+    assert held is not None and manager._memory["default"] is held
+    manager.reconcile("other")  # the one state the store keeps now
+    assert type(manager._memory["default"]) is StoredState
+    assert manager.remembered()["default"].state() == held
+    assert manager.reconcile("default").action == "unchanged"  # read and kept again
+    assert type(manager._memory["default"]) is KeySetState
+    seeded = KeyManager(
+        Store(client, Layout()), keyring, lambda _name: FAST, clock=clock, remember=True
+    )
     other = replace(held, updated_at=held.updated_at + 1)  # same version, other bytes
     seeded.seed({"default": StoredState.of(other)}, {})
     assert seeded.reconcile("default").action == "unchanged"

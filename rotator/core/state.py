@@ -219,12 +219,8 @@ class KeySetState:
         return encode_roles(self.jwks(), ((k.kid, k.status.value) for k in self.keys))
 
     def stored(self) -> bytes:
-        """The bytes this state is stored as (`encode_state`: canonical ASCII), computed
-        once."""
-        return self._stored
-
-    @cached_property
-    def _stored(self) -> bytes:
+        """The bytes this state is stored as (`encode_state`: canonical ASCII). Not kept:
+        a parsed state held for its use does not also hold its encoding."""
         return encode_state(self)
 
 

@@ -131,9 +131,10 @@ class KeyManager:
         self.audit = audit
         self.lineages = lineages
         self.expiry_usage = expiry_usage
-        # As stored bytes, parsed only to be written back: a parsed state per key set was most
-        # of a daemon's memory at 100,000 key sets.
-        self._memory: dict[str, StoredState] = {}
+        # The state itself while the store keeps it parsed, else its stored bytes (see
+        # `_evicted`), parsed only to be written back: a parsed state per key set was most of
+        # a daemon's memory at 100,000 key sets.
+        self._memory: dict[str, KeySetState | StoredState] = {}
         self._lineage: dict[str, str | None] = {}  # of each remembered state's name
         # Remembered from a backup file (by an earlier process), not read or committed here.
         self._seeded: set[str] = set()
@@ -143,6 +144,8 @@ class KeyManager:
         # Every writer files its commits in the due index, the CLI's too, so that the
         # daemon's tick finds a manual rotation's new due time there.
         store.due_at = self._filed_due
+        if remember:
+            store.evicted = self._evicted
 
     def _keyring(self) -> Keyring:
         if self.keyring is None:
@@ -189,15 +192,19 @@ class KeyManager:
             known = self._memory.get(state.keyset)
             # Two threads may report reads out of order; never step back to an older version.
             if known is None or known.version <= state.version:
-                # Versions move only by a compare-and-set commit, so the same version read
-                # again holds the bytes remembered, unless they came from a backup file:
-                # not encoded and compressed anew (measured by bench/many_keysets.py, its
-                # rotation pass reads each key set at the version remembered, then commits).
-                if known is None or known.version < state.version or state.keyset in self._seeded:
-                    self._memory[state.keyset] = StoredState.of(state)
+                # The store's own parsed state while it keeps it (see `_evicted`): a batch's
+                # commits may have pushed it out before it is remembered.
+                kept = self.store.keeps(state)
+                self._memory[state.keyset] = state if kept else StoredState.of(state)
                 self._seeded.discard(state.keyset)
                 if self.lineages is not None:
                     self._lineage[state.keyset] = self.lineages.lineage(state.keyset)
+
+    def _evicted(self, state: KeySetState) -> None:
+        """The store no longer keeps *state* parsed: remember it as its stored bytes, if it
+        is what is remembered of its key set."""
+        if self._memory.get(state.keyset) is state:
+            self._memory[state.keyset] = StoredState.of(state)
 
     def _plan(
         self,
@@ -209,7 +216,7 @@ class KeyManager:
         keyset, state = snapshot.keyset, snapshot.state
         known = self._memory.get(keyset)
         if known is not None and snapshot.version < known.version and self._same_lineage(keyset):
-            remembered = known.state()
+            remembered = known if isinstance(known, KeySetState) else known.state()
             if not self._superseded(remembered, snapshot):
                 return self._restore(remembered, snapshot)
         if state is not None:
@@ -474,8 +481,16 @@ class KeyManager:
                 self._seeded.add(name)
 
     def remembered(self) -> dict[str, StoredState]:
-        """The last state this process committed or read, per key set, as stored."""
-        return dict(self._memory)
+        """The last state this process committed or read, per key set, as stored (each one
+        the store keeps parsed encoded now: see `remembered_versions` for a cheap look)."""
+        return {
+            name: StoredState.of(held) if isinstance(held, KeySetState) else held
+            for name, held in self._memory.items()
+        }
+
+    def remembered_versions(self) -> dict[str, int]:
+        """The version of each key set's `remembered` state."""
+        return {name: held.version for name, held in self._memory.items()}
 
     def remembered_lineages(self) -> dict[str, str]:
         """The lineage each remembered key set is remembered from, where it has one."""

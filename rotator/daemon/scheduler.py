@@ -572,15 +572,14 @@ class Daemon:
         was last written or read: a commit, or a newer version read (a repair made while
         the daemon was stopped, which its backup must not undo later)."""
         assert self.backup is not None
-        remembered = self.manager.remembered()
-        versions = {name: state.version for name, state in remembered.items()}
+        versions = self.manager.remembered_versions()
         if versions == self._backed_up:
             return
         # Marked written even when the write fails: it is tried again at the next change,
         # not logged on every tick.
         self._backed_up = versions
         try:
-            self.backup.save(remembered, self.manager.remembered_lineages())
+            self.backup.save(self.manager.remembered(), self.manager.remembered_lineages())
         except OSError as exc:
             log.error("cannot write backup file %s: %s", self.backup.path, exc)
 

@@ -368,6 +368,9 @@ class Store:
         #: shard's epoch: in the commit's script on a single Redis, right after it with
         #: Cluster (the index lies in another slot than the key set).
         self.due_at: Callable[[KeySetState], float] | None = None
+        #: Told of each parsed state the store stops keeping (`PARSED_STATES`), so that
+        #: whoever holds it too can let it go (`KeyManager` keeps its stored bytes instead).
+        self.evicted: Callable[[KeySetState], None] | None = None
         # The digest of each key set's bytes as last read or written by this store, with the
         # due score of the state they hold (`_HELD`): a paced sweep asks Redis which key
         # sets differ (`changed`), and only those are read and parsed.
@@ -456,7 +459,9 @@ class Store:
         parsed[state.keyset] = (digest, state)
         parsed.move_to_end(state.keyset)
         if self._parsed_bound is not None and len(parsed) > self._parsed_bound:
-            parsed.popitem(last=False)
+            _name, (_digest, old) = parsed.popitem(last=False)
+            if self.evicted is not None:
+                self.evicted(old)
 
     def _event(self, state: KeySetState, event: str) -> str:
         return json.dumps({"keyset": state.keyset, "version": state.version, "event": event})
@@ -810,11 +815,18 @@ class Store:
         self.announce(keyset, "remove")
         self.forget(keyset)
 
+    def keeps(self, state: KeySetState) -> bool:
+        """Whether this store keeps *state* itself parsed (until it tells `evicted`)."""
+        known = self._parsed.get(state.keyset)
+        return known is not None and known[1] is state
+
     def forget(self, keyset: str) -> None:
         """Drop the digest of the bytes of *keyset* and its parsed state, held between
         reads."""
         self._held.pop(keyset, None)
-        self._parsed.pop(keyset, None)
+        known = self._parsed.pop(keyset, None)
+        if known is not None and self.evicted is not None:
+            self.evicted(known[1])
 
     def changed(self, keysets: Sequence[str], *, due: bool = False) -> list[str]:
         """Those of *keysets* whose state, JWKS or roles in Redis differ from the bytes this
