@@ -212,12 +212,14 @@ def test_a_state_is_remembered_parsed_while_the_store_keeps_it_and_as_bytes_afte
         Store(client, Layout()), keyring, lambda _name: FAST, clock=clock, remember=True
     )
     held = manager.reconcile("default").state
-    assert held is not None and manager._memory["default"] is held
+    assert held is not None
+    memory = manager._memory  # not narrowed by the assertions below
+    assert memory["default"] is held
     manager.reconcile("other")  # the one state the store keeps now
-    assert type(manager._memory["default"]) is StoredState
+    assert type(memory.get("default")) is StoredState
     assert manager.remembered()["default"].state() == held
     assert manager.reconcile("default").action == "unchanged"  # read and kept again
-    assert type(manager._memory["default"]) is KeySetState
+    assert type(memory.get("default")) is KeySetState
     seeded = KeyManager(
         Store(client, Layout()), keyring, lambda _name: FAST, clock=clock, remember=True
     )
