@@ -106,10 +106,12 @@ def test_a_poisoned_state_fails_that_keyset_alone(
     daemon = start_daemon()
     rotated_twice(client, "default")
     assert "nonce" in errors(daemon)["good"]
+    # Stopped first: a rotation every 2 s could otherwise replace what was read here
+    # before a loaded reader caught up with it, and the reader would never hold it.
+    stop(daemon)
     published = client.get("rotator:{default}:jwks") or b""
     wait_for(lambda: reader.keys is not None and reader.keys.body == published,
              what="the reader to follow the rotations")  # fmt: skip
-    stop(daemon)
 
 
 def last_read(daemon: Daemon) -> object:
