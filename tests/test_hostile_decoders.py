@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sqlite3
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -269,10 +270,18 @@ def test_sealed_keys() -> None:
     attack(stored, check)
 
 
-def backup_file(tmp_path: Path) -> Path:
+def json_backup_file(tmp_path: Path) -> Path:
+    """A backup file as the releases before the database wrote it (format 2: JSON)."""
     path = tmp_path / "backup.json"
-    saved = {name: StoredState.of(real_state(name)) for name in ("alpha", "beta")}
-    Backup(path).save(saved, {"alpha": "a1"})
+    states = {name: encode_state(real_state(name)).decode() for name in ("alpha", "beta")}
+    path.write_bytes(emit({"format": 2, "keysets": states, "lineages": {"alpha": "a1"}}))
+    return path
+
+
+def database_backup_file(tmp_path: Path) -> Path:
+    path = tmp_path / "backup.db"
+    saved = [StoredState.of(real_state(name)) for name in ("alpha", "beta")]
+    Backup(path).save(saved, {"alpha": "a1"}.get)
     return path
 
 
@@ -288,8 +297,8 @@ def check_backup(path: Path) -> dict[str, StoredState]:
     return contents.states
 
 
-def test_backup_files(tmp_path: Path) -> None:
-    path = backup_file(tmp_path)
+def test_backup_files_of_the_json_format(tmp_path: Path) -> None:
+    path = json_backup_file(tmp_path)
     assert check_backup(path).keys() == {"alpha", "beta"}
 
     def check(variant: bytes) -> None:
@@ -299,8 +308,8 @@ def test_backup_files(tmp_path: Path) -> None:
     attack(path.read_bytes(), check)
 
 
-def test_a_bad_backup_entry_costs_that_entry_alone(tmp_path: Path) -> None:
-    path = backup_file(tmp_path)
+def test_a_bad_backup_entry_of_the_json_format_costs_that_entry_alone(tmp_path: Path) -> None:
+    path = json_backup_file(tmp_path)
     saved = document(path.read_bytes())
 
     def check(state: bytes) -> None:
@@ -309,6 +318,91 @@ def test_a_bad_backup_entry_costs_that_entry_alone(tmp_path: Path) -> None:
         except UnicodeDecodeError:
             return  # the file holds each state as a JSON string: text only
         path.write_bytes(emit({**saved, "keysets": {**saved["keysets"], "alpha": text}}))
+        assert "beta" in check_backup(path)
+
+    attack(encode_state(real_state("alpha")), check)
+
+
+def _database_bytes(tmp_path: Path) -> bytes:
+    return database_backup_file(tmp_path).read_bytes()
+
+
+def test_backup_databases_damaged_anywhere(tmp_path: Path) -> None:
+    """Every byte of a real backup database flipped in turn, and the file cut short."""
+    raw = _database_bytes(tmp_path)
+    path = tmp_path / "damaged.db"
+    assert len(raw) >= 2 * 4096  # the header page and the table's
+    failures = []
+    damaged = [(f"byte {at} flipped", raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1 :])
+               for at in range(0, len(raw), 7)]  # fmt: skip
+    damaged += [(f"cut at {cut}", raw[:cut]) for cut in (16, 100, 4096, len(raw) - 1)]
+    damaged += [("garbage appended", raw + b"\xff" * 5000)]
+    for label, variant in damaged:
+        path.write_bytes(variant)
+        try:
+            check_backup(path)
+        except Exception as exc:
+            failures.append(f"{label}: {type(exc).__name__}: {exc}")
+    assert not failures, "\n".join(failures[:40])
+
+
+# Tables as another program could have left them; each must read as rows skipped or the
+# file refused, never as an exception.
+BAD_SCHEMAS = {
+    "no table": ["DROP TABLE keysets"],
+    "a view of the same name, of another shape": [
+        "ALTER TABLE keysets RENAME TO t",
+        "CREATE VIEW keysets AS SELECT name AS state, state AS name, 1 AS lineage FROM t",
+    ],
+    "a column missing": ["ALTER TABLE keysets DROP COLUMN lineage"],
+    "another format": ["PRAGMA user_version = 2"],
+    "a format of 2**62": [f"PRAGMA user_version = {2**31 - 1}"],
+}
+BAD_ROWS: dict[str, tuple[object, object, object]] = {
+    "the name an integer": (7, b"x", None),
+    "the name a blob": (b"alpha", b"x", None),
+    "the name not a key set name": ("a b", b"x", None),
+    "the name empty": ("", b"x", None),
+    "the state text": ("gamma", encode_state(real_state("gamma")).decode(), None),
+    "the state null": ("gamma", None, None),
+    "the state a real number": ("gamma", 1.5, None),
+    "the state a huge integer": ("gamma", 2**63 - 1, None),
+    "the lineage a blob": ("gamma", encode_state(real_state("gamma")), b"a1"),
+    "the lineage an integer": ("gamma", encode_state(real_state("gamma")), 1),
+}
+
+
+@pytest.mark.parametrize("statements", BAD_SCHEMAS.values(), ids=BAD_SCHEMAS.keys())
+def test_a_backup_database_of_another_shape_is_refused(
+    tmp_path: Path, statements: list[str]
+) -> None:
+    path = database_backup_file(tmp_path)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for statement in statements:
+            db.execute(statement)
+        db.commit()
+    assert check_backup(path) == {}
+
+
+@pytest.mark.parametrize("row", BAD_ROWS.values(), ids=BAD_ROWS.keys())
+def test_a_bad_row_of_a_backup_database_costs_that_row_alone(
+    tmp_path: Path, row: tuple[object, object, object]
+) -> None:
+    path = database_backup_file(tmp_path)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("ALTER TABLE keysets RENAME TO t")  # a table that takes any type
+        db.execute("CREATE TABLE keysets (name, state, lineage)")
+        db.execute("INSERT INTO keysets SELECT * FROM t")
+        db.execute("INSERT INTO keysets VALUES (?, ?, ?)", row)
+    assert check_backup(path).keys() == {"alpha", "beta"}
+
+
+def test_a_bad_state_in_a_backup_database_costs_that_row_alone(tmp_path: Path) -> None:
+    path = database_backup_file(tmp_path)
+
+    def check(state: bytes) -> None:
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("UPDATE keysets SET state = ? WHERE name = 'alpha'", (state,))
         assert "beta" in check_backup(path)
 
     attack(encode_state(real_state("alpha")), check)

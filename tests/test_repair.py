@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from rotator.daemon.backup import Backup
 from tests.conftest import Cli, StartDaemon
 from tests.helpers import wait_for
 
@@ -69,9 +70,7 @@ def test_a_repair_made_while_the_daemon_was_stopped_survives_its_backup_file(
 
 
 def backup_version(path: Path) -> int:
-    """The version of key set default in the backup file at *path* (0 before there is one)."""
-    try:
-        document = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return 0
-    return int(json.loads(document["keysets"]["default"])["version"])
+    """The version of key set default in the backup file at *path* (0 before there is one,
+    or while the daemon writes it)."""
+    saved = Backup(path).load().states.get("default")
+    return saved.version if saved is not None else 0

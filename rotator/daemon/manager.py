@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal, Protocol, TypeVar
@@ -30,7 +30,7 @@ from rotator.storage.registry import BadPolicy
 from rotator.storage.store import PARSED_STATES, Conflict, Snapshot, Store
 from rotator.storage.usage import MINUTE_RETENTION, KidUsage, read_usage_many
 
-__all__ = ["KEYSET_ERRORS", "KeyManager", "Lineages", "NoKekError", "Outcome"]
+__all__ = ["KEYSET_ERRORS", "KeyManager", "Lineages", "NoKekError", "Outcome", "Saved"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,15 @@ class Lineages(Protocol):
 
 class NoKekError(Exception):
     """A write needs to seal or check a key, and no KEK is configured."""
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """What is remembered of a key set whose state the backup file holds: its version
+    alone. The bytes are read back from the file (`KeyManager.keep_on_disk`) only to be
+    written to Redis."""
+
+    version: int
 
 
 @dataclass(frozen=True)
@@ -133,8 +142,14 @@ class KeyManager:
         self.expiry_usage = expiry_usage
         # The state itself while the store keeps it parsed, else its stored bytes (see
         # `_evicted`), parsed only to be written back: a parsed state per key set was most of
-        # a daemon's memory at 100,000 key sets.
-        self._memory: dict[str, KeySetState | StoredState] = {}
+        # a daemon's memory at 100,000 key sets. With a backup file, a state saved there
+        # and not parsed is its version alone (`Saved`).
+        self._memory: dict[str, KeySetState | StoredState | Saved] = {}
+        self._disk: Callable[[str], bytes | None] | None = None
+        # With a backup file: the names whose memory moved on since the last save.
+        self._unsaved: set[str] = set()
+        #: How many times the memory moved on (a failed save is tried again after a change).
+        self.changes = 0
         self._lineage: dict[str, str | None] = {}  # of each remembered state's name
         # Remembered from a backup file (by an earlier process), not read or committed here.
         self._seeded: set[str] = set()
@@ -194,8 +209,10 @@ class KeyManager:
             if known is None or known.version <= state.version:
                 # The store's own parsed state while it keeps it (see `_evicted`): a batch's
                 # commits may have pushed it out before it is remembered.
+                if known is None or known.version < state.version:
+                    self._moved_on(state.keyset)
                 kept = self.store.keeps(state)
-                self._memory[state.keyset] = state if kept else StoredState.of(state)
+                self._memory[state.keyset] = state if kept else self._unparsed(state)
                 self._seeded.discard(state.keyset)
                 if self.lineages is not None:
                     self._lineage[state.keyset] = self.lineages.lineage(state.keyset)
@@ -204,7 +221,32 @@ class KeyManager:
         """The store no longer keeps *state* parsed: remember it as its stored bytes, if it
         is what is remembered of its key set."""
         if self._memory.get(state.keyset) is state:
-            self._memory[state.keyset] = StoredState.of(state)
+            self._memory[state.keyset] = self._unparsed(state)
+
+    def _unparsed(self, state: KeySetState) -> StoredState | Saved:
+        """What to remember of *state* once it is not parsed: its version alone if the
+        backup file holds it, else its stored bytes."""
+        if self._disk is not None and state.keyset not in self._unsaved:
+            return Saved(state.version)
+        return StoredState.of(state)
+
+    def _moved_on(self, keyset: str) -> None:
+        self.changes += 1
+        if self._disk is not None:
+            self._unsaved.add(keyset)
+
+    def _recall(self, keyset: str, known: KeySetState | StoredState | Saved) -> KeySetState | None:
+        """The state remembered as *known*; ``None`` if it was saved and cannot be read back
+        (logged). Raises `CorruptState` if its bytes do not decode."""
+        if isinstance(known, KeySetState):
+            return known
+        if isinstance(known, StoredState):
+            return known.state()
+        raw = self._disk(keyset) if self._disk is not None else None
+        if raw is None:
+            log.error("key set %s: its saved state is not in the backup file", keyset)
+            return None
+        return StoredState(keyset, known.version, raw).state()
 
     def _plan(
         self,
@@ -216,8 +258,8 @@ class KeyManager:
         keyset, state = snapshot.keyset, snapshot.state
         known = self._memory.get(keyset)
         if known is not None and snapshot.version < known.version and self._same_lineage(keyset):
-            remembered = known if isinstance(known, KeySetState) else known.state()
-            if not self._superseded(remembered, snapshot):
+            remembered = self._recall(keyset, known)
+            if remembered is not None and not self._superseded(remembered, snapshot):
                 return self._restore(remembered, snapshot)
         if state is not None:
             self.check_keks(state)
@@ -479,27 +521,74 @@ class KeyManager:
                 self._memory[name] = state
                 self._lineage[name] = lineages.get(name)
                 self._seeded.add(name)
+                self._moved_on(name)
+
+    def keep_on_disk(self, read: Callable[[str], bytes | None]) -> None:
+        """Remember a state the backup file holds by its version alone, reading its bytes
+        back with *read* (`Backup.read`) to write them to Redis. The caller writes
+        `unsaved` to the file and then says so (`saved`), or the file anew from
+        `each_remembered`."""
+        self._disk = read
 
     def remembered(self) -> dict[str, StoredState]:
-        """The last state this process committed or read, per key set, as stored (each one
-        the store keeps parsed encoded now: see `remembered_versions` for a cheap look)."""
-        return {
-            name: StoredState.of(held) if isinstance(held, KeySetState) else held
-            for name, held in self._memory.items()
-        }
+        """The last state this process committed or read, per key set, as stored (see
+        `each_remembered`)."""
+        return {state.keyset: state for state in self.each_remembered()}
 
-    def remembered_versions(self) -> dict[str, int]:
-        """The version of each key set's `remembered` state."""
-        return {name: held.version for name, held in self._memory.items()}
+    def each_remembered(self) -> Iterator[StoredState]:
+        """The last state this process committed or read, per key set, as stored: each one
+        the store keeps parsed encoded now, each one saved read back from the file (one
+        that cannot be is logged and left out)."""
+        for name, held in self._memory.items():
+            if isinstance(held, KeySetState):
+                yield StoredState.of(held)
+            elif isinstance(held, StoredState):
+                yield held
+            else:
+                raw = self._disk(name) if self._disk is not None else None
+                if raw is None:
+                    log.error("key set %s: its saved state is not in the backup file", name)
+                else:
+                    yield StoredState(name, held.version, raw)
 
-    def remembered_lineages(self) -> dict[str, str]:
-        """The lineage each remembered key set is remembered from, where it has one."""
-        return {name: lineage for name, lineage in self._lineage.items() if lineage is not None}
+    def unsaved(self) -> tuple[list[StoredState], list[str]]:
+        """What moved on since the last `saved` (with `keep_on_disk`): the states to write,
+        and the names forgotten, whose rows go."""
+        states: list[StoredState] = []
+        forgotten: list[str] = []
+        for name in self._unsaved:
+            held = self._memory.get(name)
+            if held is None:
+                forgotten.append(name)
+            elif isinstance(held, KeySetState):
+                states.append(StoredState.of(held))
+            elif isinstance(held, StoredState):
+                states.append(held)
+        return states, forgotten
+
+    def saved(self) -> None:
+        """The backup file holds what is remembered now (`unsaved` was written, or every
+        state): from here on a state not parsed is remembered by its version alone."""
+        for name in self._unsaved:
+            held = self._memory.get(name)
+            if isinstance(held, StoredState):
+                self._memory[name] = Saved(held.version)
+        self._unsaved.clear()
+
+    def remembered_any(self) -> bool:
+        """Whether any key set is remembered."""
+        return bool(self._memory)
+
+    def lineage_of(self, keyset: str) -> str | None:
+        """The lineage *keyset* is remembered from, if it has one."""
+        return self._lineage.get(keyset)
 
     def forget(self, keyset: str) -> None:
         """Drop everything remembered of *keyset* (it was removed): a key set added again
         under the same name starts afresh instead of getting the old keys written back."""
-        for cache in (self._memory, self._lineage, self._changes):
+        if self._memory.pop(keyset, None) is not None:
+            self._moved_on(keyset)
+        for cache in (self._lineage, self._changes):
             cache.pop(keyset, None)
         self._seeded.discard(keyset)
         self.store.forget(keyset)

@@ -129,7 +129,9 @@ class Daemon:
         # remembered states and the registry view are not thread-safe.
         self.manager_lock: AbstractContextManager[object] = threading.Lock()
         self.backup = Backup(daemon.backup_path) if daemon.backup_path else None
-        self._backed_up: dict[str, int] = {}  # the version of each key set in the backup file
+        if self.backup is not None:
+            manager.keep_on_disk(self.backup.read)
+        self._backup_failed_at: int | None = None  # `manager.changes` when a save failed
         self.stopping = threading.Event()
         self._errors: dict[str, str] = {}
         self._redis_was_down = False
@@ -209,7 +211,6 @@ class Daemon:
             count = len(contents.states)
             log.info("backup file %s: %d key set(s) loaded", self.backup.path, count)
             self.manager.seed(contents.states, contents.lineages)
-            self._backed_up = {name: state.version for name, state in contents.states.items()}
 
     def step_lease(self) -> bool:
         """Step the shard leases; on taking a shard, look at every key set led at once. The
@@ -568,20 +569,30 @@ class Daemon:
             notify("WATCHDOG=1")
 
     def _save_backup(self) -> None:
-        """Rewrite the backup file when what the daemon remembers moved on since the file
-        was last written or read: a commit, or a newer version read (a repair made while
-        the daemon was stopped, which its backup must not undo later)."""
-        assert self.backup is not None
-        versions = self.manager.remembered_versions()
-        if versions == self._backed_up:
+        """Write to the backup file what the daemon remembers that moved on since the last
+        save: a commit, a newer version read (a repair made while the daemon was stopped,
+        which its backup must not undo later), a key set forgotten. The whole file at the
+        first save and whenever it is not the file this process wrote (see `Backup`)."""
+        backup, manager = self.backup, self.manager
+        assert backup is not None
+        # A failed write is tried again at the next change, not logged on every tick.
+        if self._backup_failed_at == manager.changes:
             return
-        # Marked written even when the write fails: it is tried again at the next change,
-        # not logged on every tick.
-        self._backed_up = versions
+        states, forgotten = manager.unsaved()
+        whole = not backup.current()
+        if not states and not forgotten and not (whole and manager.remembered_any()):
+            return
         try:
-            self.backup.save(self.manager.remembered(), self.manager.remembered_lineages())
+            if whole:
+                backup.save(manager.each_remembered(), manager.lineage_of)
+            else:
+                backup.update(states, forgotten, manager.lineage_of)
         except OSError as exc:
-            log.error("cannot write backup file %s: %s", self.backup.path, exc)
+            self._backup_failed_at = manager.changes
+            log.error("cannot write backup file %s: %s", backup.path, exc)
+            return
+        self._backup_failed_at = None
+        manager.saved()
 
     def _succeeded(self, name: str, state: KeySetState) -> None:
         if self._redis_was_down:

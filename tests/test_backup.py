@@ -1,0 +1,154 @@
+"""The backup file as the daemon's memory (issue 16): an SQLite database written row by row
+after the first save, from which a state not parsed is read back only to be written to
+Redis; the whole file is written anew when it is not the one the process wrote."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import redis
+
+from rotator.core.envelope import Keyring
+from rotator.core.state import StoredState
+from rotator.daemon.backup import Backup
+from rotator.daemon.manager import Saved
+from rotator.daemon.scheduler import Daemon
+from rotator.embedded import EmbeddedRedis
+from rotator.storage import store as store_module
+from tests.helpers import FakeClock
+from tests.hostile import real_state
+from tests.test_daemon_unit import entry, make_daemon
+
+NAMES = [f"app-{i:02d}" for i in range(12)]
+
+
+def versions(daemon: Daemon) -> dict[str, int]:
+    return {name: state.version for name, state in daemon.manager.remembered().items()}
+
+
+def in_file(path: Path) -> dict[str, int]:
+    return {name: state.version for name, state in Backup(path).load().states.items()}
+
+
+@pytest.fixture
+def backed(
+    redis_server: EmbeddedRedis,
+    keyring: Keyring,
+    clock: FakeClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Daemon:
+    """A leader of alpha, beta and NAMES, bootstrapped, with a backup file, whose store
+    keeps one state parsed."""
+    monkeypatch.setattr(store_module, "PARSED_STATES", 1)
+    daemon = make_daemon(redis_server, keyring, clock, backup_path=str(tmp_path / "state.db"))
+    daemon.manager.store.register_many([(name, entry()) for name in NAMES])
+    daemon.tick()
+    return daemon
+
+
+def test_a_saved_state_is_remembered_by_its_version_and_written_back_from_the_file(
+    backed: Daemon, client: redis.Redis, clock: FakeClock
+) -> None:
+    held = dict(backed.manager._memory)
+    assert sum(type(value) is Saved for value in held.values()) >= len(held) - 1
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is StoredState]  # no bytes kept
+    clock.advance(150)  # past the interval: each key set rotates
+    backed.tick()
+    before = {name: backed.manager.load(name).state for name in held}
+    assert {state.version for state in before.values() if state} == {2}
+    client.flushall()  # Redis restarted empty: the epoch's vanishing makes the tick sweep
+    backed.tick()
+    assert {name: backed.manager.load(name).state for name in held} == before
+
+
+def test_after_the_first_save_a_tick_writes_the_rows_that_changed(
+    backed: Daemon, clock: FakeClock
+) -> None:
+    assert backed.backup is not None
+    path = backed.backup.path
+    first = os.stat(path).st_ino
+    assert in_file(path) == versions(backed) == dict.fromkeys(versions(backed), 1)
+    clock.advance(150)
+    backed.tick()
+    assert os.stat(path).st_ino == first  # the same file, its rows updated in place
+    assert in_file(path) == dict.fromkeys(versions(backed), 2)
+
+
+def test_a_key_set_forgotten_leaves_the_file(backed: Daemon) -> None:
+    assert backed.backup is not None
+    backed.manager.store.unregister("app-03")
+    backed.on_commit("app-03")  # the removal is announced on P:events
+    backed.tick()
+    assert "app-03" not in in_file(backed.backup.path)
+    assert len(in_file(backed.backup.path)) == len(NAMES) + 1
+
+
+def test_a_backup_file_deleted_is_written_whole_at_the_next_tick(backed: Daemon) -> None:
+    """The states remembered by their version alone are read from the file deleted, which
+    the process still holds open."""
+    assert backed.backup is not None
+    path = backed.backup.path
+    saved = in_file(path)
+    path.unlink()
+    backed.tick()  # nothing changed
+    assert in_file(path) == saved
+
+
+def test_a_failed_write_loses_nothing(
+    backed: Daemon, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert backed.backup is not None
+    path = backed.backup.path
+    path.unlink()
+    path.mkdir()  # where the file was: neither a row nor the file can be written
+    (path / "x").touch()
+    clock.advance(150)
+    backed.tick()
+    assert "cannot write backup file" in caplog.text
+    shutil.rmtree(path)
+    clock.advance(150)
+    backed.tick()  # the next change
+    assert in_file(path) == versions(backed) == dict.fromkeys(versions(backed), 3)
+
+
+def test_a_backup_file_of_the_json_format_is_replaced_by_a_database(
+    redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock, tmp_path: Path
+) -> None:
+    path = tmp_path / "state.json"
+    alpha = real_state(keyring, "alpha")
+    keysets = {"alpha": StoredState.of(alpha).raw.decode()}
+    path.write_text(json.dumps({"format": 2, "keysets": keysets}))
+    daemon = make_daemon(redis_server, keyring, clock, backup_path=str(path))
+    daemon.restore_backup()
+    daemon.tick()
+    assert path.read_bytes().startswith(b"SQLite format 3\x00")
+    assert daemon.manager.load("alpha").state == alpha  # written back from the file
+    assert in_file(path) == {"alpha": alpha.version, "beta": 1}
+
+
+def test_a_journal_left_by_a_crash_is_rolled_back_when_the_file_is_read(
+    backed: Daemon, tmp_path: Path
+) -> None:
+    """A daemon killed during a save leaves the file and its journal; the next one reads
+    the rows as they were before that save."""
+    assert backed.backup is not None
+    saved = in_file(backed.backup.path)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    with contextlib.closing(sqlite3.connect(backed.backup.path)) as db:
+        db.execute("PRAGMA cache_size = 1")  # the changed pages reach the file before commit
+        db.execute("BEGIN")
+        db.execute("UPDATE keysets SET state = zeroblob(20000)")
+        for name in ("state.db", "state.db-journal"):
+            shutil.copy(backed.backup.path.with_name(name), crashed / name)
+        db.rollback()
+    assert in_file(crashed / "state.db") == saved
