@@ -19,9 +19,12 @@ of it on core N). Reported:
   the bytes Redis sent per idle tick meanwhile (``INFO stats``
   ``total_net_output_bytes``: the daemon is Redis's only client then);
 * with ``--follower``, the same for a leader and a follower side by side (the bytes are
-  what Redis sent both).
+  what Redis sent both);
+* with ``--backup``, each daemon has a backup file (``daemon.backup_path``), which is
+  then its memory of the key sets it is not handling.
 
     .venv/bin/python bench/many_keysets.py [--keysets 10000] [--idle-seconds 120] [--follower]
+        [--backup]
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def sent_bytes(client: redis.Redis) -> int:
 
 
 def start_daemon(
-    server: EmbeddedRedis, kek: Path, prefix: str, *, leads: bool
+    server: EmbeddedRedis, kek: Path, prefix: str, *, leads: bool, backup: Path | None
 ) -> subprocess.Popen[bytes]:
     """A real `rotator run` over the key sets under *prefix*, on core 0, once ready (and
     leading, when it *leads*), and settled: its first tick may run before it takes the lease,
@@ -124,6 +127,8 @@ def start_daemon(
         ROTATOR_LOG__LEVEL="WARNING",
         ROTATOR_REDIS__PREFIX=prefix,
     )
+    if backup is not None:
+        env.update(ROTATOR_DAEMON__BACKUP_PATH=str(backup))
     rotator = Path(sys.executable).with_name("rotator")
     daemon = subprocess.Popen([str(rotator), "run"], env=env)
     pin(daemon.pid, 0)
@@ -156,7 +161,13 @@ def rss_mb(pid: int) -> float:
 
 
 def idle_daemons(
-    server: EmbeddedRedis, kek: Path, seconds: float, prefix: str = "rotator", count: int = 1
+    server: EmbeddedRedis,
+    kek: Path,
+    seconds: float,
+    prefix: str = "rotator",
+    count: int = 1,
+    *,
+    backup: bool = False,
 ) -> tuple[list[tuple[float, float]], float]:
     """CPU share and RSS (MB) of each of *count* real `rotator run` daemons idle over the
     key sets under *prefix* (the first leads, the others follow), and the bytes Redis sent
@@ -164,7 +175,8 @@ def idle_daemons(
     daemons: list[subprocess.Popen[bytes]] = []
     try:
         for index in range(count):
-            daemons.append(start_daemon(server, kek, prefix, leads=index == 0))
+            path = server.directory / f"backup-{prefix}-{index}.db" if backup else None
+            daemons.append(start_daemon(server, kek, prefix, leads=index == 0, backup=path))
         client = redis.Redis.from_url(server.url)
         sent = sent_bytes(client)
         before, start = [cpu_seconds(d.pid) for d in daemons], time.monotonic()
@@ -203,6 +215,9 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=120.0)
     parser.add_argument(
         "--follower", action="store_true", help="also measure a follower beside the leader"
+    )
+    parser.add_argument(
+        "--backup", action="store_true", help="give each daemon a backup file (its memory)"
     )
     args = parser.parse_args()
     count = args.count
@@ -257,12 +272,16 @@ def main() -> None:
         kek.chmod(0o600)
         for label, prefix in ((f"{count} key sets", "rotator"), ("one key set", "baseline")):
             # Under the prefix "baseline" there is no registry: only the key set "default".
-            [(share, rss)], per_tick = idle_daemons(server, kek, args.idle_seconds, prefix)
+            [(share, rss)], per_tick = idle_daemons(
+                server, kek, args.idle_seconds, prefix, backup=args.backup
+            )
             print(f"  idle `rotator run`, {label}: {100 * share:.2f} % of a core over "
                   f"{args.idle_seconds:g} s, RSS {rss:.1f} MB, "
                   f"{per_tick / 1024:,.1f} KiB from Redis per tick", flush=True)  # fmt: skip
         if args.follower:
-            daemons, per_tick = idle_daemons(server, kek, args.idle_seconds, count=2)
+            daemons, per_tick = idle_daemons(
+                server, kek, args.idle_seconds, count=2, backup=args.backup
+            )
             (lead, lead_rss), (follow, follow_rss) = daemons
             print(f"  a leader and a follower, {count} key sets: leader {100 * lead:.2f} % of "
                   f"a core, RSS {lead_rss:.1f} MB; follower {100 * follow:.2f} %, RSS "
