@@ -152,3 +152,24 @@ def test_a_journal_left_by_a_crash_is_rolled_back_when_the_file_is_read(
             shutil.copy(backed.backup.path.with_name(name), crashed / name)
         db.rollback()
     assert in_file(crashed / "state.db") == saved
+
+
+def test_a_saved_state_of_another_version_in_the_file_is_not_written_back(
+    backed: Daemon, client: redis.Redis, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file changed under the daemon (by hand, or a write it believed made): an older
+    state could hold a key revoked since as current."""
+    assert backed.backup is not None
+    path = backed.backup.path
+    older = {name: state.raw for name, state in Backup(path).load().states.items()}
+    clock.advance(150)
+    backed.tick()  # every key set at version 2, saved
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executemany("UPDATE keysets SET state = ? WHERE name = ?",
+                       [(raw, name) for name, raw in older.items()])  # fmt: skip
+    client.flushall()
+    backed.tick()
+    assert "holds version 1, not the 2 remembered" in caplog.text
+    # Bootstrapped afresh instead (or written back from the one state kept parsed).
+    for name, raw in older.items():
+        assert backed.manager.load(name).state != StoredState(name, 1, raw).state()

@@ -246,7 +246,19 @@ class KeyManager:
         if raw is None:
             log.error("key set %s: its saved state is not in the backup file", keyset)
             return None
-        return StoredState(keyset, known.version, raw).state()
+        state = StoredState(keyset, known.version, raw).state()
+        if state.version != known.version:
+            # Never another version than the one remembered: an older one could hold a key
+            # revoked since as current.
+            log.error(
+                "key set %s: the backup file holds version %d, not the %d remembered; "
+                "not written back",
+                keyset,
+                state.version,
+                known.version,
+            )
+            return None
+        return state
 
     def _plan(
         self,

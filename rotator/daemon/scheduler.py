@@ -578,14 +578,16 @@ class Daemon:
         # A failed write is tried again at the next change, not logged on every tick.
         if self._backup_failed_at == manager.changes:
             return
-        states, forgotten = manager.unsaved()
-        whole = not backup.current()
-        if not states and not forgotten and not (whole and manager.remembered_any()):
-            return
         try:
-            if whole:
+            if not backup.current():
+                if not manager.remembered_any():
+                    return
+                # Streamed: a list of every state would be one more copy of them all.
                 backup.save(manager.each_remembered(), manager.lineage_of)
             else:
+                states, forgotten = manager.unsaved()
+                if not states and not forgotten:
+                    return
                 backup.update(states, forgotten, manager.lineage_of)
         except OSError as exc:
             self._backup_failed_at = manager.changes
