@@ -125,14 +125,15 @@ class Backup:
         finally:
             os.close(directory_fd)
         with self._lock:
-            self._close()
             try:
-                self._db = _connect(self.path)
-                status = os.stat(self.path)
+                written = _connect(self.path)
             except _SQLITE_ERRORS as exc:
-                self._close()
+                # The states saved are still read from the file replaced; the next save
+                # writes the whole file again, as this one is not `current`.
                 raise OSError(f"SQLite: {exc}") from exc
-            self._identity = (status.st_dev, status.st_ino)
+            status = os.stat(self.path)
+            self._close()
+            self._db, self._identity = written, (status.st_dev, status.st_ino)
 
     def update(
         self,
@@ -170,11 +171,6 @@ class Backup:
                 log.error("backup file %s: key set %s unreadable (%s)", self.path, keyset, exc)
                 return None
         return row[0] if row is not None and type(row[0]) is bytes else None
-
-    def close(self) -> None:
-        """Close the connection to the file this object wrote."""
-        with self._lock:
-            self._close()
 
     def _close(self) -> None:
         if self._db is not None:
