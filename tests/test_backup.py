@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import redis
 
 from rotator.core.envelope import Keyring
 from rotator.core.state import StoredState
+from rotator.daemon import scheduler as scheduler_module
 from rotator.daemon.backup import Backup
 from rotator.daemon.manager import Saved
 from rotator.daemon.scheduler import Daemon
@@ -173,3 +175,30 @@ def test_a_saved_state_of_another_version_in_the_file_is_not_written_back(
     # Bootstrapped afresh instead (or written back from the one state kept parsed).
     for name, raw in older.items():
         assert backed.manager.load(name).state != StoredState(name, 1, raw).state()
+
+
+def test_a_tick_saves_as_it_goes_so_the_bytes_let_go_do_not_pile_up(
+    redis_server: EmbeddedRedis,
+    keyring: Keyring,
+    clock: FakeClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sweep of everything held the bytes of every state the store let go until the
+    tick's end: all of them at once."""
+    monkeypatch.setattr(store_module, "PARSED_STATES", 1)
+    monkeypatch.setattr(scheduler_module, "BATCH_SIZE", 2)
+    daemon = make_daemon(redis_server, keyring, clock, backup_path=str(tmp_path / "state.db"))
+    daemon.manager.store.register_many([(name, entry()) for name in NAMES])
+    held: list[int] = []
+    reconcile = daemon.manager.reconcile_many
+
+    def counted(batch: Sequence[str]) -> dict[str, object]:
+        memory = daemon.manager._memory.values()
+        held.append(sum(type(value) is StoredState for value in memory))
+        return reconcile(batch)  # type: ignore[return-value]
+
+    monkeypatch.setattr(daemon.manager, "reconcile_many", counted)
+    daemon.tick()  # bootstraps all fourteen, two a batch
+    assert len(held) == 7 and max(held) <= 2
+    assert len(in_file(tmp_path / "state.db")) == len(NAMES) + 2

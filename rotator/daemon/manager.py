@@ -578,6 +578,10 @@ class KeyManager:
                 states.append(held)
         return states, forgotten
 
+    def unsaved_count(self) -> int:
+        """How many key sets `unsaved` names."""
+        return len(self._unsaved)
+
     def saved(self) -> None:
         """The backup file holds what is remembered now (`unsaved` was written, or every
         state): from here on a state not parsed is remembered by its version alone."""
