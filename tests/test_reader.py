@@ -289,7 +289,10 @@ def test_concurrent_refreshes_share_one_read(
     wait_for(GatedClient.entered.is_set, what="first read in flight")
     for thread in threads[1:]:
         thread.start()
-    wait_for(lambda: sum(t.is_alive() for t in threads) == 16, what="all callers waiting")
+    # Alive is not waiting: a thread can be started yet not have reached the read in
+    # flight, and then it would read again after it. Each caller counts itself in first.
+    wait_for(lambda: (flight := reader.cache._flights.get("default")) and flight.callers == 16,
+             what="all callers waiting on the read in flight")  # fmt: skip
     GatedClient.gate.set()
     for thread in threads:
         thread.join()

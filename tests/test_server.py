@@ -349,7 +349,9 @@ def test_a_dead_worker_takes_the_others_down(cli: Cli, manager: KeyManager) -> N
         workers = _two_workers(running.process.pid)
         os.kill(workers[0], signal.SIGKILL)
         assert running.process.wait(20) == 1  # for systemd or Kubernetes to restart
-        assert any("exited" in line for line in running.log)
+        # Read from its stderr by a thread of its own, which may not have reached the last
+        # lines when the process is reaped: waited for, not looked at once.
+        wait_for(lambda: any("exited" in line for line in running.log), what="the log line")
 
 
 def open_file_limit(pid: int) -> int:
