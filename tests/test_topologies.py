@@ -67,7 +67,7 @@ class SentinelGroup:
                 )
             except redis.ConnectionError:
                 address = None
-            named.add(address[1] if address else None)
+            named.add(address[1] if isinstance(address, tuple) else None)
         return named
 
     def stop(self) -> None:
