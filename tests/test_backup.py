@@ -202,3 +202,37 @@ def test_a_tick_saves_as_it_goes_so_the_bytes_let_go_do_not_pile_up(
     daemon.tick()  # bootstraps all fourteen, two a batch
     assert len(held) == 7 and max(held) <= 2
     assert len(in_file(tmp_path / "state.db")) == len(NAMES) + 2
+
+
+def test_a_key_set_removed_and_added_again_at_the_same_version_is_not_healed_with_the_old_keys(
+    redis_server: EmbeddedRedis,
+    keyring: Keyring,
+    clock: FakeClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before (found in review): a follower that read the new key set at the version of the
+    old one kept the old row, and on taking the lease wrote the removed key set's keys
+    back into the new one."""
+    monkeypatch.setattr(store_module, "PARSED_STATES", 1)
+    leader = make_daemon(redis_server, keyring, clock, backup_path=str(tmp_path / "a.db"))
+    leader.manager.store.register_many([(name, entry()) for name in NAMES])
+    leader.tick()
+    follower = make_daemon(redis_server, keyring, clock, leader=False,
+                           backup_path=str(tmp_path / "b.db"))  # fmt: skip
+    follower.tick()
+    assert type(follower.manager._memory["app-03"]) is Saved
+    old = leader.manager.load("app-03").state
+    leader.manager.store.unregister("app-03")  # removed and added again between two ticks
+    leader.manager.store.register("app-03", entry())
+    leader.tick()
+    new = leader.manager.load("app-03").state
+    assert old is not None and new is not None and new.version == old.version == 1
+    follower.tick()
+    store = leader.manager.store
+    store.client.delete(*store._keys_of("app-03"))  # Redis lost it; the follower takes over
+    leader.lease.release()
+    assert follower.step_lease()
+    follower.tick()
+    after = follower.manager.load("app-03").state
+    assert after is not None and after.current.kid == new.current.kid

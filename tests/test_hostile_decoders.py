@@ -355,6 +355,16 @@ BAD_SCHEMAS = {
         "CREATE VIEW keysets AS SELECT name AS state, state AS name, 1 AS lineage FROM t",
     ],
     "a column missing": ["ALTER TABLE keysets DROP COLUMN lineage"],
+    "a table that takes any type": [
+        "ALTER TABLE keysets RENAME TO t",
+        "CREATE TABLE keysets (name, state, lineage)",
+        "INSERT INTO keysets SELECT * FROM t",
+    ],
+    "a view that never ends": [
+        "DROP TABLE keysets",
+        "CREATE VIEW keysets AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)"
+        " SELECT 'a b' AS name, x'00' AS state, NULL AS lineage FROM c",
+    ],
     "another format": ["PRAGMA user_version = 2"],
     "a format of 2**62": [f"PRAGMA user_version = {2**31 - 1}"],
 }
@@ -364,11 +374,9 @@ BAD_ROWS: dict[str, tuple[object, object, object]] = {
     "the name not a key set name": ("a b", b"x", None),
     "the name empty": ("", b"x", None),
     "the state text": ("gamma", encode_state(real_state("gamma")).decode(), None),
-    "the state null": ("gamma", None, None),
     "the state a real number": ("gamma", 1.5, None),
     "the state a huge integer": ("gamma", 2**63 - 1, None),
     "the lineage a blob": ("gamma", encode_state(real_state("gamma")), b"a1"),
-    "the lineage an integer": ("gamma", encode_state(real_state("gamma")), 1),
 }
 
 
@@ -390,10 +398,7 @@ def test_a_bad_row_of_a_backup_database_costs_that_row_alone(
 ) -> None:
     path = database_backup_file(tmp_path)
     with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.execute("ALTER TABLE keysets RENAME TO t")  # a table that takes any type
-        db.execute("CREATE TABLE keysets (name, state, lineage)")
-        db.execute("INSERT INTO keysets SELECT * FROM t")
-        db.execute("INSERT INTO keysets VALUES (?, ?, ?)", row)
+        db.execute("INSERT INTO keysets VALUES (?, ?, ?)", row)  # SQLite keeps most types
     assert check_backup(path).keys() == {"alpha", "beta"}
 
 

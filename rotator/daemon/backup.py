@@ -77,7 +77,7 @@ class BackupContents:
 
 class Backup:
     """The backup file at *path*. Methods raise `OSError` when the file cannot be
-    written (a database error included); `load` and `read` never raise.
+    written or read (a database error included); `load` never raises.
 
     Thread-safe: a lock of its own guards the connection to the file it wrote.
     """
@@ -131,7 +131,11 @@ class Backup:
                 # The states saved are still read from the file replaced; the next save
                 # writes the whole file again, as this one is not `current`.
                 raise OSError(f"SQLite: {exc}") from exc
-            status = os.stat(self.path)
+            try:
+                status = os.stat(self.path)
+            except OSError:
+                written.close()
+                raise
             self._close()
             self._db, self._identity = written, (status.st_dev, status.st_ino)
 
@@ -159,17 +163,17 @@ class Backup:
 
     def read(self, keyset: str) -> bytes | None:
         """The stored bytes of *keyset* in the file this object last wrote (even if it was
-        deleted since); ``None`` if it holds none, or cannot be read (logged)."""
+        deleted since); ``None`` if it holds none. Raises `OSError` if it cannot be read."""
         with self._lock:
             if self._db is None:
                 return None
             try:
+                _check_schema(self._db)  # changed in place, it could be a view that never ends
                 row = self._db.execute(
                     "SELECT state FROM keysets WHERE name = ?", (keyset,)
                 ).fetchone()
             except _SQLITE_ERRORS as exc:
-                log.error("backup file %s: key set %s unreadable (%s)", self.path, keyset, exc)
-                return None
+                raise OSError(f"SQLite: {exc}") from exc
         return row[0] if row is not None and type(row[0]) is bytes else None
 
     def _close(self) -> None:
@@ -206,6 +210,7 @@ class Backup:
                 if form != _FORMAT:
                     log.error("backup file %s has an unknown format; not used", self.path)
                     return BackupContents()
+                _check_schema(db)
                 rows = db.execute(
                     "SELECT name, typeof(name), state, typeof(state), lineage, typeof(lineage) "
                     "FROM keysets"
@@ -275,6 +280,14 @@ class Backup:
             raise CorruptState("the state is not a string")
         # Checked, then kept as bytes: the parsed state is dropped at once.
         return StoredState.of(decode_state(entry, name))
+
+
+def _check_schema(db: sqlite3.Connection) -> None:
+    """Raise `sqlite3.DatabaseError` unless ``keysets`` is the table this module creates:
+    a view of that name (a recursive one never ends) or another table is not read."""
+    rows = db.execute("SELECT type, sql FROM sqlite_schema WHERE name = 'keysets'").fetchall()
+    if rows != [(b"table", _TABLE.encode())]:
+        raise sqlite3.DatabaseError("keysets is not the table of a backup file")
 
 
 def _text(value: object, kind: object, what: str) -> str:

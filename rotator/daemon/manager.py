@@ -30,7 +30,15 @@ from rotator.storage.registry import BadPolicy
 from rotator.storage.store import PARSED_STATES, Conflict, Snapshot, Store
 from rotator.storage.usage import MINUTE_RETENTION, KidUsage, read_usage_many
 
-__all__ = ["KEYSET_ERRORS", "KeyManager", "Lineages", "NoKekError", "Outcome", "Saved"]
+__all__ = [
+    "KEYSET_ERRORS",
+    "KeyManager",
+    "Lineages",
+    "NoKekError",
+    "Outcome",
+    "Saved",
+    "UnreadableMemory",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +49,21 @@ _ATTEMPTS = 8
 _RECENT = PARSED_STATES
 _EVENT_PRIORITY = ("revoke", "rotate", "bootstrap", "repair", "import", "expire")
 
+
+class UnreadableMemory(Exception):
+    """What is remembered of a key set to write it back cannot be read from the backup
+    file now."""
+
+
 #: What fails one key set and leaves the others alone (Redis being unreachable is not one).
-KEYSET_ERRORS = (CorruptState, UnsealError, BadPolicy, Conflict, redis.ResponseError)
+KEYSET_ERRORS = (
+    CorruptState,
+    UnsealError,
+    BadPolicy,
+    Conflict,
+    redis.ResponseError,
+    UnreadableMemory,
+)
 
 Action = Literal["bootstrap", "commit", "restore", "republish", "unchanged"]
 T = TypeVar("T")
@@ -209,7 +230,9 @@ class KeyManager:
             if known is None or known.version <= state.version:
                 # The store's own parsed state while it keeps it (see `_evicted`): a batch's
                 # commits may have pushed it out before it is remembered.
-                if known is None or known.version < state.version:
+                # A newer version, or another state of the same one (the key set removed
+                # and added again, or repaired): the row saved of it is not this one.
+                if known is not state:
                     self._moved_on(state.keyset)
                 kept = self.store.keeps(state)
                 self._memory[state.keyset] = state if kept else self._unparsed(state)
@@ -236,29 +259,34 @@ class KeyManager:
             self._unsaved.add(keyset)
 
     def _recall(self, keyset: str, known: KeySetState | StoredState | Saved) -> KeySetState | None:
-        """The state remembered as *known*; ``None`` if it was saved and cannot be read back
-        (logged). Raises `CorruptState` if its bytes do not decode."""
+        """The state remembered as *known*. One saved that the backup file no longer holds
+        as remembered (no row, bytes that do not decode, another version) is logged and
+        forgotten, so that what Redis holds is remembered from here on: ``None``. Raises
+        `UnreadableMemory` if the file cannot be read now (tried again at the next look)."""
         if isinstance(known, KeySetState):
             return known
         if isinstance(known, StoredState):
             return known.state()
-        raw = self._disk(keyset) if self._disk is not None else None
-        if raw is None:
-            log.error("key set %s: its saved state is not in the backup file", keyset)
-            return None
-        state = StoredState(keyset, known.version, raw).state()
-        if state.version != known.version:
-            # Never another version than the one remembered: an older one could hold a key
-            # revoked since as current.
-            log.error(
-                "key set %s: the backup file holds version %d, not the %d remembered; "
-                "not written back",
-                keyset,
-                state.version,
-                known.version,
-            )
-            return None
-        return state
+        assert self._disk is not None  # nothing is `Saved` without it
+        try:
+            raw = self._disk(keyset)
+        except OSError as exc:
+            raise UnreadableMemory(f"the backup file cannot be read: {exc}") from exc
+        problem = "it holds no row of it"
+        if raw is not None:
+            try:
+                state = StoredState(keyset, known.version, raw).state()
+            except CorruptState as exc:
+                problem = f"its row does not decode ({exc})"
+            else:
+                if state.version == known.version:
+                    return state
+                # Never another version than the one remembered: an older one could hold a
+                # key revoked since as current.
+                problem = f"it holds version {state.version}, not the {known.version} remembered"
+        log.error("key set %s: the backup file %s; not written back", keyset, problem)
+        self.forget(keyset)
+        return None
 
     def _plan(
         self,
@@ -549,8 +577,9 @@ class KeyManager:
 
     def each_remembered(self) -> Iterator[StoredState]:
         """The last state this process committed or read, per key set, as stored: each one
-        the store keeps parsed encoded now, each one saved read back from the file (one
-        that cannot be is logged and left out)."""
+        the store keeps parsed encoded now, each one saved read back from the file (one it
+        holds no row of is logged and left out; raises `OSError` if it cannot be read, so
+        that a save of the whole file fed from here fails rather than drop it)."""
         for name, held in self._memory.items():
             if isinstance(held, KeySetState):
                 yield StoredState.of(held)

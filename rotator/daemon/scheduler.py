@@ -269,7 +269,12 @@ class Daemon:
         (once while it repeats) and the next tick tries again, with the watchdog fed."""
         try:
             with self.manager_lock:
-                self._tick()
+                try:
+                    self._tick()
+                finally:
+                    # Also when the tick ended early (Redis unreachable, stopping): what it
+                    # committed before is saved, which needs no Redis.
+                    self.save_backup()
         except Exception as exc:  # the last line: no tick dies of data
             failure = f"{type(exc).__name__}: {exc}"
             if failure != self._tick_failure:
@@ -363,8 +368,6 @@ class Daemon:
         if indexed:
             self._index_looked(looked, led, all_mine, sweep=sweep or committed, due=due)
         self._sweeps_done()
-        if self.backup is not None:
-            self._save_backup()
         self.count_rotations()
         if due and leader:
             self._wake_at(min(due))
@@ -591,6 +594,11 @@ class Daemon:
             notify(status)
         if self._watchdog is not None:
             notify("WATCHDOG=1")
+
+    def save_backup(self) -> None:
+        """Save what moved on to the backup file, if one is configured (see `_save_backup`)."""
+        if self.backup is not None:
+            self._save_backup()
 
     def _save_backup(self) -> None:
         """Write to the backup file what the daemon remembers that moved on since the last
@@ -831,6 +839,8 @@ class Daemon:
         notify("STOPPING=1", "STATUS=stopping")
         follower.stop()
         self._scheduler.shutdown(wait=True)
+        with self.manager_lock:  # what the events thread read since the last tick
+            self.save_backup()
         self.lease.release()
         if server is not None:
             server.stop()
