@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -236,3 +237,126 @@ def test_a_key_set_removed_and_added_again_at_the_same_version_is_not_healed_wit
     follower.tick()
     after = follower.manager.load("app-03").state
     assert after is not None and after.current.kid == new.current.kid
+
+
+def asides(path: Path) -> list[Path]:
+    found = path.parent.glob(f"{path.name}.refused-*")
+    return sorted(p for p in found if not p.name.endswith("-journal"))
+
+
+def test_a_backup_file_that_is_not_used_is_kept_aside_before_the_first_save_replaces_it(
+    redis_server: EmbeddedRedis,
+    keyring: Keyring,
+    clock: FakeClock,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A newer release's file after a downgrade, or one damaged: it may be the last copy of
+    the keys, so no save destroys it; a crash loop keeps it under one name."""
+    path = tmp_path / "state.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE keysets (x)")
+        db.execute("PRAGMA user_version = 4")
+    original = path.read_bytes()
+    for _ in range(2):  # started twice, crashed before the first save
+        crashed = make_daemon(redis_server, keyring, clock, backup_path=str(path))
+        crashed.restore_backup()
+        crashed.lease.release()
+    (kept,) = asides(path)
+    assert f"kept as {kept}" in caplog.text and "cannot be kept aside" not in caplog.text
+    daemon = make_daemon(redis_server, keyring, clock, backup_path=str(path))
+    daemon.restore_backup()
+    daemon.tick()
+    assert kept.read_bytes() == original
+    assert in_file(path) == {"alpha": 1, "beta": 1}
+    assert asides(path) == [kept]
+
+
+def test_a_backup_file_with_an_entry_skipped_is_kept_aside(
+    backed: Daemon, keyring: Keyring, redis_server: EmbeddedRedis, clock: FakeClock
+) -> None:
+    assert backed.backup is not None
+    path = backed.backup.path
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE keysets SET state = x'00' WHERE name = 'app-01'")
+    original = path.read_bytes()
+    backed.lease.release()
+    restarted = make_daemon(redis_server, keyring, clock, backup_path=str(path))
+    restarted.restore_backup()
+    restarted.tick()
+    (kept,) = asides(path)
+    assert kept.read_bytes() == original
+    assert "app-01" not in in_file(kept) and "app-01" in in_file(path)  # read from Redis
+
+
+def test_a_journal_beside_a_refused_file_is_kept_with_it_not_rolled_into_the_new_one(
+    backed: Daemon, keyring: Keyring, redis_server: EmbeddedRedis, clock: FakeClock
+) -> None:
+    """SQLite rolls a journal it finds beside a file back into that file, whichever file
+    it is: the first save's new file must not get the refused file's journal."""
+    assert backed.backup is not None
+    path = backed.backup.path
+    journal = path.with_name(f"{path.name}-journal")
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA cache_size = 1")
+        db.execute("BEGIN")
+        db.execute("UPDATE keysets SET state = zeroblob(20000)")
+        shutil.copy(path, tmp := path.with_name("crashed"))
+        shutil.copy(journal, journal.with_name("crashed-journal"))
+        db.rollback()
+    tmp.replace(path)
+    journal.with_name("crashed-journal").replace(journal)
+    with path.open("r+b") as handle:  # the header damaged: SQLite refuses the file
+        handle.write(b"not SQLite at all")
+    backed.lease.release()
+    restarted = make_daemon(redis_server, keyring, clock, backup_path=str(path))
+    restarted.restore_backup()
+    clock.advance(150)  # each key set rotates: the rows saved differ from the journal's
+    restarted.tick()
+    (kept,) = asides(path)
+    assert kept.with_name(f"{kept.name}-journal").exists() and not journal.exists()
+    assert in_file(path) == versions(restarted)
+
+
+def test_a_temporary_file_left_by_a_save_cut_short_is_removed_at_start(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    stale, fresh, other = (tmp_path / ".state.db.k2x_9qab", tmp_path / ".state.db.abcdefgh",
+                           tmp_path / ".state.db.keep-me")  # fmt: skip
+    for name in (stale, stale.with_name(f"{stale.name}-journal"), fresh, other):
+        name.write_bytes(b"a copy of every state")
+    hour_ago = stale.stat().st_mtime - 3700
+    for name in (stale, stale.with_name(f"{stale.name}-journal"), other):
+        os.utime(name, (hour_ago, hour_ago))
+    assert Backup(path).load().states == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".state.db.abcdefgh", ".state.db.keep-me"]
+
+
+def test_a_save_that_keeps_failing_is_tried_again_after_a_wait_that_doubles(
+    backed: Daemon, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk is neither rewritten nor logged every tick; once writable again the file
+    is written without waiting for a change."""
+    assert backed.backup is not None
+    path = backed.backup.path
+    path.unlink()
+    path.mkdir()
+    (path / "x").touch()
+    tried: list[float] = []
+    for _ in range(8):  # a tick every 10 s
+        caplog.clear()
+        backed.tick()
+        if "cannot write backup file" in caplog.text:
+            tried.append(clock())
+        clock.advance(10)
+    start = tried[0]
+    assert [at - start for at in tried] == [0, 10, 30, 70]
+    shutil.rmtree(path)
+    caplog.set_level(logging.INFO)
+    while not path.exists():
+        assert clock() - start < 400
+        backed.tick()
+        clock.advance(10)
+    assert "written again" in caplog.text
+    assert in_file(path) == versions(backed)

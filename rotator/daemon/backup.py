@@ -26,17 +26,25 @@ is unusable (a name `validate_keyset_name` refuses, a state `decode_state` refus
 column of another type) is reported and skipped, and the other entries are used. The
 JSON files older releases wrote are still read: format 2, each state the string of
 its stored bytes, and format 1, states as JSON objects; the first save replaces them.
+A file that was not used, or of which an entry was skipped, is also kept under a
+second name (``NAME.refused-<UTC time>-<inode>``), so that no save destroys what may be
+the last copy of a key set's keys; so is a newer release's file after a downgrade. A
+save that a crash cut short leaves its temporary file (``.NAME.<8 characters>``);
+`load` removes those older than an hour.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 import sqlite3
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +69,10 @@ _UPSERT = (
 # A file read back is hostile: no function in its schema runs, and a malformed page is
 # refused rather than trusted (https://www.sqlite.org/security.html).
 _DEFENSIVE = ("PRAGMA trusted_schema = OFF", "PRAGMA cell_size_check = ON")
+# A save's temporary file is `tempfile.mkstemp`'s: the prefix, then 8 characters of its
+# alphabet; SQLite's journal of it has a suffix.
+_TEMPORARY = re.compile(r"[a-z0-9_]{8}(-journal)?")
+_STALE_AFTER = 3600.0  # seconds: no save takes that long, so its writer is gone
 # What SQLite raises over a damaged file: the module decodes its error message, which can
 # quote the damaged schema, as UTF-8.
 _SQLITE_ERRORS = (sqlite3.Error, UnicodeDecodeError)
@@ -87,6 +99,7 @@ class Backup:
         self._lock = threading.RLock()  # reentrant: `save` may be fed from `read`
         self._db: sqlite3.Connection | None = None  # to the file this object last wrote
         self._identity: tuple[int, int] | None = None  # that file's device and inode
+        self._refused = False  # whether `load` refused the file or any entry of it
 
     def current(self) -> bool:
         """Whether the file is still the one this object last wrote, so that `update` may
@@ -183,18 +196,82 @@ class Backup:
 
     def load(self) -> BackupContents:
         """The states in the file; empty if there is no file. Unreadable entries are skipped
-        with an error in the log; an unreadable file is reported and ignored."""
+        with an error in the log; an unreadable file is reported and ignored. Either way the
+        file is then renamed aside, and the file's own stale temporary files removed."""
+        self._remove_stale_temporaries()
+        self._refused = False
+        contents = self._load()
+        if self._refused:
+            self._set_aside()
+        return contents
+
+    def _load(self) -> BackupContents:
         try:
             with self.path.open("rb") as handle:
                 head = handle.read(len(_SQLITE))
         except FileNotFoundError:
             return BackupContents()
         except OSError as exc:
-            log.error("backup file %s is unreadable (%s); not used", self.path, exc)
+            self._refuse("backup file %s is unreadable (%s); not used", self.path, exc)
             return BackupContents()
         if head == _SQLITE:
             return self._load_database()
         return self._load_json()
+
+    def _refuse(self, message: str, *args: object) -> None:
+        log.error(message, *args)
+        self._refused = True
+
+    def _set_aside(self) -> None:
+        """Keep the file read under a second name (a hard link, so no copy; the first save
+        replaces the file at *path* with a new one) and move a journal SQLite left beside
+        it there too, so that it is not rolled back into the new file."""
+        try:
+            status = os.stat(self.path)
+        except OSError:
+            return  # gone: nothing to keep
+        for earlier in glob.glob(f"{glob.escape(str(self.path))}.refused-*"):
+            with suppress(OSError):
+                if os.path.samestat(os.stat(earlier), status):
+                    return  # kept at an earlier start (a crash loop makes no more names)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.refused-{stamp}-{status.st_ino}")
+        try:
+            os.link(self.path, aside)
+        except OSError as exc:
+            log.error(
+                "backup file %s cannot be kept aside as %s (%s); the first save replaces it",
+                self.path,
+                aside,
+                exc.strerror or exc,
+            )
+            return
+        journal = self.path.with_name(f"{self.path.name}-journal")
+        with suppress(FileNotFoundError):
+            os.rename(journal, aside.with_name(f"{aside.name}-journal"))
+        log.warning("backup file %s kept as %s for inspection", self.path, aside)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Remove the temporary files of saves a crash cut short (this file's name, an hour
+        old): each is a whole copy of the states."""
+        prefix = f".{self.path.name}."
+        try:
+            with os.scandir(self.path.parent) as listing:
+                entries = list(listing)
+        except OSError:
+            return  # a directory that cannot be listed fails the first save, said then
+        cutoff = time.time() - _STALE_AFTER
+        for entry in entries:
+            if not entry.name.startswith(prefix) or not _TEMPORARY.fullmatch(
+                entry.name[len(prefix) :]
+            ):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    log.info("removed %s, left by a save cut short", entry.path)
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", entry.path, exc.strerror or exc)
 
     def _load_database(self) -> BackupContents:
         states: dict[str, StoredState] = {}
@@ -208,7 +285,7 @@ class Backup:
                     db.execute(pragma)
                 (form,) = db.execute("PRAGMA user_version").fetchone()
                 if form != _FORMAT:
-                    log.error("backup file %s has an unknown format; not used", self.path)
+                    self._refuse("backup file %s has an unknown format; not used", self.path)
                     return BackupContents()
                 _check_schema(db)
                 rows = db.execute(
@@ -218,7 +295,7 @@ class Backup:
                 for row in rows:
                     self._take(row, states, lineages)
         except _SQLITE_ERRORS as exc:
-            log.error("backup file %s is unreadable (%s); not used", self.path, exc)
+            self._refuse("backup file %s is unreadable (%s); not used", self.path, exc)
             return BackupContents()
         return BackupContents(states, lineages)
 
@@ -240,7 +317,7 @@ class Backup:
             # Checked, then kept as its encoding: the parsed state is dropped at once.
             states[text] = StoredState.of(decode_state(raw, text))
         except ValueError as exc:  # CorruptState and UnicodeDecodeError are ones
-            log.error("backup file %s: key set %s unusable (%s)", self.path, shown(name), exc)
+            self._refuse("backup file %s: key set %s unusable (%s)", self.path, shown(name), exc)
             return
         if lineage is not None:
             lineages[text] = lineage
@@ -249,11 +326,11 @@ class Backup:
         try:
             document = strictjson.loads(self.path.read_bytes())
         except (OSError, strictjson.JSONError) as exc:
-            log.error("backup file %s is unreadable (%s); not used", self.path, exc)
+            self._refuse("backup file %s is unreadable (%s); not used", self.path, exc)
             return BackupContents()
         form = document.get("format") if isinstance(document, dict) else None
         if form not in (_STRING_FORMAT, _OBJECT_FORMAT) or type(form) is not int:
-            log.error("backup file %s has an unknown format; not used", self.path)
+            self._refuse("backup file %s has an unknown format; not used", self.path)
             return BackupContents()
         entries, lineages = document.get("keysets"), document.get("lineages")
         states: dict[str, StoredState] = {}
@@ -261,7 +338,9 @@ class Backup:
             try:
                 states[name] = self._state(name, entry, form)
             except ValueError as exc:  # CorruptState is one
-                log.error("backup file %s: key set %s unusable (%s)", self.path, shown(name), exc)
+                self._refuse(
+                    "backup file %s: key set %s unusable (%s)", self.path, shown(name), exc
+                )
         return BackupContents(
             states,
             {

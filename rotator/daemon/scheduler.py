@@ -68,6 +68,9 @@ _FRESHNESS_TICKS = 3
 #: Key sets a tick takes from the due index at most; more due wake the next tick at once.
 _DUE_LIMIT = 4 * BATCH_SIZE
 
+#: Seconds between tries of a backup save that keeps failing, at most (from one tick up).
+_BACKUP_RETRY_MAX = 300.0
+
 
 def _described(exc: Exception) -> str:
     """What failed one key set, in one line: an error that is not one of the expected kinds
@@ -131,7 +134,8 @@ class Daemon:
         self.backup = Backup(daemon.backup_path) if daemon.backup_path else None
         if self.backup is not None:
             manager.keep_on_disk(self.backup.read)
-        self._backup_failed_at: int | None = None  # `manager.changes` when a save failed
+        # After a failed save: when to try again, and the wait after another failure.
+        self._backup_retry: tuple[float, float] | None = None
         self.stopping = threading.Event()
         self._errors: dict[str, str] = {}
         self._redis_was_down = False
@@ -378,7 +382,7 @@ class Daemon:
         (bench/many_keysets.py --backup). Not while saving fails (tried at the tick's end)."""
         return (
             self.backup is not None
-            and self._backup_failed_at is None
+            and self._backup_retry is None
             and self.manager.unsaved_count() >= BATCH_SIZE
         )
 
@@ -607,8 +611,11 @@ class Daemon:
         first save and whenever it is not the file this process wrote (see `Backup`)."""
         backup, manager = self.backup, self.manager
         assert backup is not None
-        # A failed write is tried again at the next change, not logged on every tick.
-        if self._backup_failed_at == manager.changes:
+        now = self.clock()
+        # A failed save is tried again after a wait that doubles up to `_BACKUP_RETRY_MAX`
+        # (a full disk is not rewritten, nor logged, every tick), changes or none.
+        retry = self._backup_retry
+        if retry is not None and now < retry[0]:
             return
         try:
             if not backup.current():
@@ -622,10 +629,15 @@ class Daemon:
                     return
                 backup.update(states, forgotten, manager.lineage_of)
         except OSError as exc:
-            self._backup_failed_at = manager.changes
-            log.error("cannot write backup file %s: %s", backup.path, exc)
+            wait = self.settings.daemon.tick if retry is None else retry[1]
+            self._backup_retry = (now + wait, min(wait * 2, _BACKUP_RETRY_MAX))
+            log.error(
+                "cannot write backup file %s: %s (tried again in %gs)", backup.path, exc, wait
+            )
             return
-        self._backup_failed_at = None
+        if retry is not None:
+            log.info("backup file %s written again", backup.path)
+        self._backup_retry = None
         manager.saved()
 
     def _succeeded(self, name: str, state: KeySetState) -> None:

@@ -251,7 +251,7 @@ class AsyncJWKSCache:
                 self.subscribed = False
                 unwatch_connection(pubsub, interval)
                 with contextlib.suppress(redis.RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     @staticmethod
     async def _confirm(pubsub: aioredis.client.PubSub) -> None:

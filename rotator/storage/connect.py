@@ -81,11 +81,11 @@ def connect(
         options["ssl_certfile"] = str(settings.tls_cert_file)
         options["ssl_keyfile"] = str(settings.tls_key_file)
     if settings.sentinels:
-        from_url = parse_url(settings.url)  # type: ignore[no-untyped-call]
+        from_url = parse_url(settings.url)  # type: ignore[no-untyped-call, unused-ignore]
         options.update({k: v for k, v in from_url.items() if k in ("username", "password", "db")})
         if "connection_class" in from_url:  # rediss://
             options["ssl"] = True
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             [
                 (host, int(port))
                 for host, _, port in (s.rpartition(":") for s in settings.sentinels)
@@ -93,7 +93,7 @@ def connect(
             sentinel_kwargs={"socket_timeout": timeout},
             **options,
         )
-        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
             settings.sentinel_master, **options
         )
         return master

@@ -179,7 +179,7 @@ class EventFollower:
     def _run(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
-            pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+            pubsub = self.client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
             interval: int | float = 0
             try:
                 pubsub.subscribe(self.channel)
