@@ -9,9 +9,10 @@ from dataclasses import replace
 import pytest
 import redis
 
-from rotator.core.envelope import Keyring, UnsealError, parse_keks
+from rotator.core.envelope import Keyring, SealedKey, UnsealError, parse_keks
 from rotator.core.lifecycle import LifecycleError, RotationTooSoon
 from rotator.core.state import KeySetState, StoredState
+from rotator.daemon import manager as manager_module
 from rotator.daemon.manager import KeyManager, NoKekError
 from rotator.storage import store as store_module
 from rotator.storage.layout import Layout
@@ -227,3 +228,31 @@ def test_a_state_is_remembered_parsed_while_the_store_keeps_it_and_as_bytes_afte
     seeded.seed({"default": StoredState.of(other)}, {})
     assert seeded.reconcile("default").action == "unchanged"
     assert seeded.remembered()["default"].state() == held
+
+
+def test_the_keys_checked_to_open_are_remembered_for_the_last_few_alone(
+    store: Store, clock: FakeClock, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mark per key of every key set held its kid's and KEK id's strings: about 530 bytes
+    a key set at 100,000. A key whose mark went is opened again when next checked; the
+    marks checked last stay."""
+    monkeypatch.setattr(manager_module, "_OPENED", 4)
+    manager = KeyManager(store, keyring, lambda _n: FAST, clock=clock)
+    a, b, c = (manager.reconcile(name).state for name in ("a", "b", "c"))
+    assert len(manager._opened) == 4  # two keys each: b's and c's
+    opened: list[str] = []
+    unseal = Keyring.unseal
+
+    def counted(self: Keyring, sealed: SealedKey, *, keyset: str, kid: str) -> bytes:
+        opened.append(kid)
+        return unseal(self, sealed, keyset=keyset, kid=kid)
+
+    monkeypatch.setattr(Keyring, "unseal", counted)
+    manager.check_keks(b)  # remembered: opened again only as the newest marks
+    assert opened == []
+    manager.check_keks(a)  # forgotten: opened again, pushing c's marks out
+    assert opened == [key.kid for key in a.keys]
+    manager.check_keks(b)
+    manager.check_keks(c)
+    assert opened == [key.kid for key in (*a.keys, *c.keys)]
+    assert len(manager._opened) == 4

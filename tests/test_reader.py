@@ -296,8 +296,52 @@ def test_concurrent_refreshes_share_one_read(
     GatedClient.gate.set()
     for thread in threads:
         thread.join()
-    assert reader.reads == 2  # the first load, then one read for sixteen callers
+    # The first load, the read in flight, then one read for the fifteen that came during
+    # it: what Redis answered that one may predate what they were told of.
+    assert reader.reads == 3
     assert reader.keys is not None
+
+
+class LateClient(redis.Redis):
+    """A client whose GET waits for a gate after Redis answered: a reply on its way."""
+
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def get(self, name: Any) -> Any:
+        value = super().get(name)
+        self.entered.set()
+        self.gate.wait(10)
+        return value
+
+
+def test_a_commit_announced_while_a_read_is_on_its_way_is_read_again(
+    manager: KeyManager, redis_server: EmbeddedRedis
+) -> None:
+    """Before: the announcement's read shared the one in flight, which Redis had answered
+    before the revocation, and the revoked key verified until the next poll. Any caller can
+    put a read in flight: a token with an unknown kid does."""
+    manager.reconcile("default")
+    LateClient.gate.set()
+    cache = JWKSCache(LateClient.from_url(redis_server.url), follow=False)
+    held = cache.slot("default")
+    assert held.keys is not None
+    revoked = next(iter(held.keys.keys))
+    LateClient.gate.clear()
+    LateClient.entered.clear()
+    in_flight = threading.Thread(target=cache.refresh, args=("default",))
+    in_flight.start()
+    wait_for(LateClient.entered.is_set, what="a read answered, its reply on its way")
+    manager.revoke("default", revoked)
+    announced = threading.Thread(target=cache._on_event, args=("default",))
+    announced.start()
+    wait_for(lambda: (flight := cache._flights.get("default")) and flight.callers == 2,
+             what="the announcement's read waiting on the one in flight")  # fmt: skip
+    LateClient.gate.set()
+    for thread in (in_flight, announced):
+        thread.join()
+    keys = cache.slot("default").keys
+    assert keys is not None and revoked not in keys.keys
 
 
 def test_a_caller_arriving_during_the_first_read_waits_for_it(
@@ -388,9 +432,56 @@ def test_concurrent_async_refreshes_share_one_read(
         await client.entered.wait()  # every caller has run up to the read in flight
         client.gate.set()
         assert await asyncio.gather(*callers) == [True] * 16
-        assert cache.reads == 2  # the first load, then one read for sixteen callers
+        # The first load, the read in flight, then one read for the fifteen that came
+        # while it was (as `test_concurrent_refreshes_share_one_read`).
+        assert cache.reads == 3
         await cache.close()
         await client.aclose()  # the caller's: the cache leaves it open
+
+    asyncio.run(scenario())
+
+
+class AsyncLateClient(aioredis.Redis):
+    """An async client whose GET waits for a gate after Redis answered."""
+
+    gate: asyncio.Event
+    entered: asyncio.Event
+
+    async def get(self, name: Any) -> Any:
+        value = await super().get(name)
+        self.entered.set()
+        await self.gate.wait()
+        return value
+
+
+def test_an_async_commit_announced_while_a_read_is_on_its_way_is_read_again(
+    manager: KeyManager, redis_server: EmbeddedRedis
+) -> None:
+    """As `test_a_commit_announced_while_a_read_is_on_its_way_is_read_again`."""
+    manager.reconcile("default")
+
+    async def scenario() -> None:
+        client = AsyncLateClient(port=redis_server.port)
+        client.gate, client.entered = asyncio.Event(), asyncio.Event()
+        client.gate.set()
+        cache = AsyncJWKSCache(client, follow=False)
+        held = await cache.slot("default")
+        assert held.keys is not None
+        revoked = next(iter(held.keys.keys))
+        client.gate.clear()
+        client.entered.clear()
+        in_flight = asyncio.create_task(cache.refresh("default"))
+        await client.entered.wait()
+        manager.revoke("default", revoked)
+        announced = asyncio.create_task(cache.refresh("default"))  # as an event does
+        while "default" not in cache._queued:  # the announcement's refresh is waiting
+            await asyncio.sleep(0)
+        client.gate.set()
+        await asyncio.gather(in_flight, announced)
+        keys = (await cache.slot("default")).keys
+        assert keys is not None and revoked not in keys.keys
+        await cache.close()
+        await client.aclose()
 
     asyncio.run(scenario())
 

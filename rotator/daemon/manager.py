@@ -47,6 +47,11 @@ _ATTEMPTS = 8
 # four times between its read and its commit), not for every key set: that would hold every
 # parsed state.
 _RECENT = PARSED_STATES
+# The (key set, kid, KEK id) marks of keys opened once, for about as many states (two or
+# three sealed keys each): a mark per key of every key set held its kid's and KEK id's
+# strings too, some 530 bytes a key set at 100,000 (tracemalloc), and a key set is checked
+# again only when it is due or changed, at the cost of one AES-GCM open per key.
+_OPENED = 3 * PARSED_STATES
 _EVENT_PRIORITY = ("revoke", "rotate", "bootstrap", "repair", "import", "expire")
 
 
@@ -174,7 +179,8 @@ class KeyManager:
         self._lineage: dict[str, str | None] = {}  # of each remembered state's name
         # Remembered from a backup file (by an earlier process), not read or committed here.
         self._seeded: set[str] = set()
-        self._opened: set[tuple[str, str, str]] = set()
+        # The last `_OPENED` marks that opened, oldest first (`check_keks`).
+        self._opened: dict[tuple[str, str, str], None] = {}
         # The last `_RECENT` states asked `next_change_at`, oldest first.
         self._changes: dict[str, tuple[KeySetState, Policy, float]] = {}
         # Every writer files its commits in the due index, the CLI's too, so that the
@@ -199,7 +205,7 @@ class KeyManager:
         def fresh(policy: Policy) -> tuple[GeneratedKey, SealedKey]:
             key = generate_key(policy.algorithm, rsa_bits=policy.rsa_bits)
             sealed = keyring.seal(key.private_der, keyset=keyset, kid=key.kid)
-            self._opened.add((keyset, key.kid, sealed.kek))  # sealed here: opens by construction
+            self._opened_now((keyset, key.kid, sealed.kek))  # sealed here: opens by construction
             return key, sealed
 
         return fresh
@@ -208,16 +214,24 @@ class KeyManager:
         """Raise `UnsealError` unless every sealed key of *state* opens with the configured
         KEKs (an imported key has nothing sealed).
 
-        Each (key set, kid, KEK id) is checked once per process.
+        Each (key set, kid, KEK id) is checked once while among the last `_OPENED` checked.
         """
         keyring = self._keyring()
         for key in state.keys:
             if key.sealed is None:
                 continue
             mark = (state.keyset, key.kid, key.sealed.kek)
-            if mark not in self._opened:
+            if mark in self._opened:
+                del self._opened[mark]  # made the newest below
+            else:
                 keyring.unseal(key.sealed, keyset=state.keyset, kid=key.kid)
-                self._opened.add(mark)
+            self._opened_now(mark)
+
+    def _opened_now(self, mark: tuple[str, str, str]) -> None:
+        """*mark* opened: the newest of the marks kept."""
+        if len(self._opened) >= _OPENED:
+            del self._opened[next(iter(self._opened))]
+        self._opened[mark] = None
 
     def load(self, keyset: str) -> Snapshot:
         """Read *keyset* from Redis (raises `CorruptState`)."""

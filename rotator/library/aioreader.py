@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -114,7 +114,9 @@ class AsyncJWKSCache:
         self.subscribed = False
         address = redis_address(self.client)
         self._table = SlotTable(self.limits, max_keysets, clock, address, roles=roles)
+        # The read of each key set in flight, and the one queued after it (see `refresh`).
         self._inflight: dict[str, asyncio.Task[bool]] = {}
+        self._queued: dict[str, asyncio.Task[bool]] = {}
         self._task: asyncio.Task[None] | None = None
         self._callbacks = CallbackFailures()
         self._metrics = metrics
@@ -156,19 +158,46 @@ class AsyncJWKSCache:
         if slot is not None:
             return slot
         slot, _dropped = self._table.add(keyset)
-        await self.refresh(keyset, held=slot)
+        task = self._inflight.get(keyset)
+        if task is not None:
+            await asyncio.shield(task)  # a first read only needs one: this one will do
+        else:
+            await self.refresh(keyset, held=slot)
         self._table.settle(slot)
         return slot
 
     async def refresh(self, keyset: str, *, held: Slot | None = None) -> bool:
         """Read *keyset* now; concurrent callers share one read. *held*: the slot a first
-        read is made for, filled even if the LRU dropped it meanwhile."""
-        task = self._inflight.get(keyset)
+        read is made for, filled even if the LRU dropped it meanwhile.
+
+        A caller arriving while a read is in flight shares the next one, begun after it
+        came: what Redis answered the read in flight may predate what the caller was told
+        of (a commit announced, a revocation)."""
+        if keyset not in self._inflight:
+            return await asyncio.shield(self._begin(keyset, self._read(keyset, held)))
+        task = self._queued.get(keyset)
         if task is None:
-            task = asyncio.create_task(self._read(keyset, held))
-            self._inflight[keyset] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(keyset, None))
+            task = self._queued[keyset] = asyncio.create_task(self._after(keyset, held))
         return await asyncio.shield(task)
+
+    def _begin(self, keyset: str, read: Coroutine[Any, Any, bool]) -> asyncio.Task[bool]:
+        """Start *read* as the read of *keyset* in flight."""
+        task = self._inflight[keyset] = asyncio.create_task(read)
+
+        def landed(done: asyncio.Task[bool]) -> None:
+            if self._inflight.get(keyset) is done:
+                del self._inflight[keyset]
+
+        task.add_done_callback(landed)
+        return task
+
+    async def _after(self, keyset: str, held: Slot | None) -> bool:
+        """The read queued after the one in flight, begun once no read is in flight; the
+        callers that come meanwhile share it."""
+        while (current := self._inflight.get(keyset)) is not None:
+            await asyncio.wait([current])
+        del self._queued[keyset]  # from here on, callers queue the read after this one
+        return await self._begin(keyset, self._read(keyset, held))
 
     async def _read(self, keyset: str, held: Slot | None) -> bool:
         slot = self._table.get(keyset) or held

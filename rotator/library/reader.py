@@ -62,14 +62,18 @@ def client_for(target: redis.Redis | str) -> redis.Redis:
 
 
 class _Flight:
-    """One read of a key set in progress, and how many callers wait on it. `callers` is
-    guarded by `JWKSCache`'s lock; `lock` is held by the one caller reading."""
+    """The reads of a key set in progress and queued: how many callers wait, how many reads
+    began, and the number and result of the last one done; guarded by `JWKSCache`'s lock.
+    `lock` is held by the one caller reading."""
 
-    __slots__ = ("callers", "lock")
+    __slots__ = ("begun", "callers", "done", "lock", "taken")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.callers = 0
+        self.begun = 0
+        self.done = 0
+        self.taken = False
 
 
 class JWKSCache:
@@ -167,7 +171,7 @@ class JWKSCache:
             return slot
         with self._lock:
             slot, _dropped = self._table.add(keyset)
-        self._refresh(keyset, slot)
+        self._refresh(keyset, slot, first=True)
         with self._lock:
             self._table.settle(slot)
         return slot
@@ -185,25 +189,34 @@ class JWKSCache:
         taken (the last good copy stays: see `rotator.library.keycache`).
 
         Single flight: callers arriving while a read of the same key set is in
-        flight wait for it and share its result.
+        flight wait for it, then share the next read, one begun after they arrived. The
+        read in flight may have begun before what they were told of (a commit announced,
+        a revocation): sharing it lost the announcement until the next poll.
         """
         return self._refresh(keyset, None)
 
-    def _refresh(self, keyset: str, held: Slot | None) -> bool:
+    def _refresh(self, keyset: str, held: Slot | None, *, first: bool = False) -> bool:
+        """Read *keyset* (for *held*, the slot a first read is made for), or share a read:
+        one begun after this caller came, or, for a *first* read, the one in flight."""
         with self._lock:
             flight = self._flights.get(keyset)
             if flight is None:
                 flight = self._flights[keyset] = _Flight()
             flight.callers += 1
-            slot = self._table.get(keyset)
-            seen = (slot.generation, slot.fetched_at) if slot else None
+            in_flight = flight.begun > flight.done
+            least = flight.begun if first and in_flight else flight.begun + 1
         try:
             with flight.lock:
-                slot = self._table.get(keyset)
-                now_seen = (slot.generation, slot.fetched_at) if slot else None
-                if now_seen is not None and seen is not None and now_seen != seen:
-                    return True  # another caller read while we waited
-                return self._read(keyset, slot or held)
+                with self._lock:
+                    if flight.done >= least:
+                        return flight.taken
+                    flight.begun += 1
+                    number = flight.begun
+                    slot = self._table.get(keyset)
+                taken = self._read(keyset, slot or held)
+                with self._lock:
+                    flight.done, flight.taken = number, taken
+                return taken
         finally:
             with self._lock:
                 flight.callers -= 1
