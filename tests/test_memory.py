@@ -6,6 +6,7 @@ a digest and a due score, the gauges hold their numbers; a state is parsed when 
 from __future__ import annotations
 
 import gc
+import sys
 
 import pytest
 import redis
@@ -107,3 +108,17 @@ def test_the_gauges_follow_each_new_state_from_the_numbers_kept(
     clock.advance(80)  # the retired key expires; the current key stays
     daemon.tick()
     assert samples(daemon)["alpha"] == (80, 2, 100)
+
+
+def test_the_names_not_looked_at_do_not_keep_a_table_sized_for_every_key_set(
+    redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock
+) -> None:
+    """Every name is not looked at before the first tick; a set emptied by discards keeps
+    the table it grew to (105 bytes a key set, tracemalloc)."""
+    daemon = make_daemon(redis_server, keyring, clock)
+    daemon.manager.store.register_many([(name, entry()) for name in NAMES])
+    daemon.tick()
+    assert daemon._unlooked is not None and len(daemon._unlooked) < len(NAMES) // 4
+    daemon.tick()
+    assert daemon._unlooked is not None
+    assert sys.getsizeof(daemon._unlooked) == sys.getsizeof(set(daemon._unlooked))

@@ -169,6 +169,7 @@ class Daemon:
         # since looked at), per registry generation, kept current as ticks look.
         self._unlooked: set[str] | None = None
         self._unlooked_generation = -1
+        self._unlooked_peak = 0  # its size when last made: a set never shrinks its table
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1), "lease": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -558,6 +559,12 @@ class Daemon:
             get = self.managed.get
             self._unlooked = {n for n in self.managed.names() if self._looked.get(n) is not get(n)}
             self._unlooked_generation = generation
+            self._unlooked_peak = len(self._unlooked)
+        elif len(self._unlooked) <= self._unlooked_peak // 4:
+            # Every name is unlooked at start and looked at within a tick or two: the table
+            # sized for them all was 105 bytes a key set kept for nothing (tracemalloc).
+            self._unlooked = set(self._unlooked)
+            self._unlooked_peak = len(self._unlooked)
         return self._unlooked
 
     def _followed_healthy(self, all_others: list[str]) -> None:
