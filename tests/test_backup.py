@@ -11,14 +11,16 @@ import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from rotator.core.envelope import Keyring
 from rotator.core.state import StoredState
+from rotator.daemon import backup as backup_module
 from rotator.daemon import scheduler as scheduler_module
 from rotator.daemon.backup import Backup
 from rotator.daemon.manager import Saved
@@ -289,13 +291,9 @@ def test_a_backup_file_with_an_entry_skipped_is_kept_aside(
     assert "app-01" not in in_file(kept) and "app-01" in in_file(path)  # read from Redis
 
 
-def test_a_journal_beside_a_refused_file_is_kept_with_it_not_rolled_into_the_new_one(
-    backed: Daemon, keyring: Keyring, redis_server: EmbeddedRedis, clock: FakeClock
-) -> None:
-    """SQLite rolls a journal it finds beside a file back into that file, whichever file
-    it is: the first save's new file must not get the refused file's journal."""
-    assert backed.backup is not None
-    path = backed.backup.path
+def crashed_with_a_journal(path: Path) -> Path:
+    """Leave at *path* the file of a daemon killed during a save, with its journal, the
+    file's header then damaged so that SQLite refuses it; return the journal's path."""
     journal = path.with_name(f"{path.name}-journal")
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("PRAGMA cache_size = 1")
@@ -306,16 +304,88 @@ def test_a_journal_beside_a_refused_file_is_kept_with_it_not_rolled_into_the_new
         db.rollback()
     tmp.replace(path)
     journal.with_name("crashed-journal").replace(journal)
-    with path.open("r+b") as handle:  # the header damaged: SQLite refuses the file
+    with path.open("r+b") as handle:
         handle.write(b"not SQLite at all")
+    return journal
+
+
+def moved_journals(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.name}-journal.moved-*"))
+
+
+@pytest.mark.parametrize("how", ["refused", "link refused", "file deleted", "rename refused"])
+def test_a_journal_beside_a_refused_file_is_moved_not_rolled_into_the_new_one(
+    backed: Daemon,
+    *,
+    keyring: Keyring,
+    redis_server: EmbeddedRedis,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """SQLite rolls a journal it finds beside a file back into that file, whichever file
+    it is: the first save's new file must not get the refused file's journal, whether the
+    file was kept aside or not, or deleted by hand with its journal left (found in
+    review). A journal that cannot be moved at start fails the save, not the start."""
+    assert backed.backup is not None
+    path = backed.backup.path
+    journal = crashed_with_a_journal(path)
+    if how == "file deleted":
+        path.unlink()
+    if how == "link refused":
+        monkeypatch.setattr(os, "link", refused)
     backed.lease.release()
     restarted = make_daemon(redis_server, keyring, clock, backup_path=str(path))
-    restarted.restore_backup()
+    if how == "rename refused":
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "rename", refused)
+            restarted.restore_backup()  # never raises
+            assert journal.exists()
+    else:
+        restarted.restore_backup()
     clock.advance(150)  # each key set rotates: the rows saved differ from the journal's
     restarted.tick()
-    (kept,) = asides(path)
-    assert kept.with_name(f"{kept.name}-journal").exists() and not journal.exists()
+    assert len(moved_journals(path)) == 1 and not journal.exists()
     assert in_file(path) == versions(restarted)
+    assert len(asides(path)) == (1 if how in ("refused", "rename refused") else 0)
+
+
+def refused(*_args: object, **_kwargs: object) -> None:
+    raise PermissionError(1, "Operation not permitted")
+
+
+def test_a_backup_file_another_process_writes_is_not_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its journal is live: moved, that process's commit would fail and the file be left
+    half written (found in review)."""
+    path = tmp_path / "state.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(backup_module._TABLE)
+        db.execute("PRAGMA user_version = 3")
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN EXCLUSIVE")
+        other.execute("INSERT INTO keysets VALUES ('alpha', x'00', NULL)")
+        backup = Backup(path)
+        with impatient_connections():
+            assert backup.load().states == {}
+        assert "in use by another process" in caplog.text
+        assert asides(path) == [] and moved_journals(path) == []
+        other.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def impatient_connections() -> Iterator[None]:
+    """Connections that give up on a lock at once, not after sqlite3's 5 s."""
+    connect = sqlite3.connect
+
+    def impatient(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection: sqlite3.Connection = connect(*args, **{**kwargs, "timeout": 0})
+        return connection
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(sqlite3, "connect", impatient)
+        yield
 
 
 def test_a_temporary_file_left_by_a_save_cut_short_is_removed_at_start(
@@ -360,3 +430,37 @@ def test_a_save_that_keeps_failing_is_tried_again_after_a_wait_that_doubles(
         clock.advance(10)
     assert "written again" in caplog.text
     assert in_file(path) == versions(backed)
+
+
+def failed_save(daemon: Daemon) -> Path:
+    """Make a tick's save fail (a directory where the file was), then make the path
+    writable again; return it."""
+    assert daemon.backup is not None
+    path = daemon.backup.path
+    path.unlink()
+    path.mkdir()
+    daemon.tick()
+    assert daemon._backup_retry is not None
+    path.rmdir()
+    return path
+
+
+def test_the_save_at_stop_is_made_within_the_wait_after_a_failed_one(
+    backed: Daemon, clock: FakeClock
+) -> None:
+    """Found in review: the commits since the last good save never reached the file."""
+    clock.advance(150)
+    path = failed_save(backed)  # each key set rotated
+    backed.save_backup()  # within the wait: not tried
+    assert not path.exists()
+    backed.save_backup(now=True)  # what the daemon does at stop
+    assert in_file(path) == versions(backed) == dict.fromkeys(versions(backed), 2)
+
+
+def test_a_clock_stepped_back_does_not_lengthen_the_wait_after_a_failed_save(
+    backed: Daemon, clock: FakeClock
+) -> None:
+    path = failed_save(backed)  # tried again in one tick
+    clock.advance(-3600)
+    backed.tick()
+    assert path.exists()

@@ -398,6 +398,45 @@ def test_a_first_read_answers_its_caller_even_if_the_lru_dropped_the_key_set(
     assert cache.held("a") is not None and cache.held("b") is None  # the bound holds
 
 
+def test_a_first_read_shared_answers_its_caller_even_if_the_lru_dropped_its_slot(
+    manager: KeyManager, redis_server: EmbeddedRedis
+) -> None:
+    """A first read may share the one in flight, which fills the slots held when it began
+    and answered: a slot made and dropped meanwhile is read for anew (found in review)."""
+    for name in ("a", "b", "c"):
+        manager.reconcile(name)
+    cache = JWKSCache(GatedClient.from_url(redis_server.url), follow=False, max_keysets=1)
+    GatedClient.gate.clear()
+    GatedClient.entered.clear()
+    answers: dict[str, object] = {}
+
+    def ask(tag: str, name: str) -> None:
+        slot = cache.slot(name)
+        try:
+            answers[tag] = slot.usable(cache.clock(), cache.limits)
+        except KeySetUnavailable as exc:
+            answers[tag] = exc
+
+    threads = [
+        threading.Thread(target=ask, args=(tag, tag[-1])) for tag in ("1a", "2b", "3a", "4c")
+    ]
+    threads[0].start()
+    wait_for(GatedClient.entered.is_set, what="the read of a in flight")
+    threads[1].start()
+    wait_for(lambda: cache.held("a") is None, what="a dropped")
+    threads[2].start()  # a again, sharing the read in flight
+    wait_for(lambda: (flight := cache._flights.get("a")) is not None and flight.callers == 2,
+             what="the second caller of a waiting")  # fmt: skip
+    threads[3].start()
+    wait_for(lambda: cache.held("a") is None and cache.held("c") is not None,
+             what="a dropped again")  # fmt: skip
+    GatedClient.gate.set()
+    for thread in threads:
+        thread.join()
+    assert sorted(answers) == ["1a", "2b", "3a", "4c"]
+    assert not [tag for tag, answer in answers.items() if isinstance(answer, KeySetUnavailable)]
+
+
 class AsyncGatedClient(aioredis.Redis):
     """The asyncio twin of `GatedClient` (its events are made on the test's loop)."""
 
@@ -507,10 +546,13 @@ def test_an_async_caller_arriving_during_the_first_read_waits_for_it(
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("drops", [1, 2])
 def test_an_async_first_read_answers_its_caller_even_if_the_lru_dropped_the_key_set(
-    manager: KeyManager, redis_server: EmbeddedRedis
+    manager: KeyManager, redis_server: EmbeddedRedis, drops: int
 ) -> None:
-    for name in ("a", "b"):
+    """With ``drops=2``, as `test_a_first_read_shared_answers_its_caller_even_if_the_lru_
+    dropped_its_slot`: the slot of the caller that shares the first read is dropped too."""
+    for name in ("a", "b", "c"):
         manager.reconcile(name)
 
     async def scenario() -> None:
@@ -521,15 +563,19 @@ def test_an_async_first_read_answers_its_caller_even_if_the_lru_dropped_the_key_
             slot = await cache.slot(name)
             return slot.usable(cache.clock(), cache.limits)
 
-        first = asyncio.create_task(ask("a"))
+        tasks = [asyncio.create_task(ask("a"))]
         await client.entered.wait()
-        second = asyncio.create_task(ask("b"))  # pushes a out of the one-slot LRU
+        tasks.append(asyncio.create_task(ask("b")))  # pushes a out of the one-slot LRU
         await async_wait_for(lambda: cache.held("a") is None, what="a dropped meanwhile")
-        third = asyncio.create_task(ask("a"))  # a again: a new slot, b pushed out
+        tasks.append(asyncio.create_task(ask("a")))  # a again: a new slot, b pushed out
         await async_wait_for(lambda: cache.held("a") is not None, what="a held again")
+        if drops == 2:
+            tasks.append(asyncio.create_task(ask("c")))
+            await async_wait_for(lambda: cache.held("c") is not None, what="a dropped again")
         client.gate.set()
-        assert len(await asyncio.gather(first, second, third)) == 3  # none "not loaded"
-        assert cache.held("a") is not None and cache.held("b") is None  # the bound holds
+        assert len(await asyncio.gather(*tasks)) == 2 + drops  # none "not loaded"
+        held = "a" if drops == 1 else "c"
+        assert [name for name in "abc" if cache.held(name)] == [held]  # the bound holds
         await cache.close()
         await client.aclose()  # the caller's: the cache leaves it open
 

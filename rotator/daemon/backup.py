@@ -125,7 +125,9 @@ class Backup:
                 db.execute(_TABLE)
                 db.executemany(_UPSERT, _rows(states, lineage))
                 db.execute(f"PRAGMA user_version = {_FORMAT}")
-            os.replace(temporary, self.path)
+            with self._lock:
+                self._move_journal()  # not this process's: none outlives an `update`
+                os.replace(temporary, self.path)
         except _SQLITE_ERRORS as exc:
             Path(temporary).unlink(missing_ok=True)
             raise OSError(f"SQLite: {exc}") from exc
@@ -224,8 +226,14 @@ class Backup:
 
     def _set_aside(self) -> None:
         """Keep the file read under a second name (a hard link, so no copy; the first save
-        replaces the file at *path* with a new one) and move a journal SQLite left beside
-        it there too, so that it is not rolled back into the new file."""
+        replaces the file at *path* with a new one), and move aside a journal beside it."""
+        self._keep_file()
+        try:
+            self._move_journal()
+        except OSError as exc:  # the first save tries again, and fails if it cannot either
+            log.error("cannot move %s-journal aside: %s", self.path, exc.strerror or exc)
+
+    def _keep_file(self) -> None:
         try:
             status = os.stat(self.path)
         except OSError:
@@ -246,10 +254,22 @@ class Backup:
                 exc.strerror or exc,
             )
             return
-        journal = self.path.with_name(f"{self.path.name}-journal")
-        with suppress(FileNotFoundError):
-            os.rename(journal, aside.with_name(f"{aside.name}-journal"))
         log.warning("backup file %s kept as %s for inspection", self.path, aside)
+
+    def _move_journal(self) -> None:
+        """Rename a journal at ``NAME-journal`` to ``NAME-journal.moved-<UTC time>-<inode>``:
+        SQLite rolls a journal it finds beside a file back into that file, whichever file
+        it is, so a new file saved there would get the old rows. This process's own
+        journals last only as long as a transaction. Raises `OSError` if it cannot."""
+        journal = self.path.with_name(f"{self.path.name}-journal")
+        try:
+            status = os.lstat(journal)
+        except FileNotFoundError:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moved = journal.with_name(f"{journal.name}.moved-{stamp}-{status.st_ino}")
+        os.rename(journal, moved)
+        log.warning("journal %s, left beside the backup file, moved to %s", journal, moved)
 
     def _remove_stale_temporaries(self) -> None:
         """Remove the temporary files of saves a crash cut short (this file's name, an hour
@@ -294,6 +314,19 @@ class Backup:
                 )
                 for row in rows:
                     self._take(row, states, lineages)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                # Another process's transaction: neither the file nor its journal (live) is
+                # set aside. The first save replaces the file all the same.
+                log.error(
+                    "backup file %s is in use by another process (two daemons with one "
+                    "daemon.backup_path?): %s; not used",
+                    self.path,
+                    exc,
+                )
+            else:
+                self._refuse("backup file %s is unreadable (%s); not used", self.path, exc)
+            return BackupContents()
         except _SQLITE_ERRORS as exc:
             self._refuse("backup file %s is unreadable (%s); not used", self.path, exc)
             return BackupContents()

@@ -134,7 +134,7 @@ class Daemon:
         self.backup = Backup(daemon.backup_path) if daemon.backup_path else None
         if self.backup is not None:
             manager.keep_on_disk(self.backup.read)
-        # After a failed save: when to try again, and the wait after another failure.
+        # After a failed save: when to try again, and the wait that was set.
         self._backup_retry: tuple[float, float] | None = None
         self.stopping = threading.Event()
         self._errors: dict[str, str] = {}
@@ -606,23 +606,25 @@ class Daemon:
         if self._watchdog is not None:
             notify("WATCHDOG=1")
 
-    def save_backup(self) -> None:
-        """Save what moved on to the backup file, if one is configured (see `_save_backup`)."""
+    def save_backup(self, *, now: bool = False) -> None:
+        """Save what moved on to the backup file, if one is configured (see `_save_backup`);
+        *now*: even within the wait after a failed save (the daemon stopping)."""
         if self.backup is not None:
-            self._save_backup()
+            self._save_backup(now=now)
 
-    def _save_backup(self) -> None:
+    def _save_backup(self, *, now: bool = False) -> None:
         """Write to the backup file what the daemon remembers that moved on since the last
         save: a commit, a newer version read (a repair made while the daemon was stopped,
         which its backup must not undo later), a key set forgotten. The whole file at the
         first save and whenever it is not the file this process wrote (see `Backup`)."""
         backup, manager = self.backup, self.manager
         assert backup is not None
-        now = self.clock()
+        at = self.clock()
         # A failed save is tried again after a wait that doubles up to `_BACKUP_RETRY_MAX`
-        # (a full disk is not rewritten, nor logged, every tick), changes or none.
+        # (a full disk is not rewritten, nor logged, every tick), changes or none; a wait
+        # longer than it was set for means the clock was stepped back.
         retry = self._backup_retry
-        if retry is not None and now < retry[0]:
+        if retry is not None and not now and at < retry[0] <= at + retry[1]:
             return
         try:
             if not backup.current():
@@ -636,8 +638,10 @@ class Daemon:
                     return
                 backup.update(states, forgotten, manager.lineage_of)
         except OSError as exc:
-            wait = self.settings.daemon.tick if retry is None else retry[1]
-            self._backup_retry = (now + wait, min(wait * 2, _BACKUP_RETRY_MAX))
+            wait = (
+                self.settings.daemon.tick if retry is None else min(retry[1] * 2, _BACKUP_RETRY_MAX)
+            )
+            self._backup_retry = (at + wait, wait)
             log.error(
                 "cannot write backup file %s: %s (tried again in %gs)", backup.path, exc, wait
             )
@@ -859,7 +863,7 @@ class Daemon:
         follower.stop()
         self._scheduler.shutdown(wait=True)
         with self.manager_lock:  # what the events thread read since the last tick
-            self.save_backup()
+            self.save_backup(now=True)
         self.lease.release()
         if server is not None:
             server.stop()

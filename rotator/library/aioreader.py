@@ -161,7 +161,7 @@ class AsyncJWKSCache:
         task = self._inflight.get(keyset)
         if task is not None:
             await asyncio.shield(task)  # a first read only needs one: this one will do
-        else:
+        if slot.fetched_at is None:  # none was in flight, or it filled a slot dropped since
             await self.refresh(keyset, held=slot)
         self._table.settle(slot)
         return slot
@@ -173,10 +173,10 @@ class AsyncJWKSCache:
         A caller arriving while a read is in flight shares the next one, begun after it
         came: what Redis answered the read in flight may predate what the caller was told
         of (a commit announced, a revocation)."""
-        if keyset not in self._inflight:
-            return await asyncio.shield(self._begin(keyset, self._read(keyset, held)))
         task = self._queued.get(keyset)
         if task is None:
+            if keyset not in self._inflight:
+                return await asyncio.shield(self._begin(keyset, self._read(keyset, held)))
             task = self._queued[keyset] = asyncio.create_task(self._after(keyset, held))
         return await asyncio.shield(task)
 
@@ -194,9 +194,12 @@ class AsyncJWKSCache:
     async def _after(self, keyset: str, held: Slot | None) -> bool:
         """The read queued after the one in flight, begun once no read is in flight; the
         callers that come meanwhile share it."""
-        while (current := self._inflight.get(keyset)) is not None:
-            await asyncio.wait([current])
-        del self._queued[keyset]  # from here on, callers queue the read after this one
+        try:
+            while (current := self._inflight.get(keyset)) is not None:
+                await asyncio.wait([current])
+        finally:  # from here on (or once cancelled), callers queue the read after this one
+            if self._queued.get(keyset) is asyncio.current_task():
+                del self._queued[keyset]
         return await self._begin(keyset, self._read(keyset, held))
 
     async def _read(self, keyset: str, held: Slot | None) -> bool:

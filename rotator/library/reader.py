@@ -208,7 +208,9 @@ class JWKSCache:
         try:
             with flight.lock:
                 with self._lock:
-                    if flight.done >= least:
+                    # A read shared fills the slot it was made for: *held*, should the LRU
+                    # have dropped it meanwhile, is read for anew.
+                    if flight.done >= least and (held is None or held.fetched_at is not None):
                         return flight.taken
                     flight.begun += 1
                     number = flight.begun
