@@ -22,6 +22,7 @@ import pytest
 
 from rotator.cli.main import main
 from rotator.cli.parser import build_parser, config_file, keyset_name, shield_kids, subparsers
+from rotator.daemon.backup import Backup
 from rotator.embedded import EmbeddedRedis, free_port
 from tests.conftest import Cli, CliResult
 from tests.helpers import foreign_jwk
@@ -324,6 +325,22 @@ def test_a_busy_port_is_one_line_and_exit_1(cli: Cli, command: Command) -> None:
         result = cli(*COMMANDS[command])
     assert result.code == 1, result
     assert one_line(result) and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result
+
+
+@pytest.mark.slow
+def test_a_backup_file_another_daemon_holds_is_one_line_and_exit_1(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Two daemons given one backup file would each find it replaced by the other at every
+    save and write it whole every tick."""
+    path = tmp_path / "state.db"
+    Backup(path).claim()  # this process: the other daemon
+    cli.env["ROTATOR_DAEMON__BACKUP_PATH"] = str(path)
+    cli.env["ROTATOR_DAEMON__HEALTH_PORT"] = "0"
+    result = cli("run")
+    assert result.code == 1, result
+    assert one_line(result) and "in use by another process" in result.stderr, result
+    assert not path.exists()  # nothing read, nothing written
 
 
 # Without --yes, `keyset remove` refuses (exit 2) before it has anything to print.

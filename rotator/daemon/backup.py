@@ -35,6 +35,7 @@ save that a crash cut short leaves its temporary file (``.NAME.<8 characters>``)
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import logging
 import os
@@ -53,7 +54,7 @@ from rotator.core.state import CorruptState, StoredState, decode_state, state_of
 from rotator.core.strictjson import shown
 from rotator.storage.layout import validate_keyset_name
 
-__all__ = ["Backup", "BackupContents"]
+__all__ = ["Backup", "BackupContents", "BackupInUse"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ _STALE_AFTER = 3600.0  # seconds: no save takes that long, so its writer is gone
 _SQLITE_ERRORS = (sqlite3.Error, UnicodeDecodeError)
 
 
+class BackupInUse(OSError):
+    """Another process holds the backup file (`Backup.claim`)."""
+
+
 @dataclass(frozen=True)
 class BackupContents:
     """The states in a backup file (each checked by `decode_state`, then kept as its
@@ -100,6 +105,25 @@ class Backup:
         self._db: sqlite3.Connection | None = None  # to the file this object last wrote
         self._identity: tuple[int, int] | None = None  # that file's device and inode
         self._refused = False  # whether `load` refused the file or any entry of it
+        self._claim: int | None = None  # the descriptor holding ``NAME.lock``
+
+    def claim(self) -> None:
+        """Hold ``NAME.lock`` (an advisory lock, `fcntl.flock`) for as long as this process
+        lives: two daemons given one file would each find it replaced by the other at
+        every save and write it whole every tick, and each start would read what the
+        other saved. Raises `BackupInUse` if another process holds it, `OSError` if the
+        lock file cannot be opened."""
+        lock = self.path.with_name(f"{self.path.name}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BackupInUse(f"{self.path} is in use by another process (held: {lock})") from None
+        except OSError:
+            os.close(fd)
+            raise
+        self._claim = fd
 
     def current(self) -> bool:
         """Whether the file is still the one this object last wrote, so that `update` may

@@ -796,6 +796,15 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         daemon = self.settings.daemon
+        if self.backup is not None:
+            try:
+                self.backup.claim()
+            except OSError as exc:
+                log.error(
+                    "daemon.backup_path: %s",
+                    exc.strerror if type(exc) is OSError and exc.strerror else exc,
+                )
+                return 1
         self.restore_backup()
         register_process_metrics(keysets=self.keyset_metrics)
         server = None
