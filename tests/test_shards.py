@@ -287,3 +287,22 @@ def test_three_daemons_share_a_thousand_keysets_and_survive_a_kill_9(
     assert audited == rotations
     for daemon in fleet.alive:
         daemon.lease.release()
+
+
+def test_the_key_sets_taken_as_of_the_shards_led_are_exactly_those_listed(
+    redis_server: EmbeddedRedis, keyring: Keyring, clock: FakeClock
+) -> None:
+    """A name is asked of the registry and its shard, not of a set of every name: what a
+    tick files, fails or is told of is taken only where it is listed (a daemon never
+    commits for a key set of a shard it does not lead)."""
+    daemon = make_fleet(redis_server, keyring, clock).daemons[0]
+    daemon.store.register("unusable", '{"interval": "never"}')
+    daemon.managed.refresh()
+    names = [*daemon.managed.names(), "never-registered", b"bytes"]
+    for led in (frozenset(range(0, SHARDS, 2)), frozenset(range(SHARDS)), frozenset()):
+        (mine, in_mine), (others, in_others) = daemon._split_by_shard(led)
+        assert [name for name in names if name in in_mine] == mine
+        assert [name for name in names if name in in_others] == others
+        assert "unusable" in daemon.managed and "unusable" not in mine + others
+        assert len(mine) + len(others) == len(daemon.managed.names()) - 1
+        assert bool(mine) == bool(led) and bool(others) == (len(led) < SHARDS)
