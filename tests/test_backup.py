@@ -10,7 +10,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,8 @@ from rotator.daemon.manager import Saved
 from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis
 from rotator.storage import store as store_module
-from tests.helpers import FakeClock
+from tests.conftest import StartDaemon
+from tests.helpers import FakeClock, wait_for
 from tests.hostile import real_state
 from tests.test_daemon_unit import entry, make_daemon
 
@@ -464,3 +468,47 @@ def test_a_clock_stepped_back_does_not_lengthen_the_wait_after_a_failed_save(
     clock.advance(-3600)
     backed.tick()
     assert path.exists()
+
+
+def test_a_write_ahead_log_left_beside_the_file_is_moved_not_rolled_into_the_new_one(
+    backed: Daemon, keyring: Keyring, redis_server: EmbeddedRedis, clock: FakeClock
+) -> None:
+    """A file someone put in WAL mode, its writer killed: SQLite opens a ``-wal`` beside any
+    file (found in review). Here the file was then deleted by hand."""
+    assert backed.backup is not None
+    path = backed.backup.path
+    writer = (
+        "import os, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('PRAGMA journal_mode=WAL'); db.execute('PRAGMA wal_autocheckpoint=0')\n"
+        "db.execute(\"UPDATE keysets SET state = x'00'\")\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", writer, str(path)], check=True)
+    assert path.with_name(f"{path.name}-wal").exists()
+    path.unlink()
+    backed.lease.release()
+    restarted = make_daemon(redis_server, keyring, clock, backup_path=str(path))
+    restarted.restore_backup()
+    clock.advance(150)
+    restarted.tick()
+    assert not path.with_name(f"{path.name}-wal").exists()
+    assert in_file(path) == versions(restarted) == dict.fromkeys(versions(restarted), 2)
+
+
+@pytest.mark.slow
+def test_a_backup_file_that_cannot_be_locked_does_not_stop_the_daemon(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Found in review: a directory missing made `rotator run` exit 1 (a restart loop under
+    systemd, and no rotation) where it had rotated on, saying each failed save. Only
+    another daemon holding the file stops it."""
+    path = tmp_path / "missing" / "state.db"
+    daemon = start_daemon(ROTATOR_DAEMON__BACKUP_PATH=str(path))
+    wait_for(lambda: daemon.report().get("ready") or None, timeout=30, what="a first tick")
+    wait_for(lambda: any("going on without the lock" in line for line in daemon.log) or None,
+             what="the lock refused said")  # fmt: skip
+    wait_for(lambda: any("cannot write backup file" in line for line in daemon.log) or None,
+             what="the failed save said")  # fmt: skip
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=20) == 0

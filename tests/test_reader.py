@@ -437,6 +437,42 @@ def test_a_first_read_shared_answers_its_caller_even_if_the_lru_dropped_its_slot
     assert not [tag for tag, answer in answers.items() if isinstance(answer, KeySetUnavailable)]
 
 
+class DownClient(redis.Redis):
+    """A client whose GET waits for a gate, then fails as a socket timeout does."""
+
+    gate = threading.Event()
+    entered = threading.Event()
+    calls = 0
+
+    def get(self, name: Any) -> Any:
+        type(self).calls += 1
+        self.entered.set()
+        self.gate.wait(10)
+        raise redis.ConnectionError("Timeout reading from socket")
+
+
+def test_first_readers_during_an_outage_share_the_read_that_failed(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """Found in review: each caller waiting on a first read that Redis did not answer read
+    again in turn, the last one waiting out every caller's timeout before it."""
+    cache = JWKSCache(DownClient.from_url(redis_server.url), follow=False)
+    DownClient.gate.clear()
+    DownClient.entered.clear()
+    DownClient.calls = 0
+    threads = [threading.Thread(target=cache.slot, args=("a",)) for _ in range(6)]
+    threads[0].start()
+    wait_for(DownClient.entered.is_set, what="the first read in flight")
+    for thread in threads[1:]:
+        thread.start()
+    wait_for(lambda: (flight := cache._flights.get("a")) and flight.callers == 6,
+             what="every caller waiting on it")  # fmt: skip
+    DownClient.gate.set()
+    for thread in threads:
+        thread.join()
+    assert DownClient.calls == 1
+
+
 class AsyncGatedClient(aioredis.Redis):
     """The asyncio twin of `GatedClient` (its events are made on the test's loop)."""
 
@@ -491,6 +527,42 @@ class AsyncLateClient(aioredis.Redis):
         self.entered.set()
         await self.gate.wait()
         return value
+
+
+class AsyncDownClient(aioredis.Redis):
+    """The asyncio twin of `DownClient`."""
+
+    gate: asyncio.Event
+    entered: asyncio.Event
+    calls = 0
+
+    async def get(self, name: Any) -> Any:
+        type(self).calls += 1
+        self.entered.set()
+        await self.gate.wait()
+        raise redis.ConnectionError("Timeout reading from socket")
+
+
+def test_async_first_readers_during_an_outage_share_the_read_that_failed(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """As `test_first_readers_during_an_outage_share_the_read_that_failed`."""
+
+    async def scenario() -> None:
+        client = AsyncDownClient(port=redis_server.port)
+        client.gate, client.entered = asyncio.Event(), asyncio.Event()
+        AsyncDownClient.calls = 0
+        cache = AsyncJWKSCache(client, follow=False)
+        first = asyncio.create_task(cache.slot("a"))
+        await client.entered.wait()
+        others = [asyncio.create_task(cache.slot("a")) for _ in range(5)]
+        client.gate.set()
+        await asyncio.gather(first, *others)
+        assert AsyncDownClient.calls == 1
+        await cache.close()
+        await client.aclose()
+
+    asyncio.run(scenario())
 
 
 def test_an_async_commit_announced_while_a_read_is_on_its_way_is_read_again(

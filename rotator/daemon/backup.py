@@ -281,19 +281,22 @@ class Backup:
         log.warning("backup file %s kept as %s for inspection", self.path, aside)
 
     def _move_journal(self) -> None:
-        """Rename a journal at ``NAME-journal`` to ``NAME-journal.moved-<UTC time>-<inode>``:
-        SQLite rolls a journal it finds beside a file back into that file, whichever file
-        it is, so a new file saved there would get the old rows. This process's own
-        journals last only as long as a transaction. Raises `OSError` if it cannot."""
-        journal = self.path.with_name(f"{self.path.name}-journal")
-        try:
-            status = os.lstat(journal)
-        except FileNotFoundError:
-            return
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        moved = journal.with_name(f"{journal.name}.moved-{stamp}-{status.st_ino}")
-        os.rename(journal, moved)
-        log.warning("journal %s, left beside the backup file, moved to %s", journal, moved)
+        """Rename a journal left at ``NAME-journal`` (or a write-ahead log, ``NAME-wal`` and
+        ``NAME-shm``, of a file someone put in WAL mode) to ``<that name>.moved-<UTC
+        time>-<inode>``: SQLite rolls a journal or log it finds beside a file into that
+        file, whichever file it is, so a new file saved there would get the old rows. This
+        process's own journals last only as long as a transaction, and it never uses WAL.
+        Raises `OSError` if it cannot."""
+        for suffix in ("-journal", "-wal", "-shm"):
+            journal = self.path.with_name(f"{self.path.name}{suffix}")
+            try:
+                status = os.lstat(journal)
+            except FileNotFoundError:
+                continue
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            moved = journal.with_name(f"{journal.name}.moved-{stamp}-{status.st_ino}")
+            os.rename(journal, moved)
+            log.warning("%s, left beside the backup file, moved to %s", journal, moved)
 
     def _remove_stale_temporaries(self) -> None:
         """Remove the temporary files of saves a crash cut short (this file's name, an hour

@@ -38,7 +38,7 @@ from rotator.config import Settings, mask_url
 from rotator.core.policy import Policy
 from rotator.core.state import CorruptState, KeySetState
 from rotator.core.strictjson import one_line
-from rotator.daemon.backup import Backup
+from rotator.daemon.backup import Backup, BackupInUse
 from rotator.daemon.health import Health, HealthServer
 from rotator.daemon.manager import KEYSET_ERRORS, KeyManager, Outcome
 from rotator.daemon.sweep import Sweep
@@ -821,12 +821,17 @@ class Daemon:
         if self.backup is not None:
             try:
                 self.backup.claim()
-            except OSError as exc:
-                log.error(
-                    "daemon.backup_path: %s",
-                    exc.strerror if type(exc) is OSError and exc.strerror else exc,
-                )
+            except BackupInUse as exc:
+                log.error("daemon.backup_path: %s", exc)
                 return 1
+            except OSError as exc:
+                # A directory missing or read-only fails every save too, said then: the
+                # backup is the second line of defence, and rotating goes on without it.
+                log.error(
+                    "daemon.backup_path: cannot lock %s.lock (%s); going on without the lock",
+                    self.backup.path,
+                    exc.strerror or exc,
+                )
         self.restore_backup()
         register_process_metrics(keysets=self.keyset_metrics)
         server = None

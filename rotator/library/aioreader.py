@@ -161,7 +161,9 @@ class AsyncJWKSCache:
         task = self._inflight.get(keyset)
         if task is not None:
             await asyncio.shield(task)  # a first read only needs one: this one will do
-        if slot.fetched_at is None:  # none was in flight, or it filled a slot dropped since
+        # None was in flight, or it filled a slot dropped since (unless Redis did not answer
+        # it: then each caller in turn would wait out its own timeout).
+        if task is None or (slot.fetched_at is None and not self._table.down):
             await self.refresh(keyset, held=slot)
         self._table.settle(slot)
         return slot

@@ -455,6 +455,11 @@ class SlotTable:
         self._roles_unreadable = bool(errors)
         return [None if isinstance(value, Exception) else value for value in values]
 
+    @property
+    def down(self) -> bool:
+        """Whether the last read failed to reach Redis (`unreachable`), none answering since."""
+        return self._down
+
     def unreachable(self, exc: BaseException) -> None:
         """A read failed (Redis down, a timeout): the copies held stay, ageing towards
         ``max_stale``. Said once, until Redis answers again; "the last copies" only when

@@ -209,8 +209,11 @@ class JWKSCache:
             with flight.lock:
                 with self._lock:
                     # A read shared fills the slot it was made for: *held*, should the LRU
-                    # have dropped it meanwhile, is read for anew.
-                    if flight.done >= least and (held is None or held.fetched_at is not None):
+                    # have dropped it meanwhile, is read for anew, unless Redis did not
+                    # answer (then each caller in turn would wait out its own timeout).
+                    if flight.done >= least and (
+                        held is None or held.fetched_at is not None or self._table.down
+                    ):
                         return flight.taken
                     flight.begun += 1
                     number = flight.begun
