@@ -223,7 +223,7 @@ class Backup:
     def load(self) -> BackupContents:
         """The states in the file; empty if there is no file. Unreadable entries are skipped
         with an error in the log; an unreadable file is reported and ignored. Either way the
-        file is then renamed aside, and the file's own stale temporary files removed."""
+        file is then kept aside (`_set_aside`), and its stale temporary files removed."""
         self._remove_stale_temporaries()
         self._refused = False
         contents = self._load()
@@ -266,8 +266,7 @@ class Backup:
             with suppress(OSError):
                 if os.path.samestat(os.stat(earlier), status):
                     return  # kept at an earlier start (a crash loop makes no more names)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.path.with_name(f"{self.path.name}.refused-{stamp}-{status.st_ino}")
+        aside = _aside(self.path, "refused", status)
         try:
             os.link(self.path, aside)
         except OSError as exc:
@@ -293,8 +292,7 @@ class Backup:
                 status = os.lstat(journal)
             except FileNotFoundError:
                 continue
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            moved = journal.with_name(f"{journal.name}.moved-{stamp}-{status.st_ino}")
+            moved = _aside(journal, "moved", status)
             os.rename(journal, moved)
             log.warning("%s, left beside the backup file, moved to %s", journal, moved)
 
@@ -419,6 +417,12 @@ class Backup:
             raise CorruptState("the state is not a string")
         # Checked, then kept as bytes: the parsed state is dropped at once.
         return StoredState.of(decode_state(entry, name))
+
+
+def _aside(path: Path, why: str, status: os.stat_result) -> Path:
+    """The name *path* is kept aside under: ``<name>.<why>-<UTC time>-<inode>``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return path.with_name(f"{path.name}.{why}-{stamp}-{status.st_ino}")
 
 
 def _check_schema(db: sqlite3.Connection) -> None:

@@ -174,8 +174,6 @@ class KeyManager:
         self._disk: Callable[[str], bytes | None] | None = None
         # With a backup file: the names whose memory moved on since the last save.
         self._unsaved: set[str] = set()
-        #: How many times the memory moved on (a failed save is tried again after a change).
-        self.changes = 0
         self._lineage: dict[str, str | None] = {}  # of each remembered state's name
         # Remembered from a backup file (by an earlier process), not read or committed here.
         self._seeded: set[str] = set()
@@ -268,7 +266,6 @@ class KeyManager:
         return StoredState.of(state)
 
     def _moved_on(self, keyset: str) -> None:
-        self.changes += 1
         if self._disk is not None:
             self._unsaved.add(keyset)
 
