@@ -122,7 +122,10 @@ def test_no_private_key_material_in_redis_or_logs(
 ) -> None:
     daemon = start_daemon(ROTATOR_LOG__FORMAT=log_format)
     watch_jwks(client, until=3)
-    cli("revoke", json.loads(client.get("rotator:{default}:jwks") or b"")["keys"][1]["kid"])
+    revoked = cli(
+        "revoke", json.loads(client.get("rotator:{default}:jwks") or b"")["keys"][1]["kid"]
+    )
+    assert revoked.code == 0, revoked.stderr  # what it said is among the haystacks
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(timeout=20) == 0
     keyring = load_keyring(kek_file, None)
@@ -136,6 +139,7 @@ def test_no_private_key_material_in_redis_or_logs(
     if log_format == "json":
         assert all(json.loads(line) for line in daemon.log if line.strip())
     haystacks: list[bytes] = ["".join(daemon.log).encode()]
+    haystacks += [revoked.stdout.encode(), revoked.stderr.encode()]
     for name in client.scan_iter():
         kind = client.type(name)
         if kind == b"string":
