@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -37,6 +38,37 @@ def test_private_members_are_refused_and_never_served(caplog: pytest.LogCaptureF
     assert b'"d"' not in imported.body and b"c2VjcmV0" not in imported.body
     assert json.loads(imported.body) == {"keys": [good]}
     assert "private member" in caplog.text and "c2VjcmV0" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        lambda good, bad: {"keys": [good, {**bad, "ext": {"d": "c2VjcmV0"}}]},
+        lambda good, bad: {"keys": [good, {**bad, "x5": [{"k": "c2VjcmV0"}]}]},
+        lambda good, bad: {"keys": [good], "d": "c2VjcmV0"},
+        lambda good, bad: {"keys": [good], "private": {"kty": "EC", "d": "c2VjcmV0"}},
+        lambda good, bad: {"keys": [good], "more": [[{"qi": "c2VjcmV0"}]]},
+    ],
+    ids=["nested-in-entry", "in-a-list-in-entry", "top-level", "beside-keys", "deep-beside-keys"],
+)
+def test_private_members_at_any_depth_are_never_served(
+    document: Callable[[dict[str, str], dict[str, str]], dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good, bad = generate_key().jwk, generate_key().jwk
+    with caplog.at_level(logging.ERROR):
+        imported = import_jwks(json.dumps(document(good, bad)).encode())
+    assert list(imported.keys) == [good["kid"]]
+    assert b"c2VjcmV0" not in imported.body
+    assert json.loads(imported.body) == {"keys": [good]}
+    assert "private member" in caplog.text and "c2VjcmV0" not in caplog.text
+
+
+def test_members_beside_the_keys_without_private_ones_are_served_as_stored() -> None:
+    good = generate_key().jwk
+    raw = json.dumps({"keys": [{**good, "ext": {"note": 1}}], "issuer": "iam"}).encode()
+    imported = import_jwks(raw)
+    assert imported.body == raw
 
 
 def _rsa(bits: int, *, exponent: int = 65537, alg: str = "RS256") -> dict[str, str]:

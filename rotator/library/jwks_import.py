@@ -8,8 +8,9 @@ on the curve; OKP Ed25519 (EdDSA), ``x`` exactly 32 bytes; RSA (RS256), a modulu
 ``sig`` or absent, ``kid`` equals the key's thumbprint (or, for a key imported from
 another IAM, is its own: 1 to 64 base64url characters, `jwk.foreign_kid`), kids are
 unique. Entries of other key types or curves are skipped, not fatal (RFC 7517 section
-5). An entry carrying a private member is refused, and the bytes to serve are rebuilt
-without it.
+5). An entry carrying a private member, on top or nested at any depth, is refused, and
+the bytes to serve are rebuilt without it; so are they when a member beside ``keys``
+holds one.
 
 `import_jwks` is total: for any bytes it returns `VerificationKeys` (whose
 entries may all have been skipped) or raises `JWKSFormatError` when the
@@ -234,6 +235,21 @@ def checked_public_jwk(jwk: Mapping[str, Any]) -> dict[str, str]:
     return {**public_jwk(key), "kid": kid}
 
 
+def _private_within(value: Any) -> set[str]:
+    """The private member names of the objects in *value* (parsed JSON) at any depth: a
+    private key may sit one level down (``"ext": {"d": ...}``) as well as on top."""
+    found: set[str] = set()
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            found |= PRIVATE_MEMBERS & item.keys()
+            pending.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            pending.extend(v for v in item if isinstance(v, dict | list))
+    return found
+
+
 def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> VerificationKeys:
     """Parse *raw* strictly; raise `JWKSFormatError` only if it is not a JWK Set at all.
     *checked*: the keys already checked, remembered there too
@@ -254,13 +270,21 @@ def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> Verif
     public: list[dict[str, str]] = []
     duplicates: set[str] = set()
     skipped: list[str] = []
-    leaked = False
+    # Members beside "keys" are served as they are unless one holds a private member
+    # (at any depth): then the bytes served are rebuilt from the entries alone.
+    beside = _private_within({name: value for name, value in document.items() if name != "keys"})
+    leaked = bool(beside)
+    if leaked:
+        log.error(
+            "JWKS carries private member(s) %s beside its keys: not served",
+            ", ".join(sorted(beside)),
+        )
     for entry in entries:
         if not isinstance(entry, dict):
             skipped.append("an entry is not an object")
             continue
         label = shown(entry["kid"]) if isinstance(entry.get("kid"), str) else "(no kid)"
-        private = PRIVATE_MEMBERS & entry.keys()
+        private = _private_within(entry)
         if private:
             leaked = True
             log.error(
