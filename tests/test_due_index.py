@@ -111,3 +111,43 @@ def test_garbage_under_the_index_or_epoch_fails_no_commit(
     assert rotated is not None
     assert filed(client, "alpha") == daemon.manager.next_change_at(rotated)
     assert daemon.manager.store.epoch([0])[0] == 1  # started anew: a loss the leader's probe sees
+
+
+def _wake_at(daemon: Daemon) -> float | None:
+    """When the precise wake-up the last tick asked for runs (``None``: none asked)."""
+    job = daemon._scheduler.get_job("wake")
+    return None if job is None else float(job.trigger.run_date.timestamp())
+
+
+def test_a_failing_keyset_past_its_due_time_does_not_wake_the_leader_at_once(
+    daemon: Daemon, client: redis.Redis, clock: FakeClock
+) -> None:
+    """Its entry stays filed in the past until it is reconciled. Before, each tick asked
+    for a wake-up at the earliest entry, that one, so the leader ticked a thousand times a
+    second (a KEK that does not open a key set's keys did it too)."""
+    daemon.tick()
+    due = filed(client, "beta")
+    assert due is not None
+    client.set("rotator:{beta}:state", b"garbage")
+    if _wake_at(daemon) is not None:  # the scheduler is not started: nothing ran it
+        daemon._scheduler.remove_job("wake")
+    clock.advance(due - clock.now + 1)
+    daemon.tick()
+    assert daemon.health.report(clock())["keysets"]["beta"]["error"]
+    assert filed(client, "beta") == due  # still filed in the past
+    wake = _wake_at(daemon)
+    assert wake is None or wake > clock.now
+
+
+def test_a_due_member_that_is_not_utf8_is_dropped_and_the_tick_goes_on(
+    daemon: Daemon, client: redis.Redis, clock: FakeClock
+) -> None:
+    """Before: dropping it (no key set of that name is managed) raised UnicodeEncodeError,
+    and every tick failed from then on."""
+    daemon.tick()
+    client.zadd(DUE, {b"\xff\xfe": 0})
+    clock.advance(1000)  # alpha and beta are due
+    daemon.tick()
+    assert client.zscore(DUE, b"\xff\xfe") is None
+    assert daemon._tick_failure is None
+    assert daemon.manager.load("alpha").state.version > 1  # type: ignore[union-attr]

@@ -478,7 +478,7 @@ class Daemon:
             if sweep:
                 # What this tick wrote is no loss to detect at the next.
                 self._epoch = self.store.epoch(shards, start=True)
-            earliest = self.store.earliest_due(shards)
+            earliest = self.store.earliest_due(shards, after=self.clock())
             if earliest is not None:
                 due.append(earliest)
 

@@ -651,11 +651,15 @@ class Store:
         ]
         return filed, any(len(raw) == each for raw in replies)
 
-    def earliest_due(self, shards: Sequence[int]) -> float | None:
-        """The earliest due time in the indexes of *shards*, ``None`` when they are empty."""
+    def earliest_due(self, shards: Sequence[int], after: float) -> float | None:
+        """The earliest due time later than *after* in the indexes of *shards*, ``None``
+        when none is. What is filed at *after* or before is either due now or failed (its
+        entry stays until it is reconciled): waking for it would spin."""
         with self.client.pipeline(transaction=False) as pipe:
             for shard in shards:
-                pipe.zrange(self.layout.due(shard), 0, 0, withscores=True)
+                pipe.zrangebyscore(
+                    self.layout.due(shard), f"({after!r}", "+inf", 0, 1, withscores=True
+                )
             replies: list[list[tuple[bytes, float]]] = pipe.execute()
         return min((float(first[0][1]) for first in replies if first), default=None)
 
@@ -709,7 +713,8 @@ class Store:
         grouped = {shard: list(keysets)} if shard is not None else self._by_shard(keysets)
         with self.client.pipeline(transaction=False) as pipe:
             for index, names in grouped.items():
-                pipe.zrem(self.layout.due(index), *names)
+                # As read (`due`): a member that is not UTF-8 goes by its own bytes.
+                pipe.zrem(self.layout.due(index), *map(stored_bytes, names))
             pipe.execute()
 
     def epoch(self, shards: Sequence[int], *, start: bool = False) -> dict[int, int | None]:
