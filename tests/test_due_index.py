@@ -4,6 +4,8 @@ deleted by hand) is caught by the epoch probe and by the slow full sweep."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import redis
 
@@ -151,3 +153,36 @@ def test_a_due_member_that_is_not_utf8_is_dropped_and_the_tick_goes_on(
     assert client.zscore(DUE, b"\xff\xfe") is None
     assert daemon._tick_failure is None
     assert daemon.manager.load("alpha").state.version > 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("key", "write"),
+    [
+        ("rotator:{rotator:keysets}:version", lambda c, k: c.rpush(k, 1)),
+        (EPOCH, lambda c, k: c.hset(k, "a", "b")),
+        (DUE, lambda c, k: c.set(k, "x")),
+    ],
+    ids=["registry-version-a-list", "epoch-a-hash", "due-index-a-string"],
+)
+def test_a_shared_key_of_another_type_is_rebuilt_and_rotation_goes_on(
+    daemon: Daemon,
+    client: redis.Redis,
+    clock: FakeClock,
+    key: str,
+    write: Callable[[redis.Redis, str], object],
+) -> None:
+    """Before: WRONGTYPE failed every tick (and every commit of the shard) until someone
+    deleted the key by hand."""
+    daemon.tick()
+    before = daemon.manager.load("alpha").state
+    assert before is not None
+    client.delete(key)
+    write(client, key)
+    clock.advance(1000)  # alpha and beta are due
+    daemon.tick()
+    daemon.tick()
+    assert daemon._tick_failure is None
+    after = daemon.manager.load("alpha").state
+    assert after is not None and after.current.kid != before.current.kid
+    assert client.type(key) in {b"string", b"zset"}  # what rotator writes there
+    assert filed(client, "alpha") == daemon.manager.next_change_at(after)

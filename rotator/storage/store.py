@@ -645,7 +645,9 @@ class Store:
         with self.client.pipeline(transaction=False) as pipe:
             for shard in shards:
                 pipe.zrangebyscore(self.layout.due(shard), "-inf", now, 0, each)
-            replies: list[list[bytes]] = pipe.execute()
+            answers: list[object] = pipe.execute(raise_on_error=False)
+        keys = [self.layout.due(shard) for shard in shards]
+        replies = cast(list[list[bytes]], self._typed(keys, answers, []))
         filed = [
             (shard, _text(name)) for shard, raw in zip(shards, replies, strict=True) for name in raw
         ]
@@ -753,9 +755,28 @@ class Store:
             pipe.get(self.layout.registry_version)
             for shard in shards:
                 pipe.get(self.layout.epoch(shard))
-            replies: list[object] = pipe.execute()
+            answers: list[object] = pipe.execute(raise_on_error=False)
+        keys = [self.layout.registry_version, *map(self.layout.epoch, shards)]
+        replies = self._typed(keys, answers, None)
         epochs = {shard: _counter(raw) for shard, raw in zip(shards, replies[1:], strict=True)}
         return _counter(replies[0]), epochs
+
+    def _typed(self, keys: Sequence[str], answers: list[object], lost: object) -> list[object]:
+        """The *answers* of a pipeline over *keys*, raising the first error but WRONGTYPE:
+        a key of rotator's own counters or due indexes (rebuilt from the states) holding
+        another type is deleted, which each caller's reader sees as lost (a sweep, the
+        registry read anew), and answers *lost*. Left as it was, it would fail every tick
+        and every commit of its shard."""
+        replies: list[object] = []
+        for key, answer in zip(keys, answers, strict=True):
+            if isinstance(answer, redis.ResponseError) and str(answer).startswith("WRONGTYPE"):
+                log.warning("%s held another type of value: deleted (rotator rebuilds it)", key)
+                self.client.delete(key)
+                answer = lost
+            elif isinstance(answer, Exception):
+                raise answer
+            replies.append(answer)
+        return replies
 
     def start_registry_version(self) -> bool:
         """Create the registry's version at 0 where it is absent; whether it was."""
