@@ -520,3 +520,19 @@ def test_import_private_key_arguments_are_checked(cli: Cli, tmp_path: Path) -> N
         refused = cli("keyset", "import", "billing", *args)
         assert refused.code == 2, (args, refused.stderr)
         assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("until", ["3001-01-01T00:00:00Z", "1000y", "1969-12-31T23:59:59Z"])
+def test_an_until_a_stored_state_cannot_hold_is_refused_before_anything_is_written(
+    cli: Cli, tmp_path: Path, client: redis.Redis, until: str
+) -> None:
+    """Before: imported, exit 0, and the key set unreadable from then on (``expires_at``
+    past the year 3000), rotating never again; only `repair` (dropping its keys) got out."""
+    cli("keyset", "add", "billing")
+    before = client.get("rotator:{billing}:state")
+    path = OldIam().answer(tmp_path / "old.json")
+    done = cli("keyset", "import", "billing", "--jwks", str(path), "--until", until)
+    assert done.code == 2, done.stderr
+    assert done.stderr.startswith("rotator: --until: ") and done.stderr.count("\n") == 1
+    assert client.get("rotator:{billing}:state") == before
+    assert cli("status", "--keyset", "billing").code == 0

@@ -90,3 +90,23 @@ def test_a_sound_rsa_key_built_by_hand_decodes() -> None:
     sound key decodes."""
     sound = rsa_jwk(2048, 65537)
     assert decode_state(with_jwk(STATES["RS256"], sound), "default").keys[0].jwk == sound
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: replace(s, version=2**53 + 1),
+        lambda s: replace(s, updated_at=32_503_680_001.0),
+        lambda s: replace(s, keys=(replace(s.keys[0], expires_at=32_535_216_000.0), *s.keys[1:])),
+        lambda s: replace(s, keys=(replace(s.keys[0], created_at=-1.0), *s.keys[1:])),
+    ],
+    ids=["version-over-2**53", "updated-after-3000", "expiry-after-3000", "created-before-1970"],
+)
+def test_a_state_the_decoder_would_refuse_is_never_stored(change: Any) -> None:
+    """What is stored must read back: before, a version of 2**53 + 1 (a backup at 2**53,
+    then one commit) or an import ``--until`` past the year 3000 was written, and its key
+    set was unreadable from then on."""
+    state = STATES["ES256"]
+    assert decode_state(state.stored(), "default") == state
+    with pytest.raises(CorruptState, match="not stored"):
+        change(state).stored()

@@ -23,6 +23,7 @@ from rotator.core.durations import parse_duration
 from rotator.core.instants import parse_rfc3339, stamped
 from rotator.core.issuer import issuer_routes
 from rotator.core.lifecycle import rotation_due_at
+from rotator.core.state import valid_time
 from rotator.core.strictjson import one_line
 from rotator.daemon.manager import KeyManager
 from rotator.library.adopt import (
@@ -181,15 +182,18 @@ def _read(flag_name: str, path: Path) -> bytes:
 
 
 def _until(text: str) -> float:
-    """``--until``: an RFC 3339 time, or a duration from now."""
+    """``--until``: an RFC 3339 time, or a duration from now, before the year 3000 (what a
+    stored state may hold)."""
     try:
-        return time.time() + parse_duration(text)
+        until = time.time() + parse_duration(text)
     except ValueError:
-        pass
-    try:
-        return parse_rfc3339(text)
-    except ValueError as exc:
-        raise UsageError(f"--until: {exc}, nor a duration (30d)") from None
+        try:
+            until = parse_rfc3339(text)
+        except ValueError as exc:
+            raise UsageError(f"--until: {exc}, nor a duration (30d)") from None
+    if valid_time(until) is None:
+        raise UsageError(f"--until: {one_line(text)} is not a time from 1970 to the year 3000")
+    return until
 
 
 def _keyset_list(wiring: Wiring, as_json: bool) -> int:

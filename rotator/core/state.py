@@ -220,8 +220,30 @@ class KeySetState:
 
     def stored(self) -> bytes:
         """The bytes this state is stored as (`encode_state`: canonical ASCII). Not kept:
-        a parsed state held for its use does not also hold its encoding."""
+        a parsed state held for its use does not also hold its encoding. `CorruptState`
+        for a state whose numbers `decode_state` would refuse (a version over
+        `MAX_VERSION`, a time outside 1970 to the year 3000): written, it would leave its
+        key set unreadable."""
+        _check_storable(self)
         return encode_state(self)
+
+
+def _check_storable(state: KeySetState) -> None:
+    if not 1 <= state.version <= MAX_VERSION:
+        raise CorruptState(f"version {state.version} is not from 1 to 2**53: not stored")
+    times: list[tuple[str, float | None]] = [("updated_at", state.updated_at)]
+    for key in state.keys:
+        times += [
+            ("a key's created_at", key.created_at),
+            ("a key's activated_at", key.activated_at),
+            ("a key's retired_at", key.retired_at),
+            ("a key's expires_at", key.expires_at),
+        ]
+    for name, value in times:
+        if value is not None and valid_time(value) is None:
+            raise CorruptState(
+                f"{name} {value!r} is not a time from 1970 to the year 3000: not stored"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -772,8 +772,9 @@ class Store:
             if isinstance(answer, redis.ResponseError) and str(answer).startswith("WRONGTYPE"):
                 log.warning("%s held another type of value: deleted (rotator rebuilds it)", key)
                 self.client.delete(key)
-                answer = lost
-            elif isinstance(answer, Exception):
+                replies.append(lost)
+                continue
+            if isinstance(answer, Exception):
                 raise answer
             replies.append(answer)
         return replies
