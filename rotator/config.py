@@ -11,6 +11,7 @@ import difflib
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +39,7 @@ from rotator.core.envelope import Keyring
 from rotator.core.issuer import issuer_routes
 from rotator.core.overrides import Duration, PolicyOverrides, describe_error
 from rotator.core.policy import Policy
+from rotator.core.strictjson import shown
 from rotator.storage.kekfile import load_keyring
 from rotator.storage.layout import (
     DEFAULT_KEYSET,
@@ -297,9 +299,34 @@ class Settings(BaseSettings):
                 ]
         if not errors:
             errors = self._shared_issuer_paths()
+        if not errors:
+            errors = self._backup_apart()
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    def _backup_apart(self) -> list[str]:
+        """The backup file, and the files it writes beside it, must be none of the files
+        rotator reads: a save replaces it whole (a KEK file named there was overwritten
+        by the database)."""
+        backup = self.daemon.backup_path
+        if backup is None:
+            return []
+        beside = [
+            backup,
+            *(backup.with_name(backup.name + end) for end in ("-journal", "-wal", "-shm", ".lock")),
+        ]
+        read = {
+            "keys.kek_file": self.keys.kek_file,
+            "redis.tls_ca_file": self.redis.tls_ca_file,
+            "redis.tls_cert_file": self.redis.tls_cert_file,
+            "redis.tls_key_file": self.redis.tls_key_file,
+        }
+        return [
+            f"daemon.backup_path: it (or a file it writes beside it) is {name}"
+            for name, path in read.items()
+            if any(_same_file(path, written) for written in beside)
+        ]
 
     def _shared_issuer_paths(self) -> list[str]:
         """One error per issuer path that two configured key sets claim (serve could not
@@ -460,16 +487,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     environment variable that set it), or naming a ``ROTATOR_*`` variable that names no
     setting (a misspelling would otherwise be ignored without a word).
     """
-    document: dict[str, Any] = {}
-    if path is not None:
-        if path.is_dir():
-            raise ConfigError(f"config file {path}: is a directory")
-        if not path.is_file():
-            raise ConfigError(f"config file {path}: not found")
-        try:
-            document = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
-            raise ConfigError(f"config file {path}: {exc}") from None
+    document = {} if path is None else _config_document(path)
     known = _setting_variables()
     environ = sorted(name for name in os.environ if name.upper().startswith(_ENV_PREFIX))
     problems = [p for p in (_unknown_variable(n.upper(), known) for n in environ) if p]
@@ -486,7 +504,9 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         # The priority of pydantic-settings' own sources: overrides, then the
         # environment, then the file.
         merged = _merged(_merged(document, EnvSettingsSource(Settings)()), overrides)
-        return Settings(**merged)
+        settings = Settings(**merged)
+    except RecursionError:
+        raise ConfigError("a ROTATOR_* variable holds JSON nested too deeply to read") from None
     except SettingsError as exc:  # a ROTATOR_<SECTION> value that is not JSON
         field = re.search(r'field "(\w+)"', str(exc))
         name = f"{_ENV_PREFIX}{field.group(1).upper()}" if field else "a ROTATOR_* variable"
@@ -494,3 +514,44 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = [_set_by(describe_error(error), variables) for error in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
+    if path is not None and _same_file(settings.daemon.backup_path, path):
+        raise ConfigError("daemon.backup_path: is the config file itself")
+    return settings
+
+
+#: The largest config file read: a TOML file of rotator's settings is a few KiB.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def _config_document(path: Path) -> dict[str, Any]:
+    """The TOML document at *path*, or `ConfigError` in one line saying why not."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {shown(str(path))}: not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {shown(str(path))}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise ConfigError(f"config file {shown(str(path))}: is a directory")
+    if not stat.S_ISREG(status.st_mode):  # a FIFO would block, /dev/zero never end
+        raise ConfigError(f"config file {shown(str(path))}: not a regular file")
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {shown(str(path))}: larger than 1 MiB")
+        return tomllib.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ConfigError(f"config file {shown(str(path))}: nested too deeply") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"config file {shown(str(path))}: {exc}") from None
+
+
+def _same_file(one: Path | None, other: Path | None) -> bool:
+    """Whether two configured paths name one file (existing or not)."""
+    if one is None or other is None:
+        return False
+    try:
+        return one.resolve() == other.resolve()
+    except (OSError, RuntimeError):  # a loop of links: not comparable, not the same
+        return False

@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from rotator.core.envelope import Keyring
 from rotator.core.state import StoredState
 from rotator.daemon import backup as backup_module
 from rotator.daemon import scheduler as scheduler_module
-from rotator.daemon.backup import Backup
+from rotator.daemon.backup import Backup, BackupContents
 from rotator.daemon.manager import Saved
 from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis
@@ -512,3 +513,24 @@ def test_a_backup_file_that_cannot_be_locked_does_not_stop_the_daemon(
              what="the failed save said")  # fmt: skip
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(timeout=20) == 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_backup_path_that_is_not_a_regular_file_is_refused_without_blocking(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """Before: a FIFO there hung the start in open(), before any log line, and SIGTERM did
+    not end it."""
+    path = tmp_path / "state.db"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    loaded: list[BackupContents] = []
+    reading = threading.Thread(target=lambda: loaded.append(Backup(path).load()), daemon=True)
+    with caplog.at_level(logging.ERROR):
+        reading.start()
+        reading.join(timeout=30)
+    assert not reading.is_alive(), "load blocked"
+    assert loaded and not loaded[0].states
+    assert "not a regular file" in caplog.text

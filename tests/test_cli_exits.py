@@ -15,7 +15,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -490,3 +490,70 @@ def test_shield_kids_leaves_the_value_of_every_option_in_place() -> None:
     for option in options:
         assert shield_kids(["status", option, KID]) == ["status", option, KID], option
     assert shield_kids(["revoke", KID, "--keyset", "x"]) == ["revoke", "--keyset", "x", "--", KID]
+
+
+def _deep_toml(path: Path) -> str:
+    path.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    return str(path)
+
+
+def _backup_is_the_kek(path: Path) -> str:
+    kek = os.environ["ROTATOR_KEYS__KEK_FILE"]
+    path.write_text(f'[daemon]\nbackup_path = "{kek}"\n')
+    return str(path)
+
+
+def _backup_is_the_config(path: Path) -> str:
+    path.write_text(f'[daemon]\nbackup_path = "{path}"\n')
+    return str(path)
+
+
+def _fifo(path: Path) -> str:
+    os.mkfifo(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        (lambda _path: "/dev/zero", "not a regular file"),
+        (_fifo, "not a regular file"),
+        (lambda _path: "/" + "a" * 5000, "File name too long"),
+        (_deep_toml, "nested too deeply"),
+        (
+            _backup_is_the_kek,
+            "daemon.backup_path: it (or a file it writes beside it) is keys.kek_file",
+        ),
+        (_backup_is_the_config, "daemon.backup_path: is the config file itself"),
+    ],
+    ids=[
+        "dev-zero",
+        "fifo",
+        "name-too-long",
+        "nested-5000-deep",
+        "backup-is-kek",
+        "backup-is-config",
+    ],
+)
+def test_a_hostile_config_file_is_one_line_and_exit_2(
+    environment: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    config: Callable[[Path], str],
+    said: str,
+) -> None:
+    """Before: /dev/zero and a FIFO said "not found" (or hung), a long name and deep
+    nesting were tracebacks, and a backup file named as the KEK file overwrote the KEK
+    with the database at the first save."""
+    result = run(capsys, "--config", config(tmp_path / "rotator.toml"), "check-config")
+    assert result.code == 2, result
+    assert one_line(result) and said in result.stderr, result
+
+
+def test_json_nested_too_deep_in_a_variable_is_one_line_and_exit_2(
+    environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environment.setenv("ROTATOR_REDIS__SENTINELS", "[" * 3000 + "]" * 3000)
+    result = run(capsys, "check-config")
+    assert result.code == 2, result
+    assert one_line(result) and "nested too deeply" in result.stderr, result

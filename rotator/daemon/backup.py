@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 import tempfile
 import threading
 import time
@@ -233,12 +234,21 @@ class Backup:
 
     def _load(self) -> BackupContents:
         try:
-            with self.path.open("rb") as handle:
-                head = handle.read(len(_SQLITE))
+            # Not blocking, and looked at before it is read: a FIFO there would hang the
+            # start in open() (SIGTERM too), a device would be read without end.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                head = os.read(fd, len(_SQLITE)) if regular else b""
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return BackupContents()
         except OSError as exc:
             self._refuse("backup file %s is unreadable (%s); not used", self.path, exc)
+            return BackupContents()
+        if not regular:
+            self._refuse("backup file %s is not a regular file; not used", self.path)
             return BackupContents()
         if head == _SQLITE:
             return self._load_database()
