@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -97,16 +97,50 @@ class RedisSettings(_Section):
     def _host_ports(cls, sentinels: list[str]) -> list[str]:
         for entry in sentinels:
             host, sep, port = entry.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"{entry!r} is not host:port")
+            if (
+                not sep
+                or not host
+                or not entry.isascii()
+                or not entry.isprintable()
+                or not port.isdigit()
+                or len(port) > 5
+                or not 1 <= int(port) <= 65535
+            ):
+                raise ValueError(f"{shown(entry)} is not host:port (a port from 1 to 65535)")
         return sentinels
 
     @field_validator("url")
     @classmethod
-    def _known_scheme(cls, url: str) -> str:
-        scheme = urlsplit(url).scheme
+    def _usable_url(cls, url: str) -> str:
+        # Errors never repeat the URL: it may hold a password.
+        if not url.isascii() or not url.isprintable():
+            raise ValueError("has characters that are not printable ASCII")
+        parts = urlsplit(url)
+        scheme = parts.scheme
         if scheme not in {"redis", "rediss", "unix"}:
             raise ValueError(f"scheme {scheme!r} is not redis://, rediss:// or unix://")
+        # redis-py reads any query parameter as a connection option, ssl_cert_reqs=none
+        # (no TLS verification) among them: what may be set has settings of its own.
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        allowed = {"db"} if scheme == "unix" else set()
+        if parts.fragment or any(name not in allowed for name, _ in query):
+            raise ValueError(
+                "takes no query parameters (TLS and timeouts are redis.* settings; a "
+                "password goes before the host)"
+                + ("; a unix:// URL takes ?db=N alone" if scheme == "unix" else "")
+            )
+        if any(not value.isdigit() for _, value in query):
+            raise ValueError("db is not a number")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("port is not a number from 1 to 65535") from None
+        if port == 0:
+            raise ValueError("port is not a number from 1 to 65535")
+        if scheme != "unix" and not re.fullmatch(r"/?[0-9]{0,9}", parts.path):
+            raise ValueError("the path is not a database number (redis://host:6379/0)")
+        if scheme == "unix" and not parts.path:
+            raise ValueError("names no socket (unix:///path/to/redis.sock)")
         return url
 
     @field_validator("prefix")
@@ -142,6 +176,17 @@ class KeysetSettings(PolicyOverrides):
     """Per key set overrides (``[keysets.NAME]``)."""
 
 
+def _bind_host(host: str) -> str:
+    """A host to listen on: not empty (the empty host listens on every interface, without
+    a word), printable ASCII without spaces (a NUL or a byte that is not UTF-8 failed
+    late with a traceback)."""
+    if not host:
+        raise ValueError("is empty (0.0.0.0 listens on every interface, if that is meant)")
+    if not host.isascii() or not host.isprintable() or " " in host:
+        raise ValueError("is not a host name or address (printable ASCII, no spaces)")
+    return host
+
+
 class DaemonSettings(_Section):
     """The long-running process."""
 
@@ -154,6 +199,11 @@ class DaemonSettings(_Section):
     backup_path: Path | None = None
     health_host: str = "127.0.0.1"
     health_port: int = Field(default=9464, ge=0, le=65535)
+
+    @field_validator("health_host")
+    @classmethod
+    def _host(cls, host: str) -> str:
+        return _bind_host(host)
 
     @field_validator("lease_ttl")
     @classmethod
@@ -194,6 +244,11 @@ class ServerSettings(_Section):
     poll_interval: Duration = 30.0
     max_stale: Duration = 3600.0
     max_keysets: int = Field(default=1000, ge=1)
+
+    @field_validator("host", "metrics_host")
+    @classmethod
+    def _hosts(cls, host: str | None) -> str | None:
+        return None if host is None else _bind_host(host)
 
     @field_validator("head_timeout", "idle_timeout", "send_timeout")
     @classmethod
@@ -381,12 +436,12 @@ class Settings(BaseSettings):
 def mask_url(url: str) -> str:
     """*url* with any password replaced by ``***``, for printing."""
     parts = urlsplit(url)
-    if parts.password is None:
+    # From the text itself, not `parts.port`: a port that is not a number raised here.
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def _toml_value(value: Any) -> str:

@@ -557,3 +557,55 @@ def test_json_nested_too_deep_in_a_variable_is_one_line_and_exit_2(
     result = run(capsys, "check-config")
     assert result.code == 2, result
     assert one_line(result) and "nested too deeply" in result.stderr, result
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        (
+            "ROTATOR_REDIS__URL",
+            "rediss://127.0.0.1:6380/0?ssl_cert_reqs=none",
+            "takes no query parameters",
+        ),
+        (
+            "ROTATOR_REDIS__URL",
+            "redis://127.0.0.1:6379/0?password=hunter2secret",
+            "takes no query parameters",
+        ),
+        ("ROTATOR_REDIS__URL", "redis://127.0.0.1:6379/0?foo=bar", "takes no query parameters"),
+        ("ROTATOR_REDIS__URL", "redis://:hunter2secret@127.0.0.1:99999/0", "port is not"),
+        ("ROTATOR_REDIS__URL", "redis://127.0.0.1:abc/0", "port is not"),
+        ("ROTATOR_REDIS__URL", "redis://127.0.0.1:6379/abc", "not a database number"),
+        ("ROTATOR_REDIS__SENTINELS", '["127.0.0.1:99999999"]', "is not host:port"),
+        ("ROTATOR_SERVER__HOST", "", "is empty"),
+        ("ROTATOR_DAEMON__HEALTH_HOST", "", "is empty"),
+        ("ROTATOR_DAEMON__HEALTH_HOST", "x\x1b[31m", "is not a host name"),
+    ],
+    ids=[
+        "tls-verification-off",
+        "password-in-query",
+        "unknown-query",
+        "port-over-65535",
+        "port-not-a-number",
+        "database-not-a-number",
+        "sentinel-port",
+        "empty-serve-host",
+        "empty-health-host",
+        "host-with-escape",
+    ],
+)
+def test_a_dangerous_or_broken_address_is_one_line_and_exit_2(
+    environment: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    said: str,
+) -> None:
+    """Before: ``?ssl_cert_reqs=none`` turned TLS verification off (and won over
+    tls_ca_file), a password in the query was printed by check-config and logged by run,
+    a bad port was a traceback, and an empty host listened on every interface."""
+    environment.setenv(variable, value)
+    result = run(capsys, "check-config")
+    assert result.code == 2, result
+    assert one_line(result) and said in result.stderr, result
+    assert "hunter2secret" not in result.stdout + result.stderr
