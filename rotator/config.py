@@ -35,7 +35,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from rotator.core.envelope import Keyring
+from rotator.core.envelope import KekError, Keyring
 from rotator.core.issuer import issuer_routes
 from rotator.core.overrides import Duration, PolicyOverrides, describe_error
 from rotator.core.policy import Policy
@@ -425,7 +425,10 @@ class Settings(BaseSettings):
         credentials = os.environ.get("CREDENTIALS_DIRECTORY")
         if kek_file is None and keks is None and credentials:
             candidate = Path(credentials) / "kek"  # systemd LoadCredential=kek:...
-            kek_file = candidate if candidate.is_file() else None
+            try:
+                kek_file = candidate if candidate.is_file() else None
+            except OSError as exc:  # a name too long
+                raise KekError(f"CREDENTIALS_DIRECTORY: {exc.strerror or exc}") from None
         return load_keyring(kek_file, keks)
 
     def configured_keysets(self) -> list[str]:

@@ -22,6 +22,7 @@ import pytest
 
 from rotator.cli.main import main
 from rotator.cli.parser import build_parser, config_file, keyset_name, shield_kids, subparsers
+from rotator.core.envelope import generate_kek_line
 from rotator.daemon.backup import Backup
 from rotator.embedded import EmbeddedRedis, free_port
 from tests.conftest import Cli, CliResult
@@ -609,3 +610,60 @@ def test_a_dangerous_or_broken_address_is_one_line_and_exit_2(
     assert result.code == 2, result
     assert one_line(result) and said in result.stderr, result
     assert "hunter2secret" not in result.stdout + result.stderr
+
+
+def _kek_bytes(data: bytes) -> Callable[[Path], str]:
+    def write(path: Path) -> str:
+        path.write_bytes(data)
+        path.chmod(0o600)
+        return str(path)
+
+    return write
+
+
+@pytest.mark.parametrize(
+    ("kek_file", "said"),
+    [
+        (_kek_bytes(b"k1:\xff\n"), "is not ASCII text"),
+        (_kek_bytes("k1:\u00e9\n".encode()), "is not ASCII text"),
+        (lambda _path: "/dev/zero", "is not a regular file"),
+        (_fifo, "is not a regular file"),
+        (_kek_bytes(b"# " + b"x" * 70_000 + b"\n"), "is larger than"),
+    ],
+    ids=["not-utf8", "not-ascii", "dev-zero", "fifo", "huge"],
+)
+def test_an_unusable_kek_file_is_one_line_and_exit_2(
+    environment: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    kek_file: Callable[[Path], str],
+    said: str,
+) -> None:
+    """Before: a UnicodeDecodeError or ValueError traceback, /dev/zero read without end
+    (4 GB in 8 s), and a FIFO waited for a writer."""
+    environment.setenv("ROTATOR_KEYS__KEK_FILE", kek_file(tmp_path / "kek"))
+    result = run(capsys, "check-config")
+    assert result.code == 2, result
+    assert one_line(result) and said in result.stderr, result
+
+
+def test_a_kek_given_where_its_path_belongs_is_never_repeated(
+    environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: "cannot read k1:<the whole KEK>: No such file or directory"."""
+    line = generate_kek_line("k1")
+    environment.setenv("ROTATOR_KEYS__KEK_FILE", line)
+    result = run(capsys, "check-config")
+    assert result.code == 2, result
+    assert one_line(result) and "looks like a KEK line" in result.stderr, result
+    assert line.split(":")[1] not in result.stdout + result.stderr
+
+
+def test_a_kek_that_is_not_ascii_is_one_line_and_exit_2(
+    environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environment.delenv("ROTATOR_KEYS__KEK_FILE")
+    environment.setenv("ROTATOR_KEYS__KEKS", "k1:\u00e9")
+    result = run(capsys, "check-config")
+    assert result.code == 2, result
+    assert one_line(result) and "not valid base64" in result.stderr, result

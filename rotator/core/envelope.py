@@ -147,7 +147,7 @@ def parse_keks(text: str, *, source: str) -> Keyring:
             )
         try:
             key = base64.b64decode(encoded.strip(), validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a character that is not ASCII
             raise KekError(f"{source}: KEK {kek_id!r} is not valid base64") from None
         if len(key) != _KEK_BYTES:
             raise KekError(f"{source}: KEK {kek_id!r} is {len(key)} bytes, must be {_KEK_BYTES}")
