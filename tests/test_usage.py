@@ -260,3 +260,44 @@ def test_usage_of_many_key_sets_is_read_in_one_round_trip(
         "b": (2, 20),
         "c": (3, 30),
     }
+
+
+def test_a_last_seen_time_past_the_year_3000_is_no_time(client: redis.Redis) -> None:
+    """Any verifier may write it; before, `rotator status` printed it with a traceback
+    (year 10000 is out of range)."""
+    client.hset(LAYOUT.usage("default"), mapping={"accepted:k1": 1, "last:k1": 2**62})
+    found = read_usage(client, LAYOUT, "default", 1_800_000_000.0, 900)
+    assert found["k1"].accepted == 1 and found["k1"].last_verified is None
+
+
+def test_a_usage_hash_of_another_type_counts_nothing_for_its_key_set_alone(
+    client: redis.Redis,
+) -> None:
+    """Before: WRONGTYPE for one key set failed `rotator status` for every key set."""
+    client.rpush(LAYOUT.usage("bad"), "a")
+    client.hset(LAYOUT.usage("good"), "accepted:k1", 4)
+    found = read_usage_many(client, LAYOUT, ["bad", "good"], 1_800_000_000.0, 900)
+    assert found["bad"] == {}
+    assert found["good"]["k1"].accepted == 4
+
+
+def test_a_poisoned_counter_does_not_make_honest_counts_count_again(
+    manager: KeyManager, redis_server: EmbeddedRedis, keyring: Keyring, client: redis.Redis
+) -> None:
+    """A field written by hand that is not a number fails its HINCRBY; before, the whole
+    report was given back and sent again at every flush, so the writes that had gone
+    through (the minute's counts) counted again each time: 200 for 10 in 20 s."""
+    manager.reconcile("default")
+    kid, tokens = sign(redis_server, keyring, 10)
+    client.hset(LAYOUT.usage("default"), f"accepted:{kid}", "poison")
+    reader = JWKSReader(redis_server.url, follow=False).start()
+    assert reader._flusher is not None
+    for token in tokens:
+        reader.verify(token, audience="svc", issuer="iam")
+    assert not reader._flusher.flush()  # refused in part
+    for _ in range(3):
+        reader._flusher.flush()
+    reader.close()
+    minutes = [n for n in client.scan_iter(f"{LAYOUT.usage('default')}:*")]
+    counted = sum(int(client.hget(n, f"accepted:{kid}") or 0) for n in minutes)
+    assert counted == 10

@@ -37,6 +37,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -198,6 +199,27 @@ class UsageCounter:
             counts = self._minutes[minute] = MinuteCounts(minute)
         return counts
 
+    def reported(self, taken: list[MinuteCounts], replies: list[Any]) -> bool:
+        """A flush of *taken* was answered with *replies*; whether all were written. Refused
+        whole (an ACL without the role), they are given back (`unreported`); refused in
+        part (a field written by hand that is not a number), never: what was written
+        would count again at every flush (60 times, within the hold)."""
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if not errors:
+            return True
+        if len(errors) == len(replies):
+            self.unreported(taken, errors[0])
+        else:
+            log.warning(
+                "usage of key set %s reported in part (%d of %d writes refused: %s); "
+                "not sent again",
+                self.keyset,
+                len(errors),
+                len(replies),
+                errors[0],
+            )
+        return False
+
     def unreported(self, taken: list[MinuteCounts], exc: Exception) -> None:
         """A flush of *taken* failed with *exc*: say so, and `restore` them."""
         log.warning("usage of key set %s not reported: %s", self.keyset, exc)
@@ -263,11 +285,11 @@ class UsageFlusher:
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 queue_report(pipe, self.layout, self.counter.keyset, taken)
-                pipe.execute()
+                replies = pipe.execute(raise_on_error=False)
         except (redis.RedisError, OSError) as exc:
             self.counter.unreported(taken, exc)
             return False
-        return True
+        return self.counter.reported(taken, replies)
 
 
 class AsyncUsageFlusher:
@@ -310,11 +332,11 @@ class AsyncUsageFlusher:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 queue_report(pipe, self.layout, self.counter.keyset, taken)
-                await pipe.execute()
+                replies = await pipe.execute(raise_on_error=False)
         except (redis.RedisError, OSError) as exc:
             self.counter.unreported(taken, exc)
             return False
-        return True
+        return self.counter.reported(taken, replies)
 
 
 def _metered(counter: UsageCounter, roles: RolesOf) -> list[MinuteCounts]:

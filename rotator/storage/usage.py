@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from rotator.core.state import MAX_TIME
 from rotator.storage.layout import Layout
 
 __all__ = [
@@ -108,7 +109,11 @@ def read_usage_many(
             pipe.hgetall(layout.usage(keyset))
             for minute in minutes:
                 pipe.hgetall(layout.usage_minute(keyset, minute))
-        answers = pipe.execute()
+        # A hash of another type (WRONGTYPE) counts nothing, for its key set alone.
+        answers = pipe.execute(raise_on_error=False)
+    for answer in answers:
+        if isinstance(answer, redis.ConnectionError | redis.TimeoutError):
+            raise answer
     per = 1 + len(minutes)
     return {keyset: _usage_of(answers[i * per : (i + 1) * per]) for i, keyset in enumerate(keysets)}
 
@@ -126,7 +131,9 @@ def _usage_of(answers: list[Any]) -> dict[str, KidUsage]:
     for outcome, kid, n in _fields(totals):
         usage = found.setdefault(kid, KidUsage())
         if outcome == _LAST:
-            usage.last_verified = n
+            # Any verifier may write it: a time rotator could not print is no time.
+            if n <= MAX_TIME:
+                usage.last_verified = n
             continue
         usage.total += n
         if outcome == ACCEPTED:
