@@ -47,6 +47,7 @@ from rotator.storage.layout import (
     validate_keyset_name,
     validate_prefix,
 )
+from rotator.storage.lease import MAX_LEASE_TTL
 
 __all__ = [
     "LOG_LEVELS",
@@ -210,6 +211,9 @@ class DaemonSettings(_Section):
     def _renewable_lease(cls, ttl: float) -> float:
         if ttl < 3:
             raise ValueError("must be at least 3s (it is renewed every third of it)")
+        if ttl > MAX_LEASE_TTL:
+            # A dead leader's shards wait that long for another daemon.
+            raise ValueError(f"must be at most {MAX_LEASE_TTL:g}s")
         return ttl
 
     @field_validator("tick", "sweep_interval")

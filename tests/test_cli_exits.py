@@ -581,6 +581,7 @@ def test_json_nested_too_deep_in_a_variable_is_one_line_and_exit_2(
         ("ROTATOR_SERVER__HOST", "", "is empty"),
         ("ROTATOR_DAEMON__HEALTH_HOST", "", "is empty"),
         ("ROTATOR_DAEMON__HEALTH_HOST", "x\x1b[31m", "is not a host name"),
+        ("ROTATOR_DAEMON__LEASE_TTL", "36500d", "must be at most 600s"),
     ],
     ids=[
         "tls-verification-off",
@@ -593,6 +594,7 @@ def test_json_nested_too_deep_in_a_variable_is_one_line_and_exit_2(
         "empty-serve-host",
         "empty-health-host",
         "host-with-escape",
+        "lease-of-a-century",
     ],
 )
 def test_a_dangerous_or_broken_address_is_one_line_and_exit_2(

@@ -87,6 +87,20 @@ def test_a_lease_taken_by_someone_else_is_lost_and_garbage_is_no_lease(
     assert lease.refresh() and lease.led == {0, 1}
 
 
+@pytest.mark.parametrize("score", ["inf", "1e15"])
+def test_a_member_no_daemon_could_have_written_takes_no_share(
+    client: redis.Redis, score: str
+) -> None:
+    """A heartbeat lapsing later than `MAX_LEASE_TTL` from now is dropped. Before, one at
+    +inf took half the shards for good, which then no daemon led: nothing rotated."""
+    layout = Layout(shards=2)
+    client.zadd(layout.members, {"hostile": float(score)})
+    lease = Lease(client, layout, TTL, token="a")
+    assert lease.refresh()
+    assert lease.led == {0, 1}
+    assert client.zscore(layout.members, "hostile") is None
+
+
 def test_status_and_repair_know_which_daemon_leads_which_shard(
     cli: Cli, client: redis.Redis
 ) -> None:

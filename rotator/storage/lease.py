@@ -51,6 +51,7 @@ from rotator.storage.layout import Layout
 
 __all__ = [
     "LEASE_RETRIES",
+    "MAX_LEASE_TTL",
     "Lease",
     "SlowTicks",
     "Verdict",
@@ -66,13 +67,19 @@ log = logging.getLogger(__name__)
 #: cost the lease, and two timeouts still end well inside it.
 LEASE_RETRIES = 1
 
+#: The longest lease a daemon may take (``daemon.lease_ttl``): a member whose heartbeat
+#: lapses later than this from now was not written by a daemon, and is dropped (one at
+#: +inf took a share of the shards that nobody then led, for good).
+MAX_LEASE_TTL = 600.0
+_MAX_LEASE_MS = int(MAX_LEASE_TTL * 1000)
+
 #: The longest token kept: the host name is there for `rotator status` to show, and a
 #: long one must not make every lease step carry it in full.
 _TOKEN_CHARS = 80
 
 # KEYS: members, the lease of each shard in order. ARGV: token, TTL in ms, 'step' or
-# 'leave'. Returns the shards (from 0) the token leads afterwards, the live members, and
-# the shards it released beyond its share.
+# 'leave', `MAX_LEASE_TTL` in ms. Returns the shards (from 0) the token leads afterwards,
+# the live members, and the shards it released beyond its share.
 # Garbage under a key (another type than the script writes) is deleted, not obeyed: it
 # would otherwise keep a shard unled, or fail every step, for good.
 _STEP = """
@@ -96,6 +103,7 @@ end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '(' .. (now + tonumber(ARGV[4])), '+inf')
 redis.call('ZADD', KEYS[1], now + ttl, token)
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 table.sort(members)
@@ -200,6 +208,9 @@ class Lease:
         self._refrain_until = float("-inf")
         self.unreachable: Exception | None = None
 
+    def _args(self, what: str) -> list[str | int]:
+        return [self.token, int(self.ttl * 1000), what, _MAX_LEASE_MS]
+
     @property
     def led(self) -> frozenset[int]:
         """The shards this process leads: its last step that succeeded gave them to it, and
@@ -227,7 +238,7 @@ class Lease:
         was = self._led  # renewed even if late: the tokens may still be ours
         started = self._clock()
         try:
-            reply = self._step(keys=self._keys, args=[self.token, int(self.ttl * 1000), "step"])
+            reply = self._step(keys=self._keys, args=self._args("step"))
         except (redis.RedisError, OSError) as exc:
             if was:
                 log.warning(
@@ -283,7 +294,7 @@ class Lease:
     def _release(self) -> None:
         was, self._led = self._led, frozenset()
         try:
-            self._step(keys=self._keys, args=[self.token, int(self.ttl * 1000), "leave"])
+            self._step(keys=self._keys, args=self._args("leave"))
         except (redis.RedisError, OSError) as exc:
             if was:
                 log.info("leader leases not released cleanly (%s); they expire on their own", exc)
