@@ -119,6 +119,33 @@ def test_an_invalid_registry_name_is_reported_and_never_managed(
     }  # nothing written under the invalid name
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["evil\n2026-12-07 01:00:00,000 INFO rotator: key set good: revoke kid=FORGED", "a\x00b"],
+    ids=["forged-log-line", "nul"],
+)
+def test_an_invalid_registry_name_gone_is_not_written_back_nor_logged_raw(
+    daemon: Daemon,
+    client: redis.Redis,
+    name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: deleted (``HDEL``), it was taken for an entry lost with Redis data: logged
+    raw, a forged log line included, and written back at every tick; `keyset remove`
+    refuses invalid names, so only a hand-written tombstone got rid of it."""
+    client.hset("rotator:keysets", name, "{}")
+    daemon.tick()
+    client.hdel("rotator:keysets", name)
+    client.incr("rotator:{rotator:keysets}:version")
+    with caplog.at_level(logging.INFO):
+        daemon.tick()
+        daemon.tick()
+    assert client.hget("rotator:keysets", name) is None
+    # Shown escaped (it is reported invalid), never as a line of its own.
+    assert "\n2026-12-07 01:00:00,000" not in caplog.text and "\x00" not in caplog.text
+    assert not daemon.managed.problems()
+
+
 def test_a_lost_registry_entry_that_is_bad_is_written_back_as_it_was(
     daemon: Daemon, client: redis.Redis
 ) -> None:

@@ -156,6 +156,14 @@ def parse_overrides(raw: str, base: Policy) -> tuple[PolicyOverrides, Policy]:
     return overrides, policy
 
 
+def _valid(name: str) -> bool:
+    try:
+        validate_keyset_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def invalid_label(name: str) -> str:
     """How a registry name that is not a valid key set name is listed: escaped, and with a
     space, which no valid name holds, so it never stands for a real key set."""
@@ -227,10 +235,11 @@ class KeySets:
         `redis.RedisError` when Redis is unreachable."""
         entries = dict(self._configured)
         stored = self.store.registry()
+        # A name that is not a valid key set name is never managed, so never written back.
         lost = {
             name: raw
             for name, raw in self._stored.items()
-            if name not in stored and raw != REMOVED and name not in entries
+            if name not in stored and raw != REMOVED and name not in entries and _valid(name)
         }
         stored.update(lost)
         for name, raw in stored.items():
