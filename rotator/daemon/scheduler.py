@@ -27,6 +27,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import FrameType
+from typing import get_args
 
 import redis
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from rotator.config import Settings, mask_url
+from rotator.core.lifecycle import Reason
 from rotator.core.policy import Policy
 from rotator.core.state import CorruptState, KeySetState
 from rotator.core.strictjson import one_line
@@ -61,6 +63,8 @@ from rotator.wiring import Wiring
 
 __all__ = ["Daemon"]
 
+#: The rotation reasons rotator writes (`rotator.core.lifecycle.Reason`).
+_REASONS = frozenset(get_args(Reason))
 log = logging.getLogger(__name__)
 
 _FRESHNESS_TICKS = 3
@@ -733,8 +737,11 @@ class Daemon:
                 self._audit_seen = entry.id
                 if isinstance(entry, BadAuditEntry):
                     unreadable.append(entry)
-                elif entry.event == "rotate":
-                    ROTATIONS.labels(entry.keyset, entry.reason or "scheduled").inc()
+                elif entry.event == "rotate" and entry.keyset in self.managed:
+                    # Labels bounded by what is managed and by the reasons rotator writes:
+                    # forged entries made a series each, without end (RSS, /metrics).
+                    reason = entry.reason or "scheduled"
+                    ROTATIONS.labels(entry.keyset, reason if reason in _REASONS else "other").inc()
         except (redis.RedisError, OSError):
             REDIS_ERRORS.inc()
             return
