@@ -514,6 +514,26 @@ def test_forged_rotations_in_the_audit_stream_make_no_series_of_their_own(
     assert ROTATIONS.labels("alpha", "other")._value.get() == other + 20
 
 
+def test_a_state_key_of_another_type_is_unreadable_not_lost(
+    daemon: Daemon, client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MGET reads a list as nothing. Before, the key set was taken for lost with Redis
+    data: written back, failing with WRONGTYPE, up to 880 times a second, and `rotator
+    status` said it was empty while `repair` said it was readable."""
+    daemon.tick()
+    client.delete("rotator:{beta}:state")
+    client.rpush("rotator:{beta}:state", "x")
+    daemon._sweep.now()  # as the paced sweep comes to it
+    with caplog.at_level(logging.INFO):
+        daemon.tick()
+        daemon.tick()
+    assert "holds a list" in daemon.health.report(daemon.clock())["keysets"]["beta"]["error"]
+    assert "writing it back" not in caplog.text
+    with pytest.raises(CorruptState, match="holds a list"):
+        daemon.manager.store.load("beta")
+    assert daemon.manager.store.quarantine("beta") is not None  # what `repair` does
+
+
 # ------------------------------------------------------------ Catch-alls
 
 

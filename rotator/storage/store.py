@@ -390,7 +390,10 @@ class Store:
     def load(self, keyset: str) -> Snapshot:
         """Read state, JWKS and roles together; raise `CorruptState` if the state is
         unusable."""
-        return self._snapshot(keyset, *self._mget(*self._keys_of(keyset)))
+        loaded = self.load_many([keyset])[0]
+        if isinstance(loaded, CorruptState):
+            raise loaded
+        return loaded
 
     def _keys_of(self, keyset: str) -> tuple[str, str, str]:
         return self.layout.state(keyset), self.layout.jwks(keyset), self.layout.roles(keyset)
@@ -411,15 +414,41 @@ class Store:
             # One MGET for the whole batch: one command to build and parse, and one
             # atomic read of every key set in it.
             replies = self._mget(*keys)
+        misread = self._misread(
+            [k for k, raw in zip(keysets, replies[::3], strict=True) if not raw]
+        )
         loaded: list[Snapshot | CorruptState] = []
         for keyset, raw_state, raw_jwks, raw_roles in zip(
             keysets, replies[::3], replies[1::3], replies[2::3], strict=True
         ):
+            if keyset in misread:
+                self.forget(keyset)
+                loaded.append(CorruptState(f"key set {keyset}: {misread[keyset]}"))
+                continue
             try:
                 loaded.append(self._snapshot(keyset, raw_state, raw_jwks, raw_roles))
             except CorruptState as exc:
                 loaded.append(exc)
         return loaded
+
+    def _misread(self, absent: Sequence[str]) -> dict[str, str]:
+        """Of *absent* (key sets whose state MGET found none), those whose state key holds a
+        value of another type, which MGET reads as none: the problem of each. Taken for
+        lost, such a state was written back, failing, at every tick, and `rotator status`
+        said the key set was empty."""
+        if not absent:
+            return {}
+        with self.client.pipeline(transaction=False) as pipe:
+            for keyset in absent:
+                pipe.type(self.layout.state(keyset))
+            kinds = [
+                _text(kind) if isinstance(kind, bytes) else str(kind) for kind in pipe.execute()
+            ]
+        return {
+            keyset: f"state is unreadable: its key holds a {kind}, not a string"
+            for keyset, kind in zip(absent, kinds, strict=True)
+            if kind != "none"
+        }
 
     def _mget(self, *keys: str) -> list[bytes | None]:
         return cast(list[bytes | None], self.client.mget(keys))
