@@ -83,15 +83,24 @@ class RedisSettings(_Section):
     url: str = "redis://localhost:6379/0"
     prefix: str = "rotator"
     socket_timeout: Duration = 5.0
-    retries: int = Field(default=5, ge=0)
+    retries: int = Field(default=5, ge=0, le=100)
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     sentinels: list[str] = Field(default_factory=list)
     sentinel_master: str = "mymaster"
     cluster: bool = False
-    min_replicas_ack: int = Field(default=0, ge=0)
+    min_replicas_ack: int = Field(default=0, ge=0, le=100)
     replica_ack_timeout: Duration = 1.0
+
+    @field_validator("socket_timeout", "replica_ack_timeout")
+    @classmethod
+    def _some_time(cls, seconds: float) -> float:
+        # 0 is no timeout at all to a socket ("Operation now in progress" on every
+        # command), and to WAIT a wait without end.
+        if not 0.01 <= seconds <= 3600:
+            raise ValueError("must be from 10ms to 1h")
+        return seconds
 
     @field_validator("sentinels")
     @classmethod
@@ -242,12 +251,12 @@ class ServerSettings(_Section):
     idle_timeout: Duration = 75.0
     send_timeout: Duration = 30.0
     max_connections: int = Field(default=4096, ge=1, le=2**20)
-    max_requests_per_connection: int = Field(default=1000, ge=1)
+    max_requests_per_connection: int = Field(default=1000, ge=1, le=2**31)
     metrics_host: str | None = None
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     poll_interval: Duration = 30.0
     max_stale: Duration = 3600.0
-    max_keysets: int = Field(default=1000, ge=1)
+    max_keysets: int = Field(default=1000, ge=1, le=10_000_000)
 
     @field_validator("host", "metrics_host")
     @classmethod
@@ -295,7 +304,7 @@ class LogSettings(_Section):
 
     level: str = "INFO"
     format: Literal["text", "json"] = "text"
-    audit_max_entries: int = Field(default=100_000, ge=100)
+    audit_max_entries: int = Field(default=100_000, ge=100, le=10**9)
 
     @field_validator("level")
     @classmethod

@@ -180,7 +180,10 @@ def test_the_errors_the_issue_names(
     dev = run(capsys, "dev", "--interval", "abc")
     assert dev.code == 2 and one_line(dev) and "invalid duration 'abc'" in dev.stderr
     audit = run(capsys, "audit", "--limit", "-1")
-    assert audit.code == 2 and one_line(audit) and "at least 1" in audit.stderr
+    assert audit.code == 2 and one_line(audit) and "from 1 to" in audit.stderr
+    # Before: exit 1, "Redis error: value is not an integer or out of range".
+    huge = run(capsys, "audit", "--limit", "99999999999999999999999")
+    assert huge.code == 2 and one_line(huge) and "--limit" in huge.stderr
     hostile = run(capsys, "status", "--x\nsecond line")
     assert hostile.code == 2 and one_line(hostile), hostile.stderr
     # Before: accepted, and `rotator serve` forked that many workers.
@@ -210,6 +213,10 @@ CHECKED_BY_THE_COMMAND: dict[Command, list[tuple[list[str], str]]] = {
     ("token", "sign"): [
         (["token", "sign", "--claims", "nope"], "--claims is not JSON"),
         (["token", "sign", "--claims", "[1]"], "--claims must be a JSON object"),
+        # Before: signed, and `rotator token verify` refused the token it made.
+        (["token", "sign", "--claims", '{"sub": NaN}'], "--claims is not JSON"),
+        (["token", "sign", "--claims", '{"sub": 1e999}'], "--claims is not JSON"),
+        (["token", "sign", "--claims", "[" * 1500 + "]" * 1500], "--claims is not JSON"),
         (["token", "sign", "--claims", '{"iat": 1}'], "--claims must not hold exp or iat"),
     ],
 }
@@ -436,6 +443,17 @@ def test_revoke_says_revoke_once(
     assert "  rotate (manual)  " in audit.stdout
 
 
+def test_a_kid_with_a_newline_or_an_escape_is_echoed_escaped_on_one_line(
+    live: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: `revoke $'a\\nFAKE LINE'` printed a two-line error, and an escape sequence in
+    the kid reached the terminal as it was."""
+    assert run(capsys, "keyset", "add", "shop").code == 0
+    revoked = run(capsys, "revoke", "a\nFAKE LINE\x1b]0;owned\x07", "--keyset", "shop", "--yes")
+    assert revoked.code == 1, revoked
+    assert one_line(revoked) and "\x1b" not in revoked.stderr, revoked.stderr
+
+
 def test_an_unknown_key_set_is_exit_2_for_every_command(
     live: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -582,6 +600,10 @@ def test_json_nested_too_deep_in_a_variable_is_one_line_and_exit_2(
         ("ROTATOR_DAEMON__HEALTH_HOST", "", "is empty"),
         ("ROTATOR_DAEMON__HEALTH_HOST", "x\x1b[31m", "is not a host name"),
         ("ROTATOR_DAEMON__LEASE_TTL", "36500d", "must be at most 600s"),
+        ("ROTATOR_LOG__AUDIT_MAX_ENTRIES", "9" * 23, "less than or equal to"),
+        ("ROTATOR_REDIS__MIN_REPLICAS_ACK", "9" * 23, "less than or equal to"),
+        ("ROTATOR_REDIS__SOCKET_TIMEOUT", "0s", "must be from 10ms to 1h"),
+        ("ROTATOR_REDIS__REPLICA_ACK_TIMEOUT", "0s", "must be from 10ms to 1h"),
     ],
     ids=[
         "tls-verification-off",
@@ -595,6 +617,10 @@ def test_json_nested_too_deep_in_a_variable_is_one_line_and_exit_2(
         "empty-health-host",
         "host-with-escape",
         "lease-of-a-century",
+        "audit-entries-huge",
+        "replicas-huge",
+        "socket-timeout-zero",
+        "ack-timeout-zero",
     ],
 )
 def test_a_dangerous_or_broken_address_is_one_line_and_exit_2(

@@ -25,6 +25,7 @@ from rotator.config import ConfigError, Settings, load_settings
 from rotator.core.envelope import KekError, UnsealError
 from rotator.core.lifecycle import LifecycleError
 from rotator.core.state import CorruptState
+from rotator.core.strictjson import one_line
 from rotator.daemon.manager import NoKekError
 from rotator.embedded import RedisBinaryNotFound
 from rotator.library.signer import SigningError
@@ -106,8 +107,11 @@ def _run(args: argparse.Namespace) -> int:
     arguments) or 1 (the operation failed)."""
     try:
         return _dispatch(args)
-    except (ConfigError, KekError, NoKekError, UsageError) as exc:
+    except ConfigError as exc:  # one line per problem, each naming its field
         print(f"rotator: {exc}", file=sys.stderr)
+        return 2
+    except (KekError, NoKekError, UsageError) as exc:
+        print(f"rotator: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
         print(f"rotator: Redis refused the credentials or command: {exc}", file=sys.stderr)
@@ -125,7 +129,8 @@ def _run(args: argparse.Namespace) -> int:
         RedisBinaryNotFound,
         SigningError,
     ) as exc:
-        print(f"rotator: {exc}", file=sys.stderr)
+        # A kid or a name from the command line may hold a newline or an escape sequence.
+        print(f"rotator: {one_line(str(exc))}", file=sys.stderr)
         return 1
     except redis.RedisError as exc:
         print(f"rotator: Redis error: {exc}", file=sys.stderr)

@@ -54,13 +54,19 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+#: The most `_count` accepts: what Redis takes as a count (``XREVRANGE ... COUNT``).
+_MAX_COUNT = 2**31 - 1
+
+
 def _count(text: str) -> int:
     try:
-        value = int(text)
+        value = int(text) if len(text) <= 12 else 0
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number of at least 1")
+    if not 1 <= value <= _MAX_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r} is not a whole number from 1 to {_MAX_COUNT}"
+        )
     return value
 
 

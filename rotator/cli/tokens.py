@@ -9,6 +9,7 @@ import sys
 
 from rotator.cli.common import Failure, UsageError, checked_keyset, wiring_for
 from rotator.config import Settings
+from rotator.core import strictjson
 from rotator.core.durations import format_duration
 from rotator.library.errors import InvalidToken
 from rotator.library.reader import JWKSReader
@@ -60,10 +61,12 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 
 def _claims(text: str) -> dict[str, object]:
     """The ``--claims`` argument: a JSON object."""
+    # Strict, as a verifier reads a payload: NaN, Infinity, 1e999, duplicate members and
+    # deep nesting made a token `rotator token verify` refused (or a traceback).
     try:
-        claims = json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"--claims is not JSON: {exc}") from None
+        claims = strictjson.loads(text)
+    except strictjson.JSONError as exc:
+        raise UsageError(f"--claims is not JSON rotator signs: {exc}") from None
     if not isinstance(claims, dict):
         raise UsageError("--claims must be a JSON object")
     if not claims.keys().isdisjoint(RESERVED_CLAIMS):
