@@ -184,8 +184,11 @@ def _jwk_key(raw: bytes) -> tuple[PrivateKey, str | None]:
     return private, public["kid"]
 
 
-def _private_int(jwk: dict[str, Any], name: str, size: int | None = None) -> bytes:
-    """A private member's bytes; its value never reaches the message."""
+def _private_int(
+    jwk: dict[str, Any], name: str, size: int | None = None, *, most: int | None = None
+) -> bytes:
+    """A private member's bytes (exactly *size* of them, or at most *most*); its value
+    never reaches the message."""
     value = jwk.get(name)
     try:
         raw = b64decode_strict(value) if isinstance(value, str) else b""
@@ -194,6 +197,8 @@ def _private_int(jwk: dict[str, Any], name: str, size: int | None = None) -> byt
     if not raw or (size is not None and len(raw) != size):
         exact = f"{size} bytes of " if size is not None else ""
         raise AdoptError(f"the JWK has no {name} of {exact}base64url")
+    if most is not None and len(raw) > most:
+        raise AdoptError(f"the JWK's {name} is longer than its modulus")
     return raw
 
 
@@ -220,12 +225,17 @@ def _rsa_private(jwk: dict[str, Any]) -> rsa.RSAPrivateKey:
     without them the primes are recovered from n, e and d."""
     if "oth" in jwk:
         raise AdoptError("the JWK is a multi-prime RSA key (oth), which is not supported")
-    n = int.from_bytes(b64decode_strict(jwk["n"]), "big")
+    modulus = b64decode_strict(jwk["n"])
+    n = int.from_bytes(modulus, "big")
     e = int.from_bytes(b64decode_strict(jwk["e"]), "big")
-    d = int.from_bytes(_private_int(jwk, "d"), "big")
+    # No member longer than the modulus (d is below n, the CRT members below a prime):
+    # a d of a megabyte took a minute of CPU to recover the primes from, before refused.
+    d = int.from_bytes(_private_int(jwk, "d", most=len(modulus)), "big")
     crt = ("p", "q", "dp", "dq", "qi")
     if any(name in jwk for name in crt):
-        p, q, dp, dq, qi = (int.from_bytes(_private_int(jwk, m), "big") for m in crt)
+        p, q, dp, dq, qi = (
+            int.from_bytes(_private_int(jwk, m, most=len(modulus)), "big") for m in crt
+        )
     else:
         p, q = rsa.rsa_recover_prime_factors(n, e, d)
         dp, dq, qi = rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q)
