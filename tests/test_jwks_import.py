@@ -173,3 +173,15 @@ def test_points_checked_are_remembered_by_their_holder_alone_and_bounded() -> No
     assert import_jwks(raw, CheckedPoints()).keys[kid] is not first.keys[kid]
     import_jwks(jwks_document([generate_key().jwk]), checked)  # a fourth point
     assert len(checked) <= 3
+
+
+def test_many_skipped_entries_are_logged_in_a_few_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Before: one warning per entry at every read (300,003 lines for one read of a JWKS
+    of 300,000 entries of an unknown key type)."""
+    good = generate_key().jwk
+    entries = [good] + [{"kty": "XX", "kid": f"k{i}"} for i in range(1000)]
+    with caplog.at_level(logging.WARNING):
+        imported = import_jwks(json.dumps({"keys": entries}).encode())
+    assert list(imported.keys) == [good["kid"]] and len(imported.skipped) == 1000
+    assert len(caplog.records) <= 6
+    assert "995 more entries skipped" in caplog.text

@@ -235,6 +235,10 @@ def checked_public_jwk(jwk: Mapping[str, Any]) -> dict[str, str]:
     return {**public_jwk(key), "kid": kid}
 
 
+#: Skipped entries logged one by one at each import; the rest are counted in one line.
+_LOGGED_SKIPS = 5
+
+
 def _private_within(value: Any) -> set[str]:
     """The private member names of the objects in *value* (parsed JSON) at any depth: a
     private key may sit one level down (``"ext": {"d": ...}``) as well as on top."""
@@ -310,7 +314,11 @@ def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> Verif
     for kid in duplicates:
         skipped.append(f"{shown(kid)}: appears twice; both refused")
         del keys[kid]
-    for reason in skipped:
+    # The first few, then how many more: a JWKS of 300,000 entries of an unknown key type
+    # logged 300,000 lines at every read.
+    for reason in skipped[:_LOGGED_SKIPS]:
         log.warning("JWKS entry skipped: %s", reason)
+    if len(skipped) > _LOGGED_SKIPS:
+        log.warning("JWKS: %d more entries skipped", len(skipped) - _LOGGED_SKIPS)
     body = jwks_document(public) if leaked else raw
     return VerificationKeys(keys, body, etag_of(body), tuple(skipped))
