@@ -14,6 +14,7 @@ parse is skipped, never raised.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from rotator.storage.layout import Layout
 
 __all__ = [
     "ACCEPTED",
+    "MAX_USAGE_FIELDS",
     "MINUTE_RETENTION",
     "TOTALS_RETENTION",
     "KidUsage",
@@ -34,6 +36,8 @@ __all__ = [
     "read_usage",
     "read_usage_many",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The outcome of a token that verified; refusals are ``refused:<InvalidToken subclass>``.
 ACCEPTED = "accepted"
@@ -95,27 +99,63 @@ def read_usage(
 ) -> dict[str, KidUsage]:
     """Per kid usage of *keyset* (the kids `UNKNOWN_KID` and `NO_KID` of
     `rotator.library.usage` included): the totals, and the verifications of the *window*
-    seconds before *now* (at most `MINUTE_RETENTION`), in one pipelined round trip."""
+    seconds before *now* (at most `MINUTE_RETENTION`), as `read_usage_many` reads them."""
     return read_usage_many(client, layout, [keyset], now, window)[keyset]
 
 
 def read_usage_many(
     client: redis.Redis, layout: Layout, keysets: Sequence[str], now: float, window: float
 ) -> dict[str, dict[str, KidUsage]]:
-    """`read_usage` of every key set of *keysets*, all in one pipelined round trip."""
+    """`read_usage` of every key set of *keysets*, in two pipelined round trips whatever
+    their number: the sizes of the hashes, then those of at most `MAX_USAGE_FIELDS` fields
+    (a larger one is logged and counts nothing)."""
     minutes = _minutes(now, window)
+    names = [
+        name
+        for keyset in keysets
+        for name in (
+            layout.usage(keyset),
+            *(layout.usage_minute(keyset, minute) for minute in minutes),
+        )
+    ]
+    # Any verifier may write these hashes: one of a million fields took `rotator status`
+    # 5 s and 500 MB, and the daemon's tick as long. Their sizes first, then the hashes of
+    # a size readers write (a few fields a kid); a hash of another type (WRONGTYPE) counts
+    # nothing, for its key set alone.
     with client.pipeline(transaction=False) as pipe:
-        for keyset in keysets:
-            pipe.hgetall(layout.usage(keyset))
-            for minute in minutes:
-                pipe.hgetall(layout.usage_minute(keyset, minute))
-        # A hash of another type (WRONGTYPE) counts nothing, for its key set alone.
-        answers = pipe.execute(raise_on_error=False)
+        for name in names:
+            pipe.hlen(name)
+        sizes = _answered(pipe.execute(raise_on_error=False))
+    wanted = [name for name, size in zip(names, sizes, strict=True) if _readable(name, size)]
+    with client.pipeline(transaction=False) as pipe:
+        for name in wanted:
+            pipe.hgetall(name)
+        read = dict(zip(wanted, _answered(pipe.execute(raise_on_error=False)), strict=True))
+    answers = [read.get(name) for name in names]
+    per = 1 + len(minutes)
+    return {keyset: _usage_of(answers[i * per : (i + 1) * per]) for i, keyset in enumerate(keysets)}
+
+
+#: The most fields of one usage hash read back: readers write a few per kid, and kids
+#: are bounded (`rotator.library.usage`).
+MAX_USAGE_FIELDS = 10_000
+
+
+def _answered(answers: list[Any]) -> list[Any]:
+    """*answers*, raising a lost connection: any other error stays an answer."""
     for answer in answers:
         if isinstance(answer, redis.ConnectionError | redis.TimeoutError):
             raise answer
-    per = 1 + len(minutes)
-    return {keyset: _usage_of(answers[i * per : (i + 1) * per]) for i, keyset in enumerate(keysets)}
+    return answers
+
+
+def _readable(name: str, size: object) -> bool:
+    if not isinstance(size, int):
+        return False  # another type: nothing to count
+    if size > MAX_USAGE_FIELDS:
+        log.warning("%s holds %d fields, over %d: not read", name, size, MAX_USAGE_FIELDS)
+        return False
+    return size > 0
 
 
 def _minutes(now: float, window: float) -> range:
