@@ -166,6 +166,14 @@ class RedisSettings(_Section):
                     raise ValueError(f"{name} is set but url is not rediss://")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together (client certificate)")
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            try:
+                found = path is None or path.is_file()
+            except OSError as exc:  # a name too long
+                raise ValueError(f"{name}: {exc.strerror or exc}") from None
+            if not found:  # else every connection fails, exit 1 and "cannot reach Redis"
+                raise ValueError(f"{name}: {shown(str(path))} is not a file")
         if self.sentinels and self.cluster:
             raise ValueError("sentinels and cluster exclude each other")
         return self

@@ -695,3 +695,15 @@ def test_a_kek_that_is_not_ascii_is_one_line_and_exit_2(
     result = run(capsys, "check-config")
     assert result.code == 2, result
     assert one_line(result) and "not valid base64" in result.stderr, result
+
+
+def test_a_tls_file_that_is_not_there_is_one_line_and_exit_2(
+    environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: exit 1, "cannot reach Redis: ... No such file or directory", for a field
+    of the configuration."""
+    environment.setenv("ROTATOR_REDIS__URL", "rediss://127.0.0.1:6380/0")
+    environment.setenv("ROTATOR_REDIS__TLS_CA_FILE", "/nonexistent/ca.pem")
+    result = run(capsys, "status")
+    assert result.code == 2, result
+    assert one_line(result) and "tls_ca_file: '/nonexistent/ca.pem' is not a file" in result.stderr
