@@ -534,3 +534,19 @@ def test_a_backup_path_that_is_not_a_regular_file_is_refused_without_blocking(
     assert not reading.is_alive(), "load blocked"
     assert loaded and not loaded[0].states
     assert "not a regular file" in caplog.text
+
+
+def test_a_json_backup_file_over_its_bound_is_refused_unread(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The older format is parsed whole: before, a 3 GB file beginning with ``{`` took
+    6 GB of memory before it was refused. (The bound is lowered here; sparse, the file
+    costs no disk.)"""
+    monkeypatch.setattr(backup_module, "MAX_JSON_BACKUP_BYTES", 1000)
+    path = tmp_path / "state.json"
+    with path.open("wb") as handle:
+        handle.write(b'{"format": 1, "keysets": {}}')
+        handle.truncate(2000)
+    with caplog.at_level(logging.ERROR):
+        assert not Backup(path).load().states
+    assert "over 1000 bytes" in caplog.text
