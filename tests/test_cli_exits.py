@@ -697,6 +697,27 @@ def test_a_kek_that_is_not_ascii_is_one_line_and_exit_2(
     assert one_line(result) and "not valid base64" in result.stderr, result
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["keyset", "add", "--from-file", ""], "--from-file: empty"),
+        (["kek", "generate", "--id", ""], "--id: empty"),
+    ],
+    ids=["from-file", "kek-id"],
+)
+def test_an_empty_argument_is_refused_not_taken_for_another(
+    environment: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    said: str,
+) -> None:
+    """Before: ``--from-file ''`` read the current directory ("--from-file .: Is a
+    directory") and ``--id ''`` made a KEK of the default id without a word."""
+    result = run(capsys, *argv)
+    assert result.code == 2, result
+    assert one_line(result) and said in result.stderr, result
+
+
 def test_a_tls_file_that_is_not_there_is_one_line_and_exit_2(
     environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
-from rotator.cli.common import checked_keyset, manager_for, selected
+from rotator.cli.common import UsageError, checked_keyset, manager_for, selected
 from rotator.cli.output import print_outcome
 from rotator.cli.usage import confirm_removal
 from rotator.config import Settings
@@ -39,6 +39,8 @@ def cmd_revoke(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_kek(_settings: Settings | None, args: argparse.Namespace) -> int:
     """Print a new KEK line ``ID:BASE64``."""
+    if args.id == "":
+        raise UsageError("--id: empty (leave it out for the default kek-YYYYMMDD)")
     kek_id = args.id or datetime.now(UTC).strftime("kek-%Y%m%d")
     print(generate_kek_line(kek_id))
     return 0

@@ -59,6 +59,8 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError(f"key set {args.name} is defined in the config; change it there")
     if args.keyset_command == "add" and (args.from_file is None) == (args.name is None):
         raise UsageError("keyset add takes a NAME or --from-file FILE (one of them)")
+    if args.keyset_command == "add" and args.from_file == "":
+        raise UsageError("--from-file: empty (the path of a file of names, one a line)")
     if args.keyset_command == "add" and args.from_file is not None and args.issuer is not None:
         # Many key sets under one issuer path would claim one discovery document.
         raise UsageError("--issuer cannot go with --from-file: give each key set its own")
