@@ -12,7 +12,7 @@ from rotator.core.envelope import Keyring
 from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
 from rotator.library.reader import JWKSReader
-from rotator.library.signer import Signer
+from rotator.library.signer import Signer, SigningError
 from rotator.storage.audit import AuditLog
 from rotator.storage.layout import Layout
 from rotator.storage.lease import Lease
@@ -143,3 +143,16 @@ def test_the_verifier_reads_the_roles_and_cannot_write_them(
     ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             write()
+
+
+def test_the_signer_role_on_a_key_set_not_yet_bootstrapped_says_so(
+    acl_redis: EmbeddedRedis, keyring: Keyring
+) -> None:
+    """Its role has no TYPE, with which the store tells a state of another type from an
+    absent one: it must still say there is no state, not fail on NOPERM."""
+    with Signer(
+        url(acl_redis, "signer"), keyring, "default", max_token_ttl=60, follow=False
+    ) as signer:
+        assert signer.refresh()  # read, and found empty
+        with pytest.raises(SigningError, match="key set default is empty"):
+            signer.sign({"sub": "u"})

@@ -441,8 +441,14 @@ class Store:
         with self.client.pipeline(transaction=False) as pipe:
             for keyset in absent:
                 pipe.type(self.layout.state(keyset))
+            # A role without TYPE (the signer's) cannot tell: absent, as MGET said.
             kinds = [
-                _text(kind) if isinstance(kind, bytes) else str(kind) for kind in pipe.execute()
+                _text(kind)
+                if isinstance(kind, bytes)
+                else str(kind)
+                if isinstance(kind, str)
+                else "none"
+                for kind in pipe.execute(raise_on_error=False)
             ]
         return {
             keyset: f"state is unreadable: its key holds a {kind}, not a string"
