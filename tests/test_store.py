@@ -238,3 +238,35 @@ def test_a_registry_entry_is_replaced_only_if_unchanged(store: Store, client: re
     assert client.hget("rotator:keysets", "gamma") == b"removed"
     assert store.register("gamma", '{"lineage": "c"}')  # over its tombstone
     assert client.hget("rotator:keysets", "gamma") == b'{"lineage": "c"}'
+
+
+def test_a_state_that_cannot_be_stored_fails_its_own_write_in_a_batch(
+    manager: KeyManager, client: redis.Redis, clock: FakeClock
+) -> None:
+    """A key set at version 2**53 (a backup of it, say) cannot commit again: before, the
+    refusal raised out of the whole batch, and no key set of it, or of any later batch,
+    rotated again."""
+    manager.reconcile_many(["a", "b"])
+    document = json.loads(client.get("rotator:{a}:state") or b"")
+    document["version"] = 2**53
+    client.set("rotator:{a}:state", json.dumps(document))
+    clock.advance(FAST.interval or 0)
+    results = manager.reconcile_many(["a", "b"])
+    assert isinstance(results["a"], CorruptState) and "not stored" in str(results["a"])
+    assert getattr(results["b"], "action", None) == "commit"
+    assert manager.load("b").version == 2
+    assert decode_state(client.get("rotator:{a}:state") or b"", "a").version == 2**53
+
+
+def test_a_state_committed_between_the_read_and_the_type_check_is_not_misread(
+    manager: KeyManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MGET and TYPE are two reads: a state another writer commits between them reads as
+    a string, which is no sign of a value of another type. Before, that healthy key set was
+    reported unreadable ("its key holds a string, not a string") and forgotten."""
+    manager.reconcile("a")
+    store = manager.store
+    monkeypatch.setattr(store, "_mget", lambda *keys: [None] * len(keys))  # read before it
+    (loaded,) = store.load_many(["a"])
+    assert not isinstance(loaded, CorruptState)
+    assert loaded.state is None  # absent, as that read saw it; the next read sees it

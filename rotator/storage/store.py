@@ -390,10 +390,12 @@ class Store:
     def load(self, keyset: str) -> Snapshot:
         """Read state, JWKS and roles together; raise `CorruptState` if the state is
         unusable."""
-        loaded = self.load_many([keyset])[0]
-        if isinstance(loaded, CorruptState):
-            raise loaded
-        return loaded
+        raw_state, raw_jwks, raw_roles = self._mget(*self._keys_of(keyset))
+        misread = self._misread([keyset]) if raw_state is None else {}
+        if misread:
+            self.forget(keyset)
+            raise CorruptState(f"key set {keyset}: {misread[keyset]}")
+        return self._snapshot(keyset, raw_state, raw_jwks, raw_roles)
 
     def _keys_of(self, keyset: str) -> tuple[str, str, str]:
         return self.layout.state(keyset), self.layout.jwks(keyset), self.layout.roles(keyset)
@@ -415,7 +417,7 @@ class Store:
             # atomic read of every key set in it.
             replies = self._mget(*keys)
         misread = self._misread(
-            [k for k, raw in zip(keysets, replies[::3], strict=True) if not raw]
+            [k for k, raw in zip(keysets, replies[::3], strict=True) if raw is None]
         )
         loaded: list[Snapshot | CorruptState] = []
         for keyset, raw_state, raw_jwks, raw_roles in zip(
@@ -453,7 +455,8 @@ class Store:
         return {
             keyset: f"state is unreadable: its key holds a {kind}, not a string"
             for keyset, kind in zip(absent, kinds, strict=True)
-            if kind != "none"
+            # "string": committed by another writer since the MGET, not misread.
+            if kind not in ("none", "string")
         }
 
     def _mget(self, *keys: str) -> list[bytes | None]:
@@ -597,7 +600,18 @@ class Store:
         """`commit` for many key sets in one round trip: ``(expected_version, state, event)``
         each; returns per write ``None`` (committed), `Conflict` or `CorruptState` (or the
         Redis error of that one write)."""
-        calls = [self._commit_call(*write) for write in writes]
+        # A state that cannot be stored (`KeySetState.stored`) fails its own write alone.
+        unstorable: dict[int, CorruptState] = {}
+        calls: list[tuple[list[str], list[str | int | bytes]]] = []
+        for index, write in enumerate(writes):
+            try:
+                calls.append(self._commit_call(*write))
+            except CorruptState as exc:
+                unstorable[index] = exc
+        if unstorable:
+            kept = [w for i, w in enumerate(writes) if i not in unstorable]
+            others = iter(self.commit_many(kept) if kept else [])
+            return [unstorable[i] if i in unstorable else next(others) for i in range(len(writes))]
         with COMMIT_SECONDS.time():
             if self._cluster:
                 replies = [self._guarded_commit(keys, args) for keys, args in calls]
