@@ -17,6 +17,7 @@ from rotator.storage.audit import AuditLog
 from rotator.storage.layout import Layout
 from rotator.storage.lease import Lease
 from rotator.storage.store import Store
+from rotator.storage.usage import read_usage_many
 from tests.conftest import FAST
 from tests.helpers import FakeClock, wait_for
 
@@ -156,3 +157,20 @@ def test_the_signer_role_on_a_key_set_not_yet_bootstrapped_says_so(
         assert signer.refresh()  # read, and found empty
         with pytest.raises(SigningError, match="key set default is empty"):
             signer.sign({"sub": "u"})
+
+
+def test_usage_read_by_a_role_without_hlen_fails_rather_than_reading_as_unused(
+    acl_redis: EmbeddedRedis,
+) -> None:
+    """A deployment that kept an ACL from before HLEN was needed must not be told that
+    no token of a key was verified (before the review: usage read back empty)."""
+    admin = redis.Redis.from_url(
+        f"redis://admin:admin@127.0.0.1:{acl_redis.port}/0", decode_responses=False
+    )
+    admin.hset(Layout().usage("default"), "accepted:k1", 7)
+    admin.acl_setuser("old-daemon", enabled=True, passwords=["+pw"], keys=["*"],
+                      commands=["+@all", "-hlen"])  # fmt: skip
+    old = redis.Redis.from_url(f"redis://old-daemon:pw@127.0.0.1:{acl_redis.port}/0")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        read_usage_many(old, Layout(), ["default"], 1_800_000_000.0, 900)
+    assert read_usage_many(admin, Layout(), ["default"], 1_800_000_000.0, 900)["default"]

@@ -652,13 +652,13 @@ def _kek_bytes(data: bytes) -> Callable[[Path], str]:
 @pytest.mark.parametrize(
     ("kek_file", "said"),
     [
-        (_kek_bytes(b"k1:\xff\n"), "is not ASCII text"),
-        (_kek_bytes("k1:\u00e9\n".encode()), "is not ASCII text"),
+        (_kek_bytes(b"k1:\xff\n"), "is not UTF-8 text"),
+        (_kek_bytes("k1:\u00e9\n".encode()), "is not valid base64"),
         (lambda _path: "/dev/zero", "is not a regular file"),
         (_fifo, "is not a regular file"),
         (_kek_bytes(b"# " + b"x" * 70_000 + b"\n"), "is larger than"),
     ],
-    ids=["not-utf8", "not-ascii", "dev-zero", "fifo", "huge"],
+    ids=["not-utf8", "kek-not-ascii", "dev-zero", "fifo", "huge"],
 )
 def test_an_unusable_kek_file_is_one_line_and_exit_2(
     environment: pytest.MonkeyPatch,
@@ -728,3 +728,16 @@ def test_a_tls_file_that_is_not_there_is_one_line_and_exit_2(
     result = run(capsys, "status")
     assert result.code == 2, result
     assert one_line(result) and "tls_ca_file: '/nonexistent/ca.pem' is not a file" in result.stderr
+
+
+def test_a_kek_file_with_a_comment_that_is_not_ascii_is_read(
+    environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Comments are allowed, in UTF-8: the file of a release before bounded reads (which
+    first took it as ASCII, a review found) still loads."""
+    kek = tmp_path / "kek"
+    kek.write_text(f"# cl\u00e9 de production \u2014 2026\n{generate_kek_line('k1')}\n")
+    kek.chmod(0o600)
+    environment.setenv("ROTATOR_KEYS__KEK_FILE", str(kek))
+    result = run(capsys, "check-config")
+    assert result.code == 0, result

@@ -48,8 +48,16 @@ def test_private_members_are_refused_and_never_served(caplog: pytest.LogCaptureF
         lambda good, bad: {"keys": [good], "d": "c2VjcmV0"},
         lambda good, bad: {"keys": [good], "private": {"kty": "EC", "d": "c2VjcmV0"}},
         lambda good, bad: {"keys": [good], "more": [[{"qi": "c2VjcmV0"}]]},
+        lambda good, bad: {"keys": [good, [{**bad, "d": "c2VjcmV0"}]]},
     ],
-    ids=["nested-in-entry", "in-a-list-in-entry", "top-level", "beside-keys", "deep-beside-keys"],
+    ids=[
+        "nested-in-entry",
+        "in-a-list-in-entry",
+        "top-level",
+        "beside-keys",
+        "deep-beside-keys",
+        "an-entry-that-is-a-list",
+    ],
 )
 def test_private_members_at_any_depth_are_never_served(
     document: Callable[[dict[str, str], dict[str, str]], dict[str, Any]],

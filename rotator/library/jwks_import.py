@@ -239,6 +239,15 @@ def checked_public_jwk(jwk: Mapping[str, Any]) -> dict[str, str]:
 _LOGGED_SKIPS = 5
 
 
+def _log_skipped(skipped: list[str]) -> None:
+    """The first few, then how many more: a JWKS of 300,000 entries of an unknown key type
+    logged 300,000 lines at every read."""
+    for reason in skipped[:_LOGGED_SKIPS]:
+        log.warning("JWKS entry skipped: %s", reason)
+    if len(skipped) > _LOGGED_SKIPS:
+        log.warning("JWKS: %d more entries skipped", len(skipped) - _LOGGED_SKIPS)
+
+
 def _private_within(value: Any) -> set[str]:
     """The private member names of the objects in *value* (parsed JSON) at any depth: a
     private key may sit one level down (``"ext": {"d": ...}``) as well as on top."""
@@ -284,11 +293,9 @@ def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> Verif
             ", ".join(sorted(beside)),
         )
     for entry in entries:
-        if not isinstance(entry, dict):
-            skipped.append("an entry is not an object")
-            continue
-        label = shown(entry["kid"]) if isinstance(entry.get("kid"), str) else "(no kid)"
-        private = _private_within(entry)
+        kid = entry.get("kid") if isinstance(entry, dict) else None
+        label = shown(kid) if isinstance(kid, str) else "(no kid)"
+        private = _private_within(entry)  # at any depth, in an entry of any type
         if private:
             leaked = True
             log.error(
@@ -297,6 +304,9 @@ def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> Verif
                 ", ".join(sorted(private)),
             )
             skipped.append(f"{label}: private member")
+            continue
+        if not isinstance(entry, dict):
+            skipped.append("an entry is not an object")
             continue
         kty = entry.get("kty")
         if type(kty) is not str or kty not in THUMBPRINT_MEMBERS:  # a list is unhashable
@@ -314,11 +324,6 @@ def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> Verif
     for kid in duplicates:
         skipped.append(f"{shown(kid)}: appears twice; both refused")
         del keys[kid]
-    # The first few, then how many more: a JWKS of 300,000 entries of an unknown key type
-    # logged 300,000 lines at every read.
-    for reason in skipped[:_LOGGED_SKIPS]:
-        log.warning("JWKS entry skipped: %s", reason)
-    if len(skipped) > _LOGGED_SKIPS:
-        log.warning("JWKS: %d more entries skipped", len(skipped) - _LOGGED_SKIPS)
+    _log_skipped(skipped)
     body = jwks_document(public) if leaked else raw
     return VerificationKeys(keys, body, etag_of(body), tuple(skipped))

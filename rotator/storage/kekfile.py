@@ -38,7 +38,7 @@ def load_keyring(kek_file: Path | None, keks: str | None) -> Keyring | None:
 
     A KEK file that others, or a group other than the process's own, may read
     is used, with a warning. The file must be a regular file of at most
-    `MAX_KEK_FILE_BYTES`, of ASCII text; else `KekError`.
+    `MAX_KEK_FILE_BYTES`, of UTF-8 text; else `KekError`.
     """
     if kek_file is not None and keks is not None:
         raise KekError("keys.kek_file and keys.keks are both set: choose one")
@@ -62,9 +62,10 @@ def load_keyring(kek_file: Path | None, keks: str | None) -> Keyring | None:
     if len(raw) > MAX_KEK_FILE_BYTES:
         raise KekError(f"keys.kek_file: {where} is larger than {MAX_KEK_FILE_BYTES} bytes")
     try:
-        text = raw.decode("ascii")
+        # UTF-8, for comments; `parse_keks` refuses an ID or a KEK that is not ASCII.
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise KekError(f"keys.kek_file: {where} is not ASCII text (KEK lines are)") from None
+        raise KekError(f"keys.kek_file: {where} is not UTF-8 text") from None
     mode, file_gid = status.st_mode, status.st_gid
     if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and file_gid != os.getegid()):
         # A group of one's own is how Kubernetes (fsGroup) and systemd hand over secrets.

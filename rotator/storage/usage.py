@@ -142,9 +142,10 @@ MAX_USAGE_FIELDS = 10_000
 
 
 def _answered(answers: list[Any]) -> list[Any]:
-    """*answers*, raising a lost connection: any other error stays an answer."""
+    """*answers*, a hash of another type (WRONGTYPE) among them, which counts nothing;
+    any other error is raised (a role without HLEN must not read as no usage at all)."""
     for answer in answers:
-        if isinstance(answer, redis.ConnectionError | redis.TimeoutError):
+        if isinstance(answer, Exception) and not str(answer).startswith("WRONGTYPE"):
             raise answer
     return answers
 
