@@ -93,6 +93,11 @@ class RedisSettings(_Section):
     min_replicas_ack: int = Field(default=0, ge=0, le=100)
     replica_ack_timeout: Duration = 1.0
 
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file", mode="before")
+    @classmethod
+    def _paths(cls, value: object) -> object:
+        return _usable_path(value)
+
     @field_validator("socket_timeout", "replica_ack_timeout")
     @classmethod
     def _some_time(cls, seconds: float) -> float:
@@ -124,7 +129,10 @@ class RedisSettings(_Section):
     def _usable_url(cls, url: str) -> str:
         # Errors never repeat the URL: it may hold a password.
         if not url.isascii() or not url.isprintable():
-            raise ValueError("has characters that are not printable ASCII")
+            raise ValueError(
+                "has characters that are not printable ASCII (percent-encode them in a "
+                "password: %C3%A9 for \u00e9)"
+            )
         parts = urlsplit(url)
         scheme = parts.scheme
         if scheme not in {"redis", "rediss", "unix"}:
@@ -179,11 +187,28 @@ class RedisSettings(_Section):
         return self
 
 
+def _usable_path(value: object) -> object:
+    """A path setting as given: not empty (``""`` would be the current directory) and
+    without a NUL (which every system call refuses, late, with a traceback)."""
+    if isinstance(value, str | Path):
+        text = str(value)
+        if text == "":
+            raise ValueError("is empty")
+        if "\0" in text:
+            raise ValueError("contains a NUL character")
+    return value
+
+
 class KeysSettings(_Section):
     """Key-encryption keys: lines ``ID:BASE64(32 bytes)``, the first one seals."""
 
     kek_file: Path | None = None
     keks: SecretStr | None = None
+
+    @field_validator("kek_file", mode="before")
+    @classmethod
+    def _path(cls, value: object) -> object:
+        return _usable_path(value)
 
 
 class RotationSettings(PolicyOverrides):
@@ -222,6 +247,11 @@ class DaemonSettings(_Section):
     @classmethod
     def _host(cls, host: str) -> str:
         return _bind_host(host)
+
+    @field_validator("backup_path", mode="before")
+    @classmethod
+    def _path(cls, value: object) -> object:
+        return _usable_path(value)
 
     @field_validator("lease_ttl")
     @classmethod
@@ -615,11 +645,12 @@ def _config_document(path: Path) -> dict[str, Any]:
     if not stat.S_ISREG(status.st_mode):  # a FIFO would block, /dev/zero never end
         raise ConfigError(f"config file {shown(str(path))}: not a regular file")
     try:
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
+        # Text mode, as before the bound: a file of old Mac line ends (CR) still reads.
+        with path.open(encoding="utf-8") as handle:
+            text = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
             raise ConfigError(f"config file {shown(str(path))}: larger than 1 MiB")
-        return tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(text)
     except RecursionError:
         raise ConfigError(f"config file {shown(str(path))}: nested too deeply") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
@@ -632,5 +663,5 @@ def _same_file(one: Path | None, other: Path | None) -> bool:
         return False
     try:
         return one.resolve() == other.resolve()
-    except (OSError, RuntimeError):  # a loop of links: not comparable, not the same
+    except (OSError, RuntimeError, ValueError):  # a loop of links, a NUL: not the same
         return False

@@ -527,6 +527,14 @@ def _backup_is_the_config(path: Path) -> str:
     return str(path)
 
 
+def _toml(text: str) -> Callable[[Path], str]:
+    def write(path: Path) -> str:
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
 def _fifo(path: Path) -> str:
     os.mkfifo(path)
     return str(path)
@@ -544,6 +552,8 @@ def _fifo(path: Path) -> str:
             "daemon.backup_path: it (or a file it writes beside it) is keys.kek_file",
         ),
         (_backup_is_the_config, "daemon.backup_path: is the config file itself"),
+        (_toml('[daemon]\nbackup_path = "/tmp/a\\u0000b"\n'), "contains a NUL character"),
+        (_toml('[daemon]\nbackup_path = ""\n'), "daemon.backup_path: is empty"),
     ],
     ids=[
         "dev-zero",
@@ -552,6 +562,8 @@ def _fifo(path: Path) -> str:
         "nested-5000-deep",
         "backup-is-kek",
         "backup-is-config",
+        "backup-path-nul",
+        "backup-path-empty",
     ],
 )
 def test_a_hostile_config_file_is_one_line_and_exit_2(
@@ -741,3 +753,14 @@ def test_a_kek_file_with_a_comment_that_is_not_ascii_is_read(
     environment.setenv("ROTATOR_KEYS__KEK_FILE", str(kek))
     result = run(capsys, "check-config")
     assert result.code == 0, result
+
+
+def test_a_config_file_of_old_mac_line_ends_still_reads(
+    environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Read as text, as before the bound on its size (a review found bytes refused it)."""
+    path = tmp_path / "rotator.toml"
+    path.write_bytes(b'[rotation]\rinterval = "2h"\r')
+    result = run(capsys, "--config", str(path), "check-config")
+    assert result.code == 0, result
+    assert '"interval": "2h"' in result.stdout

@@ -186,3 +186,27 @@ def test_a_shared_key_of_another_type_is_rebuilt_and_rotation_goes_on(
     assert after is not None and after.current.kid != before.current.kid
     assert client.type(key) in {b"string", b"zset"}  # what rotator writes there
     assert filed(client, "alpha") == daemon.manager.next_change_at(after)
+
+
+def test_a_keyset_falling_due_while_the_tick_runs_is_woken_for(
+    daemon: Daemon, client: redis.Redis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filed after the moment the tick read the index but due before its end: neither read
+    nor, had the wake-up counted from the tick's end, woken for (up to a tick late, the
+    review of the change above found)."""
+    daemon.tick()
+    if _wake_at(daemon) is not None:
+        daemon._scheduler.remove_job("wake")
+    store = daemon.manager.store
+    read = store.due
+
+    def slow_read(shards: list[int], now: float, limit: int) -> object:
+        found = read(shards, now, limit)
+        clock.advance(2)  # a long tick: beta falls due meanwhile
+        return found
+
+    client.zadd(DUE, {"beta": clock.now + 1})
+    monkeypatch.setattr(store, "due", slow_read)
+    daemon.tick()
+    wake = _wake_at(daemon)
+    assert wake is not None and wake <= clock.now  # at once: beta is due

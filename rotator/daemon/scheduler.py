@@ -183,6 +183,8 @@ class Daemon:
         self._subscribed_before = False
         self._looked: dict[str, KeySetEntry | None] = {}
         self._announced: set[str] = set()  # commits announced since the last tick
+        # When the last leader's tick read the due index (`_to_look_at`).
+        self._looked_at = 0.0
         # The registry's version when it was last read in full, and when (None: never).
         self._registry_version: int | None = None
         self._registry_read_at: float | None = None
@@ -482,7 +484,8 @@ class Daemon:
             if sweep:
                 # What this tick wrote is no loss to detect at the next.
                 self._epoch = self.store.epoch(shards, start=True)
-            earliest = self.store.earliest_due(shards, after=self.clock())
+            # After the moment this tick read the index: what fell due since is woken for.
+            earliest = self.store.earliest_due(shards, after=self._looked_at)
             if earliest is not None:
                 due.append(earliest)
 
@@ -494,7 +497,7 @@ class Daemon:
         those the shards' due indexes say are due, those new or whose policy changed since
         last looked at, those that failed and those whose commit was announced."""
         store = self.store
-        now = self.clock()
+        now = self._looked_at = self.clock()
         shards = sorted(led)
         names, managed = split
         announced, self._announced = self._announced, set()
