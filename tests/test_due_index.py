@@ -210,3 +210,17 @@ def test_a_keyset_falling_due_while_the_tick_runs_is_woken_for(
     daemon.tick()
     wake = _wake_at(daemon)
     assert wake is not None and wake <= clock.now  # at once: beta is due
+
+
+def test_a_key_rebuilt_since_it_was_found_mistyped_is_not_deleted(
+    daemon: Daemon, client: redis.Redis
+) -> None:
+    """The delete checks the type again, in one step with it (the review of the change
+    above: a plain DEL would take a due index another daemon had just rebuilt)."""
+    daemon.tick()
+    store = daemon.manager.store
+    assert client.type(DUE) == b"zset"
+    stale = redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind")
+    replies, deleted = store._typed([DUE], [stale], [], "zset")
+    assert replies == [[]] and not deleted
+    assert client.zcard(DUE) > 0

@@ -180,6 +180,15 @@ return 1
 # sweep reads a few bytes a key set instead of its state and JWKS. A key holding another
 # type than a string, or an index that is not a sorted set, counts as differing (the full
 # read then reports it).
+# KEYS: one key. ARGV: the type rotator writes there. Deletes the key only while it holds
+# a value of another type, in one step: a key rebuilt by another process since it was
+# found wrong stays.
+_DELETE_MISTYPED = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'none' and kind ~= ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+"""
+
 _DIGESTS = """
 local function framed(key)
   local raw = redis.pcall('GET', key)
@@ -362,6 +371,7 @@ class Store:
         self._cluster = isinstance(client, redis.RedisCluster)
         self._unregister = client.register_script(_UNREGISTER)
         self._reindex = client.register_script(_REINDEX)
+        self._delete_mistyped = client.register_script(_DELETE_MISTYPED)
         self._file = client.register_script(_FILE)
         #: When a state next needs the leader (`KeyManager.next_change_at`); while set, every
         #: commit and restore files its key set in its shard's due index and moves that
@@ -696,7 +706,13 @@ class Store:
                 pipe.zrangebyscore(self.layout.due(shard), "-inf", now, 0, each)
             answers: list[object] = pipe.execute(raise_on_error=False)
         keys = [self.layout.due(shard) for shard in shards]
-        replies = cast(list[list[bytes]], self._typed(keys, answers, []))
+        typed, deleted = self._typed(keys, answers, [], "zset")
+        replies = cast(list[list[bytes]], typed)
+        for shard, key in zip(shards, keys, strict=True):
+            if key in deleted:
+                # Lost with it: the due entries. Losing the epoch too makes the next tick
+                # look at every key set of the shard, which files each again.
+                self.client.delete(self.layout.epoch(shard))
         filed = [
             (shard, _text(name)) for shard, raw in zip(shards, replies, strict=True) for name in raw
         ]
@@ -806,27 +822,31 @@ class Store:
                 pipe.get(self.layout.epoch(shard))
             answers: list[object] = pipe.execute(raise_on_error=False)
         keys = [self.layout.registry_version, *map(self.layout.epoch, shards)]
-        replies = self._typed(keys, answers, None)
+        replies, _deleted = self._typed(keys, answers, None, "string")
         epochs = {shard: _counter(raw) for shard, raw in zip(shards, replies[1:], strict=True)}
         return _counter(replies[0]), epochs
 
-    def _typed(self, keys: Sequence[str], answers: list[object], lost: object) -> list[object]:
+    def _typed(
+        self, keys: Sequence[str], answers: list[object], lost: object, kind: str
+    ) -> tuple[list[object], set[str]]:
         """The *answers* of a pipeline over *keys*, raising the first error but WRONGTYPE:
         a key of rotator's own counters or due indexes (rebuilt from the states) holding
-        another type is deleted, which each caller's reader sees as lost (a sweep, the
-        registry read anew), and answers *lost*. Left as it was, it would fail every tick
-        and every commit of its shard."""
+        another type than *kind* is deleted (and returned beside the answers), which each
+        caller's reader sees as lost (a sweep, the registry read anew), and answers *lost*.
+        Left as it was, it would fail every tick and every commit of its shard."""
         replies: list[object] = []
+        deleted: set[str] = set()
         for key, answer in zip(keys, answers, strict=True):
             if isinstance(answer, redis.ResponseError) and str(answer).startswith("WRONGTYPE"):
-                log.warning("%s held another type of value: deleted (rotator rebuilds it)", key)
-                self.client.delete(key)
+                if self._delete_mistyped(keys=[key], args=[kind]):
+                    log.warning("%s held another type of value: deleted (rotator rebuilds it)", key)
+                    deleted.add(key)
                 replies.append(lost)
                 continue
             if isinstance(answer, Exception):
                 raise answer
             replies.append(answer)
-        return replies
+        return replies, deleted
 
     def start_registry_version(self) -> bool:
         """Create the registry's version at 0 where it is absent; whether it was."""
