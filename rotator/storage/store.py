@@ -173,13 +173,6 @@ return 1
 """
 )
 
-# KEYS: per key set its state, JWKS and roles[, and its shard's due index]. ARGV: the keys
-# per key set (3, or 4 with the due index), then per key set the digest of its bytes as
-# last read or written (`_held_digest`)[, its name and the due score its state calls for].
-# Returns the positions (1-based) of the key sets whose bytes or due entry differ: an idle
-# sweep reads a few bytes a key set instead of its state and JWKS. A key holding another
-# type than a string, or an index that is not a sorted set, counts as differing (the full
-# read then reports it).
 # KEYS: one key. ARGV: the type rotator writes there. Deletes the key only while it holds
 # a value of another type, in one step: a key rebuilt by another process since it was
 # found wrong stays.
@@ -189,6 +182,13 @@ if kind ~= 'none' and kind ~= ARGV[1] then redis.call('DEL', KEYS[1]) return 1 e
 return 0
 """
 
+# KEYS: per key set its state, JWKS and roles[, and its shard's due index]. ARGV: the keys
+# per key set (3, or 4 with the due index), then per key set the digest of its bytes as
+# last read or written (`_held_digest`)[, its name and the due score its state calls for].
+# Returns the positions (1-based) of the key sets whose bytes or due entry differ: an idle
+# sweep reads a few bytes a key set instead of its state and JWKS. A key holding another
+# type than a string, or an index that is not a sorted set, counts as differing (the full
+# read then reports it).
 _DIGESTS = """
 local function framed(key)
   local raw = redis.pcall('GET', key)
@@ -400,12 +400,10 @@ class Store:
     def load(self, keyset: str) -> Snapshot:
         """Read state, JWKS and roles together; raise `CorruptState` if the state is
         unusable."""
-        raw_state, raw_jwks, raw_roles = self._mget(*self._keys_of(keyset))
-        misread = self._misread([keyset]) if raw_state is None else {}
-        if misread:
-            self.forget(keyset)
-            raise CorruptState(f"key set {keyset}: {misread[keyset]}")
-        return self._snapshot(keyset, raw_state, raw_jwks, raw_roles)
+        (loaded,) = self._snapshots([keyset], self._mget(*self._keys_of(keyset)))
+        if isinstance(loaded, CorruptState):
+            raise loaded
+        return loaded
 
     def _keys_of(self, keyset: str) -> tuple[str, str, str]:
         return self.layout.state(keyset), self.layout.jwks(keyset), self.layout.roles(keyset)
@@ -426,6 +424,13 @@ class Store:
             # One MGET for the whole batch: one command to build and parse, and one
             # atomic read of every key set in it.
             replies = self._mget(*keys)
+        return self._snapshots(keysets, replies)
+
+    def _snapshots(
+        self, keysets: Sequence[str], replies: list[bytes | None]
+    ) -> list[Snapshot | CorruptState]:
+        """The snapshot of each of *keysets* from *replies* (state, JWKS and roles of each,
+        as one MGET read them), or its `CorruptState`."""
         misread = self._misread(
             [k for k, raw in zip(keysets, replies[::3], strict=True) if raw is None]
         )
@@ -455,11 +460,7 @@ class Store:
                 pipe.type(self.layout.state(keyset))
             # A role without TYPE (the signer's) cannot tell: absent, as MGET said.
             kinds = [
-                _text(kind)
-                if isinstance(kind, bytes)
-                else str(kind)
-                if isinstance(kind, str)
-                else "none"
+                _text(kind) if isinstance(kind, bytes) else "none"
                 for kind in pipe.execute(raise_on_error=False)
             ]
         return {
