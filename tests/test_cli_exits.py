@@ -127,6 +127,12 @@ def one_line(result: CliResult) -> bool:
     return result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+def refused(result: CliResult, said: str) -> None:
+    """*result* is a bad configuration or argument: exit 2, one line, saying *said*."""
+    assert result.code == 2, result
+    assert one_line(result) and said in result.stderr, result
+
+
 @pytest.fixture
 def environment(monkeypatch: pytest.MonkeyPatch, kek_file: Path) -> pytest.MonkeyPatch:
     """The process environment of an in-process run: a KEK, Redis where nothing listens
@@ -293,8 +299,7 @@ def test_an_empty_rotator_config_is_exit_2_naming_it(
     found"."""
     environment.setenv("ROTATOR_CONFIG", "")
     result = run(capsys, "check-config")
-    assert result.code == 2, result
-    assert one_line(result) and "ROTATOR_CONFIG" in result.stderr, result
+    refused(result, "ROTATOR_CONFIG")
 
 
 @pytest.mark.parametrize(
@@ -577,8 +582,7 @@ def test_a_hostile_config_file_is_one_line_and_exit_2(
     nesting were tracebacks, and a backup file named as the KEK file overwrote the KEK
     with the database at the first save."""
     result = run(capsys, "--config", config(tmp_path / "rotator.toml"), "check-config")
-    assert result.code == 2, result
-    assert one_line(result) and said in result.stderr, result
+    refused(result, said)
 
 
 def test_json_nested_too_deep_in_a_variable_is_one_line_and_exit_2(
@@ -586,8 +590,7 @@ def test_json_nested_too_deep_in_a_variable_is_one_line_and_exit_2(
 ) -> None:
     environment.setenv("ROTATOR_REDIS__SENTINELS", "[" * 3000 + "]" * 3000)
     result = run(capsys, "check-config")
-    assert result.code == 2, result
-    assert one_line(result) and "nested too deeply" in result.stderr, result
+    refused(result, "nested too deeply")
 
 
 @pytest.mark.parametrize(
@@ -647,8 +650,7 @@ def test_a_dangerous_or_broken_address_is_one_line_and_exit_2(
     a bad port was a traceback, and an empty host listened on every interface."""
     environment.setenv(variable, value)
     result = run(capsys, "check-config")
-    assert result.code == 2, result
-    assert one_line(result) and said in result.stderr, result
+    refused(result, said)
     assert "hunter2secret" not in result.stdout + result.stderr
 
 
@@ -683,8 +685,7 @@ def test_an_unusable_kek_file_is_one_line_and_exit_2(
     (4 GB in 8 s), and a FIFO waited for a writer."""
     environment.setenv("ROTATOR_KEYS__KEK_FILE", kek_file(tmp_path / "kek"))
     result = run(capsys, "check-config")
-    assert result.code == 2, result
-    assert one_line(result) and said in result.stderr, result
+    refused(result, said)
 
 
 def test_a_kek_given_where_its_path_belongs_is_never_repeated(
@@ -694,8 +695,7 @@ def test_a_kek_given_where_its_path_belongs_is_never_repeated(
     line = generate_kek_line("k1")
     environment.setenv("ROTATOR_KEYS__KEK_FILE", line)
     result = run(capsys, "check-config")
-    assert result.code == 2, result
-    assert one_line(result) and "looks like a KEK line" in result.stderr, result
+    refused(result, "looks like a KEK line")
     assert line.split(":")[1] not in result.stdout + result.stderr
 
 
@@ -705,8 +705,7 @@ def test_a_kek_that_is_not_ascii_is_one_line_and_exit_2(
     environment.delenv("ROTATOR_KEYS__KEK_FILE")
     environment.setenv("ROTATOR_KEYS__KEKS", "k1:\u00e9")
     result = run(capsys, "check-config")
-    assert result.code == 2, result
-    assert one_line(result) and "not valid base64" in result.stderr, result
+    refused(result, "not valid base64")
 
 
 @pytest.mark.parametrize(
@@ -726,8 +725,7 @@ def test_an_empty_argument_is_refused_not_taken_for_another(
     """Before: ``--from-file ''`` read the current directory ("--from-file .: Is a
     directory") and ``--id ''`` made a KEK of the default id without a word."""
     result = run(capsys, *argv)
-    assert result.code == 2, result
-    assert one_line(result) and said in result.stderr, result
+    refused(result, said)
 
 
 def test_a_tls_file_that_is_not_there_is_one_line_and_exit_2(
@@ -738,8 +736,7 @@ def test_a_tls_file_that_is_not_there_is_one_line_and_exit_2(
     environment.setenv("ROTATOR_REDIS__URL", "rediss://127.0.0.1:6380/0")
     environment.setenv("ROTATOR_REDIS__TLS_CA_FILE", "/nonexistent/ca.pem")
     result = run(capsys, "status")
-    assert result.code == 2, result
-    assert one_line(result) and "tls_ca_file: '/nonexistent/ca.pem' is not a file" in result.stderr
+    refused(result, "tls_ca_file: '/nonexistent/ca.pem' is not a file")
 
 
 def test_a_kek_file_with_a_comment_that_is_not_ascii_is_read(
