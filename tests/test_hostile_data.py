@@ -21,7 +21,7 @@ from rotator.core.encoding import encode_sealed
 from rotator.core.envelope import Keyring, SealedKey
 from rotator.core.jwk import generate_key
 from rotator.core.policy import Policy
-from rotator.core.state import CorruptState, decode_state, encode_state
+from rotator.core.state import MAX_STORED_BYTES, CorruptState, decode_state, encode_state
 from rotator.daemon.backup import Backup
 from rotator.daemon.manager import KeyManager
 from rotator.daemon.scheduler import Daemon
@@ -532,6 +532,44 @@ def test_a_state_key_of_another_type_is_unreadable_not_lost(
     with pytest.raises(CorruptState, match="holds a list"):
         daemon.manager.store.load("beta")
     assert daemon.manager.store.quarantine("beta") is not None  # what `repair` does
+
+
+def sent_by_redis(client: redis.Redis) -> int:
+    """The bytes Redis has sent its clients so far (`INFO stats`)."""
+    return int(client.info("stats")["total_net_output_bytes"])
+
+
+def test_a_huge_state_is_not_read_and_fails_its_key_set_alone(
+    daemon: Daemon, client: redis.Redis, clock: FakeClock
+) -> None:
+    """Before, MGET brought the whole value over at every read: a state of 200 MB took
+    each tick 5.5 s, and the daemon stepped down from every shard."""
+    daemon.tick()
+    client.set("rotator:{beta}:state", b"x" * (MAX_STORED_BYTES + 1))
+    daemon._sweep.now()
+    before = sent_by_redis(client)
+    daemon.tick()
+    clock.advance(100)
+    daemon.tick()
+    assert sent_by_redis(client) - before < MAX_STORED_BYTES // 16
+    error = daemon.health.report(daemon.clock())["keysets"]["beta"]["error"]
+    assert f"state is {MAX_STORED_BYTES + 1:,} bytes, more than" in error
+    assert versions(daemon, "alpha") == {"alpha": 2}
+    assert client.strlen("rotator:{beta}:state") == MAX_STORED_BYTES + 1  # reported, kept
+    assert daemon.manager.store.quarantine("beta") is not None  # what `repair` does
+
+
+def test_a_huge_jwks_is_written_over_without_being_read(
+    daemon: Daemon, client: redis.Redis
+) -> None:
+    daemon.tick()
+    served = client.get("rotator:{alpha}:jwks")
+    client.set("rotator:{alpha}:jwks", b" " * (MAX_STORED_BYTES + 1))
+    daemon._sweep.now()
+    before = sent_by_redis(client)
+    daemon.tick()
+    assert sent_by_redis(client) - before < MAX_STORED_BYTES // 16
+    assert client.get("rotator:{alpha}:jwks") == served
 
 
 # ------------------------------------------------------------ Catch-alls

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from rotator.core import lifecycle
+from rotator.core import state as state_module
 from rotator.core.envelope import UnsealError
 from rotator.core.roles import roles_for
 from rotator.core.state import CorruptState, decode_state
@@ -266,7 +267,36 @@ def test_a_state_committed_between_the_read_and_the_type_check_is_not_misread(
     reported unreadable ("its key holds a string, not a string") and forgotten."""
     manager.reconcile("a")
     store = manager.store
-    monkeypatch.setattr(store, "_mget", lambda *keys: [None] * len(keys))  # read before it
+    monkeypatch.setattr(store, "_read", lambda *keys: [None] * len(keys))  # read before it
     (loaded,) = store.load_many(["a"])
     assert not isinstance(loaded, CorruptState)
     assert loaded.state is None  # absent, as that read saw it; the next read sees it
+
+
+def test_a_state_longer_than_the_bound_is_refused_unparsed_and_not_written(
+    manager: KeyManager, client: redis.Redis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Padded with spaces, a sound state parsed before; and a state grown past the bound
+    was written, leaving its key set unreadable by every later read."""
+    manager.reconcile_many(["a", "b"])
+    raw = client.get("rotator:{a}:state")
+    assert isinstance(raw, bytes)
+    padded = raw + b" " * (state_module.MAX_STORED_BYTES + 1 - len(raw))
+    with pytest.raises(CorruptState, match=f"state is {len(padded):,} bytes, more than"):
+        decode_state(padded, "a")
+    monkeypatch.setattr(state_module, "MAX_STORED_BYTES", len(raw) + 100)
+    clock.advance(FAST.interval or 0)
+    results = manager.reconcile_many(["a", "b"])  # each rotation adds a key: too long
+    assert isinstance(results["a"], CorruptState) and "not stored" in str(results["a"])
+    assert decode_state(client.get("rotator:{a}:state") or b"", "a").version == 1
+
+
+def test_a_store_without_scripts_reads_a_huge_state_and_refuses_it(
+    redis_server: EmbeddedRedis, manager: KeyManager, client: redis.Redis
+) -> None:
+    """The signer's role runs no scripts: its store reads with MGET."""
+    manager.reconcile("a")
+    client.set("rotator:{a}:state", b"{" * (state_module.MAX_STORED_BYTES + 1))
+    plain = Store(redis.Redis.from_url(redis_server.url), Layout(), bounded_reads=False)
+    with pytest.raises(CorruptState, match="more than"):
+        plain.load("a")

@@ -50,6 +50,7 @@ from rotator.core.jwk import (
 from rotator.core.strictjson import shown
 
 __all__ = [
+    "MAX_STORED_BYTES",
     "MAX_TIME",
     "MAX_VERSION",
     "MIN_TIME",
@@ -61,6 +62,7 @@ __all__ = [
     "decode_state",
     "encode_state",
     "state_of_document",
+    "too_long",
     "valid_time",
 ]
 
@@ -69,6 +71,12 @@ MIN_TIME = 0
 MAX_TIME = 32_503_680_000
 #: The largest version a state may carry.
 MAX_VERSION = 2**53
+#: The most bytes a stored state, JWKS or roles document may take: 16 MiB, thousands of
+#: keys (an ES256 key takes about 450 bytes of a state, an RSA 8192 one about 6 KiB), far
+#: beyond what a policy keeps. A longer state is refused unparsed (`decode_state`) and
+#: never written (`KeySetState.stored`); the daemon does not even read one from Redis
+#: (`rotator.storage.store`), so that one huge value cannot stall the tick of every other.
+MAX_STORED_BYTES = 16 * 1024 * 1024
 
 # Each algorithm's fixed members, the members its JWK holds and the ones that carry the
 # key, each matched by the pattern of its exact size in unpadded base64url.
@@ -223,9 +231,12 @@ class KeySetState:
         a parsed state held for its use does not also hold its encoding. `CorruptState`
         for a state whose numbers `decode_state` would refuse (a version over
         `MAX_VERSION`, a time outside 1970 to the year 3000): written, it would leave its
-        key set unreadable."""
+        key set unreadable; likewise for one longer than `MAX_STORED_BYTES`."""
         _check_storable(self)
-        return encode_state(self)
+        raw = encode_state(self)
+        if len(raw) > MAX_STORED_BYTES:
+            raise CorruptState(f"{too_long(len(raw))}: not stored")
+        return raw
 
 
 def _check_storable(state: KeySetState) -> None:
@@ -382,12 +393,20 @@ def _sealed(kid: str, sealed: object, *, imported: bool) -> SealedKey | None:
 
 def decode_state(raw: bytes | str, keyset: str) -> KeySetState:
     """Parse and check a stored state document of *keyset*; raise `CorruptState` if unusable
-    (for any bytes whatever: see the module's docstring)."""
+    (for any bytes whatever: see the module's docstring), unparsed if longer than
+    `MAX_STORED_BYTES`."""
+    if len(raw) > MAX_STORED_BYTES:
+        raise CorruptState(too_long(len(raw)))
     try:
         document = strictjson.loads(raw)
     except strictjson.JSONError as exc:
         raise CorruptState(f"state is unreadable: {exc}") from None
     return state_of_document(document, keyset)
+
+
+def too_long(size: int) -> str:
+    """The problem of a stored state of *size* bytes, over `MAX_STORED_BYTES`."""
+    return f"state is {size:,} bytes, more than the {MAX_STORED_BYTES:,} a state may take"
 
 
 def state_of_document(doc: object, keyset: str) -> KeySetState:

@@ -80,7 +80,8 @@ class Signer:
         self._default_ttl = default_ttl or 300.0
         self.max_stale = max_stale
         self.clock, self.monotonic = clock, monotonic
-        self.store = Store(self.client, Layout(prefix))
+        # The signer's role runs no scripts (deploy/redis/users.acl).
+        self.store = Store(self.client, Layout(prefix), bounded_reads=False)
         self._current: tuple[str, str, PrivateKey] | None = None
         self._problem = "no key loaded yet"
         self._fetched_at: float | None = None

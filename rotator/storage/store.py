@@ -32,7 +32,7 @@ from typing import cast
 
 import redis
 
-from rotator.core.state import CorruptState, KeySetState, decode_state
+from rotator.core.state import MAX_STORED_BYTES, CorruptState, KeySetState, decode_state, too_long
 from rotator.metrics import COMMIT_SECONDS
 from rotator.storage.layout import Layout
 from rotator.storage.lease import lease_left
@@ -182,25 +182,51 @@ if kind ~= 'none' and kind ~= ARGV[1] then redis.call('DEL', KEYS[1]) return 1 e
 return 0
 """
 
+# KEYS: any. ARGV: the longest value to return. MGET's answer, but with the length of a
+# longer value in its place: a state or JWKS of hundreds of MB written by hand into one
+# key set took 5.5 s to send and parse a tick, and the daemon stepped down from every
+# shard. A key of another type reads as none, as with MGET (the caller asks its TYPE).
+_READ = """
+local most = tonumber(ARGV[1])
+local values = {}
+for i, key in ipairs(KEYS) do
+  local raw = redis.pcall('GET', key)
+  if type(raw) == 'table' then
+    if not string.find(raw.err, 'WRONGTYPE', 1, true) then return raw end
+    values[i] = false
+  elseif raw and #raw > most then
+    values[i] = #raw
+  else
+    values[i] = raw
+  end
+end
+return values
+"""
+
 # KEYS: per key set its state, JWKS and roles[, and its shard's due index]. ARGV: the keys
-# per key set (3, or 4 with the due index), then per key set the digest of its bytes as
+# per key set (3, or 4 with the due index), the longest value read whole, then per key set
+# the digest of its bytes as
 # last read or written (`_held_digest`)[, its name and the due score its state calls for].
 # Returns the positions (1-based) of the key sets whose bytes or due entry differ: an idle
 # sweep reads a few bytes a key set instead of its state and JWKS. A key holding another
 # type than a string, or an index that is not a sorted set, counts as differing (the full
 # read then reports it).
+# A value over that length (`MAX_STORED_BYTES`) is framed by its length alone, which no
+# bytes the store holds are: hashing it whole, at every sweep, would cost its length.
 _DIGESTS = """
+local most = tonumber(ARGV[2])
 local function framed(key)
   local raw = redis.pcall('GET', key)
   if type(raw) == 'table' then return nil end
   if not raw then return '-' end
+  if #raw > most then return '!' .. #raw end
   return #raw .. ':' .. raw
 end
 local width = tonumber(ARGV[1])
 local per = width == 4 and 3 or 1
 local changed = {}
 for i = 0, #KEYS / width - 1 do
-  local k, a = i * width, 2 + i * per
+  local k, a = i * width, 3 + i * per
   local s, j, r = framed(KEYS[k + 1]), framed(KEYS[k + 2]), framed(KEYS[k + 3])
   local same = s and j and r and redis.sha1hex(s .. j .. r) == ARGV[a]
   if same and width == 4 then
@@ -311,6 +337,11 @@ def _counter(raw: object) -> int | None:
         return None
 
 
+def _bounded(raw: bytes | int | None) -> bytes | None:
+    """A value as `Store._read` answered it, the length of one left unread as no bytes."""
+    return b"" if isinstance(raw, int) else raw
+
+
 def stored_bytes(text: str) -> bytes:
     """The bytes of a registry name or entry as `Store.registry` decoded them."""
     return text.encode("utf-8", "surrogateescape")
@@ -355,7 +386,11 @@ class Store:
         *,
         min_replicas_ack: int = 0,
         replica_ack_timeout: float = 1.0,
+        bounded_reads: bool = True,
     ) -> None:
+        """*bounded_reads*: read key sets with a script that leaves a value over
+        `MAX_STORED_BYTES` in Redis; ``False`` for a role that may not run scripts (the
+        signer's), whose reads are MGETs, a state over it refused once read."""
         self.client = client
         self.layout = layout
         self.min_replicas_ack = min_replicas_ack
@@ -373,6 +408,7 @@ class Store:
         self._reindex = client.register_script(_REINDEX)
         self._delete_mistyped = client.register_script(_DELETE_MISTYPED)
         self._file = client.register_script(_FILE)
+        self._bounded = client.register_script(_READ) if bounded_reads else None
         #: When a state next needs the leader (`KeyManager.next_change_at`); while set, every
         #: commit and restore files its key set in its shard's due index and moves that
         #: shard's epoch: in the commit's script on a single Redis, right after it with
@@ -400,7 +436,7 @@ class Store:
     def load(self, keyset: str) -> Snapshot:
         """Read state, JWKS and roles together; raise `CorruptState` if the state is
         unusable."""
-        (loaded,) = self._snapshots([keyset], self._mget(*self._keys_of(keyset)))
+        (loaded,) = self._snapshots([keyset], self._read(*self._keys_of(keyset)))
         if isinstance(loaded, CorruptState):
             raise loaded
         return loaded
@@ -419,18 +455,18 @@ class Store:
         triples = [self._keys_of(keyset) for keyset in keysets]
         keys = [key for triple in triples for key in triple]
         if self._cluster:
-            replies = [raw for triple in triples for raw in self._mget(*triple)]
+            replies = [raw for triple in triples for raw in self._read(*triple)]
         else:
-            # One MGET for the whole batch: one command to build and parse, and one
+            # One read for the whole batch: one command to build and parse, and one
             # atomic read of every key set in it.
-            replies = self._mget(*keys)
+            replies = self._read(*keys)
         return self._snapshots(keysets, replies)
 
     def _snapshots(
-        self, keysets: Sequence[str], replies: list[bytes | None]
+        self, keysets: Sequence[str], replies: list[bytes | int | None]
     ) -> list[Snapshot | CorruptState]:
         """The snapshot of each of *keysets* from *replies* (state, JWKS and roles of each,
-        as one MGET read them), or its `CorruptState`."""
+        as `_read` read them), or its `CorruptState`."""
         misread = self._misread(
             [k for k, raw in zip(keysets, replies[::3], strict=True) if raw is None]
         )
@@ -438,14 +474,20 @@ class Store:
         for keyset, raw_state, raw_jwks, raw_roles in zip(
             keysets, replies[::3], replies[1::3], replies[2::3], strict=True
         ):
-            if keyset in misread:
-                self.forget(keyset)
-                loaded.append(CorruptState(f"key set {keyset}: {misread[keyset]}"))
+            problem = misread.get(keyset)
+            if isinstance(raw_state, int):
+                problem = f"{too_long(raw_state)}: not read"
+            elif problem is None:
+                try:
+                    # A JWKS or roles document left in Redis for its length reads as empty,
+                    # which no state calls for: the daemon writes the right one over it.
+                    jwks, roles = _bounded(raw_jwks), _bounded(raw_roles)
+                    loaded.append(self._snapshot(keyset, raw_state, jwks, roles))
+                except CorruptState as exc:
+                    loaded.append(exc)
                 continue
-            try:
-                loaded.append(self._snapshot(keyset, raw_state, raw_jwks, raw_roles))
-            except CorruptState as exc:
-                loaded.append(exc)
+            self.forget(keyset)
+            loaded.append(CorruptState(f"key set {keyset}: {problem}"))
         return loaded
 
     def _misread(self, absent: Sequence[str]) -> dict[str, str]:
@@ -470,8 +512,12 @@ class Store:
             if kind not in ("none", "string")
         }
 
-    def _mget(self, *keys: str) -> list[bytes | None]:
-        return cast(list[bytes | None], self.client.mget(keys))
+    def _read(self, *keys: str) -> list[bytes | int | None]:
+        """The value of each of *keys* (``None`` if absent or of another type), or the
+        length of one over `MAX_STORED_BYTES`, left unread, when reads are bounded."""
+        if self._bounded is None:
+            return cast(list[bytes | int | None], self.client.mget(keys))
+        return cast(list[bytes | int | None], self._bounded(keys=keys, args=[MAX_STORED_BYTES]))
 
     def _snapshot(
         self,
@@ -940,7 +986,7 @@ class Store:
         for start in range(0, len(keysets), BATCH_SIZE):
             batch = keysets[start : start + BATCH_SIZE]
             keys: list[str] = []
-            args: list[str] = [str(width)]
+            args: list[str] = [str(width), str(MAX_STORED_BYTES)]
             for keyset in batch:
                 keys.extend(self._keys_of(keyset))
                 held = self._held.get(keyset)
