@@ -37,7 +37,7 @@ from pydantic_settings import (
 
 from rotator.core.envelope import KekError, Keyring
 from rotator.core.issuer import issuer_routes
-from rotator.core.overrides import Duration, PolicyOverrides, describe_error
+from rotator.core.overrides import Duration, PolicyOverrides, Whole, describe_error
 from rotator.core.policy import Policy
 from rotator.core.strictjson import shown
 from rotator.storage.kekfile import load_keyring
@@ -83,14 +83,14 @@ class RedisSettings(_Section):
     url: str = "redis://localhost:6379/0"
     prefix: str = "rotator"
     socket_timeout: Duration = 5.0
-    retries: int = Field(default=5, ge=0, le=100)
+    retries: Whole = Field(default=5, ge=0, le=100)
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     sentinels: list[str] = Field(default_factory=list)
     sentinel_master: str = "mymaster"
     cluster: bool = False
-    min_replicas_ack: int = Field(default=0, ge=0, le=100)
+    min_replicas_ack: Whole = Field(default=0, ge=0, le=100)
     replica_ack_timeout: Duration = 1.0
 
     @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file", mode="before")
@@ -238,10 +238,10 @@ class DaemonSettings(_Section):
     lease_ttl: Duration = 15.0
     # One shard by default: one leader, as before shards; more split the key sets among
     # the live daemons (`rotator.storage.lease`).
-    shards: int = Field(default=1, ge=1, le=MAX_SHARDS)
+    shards: Whole = Field(default=1, ge=1, le=MAX_SHARDS)
     backup_path: Path | None = None
     health_host: str = "127.0.0.1"
-    health_port: int = Field(default=9464, ge=0, le=65535)
+    health_port: Whole = Field(default=9464, ge=0, le=65535)
 
     @field_validator("health_host")
     @classmethod
@@ -280,21 +280,21 @@ class ServerSettings(_Section):
     """`rotator serve`: the HTTP JWKS endpoint."""
 
     host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
+    port: Whole = Field(default=8080, ge=1, le=65535)
+    workers: Whole = Field(default=1, ge=1, le=MAX_WORKERS)
     # Each thread is an OS thread started at once; each connection an open file, and
     # Linux's own ceiling on open files (fs.nr_open) is 2**20 by default.
-    threads: int = Field(default=32, ge=1, le=1024)
+    threads: Whole = Field(default=32, ge=1, le=1024)
     head_timeout: Duration = 10.0
     idle_timeout: Duration = 75.0
     send_timeout: Duration = 30.0
-    max_connections: int = Field(default=4096, ge=1, le=2**20)
-    max_requests_per_connection: int = Field(default=1000, ge=1, le=2**31)
+    max_connections: Whole = Field(default=4096, ge=1, le=2**20)
+    max_requests_per_connection: Whole = Field(default=1000, ge=1, le=2**31)
     metrics_host: str | None = None
-    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_port: Whole | None = Field(default=None, ge=1, le=65535)
     poll_interval: Duration = 30.0
     max_stale: Duration = 3600.0
-    max_keysets: int = Field(default=1000, ge=1, le=10_000_000)
+    max_keysets: Whole = Field(default=1000, ge=1, le=10_000_000)
 
     @field_validator("host", "metrics_host")
     @classmethod
@@ -342,7 +342,7 @@ class LogSettings(_Section):
 
     level: str = "INFO"
     format: Literal["text", "json"] = "text"
-    audit_max_entries: int = Field(default=100_000, ge=100, le=10**9)
+    audit_max_entries: Whole = Field(default=100_000, ge=100, le=10**9)
 
     @field_validator("level")
     @classmethod

@@ -109,6 +109,11 @@ schedule = "0 3 * * *"
         ('[rotation]\nalgorithm = "HS256"', "rotation.algorithm", "'ES256', 'ES384'"),
         ('[keysets.app]\nalgorithm = "none"', "keysets.app.algorithm", "'EdDSA' or 'RS256'"),
         ("[rotation]\nrsa_bits = 1024", "rotation.rsa_bits", "2048"),
+        # Read as 1 and 0 before (`shards = true` was one shard).
+        ("[daemon]\nshards = true", "daemon.shards", "not true or false"),
+        ("[keysets.app]\nrsa_bits = true", "keysets.app.rsa_bits", "not true or false"),
+        ("[redis]\nretries = false", "redis.retries", "not true or false"),
+        ("[server]\nmetrics_port = true", "server.metrics_port", "not true or false"),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, text: str, field: str, fragment: str) -> None:

@@ -26,10 +26,22 @@ from rotator.core.issuer import validate_issuer
 from rotator.core.jwk import MAX_RSA_BITS, MIN_RSA_BITS, Algorithm
 from rotator.core.policy import Policy, parse_schedule
 
-__all__ = ["Duration", "PolicyOverrides", "describe_error"]
+__all__ = ["Duration", "PolicyOverrides", "Whole", "describe_error"]
 
 #: A duration field: ``"90s"``, ``"6h"``, ``"1d12h"`` or seconds; dumped as text.
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+
+
+def _not_true_or_false(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("a whole number, not true or false")
+    return value
+
+
+#: A whole-number field (a count, a port, a size). pydantic's lax mode reads ``true`` as 1
+#: (``shards = true`` was one shard): a boolean there is a mistake, refused. Text stays
+#: accepted (``"80"``), since every environment variable is text.
+Whole = Annotated[int, BeforeValidator(_not_true_or_false)]
 
 
 class PolicyOverrides(BaseModel):
@@ -45,7 +57,7 @@ class PolicyOverrides(BaseModel):
     cache_max_age: Duration | None = None
     jitter: Duration | None = None
     algorithm: Algorithm | None = None
-    rsa_bits: Annotated[int, Field(ge=MIN_RSA_BITS, le=MAX_RSA_BITS)] | None = None
+    rsa_bits: Annotated[Whole, Field(ge=MIN_RSA_BITS, le=MAX_RSA_BITS)] | None = None
     issuer: str | None = None
 
     @field_validator("issuer")
