@@ -549,6 +549,30 @@ def _setting_variables() -> list[str]:
     return names
 
 
+def _not_json(exc: SettingsError, environ: list[str]) -> str:
+    """The line for a ``ROTATOR_*`` value that pydantic-settings could not read as JSON. Its
+    error names the section alone, also for a variable of one field in it (a non-JSON
+    ``ROTATOR_REDIS__SENTINELS`` was reported as ``ROTATOR_REDIS``): the variables of
+    the section whose field takes JSON are looked at to name the one."""
+    found = re.search(r'field "(\w+)"', str(exc))
+    if found is None:
+        return f"a ROTATOR_* variable: not a JSON value ({exc})"
+    section = found.group(1)
+    whole = f"{_ENV_PREFIX}{section.upper()}"
+    if whole not in (name.upper() for name in environ):
+        fields = getattr(Settings.model_fields[section].annotation, "model_fields", {})
+        source = EnvSettingsSource(Settings)
+        for name in environ:
+            head, _, rest = name.upper().removeprefix(_ENV_PREFIX).partition(_NESTED)
+            field = fields.get(rest.lower()) if head == section.upper() else None
+            if field is not None and source.field_is_complex(field):
+                try:
+                    json.loads(os.environ[name])
+                except ValueError:
+                    return f"{name}: not a JSON value (a list or a table is written as JSON)"
+    return f"{whole}: not a JSON value of the whole section ({exc})"
+
+
 def _unknown_variable(name: str, known: list[str]) -> str | None:
     """The problem of environment variable *name* (``ROTATOR_...``, upper case) if it names
     no setting, with the closest one that does; ``None`` if it names one."""
@@ -605,7 +629,8 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     # Each field set by a variable, as its errors name it: ROTATOR_ROTATION__INTERVAL sets
     # rotation.interval.
     variables = {
-        ".".join(name.removeprefix(_ENV_PREFIX).split(_NESTED)).lower(): name
+        # Upper-cased first: pydantic-settings reads ``rotator_daemon__tick`` too.
+        ".".join(name.upper().removeprefix(_ENV_PREFIX).split(_NESTED)).lower(): name
         for name in environ
         if _NESTED in name
     }
@@ -617,9 +642,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     except RecursionError:
         raise ConfigError("a ROTATOR_* variable holds JSON nested too deeply to read") from None
     except SettingsError as exc:  # a ROTATOR_<SECTION> value that is not JSON
-        field = re.search(r'field "(\w+)"', str(exc))
-        name = f"{_ENV_PREFIX}{field.group(1).upper()}" if field else "a ROTATOR_* variable"
-        raise ConfigError(f"{name}: not a JSON value of the whole section ({exc})") from None
+        raise ConfigError(_not_json(exc, environ)) from None
     except ValidationError as exc:
         lines = [_set_by(describe_error(error), variables) for error in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
