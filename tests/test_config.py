@@ -195,29 +195,25 @@ def test_a_bad_value_names_its_variable(monkeypatch: pytest.MonkeyPatch, tmp_pat
         load_settings(write(tmp_path, '[rotation]\ninterval = "abc"\n'))
 
 
-def test_a_lower_case_variable_is_named_as_it_was_set(monkeypatch: pytest.MonkeyPatch) -> None:
-    """pydantic-settings reads it; its error named the field alone."""
-    monkeypatch.setenv("rotator_daemon__tick", "abc")
-    with pytest.raises(ConfigError, match=r"^daemon\.tick \(set by rotator_daemon__tick\)"):
-        load_settings()
-
-
-def test_a_field_variable_that_is_not_json_names_that_variable(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        # pydantic-settings reads it in lower case; its error named the field alone.
+        ({"rotator_daemon__tick": "abc"}, r"^daemon\.tick \(set by rotator_daemon__tick\)"),
+        # pydantic-settings names the section: this was reported as ROTATOR_REDIS, not set.
+        (
+            {"ROTATOR_REDIS__URL": "redis://127.0.0.1:6379", "ROTATOR_REDIS__SENTINELS": "h:1"},
+            r"^ROTATOR_REDIS__SENTINELS: not a JSON value",
+        ),
+        ({"ROTATOR_REDIS": "{not json"}, r"^ROTATOR_REDIS: not a JSON value of the whole"),
+    ],
+)
+def test_a_bad_variable_is_named_as_it_was_set(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], named: str
 ) -> None:
-    """pydantic-settings names the section: this was reported as ROTATOR_REDIS, which was
-    not set."""
-    monkeypatch.setenv("ROTATOR_REDIS__URL", "redis://127.0.0.1:6379")  # text, not JSON
-    monkeypatch.setenv("ROTATOR_REDIS__SENTINELS", "host:26379")
-    with pytest.raises(ConfigError, match=r"^ROTATOR_REDIS__SENTINELS: not a JSON value"):
-        load_settings()
-
-
-def test_a_section_variable_that_is_not_json_names_the_variable(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("ROTATOR_REDIS", "{not json")
-    with pytest.raises(ConfigError, match=r"^ROTATOR_REDIS: not a JSON value"):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=named):
         load_settings()
 
 
