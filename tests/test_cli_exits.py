@@ -434,6 +434,24 @@ def test_one_shot_commands_print_no_log_lines_unless_verbose(
     assert before.code == 0 and " INFO " in before.stderr, before
 
 
+def test_a_kek_file_others_can_read_is_said_once_without_verbose(
+    live: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kek_file: Path
+) -> None:
+    """Before, the warning was a log line, which one-shot commands show only with -v:
+    `rotator rotate` by hand never said it. `token sign` loads the keyring twice."""
+    assert run(capsys, "keyset", "add", "shop").code == 0
+    kek_file.chmod(0o644)
+    warning = "is readable by others or another group (mode 644); chmod 600 it\n"
+    for argv in (["rotate", "--keyset", "shop", "--force"], ["token", "sign", "--keyset",
+                 "shop", "--claims", '{"sub": "x"}']):  # fmt: skip
+        result = run(capsys, *argv)
+        assert result.code == 0, result
+        assert result.stderr.startswith("rotator: warning: KEK file '"), result
+        assert result.stderr.endswith(warning) and result.stderr.count("\n") == 1, result
+    kek_file.chmod(0o600)
+    assert run(capsys, "rotate", "--keyset", "shop", "--force").stderr == ""
+
+
 def test_revoke_says_revoke_once(
     live: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -77,8 +77,28 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings: Settings = load_settings(args.config)
     setup_logging(args.log_level or settings.log.level, args.log_format or settings.log.format)
     if args.command not in _LONG_RUNNING and not args.verbose:
-        logging.getLogger().handlers[:] = [logging.NullHandler()]
+        logging.getLogger().handlers[:] = [_kek_warnings()]
     return handler(settings, args)
+
+
+def _kek_warnings() -> logging.Handler:
+    """What a one-shot command without --verbose says of its log: only that the KEK file
+    is readable by others, on one stderr line (the command goes on, its exit unchanged).
+    Said only with -v before, so `rotator rotate` run by hand never showed it. Once: a
+    command may load the keyring more than once."""
+    said: set[str] = set()
+
+    def kek_file_warning(record: logging.LogRecord) -> bool:
+        if record.name != "rotator.storage.kekfile" or record.getMessage() in said:
+            return False
+        said.add(record.getMessage())
+        return True
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("rotator: warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(kek_file_warning)
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
