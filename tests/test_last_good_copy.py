@@ -191,6 +191,41 @@ def test_the_backstop_poll_tells_a_removal_from_lost_data(
     asyncio.run(scenario())
 
 
+def test_a_jwks_key_of_another_type_fails_its_key_set_alone(
+    manager: KeyManager, redis_server: EmbeddedRedis, client: redis.Redis
+) -> None:
+    """Before, the poll raised the first WRONGTYPE for every key set held: none was
+    confirmed (all went stale after max_stale, `rotator serve` answered 503 for each) and
+    the readers said Redis could not be reached."""
+    names = ("billing", "shop")
+    for name in names:
+        manager.store.register(name)
+        manager.reconcile(name)
+
+    async def scenario() -> None:
+        threads, aio = JWKSCache(redis_server.url, follow=False), AsyncJWKSCache(redis_server.url)
+        for name in names:
+            threads.slot(name)
+            await aio.slot(name)
+        client.delete(JWKS % "shop")
+        client.rpush(JWKS % "shop", "x")
+        reads = threads.reads, aio.reads
+        threads.refresh_all()
+        await aio.refresh_all()
+        assert not threads.refresh("shop")  # a read of it alone
+        assert not await aio.refresh("shop")
+        assert (threads.reads, aio.reads) == (reads[0] + 2, reads[1] + 2)  # answered
+        for cache in (threads, aio):
+            troubles = cache.troubles()
+            assert list(troubles) == ["shop"], troubles
+            assert "its stored JWKS cannot be read (WRONGTYPE" in troubles["shop"]
+            shop = cache.held("shop")
+            assert shop is not None and shop.usable(cache.clock(), cache.limits).keys
+        await aio.close()
+
+    asyncio.run(scenario())
+
+
 class NoRegistryAccess(redis.Redis):
     """A client under an ACL that denies HMGET of the registry."""
 

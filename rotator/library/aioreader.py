@@ -26,7 +26,7 @@ from rotator.library.keycache import (
     ReaderLimits,
     Slot,
     SlotTable,
-    checked,
+    readable,
     redis_address,
     removed_among,
     trusted_keys,
@@ -218,7 +218,11 @@ class AsyncJWKSCache:
     async def _get(self, names: list[str]) -> tuple[list[Any], list[Any] | None]:
         """As `JWKSCache._get`."""
         if not self._table.roles and len(names) == 1:
-            return [await self.client.get(self.layout.jwks(names[0]))], None
+            try:
+                value: Any = await self.client.get(self.layout.jwks(names[0]))
+            except redis.ResponseError as exc:  # about this key alone: see `readable`
+                value = exc
+            return readable([value]), None
         async with self.client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.get(self.layout.jwks(name))
@@ -226,8 +230,8 @@ class AsyncJWKSCache:
                     pipe.get(self.layout.roles(name))
             values = await pipe.execute(raise_on_error=False)
         if not self._table.roles:
-            return checked(values), None
-        return checked(values[::2]), self._table.roles_read(values[1::2])
+            return readable(values), None
+        return readable(values[::2]), self._table.roles_read(values[1::2])
 
     async def _removed(self, names: list[str]) -> set[str]:
         """Which of *names* the registry says were removed (one ``HMGET``)."""

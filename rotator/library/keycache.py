@@ -39,6 +39,7 @@ from typing import Any
 
 from rotator.core.jwk import PublicKey
 from rotator.core.roles import RolesFormatError, roles_for
+from rotator.core.strictjson import one_line
 from rotator.library.errors import KeySetUnavailable
 from rotator.library.jwks_import import (
     CheckedPoints,
@@ -52,7 +53,8 @@ __all__ = [
     "ReaderLimits",
     "Slot",
     "SlotTable",
-    "checked",
+    "Unreadable",
+    "readable",
     "redis_address",
     "removed_among",
     "trusted_keys",
@@ -85,13 +87,29 @@ def removed_among(names: Sequence[str], entries: Sequence[object] | None) -> set
     }
 
 
-def checked(values: Sequence[Any]) -> list[Any]:
-    """The answers of a pipeline run with ``raise_on_error=False``, or the first error among
-    them raised."""
-    for value in values:
-        if isinstance(value, Exception):
-            raise value
-    return list(values)
+@dataclass(frozen=True)
+class Unreadable:
+    """In place of a JWKS value: Redis answered its key with an error (a value of another
+    type, WRONGTYPE), which is that key set's *problem* alone."""
+
+    problem: str
+
+
+#: A JWKS as a read answered it: its bytes, ``None`` when none is stored, or `Unreadable`.
+Read = bytes | str | None | Unreadable
+
+
+def readable(values: Sequence[Any]) -> list[Read]:
+    """The JWKS values of a read (a pipeline's, run with ``raise_on_error=False``), an
+    error answered for one key as `Unreadable`. Before, the first such error was raised for
+    the whole poll: one key of another type left every key set held unconfirmed, stale
+    after ``max_stale``, and said Redis could not be reached."""
+    return [
+        Unreadable(f"its stored JWKS cannot be read ({one_line(str(value))})")
+        if isinstance(value, Exception)
+        else value
+        for value in values
+    ]
 
 
 @dataclass(frozen=True)
@@ -374,9 +392,7 @@ class SlotTable:
             slots.pop()
         return slots
 
-    def needs_removal_check(
-        self, keyset: str, raw: bytes | str | None, held: Slot | None = None
-    ) -> bool:
+    def needs_removal_check(self, keyset: str, raw: Read, held: Slot | None = None) -> bool:
         """Whether `accept` of *raw* needs to know if *keyset* was removed: no JWKS is
         stored, and a copy is held (which stays, unless the registry holds a tombstone)."""
         return raw is None and any(s.keys is not None for s in self._slots_for(keyset, held))
@@ -384,7 +400,7 @@ class SlotTable:
     def accept(
         self,
         keyset: str,
-        raw: bytes | str | None,
+        raw: Read,
         held: Slot | None = None,
         *,
         removed: bool = False,
@@ -404,7 +420,7 @@ class SlotTable:
             return True  # dropped meanwhile, and nobody waits on it
         before = [slot.problem for slot in slots]
         taken = self._take(slots, raw, removed)
-        if self.roles and raw is not None:
+        if self.roles and isinstance(raw, bytes | str):
             source = _digest(raw)
             for slot in slots:
                 if slot.source == source:  # the copy is of these bytes
@@ -412,7 +428,7 @@ class SlotTable:
         self._report(keyset, before, slots)
         return taken
 
-    def to_check(self, names: Sequence[str], values: Sequence[bytes | str | None]) -> list[str]:
+    def to_check(self, names: Sequence[str], values: Sequence[Read]) -> list[str]:
         """Which of *names*, read as *values* (in order), need their registry entry read
         before `accept` (`needs_removal_check`)."""
         return [
@@ -424,7 +440,7 @@ class SlotTable:
     def answered(
         self,
         names: Sequence[str],
-        values: Sequence[bytes | str | None],
+        values: Sequence[Read],
         removed: set[str],
         held: Slot | None = None,
         roles: Sequence[bytes | str | None] | None = None,
@@ -492,8 +508,12 @@ class SlotTable:
             slot.remember_miss(kid, self.limits)
         return key
 
-    def _take(self, slots: list[Slot], raw: bytes | str | None, removed: bool) -> bool:
+    def _take(self, slots: list[Slot], raw: Read, removed: bool) -> bool:
         now = self.clock()
+        if isinstance(raw, Unreadable):
+            for slot in slots:
+                slot.keep(raw.problem, now)
+            return False
         if raw is None:
             kept = False
             for slot in slots:

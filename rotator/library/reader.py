@@ -33,7 +33,7 @@ from rotator.library.keycache import (
     ReaderLimits,
     Slot,
     SlotTable,
-    checked,
+    readable,
     redis_address,
     removed_among,
     trusted_keys,
@@ -245,7 +245,11 @@ class JWKSCache:
         """The JWKS of each of *names* and, when roles are read, their roles documents; one
         round trip."""
         if not self._table.roles and len(names) == 1:
-            return [self.client.get(self.layout.jwks(names[0]))], None
+            try:
+                value: Any = self.client.get(self.layout.jwks(names[0]))
+            except redis.ResponseError as exc:  # about this key alone: see `readable`
+                value = exc
+            return readable([value]), None
         with self.client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.get(self.layout.jwks(name))
@@ -253,8 +257,8 @@ class JWKSCache:
                     pipe.get(self.layout.roles(name))
             values = pipe.execute(raise_on_error=False)
         if not self._table.roles:
-            return checked(values), None
-        jwks = checked(values[::2])
+            return readable(values), None
+        jwks = readable(values[::2])
         with self._lock:
             return jwks, self._table.roles_read(values[1::2])
 
