@@ -161,21 +161,29 @@ def test_a_removed_keyset_stops_verifying_at_once_in_both_readers(
     asyncio.run(scenario())
 
 
+async def held_by_both(
+    manager: KeyManager, redis_server: EmbeddedRedis, *names: str
+) -> tuple[JWKSCache, AsyncJWKSCache]:
+    """A thread reader's cache and an asyncio one (neither following events), each holding
+    the key sets *names*, registered and bootstrapped."""
+    for name in names:
+        manager.store.register(name)
+        manager.reconcile(name)
+    threads, aio = JWKSCache(redis_server.url, follow=False), AsyncJWKSCache(redis_server.url)
+    for name in names:
+        threads.slot(name)
+        await aio.slot(name)
+    return threads, aio
+
+
 def test_the_backstop_poll_tells_a_removal_from_lost_data(
     manager: KeyManager, redis_server: EmbeddedRedis, client: redis.Redis
 ) -> None:
     """What readers that missed the events learn from one pipelined poll of everything they
     hold: the removed key set goes, the one whose JWKS Redis lost stays."""
-    names = ("billing", "shop")
-    for name in names:
-        manager.store.register(name)
-        manager.reconcile(name)
 
     async def scenario() -> None:
-        threads, aio = JWKSCache(redis_server.url, follow=False), AsyncJWKSCache(redis_server.url)
-        for name in names:
-            threads.slot(name)
-            await aio.slot(name)
+        threads, aio = await held_by_both(manager, redis_server, "billing", "shop")
         manager.store.unregister("billing")
         client.delete(JWKS % "shop")
         threads.refresh_all()
@@ -197,16 +205,9 @@ def test_a_jwks_key_of_another_type_fails_its_key_set_alone(
     """Before, the poll raised the first WRONGTYPE for every key set held: none was
     confirmed (all went stale after max_stale, `rotator serve` answered 503 for each) and
     the readers said Redis could not be reached."""
-    names = ("billing", "shop")
-    for name in names:
-        manager.store.register(name)
-        manager.reconcile(name)
 
     async def scenario() -> None:
-        threads, aio = JWKSCache(redis_server.url, follow=False), AsyncJWKSCache(redis_server.url)
-        for name in names:
-            threads.slot(name)
-            await aio.slot(name)
+        threads, aio = await held_by_both(manager, redis_server, "billing", "shop")
         client.delete(JWKS % "shop")
         client.rpush(JWKS % "shop", "x")
         reads = threads.reads, aio.reads
