@@ -300,3 +300,20 @@ def test_a_store_without_scripts_reads_a_huge_state_and_refuses_it(
     plain = Store(redis.Redis.from_url(redis_server.url), Layout(), bounded_reads=False)
     with pytest.raises(CorruptState, match="more than"):
         plain.load("a")
+
+
+def test_a_role_without_strlen_still_reads_key_sets(
+    redis_server: EmbeddedRedis, manager: KeyManager, client: redis.Redis
+) -> None:
+    """The daemon's ACL role before STRLEN: the read script measures with GET instead."""
+    manager.reconcile("a")
+    client.acl_setuser(
+        "before", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-strlen"]
+    )
+    before = Store(
+        redis.Redis.from_url(redis_server.url, username="before", password="pw"), Layout()
+    )
+    assert before.load("a").version == 1
+    client.set("rotator:{a}:jwks", b" " * (state_module.MAX_STORED_BYTES + 1))
+    assert before.load("a").jwks == b""
+    assert before.changed(["a"]) == ["a"]
