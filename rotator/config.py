@@ -558,19 +558,24 @@ def _not_json(exc: SettingsError, environ: list[str]) -> str:
     if found is None:
         return f"a ROTATOR_* variable: not a JSON value ({exc})"
     section = found.group(1)
+    fields = getattr(Settings.model_fields[section].annotation, "model_fields", {})
+    source = EnvSettingsSource(Settings)
+    for name in environ:
+        head, _, rest = name.upper().removeprefix(_ENV_PREFIX).partition(_NESTED)
+        field = fields.get(rest.lower()) if head == section.upper() else None
+        if field is not None and source.field_is_complex(field) and not _is_json(name):
+            return f"{name}: not a JSON value (a list or a table is written as JSON)"
     whole = f"{_ENV_PREFIX}{section.upper()}"
-    if whole not in (name.upper() for name in environ):
-        fields = getattr(Settings.model_fields[section].annotation, "model_fields", {})
-        source = EnvSettingsSource(Settings)
-        for name in environ:
-            head, _, rest = name.upper().removeprefix(_ENV_PREFIX).partition(_NESTED)
-            field = fields.get(rest.lower()) if head == section.upper() else None
-            if field is not None and source.field_is_complex(field):
-                try:
-                    json.loads(os.environ[name])
-                except ValueError:
-                    return f"{name}: not a JSON value (a list or a table is written as JSON)"
-    return f"{whole}: not a JSON value of the whole section ({exc})"
+    named = next((name for name in environ if name.upper() == whole), whole)
+    return f"{named}: not a JSON value of the whole section ({exc})"
+
+
+def _is_json(variable: str) -> bool:
+    try:
+        json.loads(os.environ[variable])
+    except ValueError:
+        return False
+    return True
 
 
 def _unknown_variable(name: str, known: list[str]) -> str | None:

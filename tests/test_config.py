@@ -206,6 +206,11 @@ def test_a_bad_value_names_its_variable(monkeypatch: pytest.MonkeyPatch, tmp_pat
             r"^ROTATOR_REDIS__SENTINELS: not a JSON value",
         ),
         ({"ROTATOR_REDIS": "{not json"}, r"^ROTATOR_REDIS: not a JSON value of the whole"),
+        # A section variable that is JSON is not blamed for its field variable's error.
+        (
+            {"ROTATOR_REDIS": '{"url": "redis://x"}', "ROTATOR_REDIS__SENTINELS": "h:1"},
+            r"^ROTATOR_REDIS__SENTINELS: not a JSON value",
+        ),
     ],
 )
 def test_a_bad_variable_is_named_as_it_was_set(
