@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import pytest
@@ -107,3 +108,32 @@ def test_a_kid_bound_to_another_key_drops_its_tokens() -> None:
     with pytest.raises(BadSignature):
         verify(cache, jwt, rebound)
     assert len(cache) == 1  # b's token stays: its kid keeps its key
+
+
+def test_a_token_verified_as_its_kid_is_bound_to_another_key_is_not_kept() -> None:
+    """The same rebinding, read while a verification of the old key's token ran: `follow`
+    dropped the kid's tokens, then `keep` put this one back under the new binding, and the
+    next call answered it (a helper session's attack found it)."""
+    cache = TokenCache()
+    cache.follow(PUBLIC)  # the signature is checked with a's key of this copy...
+    rebound = {"a": PUBLIC["b"], "b": PUBLIC["b"]}
+    cache.follow(rebound)  # ...while another call follows the new one
+    cache.keep(token("a", 0), "a", PUBLIC["a"], {"sub": "u0"}, None)
+    assert cache.hit(token("a", 0), rebound) is None
+    assert len(cache) == 0
+
+
+def test_a_token_longer_than_any_kept_is_not_looked_up() -> None:
+    """Its hash costs its length (100 MB: 33 ms) before the length check refuses it."""
+    looked: list[object] = []
+
+    class Counted(OrderedDict[Any, Any]):
+        def get(self, key: Any, default: Any = None) -> Any:
+            looked.append(key)
+            return super().get(key, default)
+
+    cache = TokenCache(max_token_bytes=100)
+    cache._entries = Counted()
+    for jwt in ("x" * 101, b"x" * 101, "x" * 100):
+        assert cache.hit(jwt, PUBLIC) is None
+    assert looked == ["x" * 100]

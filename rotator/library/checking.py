@@ -92,4 +92,4 @@ class Checker:
             raise
         if usage is not None:
             usage.accepted(kid)
-        return self.tokens.keep(token, kid, claims, times)
+        return self.tokens.keep(token, kid, key, claims, times)

@@ -123,8 +123,10 @@ class TokenCache:
         the cache's own: check them as the call asks, and hand out `claims_copy`."""
         if keys is not self._followed:
             self.follow(keys)
-        # Exact types: a str subclass could hash and compare as it likes.
-        if type(token) not in _CACHEABLE or keys is None:
+        # Exact types: a str subclass could hash and compare as it likes. A token longer
+        # than any kept is not looked up: its hash would cost its length (100 MB, 33 ms)
+        # before the full way's length check refuses it.
+        if type(token) not in _CACHEABLE or keys is None or len(token) > self.max_token_bytes:
             return None
         # No lock on a hit (each dict operation is atomic), and try rather than
         # contextlib.suppress: the two cost a hit a third of its instructions (callgrind,
@@ -139,11 +141,16 @@ class TokenCache:
         return entry
 
     def keep(
-        self, token: str | bytes, kid: str, claims: dict[str, Any], times: tuple[int, int] | None
+        self,
+        token: str | bytes,
+        kid: str,
+        key: object,
+        claims: dict[str, Any],
+        times: tuple[int, int] | None,
     ) -> dict[str, Any]:
-        """Keep the *claims* of *token*, which just passed every check with the key of
-        *kid* (*times*: their `verify.claim_times`), if it may be cached; return the
-        caller's copy of them."""
+        """Keep the *claims* of *token*, which just passed every check with *key*, that of
+        *kid* (*times*: their `verify.claim_times`), if it may be cached: only while the
+        key set followed binds *kid* to that key. Return the caller's copy of them."""
         if (
             type(token) not in _CACHEABLE
             or len(token) > self.max_token_bytes
@@ -157,8 +164,15 @@ class TokenCache:
         entries = self._entries
         with self._lock:
             followed = self._followed
-            if followed is None or kid not in followed or token in entries or cost > self.max_bytes:
-                # The key set moved on meanwhile (its next `follow` decides), or no room.
+            if (
+                followed is None
+                or followed.get(kid) != key
+                or token in entries
+                or cost > self.max_bytes
+            ):
+                # The key set moved on meanwhile (its next `follow` decides; one that binds
+                # the kid to another key, since the signature was checked, dropped the
+                # kid's tokens already, and this one must not come back), or no room.
                 return claims
             # Room first, so that the bounds hold at every moment, even to a reader of
             # `len` outside the lock.
