@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+import redis
 from joserfc import jwt as jose_jwt
 from joserfc.errors import InvalidKeyIdError
 from joserfc.jwk import KeySet
@@ -199,6 +200,26 @@ def test_a_path_issuer_has_its_document_with_the_jwks_caching(discovering: Disco
         base + "/tenants/billing" + WELL_KNOWN, headers={"If-None-Match": jwks.headers["etag"]}
     )
     assert stale.status == 200
+
+
+def test_the_algorithms_listed_are_those_of_the_keys_a_reader_takes(
+    discovering: Discovering, client: redis.Redis
+) -> None:
+    """Before, they were read from the entries of the JWKS served, which holds the refused
+    ones as stored: `none` and HS256 were listed, and an entry that is not an object made
+    every request a 500 with a traceback (a helper session's attack found both)."""
+    key = "rotator:{billing}:jwks"
+    document = json.loads(client.get(key) or b"")
+    refused = [{"kty": "EC", "alg": "none", "crv": "P-256"}, {"kty": "oct-ish", "alg": "HS256"}]
+    for extra in ([*refused, 1], refused):
+        stored = json.dumps({"keys": [*document["keys"], *extra]}).encode()
+        client.set(key, stored)
+        client.publish("rotator:events", json.dumps({"keyset": "billing"}))
+        jwks = discovering.base + "/.well-known/jwks.json?keyset=billing"
+        wait_for(lambda: fetch(jwks).body == stored, what="the JWKS served as stored")  # noqa: B023
+        status, _headers, body = discovering.get("/tenants/billing" + WELL_KNOWN)
+        assert status == 200, body
+        assert json.loads(body)["id_token_signing_alg_values_supported"] == ["ES256"]
 
 
 def test_a_pathless_issuer_is_found_by_keyset_or_app_name(discovering: Discovering) -> None:

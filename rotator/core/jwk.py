@@ -43,6 +43,7 @@ __all__ = [
     "PrivateKey",
     "PrivateMemberError",
     "PublicKey",
+    "algorithm_of",
     "b64url",
     "foreign_kid",
     "generate_key",
@@ -138,6 +139,21 @@ def foreign_kid(kid: object) -> bool:
 
 def _with_kid(alg: str, jwk: dict[str, str]) -> dict[str, str]:
     return {"alg": alg, "kid": thumbprint(jwk), "use": "sig", **jwk}
+
+
+def algorithm_of(key: PublicKey) -> str:
+    """The one algorithm a public key of a supported kind verifies (each key type is pinned
+    to its own); `ValueError` for a key of no supported kind."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        curve = _CURVE_OF.get(key.curve.name)
+        if curve is None:
+            raise ValueError(f"EC curve {key.curve.name} is not supported")
+        return curve.algorithm
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "EdDSA"
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256"
+    raise ValueError(f"{type(key).__name__} is not a supported key")
 
 
 def public_jwk(key: PublicKey) -> dict[str, str]:

@@ -273,7 +273,7 @@ class JWKSApp:
             issuer = policy.issuer
             if issuer is None or issuer_path(issuer) != discovery:
                 return Answers(keys.etag, generation, _NO_DISCOVERY, _NO_DISCOVERY, "")
-            body = discovery_document(issuer, keyset, keys.body)
+            body = discovery_document(issuer, keyset, keys.keys)
             tag = etag_of(body)
         max_age = int(policy.cache_max_age)
         stale = int(self.settings.server.max_stale)
