@@ -16,6 +16,7 @@ import pytest
 from rotator.config import ConfigError, load_settings
 from rotator.core import lifecycle
 from rotator.core.policy import Policy, parse_schedule
+from rotator.core.state import MAX_STORED_BYTES
 from tests.helpers import RecordingMint, make_keyring
 
 DAY = 86400.0
@@ -228,3 +229,27 @@ def test_every_weekday_number_names_the_cron_day() -> None:
     for number in range(8):
         days = fire_days(f"0 0 * * {number}", WEDNESDAY, 3)
         assert {day.isoweekday() for day in days} == {number % 7 or 7}
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "rsa_bits"),
+    [("ES256", 3072), ("ES384", 3072), ("EdDSA", 3072), ("RS256", 2048), ("RS256", 4096)],
+)
+def test_an_overlap_that_keeps_more_keys_than_a_state_may_hold_is_refused(
+    algorithm: str, rsa_bits: int
+) -> None:
+    """Before, `interval = "1m"` with `overlap = "30d"` (43,000 keys) was accepted, and the
+    key set stopped rotating once its state grew past `MAX_STORED_BYTES`, every commit
+    refused. The estimate per key is checked against a key's real size here."""
+    mint = RecordingMint(make_keyring("k1"))
+    sample = Policy(interval=86400.0, overlap=86400.0, algorithm=algorithm, rsa_bits=rsa_bits)
+    state = lifecycle.bootstrap("default", 0.0, mint, sample).state
+    fit = int(MAX_STORED_BYTES * len(state.keys) / len(state.stored()))  # keys that fit
+
+    def keeping(keys: int) -> Policy:
+        return Policy(interval=60.0, overlap=60.0 * keys, max_token_ttl=10.0, clock_skew=5.0,
+                      cache_max_age=20.0, jitter=0.0, algorithm=algorithm, rsa_bits=rsa_bits)  # fmt: skip
+
+    (problem,) = keeping(fit).problems()
+    assert problem[0] == "overlap" and "more than a state may hold" in problem[1]
+    assert keeping(fit // 4).problems() == []

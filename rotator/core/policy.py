@@ -29,12 +29,17 @@ from rotator.core.jwk import (
     MAX_RSA_BITS,
     MIN_RSA_BITS,
 )
+from rotator.core.state import MAX_STORED_BYTES
 
 __all__ = ["Policy", "parse_schedule"]
 
 # Without an explicit jitter, rotations spread over this share of the period, up to an hour.
 _AUTO_JITTER_SHARE = 0.05
 _AUTO_JITTER_CAP = 3600.0
+# What one key takes of a stored state at most, over the sizes measured (ES256 650 bytes,
+# ES384 760, EdDSA 490; RSA 2048 2.3 KB, 8192 8.0 KB), for the bound on keys kept.
+_EC_KEY_BYTES = 1024
+_RSA_KEY_BYTES_PER_BIT = 1.25
 # Cron gaps are sampled from a fixed instant (2026-01-01 UTC) so validation is deterministic.
 _CRON_SAMPLE_START = 1_767_225_600
 _CRON_SAMPLES = 400
@@ -203,6 +208,26 @@ class Policy:
         gaps = [b - a for a, b in itertools.pairwise(_sample(self.schedule))]
         return min(gaps, default=math.inf)
 
+    def _too_many_keys(self, interval: float) -> list[tuple[str, str]]:
+        """An overlap so long against the interval that the retired keys it keeps would make
+        a state longer than one may be stored (`MAX_STORED_BYTES`): the key set would stop
+        rotating once its state grew there, every commit refused. (A cron schedule fires
+        at most a few hundred times in the window sampled: never so many.)"""
+        kept = self.overlap / interval + 3  # retired in the overlap, current, next, one more
+        per_key = (
+            self.rsa_bits * _RSA_KEY_BYTES_PER_BIT if self.algorithm == "RS256" else _EC_KEY_BYTES
+        )
+        if kept * per_key <= MAX_STORED_BYTES:
+            return []
+        return [
+            (
+                "overlap",
+                f"{format_duration(self.overlap)} keeps about {kept:,.0f} {self.algorithm} keys "
+                f"at an interval of {format_duration(interval)}, more than a state may hold "
+                f"({MAX_STORED_BYTES // 2**20} MiB): shorten the overlap or lengthen the interval",
+            )
+        ]
+
     def problems(self) -> list[tuple[str, str]]:
         """Contradictions in this policy as ``(field, message)`` pairs; empty when sound."""
         found: list[tuple[str, str]] = []
@@ -243,6 +268,8 @@ class Policy:
         if self.jitter is not None and not 0 <= self.jitter < period:
             shown = format_duration(period)
             found.append(("jitter", f"must be at least 0 and less than the period ({shown})"))
+        if self.interval is not None:
+            found += self._too_many_keys(self.interval)
         floor = self.max_token_ttl + self.clock_skew + self.cache_max_age
         if self.overlap < floor:
             found.append(
