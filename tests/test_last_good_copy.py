@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from rotator.core.envelope import Keyring
+from rotator.core.jwk import public_jwk
+from rotator.core.state import MAX_STORED_BYTES
 from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
 from rotator.library.aioreader import AsyncJWKSCache, AsyncJWKSReader
@@ -26,7 +29,7 @@ from tests.test_server import Running, fetch, running_serve
 
 CLAIMS = {"sub": "u", "iss": "iam", "aud": "svc"}
 JWKS = "rotator:{%s}:jwks"
-DAMAGE = ["flushall", "deleted", "private", "oct"]
+DAMAGE = ["flushall", "deleted", "private", "oct", "huge"]
 
 
 def damage(client: redis.Redis, kind: str, keyset: str = "default") -> None:
@@ -35,6 +38,9 @@ def damage(client: redis.Redis, kind: str, keyset: str = "default") -> None:
         client.flushall()
     elif kind == "deleted":
         client.delete(JWKS % keyset)
+    elif kind == "huge":  # another key's, padded past the bound: taken whole before
+        other = public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key())
+        client.set(JWKS % keyset, json.dumps({"keys": [other]}).ljust(MAX_STORED_BYTES + 1))
     else:
         client.set(JWKS % keyset, private_jwks() if kind == "private" else oct_jwks())
     client.publish("rotator:events", json.dumps({"keyset": keyset, "version": 0, "event": "x"}))
@@ -66,7 +72,8 @@ def test_the_thread_reader_keeps_its_copy_through_lost_or_refused_data(
         wait_for(lambda: reader.reads > reads, what="the announced read")
         assert check(reader, token)["sub"] == "u"
         assert reader.trouble is not None and "last" not in reader.trouble
-        assert ("gone" if kind in ("flushall", "deleted") else "refused") in reader.trouble
+        said = {"flushall": "gone", "deleted": "gone", "huge": "more than"}.get(kind, "refused")
+        assert said in reader.trouble
 
 
 @pytest.mark.parametrize("kind", DAMAGE)

@@ -45,6 +45,7 @@ from rotator.core.jwk import (
     public_jwk,
     thumbprint,
 )
+from rotator.core.state import MAX_STORED_BYTES
 from rotator.core.strictjson import shown
 
 __all__ = [
@@ -263,15 +264,26 @@ def _private_within(value: Any) -> set[str]:
     return found
 
 
-def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> VerificationKeys:
-    """Parse *raw* strictly; raise `JWKSFormatError` only if it is not a JWK Set at all.
-    *checked*: the keys already checked, remembered there too
-    (without it, every point is checked)."""
+def _servable(raw: bytes | str) -> bytes:
+    """The bytes of a JWKS to parse and serve, or `JWKSFormatError`."""
     if isinstance(raw, str):
         try:
             raw = raw.encode()
         except UnicodeEncodeError:  # a lone surrogate: no bytes to serve
             raise JWKSFormatError("JWKS is not JSON: not UTF-8") from None
+    if len(raw) > MAX_STORED_BYTES:
+        # A 36 MB JWKS of three million entries, stored by hand, took `rotator serve` to
+        # 988 MB and 8 s of CPU, then was served whole.
+        raise JWKSFormatError(f"JWKS is {len(raw):,} bytes, more than {MAX_STORED_BYTES:,}")
+    return raw
+
+
+def import_jwks(raw: bytes | str, checked: CheckedPoints | None = None) -> VerificationKeys:
+    """Parse *raw* strictly; raise `JWKSFormatError` only if it is not a JWK Set at all,
+    or is longer than `MAX_STORED_BYTES` (what the daemon writes at most, checked before
+    parsing). *checked*: the keys already checked, remembered there too
+    (without it, every point is checked)."""
+    raw = _servable(raw)
     try:
         document = strictjson.loads(raw)
     except strictjson.JSONError as exc:
