@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -230,6 +231,38 @@ def test_a_jwks_key_of_another_type_fails_its_key_set_alone(
             shop = cache.held("shop")
             assert shop is not None and shop.usable(cache.clock(), cache.limits).keys
         await aio.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_error_of_the_server_is_said_once_not_per_key_set(
+    manager: KeyManager,
+    redis_server: EmbeddedRedis,
+    client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NOPERM (a role without GET) comes back per key as WRONGTYPE does, but is the whole
+    server's: one "cannot reach Redis", not an error per key set held (a reviewer found
+    the first form of the WRONGTYPE mend logging one per key set)."""
+    for name in ("billing", "shop"):
+        manager.store.register(name)
+        manager.reconcile(name)
+    client.acl_setuser("noget", enabled=True, passwords=["+pw"], keys=["*"],
+                       commands=["+@all", "-get"])  # fmt: skip
+    url = redis_server.url.replace("redis://", "redis://noget:pw@", 1)
+
+    async def scenario() -> None:
+        threads, aio = JWKSCache(url, follow=False), AsyncJWKSCache(url)
+        with caplog.at_level(logging.INFO):
+            for name in ("billing", "shop"):
+                threads.slot(name)
+                await aio.slot(name)
+            threads.refresh_all()
+            await aio.refresh_all()
+        await aio.close()
+        said = [r.getMessage() for r in caplog.records]
+        assert not [line for line in said if "cannot be read" in line], said
+        assert len([line for line in said if "cannot reach Redis" in line]) == 2, said  # each
 
     asyncio.run(scenario())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -253,3 +254,7 @@ def test_an_overlap_that_keeps_more_keys_than_a_state_may_hold_is_refused(
     (problem,) = keeping(fit).problems()
     assert problem[0] == "overlap" and "more than a state may hold" in problem[1]
     assert keeping(fit // 4).problems() == []
+    # A schedule's shortest gap counts as the interval (a reviewer found schedules
+    # unchecked): every minute, the same overlap.
+    (cron,) = replace(keeping(fit), interval=None, schedule="* * * * *").problems()
+    assert cron[0] == "overlap" and "shortest gap between fires of 1m" in cron[1]

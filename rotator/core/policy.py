@@ -208,23 +208,24 @@ class Policy:
         gaps = [b - a for a, b in itertools.pairwise(_sample(self.schedule))]
         return min(gaps, default=math.inf)
 
-    def _too_many_keys(self, interval: float) -> list[tuple[str, str]]:
-        """An overlap so long against the interval that the retired keys it keeps would make
-        a state longer than one may be stored (`MAX_STORED_BYTES`): the key set would stop
-        rotating once its state grew there, every commit refused. (A cron schedule fires
-        at most a few hundred times in the window sampled: never so many.)"""
-        kept = self.overlap / interval + 3  # retired in the overlap, current, next, one more
+    def _too_many_keys(self, period: float) -> list[tuple[str, str]]:
+        """An overlap so long against the *period* (the interval, or a schedule's shortest
+        gap) that the retired keys it keeps would make a state longer than one may be
+        stored (`MAX_STORED_BYTES`): the key set would stop rotating once its state grew
+        there, every commit refused."""
+        kept = self.overlap / period + 3  # retired in the overlap, current, next, one more
         per_key = (
             self.rsa_bits * _RSA_KEY_BYTES_PER_BIT if self.algorithm == "RS256" else _EC_KEY_BYTES
         )
         if kept * per_key <= MAX_STORED_BYTES:
             return []
+        gap = "an interval of" if self.schedule is None else "a shortest gap between fires of"
         return [
             (
                 "overlap",
                 f"{format_duration(self.overlap)} keeps about {kept:,.0f} {self.algorithm} keys "
-                f"at an interval of {format_duration(interval)}, more than a state may hold "
-                f"({MAX_STORED_BYTES // 2**20} MiB): shorten the overlap or lengthen the interval",
+                f"at {gap} {format_duration(period)}, more than a state may hold "
+                f"({MAX_STORED_BYTES // 2**20} MiB): shorten the overlap or lengthen the period",
             )
         ]
 
@@ -268,8 +269,7 @@ class Policy:
         if self.jitter is not None and not 0 <= self.jitter < period:
             shown = format_duration(period)
             found.append(("jitter", f"must be at least 0 and less than the period ({shown})"))
-        if self.interval is not None:
-            found += self._too_many_keys(self.interval)
+        found += self._too_many_keys(period)
         floor = self.max_token_ttl + self.clock_skew + self.cache_max_age
         if self.overlap < floor:
             found.append(

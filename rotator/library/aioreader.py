@@ -30,6 +30,7 @@ from rotator.library.keycache import (
     redis_address,
     removed_among,
     trusted_keys,
+    wrong_type,
 )
 from rotator.library.tokencache import (
     DEFAULT_TOKEN_CACHE_BYTES,
@@ -220,8 +221,10 @@ class AsyncJWKSCache:
         if not self._table.roles and len(names) == 1:
             try:
                 value: Any = await self.client.get(self.layout.jwks(names[0]))
-            except redis.ResponseError as exc:  # about this key alone: see `readable`
-                value = exc
+            except redis.ResponseError as exc:
+                if not wrong_type(exc):
+                    raise
+                value = exc  # about this key alone: see `readable`
             return readable([value]), None
         async with self.client.pipeline(transaction=False) as pipe:
             for name in names:

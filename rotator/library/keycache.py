@@ -58,6 +58,7 @@ __all__ = [
     "redis_address",
     "removed_among",
     "trusted_keys",
+    "wrong_type",
 ]
 
 
@@ -100,16 +101,25 @@ Read = bytes | str | None | Unreadable
 
 
 def readable(values: Sequence[Any]) -> list[Read]:
-    """The JWKS values of a read (a pipeline's, run with ``raise_on_error=False``), an
-    error answered for one key as `Unreadable`. Before, the first such error was raised for
-    the whole poll: one key of another type left every key set held unconfirmed, stale
-    after ``max_stale``, and said Redis could not be reached."""
+    """The JWKS values of a read (a pipeline's, run with ``raise_on_error=False``), a
+    WRONGTYPE answered for one key (a value of another type there) as `Unreadable`; any
+    other error (NOPERM, MASTERDOWN, a Cluster node down) is the server's, raised. Before,
+    a WRONGTYPE was raised for the whole poll: one key of another type left every key set
+    held unconfirmed, stale after ``max_stale``, and said Redis could not be reached."""
+    for value in values:
+        if isinstance(value, Exception) and not wrong_type(value):
+            raise value
     return [
         Unreadable(f"its stored JWKS cannot be read ({one_line(str(value))})")
         if isinstance(value, Exception)
         else value
         for value in values
     ]
+
+
+def wrong_type(error: BaseException) -> bool:
+    """Whether *error* is Redis's answer for a key holding another type of value."""
+    return str(error).startswith("WRONGTYPE")
 
 
 @dataclass(frozen=True)
