@@ -30,7 +30,6 @@ from rotator.library.keycache import (
     redis_address,
     removed_among,
     trusted_keys,
-    wrong_type,
 )
 from rotator.library.tokencache import (
     DEFAULT_TOKEN_CACHE_BYTES,
@@ -44,6 +43,7 @@ from rotator.library.usage import (
 )
 from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, KeyLookup
 from rotator.metrics import ReaderMetrics
+from rotator.storage.connect import wrong_type
 from rotator.storage.events import (
     REPLY_TIMEOUT,
     CallbackFailures,

@@ -47,6 +47,7 @@ from rotator.library.jwks_import import (
     VerificationKeys,
     import_jwks,
 )
+from rotator.storage.connect import wrong_type
 from rotator.storage.store import REMOVED
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
     "redis_address",
     "removed_among",
     "trusted_keys",
-    "wrong_type",
 ]
 
 
@@ -115,11 +115,6 @@ def readable(values: Sequence[Any]) -> list[Read]:
         else value
         for value in values
     ]
-
-
-def wrong_type(error: BaseException) -> bool:
-    """Whether *error* is Redis's answer for a key holding another type of value."""
-    return str(error).startswith("WRONGTYPE")
 
 
 @dataclass(frozen=True)

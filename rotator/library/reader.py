@@ -37,7 +37,6 @@ from rotator.library.keycache import (
     redis_address,
     removed_among,
     trusted_keys,
-    wrong_type,
 )
 from rotator.library.tokencache import (
     DEFAULT_TOKEN_CACHE_BYTES,
@@ -47,6 +46,7 @@ from rotator.library.tokencache import (
 from rotator.library.usage import DEFAULT_FLUSH_INTERVAL, UsageCounter, UsageFlusher
 from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache
 from rotator.metrics import ReaderMetrics
+from rotator.storage.connect import wrong_type
 from rotator.storage.events import EventFollower
 from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 

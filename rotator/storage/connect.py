@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-__all__ = ["RedisOptions", "connect"]
+__all__ = ["RedisOptions", "connect", "wrong_type"]
 
 
 class RedisOptions(Protocol):
@@ -101,3 +101,9 @@ def connect(
         return cast(redis.Redis, RedisCluster.from_url(settings.url, **options))
     client: redis.Redis = redis.Redis.from_url(settings.url, health_check_interval=30, **options)
     return client
+
+
+def wrong_type(error: BaseException) -> bool:
+    """Whether *error* is Redis's answer for a key holding another type of value
+    (WRONGTYPE): about that key alone, where any other error is the server's."""
+    return str(error).startswith("WRONGTYPE")

@@ -34,6 +34,7 @@ import redis
 
 from rotator.core.state import MAX_STORED_BYTES, CorruptState, KeySetState, decode_state, too_long
 from rotator.metrics import COMMIT_SECONDS
+from rotator.storage.connect import wrong_type
 from rotator.storage.layout import Layout
 from rotator.storage.lease import lease_left
 
@@ -894,7 +895,7 @@ class Store:
         replies: list[object] = []
         deleted: set[str] = set()
         for key, answer in zip(keys, answers, strict=True):
-            if isinstance(answer, redis.ResponseError) and str(answer).startswith("WRONGTYPE"):
+            if isinstance(answer, redis.ResponseError) and wrong_type(answer):
                 if self._delete_mistyped(keys=[key], args=[kind]):
                     log.warning("%s held another type of value: deleted (rotator rebuilds it)", key)
                     deleted.add(key)
@@ -915,7 +916,7 @@ class Store:
         try:
             entries: dict[bytes, bytes] = self.client.hgetall(self.layout.keysets)  # type: ignore[assignment]
         except redis.ResponseError as exc:
-            if "WRONGTYPE" not in str(exc):
+            if not wrong_type(exc):
                 raise
             members: set[bytes] = self.client.smembers(self.layout.keysets)  # type: ignore[assignment]
             return {_text(name): "{}" for name in members}
@@ -927,7 +928,7 @@ class Store:
         try:
             raw: bytes | None = self.client.hget(self.layout.keysets, keyset)  # type: ignore[assignment]
         except redis.ResponseError as exc:
-            if "WRONGTYPE" not in str(exc):
+            if not wrong_type(exc):
                 raise
             return self.registry().get(keyset)
         return None if raw is None else _text(raw)

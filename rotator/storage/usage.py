@@ -23,6 +23,7 @@ from typing import Any
 import redis
 
 from rotator.core.state import MAX_TIME
+from rotator.storage.connect import wrong_type
 from rotator.storage.layout import Layout
 
 __all__ = [
@@ -145,7 +146,7 @@ def _answered(answers: list[Any]) -> list[Any]:
     """*answers*, a hash of another type (WRONGTYPE) among them, which counts nothing;
     any other error is raised (a role without HLEN must not read as no usage at all)."""
     for answer in answers:
-        if isinstance(answer, Exception) and not str(answer).startswith("WRONGTYPE"):
+        if isinstance(answer, Exception) and not wrong_type(answer):
             raise answer
     return answers
 
