@@ -58,6 +58,7 @@ def backed(
     """A leader of alpha, beta and NAMES, bootstrapped, with a backup file, whose store
     keeps one state parsed."""
     monkeypatch.setattr(store_module, "PARSED_STATES", 1)
+    monkeypatch.setattr(store_module, "RECENT_STATES", 1)
     daemon = make_daemon(redis_server, keyring, clock, backup_path=str(tmp_path / "state.db"))
     daemon.manager.store.register_many([(name, entry()) for name in NAMES])
     daemon.tick()
@@ -195,6 +196,7 @@ def test_a_tick_saves_as_it_goes_so_the_bytes_let_go_do_not_pile_up(
     """A sweep of everything held the bytes of every state the store let go until the
     tick's end: all of them at once."""
     monkeypatch.setattr(store_module, "PARSED_STATES", 1)
+    monkeypatch.setattr(store_module, "RECENT_STATES", 1)
     monkeypatch.setattr(scheduler_module, "BATCH_SIZE", 2)
     daemon = make_daemon(redis_server, keyring, clock, backup_path=str(tmp_path / "state.db"))
     daemon.manager.store.register_many([(name, entry()) for name in NAMES])
@@ -223,6 +225,7 @@ def test_a_key_set_removed_and_added_again_at_the_same_version_is_not_healed_wit
     old one kept the old row, and on taking the lease wrote the removed key set's keys
     back into the new one."""
     monkeypatch.setattr(store_module, "PARSED_STATES", 1)
+    monkeypatch.setattr(store_module, "RECENT_STATES", 1)
     leader = make_daemon(redis_server, keyring, clock, backup_path=str(tmp_path / "a.db"))
     leader.manager.store.register_many([(name, entry()) for name in NAMES])
     leader.tick()

@@ -171,6 +171,30 @@ def test_a_lineage_that_is_not_a_string_is_bad_policy() -> None:
     assert parse_overrides('{"interval": "6h", "lineage": "9f2c"}', FAST)[1].interval == 21600
 
 
+def test_entries_of_one_shape_share_a_policy_and_a_bad_one_shares_nothing(
+    store: Store, client: redis.Redis
+) -> None:
+    """Entries whose overrides match share one parsed policy (memory at 100,000 key sets),
+    whatever their lineage; one whose lineage is not a string is still its own problem."""
+    client.hset(
+        "rotator:keysets",
+        mapping={
+            "a": '{"interval": "6h", "lineage": "9f2c"}',
+            "b": '{"lineage": "77aa", "interval": "6h"}',
+            "c": '{"interval": "6h", "lineage": 5}',
+            "d": '{"interval": "7h", "lineage": "0b1d"}',
+        },
+    )
+    keysets = KeySets(load_settings(redis={"url": "redis://unused"}), store)
+    keysets.refresh()
+    a, b, d = (keysets.get(name) for name in "abd")
+    assert a is not None and b is not None and d is not None
+    assert a.policy is b.policy and a.overrides is b.overrides
+    assert (a.lineage, b.lineage) == ("9f2c", "77aa")
+    assert d.policy is not None and d.policy.interval == 25200
+    assert keysets.problems() == {"c": "stored policy: lineage: not a string"}
+
+
 # ------------------------------------------------------------ One bad state document
 
 

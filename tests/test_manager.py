@@ -209,6 +209,7 @@ def test_a_state_is_remembered_parsed_while_the_store_keeps_it_and_as_bytes_afte
     and its stored bytes once the store lets it go; a state seeded from a backup file gives
     way to the one Redis holds at its version."""
     monkeypatch.setattr(store_module, "PARSED_STATES", 1)
+    monkeypatch.setattr(store_module, "RECENT_STATES", 1)
     manager = KeyManager(
         Store(client, Layout()), keyring, lambda _name: FAST, clock=clock, remember=True
     )
@@ -236,7 +237,9 @@ def test_the_keys_checked_to_open_are_remembered_for_the_last_few_alone(
     """A mark per key of every key set held its kid's and KEK id's strings: about 530 bytes
     a key set at 100,000. A key whose mark went is opened again when next checked; the
     marks checked last stay."""
-    monkeypatch.setattr(manager_module, "_OPENED", 4)
+    monkeypatch.setattr(store_module, "PARSED_STATES", 2)  # marks for two states:
+    monkeypatch.setattr(store_module, "RECENT_STATES", 2)
+    monkeypatch.setattr(manager_module, "_MARKS_PER_STATE", 2)  # two keys each
     manager = KeyManager(store, keyring, lambda _n: FAST, clock=clock)
     a, b, c = (manager.reconcile(name).state for name in ("a", "b", "c"))
     assert len(manager._opened) == 4  # two keys each: b's and c's

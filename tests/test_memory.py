@@ -13,15 +13,17 @@ import redis
 
 from rotator.core.envelope import Keyring
 from rotator.core.state import KeySetState, StoredState
-from rotator.daemon import manager as manager_module
+from rotator.daemon.manager import KeyManager
 from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis
 from rotator.storage import store as store_module
+from rotator.storage.layout import Layout
+from rotator.storage.store import Store
+from tests.conftest import FAST
 from tests.helpers import FakeClock
 from tests.test_daemon_unit import entry, make_daemon
 
 NAMES = [f"app-{i:03d}" for i in range(30)]
-RECENT = 4  # the due times remembered for the states a tick handles, made small here
 
 
 def parsed_states(names: set[str]) -> list[KeySetState]:
@@ -36,8 +38,8 @@ def test_idle_daemons_hold_no_parsed_state_of_their_key_sets(
     clock: FakeClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(manager_module, "_RECENT", RECENT)
     monkeypatch.setattr(store_module, "PARSED_STATES", 1)
+    monkeypatch.setattr(store_module, "RECENT_STATES", 1)
     leader = make_daemon(redis_server, keyring, clock)
     leader.manager.store.register_many([(name, entry()) for name in NAMES])
     leader.tick()  # bootstraps every key set
@@ -47,9 +49,9 @@ def test_idle_daemons_hold_no_parsed_state_of_their_key_sets(
     leader.tick()
     follower.tick()
     managed = {*NAMES, "alpha", "beta"}
-    # At most the one state each store kept and the last few each manager asked a due
-    # time of; before, every state.
-    assert len(parsed_states(managed)) <= 2 * (RECENT + 1)
+    # At most the one state each store kept and the one each manager last asked a due
+    # time of (as many as its store keeps); before, every state.
+    assert len(parsed_states(managed)) <= 2 * 2
     for daemon in (leader, follower):
         remembered = daemon.manager.remembered()
         assert remembered.keys() == managed
@@ -63,6 +65,7 @@ def test_a_single_redis_store_keeps_the_last_parsed_states_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(store_module, "PARSED_STATES", 1)
+    monkeypatch.setattr(store_module, "RECENT_STATES", 1)
     daemon = make_daemon(redis_server, keyring, clock)
     daemon.tick()
     store = daemon.manager.store
@@ -71,6 +74,30 @@ def test_a_single_redis_store_keeps_the_last_parsed_states_alone(
     store.load("beta")  # the one kept now
     again = store.load("alpha").state
     assert again == first and again is not first  # parsed anew
+
+
+def test_past_as_many_key_sets_as_it_keeps_parsed_a_store_keeps_the_last_few_alone(
+    client: redis.Redis, keyring: Keyring, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Key sets fall due in turn, so a parse cache smaller than them drops each before its
+    next read: a store keeps every parsed state while it holds up to `PARSED_STATES` key
+    sets and the last `RECENT_STATES` past that, its manager's due times with it."""
+    monkeypatch.setattr(store_module, "PARSED_STATES", 4)
+    monkeypatch.setattr(store_module, "RECENT_STATES", 2)
+    store = Store(client, Layout())
+    manager = KeyManager(store, keyring, lambda _name: FAST, clock=clock, remember=True)
+    names = [f"k{i}" for i in range(5)]
+    first = {name: manager.reconcile(name).state for name in names[:4]}
+    assert all(store.load(name).state is first[name] for name in names[:4])  # all kept
+    assert len(parsed_states(set(names))) == 4
+    was = first.pop(names[0]).stored()
+    first.clear()
+    manager.reconcile(names[4])
+    assert store.keeping() == 2
+    manager.reconcile(names[4])  # the manager lets go of due times as it next files one
+    assert len(parsed_states(set(names))) <= 2  # the store's two, its manager's the same
+    again = store.load(names[0]).state
+    assert again is not None and again.stored() == was  # parsed anew
 
 
 def test_a_state_remembered_as_bytes_is_written_back_whole(

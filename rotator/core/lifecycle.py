@@ -49,7 +49,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 from rotator.core.envelope import SealedKey
@@ -239,7 +238,6 @@ def bootstrap(keyset: str, now: float, mint: Mint, policy: Policy = _DEFAULT_POL
     return Transition(state, (Event("bootstrap", current.kid), Event("bootstrap", upcoming.kid)))
 
 
-@lru_cache(maxsize=1 << 16)
 def _share(kid: str) -> float:
     """A fraction in [0, 1) fixed by *kid*."""
     digest = hashlib.blake2b(kid.encode(), digest_size=8).digest()

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Literal, Protocol, TypeVar
 
 import redis
@@ -43,15 +43,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 8
-# Due times remembered for as many states as the store keeps parsed (each is asked three or
-# four times between its read and its commit), not for every key set: that would hold every
-# parsed state.
-_RECENT = PARSED_STATES
-# The (key set, kid, KEK id) marks of keys opened once, for about as many states (two or
-# three sealed keys each): a mark per key of every key set held its kid's and KEK id's
-# strings too, some 530 bytes a key set at 100,000 (tracemalloc), and a key set is checked
-# again only when it is due or changed, at the cost of one AES-GCM open per key.
-_OPENED = 3 * PARSED_STATES
+# Due times are remembered for as many states as the store keeps parsed (each is asked
+# three or four times between its read and its commit), not for every key set: that would
+# hold every parsed state. The (key set, kid, KEK id) marks of keys opened once are kept
+# for about as many states (two or three sealed keys each): a mark per key of every key set
+# held its kid's and KEK id's strings too, some 530 bytes a key set at 100,000
+# (tracemalloc), and a key set is checked again only when it is due or changed, at the
+# cost of one AES-GCM open per key.
+_MARKS_PER_STATE = 3
 _EVENT_PRIORITY = ("revoke", "rotate", "bootstrap", "repair", "import", "expire")
 
 
@@ -97,6 +96,13 @@ class Saved:
     written to Redis."""
 
     version: int
+
+    @staticmethod
+    @lru_cache(maxsize=1024)
+    def of(version: int) -> Saved:
+        """The `Saved` of *version*, one for the key sets at it: most are at the same few
+        versions, and one apiece was 40 bytes a key set at 100,000 (tracemalloc)."""
+        return Saved(version)
 
 
 @dataclass(frozen=True)
@@ -177,9 +183,10 @@ class KeyManager:
         self._lineage: dict[str, str | None] = {}  # of each remembered state's name
         # Remembered from a backup file (by an earlier process), not read or committed here.
         self._seeded: set[str] = set()
-        # The last `_OPENED` marks that opened, oldest first (`check_keks`).
+        # The last marks that opened (`_MARKS_PER_STATE` a state kept), oldest first
+        # (`check_keks`).
         self._opened: dict[tuple[str, str, str], None] = {}
-        # The last `_RECENT` states asked `next_change_at`, oldest first.
+        # The last states asked `next_change_at` (`_kept`), oldest first.
         self._changes: dict[str, tuple[KeySetState, Policy, float]] = {}
         # Every writer files its commits in the due index, the CLI's too, so that the
         # daemon's tick finds a manual rotation's new due time there.
@@ -212,7 +219,8 @@ class KeyManager:
         """Raise `UnsealError` unless every sealed key of *state* opens with the configured
         KEKs (an imported key has nothing sealed).
 
-        Each (key set, kid, KEK id) is checked once while among the last `_OPENED` checked.
+        Each (key set, kid, KEK id) is checked once while among the last marks kept
+        (`_MARKS_PER_STATE` for each state `_kept`).
         """
         keyring = self._keyring()
         for key in state.keys:
@@ -227,9 +235,15 @@ class KeyManager:
 
     def _opened_now(self, mark: tuple[str, str, str]) -> None:
         """*mark* opened: the newest of the marks kept."""
-        if len(self._opened) >= _OPENED:
-            del self._opened[next(iter(self._opened))]
-        self._opened[mark] = None
+        opened = self._opened
+        while len(opened) >= _MARKS_PER_STATE * self._kept():
+            del opened[next(iter(opened))]
+        opened[mark] = None
+
+    def _kept(self) -> int:
+        """How many states' due times this manager keeps: as many as its store keeps parsed
+        (`Store.keeping`), `PARSED_STATES` where it keeps all (Cluster)."""
+        return self.store.keeping() or PARSED_STATES
 
     def load(self, keyset: str) -> Snapshot:
         """Read *keyset* from Redis (raises `CorruptState`)."""
@@ -262,7 +276,7 @@ class KeyManager:
         """What to remember of *state* once it is not parsed: its version alone if the
         backup file holds it, else its stored bytes."""
         if self._disk is not None and state.keyset not in self._unsaved:
-            return Saved(state.version)
+            return Saved.of(state.version)
         return StoredState.of(state)
 
     def _moved_on(self, keyset: str) -> None:
@@ -628,7 +642,7 @@ class KeyManager:
         for name in self._unsaved:
             held = self._memory.get(name)
             if isinstance(held, StoredState):
-                self._memory[name] = Saved(held.version)
+                self._memory[name] = Saved.of(held.version)
         self._unsaved.clear()
 
     def remembered_any(self) -> bool:
@@ -658,15 +672,16 @@ class KeyManager:
 
     def next_change_at(self, state: KeySetState) -> float:
         """`lifecycle.next_change_at` under the key set's policy, remembered for the last
-        `_RECENT` parsed states asked: a tick asks it of each state it handles three or four
+        parsed states asked (`_kept`): a tick asks it of each state it handles three or four
         times (deciding, filing the commit, holding its digest, waking up for it)."""
         policy = self.policy(state.keyset)
         known = self._changes.pop(state.keyset, None)
         if known is None or known[0] is not state or known[1] is not policy:
             known = (state, policy, lifecycle.next_change_at(state, policy))
-            if len(self._changes) >= _RECENT:
-                del self._changes[next(iter(self._changes))]
-        self._changes[state.keyset] = known
+        changes, bound = self._changes, self._kept()
+        while len(changes) >= bound:
+            del changes[next(iter(changes))]
+        changes[state.keyset] = known
         return known[2]
 
     def _filed_due(self, state: KeySetState) -> float:

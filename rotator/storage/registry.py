@@ -138,6 +138,25 @@ def policy_of(raw: str) -> str:
     return json.dumps(document, sort_keys=True)
 
 
+def _shape(raw: str) -> str | None:
+    """The overrides of a registry entry as sorted JSON without its lineage: entries of
+    one shape share their parsed policy. ``None`` for an unreadable entry or one whose
+    lineage is not a string, parsed on its own (for its problem)."""
+    try:
+        document = _document(raw)
+    except BadPolicy:
+        return None
+    if not isinstance(document.pop(LINEAGE, ""), str):
+        return None
+    return json.dumps(document, sort_keys=True)
+
+
+#: Policies a `KeySets` keeps by shape (`_shape`), all dropped when one more is met: a
+#: deployment has a few, and entries sharing them kept no overrides and policy of their
+#: own, 64 bytes and more a key set at 100,000 (tracemalloc).
+SHARED_POLICIES = 1024
+
+
 @lru_cache(maxsize=4096)
 def parse_overrides(raw: str, base: Policy) -> tuple[PolicyOverrides, Policy]:
     """Parse a registry entry's overrides and lay them over *base*; raise `BadPolicy`
@@ -221,6 +240,9 @@ class KeySets:
         }
         self._entries: dict[str, KeySetEntry] = dict(self._configured)
         self._stored: dict[str, str] = {}
+        # The overrides and policy of each entry shape met (`SHARED_POLICIES`), shared by
+        # the entries of that shape; read as they are (never changed).
+        self._shared: dict[str, tuple[Mapping[str, Any], Policy]] = {}
         self.removed: set[str] = set()
         #: Moves whenever a `refresh` changes the managed entries: what a caller derives
         #: from them (the daemon's split of the names by shard) is kept until it moves.
@@ -269,16 +291,23 @@ class KeySets:
         except ValueError as exc:
             return KeySetEntry(invalid_label(name), "registry", {}, None, f"registry name: {exc}")
         lineage = lineage_of(raw)
-        try:
-            overrides, policy = parse_overrides(raw, self._base)
-        except BadPolicy as exc:
-            return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}", lineage)
-        except Exception as exc:  # the last line: one entry never fails the registry
-            log.exception("key set %s: stored policy could not be decoded", name)
-            problem = f"stored policy: unreadable ({type(exc).__name__})"
-            return KeySetEntry(name, "registry", {}, None, problem, lineage)
-        dumped = overrides.model_dump(mode="json", exclude_none=True)
-        return KeySetEntry(name, "registry", dumped, policy, None, lineage)
+        shape = _shape(raw)
+        shared = self._shared.get(shape) if shape is not None else None
+        if shared is None:
+            try:
+                overrides, policy = parse_overrides(raw, self._base)
+            except BadPolicy as exc:
+                return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}", lineage)
+            except Exception as exc:  # the last line: one entry never fails the registry
+                log.exception("key set %s: stored policy could not be decoded", name)
+                problem = f"stored policy: unreadable ({type(exc).__name__})"
+                return KeySetEntry(name, "registry", {}, None, problem, lineage)
+            shared = (overrides.model_dump(mode="json", exclude_none=True), policy)
+            if shape is not None:
+                if len(self._shared) >= SHARED_POLICIES:
+                    self._shared.clear()
+                self._shared[shape] = shared
+        return KeySetEntry(name, "registry", shared[0], shared[1], None, lineage)
 
     def names(self) -> list[str]:
         """Every managed key set, sorted (with the labels of invalid registry names)."""

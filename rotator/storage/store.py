@@ -41,6 +41,7 @@ from rotator.storage.lease import lease_left
 __all__ = [
     "BATCH_SIZE",
     "PARSED_STATES",
+    "RECENT_STATES",
     "REMOVED",
     "Conflict",
     "Snapshot",
@@ -318,6 +319,13 @@ REMOVED = "removed"
 #: dropped first: every key set of a deployment of up to this many, about 3 KB each.
 PARSED_STATES = 10_000
 
+#: Parsed states a store keeps once it holds more key sets than `PARSED_STATES`. Key sets
+#: fall due in turn, so a parse cache that cannot hold them all drops each before it is
+#: read again: at 100,000 key sets the rotation pass of bench/many_keysets.py found none
+#: of the 10,000 kept, which were 57 MB of the idle daemon's 263 MB. Past it, what is kept
+#: serves what is read again soon (a commit's own event, a retry after a conflict).
+RECENT_STATES = 1_000
+
 
 # What the store holds of a key set between reads: the SHA-1 of its bytes (`_held_digest`)
 # and the due score its state called for, packed (61 bytes a key set, not a parsed state).
@@ -425,7 +433,7 @@ class Store:
         #: shard's epoch: in the commit's script on a single Redis, right after it with
         #: Cluster (the index lies in another slot than the key set).
         self.due_at: Callable[[KeySetState], float] | None = None
-        #: Told of each parsed state the store stops keeping (`PARSED_STATES`), so that
+        #: Told of each parsed state the store stops keeping (`keeping`), so that
         #: whoever holds it too can let it go (`KeyManager` keeps its stored bytes instead).
         self.evicted: Callable[[KeySetState], None] | None = None
         # The digest of each key set's bytes as last read or written by this store, with the
@@ -435,12 +443,11 @@ class Store:
         # The parsed states last read or written, by key set, with that digest: a read of
         # the same bytes again needs no parsing. Measured by bench/many_keysets.py: its
         # rotation pass took 1.6 times the CPU without it (docs/design-notes.md). Bounded
-        # (`PARSED_STATES`, least recently used first) on a single Redis, where a tick
-        # reads only what is due or changed and a parsed state per key set was most of a
+        # (`keeping`, least recently used first) on a single Redis, where a tick reads
+        # only what is due or changed and a parsed state per key set was most of a
         # daemon's memory at 100,000; with Cluster every key set, as a Cluster tick reads
         # them all (no due index).
         self._parsed: OrderedDict[str, tuple[bytes, KeySetState]] = OrderedDict()
-        self._parsed_bound = None if self._cluster else PARSED_STATES
         self._digests = client.register_script(_DIGESTS)
         self._registry_keys = [layout.keysets, layout.registry_version]
 
@@ -564,10 +571,18 @@ class Store:
         parsed = self._parsed
         parsed[state.keyset] = (digest, state)
         parsed.move_to_end(state.keyset)
-        if self._parsed_bound is not None and len(parsed) > self._parsed_bound:
+        bound = self.keeping()
+        while bound is not None and len(parsed) > bound:
             _name, (_digest, old) = parsed.popitem(last=False)
             if self.evicted is not None:
                 self.evicted(old)
+
+    def keeping(self) -> int | None:
+        """How many parsed states this store keeps (``None``: all, with Cluster): every
+        key set's while it holds up to `PARSED_STATES`, the last `RECENT_STATES` past it."""
+        if self._cluster:
+            return None
+        return PARSED_STATES if len(self._held) <= PARSED_STATES else RECENT_STATES
 
     def _event(self, state: KeySetState, event: str) -> str:
         return json.dumps({"keyset": state.keyset, "version": state.version, "event": event})
