@@ -4,6 +4,7 @@ unknown-kid floods, outages, revocation."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import threading
 import time
@@ -541,6 +542,47 @@ class AsyncDownClient(aioredis.Redis):
         self.entered.set()
         await self.gate.wait()
         raise redis.ConnectionError("Timeout reading from socket")
+
+
+class AsyncBrokenClient(aioredis.Redis):
+    """An async client whose GET, once let through, fails with what is not a Redis error."""
+
+    gate: asyncio.Event
+    entered: asyncio.Event
+
+    async def get(self, name: Any) -> Any:
+        self.entered.set()
+        await self.gate.wait()
+        raise RuntimeError("not a Redis error")
+
+
+def test_an_async_read_whose_callers_all_left_leaves_no_unretrieved_exception(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """Before: a shared read that failed after every caller awaiting it was cancelled was
+    logged by asyncio as "Task exception was never retrieved", with its traceback."""
+
+    async def scenario() -> list[dict[str, Any]]:
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+        client = AsyncBrokenClient(port=redis_server.port)
+        client.gate, client.entered = asyncio.Event(), asyncio.Event()
+        cache = AsyncJWKSCache(client, follow=False)
+        caller = asyncio.create_task(cache.refresh("a"))
+        await client.entered.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        (read,) = cache._inflight.values()
+        client.gate.set()
+        await asyncio.wait([read])
+        del read
+        gc.collect()
+        await cache.close()
+        await client.aclose()
+        return reported
+
+    assert asyncio.run(scenario()) == []
 
 
 def test_async_first_readers_during_an_outage_share_the_read_that_failed(

@@ -81,6 +81,14 @@ def _check_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+def _seen(task: asyncio.Task[bool]) -> None:
+    """Mark what a shared read raised as retrieved: each caller awaiting it still gets it,
+    but when every one was cancelled asyncio logged it, traceback and all, as never
+    retrieved (the next caller's read meets the same failure and gets it)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class AsyncJWKSCache:
     """Copies of many key sets, loaded on first use, at most *max_keysets* of them.
     *follow*: follow the events channel and poll (as `JWKSCache`); *metrics*: report
@@ -181,6 +189,7 @@ class AsyncJWKSCache:
             if keyset not in self._inflight:
                 return await asyncio.shield(self._begin(keyset, self._read(keyset, held)))
             task = self._queued[keyset] = asyncio.create_task(self._after(keyset, held))
+            task.add_done_callback(_seen)
         return await asyncio.shield(task)
 
     def _begin(self, keyset: str, read: Coroutine[Any, Any, bool]) -> asyncio.Task[bool]:
@@ -190,6 +199,7 @@ class AsyncJWKSCache:
         def landed(done: asyncio.Task[bool]) -> None:
             if self._inflight.get(keyset) is done:
                 del self._inflight[keyset]
+            _seen(done)
 
         task.add_done_callback(landed)
         return task
