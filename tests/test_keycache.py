@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
+import redis.sentinel
 
 from rotator.core.jwk import generate_key, jwks_document
 from rotator.library import jwks_import, keycache
@@ -231,6 +233,13 @@ def test_redis_down_names_its_address_and_the_last_copies_only_when_there_are_so
     )
     assert redis_address(redis.Redis(host="h", port=1, db=3, password="secret")) == "h:1/3"
     assert redis_address(redis.Redis(unix_socket_path="/run/redis.sock")) == "/run/redis.sock"
+    # Before: "localhost:6379/0", where a Sentinel client connects to whichever master the
+    # sentinels name (nothing is connected to here).
+    sentinel = redis.sentinel.Sentinel([("10.0.0.9", 26379)], sentinel_kwargs={"password": "s"})
+    assert redis_address(sentinel.master_for("jwks", db=2)) == "master of jwks/2 (sentinel)"
+    assert redis_address(aioredis.sentinel.Sentinel([("h", 1)]).master_for("m")) == (
+        "master of m/0 (sentinel)"
+    )
 
 
 def test_an_unknown_kid_claims_the_cooldown_and_is_remembered_missing() -> None:

@@ -128,13 +128,17 @@ class ReaderLimits:
 
 
 def redis_address(client: object) -> str:
-    """Where *client* connects, for log lines: ``host:port/db``, the socket's path, or a
-    cluster's first node; never a password."""
+    """Where *client* connects, for log lines: ``host:port/db``, the socket's path, the
+    Sentinel service whose master it follows, or a cluster's first node; never a
+    password."""
     pool = getattr(client, "connection_pool", None)
     if pool is None:  # a RedisCluster has a pool per node, no pool of its own
         node = client.get_default_node()  # type: ignore[attr-defined]
         return f"{node.host}:{node.port} (cluster)"
     options: Mapping[str, object] = pool.connection_kwargs
+    service = getattr(pool, "service_name", None)  # a Sentinel pool's: no host of its own
+    if isinstance(service, str):
+        return f"master of {service}/{options.get('db', 0)} (sentinel)"
     if "path" in options:
         return str(options["path"])
     return f"{options.get('host', 'localhost')}:{options.get('port', 6379)}/{options.get('db', 0)}"
