@@ -359,6 +359,8 @@ def test_every_reference_resolves(overlay: list[Obj]) -> None:
                 for item in volume["secret"].get("items", [{"key": None}]):
                     wanted.append(("Secret", volume["secret"]["secretName"], item["key"]))
         for variable in container(overlay, role).get("env", []):
+            if "value" in variable:  # a plain value names nothing
+                continue
             ref = variable["valueFrom"]["secretKeyRef"]
             wanted.append(("Secret", ref["name"], ref["key"]))
         for kind, name, key in wanted:
