@@ -365,6 +365,10 @@ BAD_SCHEMAS = {
         "CREATE VIEW keysets AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)"
         " SELECT 'a b' AS name, x'00' AS state, NULL AS lineage FROM c",
     ],
+    "a trigger on the table": [
+        "CREATE TABLE sink (x)",
+        "CREATE TRIGGER t AFTER UPDATE ON keysets BEGIN INSERT INTO sink VALUES (1); END",
+    ],
     "another format": ["PRAGMA user_version = 2"],
     "a format of 2**62": [f"PRAGMA user_version = {2**31 - 1}"],
 }
@@ -390,6 +394,27 @@ def test_a_backup_database_of_another_shape_is_refused(
             db.execute(statement)
         db.commit()
     assert check_backup(path) == {}
+
+
+def test_a_trigger_added_in_place_is_not_written_through(tmp_path: Path) -> None:
+    """Found by an attacker: a trigger added to the live file ran inside the daemon's
+    write (a slow one took the tick, and the lease with it, forever). The write is
+    refused, and the next save replaces the file whole."""
+    path = tmp_path / "backup.db"
+    backup = Backup(path)
+    alpha, beta = (StoredState.of(real_state(name)) for name in ("alpha", "beta"))
+    backup.save([alpha], {}.get)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE sink (x)")
+        db.execute(
+            "CREATE TRIGGER t AFTER INSERT ON keysets BEGIN INSERT INTO sink VALUES (1); END"
+        )
+    with pytest.raises(OSError, match="schema is not that of a backup file"):
+        backup.update([beta], [], {}.get)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*) FROM sink").fetchone() == (0,)
+    backup.save([alpha, beta], {}.get)
+    assert check_backup(path).keys() == {"alpha", "beta"}
 
 
 @pytest.mark.parametrize("row", BAD_ROWS.values(), ids=BAD_ROWS.keys())

@@ -64,6 +64,11 @@ _STRING_FORMAT = 2  # JSON, states as strings
 _OBJECT_FORMAT = 1  # JSON, states as objects
 _SQLITE = b"SQLite format 3\x00"
 _TABLE = "CREATE TABLE keysets (name TEXT PRIMARY KEY NOT NULL, state BLOB NOT NULL, lineage TEXT)"
+# `sqlite_schema` of a backup file, as `_check_schema` reads it.
+_SCHEMA = [
+    (b"table", b"keysets", _TABLE.encode()),
+    (b"index", b"sqlite_autoindex_keysets_1", None),
+]
 _UPSERT = (
     "INSERT INTO keysets (name, state, lineage) VALUES (?, ?, ?) "
     "ON CONFLICT (name) DO UPDATE SET state = excluded.state, lineage = excluded.lineage"
@@ -198,6 +203,10 @@ class Backup:
                 raise OSError(f"{self.path} is not the file this process wrote")
             try:
                 with self._db as db:
+                    # The schema checked inside the write's transaction: no other
+                    # connection can change it until the commit.
+                    db.execute("BEGIN IMMEDIATE")
+                    _check_schema(db)
                     db.executemany(_UPSERT, _rows(states, lineage))
                     db.executemany("DELETE FROM keysets WHERE name = ?", ((n,) for n in removed))
             except _SQLITE_ERRORS as exc:
@@ -450,11 +459,13 @@ def _aside(path: Path, why: str, status: os.stat_result) -> Path:
 
 
 def _check_schema(db: sqlite3.Connection) -> None:
-    """Raise `sqlite3.DatabaseError` unless ``keysets`` is the table this module creates:
-    a view of that name (a recursive one never ends) or another table is not read."""
-    rows = db.execute("SELECT type, sql FROM sqlite_schema WHERE name = 'keysets'").fetchall()
-    if rows != [(b"table", _TABLE.encode())]:
-        raise sqlite3.DatabaseError("keysets is not the table of a backup file")
+    """Raise `sqlite3.DatabaseError` unless the schema is exactly what this module creates
+    (``keysets`` and its primary key's index): a view of that name (a recursive one never
+    ends) is not read, and a trigger added in place (whose SQL runs inside each write, and
+    could take the tick forever) is not written through."""
+    rows = db.execute("SELECT type, name, sql FROM sqlite_schema ORDER BY name").fetchall()
+    if rows != _SCHEMA:
+        raise sqlite3.DatabaseError("the schema is not that of a backup file")
 
 
 def _text(value: object, kind: object, what: str) -> str:
