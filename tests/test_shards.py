@@ -87,6 +87,25 @@ def test_a_lease_taken_by_someone_else_is_lost_and_garbage_is_no_lease(
     assert lease.refresh() and lease.led == {0, 1}
 
 
+@pytest.mark.parametrize(
+    "written",
+    [{}, {"px": 601_000}, {"px": 60_000, "value": "x" * 400}],
+    ids=["no-expiry", "past-the-longest-lease", "longer-than-any-token"],
+)
+def test_a_lease_no_daemon_could_have_written_is_no_lease(
+    client: redis.Redis, written: dict[str, object]
+) -> None:
+    """Found by an attacker: a plain ``SET`` of a shard's lease, with no expiry, left it
+    unled for good (with one shard, nothing rotated, and every daemon said ready); a long
+    value was copied by every step."""
+    layout = Layout(shards=2)
+    value = written.pop("value", "evil")
+    client.set(layout.lease(1), value, **written)  # type: ignore[arg-type]
+    lease = Lease(client, layout, TTL, token="a")
+    assert lease.refresh() and lease.led == {0, 1}
+    assert leaders(client, layout) == ["a", "a"]
+
+
 @pytest.mark.parametrize("score", ["inf", "1e15"])
 def test_a_member_no_daemon_could_have_written_takes_no_share(
     client: redis.Redis, score: str

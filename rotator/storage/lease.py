@@ -76,19 +76,30 @@ _MAX_LEASE_MS = int(MAX_LEASE_TTL * 1000)
 #: The longest token kept: the host name is there for `rotator status` to show, and a
 #: long one must not make every lease step carry it in full.
 _TOKEN_CHARS = 80
+_TOKEN_BYTES = 4 * _TOKEN_CHARS  # in UTF-8
 
 # KEYS: members, the lease of each shard in order. ARGV: token, TTL in ms, 'step' or
-# 'leave', `MAX_LEASE_TTL` in ms. Returns the shards (from 0) the token leads afterwards,
-# the live members, and the shards it released beyond its share.
-# Garbage under a key (another type than the script writes) is deleted, not obeyed: it
-# would otherwise keep a shard unled, or fail every step, for good.
+# 'leave', `MAX_LEASE_TTL` in ms, the longest token in bytes. Returns the shards (from 0)
+# the token leads afterwards, the live members, and the shards it released beyond its
+# share.
+# A lease no daemon wrote is deleted, not obeyed: another type than the script writes, no
+# expiry or one past `MAX_LEASE_TTL`, a value longer than any token. It would otherwise
+# keep a shard unled (a plain SET with no expiry did so for good), fail every step, or be
+# copied whole by each step (STRLEN by `pcall`: a role from before it was granted still
+# steps, without that check).
 _STEP = """
 local token, ttl = ARGV[1], tonumber(ARGV[2])
 local n = #KEYS - 1
 local function lease(i)
   local key = KEYS[i + 1]
   local kind = redis.call('TYPE', key).ok
-  if kind ~= 'none' and kind ~= 'string' then redis.call('DEL', key) return false end
+  if kind == 'none' then return false end
+  local left, size = redis.call('PTTL', key), redis.pcall('STRLEN', key)
+  if kind ~= 'string' or left < 0 or left > tonumber(ARGV[4])
+      or (type(size) == 'number' and size > tonumber(ARGV[5])) then
+    redis.call('DEL', key)
+    return false
+  end
   return redis.call('GET', key)
 end
 local kind = redis.call('TYPE', KEYS[1]).ok
@@ -209,7 +220,7 @@ class Lease:
         self.unreachable: Exception | None = None
 
     def _args(self, what: str) -> list[str | int]:
-        return [self.token, int(self.ttl * 1000), what, _MAX_LEASE_MS]
+        return [self.token, int(self.ttl * 1000), what, _MAX_LEASE_MS, _TOKEN_BYTES]
 
     @property
     def led(self) -> frozenset[int]:
