@@ -362,11 +362,12 @@ def refused(*_args: object, **_kwargs: object) -> None:
     raise PermissionError(1, "Operation not permitted")
 
 
-def test_a_backup_file_another_process_writes_is_not_set_aside(
+def test_a_backup_file_another_process_writes_is_kept_and_its_journal_left(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Its journal is live: moved, that process's commit would fail and the file be left
-    half written (found in review)."""
+    half written (found in review). Its rows unread, it is kept under a second name before
+    the first save replaces it: before, nothing kept it (found by an attacker)."""
     path = tmp_path / "state.db"
     with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute(backup_module._TABLE)
@@ -378,8 +379,12 @@ def test_a_backup_file_another_process_writes_is_not_set_aside(
         with impatient_connections():
             assert backup.load().states == {}
         assert "in use by another process" in caplog.text
-        assert asides(path) == [] and moved_journals(path) == []
+        assert moved_journals(path) == []
+        (kept,) = asides(path)
+        assert os.path.samefile(kept, path)
         other.execute("COMMIT")
+    with contextlib.closing(sqlite3.connect(kept)) as db:  # what that process committed
+        assert db.execute("SELECT name FROM keysets").fetchall() == [("alpha",)]
 
 
 @contextlib.contextmanager

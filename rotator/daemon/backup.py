@@ -365,14 +365,18 @@ class Backup:
                     self._take(row, states, lineages)
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                # Another process's transaction: neither the file nor its journal (live) is
-                # set aside. The first save replaces the file all the same.
+                # Another process's transaction: its journal is live and stays (the first
+                # save moves it, so that SQLite does not roll it into the new file), and the
+                # file is kept under a second name, its rows unread, before that save
+                # replaces it (found by an attacker: with Redis empty, the keys it held
+                # were gone).
                 log.error(
                     "backup file %s is in use by another process (two daemons with one "
                     "daemon.backup_path?): %s; not used",
                     self.path,
                     exc,
                 )
+                self._keep_file()
             else:
                 self._refuse("backup file %s is unreadable (%s); not used", self.path, exc)
             return BackupContents()
