@@ -558,3 +558,21 @@ def test_a_json_backup_file_over_its_bound_is_refused_unread(
     with caplog.at_level(logging.ERROR):
         assert not Backup(path).load().states
     assert "over 1000 bytes" in caplog.text
+
+
+def test_a_backup_file_of_many_unusable_rows_logs_a_few_and_counts_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by an attacker: 200,000 bad rows logged 200,000 lines at every start."""
+    path = tmp_path / "state.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(backup_module._TABLE)
+        db.execute("PRAGMA user_version = 3")
+        db.executemany(
+            "INSERT INTO keysets VALUES (?, x'00', NULL)", ((f"k{i}",) for i in range(1000))
+        )
+    with caplog.at_level(logging.ERROR, logger="rotator.daemon.backup"):
+        assert Backup(path).load().states == {}
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum("unusable (" in line for line in lines) == backup_module._UNUSABLE_LOGGED
+    assert f"{1000 - backup_module._UNUSABLE_LOGGED} more key sets unusable" in lines[-1]

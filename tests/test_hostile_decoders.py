@@ -402,18 +402,19 @@ def test_a_trigger_added_in_place_is_not_written_through(tmp_path: Path) -> None
     refused, and the next save replaces the file whole."""
     path = tmp_path / "backup.db"
     backup = Backup(path)
+    lineages: dict[str, str] = {}
     alpha, beta = (StoredState.of(real_state(name)) for name in ("alpha", "beta"))
-    backup.save([alpha], {}.get)
+    backup.save([alpha], lineages.get)
     with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute("CREATE TABLE sink (x)")
         db.execute(
             "CREATE TRIGGER t AFTER INSERT ON keysets BEGIN INSERT INTO sink VALUES (1); END"
         )
     with pytest.raises(OSError, match="schema is not that of a backup file"):
-        backup.update([beta], [], {}.get)
+        backup.update([beta], [], lineages.get)
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT count(*) FROM sink").fetchone() == (0,)
-    backup.save([alpha, beta], {}.get)
+    backup.save([alpha, beta], lineages.get)
     assert check_backup(path).keys() == {"alpha", "beta"}
 
 

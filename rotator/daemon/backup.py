@@ -64,6 +64,10 @@ _STRING_FORMAT = 2  # JSON, states as strings
 _OBJECT_FORMAT = 1  # JSON, states as objects
 _SQLITE = b"SQLite format 3\x00"
 _TABLE = "CREATE TABLE keysets (name TEXT PRIMARY KEY NOT NULL, state BLOB NOT NULL, lineage TEXT)"
+# Unusable rows of a backup file logged one by one at start; the rest are counted (a file
+# of 200,000 bad rows logged 200,000 lines at every start).
+_UNUSABLE_LOGGED = 20
+
 # `sqlite_schema` of a backup file, as `_check_schema` reads it.
 _SCHEMA = [
     (b"table", b"keysets", _TABLE.encode()),
@@ -116,6 +120,7 @@ class Backup:
         self._db: sqlite3.Connection | None = None  # to the file this object last wrote
         self._identity: tuple[int, int] | None = None  # that file's device and inode
         self._refused = False  # whether `load` refused the file or any entry of it
+        self._unusable = 0  # entries `load` found unusable
         self._claim: int | None = None  # the descriptor holding ``NAME.lock``
 
     def claim(self) -> None:
@@ -240,8 +245,14 @@ class Backup:
         with an error in the log; an unreadable file is reported and ignored. Either way the
         file is then kept aside (`_set_aside`), and its stale temporary files removed."""
         self._remove_stale_temporaries()
-        self._refused = False
+        self._refused, self._unusable = False, 0
         contents = self._load()
+        if self._unusable > _UNUSABLE_LOGGED:
+            log.error(
+                "backup file %s: %d more key sets unusable, not listed",
+                self.path,
+                self._unusable - _UNUSABLE_LOGGED,
+            )
         if self._refused:
             self._set_aside()
         return contents
@@ -403,7 +414,9 @@ class Backup:
             # Checked, then kept as its encoding: the parsed state is dropped at once.
             states[text] = StoredState.of(decode_state(raw, text))
         except ValueError as exc:  # CorruptState and UnicodeDecodeError are ones
-            self._refuse("backup file %s: key set %s unusable (%s)", self.path, shown(name), exc)
+            self._refused, self._unusable = True, self._unusable + 1
+            if self._unusable <= _UNUSABLE_LOGGED:
+                log.error("backup file %s: key set %s unusable (%s)", self.path, shown(name), exc)
             return
         if lineage is not None:
             lineages[text] = lineage
