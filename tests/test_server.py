@@ -83,14 +83,26 @@ _WITH_FILE_LIMITS = (
     "sys.argv = ['rotator', *sys.argv[3:]]; "
     "runpy.run_module('rotator', run_name='__main__')"
 )
+# As some supervisors leave it, and exec keeps it: children reaped unasked, no SIGCHLD.
+_WITH_SIGCHLD_IGNORED = (
+    "import os, signal, sys; "
+    "signal.signal(signal.SIGCHLD, signal.SIG_IGN); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'rotator', *sys.argv[1:]])"
+)
 
 
 def start_serve(
-    cli: Cli, port: int, *args: str, open_files: tuple[int, int] | None = None
+    cli: Cli,
+    port: int,
+    *args: str,
+    open_files: tuple[int, int] | None = None,
+    sigchld_ignored: bool = False,
 ) -> subprocess.Popen[str]:
     """`rotator serve --port PORT *args` as a process of its own session (so that a test
     can signal its whole group, as a service manager does)."""
     start = ["-c", _WITH_FILE_LIMITS, *map(str, open_files)] if open_files else ["-m", "rotator"]
+    if sigchld_ignored:
+        start = ["-c", _WITH_SIGCHLD_IGNORED]
     return subprocess.Popen(
         [sys.executable, *start, "serve", "--port", str(port), *args],
         env={**cli.env, "ROTATOR_SERVER__POLL_INTERVAL": "1h"},
@@ -103,12 +115,16 @@ def start_serve(
 
 @contextlib.contextmanager
 def running_serve(
-    cli: Cli, *args: str, open_files: tuple[int, int] | None = None, port: int | None = None
+    cli: Cli,
+    *args: str,
+    open_files: tuple[int, int] | None = None,
+    port: int | None = None,
+    sigchld_ignored: bool = False,
 ) -> Iterator[Running]:
     """`rotator serve *args` (on *port*, else a free one) as a real process, stopped with
     SIGTERM at the end."""
     port = port or free_port()
-    process = start_serve(cli, port, *args, open_files=open_files)
+    process = start_serve(cli, port, *args, open_files=open_files, sigchld_ignored=sigchld_ignored)
     log: list[str] = []
     assert process.stderr is not None
     threading.Thread(target=collect_lines, args=(process.stderr, log), daemon=True).start()
@@ -343,9 +359,14 @@ def test_workers_share_the_port_and_stop_together(cli: Cli, manager: KeyManager)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-def test_a_dead_worker_takes_the_others_down(cli: Cli, manager: KeyManager) -> None:
+@pytest.mark.parametrize("sigchld_ignored", [False, True], ids=["", "sigchld-ignored"])
+def test_a_dead_worker_takes_the_others_down(
+    cli: Cli, manager: KeyManager, sigchld_ignored: bool
+) -> None:
+    """Also when serve was started with SIGCHLD ignored, which it used to inherit: the
+    dead worker was reaped unseen and serve went on with one worker, for good."""
     manager.reconcile("default")
-    with running_serve(cli, "--workers", "2") as running:
+    with running_serve(cli, "--workers", "2", sigchld_ignored=sigchld_ignored) as running:
         workers = _two_workers(running.process.pid)
         os.kill(workers[0], signal.SIGKILL)
         assert running.process.wait(20) == 1  # for systemd or Kubernetes to restart

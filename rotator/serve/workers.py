@@ -6,6 +6,10 @@ process or in several forked workers, each of which builds its own handlers
 
 * Signals: SIGTERM and SIGINT are blocked from before the first fork until a
   process has its handler, so one at any moment of start-up is a clean stop.
+  The supervisor never unblocks them: it takes them, and SIGCHLD, with
+  ``sigwaitinfo``. A Python handler runs only between bytecodes, so one that
+  came after the last check before ``wait()`` entered the kernel was run only
+  when a worker exited, which none did: serve hung, its workers serving.
 * A worker that exits 0 or dies of SIGTERM or SIGINT is a clean stop (a
   service manager signals every process of the service); any other end takes
   the others down with exit status 1, for the service manager to restart.
@@ -144,12 +148,16 @@ def run(
     if workers == 1:
         _run_one(socks, make_handlers, options)
         return 0
+    # Default, not inherited SIG_IGN: that reaps children unasked and sends no SIGCHLD.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGCHLD,))
     children: list[int] = []
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
             status = 0
             try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))
                 _run_one(socks, make_handlers, options)
             except BaseException:
                 log.exception("worker failed")
@@ -166,29 +174,47 @@ _CLEAN_EXITS = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
 def _supervise(children: list[int]) -> int:
-    """Wait for the workers. One that stops cleanly (status 0, or killed by SIGTERM or
-    SIGINT: a service manager signals every process of the service, not only this one)
-    stops the others; one that dies otherwise too, and the status is then 1."""
-    stopping = False
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    """Wait for the workers, with SIGTERM, SIGINT and SIGCHLD blocked and taken by
+    ``sigwaitinfo``. A stop signal is forwarded to every worker. One that stops
+    cleanly (status 0, or killed by SIGTERM or SIGINT: a service manager signals
+    every process of the service, not only this one) stops the others; one that dies
+    otherwise too, and the status is then 1."""
     status = 0
     alive = set(children)
-    while alive:
-        pid, code = os.wait()
-        alive.discard(pid)
-        if os.waitstatus_to_exitcode(code) not in _CLEAN_EXITS:
-            log.error("worker %d exited (%s); stopping the others", pid, code)
-            status = 1
-        if not stopping:
-            forward(signal.SIGTERM, None)
-    return status
+    while True:
+        exited = _exited()
+        for pid, code in exited:
+            alive.discard(pid)
+            if os.waitstatus_to_exitcode(code) not in _CLEAN_EXITS:
+                log.error("worker %d exited (%s); stopping the others", pid, code)
+                status = 1
+        if not alive:
+            return status
+        if exited:
+            _forward(alive, signal.SIGTERM)
+        signum = signal.sigwaitinfo(_SUPERVISOR_SIGNALS).si_signo
+        if signum != signal.SIGCHLD:
+            _forward(alive, signum)
+
+
+_SUPERVISOR_SIGNALS = (*_STOP_SIGNALS, signal.SIGCHLD)
+
+
+def _exited() -> list[tuple[int, int]]:
+    """The workers that have exited since the last call, reaped: SIGCHLD is one
+    pending signal however many exited."""
+    done: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, code = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return done
+        if pid == 0:
+            return done
+        done.append((pid, code))
+
+
+def _forward(pids: set[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
