@@ -24,7 +24,13 @@ from rotator.library.signer import Signer
 from rotator.library.usage import UsageCounter
 from rotator.metrics import USAGE_DROPPED
 from rotator.storage.layout import Layout
-from rotator.storage.usage import ACCEPTED, MAX_USAGE_FIELDS, read_usage, read_usage_many
+from rotator.storage.usage import (
+    ACCEPTED,
+    MAX_USAGE_BYTES,
+    MAX_USAGE_FIELDS,
+    read_usage,
+    read_usage_many,
+)
 from tests.helpers import FakeClock, wait_for
 from tests.tokens import es256
 
@@ -239,11 +245,15 @@ def test_usage_read_back_skips_what_does_not_parse(client: redis.Redis) -> None:
     assert usage.last_verified == 1_799_999_990
 
 
-def test_usage_of_many_key_sets_is_read_in_two_round_trips(
+def test_usage_of_many_key_sets_is_read_in_pipelines_of_bounded_size(
     client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One round trip per 128 hashes (a key set's totals and the minutes of its window:
+    16 for 15 minutes), whatever the number of key sets, and no more in one: each reply
+    may be `MAX_USAGE_BYTES`."""
     now = 1_800_000_000.0
-    for n, keyset in enumerate(("a", "b", "c"), start=1):
+    keysets = [f"ks{n}" for n in range(1, 9)]
+    for n, keyset in enumerate(keysets, start=1):
         client.hset(LAYOUT.usage(keyset), "accepted:k1", n)
         client.hset(LAYOUT.usage_minute(keyset, int(now // 60)), "accepted:k1", 10 * n)
     executed: list[int] = []
@@ -254,13 +264,10 @@ def test_usage_of_many_key_sets_is_read_in_two_round_trips(
         return execute(pipe, raise_on_error)
 
     monkeypatch.setattr(redis.client.Pipeline, "execute", counting)
-    found = read_usage_many(client, LAYOUT, ["a", "b", "c"], now, 900)
-    # Two, whatever the number of key sets: the hashes' sizes, then the hashes.
-    assert len(executed) == 2
+    found = read_usage_many(client, LAYOUT, keysets, now, 900)
+    assert executed == [128, 8 * 17 - 128]
     assert {keyset: (u["k1"].total, u["k1"].recent) for keyset, u in found.items()} == {
-        "a": (1, 10),
-        "b": (2, 20),
-        "c": (3, 30),
+        keyset: (n, 10 * n) for n, keyset in enumerate(keysets, start=1)
     }
 
 
@@ -303,6 +310,33 @@ def test_a_poisoned_counter_does_not_make_honest_counts_count_again(
     minutes = [n for n in client.scan_iter(f"{LAYOUT.usage('default')}:*")]
     counted = sum(int(client.hget(n, f"accepted:{kid}") or 0) for n in minutes)
     assert counted == 10
+
+
+@pytest.mark.parametrize("where", ["value", "field"])
+def test_a_usage_hash_of_too_many_bytes_is_not_read(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """Any verifier may write a value or a field name of any length: before, one of
+    300 MB passed the field count and took `rotator status` 7 s and 1.5 GB, and the
+    daemon reading usage at an expiry as much."""
+    now = 1_800_000_000.0
+    big = "9" * (MAX_USAGE_BYTES + 1)
+    totals = LAYOUT.usage("bad")
+    client.hset(totals, "accepted:k1", 3)
+    if where == "value":
+        client.hset(totals, "accepted:k2", big)
+    else:
+        client.hset(totals, f"accepted:{big}", 1)
+    client.hset(LAYOUT.usage_minute("bad", int(now // 60)), "accepted:k1", 2)
+    client.hset(LAYOUT.usage("good"), "accepted:k1", 4)
+    sent = client.info("stats")["total_net_output_bytes"]
+    with caplog.at_level(logging.WARNING):
+        found = read_usage_many(client, LAYOUT, ["bad", "good"], now, 900)
+    assert client.info("stats")["total_net_output_bytes"] - sent < MAX_USAGE_BYTES
+    # The totals count nothing; the minutes, written apart, still count.
+    assert found["bad"]["k1"].total == 0 and found["bad"]["k1"].recent == 2
+    assert found["good"]["k1"].accepted == 4
+    assert f"{totals} holds over {MAX_USAGE_BYTES} bytes: not read" in caplog.text
 
 
 def test_a_usage_hash_of_too_many_fields_is_not_read(

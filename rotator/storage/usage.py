@@ -23,11 +23,11 @@ from typing import Any
 import redis
 
 from rotator.core.state import MAX_TIME
-from rotator.storage.connect import wrong_type
 from rotator.storage.layout import Layout
 
 __all__ = [
     "ACCEPTED",
+    "MAX_USAGE_BYTES",
     "MAX_USAGE_FIELDS",
     "MINUTE_RETENTION",
     "TOTALS_RETENTION",
@@ -107,9 +107,10 @@ def read_usage(
 def read_usage_many(
     client: redis.Redis, layout: Layout, keysets: Sequence[str], now: float, window: float
 ) -> dict[str, dict[str, KidUsage]]:
-    """`read_usage` of every key set of *keysets*, in two pipelined round trips whatever
-    their number: the sizes of the hashes, then those of at most `MAX_USAGE_FIELDS` fields
-    (a larger one is logged and counts nothing)."""
+    """`read_usage` of every key set of *keysets*, in pipelines of at most
+    `_HASHES_PER_PIPELINE` hashes, each read by a script that sends it only when it holds
+    at most `MAX_USAGE_FIELDS` fields and `MAX_USAGE_BYTES` bytes (a larger one is
+    logged and counts nothing)."""
     minutes = _minutes(now, window)
     names = [
         name
@@ -120,19 +121,23 @@ def read_usage_many(
         )
     ]
     # Any verifier may write these hashes: one of a million fields took `rotator status`
-    # 5 s and 500 MB, and the daemon's tick as long. Their sizes first, then the hashes of
-    # a size readers write (a few fields a kid); a hash of another type (WRONGTYPE) counts
-    # nothing, for its key set alone.
-    with client.pipeline(transaction=False) as pipe:
-        for name in names:
-            pipe.hlen(name)
-        sizes = _answered(pipe.execute(raise_on_error=False))
-    wanted = [name for name, size in zip(names, sizes, strict=True) if _readable(name, size)]
-    with client.pipeline(transaction=False) as pipe:
-        for name in wanted:
-            pipe.hgetall(name)
-        read = dict(zip(wanted, _answered(pipe.execute(raise_on_error=False)), strict=True))
-    answers = [read.get(name) for name in names]
+    # 5 s and 500 MB, and one 300 MB value 7 s and 1.5 GB (the daemon's tick reading
+    # usage at an expiry grew by as much). Sizes are checked where the hash is, in the
+    # same script that reads it, so that nothing can grow it between the two.
+    script = client.register_script(_READ_BOUNDED)
+    answers: list[Any] = []
+    for start in range(0, len(names), _HASHES_PER_PIPELINE):
+        chunk = names[start : start + _HASHES_PER_PIPELINE]
+        args = (MAX_USAGE_FIELDS, MAX_USAGE_BYTES)
+        with client.pipeline(transaction=False) as pipe:
+            for name in chunk:
+                # EVALSHA without the pipeline's SCRIPT EXISTS round trip; a Redis that
+                # lacks the script answers NOSCRIPT and the direct call below loads it.
+                pipe.evalsha(script.sha, 1, name, *args)
+            replies = pipe.execute(raise_on_error=False)
+        for name, piped in zip(chunk, replies, strict=True):
+            missing = isinstance(piped, redis.exceptions.NoScriptError)
+            answers.append(_hash_of(name, script(keys=[name], args=args) if missing else piped))
     per = 1 + len(minutes)
     return {keyset: _usage_of(answers[i * per : (i + 1) * per]) for i, keyset in enumerate(keysets)}
 
@@ -140,24 +145,50 @@ def read_usage_many(
 #: The most fields of one usage hash read back: readers write a few per kid, and kids
 #: are bounded (`rotator.library.usage`).
 MAX_USAGE_FIELDS = 10_000
+#: The most bytes of one usage hash read back (names and values): a kid's fields are a
+#: dozen names of at most a kid's length and a reason, and values of at most 20 digits.
+MAX_USAGE_BYTES = 256 * 1024
+# At most this many hashes' replies are held at once, MAX_USAGE_BYTES each at worst.
+_HASHES_PER_PIPELINE = 128
+
+# KEYS[1]: a usage hash. ARGV: MAX_USAGE_FIELDS, MAX_USAGE_BYTES. Returns {0, HGETALL's
+# flat list}; {1} for a key of another type; {2, fields} or {3, bytes so far} for a hash
+# over either bound, which is not sent. HLEN first: a hash of a million fields is never
+# copied, even here.
+_READ_BOUNDED = """
+local fields = redis.pcall('HLEN', KEYS[1])
+if type(fields) == 'table' then
+  if string.find(fields.err, 'WRONGTYPE', 1, true) then return {1} end
+  return fields
+end
+if fields > tonumber(ARGV[1]) then return {2, fields} end
+local all = redis.call('HGETALL', KEYS[1])
+local size, most = 0, tonumber(ARGV[2])
+for _, part in ipairs(all) do
+  size = size + #part
+  if size > most then return {3, size} end
+end
+return {0, all}
+"""
 
 
-def _answered(answers: list[Any]) -> list[Any]:
-    """*answers*, a hash of another type (WRONGTYPE) among them, which counts nothing;
-    any other error is raised (a role without HLEN must not read as no usage at all)."""
-    for answer in answers:
-        if isinstance(answer, Exception) and not wrong_type(answer):
-            raise answer
-    return answers
-
-
-def _readable(name: str, size: object) -> bool:
-    if not isinstance(size, int):
-        return False  # another type: nothing to count
-    if size > MAX_USAGE_FIELDS:
-        log.warning("%s holds %d fields, over %d: not read", name, size, MAX_USAGE_FIELDS)
-        return False
-    return size > 0
+def _hash_of(name: str, reply: Any) -> dict[bytes, bytes] | None:
+    """The fields of the usage hash *name* from *reply* (`_READ_BOUNDED`'s), or ``None``
+    when it counts nothing. An error is raised: a role that may not read the hashes must
+    not read as no usage at all."""
+    if isinstance(reply, Exception):
+        raise reply
+    if not isinstance(reply, list) or not reply:
+        return None
+    verdict = reply[0]
+    if verdict == 2:
+        log.warning("%s holds %s fields, over %d: not read", name, reply[1], MAX_USAGE_FIELDS)
+    elif verdict == 3:
+        log.warning("%s holds over %d bytes: not read", name, MAX_USAGE_BYTES)
+    if verdict != 0 or len(reply) != 2 or not isinstance(reply[1], list):
+        return None
+    flat = reply[1]
+    return dict(zip(flat[::2], flat[1::2], strict=False))
 
 
 def _minutes(now: float, window: float) -> range:
