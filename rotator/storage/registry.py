@@ -35,8 +35,7 @@ import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from pydantic import ValidationError
 
@@ -118,10 +117,17 @@ def _document(raw: str) -> dict[str, Any]:
     return document
 
 
+def _parts(raw: str) -> tuple[dict[str, Any], object]:
+    """A registry entry's overrides as a JSON object, and its lineage member as it is
+    (``None`` when absent); `BadPolicy` for an entry that is not a JSON object."""
+    document = _document(raw)
+    return document, document.pop(LINEAGE, None)
+
+
 def lineage_of(raw: str) -> str | None:
     """The lineage named by a registry entry; ``None`` if it names none (or is unreadable)."""
     try:
-        lineage = _document(raw).get(LINEAGE)
+        _overrides, lineage = _parts(raw)
     except BadPolicy:
         return None
     return lineage if isinstance(lineage, str) else None
@@ -131,39 +137,34 @@ def policy_of(raw: str) -> str:
     """The overrides of a registry entry as `encode_overrides` writes them, without the
     lineage (what `rotator keyset` shows); an unreadable entry as `shown` prints it."""
     try:
-        document = _document(raw)
+        overrides, _lineage = _parts(raw)
     except BadPolicy:
         return shown(stored_bytes(raw))
-    document.pop(LINEAGE, None)
-    return json.dumps(document, sort_keys=True)
+    return json.dumps(overrides, sort_keys=True)
 
 
-def _shape(raw: str) -> str | None:
-    """The overrides of a registry entry as sorted JSON without its lineage: entries of
-    one shape share their parsed policy. ``None`` for an unreadable entry or one whose
-    lineage is not a string, parsed on its own (for its problem)."""
-    try:
-        document = _document(raw)
-    except BadPolicy:
-        return None
-    if not isinstance(document.pop(LINEAGE, ""), str):
-        return None
-    return json.dumps(document, sort_keys=True)
-
-
-#: Policies a `KeySets` keeps by shape (`_shape`), all dropped when one more is met: a
-#: deployment has a few, and entries sharing them kept no overrides and policy of their
-#: own, 64 bytes and more a key set at 100,000 (tracemalloc).
+#: Policies a `KeySets` keeps by shape (its overrides as sorted JSON, without the
+#: lineage), all dropped when one more is met: a deployment has a few, and entries
+#: sharing them kept no overrides and policy of their own, 64 bytes and more a key set
+#: at 100,000 (tracemalloc).
 SHARED_POLICIES = 1024
 
 
-@lru_cache(maxsize=4096)
 def parse_overrides(raw: str, base: Policy) -> tuple[PolicyOverrides, Policy]:
     """Parse a registry entry's overrides and lay them over *base*; raise `BadPolicy`
     naming the field (for any entry whatever)."""
-    document = _document(raw)
-    if not isinstance(document.pop(LINEAGE, ""), str):
+    document, lineage = _parts(raw)
+    _check_lineage(lineage)
+    return _overlaid(document, base)
+
+
+def _check_lineage(lineage: object) -> None:
+    if lineage is not None and not isinstance(lineage, str):
         raise BadPolicy(f"{LINEAGE}: not a string")
+
+
+def _overlaid(document: dict[str, Any], base: Policy) -> tuple[PolicyOverrides, Policy]:
+    """The overrides of an entry (as `_parts` splits it) laid over *base*, or `BadPolicy`."""
     try:
         overrides = PolicyOverrides.model_validate(document)
     except ValidationError as exc:
@@ -290,12 +291,18 @@ class KeySets:
             validate_keyset_name(name)
         except ValueError as exc:
             return KeySetEntry(invalid_label(name), "registry", {}, None, f"registry name: {exc}")
-        lineage = lineage_of(raw)
-        shape = _shape(raw)
-        shared = self._shared.get(shape) if shape is not None else None
+        try:
+            document, member = _parts(raw)
+            _check_lineage(member)
+        except BadPolicy as exc:
+            return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}")
+        lineage = cast(str | None, member)
+        # Parsed once per shape: the entries of one shape share their overrides and policy.
+        shape = json.dumps(document, sort_keys=True)
+        shared = self._shared.get(shape)
         if shared is None:
             try:
-                overrides, policy = parse_overrides(raw, self._base)
+                overrides, policy = _overlaid(document, self._base)
             except BadPolicy as exc:
                 return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}", lineage)
             except Exception as exc:  # the last line: one entry never fails the registry
@@ -303,10 +310,9 @@ class KeySets:
                 problem = f"stored policy: unreadable ({type(exc).__name__})"
                 return KeySetEntry(name, "registry", {}, None, problem, lineage)
             shared = (overrides.model_dump(mode="json", exclude_none=True), policy)
-            if shape is not None:
-                if len(self._shared) >= SHARED_POLICIES:
-                    self._shared.clear()
-                self._shared[shape] = shared
+            if len(self._shared) >= SHARED_POLICIES:
+                self._shared.clear()
+            self._shared[shape] = shared
         return KeySetEntry(name, "registry", shared[0], shared[1], None, lineage)
 
     def names(self) -> list[str]:
