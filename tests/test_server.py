@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import jwt
@@ -83,6 +84,14 @@ _WITH_FILE_LIMITS = (
     "sys.argv = ['rotator', *sys.argv[3:]]; "
     "runpy.run_module('rotator', run_name='__main__')"
 )
+# A child of serve that is not a worker (a container's PID 1 inherits orphans), which exits
+# at once with status 3; its pid written to the file argv[1].
+_WITH_A_STRAY_CHILD = (
+    "import os, pathlib, subprocess, sys; "
+    "child = subprocess.Popen(['sh', '-c', 'exit 3']); "
+    "pathlib.Path(sys.argv[1]).write_text(str(child.pid)); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'rotator', *sys.argv[2:]])"
+)
 # As some supervisors leave it, and exec keeps it: children reaped unasked, no SIGCHLD.
 _WITH_SIGCHLD_IGNORED = (
     "import os, signal, sys; "
@@ -97,12 +106,18 @@ def start_serve(
     *args: str,
     open_files: tuple[int, int] | None = None,
     sigchld_ignored: bool = False,
+    stray_child: Path | None = None,
 ) -> subprocess.Popen[str]:
     """`rotator serve --port PORT *args` as a process of its own session (so that a test
-    can signal its whole group, as a service manager does)."""
+    can signal its whole group, as a service manager does); started with at most one of
+    *open_files* (soft and hard limits), *sigchld_ignored* and *stray_child* (a child of
+    its own that is no worker, whose pid is written to that file)."""
+    assert sum((open_files is not None, sigchld_ignored, stray_child is not None)) <= 1
     start = ["-c", _WITH_FILE_LIMITS, *map(str, open_files)] if open_files else ["-m", "rotator"]
     if sigchld_ignored:
         start = ["-c", _WITH_SIGCHLD_IGNORED]
+    if stray_child is not None:
+        start = ["-c", _WITH_A_STRAY_CHILD, str(stray_child)]
     return subprocess.Popen(
         [sys.executable, *start, "serve", "--port", str(port), *args],
         env={**cli.env, "ROTATOR_SERVER__POLL_INTERVAL": "1h"},
@@ -120,11 +135,19 @@ def running_serve(
     open_files: tuple[int, int] | None = None,
     port: int | None = None,
     sigchld_ignored: bool = False,
+    stray_child: Path | None = None,
 ) -> Iterator[Running]:
     """`rotator serve *args` (on *port*, else a free one) as a real process, stopped with
-    SIGTERM at the end."""
+    SIGTERM at the end (see `start_serve` for the rest)."""
     port = port or free_port()
-    process = start_serve(cli, port, *args, open_files=open_files, sigchld_ignored=sigchld_ignored)
+    process = start_serve(
+        cli,
+        port,
+        *args,
+        open_files=open_files,
+        sigchld_ignored=sigchld_ignored,
+        stray_child=stray_child,
+    )
     log: list[str] = []
     assert process.stderr is not None
     threading.Thread(target=collect_lines, args=(process.stderr, log), daemon=True).start()
@@ -372,7 +395,56 @@ def test_a_dead_worker_takes_the_others_down(
         assert running.process.wait(20) == 1  # for systemd or Kubernetes to restart
         # Read from its stderr by a thread of its own, which may not have reached the last
         # lines when the process is reaped: waited for, not looked at once.
-        wait_for(lambda: any("exited" in line for line in running.log), what="the log line")
+        wait_for(
+            lambda: any("was killed by SIGKILL" in line for line in running.log),
+            what="the log line",
+        )
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_child_that_is_no_worker_is_reaped_and_ignored(
+    cli: Cli, manager: KeyManager, tmp_path: Path
+) -> None:
+    """Found in review: as a container's PID 1, serve inherits orphans, and every child
+    it reaped counted as a worker: one that exited 3 stopped serve, exit 1."""
+    manager.reconcile("default")
+    stray = tmp_path / "stray.pid"
+    with running_serve(cli, "--workers", "2", stray_child=stray) as running:
+        child = int(stray.read_text())
+        wait_for(lambda: not Path(f"/proc/{child}").exists(), what="the stray child reaped")
+        workers = _two_workers(running.process.pid)
+        assert fetch(running.url + "/.well-known/jwks.json").status == 200
+        assert running.process.poll() is None
+        assert _children(running.process.pid) == workers
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(20) == 0
+
+
+def _blocked(pid: int) -> set[int]:
+    """The signals the main thread of process *pid* blocks, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    raise AssertionError("no SigBlk in /proc")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_workers_block_none_of_the_signals_the_supervisor_waits_for(
+    cli: Cli, manager: KeyManager
+) -> None:
+    """The supervisor blocks SIGTERM, SIGINT and SIGCHLD for good; its workers, forked
+    from it, must take them again (a worker blocking SIGCHLD would not know when a child
+    of its own ends, as asyncio's subprocess watchers need to)."""
+    manager.reconcile("default")
+    with running_serve(cli, "--workers", "2") as running:
+        waited = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+        for worker in _two_workers(running.process.pid):
+            wait_for(partial(_unblocked, worker, waited), what="a worker unblocked")
+
+
+def _unblocked(pid: int, signals: set[signal.Signals]) -> bool:
+    return not _blocked(pid) & signals
 
 
 def open_file_limit(pid: int) -> int:

@@ -7,7 +7,7 @@ process or in several forked workers, each of which builds its own handlers
 * Signals: SIGTERM and SIGINT are blocked from before the first fork until a
   process has its handler, so one at any moment of start-up is a clean stop.
   The supervisor never unblocks them: it takes them, and SIGCHLD, with
-  ``sigwaitinfo``. A Python handler runs only between bytecodes, so one that
+  ``sigwait``. A Python handler runs only between bytecodes, so one that
   came after the last check before ``wait()`` entered the kernel was run only
   when a worker exited, which none did: serve hung, its workers serving.
 * A worker that exits 0 or dies of SIGTERM or SIGINT is a clean stop (a
@@ -140,8 +140,9 @@ def run(
     With several *workers*, each worker process, forked before any thread starts,
     builds its own handlers and accepts on the shared sockets. A worker that dies
     takes the others down (exit status 1), for the service manager to restart.
-    SIGTERM and SIGINT are blocked from before the first fork until each process has
-    its handlers, so a signal at any moment of start-up is a clean stop.
+    SIGTERM and SIGINT are blocked from before the first fork until each worker has its
+    handlers, and in the supervisor for good (it takes them with ``sigwait``), so a
+    signal at any moment of start-up is a clean stop.
     """
     _fit_open_file_limit(options.max_connections)
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -175,43 +176,57 @@ _CLEAN_EXITS = (0, -signal.SIGTERM, -signal.SIGINT)
 
 def _supervise(children: list[int]) -> int:
     """Wait for the workers, with SIGTERM, SIGINT and SIGCHLD blocked and taken by
-    ``sigwaitinfo``. A stop signal is forwarded to every worker. One that stops
-    cleanly (status 0, or killed by SIGTERM or SIGINT: a service manager signals
-    every process of the service, not only this one) stops the others; one that dies
-    otherwise too, and the status is then 1."""
+    ``sigwait`` (see the module's rules). A stop signal is forwarded to every worker. One
+    that stops cleanly (status 0, or killed by SIGTERM or SIGINT: a service manager
+    signals every process of the service, not only this one) stops the others; one that
+    dies otherwise too, and the status is then 1. Any other child is reaped and ignored:
+    as a container's PID 1, serve inherits orphans."""
+    waited = {*_STOP_SIGNALS, signal.SIGCHLD}
     status = 0
     alive = set(children)
     while True:
-        exited = _exited()
-        for pid, code in exited:
+        reaped, any_left = _reap()
+        ended = [(pid, code) for pid, code in reaped if pid in alive]
+        for pid, code in ended:
             alive.discard(pid)
-            if os.waitstatus_to_exitcode(code) not in _CLEAN_EXITS:
-                log.error("worker %d exited (%s); stopping the others", pid, code)
+            exit_code = os.waitstatus_to_exitcode(code)
+            if exit_code not in _CLEAN_EXITS:
+                log.error("worker %d %s; stopping the others", pid, _ending(exit_code))
                 status = 1
         if not alive:
             return status
-        if exited:
+        if not any_left:  # reaped by another hand than this loop: nothing left to wait for
+            log.error("workers %s are gone unseen; stopping", sorted(alive))
+            return 1
+        if ended:
             _forward(alive, signal.SIGTERM)
-        signum = signal.sigwaitinfo(_SUPERVISOR_SIGNALS).si_signo
+        signum = signal.sigwait(waited)
         if signum != signal.SIGCHLD:
             _forward(alive, signum)
 
 
-_SUPERVISOR_SIGNALS = (*_STOP_SIGNALS, signal.SIGCHLD)
-
-
-def _exited() -> list[tuple[int, int]]:
-    """The workers that have exited since the last call, reaped: SIGCHLD is one
-    pending signal however many exited."""
+def _reap() -> tuple[list[tuple[int, int]], bool]:
+    """The children that have exited since the last call, reaped (SIGCHLD is one pending
+    signal however many exited), and whether any child is left."""
     done: list[tuple[int, int]] = []
     while True:
         try:
             pid, code = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return done
+            return done, False
         if pid == 0:
-            return done
+            return done, True
         done.append((pid, code))
+
+
+def _ending(exit_code: int) -> str:
+    """How a worker ended, from `os.waitstatus_to_exitcode`."""
+    if exit_code >= 0:
+        return f"exited with status {exit_code}"
+    try:
+        return f"was killed by {signal.Signals(-exit_code).name}"
+    except ValueError:
+        return f"was killed by signal {-exit_code}"
 
 
 def _forward(pids: set[int], signum: int) -> None:
