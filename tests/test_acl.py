@@ -17,7 +17,7 @@ from rotator.storage.audit import AuditLog
 from rotator.storage.layout import Layout
 from rotator.storage.lease import Lease
 from rotator.storage.store import Store
-from rotator.storage.usage import read_usage_many
+from rotator.storage.usage import MAX_USAGE_BYTES, read_usage_many
 from tests.conftest import FAST
 from tests.helpers import FakeClock, wait_for
 
@@ -175,3 +175,17 @@ def test_usage_read_by_a_role_without_hlen_fails_rather_than_reading_as_unused(
     with pytest.raises(redis.exceptions.ResponseError, match="can't run this command"):
         read_usage_many(old, Layout(), ["default"], 1_800_000_000.0, 900)
     assert read_usage_many(admin, Layout(), ["default"], 1_800_000_000.0, 900)["default"]
+
+
+def test_the_daemon_role_measures_a_hostile_usage_hash_without_copying_it(
+    acl_redis: EmbeddedRedis,
+) -> None:
+    """The verifier role may write a usage value of any size; the daemon role of this
+    file may measure it in place (`+memory|usage`), so Redis copies none of it."""
+    verifier = redis.Redis.from_url(url(acl_redis, "verifier"))
+    verifier.hset(Layout().usage("default"), "accepted:x", "9" * (MAX_USAGE_BYTES + 1))
+    admin = redis.Redis.from_url(f"redis://admin:admin@127.0.0.1:{acl_redis.port}/0")
+    admin.config_resetstat()
+    daemon = redis.Redis.from_url(url(acl_redis, "daemon"))
+    assert read_usage_many(daemon, Layout(), ["default"], 1_800_000_000.0, 900) == {"default": {}}
+    assert "cmdstat_hgetall" not in admin.info("commandstats")

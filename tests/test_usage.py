@@ -26,6 +26,7 @@ from rotator.metrics import USAGE_DROPPED
 from rotator.storage.layout import Layout
 from rotator.storage.usage import (
     ACCEPTED,
+    KEYSETS_PER_ROUND_TRIP,
     MAX_USAGE_BYTES,
     MAX_USAGE_FIELDS,
     read_usage,
@@ -245,17 +246,17 @@ def test_usage_read_back_skips_what_does_not_parse(client: redis.Redis) -> None:
     assert usage.last_verified == 1_799_999_990
 
 
-def test_usage_of_many_key_sets_is_read_in_pipelines_of_bounded_size(
+def test_usage_of_many_key_sets_is_read_in_round_trips_of_bounded_size(
     client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One round trip per 128 hashes (a key set's totals and the minutes of its window:
-    16 for 15 minutes), whatever the number of key sets, and no more in one: each reply
-    may be `MAX_USAGE_BYTES`."""
+    """One round trip per `KEYSETS_PER_ROUND_TRIP` key sets, whatever their number, and
+    no more in one: each may send `MAX_USAGE_BYTES`."""
     now = 1_800_000_000.0
-    keysets = [f"ks{n}" for n in range(1, 9)]
+    keysets = [f"ks{n}" for n in range(1, KEYSETS_PER_ROUND_TRIP + 5)]
     for n, keyset in enumerate(keysets, start=1):
         client.hset(LAYOUT.usage(keyset), "accepted:k1", n)
         client.hset(LAYOUT.usage_minute(keyset, int(now // 60)), "accepted:k1", 10 * n)
+    client.script_flush()  # loaded once, then sent again: not a round trip a key set
     executed: list[int] = []
     execute = redis.client.Pipeline.execute
 
@@ -265,10 +266,27 @@ def test_usage_of_many_key_sets_is_read_in_pipelines_of_bounded_size(
 
     monkeypatch.setattr(redis.client.Pipeline, "execute", counting)
     found = read_usage_many(client, LAYOUT, keysets, now, 900)
-    assert executed == [128, 8 * 17 - 128]
+    assert executed == [KEYSETS_PER_ROUND_TRIP, KEYSETS_PER_ROUND_TRIP, 4]
     assert {keyset: (u["k1"].total, u["k1"].recent) for keyset, u in found.items()} == {
         keyset: (n, 10 * n) for n, keyset in enumerate(keysets, start=1)
     }
+
+
+def test_an_honest_usage_hash_of_as_many_fields_as_read_is_read(client: redis.Redis) -> None:
+    """The totals keep a field for every kid ever counted: `MAX_USAGE_FIELDS` of them,
+    each of the longest reason and a thumbprint kid, fit `MAX_USAGE_BYTES` (a first bound
+    of 256 KiB refused 4,500 of them)."""
+    kids = [f"{i:043d}" for i in range(MAX_USAGE_FIELDS // 2)]
+    client.hset(
+        LAYOUT.usage("default"),
+        mapping={
+            **{f"refused:UnsupportedCritical:{kid}": 2**62 for kid in kids},
+            **{f"last:{kid}": 1_799_999_999 for kid in kids},
+        },
+    )
+    found = read_usage(client, LAYOUT, "default", 1_800_000_000.0, 900)
+    assert len(found) == len(kids)
+    assert found[kids[-1]].refused == {"UnsupportedCritical": 2**62}
 
 
 def test_a_last_seen_time_past_the_year_3000_is_no_time(client: redis.Redis) -> None:
@@ -312,13 +330,16 @@ def test_a_poisoned_counter_does_not_make_honest_counts_count_again(
     assert counted == 10
 
 
+@pytest.mark.parametrize("role", ["daemon", "without-memory"])
 @pytest.mark.parametrize("where", ["value", "field"])
-def test_a_usage_hash_of_too_many_bytes_is_not_read(
-    client: redis.Redis, caplog: pytest.LogCaptureFixture, where: str
+def test_a_usage_hash_of_too_many_bytes_is_neither_sent_nor_copied(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture, where: str, role: str
 ) -> None:
     """Any verifier may write a value or a field name of any length: before, one of
     300 MB passed the field count and took `rotator status` 7 s and 1.5 GB, and the
-    daemon reading usage at an expiry as much."""
+    daemon reading usage at an expiry as much. `MEMORY USAGE` measures it in place (a
+    first script copied it inside Redis to measure it, 320 ms for 100 MB); a role
+    without it (an older ACL) copies it there, and still sends none of it."""
     now = 1_800_000_000.0
     big = "9" * (MAX_USAGE_BYTES + 1)
     totals = LAYOUT.usage("bad")
@@ -329,14 +350,46 @@ def test_a_usage_hash_of_too_many_bytes_is_not_read(
         client.hset(totals, f"accepted:{big}", 1)
     client.hset(LAYOUT.usage_minute("bad", int(now // 60)), "accepted:k1", 2)
     client.hset(LAYOUT.usage("good"), "accepted:k1", 4)
-    sent = client.info("stats")["total_net_output_bytes"]
+    reader = client
+    if role == "without-memory":
+        client.acl_setuser(
+            "old", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-memory"]
+        )
+        reader = redis.Redis(
+            port=client.connection_pool.connection_kwargs["port"], username="old", password="pw"
+        )
+    client.config_resetstat()
     with caplog.at_level(logging.WARNING):
-        found = read_usage_many(client, LAYOUT, ["bad", "good"], now, 900)
-    assert client.info("stats")["total_net_output_bytes"] - sent < MAX_USAGE_BYTES
+        found = read_usage_many(reader, LAYOUT, ["bad", "good"], now, 900)
+    stats = client.info("stats")
+    assert stats["total_net_output_bytes"] < MAX_USAGE_BYTES
+    copied = client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)
+    # The minute of "bad" and the totals of "good" alone, unless the role cannot measure.
+    assert copied == (2 if role == "daemon" else 3)
     # The totals count nothing; the minutes, written apart, still count.
     assert found["bad"]["k1"].total == 0 and found["bad"]["k1"].recent == 2
     assert found["good"]["k1"].accepted == 4
-    assert f"{totals} holds over {MAX_USAGE_BYTES} bytes: not read" in caplog.text
+    assert f"{totals}: usage past {MAX_USAGE_BYTES} bytes for its key set: not read" in (
+        caplog.text
+    )
+
+
+def test_a_key_sets_hashes_share_one_budget_of_bytes(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`MAX_USAGE_BYTES` bounds a key set's hashes together, its totals first: each minute
+    within it alone would let a window of them send sixteen times as much."""
+    now = 1_800_000_000.0
+    quarter = "9" * (MAX_USAGE_BYTES // 4)
+    client.hset(LAYOUT.usage("bad"), mapping={"accepted:k1": 3, "accepted:x": quarter})
+    minute = int(now // 60)
+    for back in range(3):
+        name = LAYOUT.usage_minute("bad", minute - back)
+        client.hset(name, mapping={"accepted:k1": 1, "accepted:x": quarter})
+    with caplog.at_level(logging.WARNING):
+        found = read_usage(client, LAYOUT, "bad", now, 900)
+    assert found["k1"].total == 3 and found["k1"].recent == 2  # two of the three minutes
+    assert caplog.text.count("for its key set: not read") == 1
 
 
 def test_a_usage_hash_of_too_many_fields_is_not_read(

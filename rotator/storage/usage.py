@@ -27,6 +27,7 @@ from rotator.storage.layout import Layout
 
 __all__ = [
     "ACCEPTED",
+    "KEYSETS_PER_ROUND_TRIP",
     "MAX_USAGE_BYTES",
     "MAX_USAGE_FIELDS",
     "MINUTE_RETENTION",
@@ -107,88 +108,117 @@ def read_usage(
 def read_usage_many(
     client: redis.Redis, layout: Layout, keysets: Sequence[str], now: float, window: float
 ) -> dict[str, dict[str, KidUsage]]:
-    """`read_usage` of every key set of *keysets*, in pipelines of at most
-    `_HASHES_PER_PIPELINE` hashes, each read by a script that sends it only when it holds
-    at most `MAX_USAGE_FIELDS` fields and `MAX_USAGE_BYTES` bytes (a larger one is
-    logged and counts nothing)."""
+    """`read_usage` of every key set of *keysets*, a round trip per
+    `KEYSETS_PER_ROUND_TRIP` of them. A hash over `MAX_USAGE_FIELDS` fields, or past
+    `MAX_USAGE_BYTES` for its key set (its totals first, then its minutes), is logged and
+    counts nothing."""
     minutes = _minutes(now, window)
-    names = [
-        name
-        for keyset in keysets
-        for name in (
-            layout.usage(keyset),
-            *(layout.usage_minute(keyset, minute) for minute in minutes),
-        )
-    ]
     # Any verifier may write these hashes: one of a million fields took `rotator status`
     # 5 s and 500 MB, and one 300 MB value 7 s and 1.5 GB (the daemon's tick reading
-    # usage at an expiry grew by as much). Sizes are checked where the hash is, in the
-    # same script that reads it, so that nothing can grow it between the two.
+    # usage at an expiry grew by as much). Sizes are checked where the hashes are, in the
+    # script that reads them, so that nothing can grow one between the check and the read.
     script = client.register_script(_READ_BOUNDED)
-    answers: list[Any] = []
-    for start in range(0, len(names), _HASHES_PER_PIPELINE):
-        chunk = names[start : start + _HASHES_PER_PIPELINE]
-        args = (MAX_USAGE_FIELDS, MAX_USAGE_BYTES)
-        with client.pipeline(transaction=False) as pipe:
-            for name in chunk:
-                # EVALSHA without the pipeline's SCRIPT EXISTS round trip; a Redis that
-                # lacks the script answers NOSCRIPT and the direct call below loads it.
-                pipe.evalsha(script.sha, 1, name, *args)
-            replies = pipe.execute(raise_on_error=False)
-        for name, piped in zip(chunk, replies, strict=True):
+    args = (MAX_USAGE_FIELDS, MAX_USAGE_BYTES)
+    found: dict[str, dict[str, KidUsage]] = {}
+    for start in range(0, len(keysets), KEYSETS_PER_ROUND_TRIP):
+        chunk = keysets[start : start + KEYSETS_PER_ROUND_TRIP]
+        names = [
+            [layout.usage(keyset), *(layout.usage_minute(keyset, m) for m in minutes)]
+            for keyset in chunk
+        ]
+        replies = _run(client, script, names, args)
+        if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+            script.sha = client.script_load(_READ_BOUNDED)  # on every master of a Cluster
+            replies = _run(client, script, names, args)
+        for keyset, keys, piped in zip(chunk, names, replies, strict=True):
             missing = isinstance(piped, redis.exceptions.NoScriptError)
-            answers.append(_hash_of(name, script(keys=[name], args=args) if missing else piped))
-    per = 1 + len(minutes)
-    return {keyset: _usage_of(answers[i * per : (i + 1) * per]) for i, keyset in enumerate(keysets)}
+            reply = script(keys=keys, args=args) if missing else piped
+            found[keyset] = _usage_of([_hash_of(key, reply, i) for i, key in enumerate(keys)])
+    return found
+
+
+def _run(
+    client: redis.Redis, script: Any, names: list[list[str]], args: tuple[int, int]
+) -> list[Any]:
+    """One pipeline of *script* over each key set's *names*: EVALSHA alone, without the
+    pipeline's SCRIPT EXISTS round trip (a Redis that lacks it answers NOSCRIPT)."""
+    with client.pipeline(transaction=False) as pipe:
+        for keys in names:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return pipe.execute(raise_on_error=False)
 
 
 #: The most fields of one usage hash read back: readers write a few per kid, and kids
 #: are bounded (`rotator.library.usage`).
 MAX_USAGE_FIELDS = 10_000
-#: The most bytes of one usage hash read back (names and values): a kid's fields are a
-#: dozen names of at most a kid's length and a reason, and values of at most 20 digits.
-MAX_USAGE_BYTES = 256 * 1024
-# At most this many hashes' replies are held at once, MAX_USAGE_BYTES each at worst.
-_HASHES_PER_PIPELINE = 128
+#: The most bytes of a key set's usage hashes read back, all together: `MAX_USAGE_FIELDS`
+#: honest fields (a reason and a kid each, a count of at most 20 digits) take about
+#: 1.2 MB as Redis holds them (`MEMORY USAGE`).
+MAX_USAGE_BYTES = 4 * 1024 * 1024
+#: Key sets whose usage one round trip reads: at most this many times `MAX_USAGE_BYTES`
+#: are held at once, whatever the number of key sets.
+KEYSETS_PER_ROUND_TRIP = 16
 
-# KEYS[1]: a usage hash. ARGV: MAX_USAGE_FIELDS, MAX_USAGE_BYTES. Returns {0, HGETALL's
-# flat list}; {1} for a key of another type; {2, fields} or {3, bytes so far} for a hash
-# over either bound, which is not sent. HLEN first: a hash of a million fields is never
-# copied, even here.
+# KEYS: one key set's usage hashes, its totals first (one slot: `Layout.usage`). ARGV:
+# MAX_USAGE_FIELDS, MAX_USAGE_BYTES. Returns, per hash, {0, HGETALL's flat list}; {1} for
+# a key of another type; {2, fields} for one over MAX_USAGE_FIELDS, or {3} for one past
+# what is left of MAX_USAGE_BYTES, which is not sent. HLEN and MEMORY USAGE measure
+# without copying a byte; a role without MEMORY (an older ACL) measures the copy, which
+# it still does not send.
 _READ_BOUNDED = """
-local fields = redis.pcall('HLEN', KEYS[1])
-if type(fields) == 'table' then
-  if string.find(fields.err, 'WRONGTYPE', 1, true) then return {1} end
-  return fields
+local most, left = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local fields = redis.pcall('HLEN', key)
+  if type(fields) == 'table' then
+    if not string.find(fields.err, 'WRONGTYPE', 1, true) then return fields end
+    out[i] = {1}
+  elseif fields == 0 then
+    out[i] = {0, {}}
+  elseif fields > most then
+    out[i] = {2, fields}
+  else
+    local held = redis.pcall('MEMORY', 'USAGE', key, 'SAMPLES', '0')
+    if type(held) == 'number' and held > left then
+      out[i] = {3}
+    else
+      local all = redis.call('HGETALL', key)
+      local size = 0
+      for _, part in ipairs(all) do size = size + #part end
+      if size > left then
+        out[i] = {3}
+      else
+        left = left - size
+        out[i] = {0, all}
+      end
+    end
+  end
 end
-if fields > tonumber(ARGV[1]) then return {2, fields} end
-local all = redis.call('HGETALL', KEYS[1])
-local size, most = 0, tonumber(ARGV[2])
-for _, part in ipairs(all) do
-  size = size + #part
-  if size > most then return {3, size} end
-end
-return {0, all}
+return out
 """
 
 
-def _hash_of(name: str, reply: Any) -> dict[bytes, bytes] | None:
-    """The fields of the usage hash *name* from *reply* (`_READ_BOUNDED`'s), or ``None``
-    when it counts nothing. An error is raised: a role that may not read the hashes must
-    not read as no usage at all."""
+def _hash_of(name: str, reply: Any, index: int) -> dict[bytes, bytes] | None:
+    """The fields of the usage hash *name*, the *index*-th of a `_READ_BOUNDED` *reply*,
+    or ``None`` when it counts nothing. An error is raised: a role that may not read the
+    hashes must not read as no usage at all."""
     if isinstance(reply, Exception):
         raise reply
-    if not isinstance(reply, list) or not reply:
+    answer = reply[index] if isinstance(reply, list) and index < len(reply) else None
+    if not isinstance(answer, list) or not answer:
         return None
-    verdict = reply[0]
+    verdict = answer[0]
     if verdict == 2:
-        log.warning("%s holds %s fields, over %d: not read", name, reply[1], MAX_USAGE_FIELDS)
+        fields = answer[1] if len(answer) > 1 else "too many"
+        log.warning("%s holds %s fields, over %d: not read", name, fields, MAX_USAGE_FIELDS)
     elif verdict == 3:
-        log.warning("%s holds over %d bytes: not read", name, MAX_USAGE_BYTES)
-    if verdict != 0 or len(reply) != 2 or not isinstance(reply[1], list):
+        log.warning("%s: usage past %d bytes for its key set: not read", name, MAX_USAGE_BYTES)
+    if verdict != 0 or len(answer) != 2 or not isinstance(answer[1], list):
         return None
-    flat = reply[1]
-    return dict(zip(flat[::2], flat[1::2], strict=False))
+    flat = answer[1]
+    if len(flat) % 2 or not all(isinstance(part, bytes | str) for part in flat):
+        return None
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _minutes(now: float, window: float) -> range:
