@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import socket
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ import pytest
 import redis
 
 from rotator.config import load_settings
+from rotator.core import strictjson
 from rotator.core.encoding import encode_sealed
 from rotator.core.envelope import Keyring, SealedKey
 from rotator.core.jwk import generate_key
+from rotator.core.overrides import PolicyOverrides
 from rotator.core.policy import Policy
 from rotator.core.state import MAX_STORED_BYTES, CorruptState, decode_state, encode_state
 from rotator.daemon.backup import Backup
@@ -183,16 +186,48 @@ def test_entries_of_one_shape_share_a_policy_and_a_bad_one_shares_nothing(
             "b": '{"lineage": "77aa", "interval": "6h"}',
             "c": '{"interval": "6h", "lineage": 5}',
             "d": '{"interval": "7h", "lineage": "0b1d"}',
+            # null is no lineage either (a review found it taken for none named)
+            "e": '{"interval": "6h", "lineage": null}',
+            "f": '{"interval": "6h", "lineage": []}',
+            "g": '{"interval": "6h", "lineage": {}}',
+            "h": '{"interval": "6h"}',
         },
     )
     keysets = KeySets(load_settings(redis={"url": "redis://unused"}), store)
     keysets.refresh()
-    a, b, d = (keysets.get(name) for name in "abd")
-    assert a is not None and b is not None and d is not None
-    assert a.policy is b.policy and a.overrides is b.overrides
-    assert (a.lineage, b.lineage) == ("9f2c", "77aa")
+    a, b, d, h = (keysets.get(name) for name in "abdh")
+    assert a is not None and b is not None and d is not None and h is not None
+    assert a.policy is b.policy is h.policy and a.overrides is b.overrides
+    assert (a.lineage, b.lineage, h.lineage) == ("9f2c", "77aa", None)
     assert d.policy is not None and d.policy.interval == 25200
-    assert keysets.problems() == {"c": "stored policy: lineage: not a string"}
+    assert keysets.problems() == dict.fromkeys("cefg", "stored policy: lineage: not a string")
+
+
+def test_entries_of_one_shape_are_parsed_once_each_and_validated_once(
+    store: Store, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new entry was parsed three times (its lineage, its shape, its policy)."""
+    client.hset(
+        "rotator:keysets",
+        mapping={f"app-{i}": f'{{"interval": "6h", "lineage": "{i:04x}"}}' for i in range(50)},
+    )
+    keysets = KeySets(load_settings(redis={"url": "redis://unused"}), store)
+    parsed, validated = Counter[str](), Counter[str]()
+    loads, validate = strictjson.loads, PolicyOverrides.model_validate
+
+    def counted_loads(data: bytes) -> Any:
+        parsed["loads"] += 1
+        return loads(data)
+
+    def counted_validate(document: Any) -> PolicyOverrides:
+        validated["validate"] += 1
+        return validate(document)
+
+    monkeypatch.setattr(strictjson, "loads", counted_loads)
+    monkeypatch.setattr(PolicyOverrides, "model_validate", counted_validate)
+    keysets.refresh()
+    assert parsed["loads"] == 50 and validated["validate"] == 1
+    assert len({id(keysets.policy(f"app-{i}")) for i in range(50)}) == 1
 
 
 # ------------------------------------------------------------ One bad state document

@@ -23,7 +23,7 @@ from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis
 from rotator.storage.audit import AuditEntry, AuditLog
 from rotator.storage.layout import MAX_SHARDS, Layout
-from rotator.storage.lease import Lease, leaders, shard_list
+from rotator.storage.lease import _TOKEN_BYTES, MAX_LEASE_TTL, Lease, leaders, shard_list
 from rotator.storage.store import Store, WriteResult
 from rotator.wiring import Wiring
 from tests.conftest import Cli
@@ -109,15 +109,41 @@ def test_a_lease_no_daemon_could_have_written_is_no_lease(
 def test_the_leaders_shown_leave_a_lease_no_daemon_could_have_written_unread(
     client: redis.Redis,
 ) -> None:
-    """`rotator status` read every lease whole: one of 200 MB took it 1.5 s and 648 MB,
-    until the next step deleted it."""
-    layout = Layout(shards=4)
-    client.set(layout.lease(0), "a")
-    client.set(layout.lease(1), "x" * 1_000_000)
+    """`rotator status` read every lease whole (one of 200 MB took it 1.5 s and 648 MB),
+    and showed one with no expiry, or one past `MAX_LEASE_TTL`, as leading, until the
+    next step deleted it."""
+    layout = Layout(shards=7)
+    longest = "x" * _TOKEN_BYTES
+    client.set(layout.lease(0), "a", px=60_000)
+    client.set(layout.lease(1), "x" * 1_000_000, px=60_000)
     client.hset(layout.lease(2), "f", "v")
+    client.set(layout.lease(4), "no-expiry")
+    client.set(layout.lease(5), "too-long-a-lease", px=int(MAX_LEASE_TTL * 1000) + 60_000)
+    client.set(layout.lease(6), longest, px=60_000)
     sent = client.info("stats")["total_net_output_bytes"]
-    assert leaders(client, layout) == ["a", None, None, None]
+    assert leaders(client, layout) == ["a", None, None, None, None, None, longest]
     assert client.info("stats")["total_net_output_bytes"] - sent < 100_000
+    client.set(layout.lease(6), longest + "x", px=60_000)
+    assert leaders(client, layout)[6] is None
+
+
+def test_leaders_read_by_a_role_that_may_not_fail_rather_than_reading_as_unled(
+    client: redis.Redis,
+) -> None:
+    layout = Layout(shards=2)
+    client.set(layout.lease(0), "a", px=60_000)
+    client.acl_setuser(
+        "no-get", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-get"]
+    )
+    port = client.connection_pool.connection_kwargs["port"]
+    refused = redis.Redis(port=port, username="no-get", password="pw")
+    with pytest.raises(redis.ResponseError, match="can't run this command"):
+        leaders(refused, layout)
+    client.acl_setuser(
+        "no-strlen", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-strlen"]
+    )
+    older = redis.Redis(port=port, username="no-strlen", password="pw")
+    assert leaders(older, layout) == ["a", None]
 
 
 @pytest.mark.parametrize("score", ["inf", "1e15"])

@@ -44,7 +44,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import redis
 
@@ -176,33 +175,39 @@ def _token() -> str:
 
 def leaders(client: redis.Redis, layout: Layout) -> list[str | None]:
     """The token leading each shard of *layout* (``None`` where none does), as stored:
-    decoded with replacement, since anyone who can write Redis can write there. A value
-    longer than any token is no daemon's (the next step deletes it) and is not read: one
-    of 200 MB took `rotator status` 1.5 s and 648 MB."""
-    raw = client.register_script(_LEADERS)(
-        keys=[layout.lease(i) for i in range(layout.shards)], args=[_TOKEN_BYTES]
-    )
-    return [
-        value.decode(errors="replace") if isinstance(value, bytes) else None
-        for value in cast(list[object], raw)
-    ]
+    decoded with replacement, since anyone who can write Redis can write there. A lease
+    no daemon could have written (no expiry, one past `MAX_LEASE_TTL`, a value longer
+    than any token) leads nothing, as the next step finds (it deletes it), and is not
+    read: one of 200 MB took `rotator status` 1.5 s and 648 MB."""
+    keys = [layout.lease(i) for i in range(layout.shards)]
+    raw = client.register_script(_LEADERS)(keys=keys, args=[_TOKEN_BYTES, _MAX_LEASE_MS])
+    if not isinstance(raw, list) or len(raw) != len(keys):
+        raise redis.ResponseError(f"the leases read back as {type(raw).__name__}, not a list")
+    return [value.decode(errors="replace") if isinstance(value, bytes) else None for value in raw]
 
 
-# KEYS: the leases (one slot: `Layout.lease`). ARGV[1]: the longest token, in bytes. Each
-# lease as stored, or false where there is none, or one of another type or longer than
-# any token, left unread. An older daemon role lacks STRLEN: it reads every lease whole,
-# as before.
+# KEYS: the leases (one slot: `Layout.lease`). ARGV: the longest token in bytes, the
+# longest lease in milliseconds. Each lease as stored, or false where there is none, or
+# one of another type or no daemon's (as `_STEP` judges it), left unread. Any other error
+# is the answer: a role that may not read the leases must not read as no leader. An
+# older daemon role lacks STRLEN: it reads each lease whole, as before.
 _LEADERS = """
 local out = {}
 for i, key in ipairs(KEYS) do
+  out[i] = false
   local size = redis.pcall('STRLEN', key)
   if type(size) == 'table' and not string.find(size.err, 'WRONGTYPE', 1, true) then
     size = 0
   end
-  out[i] = false
-  if type(size) == 'number' and size <= tonumber(ARGV[1]) then
+  local ttl = redis.call('PTTL', key)
+  local timed = ttl == -2 or (ttl >= 0 and ttl <= tonumber(ARGV[2]))
+  if type(size) == 'number' and size <= tonumber(ARGV[1]) and timed then
     local value = redis.pcall('GET', key)
-    if type(value) ~= 'table' then out[i] = value end
+    if type(value) ~= 'table' then
+      out[i] = value
+    elseif not string.find(value.err, 'WRONGTYPE', 1, true) then
+      return value
+    end
   end
 end
 return out

@@ -35,7 +35,7 @@ import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
@@ -117,11 +117,16 @@ def _document(raw: str) -> dict[str, Any]:
     return document
 
 
+#: What `_parts` gives for the lineage of an entry that names none (``None`` is a JSON
+#: ``null``, which is not a lineage).
+_NO_LINEAGE = object()
+
+
 def _parts(raw: str) -> tuple[dict[str, Any], object]:
     """A registry entry's overrides as a JSON object, and its lineage member as it is
-    (``None`` when absent); `BadPolicy` for an entry that is not a JSON object."""
+    (`_NO_LINEAGE` when absent); `BadPolicy` for an entry that is not a JSON object."""
     document = _document(raw)
-    return document, document.pop(LINEAGE, None)
+    return document, document.pop(LINEAGE, _NO_LINEAGE)
 
 
 def lineage_of(raw: str) -> str | None:
@@ -154,13 +159,18 @@ def parse_overrides(raw: str, base: Policy) -> tuple[PolicyOverrides, Policy]:
     """Parse a registry entry's overrides and lay them over *base*; raise `BadPolicy`
     naming the field (for any entry whatever)."""
     document, lineage = _parts(raw)
-    _check_lineage(lineage)
+    _lineage(lineage)
     return _overlaid(document, base)
 
 
-def _check_lineage(lineage: object) -> None:
-    if lineage is not None and not isinstance(lineage, str):
+def _lineage(member: object) -> str | None:
+    """The lineage an entry's member names (``None`` when it names none), or `BadPolicy`
+    for a member that is not a string."""
+    if member is _NO_LINEAGE:
+        return None
+    if not isinstance(member, str):
         raise BadPolicy(f"{LINEAGE}: not a string")
+    return member
 
 
 def _overlaid(document: dict[str, Any], base: Policy) -> tuple[PolicyOverrides, Policy]:
@@ -293,10 +303,9 @@ class KeySets:
             return KeySetEntry(invalid_label(name), "registry", {}, None, f"registry name: {exc}")
         try:
             document, member = _parts(raw)
-            _check_lineage(member)
+            lineage = _lineage(member)
         except BadPolicy as exc:
             return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}")
-        lineage = cast(str | None, member)
         # Parsed once per shape: the entries of one shape share their overrides and policy.
         shape = json.dumps(document, sort_keys=True)
         shared = self._shared.get(shape)
