@@ -17,7 +17,7 @@ from rotator.storage.audit import AuditLog
 from rotator.storage.layout import Layout
 from rotator.storage.lease import Lease
 from rotator.storage.store import Store
-from rotator.storage.usage import MAX_USAGE_BYTES, read_usage_many
+from rotator.storage.usage import MAX_USAGE_BYTES, forget_kids, read_usage_many
 from tests.conftest import FAST
 from tests.helpers import FakeClock, wait_for
 
@@ -189,3 +189,12 @@ def test_the_daemon_role_measures_a_hostile_usage_hash_without_copying_it(
     daemon = redis.Redis.from_url(url(acl_redis, "daemon"))
     assert read_usage_many(daemon, Layout(), ["default"], 1_800_000_000.0, 900) == {"default": {}}
     assert "cmdstat_hgetall" not in admin.info("commandstats")
+
+
+def test_the_daemon_role_may_delete_the_counts_of_expired_kids(acl_redis: EmbeddedRedis) -> None:
+    verifier = redis.Redis.from_url(url(acl_redis, "verifier"))
+    totals = Layout().usage("default")
+    verifier.hset(totals, mapping={"accepted:k1": 1, "refused:ExpiredToken:k1": 2, "last:k2": 3})
+    daemon = redis.Redis.from_url(url(acl_redis, "daemon"))
+    assert forget_kids(daemon, Layout(), {"default": ["k1"]}) == 2
+    assert verifier.hgetall(totals) == {b"last:k2": b"3"}

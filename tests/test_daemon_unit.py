@@ -314,6 +314,39 @@ def test_the_expiry_of_a_retired_key_logs_whether_it_was_still_in_use(
     assert f"retired key {retired['alpha']} expired while still in use: 4" in caplog.text
 
 
+def test_the_counts_of_an_expired_key_leave_its_key_sets_totals(
+    daemon: Daemon, client: redis.Redis, clock: FakeClock
+) -> None:
+    """The totals kept a field for every kid ever counted, renewed by each report: past
+    10,000 fields (about 3,300 kids, months of hourly rotation) they were not read."""
+    retired = retire_first_keys(daemon, clock)
+    current = daemon.manager.load("alpha").state
+    assert current is not None
+    held = current.current.kid
+    gone = retired["alpha"]
+    totals = Layout().usage("alpha")
+    client.hset(
+        totals,
+        mapping={
+            f"accepted:{gone}": 7,
+            f"last:{gone}": 1_700_000_000,
+            f"refused:ExpiredToken:{gone}": 2,
+            f"refused:SomeReasonOfANewerReader:{gone}": 1,
+            f"accepted:{held}": 3,
+            f"refused:ExpiredToken:{held}": 1,
+            "accepted:unknown": 5,
+        },
+    )
+    clock.advance(70)  # past the overlap (60): the retired keys expire at the next tick
+    daemon.tick()
+    assert gone not in kids(daemon.manager.load("alpha").state)
+    assert client.hgetall(totals) == {
+        f"accepted:{held}".encode(): b"3",
+        f"refused:ExpiredToken:{held}".encode(): b"1",
+        b"accepted:unknown": b"5",
+    }
+
+
 def test_a_failed_usage_read_at_expiry_is_logged_and_the_tick_goes_on(
     daemon: Daemon,
     clock: FakeClock,

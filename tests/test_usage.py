@@ -29,6 +29,7 @@ from rotator.storage.usage import (
     KEYSETS_PER_ROUND_TRIP,
     MAX_USAGE_BYTES,
     MAX_USAGE_FIELDS,
+    forget_kids,
     read_usage,
     read_usage_many,
 )
@@ -409,3 +410,19 @@ def test_a_usage_hash_of_too_many_fields_is_not_read(
         found = read_usage_many(client, LAYOUT, ["bad", "good"], 1_800_000_000.0, 900)
     assert found["bad"] == {} and found["good"]["k1"].accepted == 4
     assert "not read" in caplog.text
+
+
+def test_the_counts_of_expired_kids_are_forgotten_but_a_hostile_hash_is_left_uncopied(
+    client: redis.Redis,
+) -> None:
+    """`forget_kids` parses each field's kid as readers write it (a kid may hold a
+    colon) and leaves a hash over the read bounds alone, copying none of its names."""
+    client.hset(
+        LAYOUT.usage("a"),
+        mapping={"accepted:k:1": 1, "refused:BadSignature:k:1": 1, "accepted:k": 4, "x": 1},
+    )
+    client.hset(LAYOUT.usage("b"), f"accepted:{'9' * (MAX_USAGE_BYTES + 1)}", 1)
+    client.config_resetstat()
+    assert forget_kids(client, LAYOUT, {"a": ["k:1"], "b": ["k"], "c": ["k"]}) == 2
+    assert client.hgetall(LAYOUT.usage("a")) == {b"accepted:k": b"4", b"x": b"1"}
+    assert client.info("commandstats")["cmdstat_hkeys"]["calls"] == 1  # "a" alone

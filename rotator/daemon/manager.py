@@ -28,7 +28,7 @@ from rotator.core.state import CorruptState, KeySetState, Status, StoredState
 from rotator.storage.audit import AuditLog
 from rotator.storage.registry import BadPolicy
 from rotator.storage.store import PARSED_STATES, Conflict, Snapshot, Store
-from rotator.storage.usage import MINUTE_RETENTION, KidUsage, read_usage_many
+from rotator.storage.usage import MINUTE_RETENTION, KidUsage, forget_kids, read_usage_many
 
 __all__ = [
     "KEYSET_ERRORS",
@@ -465,7 +465,8 @@ class KeyManager:
     ) -> None:
         """With ``expiry_usage``, log whether each key that expired in *commits* (the state
         before each commit, and its events) was still in use: its verifications in the last
-        ``cache_max_age``, read for every key set in one round trip per window length. The
+        ``cache_max_age``, read in round trips of many key sets per window length; then
+        delete the counts of those kids from the key sets' totals (`forget_kids`). The
         commits are done whatever Redis answers, so a failed read is logged, not raised."""
         if not self.expiry_usage:
             return
@@ -490,6 +491,15 @@ class KeyManager:
             for keyset in keysets:
                 before, kids = expired[keyset]
                 self._log_usage_of(before, kids, usage[keyset], window)
+        try:
+            forget_kids(
+                self.store.client,
+                self.store.layout,
+                {keyset: kids for keyset, (_before, kids) in expired.items()},
+            )
+        except (redis.RedisError, OSError) as exc:
+            for keyset in expired:
+                log.warning("key set %s: counts of expired key(s) not deleted: %s", keyset, exc)
 
     def _log_usage_of(
         self, before: KeySetState, expired: list[str], usage: Mapping[str, KidUsage], window: float

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "TOTALS_RETENTION",
     "KidUsage",
     "MinuteCounts",
+    "forget_kids",
     "queue_report",
     "read_usage",
     "read_usage_many",
@@ -195,6 +196,58 @@ for i, key in ipairs(KEYS) do
   end
 end
 return out
+"""
+
+
+def forget_kids(client: redis.Redis, layout: Layout, expired: Mapping[str, Sequence[str]]) -> int:
+    """Delete the fields of each key set's totals that name one of its *expired* kids
+    (key set -> kids), a round trip per `KEYSETS_PER_ROUND_TRIP` key sets; return how many
+    went. The totals keep a field for every kid ever counted, and past `MAX_USAGE_FIELDS`
+    they are not read at all: an expired kid is counted no more (readers count a kid
+    they do not hold as unknown), so its fields would only fill them."""
+    script = client.register_script(_FORGET)
+    keysets = [keyset for keyset, kids in expired.items() if kids]
+    gone = 0
+    for start in range(0, len(keysets), KEYSETS_PER_ROUND_TRIP):
+        chunk = keysets[start : start + KEYSETS_PER_ROUND_TRIP]
+        calls: list[tuple[list[str], list[str | int]]] = [
+            ([layout.usage(k)], [MAX_USAGE_FIELDS, MAX_USAGE_BYTES, *expired[k]]) for k in chunk
+        ]
+        with client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(script.sha, 1, *keys, *args)
+            replies = pipe.execute(raise_on_error=False)
+        for (keys, args), piped in zip(calls, replies, strict=True):
+            missing = isinstance(piped, redis.exceptions.NoScriptError)
+            reply = script(keys=keys, args=args) if missing else piped
+            if isinstance(reply, Exception):
+                raise reply
+            gone += reply if isinstance(reply, int) else 0
+    return gone
+
+
+# KEYS[1]: a key set's totals. ARGV: MAX_USAGE_FIELDS, MAX_USAGE_BYTES, then the kids to
+# forget. Deletes each field naming one of them (`accepted:K`, `last:K`,
+# `refused:REASON:K`) and returns how many; a hash of another type or over either bound
+# is left alone (it is not read either), so that no name of any length is copied here.
+_FORGET = """
+local fields = redis.pcall('HLEN', KEYS[1])
+if type(fields) ~= 'number' or fields == 0 or fields > tonumber(ARGV[1]) then return 0 end
+local held = redis.pcall('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '0')
+if type(held) == 'number' and held > tonumber(ARGV[2]) then return 0 end
+local forget = {}
+for i = 3, #ARGV do forget[ARGV[i]] = true end
+local doomed = {}
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local rest = field
+  if string.sub(rest, 1, 8) == 'refused:' then rest = string.sub(rest, 9) end
+  local at = string.find(rest, ':', 1, true)
+  if at and forget[string.sub(rest, at + 1)] then doomed[#doomed + 1] = field end
+end
+for i = 1, #doomed, 1000 do
+  redis.call('HDEL', KEYS[1], unpack(doomed, i, math.min(i + 999, #doomed)))
+end
+return #doomed
 """
 
 
