@@ -106,21 +106,40 @@ def _with(argv: list[str], option: str, value: str, is_global: bool) -> list[str
     return [option, value, *argv] if is_global else [*argv, option, value]
 
 
-BAD_ARGUMENTS = [
-    pytest.param(command, [*argv, "--no-such-option"], "--no-such-option", id=f"{name} unknown")
-    for command, argv in COMMANDS.items()
-    for name in [" ".join(command)]
-] + [
-    pytest.param(
-        command,
-        _with(argv, option, bad, is_global),
-        option,
-        id=f"{' '.join(command)} {option} {bad}",
-    )
-    for command, argv in COMMANDS.items()
-    for option, is_global, refused in _checked_options(command)
-    for bad in refused
-]
+BAD_ARGUMENTS = (
+    [
+        pytest.param(command, [*argv, "--no-such-option"], "--no-such-option", id=f"{name} unknown")
+        for command, argv in COMMANDS.items()
+        for name in [" ".join(command)]
+    ]
+    + [
+        pytest.param(
+            command,
+            _with(argv, option, bad, is_global),
+            option,
+            id=f"{' '.join(command)} {option} {bad}",
+        )
+        for command, argv in COMMANDS.items()
+        for option, is_global, refused in _checked_options(command)
+        for bad in refused
+    ]
+    + [
+        # Found by an attacker: both were taken (the table won), and a long KEK id was echoed
+        # whole in its error.
+        pytest.param(
+            ("status",),
+            ["status", "--table", "--json"],
+            "not allowed with",
+            id="status --table --json",
+        ),
+        pytest.param(
+            ("kek", "generate"),
+            ["kek", "generate", "--id", "x" * 100_000],
+            "must be 1-64 letters",
+            id="kek generate --id of 100,000 characters",
+        ),
+    ]
+)
 
 
 def one_line(result: CliResult) -> bool:
@@ -178,6 +197,7 @@ def test_bad_arguments_are_one_line_and_exit_2(
     result = run(capsys, *argv)
     assert result.code == 2, result
     assert one_line(result) and named in result.stderr, result.stderr
+    assert len(result.stderr) < 400, result.stderr[:400]  # an argument is not echoed whole
 
 
 def test_the_errors_the_issue_names(
@@ -261,6 +281,7 @@ def test_a_bad_argument_with_redis_down_is_exit_2_naming_it(
     result = run(capsys, *argv)
     assert result.code == 2, result
     assert one_line(result) and named in result.stderr, result.stderr
+    assert len(result.stderr) < 400, result.stderr[:400]  # an argument is not echoed whole
 
 
 def test_every_command_with_an_argument_to_check_has_a_bad_one() -> None:

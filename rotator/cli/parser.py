@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     status = sub.add_parser("status", help="show keys, states and the next rotation")
     status.add_argument("--keyset", type=keyset_name, help="one key set (default: all)")
-    status.add_argument("--json", action="store_true", help="as JSON (times RFC 3339)")
-    status.add_argument("--table", action="store_true", help="a table instead of the timeline")
+    shown_as = status.add_mutually_exclusive_group()
+    shown_as.add_argument("--json", action="store_true", help="as JSON (times RFC 3339)")
+    shown_as.add_argument("--table", action="store_true", help="a table instead of the timeline")
     jwks = sub.add_parser("jwks", help="print the published JWKS")
     keyset_arg(jwks)
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from rotator.core.strictjson import shown
+
 __all__ = [
     "Kek",
     "KekError",
@@ -162,5 +164,5 @@ def parse_keks(text: str, *, source: str) -> Keyring:
 def generate_kek_line(kek_id: str) -> str:
     """A new KEK line ``ID:BASE64`` from the OS random source."""
     if not _KEK_ID.fullmatch(kek_id):
-        raise KekError(f"KEK id {kek_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        raise KekError(f"KEK id {shown(kek_id)} must be 1-64 letters, digits, '.', '_' or '-'")
     return f"{kek_id}:{base64.b64encode(os.urandom(_KEK_BYTES)).decode('ascii')}"
