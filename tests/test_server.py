@@ -402,6 +402,37 @@ def test_a_dead_worker_takes_the_others_down(
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGHUP], ids=["SIGKILL", "SIGHUP"])
+def test_workers_stop_when_their_supervisor_is_killed_alone(
+    cli: Cli, manager: KeyManager, how: signal.Signals
+) -> None:
+    """Found by an attacker: a supervisor killed alone (SIGKILL, or a SIGHUP, whose
+    default kills) left its workers serving, orphans no service manager would stop."""
+    manager.reconcile("default")
+    with running_serve(cli, "--workers", "2") as running:
+        workers = _two_workers(running.process.pid)
+        assert fetch(running.url + "/healthz").status == 200
+        try:
+            running.process.send_signal(how)
+            running.process.wait(20)
+            for worker in workers:
+                wait_for(partial(_ended, worker), what=f"worker {worker} ended")
+        finally:
+            for worker in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGKILL)
+
+
+def _ended(pid: int) -> bool:
+    """Whether process *pid* is gone or a zombie (an orphan whose reaper has not run)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_child_that_is_no_worker_is_reaped_and_ignored(
     cli: Cli, manager: KeyManager, tmp_path: Path
 ) -> None:
@@ -773,6 +804,55 @@ def test_sigterm_during_start_up_is_a_clean_stop(
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_while_start_up_waits_on_a_redis_that_never_answers_is_a_clean_stop(
+    cli: Cli, workers: str
+) -> None:
+    """Found by an attacker: with Redis frozen (connections taken, never answered), a
+    worker building its handlers waited out redis-py's retries, minutes, and took
+    SIGTERM only once it served; serve outlived systemd's stop timeout."""
+    with _FrozenRedis() as frozen:
+        cli.env["ROTATOR_REDIS__URL"] = f"redis://127.0.0.1:{frozen.port}/0"
+        cli.env["ROTATOR_REDIS__SOCKET_TIMEOUT"] = "1h"
+        process = start_serve(cli, free_port(), "--workers", workers)
+        try:
+            if workers == "2":
+                _two_workers(process.pid)
+            wait_for(frozen.asked, what="serve asking Redis")
+            process.send_signal(signal.SIGTERM)
+            _, errors = process.communicate(timeout=30)
+            assert process.returncode == 0, errors
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+class _FrozenRedis:
+    """A Redis frozen as SIGSTOP leaves one: it takes connections and answers nothing."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        self._taken: list[socket.socket] = []
+
+    def asked(self) -> bool:
+        """Whether a client has connected (taken, and kept open unanswered)."""
+        while select.select([self._server], [], [], 0)[0]:
+            self._taken.append(self._server.accept()[0])
+        return bool(self._taken)
+
+    def __enter__(self) -> _FrozenRedis:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for connection in self._taken:
+            connection.close()
+        self._server.close()
 
 
 def test_a_metrics_port_equal_to_the_port_is_a_config_error(cli: Cli) -> None:

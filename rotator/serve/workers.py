@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -54,18 +55,20 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 
 
 class _StopFlag:
-    """Set by SIGTERM or SIGINT from the moment a worker can take them: a signal that
-    comes while the handlers are built stops the worker as soon as it serves."""
+    """Set by SIGTERM or SIGINT from the moment a worker can take them. One that comes
+    before the worker serves ends it there and then, exit status 0: nothing is in flight
+    yet, and building the handlers may wait on a Redis that takes connections and never
+    answers for as long as redis-py retries (minutes), past any service manager's stop
+    timeout."""
 
     def __init__(self) -> None:
-        self.set = False
         self.event: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def __call__(self, _signum: int = 0, _frame: object = None) -> None:
-        self.set = True
-        if self.event is not None and self.loop is not None:
-            self.loop.call_soon_threadsafe(self.event.set)
+        if self.event is None or self.loop is None:
+            os._exit(0)
+        self.loop.call_soon_threadsafe(self.event.set)
 
 
 async def _serve_until_signalled(
@@ -76,8 +79,6 @@ async def _serve_until_signalled(
     flag.event, flag.loop = stop, loop
     for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, flag)
-    if flag.set:
-        stop.set()
     await serve(listeners, options, stop)
 
 
@@ -95,10 +96,9 @@ def _run_one(
     handlers = make_handlers()
     loop = _event_loop()
     try:
-        if not flag.set:
-            loop.run_until_complete(
-                _serve_until_signalled(list(zip(socks, handlers, strict=True)), options, flag)
-            )
+        loop.run_until_complete(
+            _serve_until_signalled(list(zip(socks, handlers, strict=True)), options, flag)
+        )
     finally:
         for handler in handlers:
             handler.close()
@@ -152,6 +152,7 @@ def run(
     # Default, not inherited SIG_IGN: that reaps children unasked and sends no SIGCHLD.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGCHLD,))
+    supervisor = os.getpid()
     children: list[int] = []
     for _ in range(workers):
         pid = os.fork()
@@ -159,6 +160,7 @@ def run(
             status = 0
             try:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGCHLD,))
+                _stop_with(supervisor)
                 _run_one(socks, make_handlers, options)
             except BaseException:
                 log.exception("worker failed")
@@ -172,6 +174,20 @@ def run(
 
 
 _CLEAN_EXITS = (0, -signal.SIGTERM, -signal.SIGINT)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _stop_with(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM when *supervisor* ends (Linux): one
+    killed alone (SIGKILL, or SIGHUP, whose default kills) left its workers serving,
+    orphans that no service manager stops. Elsewhere the workers outlive it."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("worker %d will outlive its supervisor: prctl failed", os.getpid())
+    if os.getppid() != supervisor:  # it ended before the prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _supervise(children: list[int]) -> int:
