@@ -800,3 +800,37 @@ def test_a_config_file_of_old_mac_line_ends_still_reads(
     result = run(capsys, "--config", str(path), "check-config")
     assert result.code == 0, result
     assert '"interval": "2h"' in result.stdout
+
+
+_INTERRUPTED_WHILE_LOADING = """
+import sys
+
+
+class Interrupt:
+    def find_spec(self, name, path, target=None):
+        if name == "rotator.cli.main":
+            raise KeyboardInterrupt
+        return None
+
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["rotator", "status"]
+from rotator.__main__ import run
+
+run()
+"""
+
+
+def test_ctrl_c_while_the_command_line_loads_is_exit_130_without_a_traceback() -> None:
+    """Found by an attacker: SIGINT in the half second of imports printed a traceback
+    (exit 1); once loaded it was already exit 130. Interrupted here where the console
+    script and ``python -m rotator`` import the command line."""
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_WHILE_LOADING],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr
