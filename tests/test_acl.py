@@ -17,7 +17,7 @@ from rotator.storage.audit import AuditLog
 from rotator.storage.layout import Layout
 from rotator.storage.lease import Lease
 from rotator.storage.store import Store
-from rotator.storage.usage import MAX_USAGE_BYTES, forget_kids, read_usage_many
+from rotator.storage.usage import MAX_USAGE_BYTES, MAX_USAGE_FIELDS, keep_kids, read_usage_many
 from tests.conftest import FAST
 from tests.helpers import FakeClock, wait_for
 
@@ -191,10 +191,14 @@ def test_the_daemon_role_measures_a_hostile_usage_hash_without_copying_it(
     assert "cmdstat_hgetall" not in admin.info("commandstats")
 
 
-def test_the_daemon_role_may_delete_the_counts_of_expired_kids(acl_redis: EmbeddedRedis) -> None:
+def test_the_daemon_role_may_sweep_the_counts_of_removed_kids(acl_redis: EmbeddedRedis) -> None:
     verifier = redis.Redis.from_url(url(acl_redis, "verifier"))
     totals = Layout().usage("default")
     verifier.hset(totals, mapping={"accepted:k1": 1, "refused:ExpiredToken:k1": 2, "last:k2": 3})
     daemon = redis.Redis.from_url(url(acl_redis, "daemon"))
-    assert forget_kids(daemon, Layout(), {"default": ["k1"]}) == 2
+    assert keep_kids(daemon, Layout(), {"default": ["k2"]}) == {}
     assert verifier.hgetall(totals) == {b"last:k2": b"3"}
+    too_many = Layout().usage("other")
+    verifier.hset(too_many, mapping={f"accepted:k{i}": 1 for i in range(MAX_USAGE_FIELDS + 1)})
+    assert keep_kids(daemon, Layout(), {"other": []}) == {}
+    assert not daemon.exists(too_many)

@@ -314,11 +314,14 @@ def test_the_expiry_of_a_retired_key_logs_whether_it_was_still_in_use(
     assert f"retired key {retired['alpha']} expired while still in use: 4" in caplog.text
 
 
-def test_the_counts_of_an_expired_key_leave_its_key_sets_totals(
+def test_an_expiry_sweeps_the_totals_to_the_kids_the_key_set_holds(
     daemon: Daemon, client: redis.Redis, clock: FakeClock
 ) -> None:
     """The totals kept a field for every kid ever counted, renewed by each report: past
-    10,000 fields (about 3,300 kids, months of hourly rotation) they were not read."""
+    10,000 fields (about 3,300 kids, months of hourly rotation) they were not read. An
+    expiry leaves the counts of the kids held and of the buckets for the others; a kid
+    gone before (a report of it that came after its sweep, a revoke done by the CLI) and
+    anything else goes too."""
     retired = retire_first_keys(daemon, clock)
     current = daemon.manager.load("alpha").state
     assert current is not None
@@ -332,9 +335,12 @@ def test_the_counts_of_an_expired_key_leave_its_key_sets_totals(
             f"last:{gone}": 1_700_000_000,
             f"refused:ExpiredToken:{gone}": 2,
             f"refused:SomeReasonOfANewerReader:{gone}": 1,
+            "accepted:long-gone": 9,
+            "bogus:field": 1,
             f"accepted:{held}": 3,
             f"refused:ExpiredToken:{held}": 1,
             "accepted:unknown": 5,
+            "refused:MalformedToken:-": 6,
         },
     )
     clock.advance(70)  # past the overlap (60): the retired keys expire at the next tick
@@ -344,6 +350,7 @@ def test_the_counts_of_an_expired_key_leave_its_key_sets_totals(
         f"accepted:{held}".encode(): b"3",
         f"refused:ExpiredToken:{held}".encode(): b"1",
         b"accepted:unknown": b"5",
+        b"refused:MalformedToken:-": b"6",
     }
 
 

@@ -861,3 +861,24 @@ def test_a_metrics_port_equal_to_the_port_is_a_config_error(cli: Cli) -> None:
     assert done.code == 2
     assert "server: metrics_port must differ from port" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+_SUPERVISOR_GONE = """
+import os, signal
+from rotator.serve import workers
+
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+workers._stop_with(os.getppid() + 1)  # a supervisor that ended before the prctl
+print(signal.SIGTERM in signal.sigpending())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl is Linux's")
+def test_a_worker_whose_supervisor_ended_before_it_asked_stops_itself() -> None:
+    """The death signal is asked for after the fork: a supervisor that died in between
+    sends none, so the worker, finding another parent, sends it to itself (blocked until
+    its handler is in place, as every stop signal of a worker starting)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SUPERVISOR_GONE], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "True", done.stderr

@@ -22,7 +22,7 @@ from rotator.library.reader import JWKSReader
 from rotator.storage.connect import connect
 from rotator.storage.layout import Layout
 from rotator.storage.store import Store
-from rotator.storage.usage import read_usage_many
+from rotator.storage.usage import keep_kids, read_usage_many
 from tests.conftest import FAST, Cli, StartDaemon
 from tests.helpers import FakeClock, wait_for
 from tests.test_server import fetch, running_serve
@@ -281,10 +281,16 @@ def test_cluster_keeps_each_keyset_atomic_in_its_slot(
     # Usage hashes are read by a script, each on its own master, loaded where it is not.
     for n, name in enumerate(names, start=1):
         client.hset(layout.usage(name), "accepted:k1", n)
+    for node in cluster:
+        redis.Redis(port=node.port).script_flush()
     usage = read_usage_many(client, layout, names, clock(), 900)
     assert {name: usage[name]["k1"].accepted for name in names} == {
         name: n for n, name in enumerate(names, start=1)
     }
+    for node in cluster:
+        redis.Redis(port=node.port).script_flush()
+    assert keep_kids(client, layout, {name: ("k2",) for name in names}) == {}
+    assert not any(client.exists(layout.usage(name)) for name in names)
 
 
 def test_daemon_on_cluster(cluster: list[EmbeddedRedis], start_daemon: StartDaemon) -> None:

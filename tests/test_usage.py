@@ -29,7 +29,7 @@ from rotator.storage.usage import (
     KEYSETS_PER_ROUND_TRIP,
     MAX_USAGE_BYTES,
     MAX_USAGE_FIELDS,
-    forget_kids,
+    keep_kids,
     read_usage,
     read_usage_many,
 )
@@ -412,17 +412,39 @@ def test_a_usage_hash_of_too_many_fields_is_not_read(
     assert "not read" in caplog.text
 
 
-def test_the_counts_of_expired_kids_are_forgotten_but_a_hostile_hash_is_left_uncopied(
-    client: redis.Redis,
+def test_a_sweep_keeps_the_counts_of_the_kids_kept_and_deletes_a_hash_past_the_bounds(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`forget_kids` parses each field's kid as readers write it (a kid may hold a
-    colon) and leaves a hash over the read bounds alone, copying none of its names."""
+    """`keep_kids` parses each field's kid as readers write it (a kid may hold a colon),
+    deletes a totals hash over the read bounds whole without copying its names (it
+    counts nothing, and nothing else would bring it back under them), and leaves a key
+    of another type alone."""
     client.hset(
         LAYOUT.usage("a"),
         mapping={"accepted:k:1": 1, "refused:BadSignature:k:1": 1, "accepted:k": 4, "x": 1},
     )
     client.hset(LAYOUT.usage("b"), f"accepted:{'9' * (MAX_USAGE_BYTES + 1)}", 1)
+    client.set(LAYOUT.usage("c"), "a string")
     client.config_resetstat()
-    assert forget_kids(client, LAYOUT, {"a": ["k:1"], "b": ["k"], "c": ["k"]}) == 2
-    assert client.hgetall(LAYOUT.usage("a")) == {b"accepted:k": b"4", b"x": b"1"}
+    client.script_flush()  # loaded once and the round trip sent again
+    with caplog.at_level(logging.WARNING):
+        assert keep_kids(client, LAYOUT, {"a": ["k"], "b": ["k"], "c": ["k"], "d": []}) == {}
+    assert client.hgetall(LAYOUT.usage("a")) == {b"accepted:k": b"4"}
+    assert not client.exists(LAYOUT.usage("b"))
+    assert client.get(LAYOUT.usage("c")) == b"a string"
     assert client.info("commandstats")["cmdstat_hkeys"]["calls"] == 1  # "a" alone
+    assert f"{LAYOUT.usage('b')} was over the bounds it is read within: deleted" in caplog.text
+
+
+def test_a_sweep_by_a_role_that_may_not_measure_fails_rather_than_sweeping_nothing(
+    client: redis.Redis,
+) -> None:
+    client.hset(LAYOUT.usage("a"), "accepted:gone", 1)
+    client.acl_setuser(
+        "no-hlen", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-hlen"]
+    )
+    port = client.connection_pool.connection_kwargs["port"]
+    refused = redis.Redis(port=port, username="no-hlen", password="pw")
+    failed = keep_kids(refused, LAYOUT, {"a": ["k"]})
+    assert list(failed) == ["a"] and "can't run this command" in str(failed["a"])
+    assert client.hget(LAYOUT.usage("a"), "accepted:gone") == b"1"

@@ -102,9 +102,10 @@ def _kek_warnings() -> logging.Handler:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``rotator`` console script."""
-    args = _parser().parse_args(shield_kids(sys.argv[1:] if argv is None else argv))
+    """Run the ``rotator`` command line (the console script's `rotator.__main__.run`)
+    on *argv* (default: the process's arguments); return the exit status."""
     try:
+        args = _parser().parse_args(shield_kids(sys.argv[1:] if argv is None else argv))
         code = _run(args)
         # Flushed here: at exit, Python reports a closed pipe with an "Exception ignored"
         # message of several lines.

@@ -25,10 +25,11 @@ from rotator.core.jwk import GeneratedKey, generate_key
 from rotator.core.lifecycle import Event, Mint, Transition
 from rotator.core.policy import Policy
 from rotator.core.state import CorruptState, KeySetState, Status, StoredState
+from rotator.library.usage import NO_KID, UNKNOWN_KID
 from rotator.storage.audit import AuditLog
 from rotator.storage.registry import BadPolicy
 from rotator.storage.store import PARSED_STATES, Conflict, Snapshot, Store
-from rotator.storage.usage import MINUTE_RETENTION, KidUsage, forget_kids, read_usage_many
+from rotator.storage.usage import MINUTE_RETENTION, KidUsage, keep_kids, read_usage_many
 
 __all__ = [
     "KEYSET_ERRORS",
@@ -374,7 +375,7 @@ class KeyManager:
                 continue
             outcome = self._committed(snapshot, step, event)
             self._audit([(step.state, _described(step, event))])
-            self._log_expiry_usage([(snapshot.state, step.events)])
+            self._log_expiry_usage([(snapshot.state, step.state, step.events)])
             return outcome
         raise Conflict(keyset, -1, -1)
 
@@ -403,13 +404,13 @@ class KeyManager:
             [(snap.version, step.state, event) for snap, step, event in planned]
         )
         trail: list[tuple[KeySetState, Iterable[Event | tuple[str, str]]]] = []
-        expiring: list[tuple[KeySetState | None, tuple[Event, ...]]] = []
+        expiring: list[tuple[KeySetState | None, KeySetState, tuple[Event, ...]]] = []
         for (snap, step, event), verdict in zip(planned, verdicts, strict=True):
             name = snap.keyset
             if verdict is None:
                 results[name] = self._committed(snap, step, event)
                 trail.append((step.state, _described(step, event)))
-                expiring.append((snap.state, step.events))
+                expiring.append((snap.state, step.state, step.events))
             elif isinstance(verdict, Conflict):
                 log.info("key set %s: lost a race (%s); retrying on fresh data", name, verdict)
                 results[name] = _isolated(partial(self.reconcile, name))
@@ -461,20 +462,24 @@ class KeyManager:
             )
 
     def _log_expiry_usage(
-        self, commits: Sequence[tuple[KeySetState | None, tuple[Event, ...]]]
+        self, commits: Sequence[tuple[KeySetState | None, KeySetState, tuple[Event, ...]]]
     ) -> None:
         """With ``expiry_usage``, log whether each key that expired in *commits* (the state
-        before each commit, and its events) was still in use: its verifications in the last
-        ``cache_max_age``, read in round trips of many key sets per window length; then
-        delete the counts of those kids from the key sets' totals (`forget_kids`). The
-        commits are done whatever Redis answers, so a failed read is logged, not raised."""
+        before each commit, the state committed, and its events) was still in use: its
+        verifications in the last ``cache_max_age``, read in round trips of many key sets
+        per window length. Then sweep the totals of each key set a key left (expired or
+        revoked) to the kids it holds (`keep_kids`). The commits are done whatever Redis
+        answers, so a failed read or sweep is logged, not raised."""
         if not self.expiry_usage:
             return
         expired: dict[str, tuple[KeySetState, list[str]]] = {}
-        for before, events in commits:
+        held: dict[str, list[str]] = {}
+        for before, after, events in commits:
             kids = [event.kid for event in events if event.kind == "expire"]
             if kids and before is not None:
                 expired[before.keyset] = (before, kids)
+            if any(event.kind in ("expire", "revoke") for event in events):
+                held[after.keyset] = [key.kid for key in after.keys] + [UNKNOWN_KID, NO_KID]
         windows: dict[float, list[str]] = {}
         for keyset in expired:
             window = min(self.policy(keyset).cache_max_age, MINUTE_RETENTION)
@@ -491,15 +496,14 @@ class KeyManager:
             for keyset in keysets:
                 before, kids = expired[keyset]
                 self._log_usage_of(before, kids, usage[keyset], window)
+        if not held:
+            return
         try:
-            forget_kids(
-                self.store.client,
-                self.store.layout,
-                {keyset: kids for keyset, (_before, kids) in expired.items()},
-            )
+            failed = keep_kids(self.store.client, self.store.layout, held)
         except (redis.RedisError, OSError) as exc:
-            for keyset in expired:
-                log.warning("key set %s: counts of expired key(s) not deleted: %s", keyset, exc)
+            failed = dict.fromkeys(held, exc)
+        for keyset, why in failed.items():
+            log.warning("key set %s: counts of removed key(s) not deleted: %s", keyset, why)
 
     def _log_usage_of(
         self, before: KeySetState, expired: list[str], usage: Mapping[str, KidUsage], window: float

@@ -185,7 +185,8 @@ def _stop_with(supervisor: int) -> None:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        log.warning("worker %d will outlive its supervisor: prctl failed", os.getpid())
+        reason = os.strerror(ctypes.get_errno())
+        log.warning("worker %d will outlive its supervisor: prctl: %s", os.getpid(), reason)
     if os.getppid() != supervisor:  # it ended before the prctl: no signal will come
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ __all__ = [
     "TOTALS_RETENTION",
     "KidUsage",
     "MinuteCounts",
-    "forget_kids",
+    "keep_kids",
     "queue_report",
     "read_usage",
     "read_usage_many",
@@ -119,34 +119,37 @@ def read_usage_many(
     # usage at an expiry grew by as much). Sizes are checked where the hashes are, in the
     # script that reads them, so that nothing can grow one between the check and the read.
     script = client.register_script(_READ_BOUNDED)
-    args = (MAX_USAGE_FIELDS, MAX_USAGE_BYTES)
+    args: list[str | int] = [MAX_USAGE_FIELDS, MAX_USAGE_BYTES]
     found: dict[str, dict[str, KidUsage]] = {}
     for start in range(0, len(keysets), KEYSETS_PER_ROUND_TRIP):
         chunk = keysets[start : start + KEYSETS_PER_ROUND_TRIP]
-        names = [
-            [layout.usage(keyset), *(layout.usage_minute(keyset, m) for m in minutes)]
+        calls: list[tuple[list[str], list[str | int]]] = [
+            ([layout.usage(keyset), *(layout.usage_minute(keyset, m) for m in minutes)], args)
             for keyset in chunk
         ]
-        replies = _run(client, script, names, args)
-        if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
-            script.sha = client.script_load(_READ_BOUNDED)  # on every master of a Cluster
-            replies = _run(client, script, names, args)
-        for keyset, keys, piped in zip(chunk, names, replies, strict=True):
+        replies = _each(client, script, calls)
+        for keyset, (keys, _args), piped in zip(chunk, calls, replies, strict=True):
             missing = isinstance(piped, redis.exceptions.NoScriptError)
             reply = script(keys=keys, args=args) if missing else piped
             found[keyset] = _usage_of([_hash_of(key, reply, i) for i, key in enumerate(keys)])
     return found
 
 
-def _run(
-    client: redis.Redis, script: Any, names: list[list[str]], args: tuple[int, int]
+def _each(
+    client: redis.Redis, script: Any, calls: list[tuple[list[str], list[str | int]]]
 ) -> list[Any]:
-    """One pipeline of *script* over each key set's *names*: EVALSHA alone, without the
-    pipeline's SCRIPT EXISTS round trip (a Redis that lacks it answers NOSCRIPT)."""
-    with client.pipeline(transaction=False) as pipe:
-        for keys in names:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        return pipe.execute(raise_on_error=False)
+    """One pipeline of *script* for each ``(keys, args)`` of *calls*, EVALSHA alone,
+    without the pipeline's SCRIPT EXISTS round trip; sent again once after loading the
+    script where Redis answered NOSCRIPT (a restart, a failover, SCRIPT FLUSH)."""
+    for _ in range(2):
+        with client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+        if not any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
+            break
+        script.sha = client.script_load(script.script)  # on every master of a Cluster
+    return replies
 
 
 #: The most fields of one usage hash read back: readers write a few per kid, and kids
@@ -199,50 +202,71 @@ return out
 """
 
 
-def forget_kids(client: redis.Redis, layout: Layout, expired: Mapping[str, Sequence[str]]) -> int:
-    """Delete the fields of each key set's totals that name one of its *expired* kids
-    (key set -> kids), a round trip per `KEYSETS_PER_ROUND_TRIP` key sets; return how many
-    went. The totals keep a field for every kid ever counted, and past `MAX_USAGE_FIELDS`
-    they are not read at all: an expired kid is counted no more (readers count a kid
-    they do not hold as unknown), so its fields would only fill them."""
-    script = client.register_script(_FORGET)
-    keysets = [keyset for keyset, kids in expired.items() if kids]
-    gone = 0
+def keep_kids(
+    client: redis.Redis, layout: Layout, kept: Mapping[str, Collection[str]]
+) -> dict[str, Exception]:
+    """Delete from each key set's totals every field but the counts of the kids *kept*
+    for it (key set -> kids: those its state holds, and the buckets readers count the
+    others under), a round trip per `KEYSETS_PER_ROUND_TRIP` key sets. Return the key sets
+    whose totals could not be swept, with why.
+
+    The totals keep a field for every kid ever counted, renewed by each report, and past
+    `MAX_USAGE_FIELDS` or `MAX_USAGE_BYTES` they are not read at all. Sweeping to the kids
+    held, not deleting those just gone, also takes what readers still report of a kid
+    after it went (from a JWKS not yet refreshed, a report sent again) at the next
+    sweep, and what a removal the daemon did not see left. A totals hash already over
+    either bound is deleted whole (`UNLINK`): it counts nothing, and nothing else would
+    ever bring it back under them."""
+    script = client.register_script(_KEEP)
+    keysets = list(kept)
+    failed: dict[str, Exception] = {}
     for start in range(0, len(keysets), KEYSETS_PER_ROUND_TRIP):
         chunk = keysets[start : start + KEYSETS_PER_ROUND_TRIP]
         calls: list[tuple[list[str], list[str | int]]] = [
-            ([layout.usage(k)], [MAX_USAGE_FIELDS, MAX_USAGE_BYTES, *expired[k]]) for k in chunk
+            ([layout.usage(k)], [MAX_USAGE_FIELDS, MAX_USAGE_BYTES, *kept[k]]) for k in chunk
         ]
-        with client.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.evalsha(script.sha, 1, *keys, *args)
-            replies = pipe.execute(raise_on_error=False)
-        for (keys, args), piped in zip(calls, replies, strict=True):
-            missing = isinstance(piped, redis.exceptions.NoScriptError)
-            reply = script(keys=keys, args=args) if missing else piped
+        for keyset, reply in zip(chunk, _each(client, script, calls), strict=True):
             if isinstance(reply, Exception):
-                raise reply
-            gone += reply if isinstance(reply, int) else 0
-    return gone
+                failed[keyset] = reply
+            elif reply == -1:
+                log.warning(
+                    "%s was over the bounds it is read within: deleted", layout.usage(keyset)
+                )
+    return failed
 
 
-# KEYS[1]: a key set's totals. ARGV: MAX_USAGE_FIELDS, MAX_USAGE_BYTES, then the kids to
-# forget. Deletes each field naming one of them (`accepted:K`, `last:K`,
-# `refused:REASON:K`) and returns how many; a hash of another type or over either bound
-# is left alone (it is not read either), so that no name of any length is copied here.
-_FORGET = """
+# KEYS[1]: a key set's totals. ARGV: MAX_USAGE_FIELDS, MAX_USAGE_BYTES, then the kids
+# kept. Deletes every field but `accepted:K`, `last:K` and `refused:REASON:K` of a kid K
+# kept (the kid parsed as `_fields` parses it: a kid may hold a colon) and returns how
+# many went; -1 for a hash over either bound, unlinked whole. A key of another type is
+# left alone (0); any other error is the answer. HLEN and MEMORY USAGE measure before
+# HKEYS copies a name; a role without MEMORY (an older ACL) measures fields alone.
+_KEEP = """
 local fields = redis.pcall('HLEN', KEYS[1])
-if type(fields) ~= 'number' or fields == 0 or fields > tonumber(ARGV[1]) then return 0 end
+if type(fields) == 'table' then
+  if string.find(fields.err, 'WRONGTYPE', 1, true) then return 0 end
+  return fields
+end
+if fields == 0 then return 0 end
 local held = redis.pcall('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '0')
-if type(held) == 'number' and held > tonumber(ARGV[2]) then return 0 end
-local forget = {}
-for i = 3, #ARGV do forget[ARGV[i]] = true end
+if fields > tonumber(ARGV[1]) or (type(held) == 'number' and held > tonumber(ARGV[2])) then
+  redis.call('UNLINK', KEYS[1])
+  return -1
+end
+local keep = {}
+for i = 3, #ARGV do keep[ARGV[i]] = true end
 local doomed = {}
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-  local rest = field
-  if string.sub(rest, 1, 8) == 'refused:' then rest = string.sub(rest, 9) end
-  local at = string.find(rest, ':', 1, true)
-  if at and forget[string.sub(rest, at + 1)] then doomed[#doomed + 1] = field end
+  local kid = nil
+  if string.sub(field, 1, 8) == 'refused:' then
+    local at = string.find(field, ':', 9, true)
+    if at then kid = string.sub(field, at + 1) end
+  elseif string.sub(field, 1, 9) == 'accepted:' then
+    kid = string.sub(field, 10)
+  elseif string.sub(field, 1, 5) == 'last:' then
+    kid = string.sub(field, 6)
+  end
+  if not (kid and keep[kid]) then doomed[#doomed + 1] = field end
 end
 for i = 1, #doomed, 1000 do
   redis.call('HDEL', KEYS[1], unpack(doomed, i, math.min(i + 999, #doomed)))
