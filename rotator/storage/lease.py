@@ -78,29 +78,39 @@ _MAX_LEASE_MS = int(MAX_LEASE_TTL * 1000)
 _TOKEN_CHARS = 80
 _TOKEN_BYTES = 4 * _TOKEN_CHARS  # in UTF-8
 
+# The token a lease holds (false where there is none), and whether it is one no daemon
+# wrote: another type than the scripts write, no expiry or one past *most_ms*
+# (`MAX_LEASE_TTL`), a value longer than *most_bytes* (any token), which is not read.
+# STRLEN by `pcall`: a role from before it was granted still reads, without that check.
+_LEASE_OF = """
+local function lease_of(key, most_ms, most_bytes)
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'none' then return false, false end
+  local left, size = redis.call('PTTL', key), redis.pcall('STRLEN', key)
+  if kind ~= 'string' or left < 0 or left > most_ms
+      or (type(size) == 'number' and size > most_bytes) then
+    return false, true
+  end
+  return redis.call('GET', key), false
+end
+"""
+
 # KEYS: members, the lease of each shard in order. ARGV: token, TTL in ms, 'step' or
 # 'leave', `MAX_LEASE_TTL` in ms, the longest token in bytes. Returns the shards (from 0)
 # the token leads afterwards, the live members, and the shards it released beyond its
 # share.
-# A lease no daemon wrote is deleted, not obeyed: another type than the script writes, no
-# expiry or one past `MAX_LEASE_TTL`, a value longer than any token. It would otherwise
-# keep a shard unled (a plain SET with no expiry did so for good), fail every step, or be
-# copied whole by each step (STRLEN by `pcall`: a role from before it was granted still
-# steps, without that check).
-_STEP = """
+# A lease no daemon wrote (`_LEASE_OF`) is deleted, not obeyed. It would otherwise keep a
+# shard unled (a plain SET with no expiry did so for good), fail every step, or be copied
+# whole by each step.
+_STEP = (
+    _LEASE_OF
+    + """
 local token, ttl = ARGV[1], tonumber(ARGV[2])
 local n = #KEYS - 1
 local function lease(i)
-  local key = KEYS[i + 1]
-  local kind = redis.call('TYPE', key).ok
-  if kind == 'none' then return false end
-  local left, size = redis.call('PTTL', key), redis.pcall('STRLEN', key)
-  if kind ~= 'string' or left < 0 or left > tonumber(ARGV[4])
-      or (type(size) == 'number' and size > tonumber(ARGV[5])) then
-    redis.call('DEL', key)
-    return false
-  end
-  return redis.call('GET', key)
+  local holder, foreign = lease_of(KEYS[i + 1], tonumber(ARGV[4]), tonumber(ARGV[5]))
+  if foreign then redis.call('DEL', KEYS[i + 1]) end
+  return holder
 end
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'none' and kind ~= 'zset' then redis.call('DEL', KEYS[1]) end
@@ -147,6 +157,7 @@ end
 table.sort(led)
 return {led, live, released}
 """
+)
 
 
 def call_timeout(ttl: float, socket_timeout: float) -> float:
@@ -187,31 +198,19 @@ def leaders(client: redis.Redis, layout: Layout) -> list[str | None]:
 
 
 # KEYS: the leases (one slot: `Layout.lease`). ARGV: the longest token in bytes, the
-# longest lease in milliseconds. Each lease as stored, or false where there is none, or
-# one of another type or no daemon's (as `_STEP` judges it), left unread. Any other error
-# is the answer: a role that may not read the leases must not read as no leader. An
-# older daemon role lacks STRLEN: it reads each lease whole, as before.
-_LEADERS = """
+# longest lease in milliseconds. Each lease as stored, or false where there is none or one
+# no daemon wrote (`_LEASE_OF`, as the step judges it), left unread. An error is the
+# answer: a role that may not read the leases must not read as no leader.
+_LEADERS = (
+    _LEASE_OF
+    + """
 local out = {}
 for i, key in ipairs(KEYS) do
-  out[i] = false
-  local size = redis.pcall('STRLEN', key)
-  if type(size) == 'table' and not string.find(size.err, 'WRONGTYPE', 1, true) then
-    size = 0
-  end
-  local ttl = redis.call('PTTL', key)
-  local timed = ttl == -2 or (ttl >= 0 and ttl <= tonumber(ARGV[2]))
-  if type(size) == 'number' and size <= tonumber(ARGV[1]) and timed then
-    local value = redis.pcall('GET', key)
-    if type(value) ~= 'table' then
-      out[i] = value
-    elseif not string.find(value.err, 'WRONGTYPE', 1, true) then
-      return value
-    end
-  end
+  out[i] = (lease_of(key, tonumber(ARGV[2]), tonumber(ARGV[1])))
 end
 return out
 """
+)
 
 
 def lease_left(client: redis.Redis, layout: Layout) -> float | None:
