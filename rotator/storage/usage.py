@@ -128,9 +128,7 @@ def read_usage_many(
             for keyset in chunk
         ]
         replies = _each(client, script, calls)
-        for keyset, (keys, _args), piped in zip(chunk, calls, replies, strict=True):
-            missing = isinstance(piped, redis.exceptions.NoScriptError)
-            reply = script(keys=keys, args=args) if missing else piped
+        for keyset, (keys, _args), reply in zip(chunk, calls, replies, strict=True):
             found[keyset] = _usage_of([_hash_of(key, reply, i) for i, key in enumerate(keys)])
     return found
 
@@ -148,7 +146,7 @@ def _each(
             replies: list[Any] = pipe.execute(raise_on_error=False)
         if not any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies):
             break
-        script.sha = client.script_load(script.script)  # on every master of a Cluster
+        client.script_load(script.script)  # on every master of a Cluster
     return replies
 
 
