@@ -481,9 +481,13 @@ class AsyncGatedClient(aioredis.Redis):
     entered: asyncio.Event
 
     async def get(self, name: Any) -> Any:
+        await self.through_gate()
+        return await super().get(name)
+
+    async def through_gate(self) -> None:
+        """Say a GET came, and wait until the test lets it through."""
         self.entered.set()
         await self.gate.wait()
-        return await super().get(name)
 
 
 def gated(redis_server: EmbeddedRedis) -> AsyncGatedClient:
@@ -544,15 +548,11 @@ class AsyncDownClient(aioredis.Redis):
         raise redis.ConnectionError("Timeout reading from socket")
 
 
-class AsyncBrokenClient(aioredis.Redis):
+class AsyncBrokenClient(AsyncGatedClient):
     """An async client whose GET, once let through, fails with what is not a Redis error."""
 
-    gate: asyncio.Event
-    entered: asyncio.Event
-
     async def get(self, name: Any) -> Any:
-        self.entered.set()
-        await self.gate.wait()
+        await self.through_gate()
         raise RuntimeError("not a Redis error")
 
 

@@ -55,7 +55,8 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 
 
 class _StopFlag:
-    """Set by SIGTERM or SIGINT from the moment a worker can take them. One that comes
+    """A worker's handler of SIGTERM and SIGINT, from the moment it can take them: it
+    sets the stop *event* of the worker's *loop* once it serves. One that comes
     before the worker serves ends it there and then, exit status 0: nothing is in flight
     yet, and building the handlers may wait on a Redis that takes connections and never
     answers for as long as redis-py retries (minutes), past any service manager's stop
