@@ -2,7 +2,10 @@
 verification of the same signatures with the same key (and PyJWT's decode, for
 reference), measured in the same run: of fresh tokens, each presented once (what the
 verified-token cache must not slow down), and for ES256 of a thousand tokens presented
-twenty times each in random order (what it speeds up).
+twenty times each in random order (what it speeds up). Fresh tokens are also verified by
+a reader with its token cache and usage counting off (``token_cache_size=0,
+report_usage=False``): the verification path alone, so that what those two cost a fresh
+token is measured in the same run rather than guessed.
 
     .venv/bin/python bench/verify.py [ALGORITHM ...]
 
@@ -52,18 +55,22 @@ from rotator.storage.layout import Layout
 from rotator.storage.store import Store
 
 TOKENS = 2000
-# Multiples of six: each order of the three contenders' turns (ORDERS) as often.
-ROUNDS = 18
+# A multiple of 24: each order of the four fresh contenders' turns (ORDERS) as often.
+ROUNDS = 24
 CHUNK = 100
 # The repeated workload: DISTINCT tokens, each presented PRESENTED times, in random order.
 DISTINCT = 1000
 PRESENTED = 20
+# A multiple of 6: the repeated workload has three contenders (the bare reader would
+# only repeat its fresh figure, at twenty times the cost).
 REPEATED_ROUNDS = 6
-# Every order of the turns, one per round: a rotation of one order alone always puts the
-# same contender right after the same other (the reader after raw `cryptography`), which
-# moved the repeated workload's ratio by up to 8 % between two same-process copies of
-# one reader.
-ORDERS = list(itertools.permutations(range(3)))
+# Every order of the turns, one per round, for four contenders (fresh) and three
+# (repeated): a rotation of one order alone always puts the same contender right after
+# the same other (the reader after raw `cryptography`), which moved the repeated
+# workload's ratio by up to 8 % between two same-process copies of one reader.
+ORDERS = {n: list(itertools.permutations(range(n))) for n in (3, 4)}
+#: The contenders after raw `cryptography`, in their order in each round's result.
+NAMES = ("JWKSReader.verify", "PyJWT jwt.decode", "reader, cache+usage off")
 # ES256 is the default key set; each other algorithm has a key set of its own.
 KEYSETS = {
     algorithm: "default" if algorithm == "ES256" else algorithm.lower() for algorithm in ALGORITHMS
@@ -116,10 +123,11 @@ def raw_verifier(public: PublicKey) -> Callable[[bytes, bytes], None]:
 
 
 def measure(url: str, keyring: Keyring, algorithm: str) -> list[list[tuple[float, ...]]]:
-    """Rounds of (raw cryptography, JWKSReader.verify, PyJWT) over tokens of *algorithm*,
-    fresh ones and, for ES256, repeated ones. The raw contender converts the signature
-    as a caller must (ECDSA r||s to DER). The reader's verified-token cache is emptied
-    before each round, so that a fresh token is one it has never seen."""
+    """Rounds of (raw cryptography, JWKSReader.verify, PyJWT[, the bare reader]) over
+    tokens of *algorithm*, fresh ones (with the bare reader) and, for ES256, repeated
+    ones. The raw contender converts the signature as a caller must (ECDSA r||s to DER).
+    The reader's verified-token cache is emptied before each round, so that a fresh token
+    is one it has never seen."""
     keyset = KEYSETS[algorithm]
     with Signer(url, keyring, keyset, max_token_ttl=3600, follow=False) as signer:
         tokens = [
@@ -127,11 +135,12 @@ def measure(url: str, keyring: Keyring, algorithm: str) -> list[list[tuple[float
             for i in range(TOKENS)
         ]
     reader = JWKSReader(url, keyset, follow=False).start()
+    bare = JWKSReader(url, keyset, follow=False, token_cache_size=0, report_usage=False).start()
     assert reader.keys is not None and signer.current_kid is not None
     public = reader.keys.keys[signer.current_kid]
     raw_verify = raw_verifier(public)
 
-    def contenders(presented: list[str]) -> tuple[Callable[[int], None], ...]:
+    def contenders(presented: list[str], with_bare: bool) -> tuple[Callable[[int], None], ...]:
         raw = []
         for token in presented:
             head, body, sig = token.split(".")
@@ -151,33 +160,40 @@ def measure(url: str, keyring: Keyring, algorithm: str) -> list[list[tuple[float
             for token in token_chunks[chunk]:
                 jwt.decode(token, public, algorithms=[algorithm], audience="svc", issuer="iam")
 
+        def bare_verify(chunk: int) -> None:
+            for token in token_chunks[chunk]:
+                bare.verify(token, audience="svc", issuer="iam")
+
+        if with_bare:
+            return raw_contender, rotator_verify, pyjwt_decode, bare_verify
         return raw_contender, rotator_verify, pyjwt_decode
 
     def empty_cache() -> None:
         reader.tokens.follow(None)  # the next verify follows the key set anew
 
     try:
-        fresh = contenders(tokens)
+        fresh = contenders(tokens, with_bare=True)
         results = [
             [
-                one_round(fresh, TOKENS // CHUNK, empty_cache, ORDERS[r % len(ORDERS)])
+                one_round(fresh, TOKENS // CHUNK, empty_cache, ORDERS[4][r % len(ORDERS[4])])
                 for r in range(ROUNDS)
             ]
         ]
         if algorithm == "ES256":
             presented = tokens[:DISTINCT] * PRESENTED
             random.Random(17).shuffle(presented)  # noqa: S311 - an order, not a secret
-            again = contenders(presented)
+            again = contenders(presented, with_bare=False)
             chunks = len(presented) // CHUNK
             results.append(
                 [
-                    one_round(again, chunks, empty_cache, ORDERS[r % len(ORDERS)])
+                    one_round(again, chunks, empty_cache, ORDERS[3][r % len(ORDERS[3])])
                     for r in range(REPEATED_ROUNDS)
                 ]
             )
         return results
     finally:
         reader.close()
+        bare.close()
 
 
 def report(algorithm: str, rounds: list[tuple[float, ...]], what: str) -> None:
@@ -187,7 +203,7 @@ def report(algorithm: str, rounds: list[tuple[float, ...]], what: str) -> None:
         f"{algorithm} {what}: raw cryptography verify {raw_rate:8.0f} tokens/s (reference,"
         f" best round {best_raw:.0f})"
     )
-    for name, index in (("JWKSReader.verify", 1), ("PyJWT jwt.decode", 2)):
+    for index, name in enumerate(NAMES[: len(rounds[0]) - 1], start=1):
         ratios = sorted(r[index] / r[0] for r in rounds)
         low, median, high = statistics.quantiles(ratios, n=4, method="inclusive")
         best = max(r[index] for r in rounds) / best_raw
@@ -227,9 +243,9 @@ def main() -> None:
     print(
         f"(each ratio to raw cryptography of the same algorithm and key, in CPU time of the"
         f" benchmark's thread: median and quartiles over {ROUNDS} rounds ({REPEATED_ROUNDS}"
-        f" repeated), the contenders taking turns every {CHUNK} tokens in each of their six"
-        " orders in turn, no garbage collection within a round, pinned to one core; best-of:"
-        " the fastest round of each; RS256 keys of 3072 bits, the default)"
+        f" repeated), the contenders taking turns every {CHUNK} tokens in each of their orders"
+        " in turn (24 fresh, 6 repeated), no garbage collection within a round, pinned to one"
+        " core; best-of: the fastest round of each; RS256 keys of 3072 bits, the default)"
     )
 
 
