@@ -64,8 +64,8 @@ PRESENTED = 20
 # A multiple of 6: the repeated workload has three contenders (the bare reader would
 # only repeat its fresh figure, at twenty times the cost).
 REPEATED_ROUNDS = 6
-# Every order of the turns, one per round, for four contenders (fresh) and three
-# (repeated): a rotation of one order alone always puts the same contender right after
+# Every order of the turns, one per round, by the number of contenders (four fresh, three
+# repeated): a rotation of one order alone always puts the same contender right after
 # the same other (the reader after raw `cryptography`), which moved the repeated
 # workload's ratio by up to 8 % between two same-process copies of one reader.
 ORDERS = {n: list(itertools.permutations(range(n))) for n in (3, 4)}
@@ -100,6 +100,12 @@ def one_round(
     finally:
         gc.enable()
     return tuple(chunks * CHUNK * 1e9 / s for s in spent)
+
+
+def order(contenders: tuple[Callable[[int], None], ...], r: int) -> tuple[int, ...]:
+    """The order of the contenders' turns in round *r*: each of their orders in turn."""
+    orders = ORDERS[len(contenders)]
+    return orders[r % len(orders)]
 
 
 def raw_verifier(public: PublicKey) -> Callable[[bytes, bytes], None]:
@@ -174,10 +180,7 @@ def measure(url: str, keyring: Keyring, algorithm: str) -> list[list[tuple[float
     try:
         fresh = contenders(tokens, with_bare=True)
         results = [
-            [
-                one_round(fresh, TOKENS // CHUNK, empty_cache, ORDERS[4][r % len(ORDERS[4])])
-                for r in range(ROUNDS)
-            ]
+            [one_round(fresh, TOKENS // CHUNK, empty_cache, order(fresh, r)) for r in range(ROUNDS)]
         ]
         if algorithm == "ES256":
             presented = tokens[:DISTINCT] * PRESENTED
@@ -186,7 +189,7 @@ def measure(url: str, keyring: Keyring, algorithm: str) -> list[list[tuple[float
             chunks = len(presented) // CHUNK
             results.append(
                 [
-                    one_round(again, chunks, empty_cache, ORDERS[3][r % len(ORDERS[3])])
+                    one_round(again, chunks, empty_cache, order(again, r))
                     for r in range(REPEATED_ROUNDS)
                 ]
             )
@@ -244,8 +247,9 @@ def main() -> None:
         f"(each ratio to raw cryptography of the same algorithm and key, in CPU time of the"
         f" benchmark's thread: median and quartiles over {ROUNDS} rounds ({REPEATED_ROUNDS}"
         f" repeated), the contenders taking turns every {CHUNK} tokens in each of their orders"
-        " in turn (24 fresh, 6 repeated), no garbage collection within a round, pinned to one"
-        " core; best-of: the fastest round of each; RS256 keys of 3072 bits, the default)"
+        f" in turn ({len(ORDERS[4])} fresh, {len(ORDERS[3])} repeated), no garbage collection"
+        " within a round, pinned to one core; best-of: the fastest round of each; RS256 keys"
+        " of 3072 bits, the default)"
     )
 
 
