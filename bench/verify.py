@@ -44,11 +44,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from rotator.core.envelope import Keyring, generate_kek_line, parse_keks
-from rotator.core.jwk import ALGORITHMS, PublicKey
+from rotator.core.jwk import ALGORITHMS, PublicKey, b64decode_strict
 from rotator.core.policy import Policy
 from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
-from rotator.library.jwks_import import b64decode_strict
 from rotator.library.reader import JWKSReader
 from rotator.library.signer import Signer
 from rotator.storage.layout import Layout

@@ -3,6 +3,9 @@
 `load_settings` is the only entry point; it turns every problem (missing
 file, TOML syntax, unknown field, bad duration, contradictory policy) into a
 `ConfigError` whose lines each name the offending field.
+
+It is the layer above the library: it may import the library, storage, core, the leaf
+modules, pydantic and pydantic-settings; nothing the library imports may import it.
 """
 
 from __future__ import annotations

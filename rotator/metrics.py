@@ -10,6 +10,8 @@ The counters, the histogram and the gauge are process-wide counts (the metric ob
 of prometheus-client), built unregistered here so that code anywhere may count; the
 per key set gauges are a `KeysetCollector` the daemon owns, and the readers' staleness
 a `ReaderMetrics` the service or `rotator serve` owns.
+
+A leaf: it imports prometheus-client and nothing of rotator, so any layer may use it.
 """
 
 from __future__ import annotations

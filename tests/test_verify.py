@@ -52,7 +52,7 @@ def signed(payload: bytes) -> str:
 
 
 def signature_of(value: str) -> bytes:
-    from rotator.library.jwks_import import b64decode_strict
+    from rotator.core.jwk import b64decode_strict
 
     return b64decode_strict(value.split(".")[2])
 

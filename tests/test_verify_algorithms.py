@@ -10,10 +10,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from rotator.core.jwk import ALGORITHMS, PrivateKey, PublicKey, generate_key, load_private_key
+from rotator.core.jwk import (
+    ALGORITHMS,
+    PrivateKey,
+    PublicKey,
+    b64decode_strict,
+    generate_key,
+    load_private_key,
+)
 from rotator.library import errors
 from rotator.library.errors import InvalidToken
-from rotator.library.jwks_import import b64decode_strict
 from rotator.library.verify import HeaderCache, verify_token
 from tests.tokens import hs256, segment, with_signature
 

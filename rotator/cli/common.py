@@ -1,5 +1,6 @@
 """What every command group shares: the errors that choose the exit code, the key manager
-built from settings through `rotator.wiring.Wiring`, and the checks of a ``--keyset`` argument."""
+built from settings through `rotator.storage.wiring.Wiring`, and the checks of a
+``--keyset`` argument."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from rotator.config import Settings
 from rotator.daemon.manager import KeyManager
 from rotator.storage.registry import BadPolicy, KeySets
 from rotator.storage.store import BATCH_SIZE, Snapshot, Store
-from rotator.wiring import Wiring
+from rotator.storage.wiring import Wiring
 
 __all__ = [
     "Failure",
@@ -33,14 +34,14 @@ class Failure(Exception):
 
 def manager_for(
     settings: Settings, *, one_shot: bool = True, remember: bool = False
-) -> tuple[KeyManager, Wiring]:
+) -> tuple[KeyManager, Wiring[Settings]]:
     """The manager of a one-shot command and the wiring it was built from, whose store,
     registry view (read at once), audit log and KEKs the command takes directly."""
     wiring = wiring_for(settings, one_shot=one_shot)
     return manager_of(wiring, remember=remember), wiring
 
 
-def wiring_for(settings: Settings, *, one_shot: bool = True, keks: bool = True) -> Wiring:
+def wiring_for(settings: Settings, *, one_shot: bool = True, keks: bool = True) -> Wiring[Settings]:
     """A command's wiring with its KEKs read first (unless it needs none: *keks* false),
     so a bad KEK fails before Redis is asked; a one-shot command's registry is read at
     once."""
@@ -52,7 +53,7 @@ def wiring_for(settings: Settings, *, one_shot: bool = True, keks: bool = True) 
     return wiring
 
 
-def manager_of(wiring: Wiring, *, remember: bool = False) -> KeyManager:
+def manager_of(wiring: Wiring[Settings], *, remember: bool = False) -> KeyManager:
     """The key manager over *wiring*'s store, KEKs, registry and audit log; a bad KEK fails
     here, before Redis is asked."""
     keyring = wiring.keyring

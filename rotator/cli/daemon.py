@@ -16,7 +16,7 @@ from rotator.core.envelope import generate_kek_line
 from rotator.daemon.manager import NoKekError
 from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis, free_port
-from rotator.wiring import Wiring
+from rotator.storage.wiring import Wiring
 
 __all__ = ["DEV_MIN_INTERVAL", "cmd_dev", "cmd_run", "dev_rotation"]
 

@@ -44,7 +44,7 @@ from rotator.storage.registry import (
     policy_of,
 )
 from rotator.storage.store import REMOVED, Store
-from rotator.wiring import Wiring
+from rotator.storage.wiring import Wiring
 
 __all__ = ["cmd_keyset"]
 
@@ -198,7 +198,7 @@ def _until(text: str) -> float:
     return until
 
 
-def _keyset_list(wiring: Wiring, as_json: bool) -> int:
+def _keyset_list(wiring: Wiring[Settings], as_json: bool) -> int:
     keysets = wiring.keysets
     entries = {entry.name: entry for entry in keysets.entries()}
     rows: list[dict[str, Any]] = []
@@ -285,7 +285,7 @@ def _version_of(store: Store, name: str) -> int:
 
 
 def _record_change(
-    wiring: Wiring, name: str, event: str, policy: str, version: int | None = None
+    wiring: Wiring[Settings], name: str, event: str, policy: str, version: int | None = None
 ) -> None:
     """Log a change of the registry and append it to the audit trail, as the lifecycle
     events of a commit are (the policy in the reason field)."""

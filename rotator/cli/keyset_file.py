@@ -10,11 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rotator.cli.common import Failure, UsageError
+from rotator.config import Settings
 from rotator.daemon.manager import KeyManager
 from rotator.storage.layout import validate_keyset_name
 from rotator.storage.registry import policy_of
 from rotator.storage.store import BATCH_SIZE, REMOVED
-from rotator.wiring import Wiring
+from rotator.storage.wiring import Wiring
 
 __all__ = ["MAX_FILE_BYTES", "add_from_file", "read_names"]
 
@@ -50,7 +51,7 @@ def read_names(path: Path) -> list[str]:
 
 def add_from_file(
     manager: KeyManager,
-    wiring: Wiring,
+    wiring: Wiring[Settings],
     path: Path,
     *,
     configured: set[str],

@@ -4,5 +4,8 @@ the canonical encodings, and the envelope crypto that seals a private key.
 Nothing here does I/O or keeps a clock: every function takes ``now`` and values and
 returns values. It may import the standard library, ``cryptography``, ``croniter`` (the
 cron schedules) and ``pydantic`` (the policy overrides' validation) only, and no other
-part of rotator.
+part of rotator. Inside it, the rules (`lifecycle`, `overrides`, `roles`) stand on
+`policy`, policy on the documents (`state`, `jwk`, `envelope` and their canonical
+`encoding`, which know each other), and those on the helpers (`strictjson`,
+`durations`, `instants`, `issuer`), which import nothing of rotator.
 """

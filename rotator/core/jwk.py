@@ -12,6 +12,7 @@ serialisation of a private key it offers is PKCS#8 DER for sealing.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,7 @@ from rotator.core.encoding import (
 
 __all__ = [
     "ALGORITHMS",
+    "BASE64URL_TO_STANDARD",
     "DEFAULT_ALGORITHM",
     "DEFAULT_RSA_BITS",
     "EC_CURVES",
@@ -44,6 +46,8 @@ __all__ = [
     "PrivateMemberError",
     "PublicKey",
     "algorithm_of",
+    "b64decode_ascii",
+    "b64decode_strict",
     "b64url",
     "foreign_kid",
     "generate_key",
@@ -106,6 +110,13 @@ _CURVE_OF = {curve.curve.name: curve for curve in EC_CURVES.values()}
 _FOREIGN_KID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+#: base64url to the standard alphabet for ``binascii.a2b_base64(..., strict_mode=True)``;
+#: "+", "/" and "=" become "!", which strict mode refuses, so only the url-safe alphabet
+#: without padding gets through (the caller appends the padding).
+BASE64URL_TO_STANDARD = bytes.maketrans(b"-_+/=", b"+/!!!")
+_PADDING = (b"", None, b"==", b"=")
+
+
 class PrivateMemberError(ValueError):
     """A JWK about to be published carries a private member."""
 
@@ -113,6 +124,26 @@ class PrivateMemberError(ValueError):
 def b64url(data: bytes) -> str:
     """Unpadded base64url, as JOSE writes binary values."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64decode_strict(text: str) -> bytes:
+    """Unpadded base64url only; raise ``ValueError`` on padding or foreign characters."""
+    if not text.isascii():
+        raise ValueError("not unpadded base64url")
+    return b64decode_ascii(text.encode("ascii"))
+
+
+def b64decode_ascii(segment: bytes) -> bytes:
+    """`b64decode_strict` of text already encoded (any byte outside base64url is refused)."""
+    padding = _PADDING[len(segment) % 4]
+    if padding is None:
+        raise ValueError("not unpadded base64url")
+    try:
+        return binascii.a2b_base64(
+            segment.translate(BASE64URL_TO_STANDARD) + padding, strict_mode=True
+        )
+    except binascii.Error as exc:
+        raise ValueError(f"not base64url: {exc}") from None
 
 
 def int_bytes(value: int) -> bytes:

@@ -2,6 +2,7 @@
 scheduler that ticks it under the leader lease, health and metrics endpoints, the
 local backup and the systemd notifications.
 
-It may import `rotator.wiring`, `rotator.config`, the library, storage and core, and
-the leaf modules; never `rotator.serve` or the CLI.
+It may import `rotator.config`, the library, storage and core, and
+the leaf modules; never `rotator.serve` or the CLI. Inside it, `scheduler` wires the
+others, which do not import each other.
 """

@@ -59,7 +59,7 @@ from rotator.storage.events import EventFollower
 from rotator.storage.lease import Lease, SlowTicks, Verdict
 from rotator.storage.registry import KeySetEntry, KeySets
 from rotator.storage.store import BATCH_SIZE
-from rotator.wiring import Wiring
+from rotator.storage.wiring import Wiring
 
 __all__ = ["Daemon"]
 
@@ -135,7 +135,7 @@ class Daemon:
         manager: KeyManager,
         keysets: KeySets,
         *,
-        wiring: Wiring | None = None,
+        wiring: Wiring[Settings] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         wiring = wiring or Wiring(settings)

@@ -36,11 +36,12 @@ from rotator.core.jwk import (
     RSA_EXPONENT,
     GeneratedKey,
     PrivateKey,
+    b64decode_strict,
     foreign_kid,
     public_jwk,
 )
 from rotator.core.strictjson import shown
-from rotator.library.jwks_import import b64decode_strict, checked_public_jwk
+from rotator.library.jwks_import import checked_public_jwk
 
 __all__ = [
     "MAX_FILE_BYTES",

@@ -43,7 +43,7 @@ from rotator.library.usage import (
 )
 from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache, KeyLookup
 from rotator.metrics import ReaderMetrics
-from rotator.storage.connect import wrong_type
+from rotator.storage.connect import async_client_for, wrong_type
 from rotator.storage.events import (
     REPLY_TIMEOUT,
     CallbackFailures,
@@ -60,16 +60,6 @@ __all__ = ["AsyncJWKSCache", "AsyncJWKSReader", "InvalidToken"]
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 5.0
-
-
-def async_client_for(target: aioredis.Redis | str) -> aioredis.Redis:
-    """*target* itself, or an asyncio client for a Redis URL with short timeouts."""
-    if isinstance(target, str):
-        client: aioredis.Redis = aioredis.Redis.from_url(
-            target, socket_timeout=2.0, socket_connect_timeout=2.0
-        )
-        return client
-    return target
 
 
 def _check_cancelled() -> None:

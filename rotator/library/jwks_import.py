@@ -21,7 +21,6 @@ of the wrong type in an entry skips that entry alone.
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ from rotator.core.jwk import (
     RSA_EXPONENT,
     THUMBPRINT_MEMBERS,
     PublicKey,
+    b64decode_strict,
     b64url,
     foreign_kid,
     jwks_document,
@@ -49,12 +49,9 @@ from rotator.core.state import MAX_STORED_BYTES
 from rotator.core.strictjson import shown
 
 __all__ = [
-    "BASE64URL_TO_STANDARD",
     "CheckedPoints",
     "JWKSFormatError",
     "VerificationKeys",
-    "b64decode_ascii",
-    "b64decode_strict",
     "checked_public_jwk",
     "etag_of",
     "import_jwks",
@@ -62,35 +59,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: base64url to the standard alphabet for ``binascii.a2b_base64(..., strict_mode=True)``;
-#: "+", "/" and "=" become "!", which strict mode refuses, so only the url-safe alphabet
-#: without padding gets through (the caller appends the padding).
-BASE64URL_TO_STANDARD = bytes.maketrans(b"-_+/=", b"+/!!!")
-_PADDING = (b"", None, b"==", b"=")
-
 
 class JWKSFormatError(ValueError):
     """The document is not a JWK Set at all (not JSON, or no ``keys`` list)."""
-
-
-def b64decode_strict(text: str) -> bytes:
-    """Unpadded base64url only; raise ``ValueError`` on padding or foreign characters."""
-    if not text.isascii():
-        raise ValueError("not unpadded base64url")
-    return b64decode_ascii(text.encode("ascii"))
-
-
-def b64decode_ascii(segment: bytes) -> bytes:
-    """`b64decode_strict` of text already encoded (any byte outside base64url is refused)."""
-    padding = _PADDING[len(segment) % 4]
-    if padding is None:
-        raise ValueError("not unpadded base64url")
-    try:
-        return binascii.a2b_base64(
-            segment.translate(BASE64URL_TO_STANDARD) + padding, strict_mode=True
-        )
-    except binascii.Error as exc:
-        raise ValueError(f"not base64url: {exc}") from None
 
 
 @dataclass(frozen=True)

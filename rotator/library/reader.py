@@ -46,20 +46,13 @@ from rotator.library.tokencache import (
 from rotator.library.usage import DEFAULT_FLUSH_INTERVAL, UsageCounter, UsageFlusher
 from rotator.library.verify import DEFAULT_MAX_TOKEN_BYTES, HeaderCache
 from rotator.metrics import ReaderMetrics
-from rotator.storage.connect import wrong_type
+from rotator.storage.connect import client_for, wrong_type
 from rotator.storage.events import EventFollower
 from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
 
 __all__ = ["InvalidToken", "JWKSCache", "JWKSReader"]
 
 log = logging.getLogger(__name__)
-
-
-def client_for(target: redis.Redis | str) -> redis.Redis:
-    """*target* itself, or a client for a Redis URL with short timeouts."""
-    if isinstance(target, str):
-        return redis.Redis.from_url(target, socket_timeout=2.0, socket_connect_timeout=2.0)
-    return target
 
 
 class _Flight:

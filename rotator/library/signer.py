@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import jwt
 import redis
@@ -23,14 +23,14 @@ import redis
 from rotator.core.envelope import Keyring, UnsealError
 from rotator.core.jwk import PrivateKey, load_private_key
 from rotator.core.state import CorruptState
-from rotator.library.reader import client_for
-from rotator.storage.connect import RedisOptions, connect
+from rotator.storage.connect import client_for
 from rotator.storage.events import EventFollower
 from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
-from rotator.storage.registry import BadPolicy, KeysetConfig, KeySets
+from rotator.storage.registry import BadPolicy
 from rotator.storage.store import Store
+from rotator.storage.wiring import Wiring, WiringSettings
 
-__all__ = ["RESERVED_CLAIMS", "Signer", "SignerSettings", "SigningError"]
+__all__ = ["RESERVED_CLAIMS", "Signer", "SigningError"]
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +40,6 @@ RESERVED_CLAIMS = ("exp", "iat")
 
 class SigningError(Exception):
     """The signer will not sign this (the message says why)."""
-
-
-class SignerSettings(KeysetConfig, Protocol):
-    """What `Signer.from_settings` reads of the configuration: ``rotator.config.Settings``
-    (from ``load_settings``) is one. A protocol, so that the library does not import the
-    configuration and its pydantic-settings."""
-
-    @property
-    def redis(self) -> RedisOptions: ...
-
-    def keyring(self) -> Keyring | None: ...
 
 
 class Signer:
@@ -102,15 +91,17 @@ class Signer:
 
     @classmethod
     def from_settings(
-        cls, settings: SignerSettings, keyset: str = DEFAULT_KEYSET, **kwargs: Any
+        cls, settings: WiringSettings, keyset: str = DEFAULT_KEYSET, **kwargs: Any
     ) -> Signer:
-        """A signer configured like the daemon: same Redis, KEKs and ``max_token_ttl`` (the
-        key set's own, read from the registry for a key set added at run time)."""
-        keyring = settings.keyring()
+        """A signer configured like the daemon, from the same `Wiring`: same Redis, KEKs
+        and ``max_token_ttl`` (the key set's own, read from the registry for a key set
+        added at run time). *settings* is ``rotator.config.Settings`` (`load_settings`)
+        or anything else that satisfies `WiringSettings`."""
+        wiring = Wiring(settings)
+        keyring = wiring.keyring
         if keyring is None:
             raise SigningError("no KEK configured: the signer cannot unseal keys")
-        client = connect(settings.redis)
-        keysets = KeySets(settings, Store(client, Layout(settings.redis.prefix)))
+        keysets = wiring.keysets
 
         def max_token_ttl() -> float:
             try:
@@ -119,7 +110,7 @@ class Signer:
                 raise SigningError(str(exc)) from None
 
         return cls(
-            client,
+            wiring.client,
             keyring,
             keyset,
             max_token_ttl=max_token_ttl(),

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from rotator.core.jwk import ALGORITHMS, MIN_RSA_BITS, RSA_EXPONENT, PublicKey
+from rotator.core.jwk import ALGORITHMS, MIN_RSA_BITS, RSA_EXPONENT, PublicKey, b64decode_ascii
 from rotator.library.errors import (
     BadSignature,
     DisallowedAlgorithm,
@@ -61,7 +61,6 @@ from rotator.library.errors import (
     UnknownKid,
     UnsupportedCritical,
 )
-from rotator.library.jwks_import import b64decode_ascii
 
 __all__ = [
     "DEFAULT_MAX_TOKEN_BYTES",

@@ -1,6 +1,7 @@
 """`rotator serve`: the JWKS routes (`app`) over an HTTP/1.1 transport (`httpd`), run by
 its worker processes (`workers`).
 
-It may import `rotator.wiring`, `rotator.config`, the library, storage and core, and
-the leaf modules; never `rotator.daemon` or the CLI.
+It may import `rotator.config`, the library, storage and core, and
+the leaf modules; never `rotator.daemon` or the CLI. Inside it, `app` stands on the
+caches (`answers`, `policies`), `discovery` and `workers`, and those on `httpd`.
 """

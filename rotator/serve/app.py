@@ -49,7 +49,7 @@ from rotator.serve.discovery import discovery_document
 from rotator.serve.httpd import Reply, Request, json_reply, reply
 from rotator.serve.policies import Policies
 from rotator.storage.layout import DEFAULT_KEYSET, validate_keyset_name
-from rotator.wiring import Wiring
+from rotator.storage.wiring import Wiring
 
 __all__ = [
     "DISCOVERY_SUFFIX",
@@ -135,7 +135,7 @@ class MetricsApp:
 class JWKSApp:
     """The routes of `rotator serve`, as an `httpd.Handler`."""
 
-    def __init__(self, wiring: Wiring, cache: JWKSCache | None = None) -> None:
+    def __init__(self, wiring: Wiring[Settings], cache: JWKSCache | None = None) -> None:
         self.settings = settings = wiring.settings
         self.wiring = wiring
         server = settings.server

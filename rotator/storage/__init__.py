@@ -1,6 +1,9 @@
 """The Redis side: key names (`layout`), the compare-and-set store, the key set
 registry, the audit log, the leader lease and the events channel.
 
-It may import `rotator.core`, redis-py and the leaf modules `rotator.metrics` and
-`rotator.logs`; never the library, the configuration or anything above them.
+It may import `rotator.core`, redis-py, pydantic (the registry entries' validation) and
+the leaf modules `rotator.metrics` and `rotator.logs`; never the library, the
+configuration or anything above them. Inside it, the registry is above the store, the
+store above the lease, and the layout, the connections and the KEK file below the rest
+(``.importlinter``).
 """

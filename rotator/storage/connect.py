@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import redis
+import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.connection import parse_url
@@ -19,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-__all__ = ["RedisOptions", "connect", "wrong_type"]
+__all__ = ["RedisOptions", "async_client_for", "client_for", "connect", "wrong_type"]
 
 
 class RedisOptions(Protocol):
@@ -107,3 +108,21 @@ def wrong_type(error: BaseException) -> bool:
     """Whether *error* is Redis's answer for a key holding another type of value
     (WRONGTYPE): about that key alone, where any other error is the server's."""
     return str(error).startswith("WRONGTYPE")
+
+
+def client_for(target: redis.Redis | str) -> redis.Redis:
+    """*target* itself, or a client for a Redis URL with short timeouts (what a reader or
+    signer given a bare URL connects with)."""
+    if isinstance(target, str):
+        return redis.Redis.from_url(target, socket_timeout=2.0, socket_connect_timeout=2.0)
+    return target
+
+
+def async_client_for(target: aioredis.Redis | str) -> aioredis.Redis:
+    """*target* itself, or an asyncio client for a Redis URL with short timeouts."""
+    if isinstance(target, str):
+        client: aioredis.Redis = aioredis.Redis.from_url(
+            target, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        return client
+    return target

@@ -1,39 +1,80 @@
-"""The one wiring point: from `Settings` to the objects a process needs.
+"""The one wiring point: from settings to the objects a process needs.
 
-The CLI commands, the daemon and serve each build one `Wiring` and take the Redis
-clients, the store, the registry view, the audit log and the KEKs from it, so every
-process builds them the same way, each once. The signer reads the same settings through
-its own protocol (`rotator.library.signer.SignerSettings`), as the library sits below
-this module.
+The CLI commands, the daemon, serve and `Signer.from_settings` each build one `Wiring`
+and take the Redis clients, the store, the registry view, the audit log and the KEKs
+from it, so every process builds them the same way, each once. It reads the settings
+through the `WiringSettings` protocol (``rotator.config.Settings`` is one), so that the
+library's signer uses it without importing the configuration and pydantic-settings.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Generic, Protocol, TypeVar
 
 import redis
 
-from rotator.config import Settings
 from rotator.core.envelope import Keyring
 from rotator.storage.audit import AuditLog
-from rotator.storage.connect import connect
+from rotator.storage.connect import RedisOptions, connect
 from rotator.storage.layout import Layout
 from rotator.storage.lease import LEASE_RETRIES, call_timeout
-from rotator.storage.registry import KeySets
+from rotator.storage.registry import KeysetConfig, KeySets
 from rotator.storage.store import Store
 
-__all__ = ["ONE_SHOT_RETRIES", "Wiring"]
+__all__ = ["ONE_SHOT_RETRIES", "Wiring", "WiringSettings"]
 
 #: Retries of a one-shot command's Redis client, so an unreachable Redis fails fast.
 ONE_SHOT_RETRIES = 2
 
 
-class Wiring:
+class StoreOptions(RedisOptions, Protocol):
+    """The ``[redis]`` options the store is built with, beyond the connection's."""
+
+    @property
+    def min_replicas_ack(self) -> int: ...
+    @property
+    def replica_ack_timeout(self) -> float: ...
+
+
+class LeaseOptions(Protocol):
+    """The ``[daemon]`` options the key names and the lease client are built with."""
+
+    @property
+    def lease_ttl(self) -> float: ...
+    @property
+    def shards(self) -> int: ...
+
+
+class AuditOptions(Protocol):
+    """The ``[log]`` option the audit log is built with."""
+
+    @property
+    def audit_max_entries(self) -> int: ...
+
+
+class WiringSettings(KeysetConfig, Protocol):
+    """What `Wiring` reads of the configuration: ``rotator.config.Settings`` is one."""
+
+    @property
+    def redis(self) -> StoreOptions: ...
+    @property
+    def daemon(self) -> LeaseOptions: ...
+    @property
+    def log(self) -> AuditOptions: ...
+
+    def keyring(self) -> Keyring | None: ...
+
+
+S = TypeVar("S", bound=WiringSettings)
+
+
+class Wiring(Generic[S]):
     """The objects built from *settings*, each on first use and then kept. A one-shot
     command passes *one_shot* so its client gives up on Redis quickly. Built and used by
     one thread (the process's main thread) before the objects are handed out."""
 
-    def __init__(self, settings: Settings, *, one_shot: bool = False) -> None:
+    def __init__(self, settings: S, *, one_shot: bool = False) -> None:
         self.settings = settings
         self._retries = ONE_SHOT_RETRIES if one_shot else None
 
