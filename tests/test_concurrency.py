@@ -1,7 +1,9 @@
 """The threaded reader cache under contention: many threads drive its LRU at
 ``max_keysets`` (first reads that evict, lookups of held slots, backstop polls and
-announced commits) against a real Redis, and nothing breaks; and a reader's
-verified-token cache shared by threads while its key set changes."""
+announced commits) against a real Redis, and nothing breaks; the two interleavings
+of `SlotTable.get` with the owner's `add` that broke the LRU, forced one step at a
+time (a race the stress test finds only by luck); and a reader's verified-token cache
+shared by threads while its key set changes."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import logging
 import random
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -18,7 +21,7 @@ import redis
 from rotator.core.jwk import generate_key, jwks_document, load_private_key
 from rotator.embedded import EmbeddedRedis
 from rotator.library.errors import UnknownKid
-from rotator.library.keycache import ReaderLimits
+from rotator.library.keycache import ReaderLimits, SlotTable
 from rotator.library.reader import JWKSCache, JWKSReader
 from rotator.storage.layout import Layout
 from tests.tokens import es256
@@ -29,6 +32,8 @@ BOUND = len(PINNED) + 2  # room for two roaming key sets: nearly every first rea
 THREADS = 6
 ROUNDS = 300
 VERIFIES = 2000  # per thread: nearly all from the token cache, which takes a few µs each
+WAIT = 10.0  # seconds; only a broken test ever waits this long
+FIRST, SECOND, NEW = ROAMING[:3]
 
 
 @pytest.fixture
@@ -106,6 +111,76 @@ def test_many_threads_drive_the_lru_at_its_bound(
     for name in held:
         slot = cache.held(name)
         assert slot is not None and slot.usable(now, cache.limits).keys
+
+
+class _StopAtFirstLookup(set[str]):
+    """Pinned names whose first lookup stops the thread making it, there, until `resume`
+    is set: a step of one thread held open while another thread takes its own."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        super().__init__(names)
+        self.reached = threading.Event()
+        self.resume = threading.Event()
+        # Only the first lookup stops: the other thread's own lookups, made while it is
+        # stopped, go through.
+        self._armed = True
+
+    def __contains__(self, name: object) -> bool:
+        if self._armed:
+            self._armed = False
+            self.reached.set()
+            # Bounded: a test that never resumes fails rather than hangs.
+            assert self.resume.wait(WAIT), "never resumed"
+        return super().__contains__(name)
+
+
+def _full_table() -> tuple[SlotTable, _StopAtFirstLookup]:
+    """A table at its bound, two pinned slots first in its LRU order (where `add` starts
+    looking for one to drop) and two roaming ones after them, FIRST the least recently
+    used; its next pinned lookup stops the thread making it."""
+    table = SlotTable(ReaderLimits(), 4, lambda: 0.0)
+    table.pinned = set(PINNED[:2])
+    for name in [*PINNED[:2], FIRST, SECOND]:
+        table.add(name)
+    stop = _StopAtFirstLookup(PINNED[:2])
+    table.pinned = stop
+    return table, stop
+
+
+def test_a_lookup_while_add_walks_the_lru_leaves_the_walk_whole() -> None:
+    """`get` on any thread, while the owner's `add` is half way through the LRU looking
+    for a slot to drop: a `get` that reordered the LRU there (it did) broke the walk
+    (RuntimeError: OrderedDict mutated during iteration). The use is applied later."""
+    table, stop = _full_table()
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            adding = pool.submit(table.add, NEW)
+            assert stop.reached.wait(WAIT)  # add stands at the first pinned slot
+            held = table.get(SECOND)
+        finally:
+            stop.resume.set()
+        slot, dropped = adding.result(WAIT)
+    assert held is not None and held.keyset == SECOND
+    assert (slot.keyset, dropped) == (NEW, [FIRST])
+    assert table.names() == [*PINNED[:2], NEW, SECOND]  # the use of SECOND came after NEW
+
+
+def test_a_lookup_of_a_slot_dropped_meanwhile_still_answers() -> None:
+    """`get` on any thread found a slot and, before marking it used, the owner's `add`
+    dropped it: a `get` that reordered the LRU then (it did) raised KeyError. It answers
+    the slot it found, and the use of a slot no longer held is let go."""
+    table, stop = _full_table()
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            looking = pool.submit(table.get, FIRST)
+            assert stop.reached.wait(WAIT)  # get has found the slot, asks if it is pinned
+            _, dropped = table.add(NEW)
+        finally:
+            stop.resume.set()
+        held = looking.result(WAIT)
+    assert dropped == [FIRST]
+    assert held is not None and held.keyset == FIRST
+    assert table.names() == [*PINNED[:2], SECOND, NEW]
 
 
 def test_many_threads_share_a_readers_token_cache_while_its_key_set_changes(
