@@ -12,6 +12,10 @@ unique members; the shape is for the caller to check.
 one line, and printable (a stored string may hold control characters or a
 lone surrogate, which a terminal or a UTF-8 log stream would choke on), and
 `one_line` makes a whole message so.
+
+Text read back from Redis whose bytes need not be UTF-8 (the registry's names
+and entries, the due index's members) is decoded with ``surrogateescape``, so
+one such value fails alone; `stored_bytes` gives its bytes back.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 import math
 from typing import Any
 
-__all__ = ["JSONError", "loads", "one_line", "shown"]
+__all__ = ["JSONError", "loads", "one_line", "shown", "stored_bytes"]
 
 _SHOWN_MAX = 60
 _LINE_MAX = 400
@@ -91,3 +95,8 @@ def one_line(message: str) -> str:
     if not message.isprintable():
         message = message.encode("unicode_escape", "backslashreplace").decode("ascii")
     return message if len(message) <= _LINE_MAX else message[: _LINE_MAX - 3] + "..."
+
+
+def stored_bytes(text: str) -> bytes:
+    """The bytes of *text*, read back from Redis as UTF-8 with ``surrogateescape``."""
+    return text.encode("utf-8", "surrogateescape")

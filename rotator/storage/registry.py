@@ -43,9 +43,9 @@ from rotator.core import strictjson
 from rotator.core.durations import format_duration
 from rotator.core.overrides import PolicyOverrides, describe_error
 from rotator.core.policy import Policy
-from rotator.core.strictjson import one_line, shown
+from rotator.core.strictjson import one_line, shown, stored_bytes
 from rotator.storage.layout import validate_keyset_name
-from rotator.storage.store import REMOVED, Store, stored_bytes
+from rotator.storage.store import REMOVED, Store
 
 __all__ = [
     "LINEAGE",

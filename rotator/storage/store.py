@@ -13,9 +13,9 @@ commit rather than a lost race (or it would neither log nor audit it, and
 a manual rotation would rotate twice).
 
 The registry is read entry by entry: names and entries that are not UTF-8
-are decoded with ``surrogateescape`` (`stored_bytes` gives the bytes back),
-so one such entry is reported by `rotator.storage.registry` as unusable instead of
-failing the whole hash.
+are decoded with ``surrogateescape`` (`rotator.core.strictjson.stored_bytes`
+gives the bytes back), so one such entry is reported by
+`rotator.storage.registry` as unusable instead of failing the whole hash.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import cast
 import redis
 
 from rotator.core.state import MAX_STORED_BYTES, CorruptState, KeySetState, decode_state, too_long
+from rotator.core.strictjson import stored_bytes
 from rotator.metrics import COMMIT_SECONDS
 from rotator.storage.connect import wrong_type
 from rotator.storage.layout import Layout
@@ -46,7 +47,6 @@ __all__ = [
     "Conflict",
     "Snapshot",
     "Store",
-    "stored_bytes",
 ]
 
 #: What one write of a batch came to: ``None`` when it committed.
@@ -359,11 +359,6 @@ def _counter(raw: object) -> int | None:
 def _bounded(raw: bytes | int | None) -> bytes | None:
     """A value as `Store._read` answered it, the length of one left unread as no bytes."""
     return b"" if isinstance(raw, int) else raw
-
-
-def stored_bytes(text: str) -> bytes:
-    """The bytes of a registry name or entry as `Store.registry` decoded them."""
-    return text.encode("utf-8", "surrogateescape")
 
 
 class Conflict(Exception):
