@@ -44,6 +44,7 @@ from pathlib import Path
 import redis
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from rotator.core.entry import encode_entry, new_lineage
 from rotator.core.envelope import generate_kek_line, parse_keks
 from rotator.core.jwk import generate_key
 from rotator.core.overrides import PolicyOverrides
@@ -53,7 +54,6 @@ from rotator.embedded import EmbeddedRedis, free_port
 from rotator.logs import setup_logging
 from rotator.storage.audit import AuditLog
 from rotator.storage.layout import Layout
-from rotator.storage.registry import encode_entry, new_lineage
 from rotator.storage.store import BATCH_SIZE, Store
 
 INTERVAL = 86400

@@ -11,8 +11,8 @@ import jwt
 import pytest
 import redis
 
+from rotator.core.entry import lineage_of, policy_of
 from rotator.embedded import free_port
-from rotator.storage.registry import lineage_of, policy_of
 from tests.conftest import Cli
 
 

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from rotator.config import KeysetSettings, load_settings
+from rotator.core.entry import encode_entry, new_lineage
 from rotator.core.envelope import Keyring
 from rotator.core.state import KeySetState
 from rotator.daemon.health import Health
@@ -18,7 +19,7 @@ from rotator.daemon.manager import KeyManager
 from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis
 from rotator.storage.layout import Layout
-from rotator.storage.registry import KeySets, encode_entry, new_lineage
+from rotator.storage.registry import KeySets
 from rotator.storage.store import Store
 from rotator.storage.usage import read_usage_many
 from tests.helpers import FakeClock, wait_for

@@ -20,6 +20,7 @@ import redis
 from rotator.config import load_settings
 from rotator.core import strictjson
 from rotator.core.encoding import encode_sealed
+from rotator.core.entry import BadPolicy, parse_overrides
 from rotator.core.envelope import Keyring, SealedKey
 from rotator.core.jwk import generate_key
 from rotator.core.overrides import PolicyOverrides
@@ -34,7 +35,7 @@ from rotator.metrics import ROTATIONS
 from rotator.storage.audit import AuditLog, BadAuditEntry
 from rotator.storage.events import EventFollower, keyset_of
 from rotator.storage.layout import Layout
-from rotator.storage.registry import BadPolicy, KeySets, parse_overrides
+from rotator.storage.registry import KeySets
 from rotator.storage.store import Store
 from tests.conftest import FAST
 from tests.helpers import FakeClock, make_keyring, wait_for

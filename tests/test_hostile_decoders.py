@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from rotator.config import KeysetSettings
 from rotator.core import lifecycle, strictjson
 from rotator.core.encoding import encode_sealed
+from rotator.core.entry import BadPolicy, encode_entry, lineage_of, parse_overrides, policy_of
 from rotator.core.envelope import SealedKey, UnsealError
 from rotator.core.jwk import GeneratedKey, foreign_kid
 from rotator.core.policy import Policy
@@ -40,7 +41,6 @@ from rotator.library.jwks_import import JWKSFormatError, import_jwks
 from rotator.storage.audit import AuditEntry, AuditLog, BadAuditEntry, Fields
 from rotator.storage.events import keyset_of
 from rotator.storage.layout import validate_keyset_name
-from rotator.storage.registry import BadPolicy, encode_entry, lineage_of, parse_overrides, policy_of
 from tests import hostile
 from tests.helpers import RecordingMint, make_keyring
 from tests.hostile import HOSTILE, HOSTILE_BYTES, emit, variants

@@ -10,7 +10,7 @@ import redis
 
 from rotator.cli import keyset_file
 from rotator.cli.common import UsageError
-from rotator.storage.registry import lineage_of
+from rotator.core.entry import lineage_of
 from tests.conftest import Cli
 
 

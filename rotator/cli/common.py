@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rotator.config import Settings
+from rotator.core.entry import BadPolicy
 from rotator.daemon.manager import KeyManager
-from rotator.storage.registry import BadPolicy, KeySets
+from rotator.storage.registry import KeySets
 from rotator.storage.store import BATCH_SIZE, Snapshot, Store
 from rotator.storage.wiring import Wiring
 

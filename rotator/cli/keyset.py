@@ -20,6 +20,15 @@ from rotator.cli.output import iso, print_outcome
 from rotator.cli.parser import POLICY_FLAGS, flag
 from rotator.config import KeysetSettings, Settings, describe_error
 from rotator.core.durations import parse_duration
+from rotator.core.entry import (
+    BadPolicy,
+    encode_entry,
+    encode_overrides,
+    lineage_of,
+    new_lineage,
+    parse_overrides,
+    policy_of,
+)
 from rotator.core.instants import parse_rfc3339, stamped
 from rotator.core.issuer import issuer_routes
 from rotator.core.lifecycle import rotation_due_at
@@ -32,17 +41,7 @@ from rotator.library.adopt import (
     foreign_public_keys,
     foreign_signing_key,
 )
-from rotator.storage.registry import (
-    BadPolicy,
-    KeySets,
-    describe_policy,
-    encode_entry,
-    encode_overrides,
-    lineage_of,
-    new_lineage,
-    parse_overrides,
-    policy_of,
-)
+from rotator.storage.registry import KeySets, describe_policy
 from rotator.storage.store import REMOVED, Store
 from rotator.storage.wiring import Wiring
 

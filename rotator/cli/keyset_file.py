@@ -11,9 +11,9 @@ from pathlib import Path
 
 from rotator.cli.common import Failure, UsageError
 from rotator.config import Settings
+from rotator.core.entry import policy_of
 from rotator.daemon.manager import KeyManager
 from rotator.storage.layout import validate_keyset_name
-from rotator.storage.registry import policy_of
 from rotator.storage.store import BATCH_SIZE, REMOVED
 from rotator.storage.wiring import Wiring
 

@@ -22,6 +22,7 @@ from rotator.cli.common import Failure, UsageError
 from rotator.cli.parser import build_parser as _parser
 from rotator.cli.parser import shield_kids
 from rotator.config import ConfigError, Settings, load_settings
+from rotator.core.entry import BadPolicy
 from rotator.core.envelope import KekError, UnsealError
 from rotator.core.lifecycle import LifecycleError
 from rotator.core.state import CorruptState
@@ -30,7 +31,6 @@ from rotator.daemon.manager import NoKekError
 from rotator.embedded import RedisBinaryNotFound
 from rotator.library.signer import SigningError
 from rotator.logs import setup_logging
-from rotator.storage.registry import BadPolicy
 from rotator.storage.store import Conflict
 
 # The parser and `shield_kids` are named here too: tests drive them as `main` does.

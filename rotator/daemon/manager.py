@@ -20,6 +20,7 @@ import redis
 
 from rotator.core import lifecycle
 from rotator.core.durations import format_duration
+from rotator.core.entry import BadPolicy
 from rotator.core.envelope import Keyring, SealedKey, UnsealError
 from rotator.core.jwk import GeneratedKey, generate_key
 from rotator.core.lifecycle import Event, Mint, Transition
@@ -27,7 +28,6 @@ from rotator.core.policy import Policy
 from rotator.core.state import CorruptState, KeySetState, Status, StoredState
 from rotator.library.usage import NO_KID, UNKNOWN_KID
 from rotator.storage.audit import AuditLog
-from rotator.storage.registry import BadPolicy
 from rotator.storage.store import PARSED_STATES, Conflict, Snapshot, Store
 from rotator.storage.usage import MINUTE_RETENTION, KidUsage, keep_kids, read_usage_many
 

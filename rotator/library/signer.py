@@ -20,13 +20,13 @@ from typing import Any
 import jwt
 import redis
 
+from rotator.core.entry import BadPolicy
 from rotator.core.envelope import Keyring, UnsealError
 from rotator.core.jwk import PrivateKey, load_private_key
 from rotator.core.state import CorruptState
 from rotator.storage.connect import client_for
 from rotator.storage.events import EventFollower
 from rotator.storage.layout import DEFAULT_KEYSET, Layout, validate_keyset_name
-from rotator.storage.registry import BadPolicy
 from rotator.storage.store import Store
 from rotator.storage.wiring import Wiring, WiringSettings
 

@@ -35,9 +35,10 @@ from collections.abc import Callable
 import redis
 
 from rotator.config import Settings
+from rotator.core.entry import BadPolicy
 from rotator.core.issuer import issuer_routes
 from rotator.core.policy import Policy
-from rotator.storage.registry import BadPolicy, KeySets
+from rotator.storage.registry import KeySets
 
 __all__ = ["Policies"]
 

@@ -1,24 +1,25 @@
-"""Which key sets exist, and the policy each one follows.
+"""Which key sets exist, and the policy each one follows: the view of them that
+the daemon, serve and the CLI read.
 
 Key sets come from two places: ``[keysets.NAME]`` tables in the config, and
 the registry hash ``P:keysets`` that `rotator keyset add` writes, where each
-name maps to its policy overrides as JSON (``{"interval": "6h"}``, ``{}``
-for none). Both overlay ``[rotation]``, so a changed default reaches every
-key set that did not override it. A name in both places follows the config.
-A stored policy that no longer parses or contradicts itself fails that key
-set alone (`BadPolicy`), never the daemon.
+name maps to its entry: its policy overrides as JSON (``{"interval": "6h"}``,
+``{}`` for none) and its lineage, in the format of `rotator.core.entry`. Both
+overlay ``[rotation]``, so a changed default reaches every key set that did
+not override it. A name in both places follows the config. A stored policy
+that no longer parses or contradicts itself fails that key set alone
+(`BadPolicy`), never the daemon.
 
 `rotator keyset remove` leaves a tombstone (`REMOVED`) in place of the
 policy, so a name that disappears from the registry without one was lost
 with Redis's data: `refresh` keeps it managed and reports it as `lost`, and
 the leader writes it back with the policy it last read.
 
-Each registry entry is decoded on its own, and decoding is total: whatever
-bytes an entry holds (not UTF-8, not JSON, nested 10,000 deep, a duration
-written as a 400-digit number, a cron line that never fires, a lineage that
-is not a string), it fails that key set alone with `BadPolicy`. So does a
-name that `validate_keyset_name` refuses: it is listed under a label that no
-valid name can take (`invalid_label`), with its problem, and never managed.
+Each registry entry is decoded on its own, and decoding is total
+(`rotator.core.entry`): whatever bytes an entry holds, it fails that key set
+alone with `BadPolicy`. So does a name that `validate_keyset_name` refuses:
+it is listed under a label that no valid name can take (`invalid_label`),
+with its problem, and never managed.
 
 A registry entry also names its lineage (``"lineage"``, a random id): given
 when the name is added, kept by `rotator keyset update`, new when a removed
@@ -32,47 +33,29 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from pydantic import ValidationError
-
-from rotator.core import strictjson
 from rotator.core.durations import format_duration
-from rotator.core.overrides import PolicyOverrides, describe_error
+from rotator.core.entry import BadPolicy, lineage_of, overlaid, split_entry
+from rotator.core.overrides import PolicyOverrides
 from rotator.core.policy import Policy
-from rotator.core.strictjson import one_line, shown, stored_bytes
+from rotator.core.strictjson import shown, stored_bytes
 from rotator.storage.layout import validate_keyset_name
 from rotator.storage.store import REMOVED, Store
 
 __all__ = [
-    "LINEAGE",
-    "BadPolicy",
     "KeySetEntry",
     "KeySets",
     "KeysetConfig",
     "describe_policy",
-    "encode_entry",
-    "encode_overrides",
     "invalid_label",
-    "lineage_of",
-    "new_lineage",
-    "parse_overrides",
-    "policy_of",
 ]
 
 log = logging.getLogger(__name__)
 
 Origin = Literal["config", "registry"]
-
-#: The member of a registry entry that names its lineage.
-LINEAGE = "lineage"
-
-
-class BadPolicy(ValueError):
-    """A key set's policy cannot be used; the message names the field."""
 
 
 @dataclass(frozen=True, slots=True)  # one per key set: 176 bytes with a __dict__, 80 without
@@ -88,102 +71,11 @@ class KeySetEntry:
     lineage: str | None = None
 
 
-def encode_overrides(overrides: PolicyOverrides) -> str:
-    """*overrides* as JSON: the fields set, durations as text."""
-    return json.dumps(overrides.model_dump(mode="json", exclude_none=True), sort_keys=True)
-
-
-def new_lineage() -> str:
-    """A fresh lineage id, for a name being added."""
-    return secrets.token_hex(8)
-
-
-def encode_entry(overrides: PolicyOverrides, lineage: str | None) -> str:
-    """A registry entry: *overrides* (as `encode_overrides`) and the *lineage*, if any."""
-    document: dict[str, Any] = overrides.model_dump(mode="json", exclude_none=True)
-    if lineage is not None:
-        document[LINEAGE] = lineage
-    return json.dumps(document, sort_keys=True)
-
-
-def _document(raw: str) -> dict[str, Any]:
-    """A registry entry (as `Store.registry` decodes it) as a JSON object, or `BadPolicy`."""
-    try:
-        document = strictjson.loads(stored_bytes(raw))
-    except strictjson.JSONError as exc:
-        raise BadPolicy(f"unreadable: {exc}") from None
-    if not isinstance(document, dict):
-        raise BadPolicy(f"not a JSON object but {shown(document)}")
-    return document
-
-
-#: What `_parts` gives for the lineage of an entry that names none (``None`` is a JSON
-#: ``null``, which is not a lineage).
-_NO_LINEAGE = object()
-
-
-def _parts(raw: str) -> tuple[dict[str, Any], object]:
-    """A registry entry's overrides as a JSON object, and its lineage member as it is
-    (`_NO_LINEAGE` when absent); `BadPolicy` for an entry that is not a JSON object."""
-    document = _document(raw)
-    return document, document.pop(LINEAGE, _NO_LINEAGE)
-
-
-def lineage_of(raw: str) -> str | None:
-    """The lineage named by a registry entry; ``None`` if it names none (or is unreadable)."""
-    try:
-        _overrides, lineage = _parts(raw)
-    except BadPolicy:
-        return None
-    return lineage if isinstance(lineage, str) else None
-
-
-def policy_of(raw: str) -> str:
-    """The overrides of a registry entry as `encode_overrides` writes them, without the
-    lineage (what `rotator keyset` shows); an unreadable entry as `shown` prints it."""
-    try:
-        overrides, _lineage = _parts(raw)
-    except BadPolicy:
-        return shown(stored_bytes(raw))
-    return json.dumps(overrides, sort_keys=True)
-
-
 #: Policies a `KeySets` keeps by shape (its overrides as sorted JSON, without the
 #: lineage), all dropped when one more is met: a deployment has a few, and entries
 #: sharing them kept no overrides and policy of their own, 64 bytes and more a key set
 #: at 100,000 (tracemalloc).
 SHARED_POLICIES = 1024
-
-
-def parse_overrides(raw: str, base: Policy) -> tuple[PolicyOverrides, Policy]:
-    """Parse a registry entry's overrides and lay them over *base*; raise `BadPolicy`
-    naming the field (for any entry whatever)."""
-    document, lineage = _parts(raw)
-    _lineage(lineage)
-    return _overlaid(document, base)
-
-
-def _lineage(member: object) -> str | None:
-    """The lineage an entry's member names (``None`` when it names none), or `BadPolicy`
-    for a member that is not a string."""
-    if member is _NO_LINEAGE:
-        return None
-    if not isinstance(member, str):
-        raise BadPolicy(f"{LINEAGE}: not a string")
-    return member
-
-
-def _overlaid(document: dict[str, Any], base: Policy) -> tuple[PolicyOverrides, Policy]:
-    """The overrides of an entry (as `_parts` splits it) laid over *base*, or `BadPolicy`."""
-    try:
-        overrides = PolicyOverrides.model_validate(document)
-    except ValidationError as exc:
-        raise BadPolicy(one_line("; ".join(describe_error(e) for e in exc.errors()))) from None
-    policy = overrides.overlay(base)
-    problems = policy.problems()
-    if problems:
-        raise BadPolicy(one_line("; ".join(f"{field}: {message}" for field, message in problems)))
-    return overrides, policy
 
 
 def _valid(name: str) -> bool:
@@ -302,8 +194,7 @@ class KeySets:
         except ValueError as exc:
             return KeySetEntry(invalid_label(name), "registry", {}, None, f"registry name: {exc}")
         try:
-            document, member = _parts(raw)
-            lineage = _lineage(member)
+            document, lineage = split_entry(raw)
         except BadPolicy as exc:
             return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}")
         # Parsed once per shape: the entries of one shape share their overrides and policy.
@@ -311,7 +202,7 @@ class KeySets:
         shared = self._shared.get(shape)
         if shared is None:
             try:
-                overrides, policy = _overlaid(document, self._base)
+                overrides, policy = overlaid(document, self._base)
             except BadPolicy as exc:
                 return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}", lineage)
             except Exception as exc:  # the last line: one entry never fails the registry

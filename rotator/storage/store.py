@@ -944,7 +944,7 @@ class Store:
         return None if raw is None else _text(raw)
 
     def register(self, keyset: str, entry: str = "{}") -> bool:
-        """Add *keyset* to the registry with its *entry* (see `rotator.storage.registry`);
+        """Add *keyset* to the registry with its *entry* (see `rotator.core.entry`);
         ``False``, and nothing written, if it was there."""
         args: list[bytes | str] = [stored_bytes(keyset), stored_bytes(entry), REMOVED]
         return bool(self._register(keys=self._registry_keys, args=args))
