@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from rotator.cli.common import UsageError, checked_keyset, load_all, manager_for
 from rotator.cli.keyset_file import add_from_file
-from rotator.cli.output import iso, print_outcome
+from rotator.cli.output import describe_policy, iso, print_outcome
 from rotator.cli.parser import POLICY_FLAGS, flag
 from rotator.config import KeysetSettings, Settings, describe_error
 from rotator.core.durations import parse_duration
@@ -41,7 +41,7 @@ from rotator.library.adopt import (
     foreign_public_keys,
     foreign_signing_key,
 )
-from rotator.storage.registry import KeySets, describe_policy
+from rotator.storage.registry import KeySets
 from rotator.storage.store import REMOVED, Store
 from rotator.storage.wiring import Wiring
 

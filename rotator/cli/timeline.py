@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rotator.cli.output import describe_policy
 from rotator.core.durations import format_duration
 from rotator.core.instants import rfc3339
 from rotator.core.lifecycle import rotation_due_at
 from rotator.core.policy import Policy
 from rotator.core.state import KeyRecord, KeySetState, Status
-from rotator.storage.registry import describe_policy
 
 __all__ = ["LEGEND", "render"]
 

@@ -37,7 +37,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from rotator.core.durations import format_duration
 from rotator.core.entry import BadPolicy, lineage_of, overlaid, split_entry
 from rotator.core.overrides import PolicyOverrides
 from rotator.core.policy import Policy
@@ -49,7 +48,6 @@ __all__ = [
     "KeySetEntry",
     "KeySets",
     "KeysetConfig",
-    "describe_policy",
     "invalid_label",
 ]
 
@@ -94,16 +92,6 @@ def invalid_label(name: str) -> str:
     except UnicodeEncodeError:  # bytes that are not UTF-8 (see `Store.registry`)
         return f"{shown(stored_bytes(name))} (invalid name)"
     return f"{shown(name)} (invalid name)"
-
-
-def describe_policy(policy: Policy) -> str:
-    """One line: the trigger, the overlap and the algorithm of new keys."""
-    trigger = (
-        f"schedule {policy.schedule!r}"
-        if policy.schedule
-        else f"every {format_duration(policy.interval or 0)}"
-    )
-    return f"{trigger}, overlap {format_duration(policy.overlap)}, {policy.algorithm}"
 
 
 class KeysetConfig(Protocol):
