@@ -12,26 +12,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from rotator.cli.common import UsageError, checked_keyset, load_all, manager_for
 from rotator.cli.keyset_file import add_from_file
 from rotator.cli.output import describe_policy, iso, print_outcome
 from rotator.cli.parser import POLICY_FLAGS, flag
-from rotator.config import KeysetSettings, Settings, describe_error
+from rotator.config import Settings
 from rotator.core.durations import parse_duration
-from rotator.core.entry import (
-    BadPolicy,
-    encode_entry,
-    encode_overrides,
-    lineage_of,
-    new_lineage,
-    parse_overrides,
-    policy_of,
-)
+from rotator.core.entry import encode_entry, encode_overrides, lineage_of, new_lineage, policy_of
 from rotator.core.instants import parse_rfc3339, stamped
-from rotator.core.issuer import issuer_routes
 from rotator.core.lifecycle import rotation_due_at
+from rotator.core.overrides import PolicyOverrides
+from rotator.core.registration import Refused, check_issuer_path, merged_overrides, stored_overrides
 from rotator.core.state import valid_time
 from rotator.core.strictjson import one_line
 from rotator.daemon.manager import KeyManager
@@ -100,11 +91,7 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError(f"key set {name} is not registered")
     if args.keyset_command == "update":
         raw = registered[name]
-        try:
-            stored, _policy = parse_overrides(raw, settings.base_policy())
-        except BadPolicy:
-            stored = KeysetSettings()  # a broken stored policy is replaced by the flags
-        overrides = _overrides(settings, args, stored.model_dump(mode="json", exclude_none=True))
+        overrides = _overrides(settings, args, stored_overrides(raw, settings.base_policy()))
         _own_issuer_path(settings, keysets, name, overrides)
         # Compare-and-set: an update racing a removal must not bring the name back.
         if not store.replace_entry(name, raw, encode_entry(overrides, lineage_of(raw))):
@@ -234,47 +221,35 @@ def _keyset_list(wiring: Wiring[Settings], as_json: bool) -> int:
 
 def _overrides(
     settings: Settings, args: argparse.Namespace, stored: Mapping[str, Any], *, overlay: bool = True
-) -> KeysetSettings:
+) -> PolicyOverrides:
     """The policy flags given laid over *stored*, checked: each value, and with *overlay*
     the policy they make over the config's."""
     given = {f: getattr(args, f) for f in POLICY_FLAGS if getattr(args, f) is not None}
-    merged = dict(stored)
-    if {"interval", "schedule"} & given.keys():
-        merged.pop("interval", None)
-        merged.pop("schedule", None)
-    merged.update(given)
     try:
-        overrides = KeysetSettings.model_validate(merged)
-    except ValidationError as exc:
-        lines = [_flagged(describe_error(e)) for e in exc.errors()]
-        raise UsageError("; ".join(lines)) from None
-    problems = overrides.overlay(settings.base_policy()).problems() if overlay else []
-    if problems:
-        raise UsageError("; ".join(f"{flag(f)}: {m}" for f, m in problems))
-    return overrides
+        return merged_overrides(stored, given, settings.base_policy() if overlay else None)
+    except Refused as exc:
+        raise _usage(exc) from None
 
 
 def _own_issuer_path(
-    settings: Settings, keysets: KeySets, name: str, overrides: KeysetSettings
+    settings: Settings, keysets: KeySets, name: str, overrides: PolicyOverrides
 ) -> None:
-    """Refuse *overrides* for *name* if its issuer's path is another key set's (as the
-    config and the registry say now): serve could not tell whose discovery document it is."""
-    issuers = {e.name: e.policy.issuer for e in keysets.entries() if e.policy is not None}
-    issuers[name] = overrides.overlay(settings.base_policy()).issuer
-    _routes, shared = issuer_routes(issuers)
-    for path, claimants in shared.items():
-        if name in claimants:
-            others = ", ".join(n for n in claimants if n != name)
-            inherited = "" if overrides.issuer else " (inherited from [rotation].issuer)"
-            raise UsageError(
-                f"--issuer: issuer path {path}{inherited} is already key set {others}'s; "
-                "give this key set an issuer of its own"
-            )
+    """Refuse *overrides* for *name* if its issuer's path is another key set's."""
+    try:
+        check_issuer_path(keysets.issuers(), name, overrides, settings.base_policy())
+    except Refused as exc:
+        raise _usage(exc) from None
 
 
-def _flagged(line: str) -> str:
-    field, sep, message = line.partition(": ")
-    return f"{flag(field)}: {message}" if sep and field in POLICY_FLAGS else line
+def _usage(refused: Refused) -> UsageError:
+    """What the keyset rules refused, each field named by its flag."""
+    return UsageError("; ".join(_flagged(field, message) for field, message in refused.problems))
+
+
+def _flagged(field: str, message: str) -> str:
+    if not field:
+        return message
+    return f"{flag(field) if field in POLICY_FLAGS else field}: {message}"
 
 
 def _version_of(store: Store, name: str) -> int:

@@ -1,6 +1,6 @@
 """The pure core: durations, policy, the key lifecycle, the state document, JWK and
-the canonical encodings, the envelope crypto that seals a private key, and the format
-of a key set registry entry.
+the canonical encodings, the envelope crypto that seals a private key, the format of a
+key set registry entry and the rules a registration or policy update of one passes.
 
 Nothing here does I/O or keeps a clock: every function takes ``now`` and values and
 returns values. It may import the standard library, ``cryptography``, ``croniter`` (the

@@ -26,7 +26,7 @@ from rotator.core.issuer import validate_issuer
 from rotator.core.jwk import MAX_RSA_BITS, MIN_RSA_BITS, Algorithm
 from rotator.core.policy import Policy, parse_schedule
 
-__all__ = ["Duration", "PolicyOverrides", "Whole", "describe_error"]
+__all__ = ["Duration", "PolicyOverrides", "Whole", "describe_error", "field_error"]
 
 #: A duration field: ``"90s"``, ``"6h"``, ``"1d12h"`` or seconds; dumped as text.
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
@@ -94,10 +94,17 @@ class PolicyOverrides(BaseModel):
         return dataclasses.replace(base, **values)
 
 
-def describe_error(error: Mapping[str, Any]) -> str:
-    """One line naming the field of a pydantic error."""
+def field_error(error: Mapping[str, Any]) -> tuple[str, str]:
+    """The field a pydantic error names (``""`` for none: the model as a whole) and its
+    message."""
     location = ".".join(str(part) for part in error["loc"])
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown field (check the spelling)"
+    return location, message
+
+
+def describe_error(error: Mapping[str, Any]) -> str:
+    """One line naming the field of a pydantic error."""
+    location, message = field_error(error)
     return f"{location}: {message}" if location else message

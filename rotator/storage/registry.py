@@ -224,6 +224,11 @@ class KeySets:
         """Every managed key set with its policy, sorted by name."""
         return [self._entries[name] for name in self.names()]
 
+    def issuers(self) -> dict[str, str | None]:
+        """The issuer of every managed key set whose policy is usable (``None`` where it
+        has none), as the registry was last read."""
+        return {e.name: e.policy.issuer for e in self.entries() if e.policy is not None}
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
