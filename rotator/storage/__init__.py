@@ -1,5 +1,7 @@
-"""The Redis side: key names (`layout`), the compare-and-set store, the key set
-registry, the audit log, the leader lease and the events channel.
+"""The Redis side: key names (`layout`), the compare-and-set store, the view of the
+key set registry (`registry`; the format of its entries and the rules of adding one
+are pure, in `rotator.core.entry` and `rotator.core.registration`), the audit log, the
+leader lease and the events channel.
 
 It may import `rotator.core`, redis-py, pydantic (the registry entries' validation) and
 the leaf modules `rotator.metrics` and `rotator.logs`; never the library, the
