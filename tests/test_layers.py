@@ -109,7 +109,7 @@ def test_a_one_shot_command_loads_neither_the_scheduler_nor_the_http_server(
 # as its docstring says; `rotator.core` does no I/O, so no Redis client and no metrics.
 THIRD_PARTY = {
     "rotator.core": {"cryptography", "croniter", "pydantic"},
-    "rotator.storage": {"pydantic", "redis"},
+    "rotator.storage": {"redis"},
     "rotator.library": {"cryptography", "redis", "jwt", "fakeredis"},
     "rotator.config": {"pydantic", "pydantic_settings"},
     "rotator.metrics": {"prometheus_client"},

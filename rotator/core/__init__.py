@@ -5,7 +5,8 @@ key set registry entry and the rules a registration or policy update of one pass
 Nothing here does I/O or keeps a clock: every function takes ``now`` and values and
 returns values. It may import the standard library, ``cryptography``, ``croniter`` (the
 cron schedules) and ``pydantic`` (the policy overrides' validation) only, and no other
-part of rotator. Inside it, the rules (`lifecycle`, `overrides`, `roles`) stand on
+part of rotator. Inside it, `registration` (the keyset rules) stands on the registry
+`entry` format; it, `lifecycle` and `roles` stand on `overrides`, overrides on
 `policy`, policy on the documents (`state`, `jwk`, `envelope` and their canonical
 `encoding`, which know each other), and those on the helpers (`strictjson`,
 `durations`, `instants`, `issuer`), which import nothing of rotator.

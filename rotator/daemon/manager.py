@@ -75,7 +75,7 @@ T = TypeVar("T")
 
 
 class Lineages(Protocol):
-    """Where the lineage of a key set's name is read (`rotator.keysets.KeySets`)."""
+    """Where the lineage of a key set's name is read (`rotator.storage.registry.KeySets`)."""
 
     def lineage(self, name: str) -> str | None:
         """The lineage of *name* as last read."""
