@@ -2,18 +2,22 @@
 ``max_keysets`` (first reads that evict, lookups of held slots, backstop polls and
 announced commits) against a real Redis, and nothing breaks; the two interleavings
 of `SlotTable.get` with the owner's `add` that broke the LRU, forced one step at a
-time (a race the stress test finds only by luck); and a reader's verified-token cache
-shared by threads while its key set changes."""
+time (a race the stress test finds only by luck); a reader's verified-token cache
+shared by threads while its key set changes; and the registry view looked up while it
+is refreshed."""
 
 from __future__ import annotations
 
 import json
+import linecache
 import logging
 import random
 import sys
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+from typing import Any
 
 import pytest
 import redis
@@ -255,3 +259,47 @@ def test_many_threads_share_a_readers_token_cache_while_its_key_set_changes(
     tokens.follow(None)
     assert (len(tokens), tokens.size_bytes) == (0, 0)
     reader.close()
+
+
+class _Registry:
+    """A store whose registry is whatever the test says it is now."""
+
+    def __init__(self, entries: dict[str, str]) -> None:
+        self.entries = entries
+
+    def registry(self) -> dict[str, str]:
+        return dict(self.entries)
+
+
+def test_a_lookup_while_refresh_swaps_the_registry_in_sees_the_new_key_sets() -> None:
+    """serve looks key sets up on its request threads while its registry thread runs
+    `KeySets.refresh`: a lookup that memoises the sorted names at the very moment the
+    new table is swapped in (forced here with a line tracer) must not leave the old
+    names beside the new table (a KeyError, or key sets gone still listed)."""
+    from rotator.config import load_settings
+    from rotator.storage.registry import KeySets
+    from rotator.storage.store import REMOVED
+
+    store = _Registry({"old": "{}"})
+    keysets = KeySets(load_settings(None), store)  # type: ignore[arg-type]
+    keysets.refresh()
+    store.entries = {"old": REMOVED, "new": "{}"}
+    seen: list[list[str]] = []
+
+    def at_the_swap(frame: FrameType, event: str, arg: Any) -> Any:
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+        if event == "line" and line.startswith("self._entries") and "= entries" in line:
+            seen.append([entry.name for entry in keysets.entries()])
+        return at_the_swap
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        return at_the_swap if frame.f_code is KeySets.refresh.__code__ else None
+
+    sys.settrace(tracer)
+    try:
+        keysets.refresh()
+    finally:
+        sys.settrace(None)
+    assert seen == [["default", "old"]], "the tracer never stopped refresh at the swap"
+    assert keysets.names() == ["default", "new"]
+    assert [entry.name for entry in keysets.entries()] == ["default", "new"]

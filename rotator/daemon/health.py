@@ -113,7 +113,12 @@ class Health:
 
 class HealthServer:
     """``GET /healthz`` (the process answers), ``GET /readyz`` (200 only when ready) and
-    ``GET /metrics`` (Prometheus)."""
+    ``GET /metrics`` (Prometheus).
+
+    Each request runs on a thread of its own (``ThreadingHTTPServer``) and reads only
+    `Health` (thread-safe) and the registry's metrics (which guard their own); the
+    server holds nothing a request writes. `start` and `stop` belong to the daemon's
+    main thread."""
 
     def __init__(self, host: str, port: int, health: Health, clock: Callable[[], float]) -> None:
         outer = self

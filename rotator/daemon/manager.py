@@ -151,6 +151,11 @@ class KeyManager:
     the lineage it remembers the key set from (see `rotator.storage.registry`). With
     ``expiry_usage=True`` (the daemon) it logs, when a retired or imported key expires,
     how many verifications readers reported of it in the last ``cache_max_age``.
+
+    Not thread-safe: its memory, lineages and due times are plain dicts. One thread
+    uses it at a time; in the daemon the tick (scheduler thread) and an announced
+    commit (events thread) both hold ``Daemon.manager_lock``, and a CLI command has
+    one thread. The store it writes through guards its own parsed states.
     """
 
     def __init__(

@@ -249,7 +249,12 @@ class _Refusals:
 
 
 class _Server:
-    """State shared by the connections of the listening sockets of one worker."""
+    """State shared by the connections of the listening sockets of one worker.
+
+    Owned by the worker's event loop thread, as are its connections: the pool's threads
+    run `Handler.slow` alone and hand the answer back through the loop
+    (``run_in_executor``), so nothing here is touched off the loop and nothing needs a
+    lock."""
 
     def __init__(
         self,

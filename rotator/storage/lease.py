@@ -225,7 +225,12 @@ def lease_left(client: redis.Redis, layout: Layout) -> float | None:
 
 
 class Lease:
-    """Lead a share of *layout*'s shards for *ttl* seconds at a time."""
+    """Lead a share of *layout*'s shards for *ttl* seconds at a time.
+
+    Thread-safe: `refresh` (the daemon's lease job, on its own executor thread),
+    `step_down` (the tick thread) and `release` (shutdown) take one lock, so no two
+    lease calls cross in Redis; `led` and `held` read the last step's result, replaced
+    whole by each step, from any thread without it."""
 
     def __init__(
         self,

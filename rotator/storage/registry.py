@@ -113,6 +113,15 @@ class KeySets:
 
     `refresh` re-reads the registry (the daemon does it every tick); between
     refreshes every lookup is a dict access.
+
+    One writer, many readers: `refresh` and `write_back` run on one thread at a time
+    (the daemon's under ``Daemon.manager_lock``, serve's on its registry thread, which
+    holds ``Policies._rereading``), while every lookup may run on any thread meanwhile
+    (serve's request and event threads). `refresh` builds the new table aside and swaps
+    it in with one assignment, so a lookup sees the registry as last read or as read
+    now, never half of each; what `names`, `entries` and `problems` derive of a table is
+    kept beside that table, so it is never served for another; the parsed shapes
+    (`SHARED_POLICIES`) are a cache any thread may fill.
     """
 
     def __init__(self, settings: KeysetConfig, store: Store) -> None:
@@ -138,9 +147,11 @@ class KeySets:
         #: Moves whenever a `refresh` changes the managed entries: what a caller derives
         #: from them (the daemon's split of the names by shard) is kept until it moves.
         self.generation = 0
-        # Derived from the entries once per generation: a daemon asks every tick.
-        self._names: list[str] | None = None
-        self._problems: dict[str, str] | None = None
+        # Derived from the entries once per table, each beside the table it was derived
+        # from: a daemon asks every tick, and a lookup on another thread that memoises
+        # while `refresh` swaps the table in must not leave the old names for the new one.
+        self._names: tuple[dict[str, KeySetEntry], list[str]] | None = None
+        self._problems: tuple[dict[str, KeySetEntry], dict[str, str]] | None = None
 
     def refresh(self) -> dict[str, str]:
         """Read the registry; return the entries that vanished without a tombstone (lost with
@@ -167,8 +178,8 @@ class KeySets:
             self._entries.get(name) is not entry for name, entry in entries.items()
         ):
             self.generation += 1
-            self._names = self._problems = None
-        self._entries, self._stored = entries, stored
+            self._entries = entries  # kept otherwise, and with it what was derived of it
+        self._stored = stored
         return lost
 
     def write_back(self, name: str, raw: str) -> bool:
@@ -205,24 +216,27 @@ class KeySets:
 
     def names(self) -> list[str]:
         """Every managed key set, sorted (with the labels of invalid registry names)."""
-        if self._names is None:
-            self._names = sorted(self._entries)
-        return list(self._names)
+        return list(self._sorted(self._entries))
+
+    def _sorted(self, entries: dict[str, KeySetEntry]) -> list[str]:
+        memo = self._names
+        if memo is None or memo[0] is not entries:
+            memo = self._names = (entries, sorted(entries))
+        return memo[1]
 
     def problems(self) -> dict[str, str]:
         """The key sets whose policy is unusable (or whose registry name is invalid), with
         the problem of each."""
-        if self._problems is None:
-            self._problems = {
-                name: entry.problem
-                for name, entry in self._entries.items()
-                if entry.problem is not None
-            }
-        return dict(self._problems)
+        entries, memo = self._entries, self._problems
+        if memo is None or memo[0] is not entries:
+            problems = {n: e.problem for n, e in entries.items() if e.problem is not None}
+            memo = self._problems = (entries, problems)
+        return dict(memo[1])
 
     def entries(self) -> list[KeySetEntry]:
         """Every managed key set with its policy, sorted by name."""
-        return [self._entries[name] for name in self.names()]
+        entries = self._entries
+        return [entries[name] for name in self._sorted(entries)]
 
     def issuers(self) -> dict[str, str | None]:
         """The issuer of every managed key set whose policy is usable (``None`` where it
