@@ -21,11 +21,9 @@ The code reads as those rules do, in two stages around the key lookup: `token_fo
 claims), which `verify_kid_claims` joins and a reader's `Checker` calls apart, so that
 its usage counter learns which stage refused a token. The four fast paths beside them
 (`HeaderCache`, `_der`'s table, `_claims_of`'s scanner, `check_claims`'s usual shape)
-are kept because ``bench/verify.py`` measured each paying beyond its noise, and a
-fifth (`_check_signature`'s exact EC key class) because callgrind's instruction
-count (``bench/verify_instructions.py``) did: the comment beside each names what it
-pays. None of them rejects anything: what a fast path does not accept goes on to the
-plain rule, which alone raises.
+are kept because ``bench/verify.py`` measured each paying beyond its noise: the
+comment beside each names what it pays. None of them rejects anything: what a fast
+path does not accept goes on to the plain rule, which alone raises.
 
 ECDSA signatures are malleable: ``(r, n - s)`` verifies too. Never key a
 revocation list or replay cache on the token bytes; use ``jti``.
@@ -96,20 +94,6 @@ _EC_CURVES = {"ES256": ("secp256r1", _ECDSA), "ES384": ("secp384r1", _ECDSA_384)
 _PKCS1 = padding.PKCS1v15()
 _SHA256 = hashes.SHA256()
 _TOKEN_TYPES = (str, bytes, bytearray)
-# The class `cryptography` makes every EC public key of, taken from the P-256 generator.
-# `isinstance` against the ABC `ec.EllipticCurvePublicKey` costs two Python-level calls
-# every time (CPython's ABC cache is not filled for a class found in the registry
-# itself), so `_check_signature` compares the exact class first.
-_EC_PUBLIC_KEY = type(
-    ec.EllipticCurvePublicKey.from_encoded_point(
-        ec.SECP256R1(),
-        bytes.fromhex(
-            "046B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296"
-            "4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5"
-        ),
-    )
-)
-
 #: Maps a kid to its key, ``None`` when unknown; may raise `InvalidToken` itself.
 KeyLookup = Callable[[str], PublicKey | None]
 
@@ -286,12 +270,7 @@ def _check_signature(alg: str, key: PublicKey, signature: bytes, signing_input: 
     try:
         curve = _EC_CURVES.get(alg)
         if curve is not None:
-            # Fast path, measured by bench/verify_instructions.py: the exact class first
-            # (see `_EC_PUBLIC_KEY`) saves a fresh ES256 verify 3,800 of its 932,000
-            # instructions.
-            if (
-                type(key) is not _EC_PUBLIC_KEY and not isinstance(key, ec.EllipticCurvePublicKey)
-            ) or key.curve.name != curve[0]:
+            if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != curve[0]:
                 raise _switched(alg)
             key.verify(signature, signing_input, curve[1])
         elif alg == "EdDSA":
