@@ -6,7 +6,7 @@ Nothing here does I/O or keeps a clock: every function takes ``now`` and values 
 returns values. It may import the standard library, ``cryptography``, ``croniter`` (the
 cron schedules) and ``pydantic`` (the policy overrides' validation) only, and no other
 part of rotator. Inside it, `registration` (the keyset rules) stands on the registry
-`entry` format; it, `lifecycle` and `roles` stand on `overrides`, overrides on
+`entry` format; it, `lifecycle` and `roles` sit above `overrides`, overrides above
 `policy`, policy on the documents (`state`, `jwk`, `envelope` and their canonical
 `encoding`, which know each other), and those on the helpers (`strictjson`,
 `durations`, `instants`, `issuer`), which import nothing of rotator.

@@ -155,7 +155,8 @@ class KeyManager:
     Not thread-safe: its memory, lineages and due times are plain dicts. One thread
     uses it at a time; in the daemon the tick (scheduler thread) and an announced
     commit (events thread) both hold ``Daemon.manager_lock``, and a CLI command has
-    one thread. The store it writes through guards its own parsed states.
+    one thread. The store it writes through is under the same lock (`Store` is not
+    thread-safe by itself either).
     """
 
     def __init__(

@@ -211,9 +211,10 @@ def _der(signature: bytes) -> bytes:
     in [1, n-1]."""
     r0, s0 = signature[0], signature[32]
     if 0 < r0 < 0xFF and 0 < s0 < 0xFF:
-        # Fast path, measured by bench/verify.py: it pays +0.008 to +0.016 in the ratio
-        # to raw `cryptography` (medians of three sets of paired runs,
-        # docs/design-notes.md). A first byte in 1..0xFE, as 254 in 256 have, puts a
+        # Fast path, measured by bench/verify_fastpaths.py (bench/verify.py's rounds,
+        # with and without it side by side): +0.016 in a fresh token's ratio to raw
+        # `cryptography` (quartiles +0.011 to +0.020; the noise, the same code twice,
+        # -0.009 to +0.005; 2026-12-07). A first byte in 1..0xFE, as 254 in 256 have, puts a
         # number above zero, below n (whose first byte is 0xFF) and without a zero byte
         # to strip, so the DER is the bytes themselves behind a head that depends on the
         # two top bits alone.
@@ -398,10 +399,12 @@ def check_claims(
     would pass every time check."""
     if not 0.0 <= leeway <= _MAX_TIME:
         raise ValueError(f"leeway must be a number of seconds in [0, 2**53], not {leeway!r}")
-    # Fast path, measured by bench/verify.py: it pays +0.007 to +0.025 in the ratio to
-    # raw `cryptography` (medians of three sets of paired runs, docs/design-notes.md).
-    # Claims of the usual shape (`claim_times`) with ``iss`` and ``aud`` the very string
-    # expected pass on one test per claim, instead of the checks' calls, sets and lists.
+    # Fast path, measured by bench/verify_fastpaths.py: on a cache hit, which re-checks
+    # the claims here, it pays +1.85 in the repeated workload's ratio to raw
+    # `cryptography` (quartiles +1.34 to +2.12; the noise -0.39 to +0.43), and nothing
+    # a fresh token can tell (+0.001, 2026-12-07). Claims of the usual shape
+    # (`claim_times`) with ``iss`` and ``aud`` the very string expected pass on one test
+    # per claim, instead of the checks' calls, sets and lists.
     # What it does not pass goes to `_check_claims`, which alone rejects, with every rule.
     if not (
         times is not None

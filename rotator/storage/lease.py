@@ -229,8 +229,9 @@ class Lease:
 
     Thread-safe: `refresh` (the daemon's lease job, on its own executor thread),
     `step_down` (the tick thread) and `release` (shutdown) take one lock, so no two
-    lease calls cross in Redis; `led` and `held` read the last step's result, replaced
-    whole by each step, from any thread without it."""
+    lease calls cross in Redis; `led` and `held` read the last step's result from any
+    thread without it (a read between a step's two assignments sees no shard led, or the
+    shards it led until then: never more than it holds)."""
 
     def __init__(
         self,

@@ -22,7 +22,14 @@ from rotator.storage.lease import LEASE_RETRIES, call_timeout
 from rotator.storage.registry import KeysetConfig, KeySets
 from rotator.storage.store import Store
 
-__all__ = ["ONE_SHOT_RETRIES", "Wiring", "WiringSettings"]
+__all__ = [
+    "ONE_SHOT_RETRIES",
+    "AuditOptions",
+    "LeaseOptions",
+    "StoreOptions",
+    "Wiring",
+    "WiringSettings",
+]
 
 #: Retries of a one-shot command's Redis client, so an unreachable Redis fails fast.
 ONE_SHOT_RETRIES = 2
