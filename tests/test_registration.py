@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from rotator.core.entry import encode_entry
+from rotator.core.entry import encode_entry, encode_overrides
 from rotator.core.overrides import PolicyOverrides
 from rotator.core.policy import Policy
 from rotator.core.registration import (
     Refused,
+    check_addable,
     check_issuer_path,
     merged_overrides,
     stored_overrides,
@@ -61,3 +62,20 @@ def test_an_issuer_path_is_one_key_set_s_own() -> None:
     ]
     with pytest.raises(Refused, match=r"\(inherited from \[rotation\]\.issuer\)"):
         check_issuer_path(issuers, "b", PolicyOverrides(), Policy(issuer=issuers["a"]))
+
+
+def test_a_name_is_added_again_only_with_the_policy_it_has() -> None:
+    six_hours = PolicyOverrides.model_validate({"interval": "6h"})
+    registered = {"billing": encode_entry(six_hours, "lineage-1")}
+    # The same policy (an add run twice) and a name not registered pass.
+    check_addable("billing", encode_overrides(six_hours), registered)
+    check_addable("orders", encode_overrides(PolicyOverrides()), registered)
+    with pytest.raises(Refused) as other:
+        check_addable(
+            "billing",
+            encode_overrides(PolicyOverrides.model_validate({"interval": "1h"})),
+            registered,
+        )
+    ((field, message),) = other.value.problems
+    assert field == ""
+    assert '"interval": "6h"' in message and "rotator keyset update billing" in message

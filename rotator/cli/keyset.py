@@ -22,7 +22,13 @@ from rotator.core.entry import encode_entry, encode_overrides, lineage_of, new_l
 from rotator.core.instants import parse_rfc3339, stamped
 from rotator.core.lifecycle import rotation_due_at
 from rotator.core.overrides import PolicyOverrides
-from rotator.core.registration import Refused, check_issuer_path, merged_overrides, stored_overrides
+from rotator.core.registration import (
+    Refused,
+    check_addable,
+    check_issuer_path,
+    merged_overrides,
+    stored_overrides,
+)
 from rotator.core.state import valid_time
 from rotator.core.strictjson import one_line
 from rotator.daemon.manager import KeyManager
@@ -76,11 +82,10 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
     if args.keyset_command == "add":
         _own_issuer_path(settings, keysets, name, overrides)
         policy = encode_overrides(overrides)
-        if name in registered and policy_of(registered[name]) != policy:
-            raise UsageError(
-                f"key set {name} is already registered with policy "
-                f"{policy_of(registered[name])}; change it with `rotator keyset update {name}`"
-            )
+        try:
+            check_addable(name, policy, registered)
+        except Refused as exc:
+            raise _usage(exc) from None
         added = store.register(name, encode_entry(overrides, new_lineage()))
         keysets.refresh()
         print_outcome(manager.reconcile(name))

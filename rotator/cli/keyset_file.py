@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rotator.cli.common import Failure, UsageError
 from rotator.config import Settings
-from rotator.core.entry import policy_of
+from rotator.core.registration import Refused, check_addable
 from rotator.daemon.manager import KeyManager
 from rotator.storage.layout import validate_keyset_name
 from rotator.storage.store import BATCH_SIZE, REMOVED
@@ -67,11 +67,10 @@ def add_from_file(
     for name in names:
         if name in configured:
             raise UsageError(f"key set {name} is defined in the config; change it there")
-        if name in registered and policy_of(registered[name]) != policy:
-            raise UsageError(
-                f"key set {name} is already registered with policy "
-                f"{policy_of(registered[name])}; change it with `rotator keyset update {name}`"
-            )
+        try:
+            check_addable(name, policy, registered)
+        except Refused as exc:
+            raise UsageError(str(exc)) from None
     added = 0
     for start in range(0, len(names), BATCH_SIZE):
         batch = names[start : start + BATCH_SIZE]

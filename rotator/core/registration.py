@@ -2,7 +2,8 @@
 whoever asks (`rotator keyset add` and ``update`` now; the daemon or an API could too):
 the policy given is laid over the entry's and checked (`merged_overrides`, over
 `stored_overrides` for an update), and the issuer path it makes is the key set's own
-(`check_issuer_path`).
+(`check_issuer_path`); a name already registered is added again only with the policy
+it has (`check_addable`).
 
 Pure: values in, `PolicyOverrides` or `Refused` out. `Refused` names the field of each
 problem, so that each caller names the fields its own way (the CLI by their flags).
@@ -15,12 +16,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rotator.core.entry import BadPolicy, parse_overrides
+from rotator.core.entry import BadPolicy, parse_overrides, policy_of
 from rotator.core.issuer import issuer_routes
 from rotator.core.overrides import PolicyOverrides, field_error
 from rotator.core.policy import Policy
 
-__all__ = ["Refused", "check_issuer_path", "merged_overrides", "stored_overrides"]
+__all__ = [
+    "Refused",
+    "check_addable",
+    "check_issuer_path",
+    "merged_overrides",
+    "stored_overrides",
+]
 
 
 class Refused(ValueError):
@@ -61,6 +68,23 @@ def stored_overrides(entry: str, base: Policy) -> dict[str, Any]:
     except BadPolicy:
         return {}
     return overrides.model_dump(mode="json", exclude_none=True)
+
+
+def check_addable(name: str, policy: str, registered: Mapping[str, str]) -> None:
+    """Refuse to add *name* with *policy* (its overrides' encoding) when *registered*
+    (name -> entry, tombstones left out) holds it with another policy: adding is not how
+    a policy changes. The same policy is allowed (an add run twice)."""
+    entry = registered.get(name)
+    if entry is not None and policy_of(entry) != policy:
+        raise Refused(
+            [
+                (
+                    "",
+                    f"key set {name} is already registered with policy {policy_of(entry)}; "
+                    f"change it with `rotator keyset update {name}`",
+                )
+            ]
+        )
 
 
 def check_issuer_path(
