@@ -1,15 +1,24 @@
-"""Prometheus metrics, registered by the process that exposes them, never at import.
+"""Prometheus metrics, built by the process that counts and registered by the process
+that exposes them, never at import.
 
-Importing this module (or any of rotator) registers nothing in any registry: a service
-that embeds a reader finds nothing of rotator in its own ``/metrics`` unless it opts in
-with `register_reader_metrics`. The daemon's health port and `rotator serve` call
-`register_process_metrics` when they start, which registers every family below in the
-registry they render (prometheus-client's default one).
+Importing this module (or any of rotator) builds no metric object and registers
+nothing in any registry: a service that embeds a reader finds nothing of rotator in its
+own ``/metrics`` unless it opts in with `register_reader_metrics`. Every metric object
+belongs to an object the process builds and hands to what counts into it:
 
-The counters, the histogram and the gauge are process-wide counts (the metric objects
-of prometheus-client), built unregistered here so that code anywhere may count; the
-per key set gauges are a `KeysetCollector` the daemon owns, and the readers' staleness
-a `ReaderMetrics` the service or `rotator serve` owns.
+* `ReaderMetrics`: the readers' staleness and their two counters
+  (``rotator_reader_verifications``, ``rotator_reader_usage_dropped``), counted by the
+  readers given it (``JWKSReader(..., metrics=...)``) and by no other;
+* `DaemonMetrics`: the daemon's rotations, Redis errors and leadership;
+* `commit_histogram`: the duration of the store's commits (``Store(commit_seconds=)``);
+* `refusals_counter`: the requests and connections `rotator serve` refused;
+* `KeysetCollector`: the per key set gauges, from the daemon's own records.
+
+`ProcessMetrics` holds one of each but the last; the wiring
+(`rotator.storage.wiring.Wiring`) builds it for the daemon and for `rotator serve`,
+which call `register_process_metrics` when they start to register every family in the
+registry they render (prometheus-client's default one), in the order ``/metrics`` has
+always had.
 
 A leaf: it imports prometheus-client and nothing of rotator, so any layer may use it.
 """
@@ -20,7 +29,7 @@ import math
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
@@ -29,69 +38,69 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 __all__ = [
-    "COMMIT_SECONDS",
     "CONTENT_TYPE",
-    "HTTP_REFUSALS",
-    "LEADER",
-    "REDIS_ERRORS",
-    "ROTATIONS",
-    "SHARDS_LED",
-    "USAGE_DROPPED",
-    "VERIFICATIONS",
+    "DaemonMetrics",
     "KeysetCollector",
     "KeysetSample",
+    "ProcessMetrics",
     "ReaderMetrics",
+    "commit_histogram",
     "exposition",
+    "refusals_counter",
     "register_process_metrics",
     "register_reader_metrics",
 ]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-ROTATIONS = Counter(
-    "rotator_rotations",
-    "Rotations seen in the audit stream, by key set and reason "
-    "(scheduled, manual, forced, revoke); every replica counts every rotation",
-    ["keyset", "reason"],
-    registry=None,
-)
-COMMIT_SECONDS = Histogram(
-    "rotator_commit_duration_seconds",
-    "Duration of a compare-and-set commit to Redis",
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
-    registry=None,
-)
-REDIS_ERRORS = Counter(
-    "rotator_redis_errors", "Redis commands that failed after retries", registry=None
-)
-LEADER = Gauge(
-    "rotator_leader", "1 while this replica leads any shard (holds a leader lease)", registry=None
-)
-SHARDS_LED = Gauge(
-    "rotator_leader_shards", "Shards this replica leads (of daemon.shards)", registry=None
-)
-USAGE_DROPPED = Counter(
-    "rotator_reader_usage_dropped",
-    "Verifications a reader counted but could not report to Redis in time, by key set",
-    ["keyset"],
-    registry=None,
-)
-VERIFICATIONS = Counter(
-    "rotator_reader_verifications",
-    "Verifications readers made, by key set, role of the kid the token named (current, "
-    "next, retired, imported; unknown: the key set holds no such kid, or the token named "
-    "none; untold: the daemon did not publish its role) and outcome (accepted, "
-    "refused:<reason>); counted when the reader reports its usage",
-    ["keyset", "role", "outcome"],
-    registry=None,
-)
-HTTP_REFUSALS = Counter(
-    "rotator_http_refusals",
-    "Requests or connections that rotator serve refused, by status (none: cut without "
-    "an answer) and reason",
-    ["status", "reason"],
-    registry=None,
-)
+
+class DaemonMetrics:
+    """The daemon's counters and gauges, built unregistered (`register_process_metrics`
+    registers them). Thread-safe, as prometheus-client's metric objects are: the lease's
+    thread sets the gauges, the tick's counts."""
+
+    def __init__(self) -> None:
+        self.rotations = Counter(
+            "rotator_rotations",
+            "Rotations seen in the audit stream, by key set and reason "
+            "(scheduled, manual, forced, revoke); every replica counts every rotation",
+            ["keyset", "reason"],
+            registry=None,
+        )
+        self.redis_errors = Counter(
+            "rotator_redis_errors", "Redis commands that failed after retries", registry=None
+        )
+        self.leader = Gauge(
+            "rotator_leader",
+            "1 while this replica leads any shard (holds a leader lease)",
+            registry=None,
+        )
+        self.shards_led = Gauge(
+            "rotator_leader_shards", "Shards this replica leads (of daemon.shards)", registry=None
+        )
+
+
+def commit_histogram() -> Histogram:
+    """``rotator_commit_duration_seconds``, unregistered: what a `Store` times its
+    commits into."""
+    return Histogram(
+        "rotator_commit_duration_seconds",
+        "Duration of a compare-and-set commit to Redis",
+        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        registry=None,
+    )
+
+
+def refusals_counter() -> Counter:
+    """``rotator_http_refusals``, unregistered: what `rotator serve` counts its refusals
+    into (the daemon exposes the family too, empty, so it is built here, below both)."""
+    return Counter(
+        "rotator_http_refusals",
+        "Requests or connections that rotator serve refused, by status (none: cut without "
+        "an answer) and reason",
+        ["status", "reason"],
+        registry=None,
+    )
 
 
 @dataclass(frozen=True)
@@ -141,19 +150,19 @@ class KeysetCollector(Collector):
 
     def _families(self) -> list[tuple[GaugeMetricFamily, str]]:
         return [
-            (GaugeMetricFamily(name, doc, labels=["keyset"]), field)
-            for name, doc, field in _KEYSET_GAUGES
+            (GaugeMetricFamily(name, doc, labels=["keyset"]), attribute)
+            for name, doc, attribute in _KEYSET_GAUGES
         ]
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        return (family for family, _field in self._families())
+        return (family for family, _attribute in self._families())
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         families = self._families()
         for sample in self._source() if self._source else ():
-            for family, field in families:
-                family.add_metric([sample.keyset], getattr(sample, field))
-        return (family for family, _field in families)
+            for family, attribute in families:
+                family.add_metric([sample.keyset], getattr(sample, attribute))
+        return (family for family, _attribute in families)
 
 
 class _HasStaleness(Protocol):
@@ -161,15 +170,38 @@ class _HasStaleness(Protocol):
 
 
 class ReaderMetrics(Collector):
-    """``rotator_reader_staleness_seconds{keyset}`` of the reader caches watched, computed
+    """What the readers given it report: as a collector,
+    ``rotator_reader_staleness_seconds{keyset}`` of the reader caches watched, computed
     once per cache when scraped (infinite for a key set never read; the worst of the
-    caches holding a key set). Caches are held weakly, so one dropped without `forget`
+    caches holding a key set); and the two counters the readers' usage counts add to,
+    `verifications` and `usage_dropped`, registered beside it by
+    `register_reader_metrics`. Caches are held weakly, so one dropped without `forget`
     leaves when it is collected. Thread-safe: the set of caches is guarded by a lock,
-    as caches come and go on any thread while a scrape runs on another."""
+    as caches come and go on any thread while a scrape runs on another; the counters
+    are prometheus-client's, which take their own."""
 
     def __init__(self) -> None:
         self._caches: weakref.WeakSet[_HasStaleness] = weakref.WeakSet()
         self._lock = threading.Lock()
+        #: ``rotator_reader_verifications{keyset,role,outcome}``, added to at each usage
+        #: flush (`rotator.library.usage.meter`).
+        self.verifications = Counter(
+            "rotator_reader_verifications",
+            "Verifications readers made, by key set, role of the kid the token named "
+            "(current, next, retired, imported; unknown: the key set holds no such kid, or "
+            "the token named none; untold: the daemon did not publish its role) and outcome "
+            "(accepted, refused:<reason>); counted when the reader reports its usage",
+            ["keyset", "role", "outcome"],
+            registry=None,
+        )
+        #: ``rotator_reader_usage_dropped{keyset}``, added to when a reader drops counts it
+        #: could not report (`rotator.library.usage.UsageCounter.restore`).
+        self.usage_dropped = Counter(
+            "rotator_reader_usage_dropped",
+            "Verifications a reader counted but could not report to Redis in time, by key set",
+            ["keyset"],
+            registry=None,
+        )
 
     def watch(self, cache: _HasStaleness) -> None:
         """Report the staleness of *cache* from now on."""
@@ -208,36 +240,54 @@ class ReaderMetrics(Collector):
 def register_reader_metrics(registry: CollectorRegistry = REGISTRY) -> ReaderMetrics:
     """Opt in to ``rotator_reader_staleness_seconds``, ``rotator_reader_usage_dropped``
     and ``rotator_reader_verifications`` in *registry*: pass the result to the readers
-    (``JWKSReader(..., metrics=...)``) for the staleness; the two counters count every
-    reader of the process that reports usage. Call it once per registry (a second
-    registration of the same name is refused by prometheus-client)."""
+    (``JWKSReader(..., metrics=...)``), which report their staleness and count their
+    usage there (a reader given none counts in no metric). Call it once per registry (a
+    second registration of the same name is refused by prometheus-client)."""
     readers = ReaderMetrics()
-    registry.register(readers)
-    registry.register(USAGE_DROPPED)
-    registry.register(VERIFICATIONS)
+    _register_readers(registry, readers)
     return readers
+
+
+def _register_readers(registry: CollectorRegistry, readers: ReaderMetrics) -> None:
+    # One order for both callers: the staleness, then the two counters, as /metrics has had.
+    registry.register(readers)
+    registry.register(readers.usage_dropped)
+    registry.register(readers.verifications)
+
+
+@dataclass(frozen=True)
+class ProcessMetrics:
+    """Every metric object the daemon and `rotator serve` expose but the per key set
+    gauges (whose collector the daemon builds over its own records), built unregistered.
+    The process builds one (`rotator.storage.wiring.Wiring.metrics`), hands each part to
+    what counts into it, and registers it with `register_process_metrics`."""
+
+    daemon: DaemonMetrics = field(default_factory=DaemonMetrics)
+    readers: ReaderMetrics = field(default_factory=ReaderMetrics)
+    commit_seconds: Histogram = field(default_factory=commit_histogram)
+    http_refusals: Counter = field(default_factory=refusals_counter)
 
 
 def register_process_metrics(
-    registry: CollectorRegistry = REGISTRY, keysets: KeysetCollector | None = None
-) -> ReaderMetrics:
+    metrics: ProcessMetrics,
+    registry: CollectorRegistry = REGISTRY,
+    keysets: KeysetCollector | None = None,
+) -> None:
     """Register every family the daemon and `rotator serve` expose on ``/metrics`` in
-    *registry*: the process-wide counts, the per key set gauges of *keysets* (empty
-    without one) and the readers' staleness, whose collector is returned for the
-    process's reader caches. Call it once per process, when it starts."""
-    registry.register(ROTATIONS)
+    *registry*: those of *metrics* and the per key set gauges of *keysets* (empty
+    without one). Call it once per process, when it starts."""
+    registry.register(metrics.daemon.rotations)
     registry.register(keysets or KeysetCollector())
-    readers = register_reader_metrics(registry)
+    _register_readers(registry, metrics.readers)
     later: tuple[Collector, ...] = (
-        COMMIT_SECONDS,
-        REDIS_ERRORS,
-        LEADER,
-        SHARDS_LED,
-        HTTP_REFUSALS,
+        metrics.commit_seconds,
+        metrics.daemon.redis_errors,
+        metrics.daemon.leader,
+        metrics.daemon.shards_led,
+        metrics.http_refusals,
     )
     for collector in later:  # in this order, so that /metrics reads as it always has
         registry.register(collector)
-    return readers
 
 
 def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:

@@ -476,7 +476,7 @@ def exposed_names() -> set[str]:
     """Sample names the daemon and `rotator serve` expose (each family with its suffixes):
     what they register when they start."""
     registry = CollectorRegistry()
-    metrics.register_process_metrics(registry)
+    metrics.register_process_metrics(metrics.ProcessMetrics(), registry)
     names = set()
     for family in text_string_to_metric_families(metrics.exposition(registry).decode()):
         suffixes = {

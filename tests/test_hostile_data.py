@@ -31,7 +31,6 @@ from rotator.daemon.manager import KeyManager
 from rotator.daemon.scheduler import Daemon
 from rotator.embedded import EmbeddedRedis
 from rotator.library.jwks_import import import_jwks
-from rotator.metrics import ROTATIONS
 from rotator.storage.audit import AuditLog, BadAuditEntry
 from rotator.storage.events import EventFollower, keyset_of
 from rotator.storage.layout import Layout
@@ -536,11 +535,11 @@ def test_an_audit_entry_with_a_bad_at_does_not_end_the_tick(
     daemon.tick()
     client.xadd("rotator:audit", {"at": at, "keyset": "alpha", "version": "1", "event": "x",
                                   "kid": "k", "reason": ""})  # fmt: skip
-    before = ROTATIONS.labels("alpha", "scheduled")._value.get()
+    before = daemon.metrics.rotations.labels("alpha", "scheduled")._value.get()
     clock.advance(100)
     daemon.tick()
     daemon.tick()
-    assert ROTATIONS.labels("alpha", "scheduled")._value.get() == before + 1
+    assert daemon.metrics.rotations.labels("alpha", "scheduled")._value.get() == before + 1
     assert daemon._scheduler.get_job("wake") is not None  # the tick ran to its end
     (bad,) = [e for e in daemon.manager.audit.since("0-0") if isinstance(e, BadAuditEntry)]
     assert "not UTF-8" in str(bad) if at == b"\xff" else "at is" in str(bad)
@@ -555,10 +554,10 @@ def test_forged_rotations_in_the_audit_stream_make_no_series_of_their_own(
     daemon.tick()
     before = {
         (s.labels["keyset"], s.labels["reason"])
-        for metric in ROTATIONS.collect()
+        for metric in daemon.metrics.rotations.collect()
         for s in metric.samples
     }
-    other = ROTATIONS.labels("alpha", "other")._value.get()
+    other = daemon.metrics.rotations.labels("alpha", "other")._value.get()
     for i in range(20):
         client.xadd("rotator:audit", {"at": "1", "keyset": f"nobody-{i}", "version": "1",
                                       "event": "rotate", "kid": "k", "reason": ""})  # fmt: skip
@@ -567,11 +566,11 @@ def test_forged_rotations_in_the_audit_stream_make_no_series_of_their_own(
     daemon.tick()
     after = {
         (s.labels["keyset"], s.labels["reason"])
-        for metric in ROTATIONS.collect()
+        for metric in daemon.metrics.rotations.collect()
         for s in metric.samples
     }
     assert after - before <= {("alpha", "other")}
-    assert ROTATIONS.labels("alpha", "other")._value.get() == other + 20
+    assert daemon.metrics.rotations.labels("alpha", "other")._value.get() == other + 20
 
 
 def test_a_state_key_of_another_type_is_unreadable_not_lost(

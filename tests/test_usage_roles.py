@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import redis
 from cryptography.hazmat.primitives.asymmetric import ec
-from prometheus_client import CollectorRegistry
 
 from rotator.core.envelope import Keyring
 from rotator.core.jwk import load_private_key
@@ -27,7 +26,7 @@ from rotator.library.aioreader import AsyncJWKSReader
 from rotator.library.errors import MalformedToken, UnknownKid
 from rotator.library.reader import JWKSReader
 from rotator.library.usage import UsageCounter, UsageFlusher
-from rotator.metrics import VERIFICATIONS
+from rotator.metrics import ReaderMetrics
 from rotator.storage.layout import Layout
 from rotator.storage.store import Store
 from rotator.storage.usage import ACCEPTED
@@ -41,23 +40,22 @@ REFUSED_UNKNOWN = "refused:UnknownKid"
 
 
 @pytest.fixture
-def registry() -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(VERIFICATIONS)
-    return registry
+def metrics() -> ReaderMetrics:
+    """What the readers of a test count into (`register_reader_metrics` builds the same)."""
+    return ReaderMetrics()
 
 
 class Counts:
-    """``rotator_reader_verifications_total`` of key set ``default`` as it moved since
-    this was made (the counter is process-wide)."""
+    """``rotator_reader_verifications_total`` of *metrics* for key set ``default`` as it
+    moved since this was made."""
 
-    def __init__(self, registry: CollectorRegistry, keyset: str = "default") -> None:
-        self.registry, self.keyset = registry, keyset
+    def __init__(self, metrics: ReaderMetrics, keyset: str = "default") -> None:
+        self.metrics, self.keyset = metrics, keyset
         self.before = self._all()
 
     def _all(self) -> dict[tuple[str, str], float]:
         found: dict[tuple[str, str], float] = {}
-        for family in self.registry.collect():
+        for family in self.metrics.verifications.collect():
             for sample in family.samples:
                 if sample.name.endswith("_total") and sample.labels["keyset"] == self.keyset:
                     found[sample.labels["role"], sample.labels["outcome"]] = sample.value
@@ -104,13 +102,13 @@ def test_a_kid_is_counted_as_next_then_current_then_retired(
     keyring: Keyring,
     clock: FakeClock,
     redis_server: EmbeddedRedis,
-    registry: CollectorRegistry,
+    metrics: ReaderMetrics,
 ) -> None:
     state = manager.reconcile("default").state
     kid = state.next.kid if state and state.next else ""
     token = token_of(manager, keyring, kid)
-    counts = Counts(registry)
-    with JWKSReader(redis_server.url, follow=False, usage_interval=3600) as reader:
+    counts = Counts(metrics)
+    with JWKSReader(redis_server.url, follow=False, usage_interval=3600, metrics=metrics) as reader:
         verify(reader, token)
         flush(reader)
         assert counts.moved() == {(Status.NEXT, ACCEPTED): 1}
@@ -136,26 +134,26 @@ def test_a_kid_is_counted_as_next_then_current_then_retired(
 
 
 def test_an_imported_key_is_counted_as_imported(
-    manager: KeyManager, clock: FakeClock, redis_server: EmbeddedRedis, registry: CollectorRegistry
+    manager: KeyManager, clock: FakeClock, redis_server: EmbeddedRedis, metrics: ReaderMetrics
 ) -> None:
     manager.reconcile("default")
     manager.import_verify_only("default", [foreign_jwk(7)], until=clock.now + 3600)
-    counts = Counts(registry)
-    with JWKSReader(redis_server.url, follow=False, usage_interval=3600) as reader:
+    counts = Counts(metrics)
+    with JWKSReader(redis_server.url, follow=False, usage_interval=3600, metrics=metrics) as reader:
         verify(reader, foreign_token(7, "key1"))
     assert counts.moved() == {(Status.IMPORTED, ACCEPTED): 1}
 
 
 def test_the_async_reader_counts_by_role_too(
-    manager: KeyManager, keyring: Keyring, redis_server: EmbeddedRedis, registry: CollectorRegistry
+    manager: KeyManager, keyring: Keyring, redis_server: EmbeddedRedis, metrics: ReaderMetrics
 ) -> None:
     state = manager.reconcile("default").state
     assert state is not None
     token = token_of(manager, keyring, state.current.kid)
-    counts = Counts(registry)
+    counts = Counts(metrics)
 
     async def run() -> None:
-        async with AsyncJWKSReader(redis_server.url, follow=False) as reader:
+        async with AsyncJWKSReader(redis_server.url, follow=False, metrics=metrics) as reader:
             await reader.verify(token, audience="svc", issuer="iam")
             with pytest.raises(UnknownKid):
                 await reader.verify(foreign_token(9, "nobody"), audience="svc", issuer="iam")
@@ -189,7 +187,7 @@ def test_roles_missing_or_hostile_leave_the_kids_untold_and_verifying(
     keyring: Keyring,
     client: redis.Redis,
     redis_server: EmbeddedRedis,
-    registry: CollectorRegistry,
+    metrics: ReaderMetrics,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     state = manager.reconcile("default").state
@@ -198,8 +196,8 @@ def test_roles_missing_or_hostile_leave_the_kids_untold_and_verifying(
     client.delete(LAYOUT.roles("default"))
     if stored is not None:
         client.set(LAYOUT.roles("default"), stored)
-    counts = Counts(registry)
-    with JWKSReader(redis_server.url, follow=False, usage_interval=3600) as reader:
+    counts = Counts(metrics)
+    with JWKSReader(redis_server.url, follow=False, usage_interval=3600, metrics=metrics) as reader:
         verify(reader, token)
         flush(reader)
         assert reader.refresh()  # the same bytes again: said once, if at all
@@ -220,7 +218,7 @@ def test_roles_of_other_jwks_bytes_are_not_taken(
     clock: FakeClock,
     client: redis.Redis,
     redis_server: EmbeddedRedis,
-    registry: CollectorRegistry,
+    metrics: ReaderMetrics,
 ) -> None:
     """A JWKS rewritten alone (a daemon of an older release, mid-upgrade) keeps the roles of
     the JWKS before it: told wrong, unless bound to the bytes."""
@@ -231,18 +229,18 @@ def test_roles_of_other_jwks_bytes_are_not_taken(
     clock.advance(30)
     manager.rotate("default")  # the next key became current
     client.set(LAYOUT.roles("default"), stale_roles)  # type: ignore[arg-type]
-    counts = Counts(registry)
-    with JWKSReader(redis_server.url, follow=False, usage_interval=3600) as reader:
+    counts = Counts(metrics)
+    with JWKSReader(redis_server.url, follow=False, usage_interval=3600, metrics=metrics) as reader:
         verify(reader, token)
     assert counts.moved() == {(UNTOLD, ACCEPTED): 1}
 
 
-def test_counts_given_back_by_a_failed_flush_are_metered_once(registry: CollectorRegistry) -> None:
+def test_counts_given_back_by_a_failed_flush_are_metered_once(metrics: ReaderMetrics) -> None:
     wall = FakeClock(now=time.time())
-    counter = UsageCounter("metered", wall_clock=wall)
+    counter = UsageCounter("metered", wall_clock=wall, metrics=metrics)
     nowhere = redis.Redis(port=free_port(), socket_connect_timeout=1.0)
     flusher = UsageFlusher(counter, nowhere, LAYOUT, 3600, lambda: {"k1": "current"})
-    counts = Counts(registry, "metered")
+    counts = Counts(metrics, "metered")
     counter.record("k1", ACCEPTED)
     counter.record("k1", ACCEPTED)
     assert not flusher.flush()
@@ -270,7 +268,7 @@ def test_a_verifier_acl_of_before_the_roles_still_verifies_untold(
     old_acl_redis: EmbeddedRedis,
     keyring: Keyring,
     clock: FakeClock,
-    registry: CollectorRegistry,
+    metrics: ReaderMetrics,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     daemon = redis.Redis.from_url(url(old_acl_redis, "daemon"))
@@ -279,10 +277,10 @@ def test_a_verifier_acl_of_before_the_roles_still_verifies_untold(
     assert state is not None
     token = token_of(manager, keyring, state.current.kid)
     verifier = url(old_acl_redis, "verifier")
-    counts = Counts(registry)
+    counts = Counts(metrics)
     with (
         caplog.at_level(logging.WARNING),
-        JWKSReader(verifier, follow=False, usage_interval=3600) as reader,
+        JWKSReader(verifier, follow=False, usage_interval=3600, metrics=metrics) as reader,
     ):
         verify(reader, token)
         assert reader.refresh()

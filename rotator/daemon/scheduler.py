@@ -45,15 +45,7 @@ from rotator.daemon.health import Health, HealthServer
 from rotator.daemon.manager import KEYSET_ERRORS, KeyManager, Outcome
 from rotator.daemon.sweep import Sweep
 from rotator.daemon.systemd import notify, watchdog_seconds
-from rotator.metrics import (
-    LEADER,
-    REDIS_ERRORS,
-    ROTATIONS,
-    SHARDS_LED,
-    KeysetCollector,
-    KeysetSample,
-    register_process_metrics,
-)
+from rotator.metrics import KeysetCollector, KeysetSample, register_process_metrics
 from rotator.storage.audit import BadAuditEntry
 from rotator.storage.events import EventFollower
 from rotator.storage.lease import Lease, SlowTicks, Verdict
@@ -168,6 +160,8 @@ class Daemon:
         # rotation period, read by the gauges when scraped.
         self._states: dict[str, _Seen] = {}
         self.keyset_metrics = KeysetCollector(self._samples)
+        #: The daemon's counters and gauges, from its wiring's metric objects.
+        self.metrics = wiring.metrics.daemon
         self._ready_sent = False
         self._watchdog = watchdog_seconds()
         self._audit_seen: str | None = None
@@ -263,8 +257,8 @@ class Daemon:
         """Health and gauges: this daemon leads *led*."""
         self.health.shards = tuple(sorted(led))
         self.health.leader = bool(led)
-        LEADER.set(1 if led else 0)
-        SHARDS_LED.set(len(led))
+        self.metrics.leader.set(1 if led else 0)
+        self.metrics.shards_led.set(len(led))
 
     def timed_tick(self) -> None:
         """`tick`, timed: a leader whose ticks keep taking longer than ``daemon.tick`` steps
@@ -744,9 +738,10 @@ class Daemon:
                     # Labels bounded by what is managed and by the reasons rotator writes:
                     # forged entries made a series each, without end (RSS, /metrics).
                     reason = entry.reason or "scheduled"
-                    ROTATIONS.labels(entry.keyset, reason if reason in _REASONS else "other").inc()
+                    label = reason if reason in _REASONS else "other"
+                    self.metrics.rotations.labels(entry.keyset, label).inc()
         except (redis.RedisError, OSError):
-            REDIS_ERRORS.inc()
+            self.metrics.redis_errors.inc()
             return
         if unreadable:
             log.warning(
@@ -757,7 +752,7 @@ class Daemon:
             )
 
     def _redis_failed(self, exc: Exception) -> None:
-        REDIS_ERRORS.inc()
+        self.metrics.redis_errors.inc()
         self.health.redis_down()
         # Whatever Redis came back with, look at all of it.
         self._sweep.now()
@@ -843,7 +838,7 @@ class Daemon:
                     exc.strerror or exc,
                 )
         self.restore_backup()
-        register_process_metrics(keysets=self.keyset_metrics)
+        register_process_metrics(self._wiring.metrics, keysets=self.keyset_metrics)
         server = None
         if daemon.health_port:
             try:

@@ -362,8 +362,7 @@ class AsyncJWKSCache:
 class AsyncJWKSReader:
     """The asyncio twin of `JWKSReader`: ``async with AsyncJWKSReader(url) as r:
     claims = await r.verify(token, audience=..., issuer=...)``. Owned by the event loop
-    it is entered on, like its `AsyncJWKSCache`. *metrics*: report the copy's staleness
-    there (see `rotator.metrics.register_reader_metrics`). *report_usage* and
+    it is entered on, like its `AsyncJWKSCache`. *metrics*, *report_usage* and
     *usage_interval*: as `JWKSReader`'s.
     It keeps a verified-token cache as `JWKSReader` does (`rotator.library.tokencache`)."""
 
@@ -403,7 +402,11 @@ class AsyncJWKSReader:
         #: The verified-token cache (`rotator.library.tokencache`), empty when off.
         self.tokens = TokenCache(token_cache_size, token_cache_bytes)
         self.wall_clock = wall_clock
-        self.usage = UsageCounter(self.keyset, wall_clock=wall_clock) if report_usage else None
+        self.usage = (
+            UsageCounter(self.keyset, wall_clock=wall_clock, metrics=metrics)
+            if report_usage
+            else None
+        )
         self._checker = Checker(self.tokens, self.usage, HeaderCache(), max_token_bytes)
         self._flusher = (
             None

@@ -317,10 +317,12 @@ class JWKSCache:
 
 class JWKSReader:
     """Verifies the tokens of one key set, each key in its own algorithm; use as a context
-    manager or call `start` and `close`. *metrics*: report the copy's staleness there (see
-    `rotator.metrics.register_reader_metrics`). *report_usage*: count verifications per kid
-    and outcome and report them to Redis every *usage_interval* seconds, counted in
-    ``rotator_reader_verifications`` by the kid's role too (`rotator.library.usage`).
+    manager or call `start` and `close`. *metrics*: report the copy's staleness there, and
+    count the usage in its counters (see `rotator.metrics.register_reader_metrics`; none:
+    in no Prometheus metric). *report_usage*: count verifications per kid and outcome and
+    report them to Redis every *usage_interval* seconds, counted in the
+    ``rotator_reader_verifications`` of *metrics* by the kid's role too
+    (`rotator.library.usage`).
 
     *token_cache_size*, *token_cache_bytes*: bounds of the verified-token cache
     (`rotator.library.tokencache`); a size of 0 turns it off.
@@ -366,7 +368,11 @@ class JWKSReader:
         self.wall_clock = wall_clock
         self._slot: Slot | None = None
         self._clock, self._limits = clock, limits
-        self.usage = UsageCounter(self.keyset, wall_clock=wall_clock) if report_usage else None
+        self.usage = (
+            UsageCounter(self.keyset, wall_clock=wall_clock, metrics=metrics)
+            if report_usage
+            else None
+        )
         self._checker = Checker(self.tokens, self.usage, HeaderCache(), max_token_bytes)
         self._flusher = (
             None

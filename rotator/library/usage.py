@@ -17,15 +17,15 @@ any other under `UNKNOWN_KID`, and a token refused before its kid was looked up 
 `NO_KID`, so a hostile caller inventing kids adds no counters.
 
 A flush that fails gives its counts back (`UsageCounter.restore`); counts older than
-``hold`` seconds are then dropped and added to `UsageCounter.dropped` (and the
-``rotator_reader_usage_dropped`` metric), so a reader cut off from Redis keeps
-verifying in bounded memory.
+``hold`` seconds are then dropped and added to `UsageCounter.dropped` (and to the
+``rotator_reader_usage_dropped`` counter of the counter's `ReaderMetrics`, if it was
+given one), so a reader cut off from Redis keeps verifying in bounded memory.
 
 Each flush also adds the counts new since the last one (`UsageCounter.hand_over`: those
-given back are not counted twice) to ``rotator_reader_verifications{keyset,role,outcome}``
-(`meter`), whether or not Redis takes them, with each kid's role as the daemon published
-it beside the JWKS the reader holds (`role_of`, `rotator.core.roles`): a bounded label,
-where the kids are not.
+given back are not counted twice) to the ``rotator_reader_verifications{keyset,role,outcome}``
+counter of the counter's `ReaderMetrics`, if any (`meter`), whether or not Redis takes
+them, with each kid's role as the daemon published it beside the JWKS the reader holds
+(`role_of`, `rotator.core.roles`): a bounded label, where the kids are not.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import redis.asyncio as aioredis
 
 from rotator.core.roles import UNKNOWN, UNTOLD
 from rotator.library.errors import InvalidToken
-from rotator.metrics import USAGE_DROPPED, VERIFICATIONS
+from rotator.metrics import ReaderMetrics
 from rotator.storage.layout import Layout
 from rotator.storage.usage import ACCEPTED, MinuteCounts, queue_report
 
@@ -89,15 +89,20 @@ def role_of(kid: str, roles: Mapping[str, str] | None) -> str:
     return roles.get(kid, UNTOLD)
 
 
-def meter(keyset: str, taken: Iterable[MinuteCounts], roles: Mapping[str, str] | None) -> None:
-    """Add *taken* to ``rotator_reader_verifications``, by the role of each kid in
-    *roles*."""
+def meter(
+    metrics: ReaderMetrics,
+    keyset: str,
+    taken: Iterable[MinuteCounts],
+    roles: Mapping[str, str] | None,
+) -> None:
+    """Add *taken* to the ``rotator_reader_verifications`` of *metrics*, by the role of
+    each kid in *roles*."""
     sums: Counter[tuple[str, str]] = Counter()
     for counts in taken:
         for (outcome, kid), n in counts.counts.items():
             sums[role_of(kid, roles), outcome] += n
     for (role, outcome), n in sums.items():
-        VERIFICATIONS.labels(keyset, role, outcome).inc(n)
+        metrics.verifications.labels(keyset, role, outcome).inc(n)
 
 
 def _merge(into: dict[int, MinuteCounts], taken: Iterable[MinuteCounts]) -> None:
@@ -114,7 +119,8 @@ def _oldest_first(minutes: dict[int, MinuteCounts]) -> list[MinuteCounts]:
 
 
 class UsageCounter:
-    """The counts of one reader's verifications of *keyset* not yet written to Redis.
+    """The counts of one reader's verifications of *keyset* not yet written to Redis;
+    with *metrics*, the flushes also count them there (none: in no Prometheus metric).
 
     Thread-safe: one lock, held only to add to or swap the counts; `accepted` takes none
     (a deque's append is atomic)."""
@@ -125,8 +131,10 @@ class UsageCounter:
         *,
         hold: float = DEFAULT_HOLD,
         wall_clock: Callable[[], float] = time.time,
+        metrics: ReaderMetrics | None = None,
     ) -> None:
         self.keyset = keyset
+        self.metrics = metrics
         self.hold = hold
         self.wall_clock = wall_clock
         self.dropped = 0
@@ -233,8 +241,8 @@ class UsageCounter:
         with self._lock:
             _merge(self._given_back, (counts for counts in taken if counts.minute >= oldest))
             self.dropped += lost
-        if lost:
-            USAGE_DROPPED.labels(self.keyset).inc(lost)
+        if lost and self.metrics is not None:
+            self.metrics.usage_dropped.labels(self.keyset).inc(lost)
 
 
 def _untold() -> None:
@@ -243,8 +251,9 @@ def _untold() -> None:
 
 class UsageFlusher:
     """Writes the counts of *counter* to Redis every *interval* seconds on its own thread,
-    and once more at `close`; each flush `meter`s the new ones with the kids' roles that
-    *roles* gives (by default none: every kid untold)."""
+    and once more at `close`; each flush `meter`s the new ones into the counter's
+    metrics, if any, with the kids' roles that *roles* gives (by default none: every kid
+    untold)."""
 
     def __init__(
         self,
@@ -340,8 +349,9 @@ class AsyncUsageFlusher:
 
 
 def _metered(counter: UsageCounter, roles: RolesOf) -> list[MinuteCounts]:
-    """What a flush writes: every count *counter* holds, the new ones `meter`ed first."""
+    """What a flush writes: every count *counter* holds, the new ones `meter`ed first
+    (into the counter's metrics, if it has any)."""
     new, given_back = counter.hand_over()
-    if new:
-        meter(counter.keyset, new, roles())
+    if new and counter.metrics is not None:
+        meter(counter.metrics, counter.keyset, new, roles())
     return new + given_back

@@ -42,7 +42,7 @@ from rotator.library.errors import KeySetUnavailable
 from rotator.library.jwks_import import VerificationKeys, etag_of
 from rotator.library.keycache import ReaderLimits
 from rotator.library.reader import JWKSCache
-from rotator.metrics import CONTENT_TYPE, HTTP_REFUSALS, exposition, register_process_metrics
+from rotator.metrics import CONTENT_TYPE, ProcessMetrics, exposition, register_process_metrics
 from rotator.serve import httpd, workers
 from rotator.serve.answers import AnswerCache, Answers
 from rotator.serve.discovery import discovery_document
@@ -53,7 +53,6 @@ from rotator.storage.wiring import Wiring
 
 __all__ = [
     "DISCOVERY_SUFFIX",
-    "HTTP_REFUSALS",
     "IAM_PATH",
     "JWKS_PATH",
     "METRICS_MAX_AGE",
@@ -139,13 +138,15 @@ class JWKSApp:
         self.settings = settings = wiring.settings
         self.wiring = wiring
         server = settings.server
-        # The wiring's client, so Sentinel, Cluster and the TLS files apply to serve too.
+        # The wiring's client, so Sentinel, Cluster and the TLS files apply to serve too;
+        # its staleness in the readers' gauge of the wiring's metric objects.
         self.cache = cache or JWKSCache(
             wiring.client,
             prefix=settings.redis.prefix,
             limits=ReaderLimits(max_stale=server.max_stale, poll_interval=server.poll_interval),
             max_keysets=server.max_keysets,
             on_event=self._announced,
+            metrics=wiring.metrics.readers,
         )
         held = max(server.max_keysets, len(settings.configured_keysets()))
         # Cache-Control follows each key set's policy (`rotator.serve.policies`).
@@ -318,15 +319,22 @@ def _app_named(request: Request) -> str | None:
     return named.decode("latin-1") if named else None
 
 
-def _count_refusal(status: int | None, reason: str) -> None:
-    HTTP_REFUSALS.labels("none" if status is None else str(status), reason).inc()
+def _refusals_into(metrics: ProcessMetrics) -> Callable[[int | None, str], None]:
+    """The `httpd.Options.on_refusal` hook that counts each refusal into the
+    ``rotator_http_refusals`` of *metrics*."""
+
+    def count(status: int | None, reason: str) -> None:
+        metrics.http_refusals.labels("none" if status is None else str(status), reason).inc()
+
+    return count
 
 
 def serve(settings: Settings) -> int:
     """Serve on ``server.host:server.port`` (and ``/metrics`` on ``server.metrics_port``
     if set) until SIGTERM or SIGINT; return the exit status. Each worker process builds
     its own `Wiring` and `JWKSApp` from *settings*, after the fork, so no Redis connection
-    is shared between processes."""
+    is shared between processes; the metric objects are built and registered here,
+    before the fork, so that each worker counts into its copy of them."""
     server = settings.server
     addresses = [(server.host, server.port)]
     if server.metrics_port is not None:
@@ -343,6 +351,8 @@ def serve(settings: Settings) -> int:
     log.info("serving JWKS on http://%s:%d%s", server.host, server.port, JWKS_PATH)
     if server.metrics_port is not None:
         log.info("serving metrics on http://%s:%d/metrics", *addresses[1])
+    metrics = ProcessMetrics()
+    register_process_metrics(metrics)
     options = httpd.Options(
         threads=server.threads,
         head_timeout=server.head_timeout,
@@ -350,14 +360,11 @@ def serve(settings: Settings) -> int:
         send_timeout=server.send_timeout,
         max_connections=server.max_connections,
         max_requests=server.max_requests_per_connection,
-        on_refusal=_count_refusal,
+        on_refusal=_refusals_into(metrics),
     )
 
-    readers = register_process_metrics()
-
     def handlers() -> list[httpd.Handler]:
-        app = JWKSApp(Wiring(settings)).start()
-        readers.watch(app.cache)
+        app = JWKSApp(Wiring(settings, metrics=metrics)).start()
         served: list[httpd.Handler] = [app, app.metrics]
         return served[: len(socks)]
 

@@ -27,14 +27,14 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import redis
 
 from rotator.core.state import MAX_STORED_BYTES, CorruptState, KeySetState, decode_state, too_long
 from rotator.core.strictjson import stored_bytes
-from rotator.metrics import COMMIT_SECONDS
 from rotator.storage.connect import wrong_type
 from rotator.storage.layout import Layout
 from rotator.storage.lease import lease_left
@@ -44,6 +44,7 @@ __all__ = [
     "PARSED_STATES",
     "RECENT_STATES",
     "REMOVED",
+    "CommitTimer",
     "Conflict",
     "Snapshot",
     "Store",
@@ -361,6 +362,16 @@ def _bounded(raw: bytes | int | None) -> bytes | None:
     return b"" if isinstance(raw, int) else raw
 
 
+class CommitTimer(Protocol):
+    """What a `Store` times its commits into: prometheus-client's ``Histogram`` is one
+    (``rotator.metrics.commit_histogram``), named by its shape so that storage imports
+    no metrics library."""
+
+    def time(self) -> AbstractContextManager[object]:
+        """A context manager that records how long its block took."""
+        ...
+
+
 class Conflict(Exception):
     """Another writer committed first; reload and decide again."""
 
@@ -401,11 +412,15 @@ class Store:
         min_replicas_ack: int = 0,
         replica_ack_timeout: float = 1.0,
         bounded_reads: bool = True,
+        commit_seconds: CommitTimer | None = None,
     ) -> None:
         """*bounded_reads*: read key sets with a script that leaves a value over
         `MAX_STORED_BYTES` in Redis; ``False`` for a role that may not run scripts (the
-        signer's), whose reads are MGETs, a state over it refused once read."""
+        signer's), whose reads are MGETs, a state over it refused once read.
+        *commit_seconds*: what each batch of commits is timed into (the process's
+        ``rotator_commit_duration_seconds``); none, not timed."""
         self.client = client
+        self._commit_seconds = commit_seconds
         self.layout = layout
         self.min_replicas_ack = min_replicas_ack
         self.replica_ack_timeout = replica_ack_timeout
@@ -690,7 +705,8 @@ class Store:
             kept = [w for i, w in enumerate(writes) if i not in unstorable]
             others = iter(self.commit_many(kept) if kept else [])
             return [unstorable[i] if i in unstorable else next(others) for i in range(len(writes))]
-        with COMMIT_SECONDS.time():
+        timed = self._commit_seconds
+        with timed.time() if timed is not None else nullcontext():
             if self._cluster:
                 replies = [self._guarded_commit(keys, args) for keys, args in calls]
             else:

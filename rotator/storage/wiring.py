@@ -1,10 +1,11 @@
 """The one wiring point: from settings to the objects a process needs.
 
 The CLI commands, the daemon, serve and `Signer.from_settings` each build one `Wiring`
-and take the Redis clients, the store, the registry view, the audit log and the KEKs
-from it, so every process builds them the same way, each once. It reads the settings
-through the `WiringSettings` protocol (``rotator.config.Settings`` is one), so that the
-library's signer uses it without importing the configuration and pydantic-settings.
+and take the Redis clients, the store, the registry view, the audit log, the KEKs and
+the metric objects from it, so every process builds them the same way, each once. It
+reads the settings through the `WiringSettings` protocol (``rotator.config.Settings``
+is one), so that the library's signer uses it without importing the configuration and
+pydantic-settings.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Generic, Protocol, TypeVar
 import redis
 
 from rotator.core.envelope import Keyring
+from rotator.metrics import ProcessMetrics
 from rotator.storage.audit import AuditLog
 from rotator.storage.connect import RedisOptions, connect
 from rotator.storage.layout import Layout
@@ -78,12 +80,20 @@ S = TypeVar("S", bound=WiringSettings)
 
 class Wiring(Generic[S]):
     """The objects built from *settings*, each on first use and then kept. A one-shot
-    command passes *one_shot* so its client gives up on Redis quickly. Built and used by
-    one thread (the process's main thread) before the objects are handed out."""
+    command passes *one_shot* so its client gives up on Redis quickly. *metrics*: the
+    process's metric objects, when it built them before this wiring (`rotator serve`,
+    whose workers each build a wiring of their own); by default the wiring builds them.
+    Built and used by one thread (the process's main thread) before the objects are
+    handed out."""
 
-    def __init__(self, settings: S, *, one_shot: bool = False) -> None:
+    def __init__(
+        self, settings: S, *, one_shot: bool = False, metrics: ProcessMetrics | None = None
+    ) -> None:
         self.settings = settings
         self._retries = ONE_SHOT_RETRIES if one_shot else None
+        #: What the objects of this wiring count into, unregistered: the process that
+        #: exposes them registers them (`rotator.metrics.register_process_metrics`).
+        self.metrics = metrics if metrics is not None else ProcessMetrics()
 
     @cached_property
     def client(self) -> redis.Redis:
@@ -106,13 +116,14 @@ class Wiring(Generic[S]):
     @cached_property
     def store(self) -> Store:
         """The compare-and-set store, waiting for ``redis.min_replicas_ack`` replicas
-        (for none on a Cluster)."""
+        (for none on a Cluster), its commits timed into `metrics`."""
         redis_settings = self.settings.redis
         return Store(
             self.client,
             self.layout,
             min_replicas_ack=0 if redis_settings.cluster else redis_settings.min_replicas_ack,
             replica_ack_timeout=redis_settings.replica_ack_timeout,
+            commit_seconds=self.metrics.commit_seconds,
         )
 
     @cached_property
