@@ -1,5 +1,6 @@
-"""The metric objects are owned: no module of rotator holds one, and each reader counts
-into the `ReaderMetrics` it was given, never into another's (nor anywhere without one)."""
+"""The metric objects are owned: no module of rotator holds one, each reader counts into
+the `ReaderMetrics` it was given, never into another's (nor anywhere without one), and
+a process that registers its own exposes the families ``/metrics`` has always had."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
 
 import rotator
 from rotator.core.envelope import Keyring
@@ -26,6 +28,8 @@ from rotator.metrics import (
     KeysetCollector,
     ProcessMetrics,
     ReaderMetrics,
+    exposition,
+    register_process_metrics,
     register_reader_metrics,
 )
 from rotator.storage.usage import ACCEPTED
@@ -51,6 +55,39 @@ def test_no_module_of_rotator_holds_a_metric_object() -> None:
             if isinstance(value, OWNED):
                 held.append(f"{info.name}.{name}")
     assert held == []
+
+
+#: The families of the daemon's and `rotator serve`'s ``/metrics``: alert rules and
+#: dashboards name them, in the order they have always had, so that a scrape of one
+#: release reads as the one before.
+FAMILIES = [
+    ("rotator_rotations", "counter"),
+    ("rotator_last_reconcile_timestamp_seconds", "gauge"),
+    ("rotator_current_key_age_seconds", "gauge"),
+    ("rotator_published_keys", "gauge"),
+    ("rotator_rotation_interval_seconds", "gauge"),
+    ("rotator_reader_staleness_seconds", "gauge"),
+    ("rotator_reader_usage_dropped", "counter"),
+    ("rotator_reader_verifications", "counter"),
+    ("rotator_commit_duration_seconds", "histogram"),
+    ("rotator_redis_errors", "counter"),
+    ("rotator_leader", "gauge"),
+    ("rotator_leader_shards", "gauge"),
+    ("rotator_http_refusals", "counter"),
+]
+
+
+def test_a_process_exposes_the_families_it_always_has_in_their_order() -> None:
+    registry = CollectorRegistry()
+    register_process_metrics(ProcessMetrics(), registry)
+    text = exposition(registry).decode()
+    # The ``_created`` gauges come and go with PROMETHEUS_DISABLE_CREATED_SERIES.
+    exposed = [
+        (family.name, family.type)
+        for family in text_string_to_metric_families(text)
+        if not family.name.endswith("_created")
+    ]
+    assert exposed == FAMILIES
 
 
 def verifications(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
