@@ -58,7 +58,6 @@ __all__ = [
     "ConfigError",
     "KeysetSettings",
     "Settings",
-    "describe_error",
     "load_settings",
     "mask_url",
     "settings_toml",

@@ -308,8 +308,8 @@ def test_a_registry_it_cannot_read_makes_the_reader_drop_the_copy(
 
 @pytest.mark.slow
 def test_the_reader_library_loads_no_daemon_dependency() -> None:
-    """The tombstone check is one HMGET in the reader, not `rotator.storage.registry` (which needs
-    the daemon's configuration and so pydantic-settings)."""
+    """The tombstone check is one HMGET in the reader, not `rotator.storage.registry` (the
+    daemon's view of every entry), and the reader loads none of the daemon's dependencies."""
     heavy = ("pydantic_settings", "apscheduler", "rotator.config", "rotator.storage.registry")
     loaded = loaded_by_import("rotator.reader, rotator.aioreader, rotator.library.verify", heavy)
     assert loaded == []
