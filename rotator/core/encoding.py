@@ -1,4 +1,6 @@
-"""The canonical JSON rotator stores, hashes and serves: every encoder in one place.
+"""The canonical JSON rotator stores, hashes and serves: every encoder of a key and of
+the documents that hold keys in one place (a registry entry, which holds a policy, is
+encoded beside its parser in `rotator.core.entry`).
 
 The canonical form is `canonical_json`: ``json.dumps(value, separators=(",", ":"),
 sort_keys=True)``. The shapes rotator writes (the RFC 7638 thumbprint input, a public

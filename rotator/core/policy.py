@@ -118,7 +118,9 @@ def _range_problem(fields: list[str]) -> str:
 @lru_cache(maxsize=1 << 16)
 def _fire_at_or_after(schedule: str, at: float) -> float:
     """The first fire time of *schedule* at or after *at*. Cached: the lifecycle asks for
-    the same key's due time on every tick, and croniter takes ~160 us a call."""
+    the same key's due time on every tick, and croniter takes hundreds of microseconds a
+    call (`timeit` of this function uncached, ``_fire_at_or_after.__wrapped__``: 630 us
+    on 2026-12-07's busy machine), which a tick over many cron key sets would pay each."""
     # Fire times are whole minutes: the first after ceil(at) - 1 is the first >= at.
     return float(croniter(schedule, math.ceil(at) - 1).get_next(float))
 

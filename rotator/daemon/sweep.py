@@ -21,7 +21,11 @@ __all__ = ["Sweep"]
 
 
 class Sweep:
-    """The paced sweep over a period of *period* seconds."""
+    """The paced sweep over a period of *period* seconds.
+
+    Owned by the daemon's scheduler thread, whose tick takes and ends the cycles
+    (`take`, `done`); `now` only sets a flag (one attribute store), so the lease's and
+    the events' threads call it too."""
 
     def __init__(self, period: float) -> None:
         self.period = period

@@ -132,7 +132,12 @@ class MetricsApp:
 
 
 class JWKSApp:
-    """The routes of `rotator serve`, as an `httpd.Handler`."""
+    """The routes of `rotator serve`, as an `httpd.Handler`.
+
+    One per worker process, called by that worker's request threads at once: what it
+    holds is the reader's cache (thread-safe, see `JWKSCache`), the answer cache and the
+    policies (each under its own lock), and settings read only; `_announced` runs on the
+    cache's events thread."""
 
     def __init__(self, wiring: Wiring[Settings], cache: JWKSCache | None = None) -> None:
         self.settings = settings = wiring.settings
