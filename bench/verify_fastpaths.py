@@ -6,12 +6,12 @@ rule in its place, side by side in one run, each as a ratio to raw `cryptography
 
 Two workloads, as bench/verify.py's: fresh tokens through the verification path alone
 (``token_cache_size=0, report_usage=False``), where `_der`'s table and `_claims_of`'s
-scanner work, and a thousand
-tokens presented twenty times at random through the default reader, where a cache hit
-re-checks the claims through `check_claims`. Each contender swaps the plain rule in for
-its own turns only (the module attribute the caller looks up), so all run in one
-process on one core in every order; "fast again" is a second copy of the fast one,
-whose paired difference with the first is the noise a gain must clear.
+scanner work, and a thousand tokens presented twenty times at random through the default
+reader, where a cache hit re-checks the claims through `check_claims`. Each contender
+swaps the plain rule in for its own turns only (the module attribute the caller looks
+up), so all run in one process on one core, each round in another order of the turns
+(ROUNDS of the 720, drawn once with a fixed seed); "fast again" is a second copy of the
+fast one, whose paired difference with the first is the noise a gain must clear.
 """
 
 from __future__ import annotations

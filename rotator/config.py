@@ -5,7 +5,8 @@ file, TOML syntax, unknown field, bad duration, contradictory policy) into a
 `ConfigError` whose lines each name the offending field.
 
 It is the layer above the library: it may import the library, storage, core, the leaf
-modules, pydantic and pydantic-settings; nothing the library imports may import it.
+modules `rotator.metrics` and `rotator.logs`, pydantic and pydantic-settings; nothing the
+library imports may import it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Lifecycle events are logged with ``extra={"keyset", "kid", "version",
 format turns those into fields. Nothing that
 rotator logs ever holds key material.
 
-A leaf: it imports the standard library only, so any layer may use it.
+A leaf: it imports the standard library only, so any layer above the pure core may use
+it (`.importlinter`).
 """
 
 from __future__ import annotations

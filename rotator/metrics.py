@@ -15,12 +15,13 @@ belongs to an object the process builds and hands to what counts into it:
 * `KeysetCollector`: the per key set gauges, from the daemon's own records.
 
 `ProcessMetrics` holds one of each but the last; the wiring
-(`rotator.storage.wiring.Wiring`) builds it for the daemon and for `rotator serve`,
-which call `register_process_metrics` when they start to register every family in the
-registry they render (prometheus-client's default one), in the order ``/metrics`` has
-always had.
+(`rotator.storage.wiring.Wiring`) builds it for the daemon, and `rotator serve` builds
+it before the fork and gives it to each worker's wiring. Both call
+`register_process_metrics` when they start to register every family in the registry
+they render (prometheus-client's default one), in the order ``/metrics`` has always had.
 
-A leaf: it imports prometheus-client and nothing of rotator, so any layer may use it.
+A leaf: it imports prometheus-client and nothing of rotator, so any layer above the pure
+core may use it (`.importlinter`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class DaemonMetrics:
     thread sets the gauges, the tick's counts."""
 
     def __init__(self) -> None:
+        #: ``rotator_rotations{keyset,reason}``, from the audit stream each tick reads.
         self.rotations = Counter(
             "rotator_rotations",
             "Rotations seen in the audit stream, by key set and reason "
@@ -67,9 +69,11 @@ class DaemonMetrics:
             ["keyset", "reason"],
             registry=None,
         )
+        #: ``rotator_redis_errors``, counted where a command failed after its retries.
         self.redis_errors = Counter(
             "rotator_redis_errors", "Redis commands that failed after retries", registry=None
         )
+        #: ``rotator_leader`` and ``rotator_leader_shards``, set as the leases move.
         self.leader = Gauge(
             "rotator_leader",
             "1 while this replica leads any shard (holds a leader lease)",

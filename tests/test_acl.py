@@ -13,6 +13,7 @@ from rotator.daemon.manager import KeyManager
 from rotator.embedded import EmbeddedRedis
 from rotator.library.reader import JWKSReader
 from rotator.library.signer import Signer, SigningError
+from rotator.metrics import ReaderMetrics
 from rotator.storage.audit import AuditLog
 from rotator.storage.layout import Layout
 from rotator.storage.lease import Lease
@@ -133,7 +134,9 @@ def test_the_verifier_reads_the_roles_and_cannot_write_them(
     state = manager.reconcile("default").state
     assert state is not None
     verifier = redis.Redis.from_url(url(acl_redis, "verifier"))
-    with JWKSReader(url(acl_redis, "verifier"), follow=False) as reader:
+    # A reader given metrics reads the roles, for their label.
+    metrics = ReaderMetrics()
+    with JWKSReader(url(acl_redis, "verifier"), follow=False, metrics=metrics) as reader:
         assert reader._roles() == {key.kid: key.status.value for key in state.keys}
     assert verifier.get("rotator:{default}:roles") == state.roles()
     for write in (

@@ -30,6 +30,21 @@ def test_every_name_of_the_file_is_registered_and_bootstrapped(
     assert again.code == 0 and "0 added, 1200 already registered" in again.stdout
 
 
+def test_a_name_registered_with_another_policy_refuses_the_whole_file(
+    cli: Cli, client: redis.Redis, tmp_path: Path
+) -> None:
+    assert cli("keyset", "add", "billing", "--interval", "6h").code == 0
+    path = tmp_path / "names.txt"
+    path.write_text("orders\nbilling\n")
+    refused = cli("keyset", "add", "--from-file", str(path), "--interval", "50s")
+    assert refused.code == 2
+    assert refused.stderr.strip().splitlines() == [
+        'rotator: key set billing is already registered with policy {"interval": "6h"}; '
+        "change it with `rotator keyset update billing`"
+    ]
+    assert not client.hexists("rotator:keysets", "orders")  # nothing registered
+
+
 @pytest.mark.parametrize(
     ("content", "said"),
     [

@@ -78,4 +78,7 @@ def test_a_name_is_added_again_only_with_the_policy_it_has() -> None:
         )
     ((field, message),) = other.value.problems
     assert field == ""
-    assert '"interval": "6h"' in message and "rotator keyset update billing" in message
+    assert message == (
+        'key set billing is already registered with policy {"interval": "6h"}; '
+        "change it with `rotator keyset update billing`"
+    )

@@ -162,6 +162,26 @@ def test_the_async_reader_counts_by_role_too(
     assert counts.moved() == {(Status.CURRENT, ACCEPTED): 1, (UNKNOWN, REFUSED_UNKNOWN): 1}
 
 
+def test_a_reader_given_no_metrics_reads_no_roles(
+    manager: KeyManager, redis_server: EmbeddedRedis, client: redis.Redis
+) -> None:
+    """The roles are only the metric's label: a reader with nowhere to count them does not
+    read them (each read and poll would carry the document for nothing, and a verifier ACL
+    of before the roles would log for it)."""
+    manager.reconcile("default")
+    assert client.exists(LAYOUT.roles("default"))
+    with JWKSReader(redis_server.url, follow=False) as reader:
+        assert reader.refresh()
+        assert reader.usage is not None and reader._roles() is None
+
+    async def run() -> None:
+        async with AsyncJWKSReader(redis_server.url, follow=False) as aio:
+            assert await aio.cache.refresh("default")
+            assert aio.usage is not None and aio._roles() is None
+
+    asyncio.run(run())
+
+
 OTHER = "A" * 43  # the digest of other JWKS bytes
 
 

@@ -119,7 +119,10 @@ def _activated(state: KeySetState) -> float:
 
 
 class Daemon:
-    """Keeps the configured and registered key sets rotated."""
+    """Keeps the configured and registered key sets rotated. *wiring*: the process's, of
+    which *manager* and *keysets* were built (its metric objects are the ones `run`
+    registers, so a manager of another wiring times its commits into a histogram that no
+    ``/metrics`` shows); by default one of *settings*, for tests that build their own."""
 
     def __init__(
         self,

@@ -396,7 +396,7 @@ class AsyncJWKSReader:
             follow=follow,
             clock=clock,
             metrics=metrics,
-            roles=report_usage,  # the usage metric's role label
+            roles=report_usage and metrics is not None,  # the usage metric's role label
         )
         self.max_token_bytes = max_token_bytes
         #: The verified-token cache (`rotator.library.tokencache`), empty when off.

@@ -364,7 +364,7 @@ def _bounded(raw: bytes | int | None) -> bytes | None:
 
 class CommitTimer(Protocol):
     """What a `Store` times its commits into: prometheus-client's ``Histogram`` is one
-    (``rotator.metrics.commit_histogram``), named by its shape so that storage imports
+    (``rotator.metrics.commit_histogram``), named by its shape so that the store imports
     no metrics library."""
 
     def time(self) -> AbstractContextManager[object]:
