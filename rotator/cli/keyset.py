@@ -15,7 +15,7 @@ from typing import Any
 from rotator.cli.common import UsageError, checked_keyset, load_all, manager_for
 from rotator.cli.keyset_file import add_from_file
 from rotator.cli.output import describe_policy, iso, print_outcome
-from rotator.cli.parser import POLICY_FLAGS, flag
+from rotator.cli.parser import POLICY_FLAGS, flagged
 from rotator.config import Settings
 from rotator.core.durations import parse_duration
 from rotator.core.entry import encode_entry, encode_overrides, lineage_of, new_lineage, policy_of
@@ -85,7 +85,7 @@ def cmd_keyset(settings: Settings, args: argparse.Namespace) -> int:
         try:
             check_addable(name, policy, registered)
         except Refused as exc:
-            raise _usage(exc) from None
+            raise UsageError(flagged(exc.problems)) from None
         added = store.register(name, encode_entry(overrides, new_lineage()))
         keysets.refresh()
         print_outcome(manager.reconcile(name))
@@ -233,7 +233,7 @@ def _overrides(
     try:
         return merged_overrides(stored, given, settings.base_policy() if overlay else None)
     except Refused as exc:
-        raise _usage(exc) from None
+        raise UsageError(flagged(exc.problems)) from None
 
 
 def _own_issuer_path(
@@ -243,18 +243,7 @@ def _own_issuer_path(
     try:
         check_issuer_path(keysets.issuers(), name, overrides, settings.base_policy())
     except Refused as exc:
-        raise _usage(exc) from None
-
-
-def _usage(refused: Refused) -> UsageError:
-    """What the keyset rules refused, each field named by its flag."""
-    return UsageError("; ".join(_flagged(field, message) for field, message in refused.problems))
-
-
-def _flagged(field: str, message: str) -> str:
-    if not field:
-        return message
-    return f"{flag(field) if field in POLICY_FLAGS else field}: {message}"
+        raise UsageError(flagged(exc.problems)) from None
 
 
 def _version_of(store: Store, name: str) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rotator.cli.common import Failure, UsageError
+from rotator.cli.parser import flagged
 from rotator.config import Settings
 from rotator.core.registration import Refused, check_addable
 from rotator.daemon.manager import KeyManager
@@ -70,7 +71,7 @@ def add_from_file(
         try:
             check_addable(name, policy, registered)
         except Refused as exc:
-            raise UsageError(str(exc)) from None
+            raise UsageError(flagged(exc.problems)) from None
     added = 0
     for start in range(0, len(names), BATCH_SIZE):
         batch = names[start : start + BATCH_SIZE]

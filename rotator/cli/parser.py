@@ -23,6 +23,7 @@ __all__ = [
     "build_parser",
     "config_file",
     "flag",
+    "flagged",
     "keyset_name",
     "shield_kids",
     "subparsers",
@@ -36,6 +37,15 @@ POLICY_FLAGS = tuple(KeysetSettings.model_fields)
 def flag(field: str) -> str:
     """The command-line flag of the policy *field*."""
     return "--" + field.replace("_", "-")
+
+
+def flagged(problems: Sequence[tuple[str, str]]) -> str:
+    """``(field, message)`` problems (`rotator.core.registration.Refused`'s) as one line,
+    each policy field named by its flag (a field ``""`` by its message alone)."""
+    return "; ".join(
+        f"{flag(field) if field in POLICY_FLAGS else field}: {message}" if field else message
+        for field, message in problems
+    )
 
 
 class _Parser(argparse.ArgumentParser):
