@@ -20,7 +20,7 @@ import redis
 from rotator.config import load_settings
 from rotator.core import strictjson
 from rotator.core.encoding import encode_sealed
-from rotator.core.entry import BadPolicy, parse_overrides
+from rotator.core.entry import BadPolicy, overlaid, parse_overrides, split_entry
 from rotator.core.envelope import Keyring, SealedKey
 from rotator.core.jwk import generate_key
 from rotator.core.overrides import PolicyOverrides
@@ -228,6 +228,50 @@ def test_entries_of_one_shape_are_parsed_once_each_and_validated_once(
     keysets.refresh()
     assert parsed["loads"] == 50 and validated["validate"] == 1
     assert len({id(keysets.policy(f"app-{i}")) for i in range(50)}) == 1
+
+
+def test_an_entry_read_again_unchanged_is_kept_and_a_changed_one_is_read_anew(
+    store: Store, client: redis.Redis
+) -> None:
+    """The view keeps no entry's text, only its digest: the same text keeps the entry (and
+    the generation, and what callers derived from it); any change of the text, even one
+    that parses to the same policy, is read anew."""
+    client.hset("rotator:keysets", mapping={"a": '{"interval": "6h", "lineage": "9f2c"}'})
+    keysets = KeySets(load_settings(redis={"url": "redis://unused"}), store)
+    keysets.refresh()
+    first, generation = keysets.get("a"), keysets.generation
+    keysets.refresh()
+    assert keysets.get("a") is first and keysets.generation == generation
+    client.hset("rotator:keysets", "a", '{"interval": "6h", "lineage": "9f2d"}')
+    keysets.refresh()
+    changed = keysets.get("a")
+    assert changed is not None and changed.lineage == "9f2d"
+    assert keysets.generation == generation + 1
+    client.hset("rotator:keysets", "a", '{"lineage": "9f2d", "interval": "6h"}')
+    keysets.refresh()
+    assert keysets.get("a") is not changed and keysets.generation == generation + 2
+
+
+def test_a_lost_entry_comes_back_with_its_policy_and_lineage(
+    store: Store, client: redis.Redis
+) -> None:
+    """What `refresh` reports lost is written back as the same policy and lineage, in the
+    entry format (not the hand-written bytes), and an unusable one as its very text."""
+    client.hset(
+        "rotator:keysets",
+        mapping={"a": '{ "overlap":7200, "lineage":"9f2c", "interval":"6h" }', "bad": b"\xff{}"},
+    )
+    settings = load_settings(redis={"url": "redis://unused"})
+    keysets = KeySets(settings, store)
+    keysets.refresh()
+    before = keysets.get("a")
+    client.delete("rotator:keysets")
+    lost = keysets.refresh()
+    assert set(lost) == {"a", "bad"} and keysets.get("a") is before
+    assert lost["bad"] == "\udcff{}"  # as Redis's bytes decode: written back as they were
+    document, lineage = split_entry(lost["a"])
+    assert lineage == "9f2c" and before is not None
+    assert overlaid(document, settings.base_policy())[1] == before.policy
 
 
 # ------------------------------------------------------------ One bad state document

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -28,6 +29,7 @@ from rotator.core.strictjson import one_line, shown, stored_bytes
 __all__ = [
     "LINEAGE",
     "BadPolicy",
+    "encode_document",
     "encode_entry",
     "encode_overrides",
     "lineage_of",
@@ -58,7 +60,13 @@ def new_lineage() -> str:
 
 def encode_entry(overrides: PolicyOverrides, lineage: str | None) -> str:
     """A registry entry: *overrides* (as `encode_overrides`) and the *lineage*, if any."""
-    document: dict[str, Any] = overrides.model_dump(mode="json", exclude_none=True)
+    return encode_document(overrides.model_dump(mode="json", exclude_none=True), lineage)
+
+
+def encode_document(overrides: Mapping[str, Any], lineage: str | None) -> str:
+    """A registry entry of *overrides* already dumped as JSON values (as a
+    ``model_dump(mode="json", exclude_none=True)`` gives them) and the *lineage*, if any."""
+    document = dict(overrides)
     if lineage is not None:
         document[LINEAGE] = lineage
     return json.dumps(document, sort_keys=True)

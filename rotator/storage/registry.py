@@ -31,13 +31,14 @@ releases have no lineage and keep none.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from rotator.core.entry import BadPolicy, lineage_of, overlaid, split_entry
+from rotator.core.entry import BadPolicy, encode_document, lineage_of, overlaid, split_entry
 from rotator.core.overrides import PolicyOverrides
 from rotator.core.policy import Policy
 from rotator.core.strictjson import shown, stored_bytes
@@ -56,10 +57,14 @@ log = logging.getLogger(__name__)
 Origin = Literal["config", "registry"]
 
 
-@dataclass(frozen=True, slots=True)  # one per key set: 176 bytes with a __dict__, 80 without
+@dataclass(frozen=True, slots=True)  # one per key set: 96 bytes with slots
 class KeySetEntry:
     """One managed key set: where it is defined, its overrides, and its effective policy
-    (``None`` with a `problem` when the stored overrides are unusable)."""
+    (``None`` with a `problem` when the stored overrides are unusable). A registry entry
+    also holds the `stored_digest` of its stored text, which tells `KeySets.refresh` it
+    is unchanged without keeping the text (at 100,000 key sets the texts and their names
+    were 18 MB of a daemon's heap), and an unusable one its text itself (`unusable`), so
+    that one lost with Redis's data is written back as it was."""
 
     name: str
     origin: Origin
@@ -67,6 +72,24 @@ class KeySetEntry:
     policy: Policy | None
     problem: str | None = None
     lineage: str | None = None
+    stored_digest: int | None = None
+    unusable: str | None = None
+
+    def stored_text(self) -> str:
+        """The registry entry to write back for this key set: its text as read if unusable,
+        else its overrides and lineage in the entry format (the same policy and lineage as
+        read, though not always the same bytes)."""
+        if self.unusable is not None:
+            return self.unusable
+        return encode_document(self.overrides, self.lineage)
+
+
+def _digest(raw: str) -> int:
+    """A registry entry text's 64-bit BLAKE2b: equal texts give equal digests, and a changed
+    one another, unless someone who writes the registry searched for a collision (and could
+    as well have written what they liked)."""
+    data = raw.encode("utf-8", "surrogateescape")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 #: Policies a `KeySets` keeps by shape (its overrides as sorted JSON, without the
@@ -139,7 +162,6 @@ class KeySets:
             for name in settings.configured_keysets()
         }
         self._entries: dict[str, KeySetEntry] = dict(self._configured)
-        self._stored: dict[str, str] = {}
         # The overrides and policy of each entry shape met (`SHARED_POLICIES`), shared by
         # the entries of that shape; read as they are (never changed).
         self._shared: dict[str, tuple[Mapping[str, Any], Policy]] = {}
@@ -161,26 +183,25 @@ class KeySets:
         stored = self.store.registry()
         # A name that is not a valid key set name is never managed, so never written back.
         lost = {
-            name: raw
-            for name, raw in self._stored.items()
-            if name not in stored and raw != REMOVED and name not in entries and _valid(name)
+            name: entry
+            for name, entry in self._entries.items()
+            if entry.origin == "registry" and name not in stored and _valid(name)
         }
-        stored.update(lost)
         for name, raw in stored.items():
             if name in entries or raw == REMOVED:
                 continue
             known = self._entries.get(name)
-            if known is None or self._stored.get(name) != raw:
+            if known is None or known.stored_digest != _digest(raw):
                 known = self._registered(name, raw)
             entries[known.name] = known
+        entries.update(lost)
         self.removed = {name for name, raw in stored.items() if raw == REMOVED} - entries.keys()
         if len(entries) != len(self._entries) or any(
             self._entries.get(name) is not entry for name, entry in entries.items()
         ):
             self.generation += 1
             self._entries = entries  # kept otherwise, and with it what was derived of it
-        self._stored = stored
-        return lost
+        return {name: entry.stored_text() for name, entry in lost.items()}
 
     def write_back(self, name: str, raw: str) -> bool:
         """Register *name* again with *raw*, its entry as last read (one `refresh` reported
@@ -192,10 +213,13 @@ class KeySets:
             validate_keyset_name(name)
         except ValueError as exc:
             return KeySetEntry(invalid_label(name), "registry", {}, None, f"registry name: {exc}")
+        digest = _digest(raw)
         try:
             document, lineage = split_entry(raw)
         except BadPolicy as exc:
-            return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}")
+            return KeySetEntry(
+                name, "registry", {}, None, f"stored policy: {exc}", None, digest, raw
+            )
         # Parsed once per shape: the entries of one shape share their overrides and policy.
         shape = json.dumps(document, sort_keys=True)
         shared = self._shared.get(shape)
@@ -203,16 +227,17 @@ class KeySets:
             try:
                 overrides, policy = overlaid(document, self._base)
             except BadPolicy as exc:
-                return KeySetEntry(name, "registry", {}, None, f"stored policy: {exc}", lineage)
+                problem = f"stored policy: {exc}"
+                return KeySetEntry(name, "registry", {}, None, problem, lineage, digest, raw)
             except Exception as exc:  # the last line: one entry never fails the registry
                 log.exception("key set %s: stored policy could not be decoded", name)
                 problem = f"stored policy: unreadable ({type(exc).__name__})"
-                return KeySetEntry(name, "registry", {}, None, problem, lineage)
+                return KeySetEntry(name, "registry", {}, None, problem, lineage, digest, raw)
             shared = (overrides.model_dump(mode="json", exclude_none=True), policy)
             if len(self._shared) >= SHARED_POLICIES:
                 self._shared.clear()
             self._shared[shape] = shared
-        return KeySetEntry(name, "registry", shared[0], shared[1], None, lineage)
+        return KeySetEntry(name, "registry", shared[0], shared[1], None, lineage, digest)
 
     def names(self) -> list[str]:
         """Every managed key set, sorted (with the labels of invalid registry names)."""
