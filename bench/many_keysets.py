@@ -113,13 +113,21 @@ def sent_bytes(client: redis.Redis) -> int:
 
 
 def start_daemon(
-    server: EmbeddedRedis, kek: Path, prefix: str, *, leads: bool, backup: Path | None
+    server: EmbeddedRedis,
+    kek: Path,
+    prefix: str,
+    *,
+    leads: bool,
+    backup: Path | None,
+    command: list[str] | None = None,
+    extra: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """A real `rotator run` over the key sets under *prefix*, on core 0, once ready (and
     leading, when it *leads*), and settled: its first tick may run before it takes the lease,
     and the sweep of everything on taking it costs about what getting ready did (at 100,000
     key sets more than a minute on a shared core), so it counts as idle once a tick's time
-    passed in which it used less than half a core (at most 15 minutes)."""
+    passed in which it used less than half a core (at most 15 minutes). *command* runs in
+    place of `rotator run` (one that runs it), with the variables *extra* set too."""
     health = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROTATOR_")}
     env.update(
@@ -131,8 +139,9 @@ def start_daemon(
     )
     if backup is not None:
         env.update(ROTATOR_DAEMON__BACKUP_PATH=str(backup))
+    env.update(extra or {})
     rotator = Path(sys.executable).with_name("rotator")
-    daemon = subprocess.Popen([str(rotator), "run"], env=env)
+    daemon = subprocess.Popen(command or [str(rotator), "run"], env=env)
     pin(daemon.pid, 0)
     started = time.monotonic()
     deadline = started + 900
@@ -203,6 +212,25 @@ def log_to_devnull() -> None:
             handler.setStream(devnull)
 
 
+def registered(
+    client: redis.Redis, layout: Layout, count: int, kek_line: str, clock: Clock
+) -> tuple[list[str], KeyManager]:
+    """Register *count* key sets (``app-00000`` on) and return their names and a manager to
+    bootstrap them with, under the KEK of *kek_line*."""
+    names = [f"app-{i:05d}" for i in range(count)]
+    with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            # As `rotator keyset add` writes them, with a lineage: 96 bytes a key set
+            # more than `{}` in the daemon's view of the registry (tracemalloc).
+            pipe.hset(layout.keysets, name, encode_entry(PolicyOverrides(), new_lineage()))
+        pipe.execute()
+    manager = KeyManager(
+        Store(client, layout), parse_keks(kek_line, source="bench"), lambda _n: POLICY,
+        clock=clock, remember=True, audit=AuditLog(client, layout),
+    )  # fmt: skip
+    return names, manager
+
+
 def timed(manager: KeyManager, names: list[str], expected: str) -> tuple[float, float]:
     """Wall and CPU seconds of one pass in which every key set must end *expected*."""
     start, cpu = time.perf_counter(), time.process_time()
@@ -231,20 +259,8 @@ def main() -> None:
         pin(server.process.pid, 1)  # type: ignore[union-attr]
         client = redis.Redis.from_url(server.url)
         layout = Layout()
-        names = [f"app-{i:05d}" for i in range(count)]
-        with client.pipeline(transaction=False) as pipe:
-            for name in names:
-                # As `rotator keyset add` writes them, with a lineage: 96 bytes a key set
-                # more than `{}` in the daemon's view of the registry (tracemalloc).
-                pipe.hset(layout.keysets, name, encode_entry(PolicyOverrides(), new_lineage()))
-            pipe.execute()
         clock = Clock()
-        keyring = parse_keks(kek_line, source="bench")
-        audit = AuditLog(client, layout)
-        manager = KeyManager(
-            Store(client, layout), keyring, lambda _n: POLICY, clock=clock, remember=True,
-            audit=audit,
-        )  # fmt: skip
+        names, manager = registered(client, layout, count, kek_line, clock)
         reference, raw = keygen_rate(generate_key), keygen_rate(raw_key)
         boot, _cpu = timed(manager, names, "bootstrap")
         print(f"  bootstrap pass:   {boot:6.2f} s  ({count / boot:,.0f} key sets/s, "
