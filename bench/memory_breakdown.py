@@ -1,14 +1,15 @@
 """What an idle `rotator run` holds per key set, by the line that allocated it (tracemalloc).
 
 Registers and bootstraps N key sets as bench/many_keysets.py does (or, with ``--cache
-DIR``, loads the Redis data saved there by an earlier run of the same N, and saves it
-there the first time: 100,000 take minutes to bootstrap), starts a real `rotator run`
-over them with a backup file (its memory of the key sets, as in many_keysets.py
-``--backup``), waits until it leads and has settled, and prints its RSS. With
-``--frames K`` (K >= 1) the daemon runs with tracemalloc on (slower, and its RSS larger)
-and, once settled, dumps a snapshot on SIGUSR2 (installed by this bench's wrapper, not by
-the daemon); the bench prints the total traced and the allocation sites holding the most,
-each with its bytes per key set (K frames of traceback each; 1 groups by line).
+DIR``, loads the Redis data saved there by an earlier run of the same N less than 20
+hours ago, and otherwise saves it there, in the files ``dump.rdb``, ``kek`` and
+``made``: 100,000 take minutes to bootstrap), starts a real `rotator run` over them
+with a backup file (its memory of the key sets, as in many_keysets.py ``--backup``),
+waits until it leads and has settled, and prints its RSS. With ``--frames K`` (K >= 1)
+the daemon runs with tracemalloc on (slower, and its RSS larger) and, once settled,
+dumps a snapshot on SIGUSR2 (installed by this bench's wrapper, not by the daemon); the
+bench prints the total traced and the allocation sites holding the most, each with its
+bytes per key set (K frames of traceback each; 1 groups by line).
 
     .venv/bin/python bench/memory_breakdown.py [--keysets 100000] [--frames 0] [--top 30]
         [--cache DIR]
@@ -20,6 +21,7 @@ RSS goal itself is measured by bench/many_keysets.py.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -60,19 +62,35 @@ sys.exit(main(["run"]))
 """
 
 
+#: A cache older than this holds keys due soon (24 h interval, 1 h jitter): the daemon
+#: would rotate them while measured, not sit idle.
+CACHE_LIFETIME = 20 * 3600.0
+
+
 def bootstrap(count: int, directory: Path) -> None:
     """Register and bootstrap *count* key sets into a Redis saving into *directory*, with
-    the KEK in ``directory/kek``."""
+    the KEK in ``directory/kek`` and what was made in ``directory/made`` (`usable`)."""
     kek_line = generate_kek_line("bench")
+    kek = directory / "kek"
+    kek.touch(mode=0o600)
+    kek.write_text(kek_line + "\n")
     with EmbeddedRedis(directory=directory) as server:
         client = redis.Redis.from_url(server.url)
         names, manager = registered(client, Layout(), count, kek_line, Clock())
         seconds, _cpu = timed(manager, names, "bootstrap")
         print(f"  bootstrapped {count} key sets in {seconds:.1f} s", flush=True)
         client.save()
-    kek = directory / "kek"
-    kek.write_text(kek_line + "\n")
-    kek.chmod(0o600)
+    (directory / "made").write_text(json.dumps({"keysets": count, "at": time.time()}))
+
+
+def usable(directory: Path, count: int) -> bool:
+    """Whether *directory* holds a bootstrap of *count* key sets young enough to measure."""
+    try:
+        made = json.loads((directory / "made").read_text())
+    except (OSError, ValueError):
+        return False
+    fresh = time.time() - made.get("at", 0) < CACHE_LIFETIME
+    return made.get("keysets") == count and fresh and (directory / "dump.rdb").exists()
 
 
 def main() -> None:
@@ -86,8 +104,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rotator-memory-"))
     source = args.cache or work / "data"
     try:
-        if not (source / "dump.rdb").exists():
+        if not usable(source, args.keysets):
             source.mkdir(parents=True, exist_ok=True)
+            for name in ("made", "dump.rdb", "kek", "redis.log"):
+                (source / name).unlink(missing_ok=True)
             bootstrap(args.keysets, source)
         shutil.copy(source / "dump.rdb", work / "dump.rdb")
         with EmbeddedRedis(directory=work) as server:
@@ -105,7 +125,10 @@ def main() -> None:
                     report(daemon, work / "snapshot", count, args.frames, args.top)
             finally:
                 daemon.send_signal(signal.SIGTERM)
-                daemon.wait(timeout=300)
+                try:
+                    daemon.wait(timeout=300)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

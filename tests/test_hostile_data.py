@@ -269,9 +269,29 @@ def test_a_lost_entry_comes_back_with_its_policy_and_lineage(
     lost = keysets.refresh()
     assert set(lost) == {"a", "bad"} and keysets.get("a") is before
     assert lost["bad"] == "\udcff{}"  # as Redis's bytes decode: written back as they were
+    assert lost["a"] == '{"interval": "6h", "lineage": "9f2c", "overlap": "2h"}'
     document, lineage = split_entry(lost["a"])
     assert lineage == "9f2c" and before is not None
     assert overlaid(document, settings.base_policy())[1] == before.policy
+    for name, text in lost.items():
+        assert keysets.write_back(name, text)
+    keysets.refresh()
+    back = keysets.get("a")
+    assert back is not None and back.lineage == "9f2c" and back.policy == before.policy
+    assert keysets.problems()["bad"].startswith("stored policy: unreadable")
+
+
+def test_an_invalid_registry_name_read_again_is_kept(store: Store, client: redis.Redis) -> None:
+    """Listed under its label, it was looked up under its name, never found and made anew
+    at every read of the registry, each moving the generation (and with it what the daemon
+    derives from the entries)."""
+    client.hset("rotator:keysets", mapping={"good": "{}", "with space": "{}"})
+    keysets = KeySets(load_settings(redis={"url": "redis://unused"}), store)
+    keysets.refresh()
+    generation = keysets.generation
+    keysets.refresh()
+    assert keysets.generation == generation
+    assert list(keysets.problems()) == ["'with space' (invalid name)"]
 
 
 # ------------------------------------------------------------ One bad state document

@@ -77,19 +77,21 @@ class KeySetEntry:
 
     def stored_text(self) -> str:
         """The registry entry to write back for this key set: its text as read if unusable,
-        else its overrides and lineage in the entry format (the same policy and lineage as
-        read, though not always the same bytes)."""
+        else its overrides and lineage in the entry format (the lineage as read and an
+        equivalent policy, though not always the same bytes: a duration of milliseconds
+        may come back one unit in its last place apart, as `format_duration` writes it)."""
         if self.unusable is not None:
             return self.unusable
         return encode_document(self.overrides, self.lineage)
 
 
 def _digest(raw: str) -> int:
-    """A registry entry text's 64-bit BLAKE2b: equal texts give equal digests, and a changed
+    """A registry entry text's 56-bit BLAKE2b: equal texts give equal digests, and a changed
     one another, unless someone who writes the registry searched for a collision (and could
-    as well have written what they liked)."""
+    as well have written what they liked). 56 bits, not 64: an int under 2**60 is a
+    32-byte object, one over it 36 (40 in pymalloc's classes)."""
     data = raw.encode("utf-8", "surrogateescape")
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=7).digest(), "little")
 
 
 #: Policies a `KeySets` keeps by shape (its overrides as sorted JSON, without the
@@ -190,9 +192,12 @@ class KeySets:
         for name, raw in stored.items():
             if name in entries or raw == REMOVED:
                 continue
+            digest = _digest(raw)
             known = self._entries.get(name)
-            if known is None or known.stored_digest != _digest(raw):
-                known = self._registered(name, raw)
+            if known is None:  # new, or an invalid name (listed under its label)
+                known = self._entries.get(invalid_label(name))
+            if known is None or known.stored_digest != digest:
+                known = self._registered(name, raw, digest)
             entries[known.name] = known
         entries.update(lost)
         self.removed = {name for name, raw in stored.items() if raw == REMOVED} - entries.keys()
@@ -208,12 +213,13 @@ class KeySets:
         it lost with Redis data); ``False``, and nothing written, if it is back already."""
         return self.store.register(name, raw)
 
-    def _registered(self, name: str, raw: str) -> KeySetEntry:
+    def _registered(self, name: str, raw: str, digest: int) -> KeySetEntry:
+        """The entry of *name* registered as *raw*, whose `_digest` is *digest*."""
         try:
             validate_keyset_name(name)
         except ValueError as exc:
-            return KeySetEntry(invalid_label(name), "registry", {}, None, f"registry name: {exc}")
-        digest = _digest(raw)
+            problem = f"registry name: {exc}"
+            return KeySetEntry(invalid_label(name), "registry", {}, None, problem, None, digest)
         try:
             document, lineage = split_entry(raw)
         except BadPolicy as exc:
@@ -303,7 +309,9 @@ class KeySets:
         entry = self._configured.get(name)
         if entry is None:
             raw = self.store.registry_entry(name)
-            entry = None if raw is None or raw == REMOVED else self._registered(name, raw)
+            entry = (
+                None if raw is None or raw == REMOVED else self._registered(name, raw, _digest(raw))
+            )
         return self._usable(name, entry)
 
     @staticmethod
