@@ -76,4 +76,6 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # apscheduler's INFO lines (each job run) are noise at any level; above WARNING it
+    # follows the level asked for, as every other logger does.
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))
